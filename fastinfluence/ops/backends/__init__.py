@@ -1,0 +1,1 @@
+"""Compiled backends (``cuda``, ``cpu``) that wrap the extension built from ``csrc/``."""

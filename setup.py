@@ -1,0 +1,38 @@
+"""Build script.
+
+The Python package installs everywhere. Compiled parts are optional: when a C++ compiler
+(or, with FASTINFLUENCE_BUILD_CUDA=1, nvcc) is missing or fails, the install still
+succeeds and the ops fall back to their torch implementations.
+"""
+import os
+import sys
+
+from setuptools import setup
+from setuptools.command.build_ext import build_ext
+
+ext_modules = []
+cmdclass = {}
+
+try:
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc"))
+    from build_helpers import extension_modules, OptionalBuildExt  # noqa: E402
+
+    ext_modules = extension_modules()
+    cmdclass["build_ext"] = OptionalBuildExt
+except ImportError:  # csrc/build_helpers.py absent: pure-Python install
+    cmdclass["build_ext"] = build_ext
+
+setup(
+    packages=[
+        "fastinfluence",
+        "fastinfluence.ops",
+        "fastinfluence.ops.backends",
+        "fastinfluence.triton_kernels",
+    ],
+    package_dir={
+        "fastinfluence": "fastinfluence",
+        "fastinfluence.triton_kernels": "triton_kernels",
+    },
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)
