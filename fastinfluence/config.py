@@ -1,0 +1,70 @@
+"""Configuration dataclasses."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+import torch
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+@dataclass
+class ProjectionConfig:
+    """How per-example gradients become features.
+
+    Attributes:
+        rank_in: k_in, width of the input-side projection P_in (d_in x k_in). A layer
+            with d_in (+1 for bias) <= rank_in keeps that side exact (identity).
+        rank_out: k_out, width of P_out (d_out x k_out); same rule.
+        kind: ``gaussian`` (entries N(0, 1/k)) or ``rademacher`` (+-1/sqrt(k)).
+        seed: projection seed; matrices are a function of (seed, layer name, shape) only.
+        include: regexes; a layer is captured when its name matches any (None: all
+            supported layers whose weight is trainable, or all when none is).
+        exclude: regexes; matching layers are skipped (applied after ``include``).
+        include_bias: also capture the bias gradient of layers that have a bias.
+        dtype: storage dtype of the features (``float32``, ``float16``, ``bfloat16``, ``float64``).
+        mode: ``factorized`` (per layer, phi = P_out^T grad W P_in, k_out x k_in) or
+            ``flat`` (all selected gradients as one vector, JL-projected to ``dim`` by
+            ``ops.jl_project``; for small parameter sets such as LoRA adapters).
+        dim: output width of the flat mode.
+    """
+
+    rank_in: int = 64
+    rank_out: int = 64
+    kind: Literal["gaussian", "rademacher"] = "gaussian"
+    seed: int = 0
+    include: list[str] | None = None
+    exclude: list[str] | None = field(default_factory=list)
+    include_bias: bool = True
+    dtype: str = "float32"
+    mode: Literal["factorized", "flat"] = "factorized"
+    dim: int = 8192
+
+    def __post_init__(self):
+        if self.mode not in ("factorized", "flat"):
+            raise ValueError(f"ProjectionConfig.mode must be 'factorized' or 'flat', got {self.mode!r}")
+        if self.kind not in ("gaussian", "rademacher"):
+            raise ValueError(f"ProjectionConfig.kind must be 'gaussian' or 'rademacher', got {self.kind!r}")
+        for name in ("rank_in", "rank_out", "dim"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"ProjectionConfig.{name} must be a positive int, got {v!r}")
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"ProjectionConfig.dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        if isinstance(self.include, str):
+            self.include = [self.include]
+        if isinstance(self.exclude, str):
+            self.exclude = [self.exclude]
+        self.exclude = list(self.exclude or [])
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return _DTYPES[self.dtype]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ProjectionConfig":
+        return cls(**d)

@@ -1,0 +1,86 @@
+"""In-memory per-example features and the chunk interface that scoring streams over."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator, NamedTuple
+
+import torch
+
+from .config import ProjectionConfig
+
+
+class LayerSlice(NamedTuple):
+    """Where one layer's features sit in a feature row: columns [start, stop), phi shape (k_out, k_in)."""
+
+    start: int
+    stop: int
+    shape: tuple[int, int]
+
+
+@dataclass
+class TokenFactors:
+    """Per-token projected factors for per-token scores.
+
+    Token rows of example i are ``offsets[i]:offsets[i+1]`` (valid tokens only, in order).
+    a[layer]: (total_tokens, k_in) = A~, g[layer]: (total_tokens, k_out) = G~, so that
+    phi_i[layer] = g[layer][rows].T @ a[layer][rows].
+    """
+
+    offsets: torch.Tensor
+    a: dict[str, torch.Tensor]
+    g: dict[str, torch.Tensor]
+
+
+class Chunk(NamedTuple):
+    """A block of consecutive feature rows: rows ``offset .. offset + len(data)``."""
+
+    offset: int
+    data: torch.Tensor
+    norms: torch.Tensor
+
+
+@dataclass
+class Features:
+    """Per-example gradient features held in memory.
+
+    Attributes:
+        data: (N, D) features in the storage dtype; row i is example ``ids[i]``.
+        norms: (N,) float32 L2 norms of the rows, computed before the cast to storage dtype.
+        ids: N example ids (from the batches' ``id`` / ``ids`` key, else running indices).
+        layout: layer name -> LayerSlice (factorized mode); flat mode has one entry ``"flat"``.
+        config: the ProjectionConfig that made them.
+        fingerprint: identity of the model and captured layers (checked before scoring).
+        tokens: per-token factors when extracted with ``tokens=True``.
+        stats: per layer, (sum a~ a~^T (k_in, k_in), sum g~ g~^T (k_out, k_out), tokens)
+            in float64 when extracted with ``covariances=True`` (for K-FAC preconditioning).
+    """
+
+    data: torch.Tensor
+    norms: torch.Tensor
+    ids: list
+    layout: dict[str, LayerSlice]
+    config: ProjectionConfig | None = None
+    fingerprint: dict | None = None
+    tokens: TokenFactors | None = None
+    stats: dict[str, tuple[torch.Tensor, torch.Tensor, int]] | None = field(default=None, repr=False)
+
+    def __len__(self) -> int:
+        return self.data.shape[0]
+
+    @property
+    def num_rows(self) -> int:
+        return self.data.shape[0]
+
+    @property
+    def dim(self) -> int:
+        return self.data.shape[1]
+
+    def iter_chunks(self, rows: int) -> Iterator[Chunk]:
+        """Consecutive blocks of at most ``rows`` rows (the interface scoring streams over)."""
+        for s in range(0, self.num_rows, rows):
+            yield Chunk(s, self.data[s : s + rows], self.norms[s : s + rows])
+
+    def layer(self, name: str) -> torch.Tensor:
+        """(N, k_out, k_in) view of one layer's features."""
+        sl = self.layout[name]
+        return self.data[:, sl.start : sl.stop].reshape(-1, *sl.shape)
