@@ -1,0 +1,87 @@
+"""Helpers shared by the Triton kernels.
+
+Precision: the big products run on the tensor cores in the inputs' own dtype with float32
+accumulation (bfloat16/float16 operands; float32 operands use TF32, rel. error ~3e-4).
+Small products of float32 accumulators use IEEE float32 (``dot_f32``).
+
+Under ``TRITON_INTERPRET=1`` the interpreter multiplies bfloat16 operands as raw integers,
+so ``dot`` upcasts them there; on a GPU they go to the tensor cores unchanged.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
+
+TORCH_TO_TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+KERNEL_DTYPES = tuple(TORCH_TO_TL)
+
+
+@triton.jit
+def dot(a, b, acc):
+    """acc + a @ b with float32 accumulation; a (M, K), b (K, N) in one input dtype, M, N, K >= 16."""
+    if INTERPRET:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+    return tl.dot(a, b, acc)
+
+
+@triton.jit
+def dot_f32(a, b, acc):
+    """acc + a @ b for float32 a, b in IEEE float32 (for small products of accumulators)."""
+    return tl.dot(a, b, acc, input_precision="ieee")
+
+
+def block(n: int, lo: int = 16, hi: int | None = None) -> int:
+    """Power-of-two block covering ``n`` (at least ``lo`` so tl.dot dimensions stay >= 16)."""
+    b = max(lo, triton.next_power_of_2(max(int(n), 1)))
+    return min(b, hi) if hi is not None else b
+
+
+def kernel_dtype(*tensors: torch.Tensor | None) -> torch.dtype | None:
+    """The common dtype of ``tensors`` if the kernels take it (float32/bfloat16/float16), else None."""
+    dtypes = {t.dtype for t in tensors if t is not None}
+    if len(dtypes) == 1 and (dtype := dtypes.pop()) in TORCH_TO_TL:
+        return dtype
+    return None
+
+
+def num_programs_target(device: torch.device) -> int:
+    """About two programs per streaming multiprocessor (a handful under the interpreter)."""
+    if device.type != "cuda":
+        return 4
+    return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def autotune(gpu_configs: list[triton.Config], interpret_config: triton.Config, key: list[str]):
+    """``triton.autotune`` over ``gpu_configs`` on a GPU; the one small config under the interpreter."""
+    return triton.autotune(configs=[interpret_config] if INTERPRET else gpu_configs, key=key)
+
+
+@triton.jit
+def project_rows(
+    x_ptr, row_off, row_ok, d, stride_xd,
+    p_ptr, stride_pd, stride_pk, k,
+    HAS_BIAS: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, BK: tl.constexpr,
+):
+    """(BT, BK) float32 = X[rows] @ P[:d] (+ P[d], the bias row). Rows with ``row_ok`` False read as 0.
+
+    ``row_off`` (BT,) int64: element offsets of the rows from ``x_ptr``. P: (d[+1], k) in X's dtype.
+    """
+    offs_d = tl.arange(0, BD)
+    offs_k = tl.arange(0, BK)
+    k_ok = offs_k < k
+    acc = tl.zeros((BT, BK), tl.float32)
+    for d0 in range(0, d, BD):
+        dd = d0 + offs_d
+        d_ok = dd < d
+        x = tl.load(x_ptr + row_off[:, None] + dd[None, :] * stride_xd, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        p = tl.load(p_ptr + dd[:, None] * stride_pd + offs_k[None, :] * stride_pk, mask=d_ok[:, None] & k_ok[None, :], other=0.0)
+        acc = dot(x, p, acc)
+    if HAS_BIAS:
+        bias = tl.load(p_ptr + d * stride_pd + offs_k * stride_pk, mask=k_ok, other=0.0)
+        acc += bias.to(tl.float32)[None, :]
+    return acc
