@@ -84,3 +84,37 @@ class Features:
         """(N, k_out, k_in) view of one layer's features."""
         sl = self.layout[name]
         return self.data[:, sl.start : sl.stop].reshape(-1, *sl.shape)
+
+
+def cat_features(parts: list[Features]) -> Features:
+    """Concatenate per-batch Features (same layout) into one; token offsets and stats are merged."""
+    if not parts:
+        raise ValueError("cat_features needs at least one Features")
+    first = parts[0]
+    tokens = None
+    if first.tokens is not None:
+        offsets, total = [torch.zeros(1, dtype=torch.long)], 0
+        for p in parts:
+            offsets.append(p.tokens.offsets[1:] + total)
+            total += int(p.tokens.offsets[-1])
+        tokens = TokenFactors(
+            torch.cat(offsets),
+            {n: torch.cat([p.tokens.a[n] for p in parts]) for n in first.tokens.a},
+            {n: torch.cat([p.tokens.g[n] for p in parts]) for n in first.tokens.g},
+        )
+    stats = None
+    if first.stats is not None:
+        stats = {
+            n: (sum(p.stats[n][0] for p in parts), sum(p.stats[n][1] for p in parts), sum(p.stats[n][2] for p in parts))
+            for n in first.stats
+        }
+    return Features(
+        data=torch.cat([p.data for p in parts]),
+        norms=torch.cat([p.norms for p in parts]),
+        ids=[i for p in parts for i in p.ids],
+        layout=first.layout,
+        config=first.config,
+        fingerprint=first.fingerprint,
+        tokens=tokens,
+        stats=stats,
+    )

@@ -1,0 +1,289 @@
+"""Hook-based capture of layer inputs and output gradients in one batched backward.
+
+For every selected layer (``nn.Linear``, GPT-2 ``Conv1D``, PEFT LoRA ``lora_A`` / ``lora_B``,
+which are ``nn.Linear``) a forward hook keeps the layer input ``A: (B, T, d_in)`` and a
+tensor hook on its output receives ``G = dL/dy: (B, T, d_out)`` during backward, where
+L = sum_i L_i and L_i is example i's mean token cross-entropy over its answer tokens
+(labels != -100, causal shift). Each G row therefore belongs to one example only, and
+``on_layer(layer, A, G, mask)`` is called as soon as the layer's G is ready, so a
+consumer can project and drop it before the next layer's gradient arrives.
+
+No parameter gradient is computed: while capturing, every parameter has
+``requires_grad=False`` and only the input embeddings' output requires grad. The model
+is returned exactly as it was found (parameters, ``requires_grad`` flags, ``.grad``,
+train/eval mode of every module, hooks).
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import re
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+try:  # GPT-2 style Conv1D: y = x @ W + b with W: (d_in, d_out)
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover - transformers is a dependency
+    Conv1D = None
+
+SUPPORTED_TYPES: tuple[type, ...] = (nn.Linear,) + ((Conv1D,) if Conv1D is not None else ())
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class Layer:
+    """A captured layer. ``bias``: whether the bias gradient is captured (a constant 1 appended to a)."""
+
+    name: str
+    module: nn.Module
+    d_in: int
+    d_out: int
+    bias: bool
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.module.weight
+
+
+def _dims(module: nn.Module) -> tuple[int, int]:
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    d_in, d_out = module.weight.shape  # Conv1D stores (d_in, d_out)
+    return d_in, d_out
+
+
+def _shared_parameter_ids(model: nn.Module) -> set[int]:
+    """Parameters used by more than one module (e.g. an LM head tied to the embeddings)."""
+    owners: dict[int, int] = {}
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            owners[id(p)] = owners.get(id(p), 0) + 1
+    return {pid for pid, n in owners.items() if n > 1}
+
+
+def select_layers(
+    model: nn.Module,
+    include: list[str] | None = None,
+    exclude: list[str] | None = None,
+    include_bias: bool = True,
+) -> list[Layer]:
+    """Layers to capture, in module order.
+
+    ``include``: regexes searched in the module name; None selects every supported layer
+    whose weight is trainable (every one, when none is trainable), which for a PEFT
+    model means its LoRA layers. ``exclude`` regexes remove layers. Layers whose weight
+    is shared with another module (a tied LM head) are never captured: the hook would
+    see only part of that parameter's gradient.
+    """
+    candidates = [(n, m) for n, m in model.named_modules() if isinstance(m, SUPPORTED_TYPES)]
+    if not candidates:
+        raise ValueError(
+            f"{type(model).__name__} has no supported layer (torch.nn.Linear, transformers Conv1D, "
+            "PEFT LoRA lora_A/lora_B): nothing to capture"
+        )
+    shared = _shared_parameter_ids(model)
+    candidates = [(n, m) for n, m in candidates if id(m.weight) not in shared]
+    if include is not None:
+        pats = [re.compile(p) for p in include]
+        chosen = [(n, m) for n, m in candidates if any(p.search(n) for p in pats)]
+    else:
+        chosen = [(n, m) for n, m in candidates if m.weight.requires_grad] or candidates
+    if exclude:
+        pats = [re.compile(p) for p in exclude]
+        chosen = [(n, m) for n, m in chosen if not any(p.search(n) for p in pats)]
+    if not chosen:
+        names = ", ".join(n for n, _ in candidates[:8]) + (", ..." if len(candidates) > 8 else "")
+        raise ValueError(
+            f"no layer matches include={include!r} exclude={exclude!r}; supported layers of this model "
+            f"include: {names}. Adjust the regexes in ProjectionConfig(include=..., exclude=...)."
+        )
+    return [
+        Layer(n, m, *_dims(m), bias=include_bias and getattr(m, "bias", None) is not None) for n, m in chosen
+    ]
+
+
+# ---------------------------------------------------------------------------------------
+# Batches
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Batch:
+    """A validated batch on the model's device. ``ids``: one id per example."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+    ids: list
+
+
+def _ids_of(batch: dict, n: int, start: int) -> list:
+    ids = batch.get("ids", batch.get("id"))
+    if ids is None:
+        return list(range(start, start + n))
+    ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
+    if len(ids) != n:
+        raise ValueError(f"batch 'ids' has {len(ids)} entries for {n} examples")
+    return ids
+
+
+def prepare_batch(batch: dict, device: torch.device, start: int) -> Batch:
+    """Validate an HF-style batch (``input_ids``, optional ``attention_mask`` / ``labels`` / ``ids``).
+
+    Missing labels mean every attended token is a target; labels at padding are ignored.
+    ``start`` is the running index of the batch's first example (default ids).
+    """
+    if not isinstance(batch, dict) or "input_ids" not in batch:
+        raise ValueError(f"a batch must be a dict with 'input_ids' (and 'attention_mask', 'labels'), got {type(batch).__name__}")
+    input_ids = torch.as_tensor(batch["input_ids"])
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must have shape (B, T), got {tuple(input_ids.shape)}")
+    shape = tuple(input_ids.shape)
+    mask = batch.get("attention_mask")
+    mask = torch.ones(shape, dtype=torch.long) if mask is None else torch.as_tensor(mask)
+    labels = batch.get("labels")
+    labels = input_ids.clone() if labels is None else torch.as_tensor(labels)
+    for key, t in (("attention_mask", mask), ("labels", labels)):
+        if tuple(t.shape) != shape:
+            raise ValueError(f"batch {key} has shape {tuple(t.shape)} but input_ids has {shape}; they must match")
+    mask = mask.to(device)
+    labels = labels.to(device).masked_fill(mask == 0, IGNORE_INDEX)
+    ids = _ids_of(batch, shape[0], start)
+    counts = (labels[:, 1:] != IGNORE_INDEX).sum(1)
+    if bool((counts == 0).any()):
+        bad = [ids[i] for i in torch.nonzero(counts == 0).flatten().tolist()]
+        raise ValueError(
+            f"examples {bad[:5]} have no label tokens (labels != -100 after the causal shift): "
+            "their loss is undefined. Drop them or give them answer tokens."
+        )
+    return Batch(input_ids.to(device), mask, labels, ids)
+
+
+def iter_batches(batches: Iterable[dict], device: torch.device) -> Iterator[Batch]:
+    """Validated batches; raises if the iterable holds no example."""
+    seen = 0
+    for raw in batches:
+        batch = prepare_batch(raw, device, seen)
+        seen += batch.input_ids.shape[0]
+        yield batch
+    if seen == 0:
+        raise ValueError("the batches hold no example: pass a non-empty DataLoader or iterable of batch dicts")
+
+
+def per_example_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(B,) mean token cross-entropy of each example over its answer tokens (causal shift)."""
+    logits, labels = logits[:, :-1], labels[:, 1:]
+    ce = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
+    ).view(labels.shape)
+    return ce.sum(1) / (labels != IGNORE_INDEX).sum(1)
+
+
+def _accepts(model: nn.Module, arg: str) -> bool:
+    params = inspect.signature(model.forward).parameters
+    return arg in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+# ---------------------------------------------------------------------------------------
+# Capture
+# ---------------------------------------------------------------------------------------
+
+OnLayer = Callable[[Layer, torch.Tensor, torch.Tensor, torch.Tensor], None]
+
+
+@contextlib.contextmanager
+def frozen_for_capture(model: nn.Module) -> Iterator[None]:
+    """Eval mode, no parameter gradients, input embeddings' output requiring grad; all restored on exit."""
+    modes = [(m, m.training) for m in model.modules()]
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if embeddings is None:
+        raise ValueError(f"{type(model).__name__} has no get_input_embeddings(): cannot start the backward at its inputs")
+
+    def leaf(_module, _inputs, output):
+        return output.detach().requires_grad_(True)
+
+    handle = embeddings.register_forward_hook(leaf)
+    try:
+        model.eval()
+        for p, _ in flags:
+            p.requires_grad_(False)
+        yield
+    finally:
+        handle.remove()
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        for m, mode in modes:
+            m.training = mode
+
+
+class Capture:
+    """Runs forward + backward on batches and hands each selected layer's (A, G, mask) to ``on_layer``.
+
+    Use inside ``frozen_for_capture(model)``. ``A``: (B, T, d_in) layer input, ``G``:
+    (B, T, d_out) output gradient, both in the model dtype; ``mask``: (B, T) bool, True at
+    attended tokens (padding rows of A and G must be ignored).
+    """
+
+    def __init__(self, model: nn.Module, layers: list[Layer]):
+        self.model = model
+        self.layers = layers
+        self._pass_position_ids = _accepts(model, "position_ids")
+
+    def run(self, batch: Batch, on_layer: OnLayer) -> torch.Tensor:
+        """One forward + backward on ``batch``; returns the (B,) per-example losses."""
+        mask = batch.attention_mask.bool()
+        calls: dict[str, int] = {}
+
+        def forward_hook(layer: Layer):
+            def hook(_module, inputs, output):
+                calls[layer.name] = calls.get(layer.name, 0) + 1
+                if calls[layer.name] > 1:
+                    raise RuntimeError(
+                        f"layer {layer.name} ran more than once in one forward pass; layers shared across "
+                        "positions of the network are not supported: exclude it (ProjectionConfig.exclude)"
+                    )
+                a = inputs[0].detach()
+                if a.shape[:-1].numel() != mask.numel():
+                    raise RuntimeError(
+                        f"layer {layer.name} saw input of shape {tuple(a.shape)}, expected (B, T, d) with "
+                        f"(B, T) = {tuple(mask.shape)}: only token-wise layers can be captured; exclude it"
+                    )
+                if not output.requires_grad:
+                    raise RuntimeError(
+                        f"layer {layer.name}'s output does not depend on the input embeddings; exclude it"
+                    )
+                # Some models (OPT) run their MLP on flattened (B * T, d) tokens.
+                a = a.reshape(*mask.shape, a.shape[-1])
+                output.register_hook(lambda g: on_layer(layer, a, g.detach().reshape(*mask.shape, g.shape[-1]), mask))
+
+            return hook
+
+        handles = [layer.module.register_forward_hook(forward_hook(layer)) for layer in self.layers]
+        try:
+            kwargs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "use_cache": False}
+            if self._pass_position_ids:
+                # Derived from the mask so that left padding gives every example the
+                # positions it has alone (absolute position embeddings depend on it).
+                kwargs["position_ids"] = (batch.attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+            with torch.enable_grad():
+                logits = self.model(**kwargs).logits
+                losses = per_example_loss(logits, batch.labels)
+                if not bool(torch.isfinite(losses).all()):
+                    raise FloatingPointError(f"non-finite loss for examples {batch.ids}: check the model and inputs")
+                losses.sum().backward()
+        finally:
+            for h in handles:
+                h.remove()
+        missing = [layer.name for layer in self.layers if layer.name not in calls]
+        if missing:
+            raise RuntimeError(f"layers {missing[:5]} were not called in the forward pass; exclude them")
+        return losses.detach()
+
+
+def model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device

@@ -1,0 +1,125 @@
+"""Exact per-example gradient inner products: the gold standard projections are measured against.
+
+For each selected layer, one of two exact methods is used, whichever costs less:
+
+- ``ghost``: sum_{t,s} (a_qt . a_is)(g_qt . g_is) from stored query factors
+  (``ops.ghost_dot``), about Q T_q T_i (d_in + d_out) per train example;
+- ``dense``: the query gradients grad W_q are formed once and each train example's
+  gradient is formed and dotted with them, about (T_i + Q) d_in d_out per train example.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from . import ops
+from .capture import Capture, Layer, frozen_for_capture, iter_batches, model_device, select_layers
+from .config import ProjectionConfig
+from .ops._common import masked
+
+METHODS = ("auto", "ghost", "dense")
+
+
+def per_example_gradients(A: torch.Tensor, G: torch.Tensor, mask: torch.Tensor, bias: bool) -> torch.Tensor:
+    """(B, d_out * (d_in + bias)) flattened per-example gradients [grad W | grad b] from masked factors."""
+    if bias:
+        A = torch.cat([A, mask.unsqueeze(-1).to(A.dtype)], dim=-1)
+    return torch.einsum("bto,bti->boi", G, A).flatten(1)
+
+
+class _QueryLayer:
+    """What the query pass keeps for one layer: masked factors per query batch, later maybe dense gradients."""
+
+    def __init__(self):
+        self.blocks: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self.method: str | None = None
+        self.dense: torch.Tensor | None = None
+
+    def choose(self, layer: Layer, method: str, train_T: int) -> None:
+        Q = sum(A.shape[0] for A, _, _ in self.blocks)
+        if method == "auto":
+            query_T = max(A.shape[1] for A, _, _ in self.blocks)
+            d_in = layer.d_in + int(layer.bias)
+            ghost_cost = Q * query_T * train_T * (layer.d_in + layer.d_out)
+            dense_cost = (train_T + Q) * d_in * layer.d_out
+            method = "ghost" if ghost_cost <= dense_cost else "dense"
+        self.method = method
+        if method == "dense":
+            self.dense = torch.cat([per_example_gradients(A, G, m, layer.bias) for A, G, m in self.blocks])
+            self.blocks = []
+
+
+def exact_scores(
+    model: nn.Module,
+    query_batches: Iterable[dict],
+    train_batches: Iterable[dict],
+    config: ProjectionConfig | None = None,
+    metric: str = "dot",
+    method: str = "auto",
+) -> torch.Tensor:
+    """Exact gradient inner products between query and train examples.
+
+    Args:
+        model: a causal LM (left unchanged).
+        query_batches, train_batches: HF-style batch dicts, as for ``GradientExtractor``.
+        config: selects the layers (``include`` / ``exclude`` / ``include_bias``); the
+            ranks are ignored. Default: ``ProjectionConfig()``.
+        metric: ``dot`` (<grad_q, grad_i>) or ``cosine`` (divided by both norms).
+        method: ``auto`` (cheaper of the two per layer), ``ghost`` or ``dense``.
+
+    Returns:
+        (Q, N) scores, float64 for a float64 model, float32 otherwise, summed over layers.
+    """
+    if metric not in ("dot", "cosine"):
+        raise ValueError(f"metric must be 'dot' or 'cosine', got {metric!r}")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    config = config or ProjectionConfig()
+    layers = select_layers(model, config.include, config.exclude, config.include_bias)
+    device = model_device(model)
+    dtype = torch.float64 if layers[0].weight.dtype == torch.float64 else torch.float32
+    queries = {l.name: _QueryLayer() for l in layers}
+
+    with frozen_for_capture(model):
+        capture = Capture(model, layers)
+        query_sq = []
+        for batch in iter_batches(query_batches, device):
+            sq = torch.zeros(batch.input_ids.shape[0], dtype=dtype, device=device)
+
+            def keep(layer: Layer, A, G, mask, sq=sq):
+                A, G = masked(A.to(dtype), mask), masked(G.to(dtype), mask)
+                queries[layer.name].blocks.append((A, G, mask))
+                sq += ops.ghost_norm(A, G, mask, layer.bias)
+
+            capture.run(batch, keep)
+            query_sq.append(sq)
+        query_sq = torch.cat(query_sq)
+
+        columns, train_sq = [], []
+        for batch in iter_batches(train_batches, device):
+            B, T = batch.input_ids.shape
+            S = torch.zeros(len(query_sq), B, dtype=dtype, device=device)
+            sq = torch.zeros(B, dtype=dtype, device=device)
+
+            def score(layer: Layer, A, G, mask, S=S, sq=sq, T=T):
+                A, G = masked(A.to(dtype), mask), masked(G.to(dtype), mask)
+                q = queries[layer.name]
+                if q.method is None:
+                    q.choose(layer, method, T)
+                if q.method == "ghost":
+                    S += torch.cat([ops.ghost_dot(qA, qG, A, G, qm, mask, layer.bias) for qA, qG, qm in q.blocks])
+                    sq += ops.ghost_norm(A, G, mask, layer.bias)
+                else:
+                    W = per_example_gradients(A, G, mask, layer.bias)
+                    S += q.dense @ W.T
+                    sq += (W * W).sum(1)
+
+            capture.run(batch, score)
+            columns.append(S)
+            train_sq.append(sq)
+    scores = torch.cat(columns, dim=1)
+    if metric == "cosine":
+        scores = scores / query_sq.sqrt()[:, None] / torch.cat(train_sq).sqrt()[None, :]
+    return scores

@@ -1,0 +1,222 @@
+"""GradientExtractor: per-example gradient features from one batched backward per batch."""
+from __future__ import annotations
+
+import hashlib
+from typing import Iterable, Iterator
+
+import torch
+from torch import nn
+
+from . import ops
+from .capture import Batch, Capture, Layer, frozen_for_capture, iter_batches, model_device, select_layers
+from .config import ProjectionConfig
+from .features import Features, LayerSlice, TokenFactors, cat_features
+from .projection import layer_projections
+
+_FINGERPRINT_SAMPLES = 64
+
+
+def fingerprint(model: nn.Module, layers: list[Layer]) -> dict:
+    """Identity of the captured layers: names, shapes, dtypes and a hash of sampled weights."""
+    h = hashlib.sha256()
+    for layer in layers:
+        w = layer.weight.detach().flatten()
+        step = max(1, w.numel() // _FINGERPRINT_SAMPLES)
+        h.update(w[::step][:_FINGERPRINT_SAMPLES].to("cpu", torch.float64).numpy().tobytes())
+    return {
+        "model": type(model).__name__,
+        "layers": [[l.name, l.d_in, l.d_out, l.bias, str(l.weight.dtype).replace("torch.", "")] for l in layers],
+        "weights_sha256": h.hexdigest(),
+    }
+
+
+class GradientExtractor:
+    """Projected per-example gradient features of a causal LM.
+
+    Example::
+
+        extractor = GradientExtractor(model, ProjectionConfig(rank_in=64, rank_out=64))
+        train = extractor.extract(train_loader)            # Features, data (N, D)
+        result = fastinfluence.score(extractor.extract(query_loader), train, topk=10)
+
+    Each batch costs one forward and one backward with parameter gradients switched off;
+    per-example gradients are never formed: each layer's (A, G) is projected as soon as
+    its output gradient arrives (``ops.project``).
+    """
+
+    def __init__(self, model: nn.Module, config: ProjectionConfig | None = None):
+        self.model = model
+        self.config = config or ProjectionConfig()
+        self.layers = select_layers(model, self.config.include, self.config.exclude, self.config.include_bias)
+        self.device = model_device(model)
+        self.dtype = torch.float64 if self.layers[0].weight.dtype == torch.float64 else torch.float32
+        self._proj = {l.name: layer_projections(l, self.config) for l in self.layers}
+        self._proj_dev: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.layout = self._layout()
+        self.fingerprint = fingerprint(model, self.layers)
+
+    def _layout(self) -> dict[str, LayerSlice]:
+        if self.config.mode == "flat":
+            return {"flat": LayerSlice(0, self.config.dim, (1, self.config.dim))}
+        layout, start = {}, 0
+        for l in self.layers:
+            P_in, P_out = self._proj[l.name]
+            shape = (P_out.shape[1], P_in.shape[1])
+            layout[l.name] = LayerSlice(start, start + shape[0] * shape[1], shape)
+            start += shape[0] * shape[1]
+        return layout
+
+    @property
+    def dim(self) -> int:
+        """Feature width D."""
+        return max(s.stop for s in self.layout.values())
+
+    def metadata(self) -> dict:
+        """What a store records to refuse mismatched features: config, fingerprint, layout, dtype."""
+        return {
+            "config": self.config.to_dict(),
+            "fingerprint": self.fingerprint,
+            "layout": self.layout,
+            "dtype": self.config.dtype,
+        }
+
+    def projections(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(P_in, P_out) of a layer on the model's device (float32, or float64 for float64 models)."""
+        if name not in self._proj_dev:
+            self._proj_dev[name] = tuple(P.to(self.device, self.dtype) for P in self._proj[name])
+        return self._proj_dev[name]
+
+    # -----------------------------------------------------------------------------------
+
+    def extract(
+        self,
+        batches: Iterable[dict],
+        tokens: bool = False,
+        covariances: bool = False,
+        store: str | None = None,
+        shard_rows: int = 4096,
+        progress: bool = False,
+    ):
+        """Features of every example in ``batches``.
+
+        Args:
+            batches: HF-style dicts (``input_ids`` (B, T), ``attention_mask``, ``labels``
+                with -100 on non-answer tokens, optional ``ids``), e.g. a DataLoader.
+            tokens: also keep per-token factors (``Features.tokens``) for per-token scores.
+            covariances: also sum a~a~^T and g~g~^T per layer (``Features.stats``, K-FAC).
+            store: a directory: write a resumable on-disk FeatureStore there and return it.
+            shard_rows: rows per shard of the store.
+            progress: show a progress bar.
+
+        Returns:
+            ``Features`` in memory, or the ``FeatureStore`` when ``store`` is given.
+        """
+        if store is not None:
+            from .store import write_store
+
+            return write_store(
+                store, self, batches, tokens=tokens, covariances=covariances, shard_rows=shard_rows, progress=progress
+            )
+        it = self.iter_features(batches, tokens=tokens, covariances=covariances)
+        if progress:
+            from tqdm.auto import tqdm
+
+            it = tqdm(it, desc="extract", unit="batch")
+        return cat_features(list(it))
+
+    def iter_features(
+        self, batches: Iterable[dict], skip_examples: int = 0, tokens: bool = False, covariances: bool = False
+    ) -> Iterator[Features]:
+        """One ``Features`` per batch, for the examples after the first ``skip_examples``.
+
+        Batches that lie wholly within the skipped examples are not computed. Token
+        offsets of each yielded Features start at 0; ``stats`` hold per-batch sums.
+        """
+        if self.config.mode == "flat" and (tokens or covariances):
+            raise ValueError("tokens=True and covariances=True need mode='factorized' (flat features have no layers)")
+        seen = 0
+        with frozen_for_capture(self.model):
+            capture = Capture(self.model, self.layers)
+            for batch in iter_batches(batches, self.device):
+                n = batch.input_ids.shape[0]
+                first = max(0, skip_examples - seen)
+                seen += n
+                if first >= n:
+                    continue
+                feats = self._batch_features(capture, batch, tokens, covariances)
+                yield feats if first == 0 else _rows(feats, first)
+
+    def _batch_features(self, capture: Capture, batch: Batch, tokens: bool, covariances: bool) -> Features:
+        if self.config.mode == "flat":
+            return self._flat_features(capture, batch)
+        B = batch.input_ids.shape[0]
+        rows = torch.empty(B, self.dim, dtype=self.dtype, device=self.device)
+        store_dtype = self.config.torch_dtype
+        a_tok, g_tok, stats = {}, {}, {}
+
+        def on_layer(layer: Layer, A, G, mask):
+            P_in, P_out = self.projections(layer.name)
+            sl = self.layout[layer.name]
+            if tokens or covariances:
+                At, Gt = ops.project_tokens(A, G, P_in, P_out, mask)
+                phi = Gt.transpose(1, 2) @ At
+                if covariances:
+                    a2, g2 = At.flatten(0, 1).double(), Gt.flatten(0, 1).double()
+                    stats[layer.name] = ((a2.T @ a2).cpu(), (g2.T @ g2).cpu(), int(mask.sum()))
+                if tokens:
+                    a_tok[layer.name] = At[mask].to("cpu", store_dtype)
+                    g_tok[layer.name] = Gt[mask].to("cpu", store_dtype)
+            else:
+                phi = ops.project(A, G, P_in, P_out, mask)
+            rows[:, sl.start : sl.stop] = phi.reshape(B, -1)
+
+        capture.run(batch, on_layer)
+        token_factors = None
+        if tokens:
+            counts = batch.attention_mask.bool().sum(1).cpu()
+            offsets = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
+            token_factors = TokenFactors(offsets, a_tok, g_tok)
+        return self._features(rows, batch.ids, token_factors, stats if covariances else None)
+
+    def _flat_features(self, capture: Capture, batch: Batch) -> Features:
+        grads = []
+
+        def on_layer(layer: Layer, A, G, mask):
+            G = torch.where(mask.unsqueeze(-1), G.to(self.dtype), 0)
+            A = torch.where(mask.unsqueeze(-1), A.to(self.dtype), 0)
+            if layer.bias:
+                A = torch.cat([A, mask.unsqueeze(-1).to(self.dtype)], dim=-1)
+            grads.append((layer.name, torch.einsum("bto,bti->boi", G, A).flatten(1)))
+
+        capture.run(batch, on_layer)
+        order = {l.name: i for i, l in enumerate(self.layers)}
+        flat = torch.cat([g for _, g in sorted(grads, key=lambda x: order[x[0]])], dim=1)
+        rows = ops.jl_project(flat, self.config.dim, seed=self.config.seed, kind=self.config.kind)
+        return self._features(rows.to(self.dtype), batch.ids, None, None)
+
+    def _features(self, rows, ids, tokens, stats) -> Features:
+        return Features(
+            data=rows.to("cpu", self.config.torch_dtype),
+            norms=rows.norm(dim=1).to("cpu", torch.float32),
+            ids=list(ids),
+            layout=self.layout,
+            config=self.config,
+            fingerprint=self.fingerprint,
+            tokens=tokens,
+            stats=stats,
+        )
+
+
+def _rows(f: Features, first: int) -> Features:
+    """Features of rows ``first:`` of a batch (for resuming inside a batch)."""
+    tokens = None
+    if f.tokens is not None:
+        lo = int(f.tokens.offsets[first])
+        tokens = TokenFactors(
+            f.tokens.offsets[first:] - lo,
+            {n: t[lo:] for n, t in f.tokens.a.items()},
+            {n: t[lo:] for n, t in f.tokens.g.items()},
+        )
+    if f.stats is not None:
+        raise ValueError("cannot resume covariance statistics inside a batch: resume at a batch boundary")
+    return Features(f.data[first:], f.norms[first:], f.ids[first:], f.layout, f.config, f.fingerprint, tokens, None)

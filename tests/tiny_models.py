@@ -1,0 +1,120 @@
+"""Tiny models built from configs (nothing is downloaded) and helpers shared by tests."""
+from __future__ import annotations
+
+import torch
+import transformers as tf
+
+from fastinfluence.capture import IGNORE_INDEX, per_example_loss, select_layers
+
+VOCAB = 64
+
+
+def _config(arch: str):
+    common = dict(vocab_size=VOCAB, num_hidden_layers=2, num_attention_heads=4)
+    if arch == "llama":
+        return tf.LlamaConfig(hidden_size=32, intermediate_size=48, num_key_value_heads=2, **common)
+    if arch == "qwen2":
+        return tf.Qwen2Config(hidden_size=32, intermediate_size=48, num_key_value_heads=2, **common)
+    if arch == "gpt2":
+        return tf.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0)
+    if arch == "gpt_neox":
+        return tf.GPTNeoXConfig(hidden_size=32, intermediate_size=48, max_position_embeddings=64, **common)
+    if arch == "opt":
+        return tf.OPTConfig(hidden_size=32, ffn_dim=48, max_position_embeddings=64, word_embed_proj_dim=32, **common)
+    raise ValueError(arch)
+
+
+ARCHS = ("llama", "gpt2", "gpt_neox", "opt", "qwen2")
+
+
+def tiny_model(arch: str = "llama", dtype=torch.float32, seed: int = 0, lora: bool = False):
+    torch.manual_seed(seed)
+    # SDPA: transformers' eager attention turns fully masked (left-padding) rows into NaN
+    # in float64, which then reaches every row through 0 * NaN.
+    model = tf.AutoModelForCausalLM.from_config(_config(arch), attn_implementation="sdpa").to(dtype)
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.1))
+        for name, p in model.named_parameters():  # LoRA B starts at zero; make its gradients non-trivial
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.1)
+        model = model.to(dtype)
+    model.eval()
+    return model
+
+
+def make_examples(n: int, seed: int = 0, min_len: int = 5, max_len: int = 12):
+    """Random (input_ids, labels) pairs of varied lengths; labels -100 on a random prompt prefix."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        T = int(torch.randint(min_len, max_len + 1, (1,), generator=g))
+        ids = torch.randint(0, VOCAB, (T,), generator=g)
+        labels = ids.clone()
+        labels[: int(torch.randint(1, T - 1, (1,), generator=g))] = IGNORE_INDEX
+        out.append((ids, labels))
+    return out
+
+
+def collate(examples, side: str = "right", ids=None):
+    """Pad examples to one batch (``side``: right or left padding)."""
+    T = max(len(i) for i, _ in examples)
+    B = len(examples)
+    input_ids = torch.zeros(B, T, dtype=torch.long)
+    labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros(B, T, dtype=torch.long)
+    for b, (i, l) in enumerate(examples):
+        sl = slice(0, len(i)) if side == "right" else slice(T - len(i), T)
+        input_ids[b, sl], labels[b, sl], mask[b, sl] = i, l, 1
+    batch = {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+    if ids is not None:
+        batch["ids"] = list(ids)
+    return batch
+
+
+def batches_of(examples, size: int, side: str = "right"):
+    return [collate(examples[s : s + size], side) for s in range(0, len(examples), size)]
+
+
+def slow_gradients(model, examples, include=None, exclude=None, include_bias=True):
+    """(N, P) per-example gradients, one backward per example, of the selected layers' parameters.
+
+    Each layer contributes [grad W | grad b] in (d_out, d_in [+1]) orientation (GPT-2
+    Conv1D weights are transposed), flattened, in layer order: the layout ``exact_scores``
+    and identity-projected features use.
+    """
+    layers = select_layers(model, include, exclude, include_bias)
+    flags = {id(p): p.requires_grad for p in model.parameters()}
+    params = []
+    for layer in layers:
+        params.append(layer.module.weight)
+        if layer.bias:
+            params.append(layer.module.bias)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    rows = []
+    try:
+        for ids, labels in examples:
+            logits = model(input_ids=ids[None], use_cache=False).logits
+            loss = per_example_loss(logits, labels[None])[0]
+            grads = dict(zip(map(id, params), torch.autograd.grad(loss, params)))
+            parts = []
+            for layer in layers:
+                gw = grads[id(layer.module.weight)]
+                if gw.shape != (layer.d_out, layer.d_in):
+                    gw = gw.T
+                if layer.bias:
+                    gw = torch.cat([gw, grads[id(layer.module.bias)][:, None]], dim=1)
+                parts.append(gw.flatten())
+            rows.append(torch.cat(parts))
+    finally:
+        for p in model.parameters():
+            p.requires_grad_(flags[id(p)])
+    return torch.stack(rows), layers
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out.double() - ref.double()).norm() / ref.double().norm())
