@@ -49,6 +49,14 @@ def kernel_dtype(*tensors: torch.Tensor | None) -> torch.dtype | None:
     return None
 
 
+def mask_arg(mask: torch.Tensor | None, like: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+    """A (B, T) mask as uint8 with its strides; ``like`` and (0, 0) stand in for no mask (never read)."""
+    if mask is None:
+        return like, (0, 0)
+    mask = mask.to(torch.bool).view(torch.uint8)
+    return mask, (mask.stride(0), mask.stride(1))
+
+
 def num_programs_target(device: torch.device) -> int:
     """About two programs per streaming multiprocessor (a handful under the interpreter)."""
     if device.type != "cuda":

@@ -18,7 +18,7 @@ import triton.language as tl
 
 from fastinfluence.ops.project import project_reference, project_tokens_reference
 
-from ._common import KERNEL_DTYPES, autotune, block, dot_f32, num_programs_target, project_rows
+from ._common import KERNEL_DTYPES, autotune, block, mask_arg, dot_f32, num_programs_target, project_rows
 
 # Token ranges per program are multiples of this (the largest BT of the configs).
 _TOKEN_QUANTUM = 128
@@ -87,13 +87,6 @@ def _runs_on_kernel(A, G, P_in, P_out) -> bool:
     return P_in is not None and P_out is not None and A.dtype in KERNEL_DTYPES and G.dtype in KERNEL_DTYPES
 
 
-def _mask_arg(mask: torch.Tensor | None, like: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-    """The mask as uint8 (any placeholder tensor when None) and its (B, T) strides."""
-    if mask is None:
-        return like, (0, 0)
-    mask = mask.to(torch.bool).view(torch.uint8)
-    return mask, (mask.stride(0), mask.stride(1))
-
 
 def project(
     A: torch.Tensor,
@@ -115,7 +108,7 @@ def project(
     partial = torch.empty(splits, B, k_out, k_in, device=A.device, dtype=torch.float32)
     if T == 0:
         return partial.zero_()[0]
-    m, (s_mb, s_mt) = _mask_arg(mask, A)
+    m, (s_mb, s_mt) = mask_arg(mask, A)
     _project_kernel[(B, splits)](
         A, G, P_in, P_out, m, partial,
         T, d_in, d_out, k_in, k_out, tokens_per_split,
@@ -134,7 +127,7 @@ def _project_side(X, P, mask, out_dtype, d):
     n_rows = B * T
     if n_rows == 0:
         return out
-    m, (s_mb, s_mt) = _mask_arg(mask, X)
+    m, (s_mb, s_mt) = mask_arg(mask, X)
     grid = lambda meta: (triton.cdiv(n_rows, meta["BT"]),)  # noqa: E731
     _project_tokens_kernel[grid](
         X, P, m, out, T, n_rows, d, k,
