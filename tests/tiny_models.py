@@ -104,7 +104,7 @@ def slow_gradients(model, examples, include=None, exclude=None, include_bias=Tru
             parts = []
             for layer in layers:
                 gw = grads[id(layer.module.weight)]
-                if gw.shape != (layer.d_out, layer.d_in):
+                if not isinstance(layer.module, torch.nn.Linear):  # Conv1D stores (d_in, d_out)
                     gw = gw.T
                 if layer.bias:
                     gw = torch.cat([gw, grads[id(layer.module.bias)][:, None]], dim=1)
