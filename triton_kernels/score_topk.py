@@ -1,0 +1,122 @@
+"""Query x train-chunk scores with the scales, the top-k keys and the per-row aggregates fused.
+
+One program per (block of train rows, block of queries) computes its (BQ, BN) score tile
+in float32, applies ``query_scale`` and ``train_scale`` in the epilogue, reduces the tile
+over its queries into partial (sum, sum of squares, max) per train row, and writes one
+int64 sort key per score instead of the score itself:
+
+    key = ordered_bits(score) * 2^32 + (2^32 - 1 - train_index)
+
+Keys order by value first and, for equal values, put the lower train index first, so a
+plain ``torch.topk`` over the keys of ``prev`` and of the chunk is the exact merged top-k
+with the reference's tie order, with no sort. Values and indices decode from the keys.
+float64 inputs, or query and train of different dtypes, run on the reference.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from fastinfluence.ops.score_topk import TopK, score_topk_reference
+
+from ._common import INTERPRET, KERNEL_DTYPES, autotune, block, dot
+
+_LOW = 2**32 - 1  # train indices live in the low 32 bits of a key
+
+# BQ follows Q (see _query_block); the rest is tuned.
+_GPU_CONFIGS = [
+    triton.Config({"BN": bn, "BD": bd}, num_warps=w, num_stages=s)
+    for bn, bd, w, s in [(128, 64, 4, 4), (128, 64, 8, 3), (256, 64, 8, 3), (128, 128, 4, 3), (64, 128, 4, 4)]
+]
+_INTERPRET_CONFIG = triton.Config({"BN": 16, "BD": 16})
+
+
+def _query_block(Q: int, interpret: bool) -> int:
+    return 16 if interpret else block(Q, hi=128)
+
+
+@autotune(_GPU_CONFIGS, _INTERPRET_CONFIG, key=["Q", "D"])
+@triton.jit
+def _score_kernel(
+    Qf, Xf, QS, XS, Keys, Agg,
+    Q, n, D, index_offset,
+    s_qq, s_qd, s_xn, s_xd, s_kq, s_kn, s_at, s_ar, s_an,
+    HAS_QS: tl.constexpr, HAS_XS: tl.constexpr,
+    BQ: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_q = tl.program_id(1)
+    rq = pid_q * BQ + tl.arange(0, BQ)
+    rn = pid_n * BN + tl.arange(0, BN)
+    q_ok = rq < Q
+    n_ok = rn < n
+    q_off = rq.to(tl.int64) * s_qq
+    x_off = rn.to(tl.int64) * s_xn
+    dd = tl.arange(0, BD)
+    s = tl.zeros((BQ, BN), tl.float32)
+    for d0 in range(0, D, BD):
+        d_ok = (d0 + dd) < D
+        q = tl.load(Qf + q_off[:, None] + (d0 + dd)[None, :] * s_qd, mask=q_ok[:, None] & d_ok[None, :], other=0.0)
+        x = tl.load(Xf + x_off[:, None] + (d0 + dd)[None, :] * s_xd, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        s = dot(q, tl.trans(x), s)
+    if HAS_QS:
+        s *= tl.load(QS + rq, mask=q_ok, other=0.0)[:, None]
+    if HAS_XS:
+        s *= tl.load(XS + rn, mask=n_ok, other=0.0)[None, :]
+    s = tl.where(s == 0.0, 0.0, s)  # -0.0 and +0.0 are one value: give them one key
+
+    ok = q_ok[:, None] & n_ok[None, :]
+    agg = Agg + pid_q * s_at + rn * s_an
+    tl.store(agg, tl.sum(tl.where(ok, s, 0.0), axis=0), mask=n_ok)
+    tl.store(agg + s_ar, tl.sum(tl.where(ok, s * s, 0.0), axis=0), mask=n_ok)
+    tl.store(agg + 2 * s_ar, tl.max(tl.where(ok, s, float("-inf")), axis=0), mask=n_ok)
+
+    bits = s.to(tl.int32, bitcast=True)
+    ordered = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(tl.int64)
+    low = 4294967295 - (index_offset + rn).to(tl.int64)
+    keys = ordered * 4294967296 + low[None, :]
+    tl.store(Keys + rq.to(tl.int64)[:, None] * s_kq + rn.to(tl.int64)[None, :] * s_kn, keys, mask=ok)
+
+
+def encode_keys(values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """int64 keys of float32 ``values`` and int64 ``indices`` (< 2^32), ordered as the kernel's."""
+    bits = torch.where(values == 0, torch.zeros_like(values), values).view(torch.int32)
+    ordered = torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(torch.int64)
+    return ordered * 2**32 + (_LOW - indices)
+
+
+def decode_keys(keys: torch.Tensor) -> TopK:
+    """TopK(values float32, indices int64) from keys."""
+    ordered = (keys >> 32).to(torch.int32)
+    values = torch.where(ordered >= 0, ordered, ordered ^ 0x7FFFFFFF).view(torch.float32)
+    return TopK(values, _LOW - (keys & _LOW))
+
+
+def score_topk(query, train, k, query_scale=None, train_scale=None, index_offset=0, prev=None):
+    """(TopK (Q, k'), aggregates (3, n) float32); see ``fastinfluence.ops.score_topk``."""
+    if query.dtype != train.dtype or query.dtype not in KERNEL_DTYPES:
+        return score_topk_reference(query, train, k, query_scale, train_scale, index_offset, prev)
+    Q, D = query.shape
+    n = train.shape[0]
+    if index_offset < 0 or index_offset + n > _LOW:
+        raise ValueError(f"score_topk: train rows {index_offset}..{index_offset + n} must lie in [0, 2^32) for the Triton kernel")
+    if Q == 0 or n == 0:
+        return score_topk_reference(query, train, k, query_scale, train_scale, index_offset, prev)
+    BQ = _query_block(Q, INTERPRET.value)
+    keys = torch.empty(Q, n, device=query.device, dtype=torch.int64)
+    partial = torch.empty(triton.cdiv(Q, BQ), 3, n, device=query.device, dtype=torch.float32)
+    qs = query_scale.to(torch.float32).contiguous() if query_scale is not None else query
+    xs = train_scale.to(torch.float32).contiguous() if train_scale is not None else train
+    grid = lambda meta: (triton.cdiv(n, meta["BN"]), triton.cdiv(Q, BQ))  # noqa: E731
+    _score_kernel[grid](
+        query, train, qs, xs, keys, partial,
+        Q, n, D, index_offset,
+        *query.stride(), *train.stride(), *keys.stride(), *partial.stride(),
+        HAS_QS=query_scale is not None, HAS_XS=train_scale is not None, BQ=BQ,
+    )
+    aggregates = torch.stack([partial[:, 0].sum(0), partial[:, 1].sum(0), partial[:, 2].amax(0)])
+    if prev is not None:
+        keys = torch.cat([encode_keys(prev.values.to(torch.float32), prev.indices), keys], dim=1)
+    top = torch.topk(keys, min(k, keys.shape[1]), dim=1, sorted=True).values
+    return decode_keys(top), aggregates
