@@ -1,7 +1,8 @@
 """Triton kernels, installed as ``fastinfluence.triton_kernels``.
 
 Each op lives in a module of the same name as its ``fastinfluence.ops`` function and is
-re-exported here under that name, which is how the backend registry finds it.
+re-exported here under that name, which is how the backend registry finds it. Importing
+this package needs ``triton``; the registry reports a missing one when the backend is asked for.
 """
 from __future__ import annotations
 
@@ -9,12 +10,25 @@ import os
 
 import torch
 
+from .ghost import ghost_dot, ghost_norm
+from .linear_cross_entropy import linear_cross_entropy_backward, linear_cross_entropy_forward
+from .project import project, project_tokens
+from .score_topk import score_topk
+
+__all__ = [
+    "ghost_dot",
+    "ghost_norm",
+    "is_available",
+    "linear_cross_entropy_backward",
+    "linear_cross_entropy_forward",
+    "project",
+    "project_tokens",
+    "score_topk",
+]
+
 
 def is_available(device: torch.device) -> tuple[bool, str]:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False, "triton is not installed (pip install triton)"
+    """Triton runs on CUDA devices, and on the CPU under ``TRITON_INTERPRET=1`` (slow; for tests)."""
     if device.type == "cuda":
         return True, ""
     if os.environ.get("TRITON_INTERPRET") == "1":

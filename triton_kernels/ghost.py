@@ -15,9 +15,9 @@ import triton.language as tl
 
 from fastinfluence.ops.ghost import ghost_dot_reference, ghost_norm_reference
 
-from ._common import KERNEL_DTYPES, autotune, dot, mask_arg, num_programs_target
+from ._common import INTERPRET, KERNEL_DTYPES, autotune, dot, mask_arg, num_programs_target
 
-_TOKEN_QUANTUM = 64
+_TOKEN_QUANTUM = 16 if INTERPRET.value else 64  # the largest BT of the configs
 
 _GPU_CONFIGS = [
     triton.Config({"BT": bt, "BD": bd}, num_warps=w, num_stages=s)
@@ -59,7 +59,10 @@ def _ghost_kernel(
     BT: tl.constexpr, BD: tl.constexpr,
 ):
     i = tl.program_id(0).to(tl.int64)
-    j = i if DIAG else tl.program_id(1).to(tl.int64)
+    if DIAG:
+        j = i
+    else:
+        j = tl.program_id(1).to(tl.int64)
     split = tl.program_id(2)
     t_start = split * tokens_per_split
     t_end = tl.minimum(T1, t_start + tokens_per_split)

@@ -18,10 +18,10 @@ import triton.language as tl
 
 from fastinfluence.ops.project import project_reference, project_tokens_reference
 
-from ._common import KERNEL_DTYPES, autotune, block, mask_arg, dot_f32, num_programs_target, project_rows
+from ._common import INTERPRET, KERNEL_DTYPES, autotune, block, mask_arg, dot_f32, num_programs_target, project_rows
 
 # Token ranges per program are multiples of this (the largest BT of the configs).
-_TOKEN_QUANTUM = 128
+_TOKEN_QUANTUM = 16 if INTERPRET.value else 128
 
 _GPU_CONFIGS = [
     triton.Config({"BT": bt, "BD": bd}, num_warps=w, num_stages=s)

@@ -74,7 +74,7 @@ def _score_kernel(
 
     bits = s.to(tl.int32, bitcast=True)
     ordered = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(tl.int64)
-    low = 4294967295 - (index_offset + rn).to(tl.int64)
+    low = 4294967295 - (rn.to(tl.int64) + index_offset)
     keys = ordered * 4294967296 + low[None, :]
     tl.store(Keys + rq.to(tl.int64)[:, None] * s_kq + rn.to(tl.int64)[None, :] * s_kn, keys, mask=ok)
 
