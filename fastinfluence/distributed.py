@@ -1,0 +1,76 @@
+"""Thin helpers over ``torch.distributed`` (NCCL on GPUs, gloo on CPUs).
+
+Every helper is a no-op for a single process (no process group initialised), so the same
+extraction and scoring code runs alone or under ``torchrun --nproc_per_node=N``.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+import torch.distributed as tdist
+
+
+def is_distributed() -> bool:
+    return tdist.is_available() and tdist.is_initialized() and tdist.get_world_size() > 1
+
+
+def rank_world() -> tuple[int, int]:
+    """(rank, world size); (0, 1) without a process group."""
+    return (tdist.get_rank(), tdist.get_world_size()) if is_distributed() else (0, 1)
+
+
+def init_from_env() -> bool:
+    """Join the process group that ``torchrun`` describes in the environment (WORLD_SIZE > 1).
+
+    Uses NCCL when CUDA is available, gloo otherwise; each rank takes GPU ``LOCAL_RANK``.
+    Returns whether this process is part of a multi-process run.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or tdist.is_initialized():
+        return is_distributed()
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    tdist.init_process_group(backend=backend)
+    return True
+
+
+def comm_device() -> torch.device:
+    """The device collectives run on: the current GPU for NCCL, the CPU for gloo."""
+    if is_distributed() and tdist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def barrier() -> None:
+    if is_distributed():
+        tdist.barrier()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum of ``t`` over the ranks (returned on t's device)."""
+    if not is_distributed():
+        return t
+    buf = t.to(comm_device()).contiguous()
+    tdist.all_reduce(buf)
+    return buf.to(t.device)
+
+
+def all_gather_cat(t: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """Concatenation over the ranks (in rank order) of equally shaped tensors."""
+    if not is_distributed():
+        return t
+    buf = t.to(comm_device()).contiguous()
+    out = [torch.empty_like(buf) for _ in range(tdist.get_world_size())]
+    tdist.all_gather(out, buf)
+    return torch.cat(out, dim=dim).to(t.device)
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """``obj`` of rank ``src`` on every rank."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    tdist.broadcast_object_list(box, src=src)
+    return box[0]

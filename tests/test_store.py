@@ -1,0 +1,203 @@
+"""FeatureStore: layout, resume after SIGKILL, append, integrity checks, refusal of foreign stores."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastinfluence.store import CorruptShardError, FeatureStore, MismatchError, StoreError, write_store
+from test_store_support import LAYERS, TokenTableExtractor, make_batches
+
+HERE = Path(__file__).parent
+
+
+def assert_same_features(store: FeatureStore, ref):
+    got = store.to_features()
+    assert got.ids == ref.ids
+    assert torch.equal(got.data, ref.data)
+    assert torch.equal(got.norms, ref.norms)
+    assert got.layout == ref.layout
+
+
+def test_roundtrip_holds_features_norms_ids_tokens_and_covariances(tmp_path):
+    ext = TokenTableExtractor()
+    batches = make_batches(7, with_ids=True)
+    ref = ext.extract(batches, tokens=True, covariances=True)
+    store = write_store(tmp_path / "s", ext, batches, tokens=True, covariances=True, shard_rows=5)
+    assert_same_features(store, ref)
+    assert len(store.shards) == 4  # whole batches of 3 until >= 5 rows: 6, 6, 6, 3
+    for row in (0, 4, 20):
+        a, g = store.token_factors(row)
+        o = ref.tokens.offsets
+        for n in LAYERS:
+            assert torch.equal(a[n], ref.tokens.a[n][o[row] : o[row + 1]])
+            assert torch.equal(g[n], ref.tokens.g[n][o[row] : o[row + 1]])
+    for n, (A, G, c) in store.stats().items():
+        torch.testing.assert_close(A, ref.stats[n][0], rtol=1e-12, atol=0)
+        torch.testing.assert_close(G, ref.stats[n][1], rtol=1e-12, atol=0)
+        assert c == ref.stats[n][2]
+
+
+def test_batches_without_ids_get_their_stream_positions(tmp_path):
+    store = write_store(tmp_path / "s", TokenTableExtractor(), make_batches(4), shard_rows=4)
+    assert store.ids == list(range(12))
+
+
+def test_chunks_never_cross_shards_and_cover_each_row_once(tmp_path):
+    store = write_store(tmp_path / "s", TokenTableExtractor(), make_batches(9), shard_rows=7)
+    chunks = list(store.iter_chunks(4))
+    rows = [r for c in chunks for r in range(c.offset, c.offset + len(c.data))]
+    assert rows == list(range(27))
+    starts = {s["first"] for s in store.shards}
+    for c in chunks:
+        shard = max(s for s in starts if s <= c.offset)
+        assert c.offset + len(c.data) <= min([s for s in starts if s > shard], default=27)
+    assert torch.equal(store.rows([26, 0, 13]), store.to_features().data[[26, 0, 13]])
+
+
+def test_appending_new_batches_equals_one_extraction(tmp_path):
+    ext = TokenTableExtractor()
+    batches = make_batches(8, with_ids=True)
+    write_store(tmp_path / "s", ext, batches[:5], tokens=True, shard_rows=4)
+    store = write_store(tmp_path / "s", ext, batches, tokens=True, shard_rows=4)
+    assert_same_features(store, ext.extract(batches))
+    assert store.ids == [f"ex{i}" for i in range(24)]
+
+
+def test_extracting_other_batches_into_a_store_is_refused(tmp_path):
+    ext = TokenTableExtractor()
+    write_store(tmp_path / "s", ext, make_batches(3, with_ids=True), shard_rows=4)
+    with pytest.raises(MismatchError, match="ids differ"):
+        write_store(tmp_path / "s", ext, make_batches(3, with_ids=True, seed=1)[::-1], shard_rows=4)
+
+
+@pytest.mark.parametrize(
+    "other, named",
+    [
+        (TokenTableExtractor(vocab=41), "model"),
+        (TokenTableExtractor(layers={"model.layers.0.mlp": (3, 5)}), "layer set"),
+        (TokenTableExtractor(seed=3), "projection config"),
+    ],
+)
+def test_store_from_another_model_layer_set_or_config_is_refused(tmp_path, other, named):
+    ext = TokenTableExtractor()
+    write_store(tmp_path / "s", ext, make_batches(2), shard_rows=4)
+    with pytest.raises(MismatchError, match=named):
+        FeatureStore.open(tmp_path / "s", expect=other.metadata())
+    with pytest.raises(MismatchError, match=named):
+        write_store(tmp_path / "s", other, make_batches(2), shard_rows=4)
+    FeatureStore.open(tmp_path / "s", expect=ext.metadata())
+
+
+def _flip_byte(path: Path, offset_from_end: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[-offset_from_end] ^= 0x5A
+    path.write_bytes(bytes(data))
+
+
+def test_corrupted_shard_is_named_by_verify_and_by_reading(tmp_path):
+    store = write_store(tmp_path / "s", TokenTableExtractor(), make_batches(6), shard_rows=6)
+    victim = tmp_path / "s" / "shards" / store.shards[1]["file"]
+    dtype, shape, begin, end = store._shard(1).spec("features")
+    data = bytearray(victim.read_bytes())
+    data[begin + 7] ^= 0x5A
+    victim.write_bytes(bytes(data))
+    store = FeatureStore.open(tmp_path / "s")
+    with pytest.raises(CorruptShardError, match=victim.name):
+        store.verify()
+    with pytest.raises(CorruptShardError, match=victim.name):
+        list(store.iter_chunks(4))
+
+
+def test_truncated_shard_is_named_by_verify_and_by_reading(tmp_path):
+    store = write_store(tmp_path / "s", TokenTableExtractor(), make_batches(6), shard_rows=6)
+    victim = tmp_path / "s" / "shards" / store.shards[2]["file"]
+    victim.write_bytes(victim.read_bytes()[:-10])
+    store = FeatureStore.open(tmp_path / "s")
+    with pytest.raises(CorruptShardError, match=f"{victim.name} is .*truncated"):
+        store.verify()
+    with pytest.raises(CorruptShardError, match=victim.name):
+        store.rows([13])
+
+
+def test_corrupted_token_file_is_detected_by_verify(tmp_path):
+    store = write_store(tmp_path / "s", TokenTableExtractor(), make_batches(3), tokens=True, shard_rows=100)
+    victim = tmp_path / "s" / "shards" / store.shards[0]["tokens"]["file"]
+    _flip_byte(victim, 3)
+    with pytest.raises(CorruptShardError, match=victim.name):
+        FeatureStore.open(tmp_path / "s").verify()
+
+
+def test_store_reads_from_read_only_files(tmp_path):
+    store = write_store(tmp_path / "s", TokenTableExtractor(), make_batches(4), shard_rows=4)
+    ref = store.to_features()
+    files = [p for p in (tmp_path / "s").rglob("*") if p.is_file()]
+    for p in files:
+        p.chmod(stat.S_IRUSR)
+    try:
+        store = FeatureStore.open(tmp_path / "s")
+        store.verify()
+        assert_same_features(store, ref)
+        assert torch.equal(store.shard_features(0), ref.data[: store.shards[0]["rows"]])
+    finally:
+        for p in files:
+            p.chmod(stat.S_IRUSR | stat.S_IWUSR)
+
+
+def test_incomplete_store_and_missing_store_are_reported(tmp_path):
+    with pytest.raises(StoreError, match="no feature store"):
+        FeatureStore.open(tmp_path / "nothing")
+    store = write_store(tmp_path / "s", TokenTableExtractor(), make_batches(4), shard_rows=3)
+    manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    del manifest["shards"][1]
+    (tmp_path / "s" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(StoreError, match="examples 3..6 are missing"):
+        FeatureStore.open(tmp_path / "s")
+
+
+_WORKER = """
+import sys
+from fastinfluence.store import write_store
+from test_store_support import TokenTableExtractor, make_batches
+ext, batches = TokenTableExtractor(delay=0.02), make_batches(40, with_ids=True)
+print("start", flush=True)
+write_store(sys.argv[1], ext, batches, tokens=True, covariances=True, shard_rows=5)
+"""
+
+
+def test_sigkill_at_random_points_then_resume_equals_uninterrupted_run(tmp_path):
+    path = tmp_path / "s"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]))
+    rng = random.Random(5)
+    kills = 0
+    for kill_after in [rng.uniform(0.05, 0.3) for _ in range(4)] + [None]:
+        proc = subprocess.Popen([sys.executable, "-c", _WORKER, str(path)], stdout=subprocess.PIPE, env=env, text=True)
+        assert proc.stdout.readline().strip() == "start"
+        if kill_after is not None:
+            time.sleep(kill_after)
+            proc.send_signal(signal.SIGKILL)
+        kills += proc.wait() == -signal.SIGKILL
+    assert proc.returncode == 0
+    assert kills >= 3, "the kills must land during extraction"
+    ext = TokenTableExtractor()
+    batches = make_batches(40, with_ids=True)
+    ref = ext.extract(batches, tokens=True, covariances=True)
+    store = FeatureStore.open(path)
+    store.verify()
+    assert_same_features(store, ref)
+    assert len(set(store.ids)) == store.num_rows == 120
+    assert not list(path.rglob("*.tmp-*"))
+    for n, (A, G, c) in store.stats().items():
+        torch.testing.assert_close(A, ref.stats[n][0], rtol=1e-12, atol=0)
+        assert c == ref.stats[n][2]
+    uninterrupted = write_store(tmp_path / "u", ext, batches, tokens=True, covariances=True, shard_rows=5)
+    assert [s["sha256"] for s in uninterrupted.shards] == [s["sha256"] for s in store.shards]
