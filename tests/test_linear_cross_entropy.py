@@ -86,11 +86,11 @@ def test_bfloat16_is_as_accurate_as_materialised_bfloat16(bias):
     naive, naive_grads = loss_and_grads(materialised, *inputs, None)
     assert grads[0].dtype == grads[1].dtype == torch.bfloat16
     # bfloat16 keeps 8 mantissa bits (relative step 2^-8 = 0.4%): the logits and gradients
-    # are rounded once each, so both paths are off by ~1e-2 and the fused one no worse.
-    assert relerr(out, truth) < 2e-2
+    # are rounded once each, so both paths are off by ~3e-3 and the fused one no worse.
+    assert relerr(out, truth) < 5e-3
     assert relerr(out, truth) <= 2 * relerr(naive, truth) + 1e-3
     for g, n, t in zip(grads, naive_grads, truth_grads):
-        assert relerr(g, t) < 3e-2
+        assert relerr(g, t) < 1e-2
         assert relerr(g, t) <= 2 * relerr(n, t) + 1e-3
 
 
