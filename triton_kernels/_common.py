@@ -64,6 +64,18 @@ def num_programs_target(device: torch.device) -> int:
     return 2 * torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def token_splits(T: int, groups: int, device: torch.device, quantum: int) -> tuple[int, int]:
+    """(splits, tokens_per_split) for ``groups`` independent sums over T tokens each.
+
+    Ranges are multiples of ``quantum`` (the largest token block), and groups * splits
+    reaches about ``num_programs_target`` so that a few long examples still fill the GPU.
+    """
+    T = max(T, 1)
+    want = max(1, min(triton.cdiv(num_programs_target(device), max(groups, 1)), triton.cdiv(T, quantum)))
+    per = triton.cdiv(triton.cdiv(T, want), quantum) * quantum
+    return triton.cdiv(T, per), per
+
+
 def autotune(gpu_configs: list[triton.Config], interpret_config: triton.Config, key: list[str]):
     """``triton.autotune`` over ``gpu_configs`` on a GPU; the one small config under the interpreter."""
     return triton.autotune(configs=[interpret_config] if INTERPRET else gpu_configs, key=key)

@@ -15,7 +15,7 @@ import triton.language as tl
 
 from fastinfluence.ops.ghost import ghost_dot_reference, ghost_norm_reference
 
-from ._common import INTERPRET, KERNEL_DTYPES, autotune, dot, mask_arg, num_programs_target
+from ._common import INTERPRET, KERNEL_DTYPES, autotune, dot, mask_arg, token_splits
 
 _TOKEN_QUANTUM = 16 if INTERPRET.value else 64  # the largest BT of the configs
 
@@ -90,12 +90,10 @@ def _launch(A1, G1, mask1, A2, G2, mask2, bias, diag):
     B2, T2 = A2.shape[:2]
     d_out = G1.shape[-1]
     pairs = B1 * (1 if diag else B2)
-    splits = max(1, min(triton.cdiv(num_programs_target(A1.device), max(pairs, 1)), triton.cdiv(T1, _TOKEN_QUANTUM)))
-    tokens_per_split = max(_TOKEN_QUANTUM, triton.cdiv(triton.cdiv(T1, splits), _TOKEN_QUANTUM) * _TOKEN_QUANTUM)
-    splits = max(1, triton.cdiv(T1, tokens_per_split))
-    out = torch.zeros(splits, B1, 1 if diag else B2, device=A1.device, dtype=torch.float32)
+    splits, tokens_per_split = token_splits(T1, pairs, A1.device, _TOKEN_QUANTUM)
     if pairs == 0 or T1 == 0 or T2 == 0:
-        return out.sum(0)
+        return torch.zeros(B1, 1 if diag else B2, device=A1.device, dtype=torch.float32)
+    out = torch.empty(splits, B1, 1 if diag else B2, device=A1.device, dtype=torch.float32)
     m1, (s_m1b, s_m1t) = mask_arg(mask1, A1)
     m2, (s_m2b, s_m2t) = mask_arg(mask2, A2)
     _ghost_kernel[(B1, 1 if diag else B2, splits)](

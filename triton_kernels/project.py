@@ -18,7 +18,7 @@ import triton.language as tl
 
 from fastinfluence.ops.project import project_reference, project_tokens_reference
 
-from ._common import INTERPRET, KERNEL_DTYPES, autotune, block, mask_arg, dot_f32, num_programs_target, project_rows
+from ._common import INTERPRET, KERNEL_DTYPES, autotune, block, mask_arg, dot_f32, project_rows, token_splits
 
 # Token ranges per program are multiples of this (the largest BT of the configs).
 _TOKEN_QUANTUM = 16 if INTERPRET.value else 128
@@ -102,12 +102,10 @@ def project(
     d_out = G.shape[-1]
     k_in, k_out = P_in.shape[1], P_out.shape[1]
     P_in, P_out = P_in.to(A.dtype), P_out.to(G.dtype)
-    splits = max(1, min(triton.cdiv(num_programs_target(A.device), max(B, 1)), triton.cdiv(T, _TOKEN_QUANTUM)))
-    tokens_per_split = triton.cdiv(triton.cdiv(T, splits), _TOKEN_QUANTUM) * _TOKEN_QUANTUM
-    splits = triton.cdiv(T, tokens_per_split) if T > 0 else 1
+    if B == 0 or T == 0:
+        return torch.zeros(B, k_out, k_in, device=A.device, dtype=torch.float32)
+    splits, tokens_per_split = token_splits(T, B, A.device, _TOKEN_QUANTUM)
     partial = torch.empty(splits, B, k_out, k_in, device=A.device, dtype=torch.float32)
-    if T == 0:
-        return partial.zero_()[0]
     m, (s_mb, s_mt) = mask_arg(mask, A)
     _project_kernel[(B, splits)](
         A, G, P_in, P_out, m, partial,

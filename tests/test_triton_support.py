@@ -1,0 +1,82 @@
+"""Shared set-up of the Triton kernel tests (imported by tests/test_triton_*.py).
+
+Without a GPU the kernels run under the Triton interpreter (TRITON_INTERPRET=1, set here
+before triton is imported) on small shapes; with one (``pytest -m gpu``) the same tests
+run compiled on CUDA, where float32 products use TF32. Also holds the tests of this set-up.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+triton = pytest.importorskip("triton")
+
+from fastinfluence import triton_kernels  # noqa: E402
+from fastinfluence.ops import _backend  # noqa: E402
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+DEVICES = [
+    pytest.param("cpu", marks=pytest.mark.skipif(not INTERPRET, reason="CPU tensors need TRITON_INTERPRET=1")),
+    pytest.param("cuda", marks=pytest.mark.gpu),
+]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+# ||out - ref|| / ||ref|| bounds for results accumulated in float32 from inputs of each dtype.
+# float32: exact float32 arithmetic in the interpreter, TF32 products on a GPU (~3e-4, with
+# margin). bfloat16/float16: the kernels multiply in the input dtype, so a float32 operand
+# such as P_in is rounded to 8 (11) mantissa bits first, ~2e-3 (3e-4) relative, twice over.
+TOL = {
+    ("cpu", torch.float32): 1e-5,
+    ("cuda", torch.float32): 3e-3,
+    ("cpu", torch.bfloat16): 1.5e-2,
+    ("cuda", torch.bfloat16): 1.5e-2,
+    ("cpu", torch.float16): 3e-3,
+    ("cuda", torch.float16): 3e-3,
+}
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref|| in float64 (NaN anywhere in ``out`` gives NaN, which fails any bound)."""
+    out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
+    return ((out - ref).norm() / ref.norm()).item()
+
+
+def randn(*shape, dtype=torch.float32, device="cpu", generator=None, scale=1.0):
+    """Fresh normal values (never zeros) made in float32 on the CPU, then cast and moved."""
+    return (torch.randn(*shape, generator=generator) * scale).to(dtype).to(device)
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    """Make ``torch.empty`` return NaN (floats) or -7 (integers) so unwritten outputs show."""
+    empty = torch.empty
+
+    def poisoned_empty(*args, **kwargs):
+        t = empty(*args, **kwargs)
+        return t.fill_(float("nan") if t.dtype.is_floating_point else -7)
+
+    monkeypatch.setattr(torch, "empty", poisoned_empty)
+
+
+@pytest.mark.parametrize(
+    "op",
+    ["project", "project_tokens", "ghost_dot", "ghost_norm", "score_topk",
+     "linear_cross_entropy_forward", "linear_cross_entropy_backward"],
+)
+def test_triton_backend_resolves_every_op_to_its_kernel(op, monkeypatch):
+    if not INTERPRET:
+        pytest.skip("checks the CPU interpreter route")
+    monkeypatch.setattr(_backend, "_selected", "triton")
+    assert _backend.resolve(op, lambda: None, "cpu") is getattr(triton_kernels, op)
+
+
+def test_triton_backend_named_without_interpreter_or_gpu_raises(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(_backend, "_selected", "triton")
+    with pytest.raises(_backend.BackendUnavailableError, match="TRITON_INTERPRET=1"):
+        _backend.resolve("project", lambda: None, "cpu")
