@@ -43,14 +43,14 @@ def tiny_llama(seed: int = 0, **overrides):
         num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=None, eos_token_id=None,
         **overrides,
     )
-    return tf.LlamaForCausalLM(config)
+    return tf.LlamaForCausalLM(config).eval()
 
 
 def tiny_gpt2(seed: int = 0):
     """GPT-2: tied input/output embeddings, Conv1D MLP."""
     torch.manual_seed(seed)
     config = tf.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=None, eos_token_id=None)
-    return tf.GPT2LMHeadModel(config)
+    return tf.GPT2LMHeadModel(config).eval()  # eval: no dropout, so two passes agree
 
 
 def example(prompt: str, answer: str) -> dict:
