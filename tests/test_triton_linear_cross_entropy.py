@@ -1,0 +1,93 @@
+"""Triton linear_cross_entropy_{forward,backward} against F.cross_entropy on materialised logits."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from test_triton_support import DEVICES, poisoned, randn, rel_err  # noqa: F401 (fixture)
+
+from fastinfluence.triton_kernels import linear_cross_entropy_backward, linear_cross_entropy_forward
+
+IGNORE = -100
+# float32: float32 logits both ways. bfloat16: both paths round the logits and dL/dz to
+# bfloat16 (2^-9 relative) before the matmuls; they differ in where the bias is added.
+TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+
+
+def _inputs(device, dtype, N, H, V, bias, seed):
+    g = torch.Generator().manual_seed(seed)
+    hidden = randn(N, H, dtype=dtype, device=device, generator=g)
+    weight = randn(V, H, dtype=dtype, device=device, generator=g, scale=H**-0.5)
+    b = randn(V, dtype=dtype, device=device, generator=g) if bias else None
+    labels = torch.randint(0, V, (N,), generator=g)
+    labels[torch.rand(N, generator=g) < 0.25] = IGNORE
+    grad_loss = torch.randn(N, generator=g)  # signed: gradient ascent and weights of both signs
+    return hidden, weight, b, labels.to(device), grad_loss.to(device)
+
+
+def _materialised(hidden, weight, bias, labels, grad_loss, softcap):
+    """Loss and (grad_hidden, grad_weight, grad_bias) of sum(grad_loss * loss) through autograd."""
+    leaves = [t.detach().clone().requires_grad_() for t in (hidden, weight, bias) if t is not None]
+    logits = leaves[0] @ leaves[1].T
+    if bias is not None:
+        logits = logits + leaves[2]
+    logits = logits.float()
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    loss = F.cross_entropy(logits, labels, ignore_index=IGNORE, reduction="none")
+    (loss * grad_loss).sum().backward()
+    grads = [t.grad for t in leaves]
+    return loss.detach(), grads + [None] * (3 - len(grads))
+
+
+def _fused(hidden, weight, bias, labels, grad_loss, softcap, need_grad_weight=True, chunk_rows=10):
+    loss, lse = linear_cross_entropy_forward(hidden, weight, bias, labels, IGNORE, softcap, chunk_rows=chunk_rows)
+    grads = linear_cross_entropy_backward(
+        hidden, weight, bias, labels, lse, grad_loss, IGNORE, softcap, need_grad_weight, bias is not None,
+        chunk_rows=chunk_rows,
+    )
+    return loss, lse, grads
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias,softcap", [(False, None), (True, None), (False, 3.0), (True, 3.0)])
+def test_loss_and_grads_match_materialised_logits(device, dtype, bias, softcap, poisoned):
+    # N = 37 in chunks of 10 (ragged last chunk); V = 101 spans several vocabulary blocks.
+    inputs = _inputs(device, dtype, N=37, H=24, V=101, bias=bias, seed=1)
+    loss, _, grads = _fused(*inputs, softcap)
+    ref_loss, ref_grads = _materialised(*inputs, softcap)
+    assert loss.dtype == torch.float32 and rel_err(loss, ref_loss) <= TOL[dtype]
+    for got, ref, leaf in zip(grads, ref_grads, inputs[:3]):
+        if leaf is None:
+            assert got is None
+            continue
+        assert got.dtype == leaf.dtype and got.shape == leaf.shape
+        assert rel_err(got, ref) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_lse_is_logsumexp_and_ignored_tokens_get_no_loss_or_gradient(device, poisoned):
+    hidden, weight, bias, labels, grad_loss = _inputs(device, torch.float32, N=23, H=16, V=70, bias=True, seed=2)
+    loss, lse, (grad_hidden, _, _) = _fused(hidden, weight, bias, labels, grad_loss, None)
+    assert rel_err(lse, torch.logsumexp(hidden @ weight.T + bias, dim=1)) <= 1e-6
+    ignored = labels == IGNORE
+    assert bool(ignored.any()) and bool((loss[ignored] == 0).all()) and bool((grad_hidden[ignored] == 0).all())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_weight_gradient_is_skipped_when_not_needed(device, poisoned):
+    inputs = _inputs(device, torch.float32, N=12, H=16, V=40, bias=False, seed=3)
+    _, _, (grad_hidden, grad_weight, grad_bias) = _fused(*inputs, None, need_grad_weight=False)
+    _, (ref_hidden, _, _) = _materialised(*inputs, None)
+    assert grad_weight is None and grad_bias is None
+    assert rel_err(grad_hidden, ref_hidden) <= TOL[torch.float32]
+
+
+@pytest.mark.gpu
+def test_large_vocabulary_default_chunks_on_gpu(poisoned):
+    inputs = _inputs("cuda", torch.bfloat16, N=1000, H=512, V=32003, bias=False, seed=4)
+    loss, _, grads = _fused(*inputs, 30.0, chunk_rows=None)
+    ref_loss, ref_grads = _materialised(*inputs, 30.0)
+    assert rel_err(loss, ref_loss) <= TOL[torch.bfloat16]
+    assert rel_err(grads[0], ref_grads[0]) <= TOL[torch.bfloat16]
+    assert rel_err(grads[1], ref_grads[1]) <= TOL[torch.bfloat16]
