@@ -1,0 +1,143 @@
+// Host twin of the CUDA jl_project kernel: same entries (jl_entries.h), same summation
+// order (fma over the rows of each kJlChunk chunk from +0, then the chunk sums added in
+// order, then one multiply by scale), hence the same float32 bits. Parallel over tiles of
+// (rows of x, columns of R); no tile shares an output, so the thread count does not matter.
+#include <algorithm>
+#include <cmath>
+
+#include "fi_convert.h"
+#include "host_kernels.h"
+#include "jl_entries.h"
+
+// Vector code paths picked at load time (AVX-512, AVX2+FMA, baseline). std::fma keeps
+// one rounding per step in every clone, so all of them give the same bits.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define FI_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define FI_CLONES
+#endif
+
+namespace fi {
+namespace {
+
+constexpr int kCols = 32;   // columns of R per tile
+constexpr int kRows = 32;   // rows of x per tile: R is generated once for all of them
+constexpr int kBlock = 128; // rows of R generated at a time (16 KiB: stays in L1)
+
+// R[dd * kCols + jj] = entry (gd0 + dd, j0 + jj) for dd < n.
+FI_CLONES void fill_entries(uint64_t seed, int kind, uint64_t gd0, int n, int64_t j0, float* R) {
+  const int shift = jl_block_shift(kind);
+  uint32_t words[4][kCols];
+  float gauss[4][kCols];
+  uint64_t current = 0;
+  for (int dd = 0; dd < n; ++dd) {
+    const uint64_t gd = gd0 + static_cast<uint64_t>(dd);
+    const uint64_t block = gd >> shift;
+    if (dd == 0 || block != current) {
+      current = block;
+      for (int jj = 0; jj < kCols; ++jj) {
+        const U32x4 w = jl_words(seed, kind, block, static_cast<uint32_t>(j0 + jj));
+        if (kind == kRademacher) {
+          words[0][jj] = w.x, words[1][jj] = w.y, words[2][jj] = w.z, words[3][jj] = w.w;
+        } else {
+          float g[4];
+          jl_gaussian4(w, g);
+          for (int i = 0; i < 4; ++i) gauss[i][jj] = g[i];
+        }
+      }
+    }
+    float* r = R + dd * kCols;
+    if (kind == kRademacher) {
+      const uint32_t* w = words[(gd >> 5) & 3];
+      const uint32_t bit = gd & 31;
+      for (int jj = 0; jj < kCols; ++jj) r[jj] = ((w[jj] >> bit) & 1u) ? -1.0f : 1.0f;
+    } else {
+      for (int jj = 0; jj < kCols; ++jj) r[jj] = gauss[gd & 3][jj];
+    }
+  }
+}
+
+// acc (RB x kCols) = fma over dd < n of x[rb][dd] * R[dd], in order of dd.
+template <int RB>
+inline void accumulate(const float* x, const float* R, int n, float* acc) {
+  float a[RB][kCols];
+  for (int rb = 0; rb < RB; ++rb)
+    for (int jj = 0; jj < kCols; ++jj) a[rb][jj] = acc[rb * kCols + jj];
+  for (int dd = 0; dd < n; ++dd) {
+    const float* r = R + dd * kCols;
+    for (int rb = 0; rb < RB; ++rb) {
+      const float xv = x[rb * kBlock + dd];
+      for (int jj = 0; jj < kCols; ++jj) a[rb][jj] = std::fma(xv, r[jj], a[rb][jj]);
+    }
+  }
+  for (int rb = 0; rb < RB; ++rb)
+    for (int jj = 0; jj < kCols; ++jj) acc[rb * kCols + jj] = a[rb][jj];
+}
+
+// xb rows are kBlock apart; part rows kCols apart.
+FI_CLONES void accumulate_rows(const float* xb, int nb, const float* R, int n, float* part) {
+  int rb = 0;
+  for (; rb + 2 <= nb; rb += 2) accumulate<2>(xb + rb * kBlock, R, n, part + rb * kCols);
+  if (rb < nb) accumulate<1>(xb + rb * kBlock, R, n, part + rb * kCols);
+}
+
+struct Problem {
+  int64_t B, D, ldx, k;
+  uint64_t seed, offset;
+  int kind;
+  float scale;
+  float* out;
+};
+
+template <typename In>
+void run_tile(const In* x, const Problem& p, int64_t b0, int nb, int64_t j0, int nj) {
+  float R[kBlock * kCols];
+  float xb[kRows * kBlock];
+  float part[kRows * kCols];
+  float total[kRows * kCols];
+  std::fill(total, total + kRows * kCols, 0.0f);
+  for (int64_t c0 = 0; c0 < p.D; c0 += kJlChunk) {
+    const int64_t c1 = std::min(p.D, c0 + kJlChunk);
+    std::fill(part, part + kRows * kCols, 0.0f);
+    for (int64_t d0 = c0; d0 < c1; d0 += kBlock) {
+      const int n = static_cast<int>(std::min<int64_t>(kBlock, c1 - d0));
+      fill_entries(p.seed, p.kind, p.offset + static_cast<uint64_t>(d0), n, j0, R);
+      for (int rb = 0; rb < nb; ++rb) {
+        const In* row = x + (b0 + rb) * p.ldx + d0;
+        for (int dd = 0; dd < n; ++dd) xb[rb * kBlock + dd] = to_float(row[dd]);
+      }
+      accumulate_rows(xb, nb, R, n, part);
+    }
+    for (int i = 0; i < nb * kCols; ++i) total[i] = total[i] + part[i];
+  }
+  for (int rb = 0; rb < nb; ++rb)
+    for (int jj = 0; jj < nj; ++jj)
+      p.out[(b0 + rb) * p.k + j0 + jj] = total[rb * kCols + jj] * p.scale;
+}
+
+template <typename In>
+void run(const In* x, const Problem& p, int num_threads) {
+  const int64_t col_tiles = (p.k + kCols - 1) / kCols;
+  const int64_t row_tiles = (p.B + kRows - 1) / kRows;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads)
+  for (int64_t t = 0; t < col_tiles * row_tiles; ++t) {
+    const int64_t j0 = (t % col_tiles) * kCols, b0 = (t / col_tiles) * kRows;
+    run_tile(x, p, b0, static_cast<int>(std::min<int64_t>(kRows, p.B - b0)), j0,
+             static_cast<int>(std::min<int64_t>(kCols, p.k - j0)));
+  }
+}
+
+}  // namespace
+
+void jl_project_host(const void* x, int dtype, int64_t B, int64_t D, int64_t ldx, float* out,
+                     int64_t k, uint64_t seed, int kind, uint64_t offset, float scale,
+                     int num_threads) {
+  const Problem p{B, D, ldx, k, seed, offset, kind, scale, out};
+  switch (dtype) {
+    case kFloat32: return run(static_cast<const float*>(x), p, num_threads);
+    case kFloat16: return run(static_cast<const Half*>(x), p, num_threads);
+    case kBFloat16: return run(static_cast<const BFloat16*>(x), p, num_threads);
+  }
+}
+
+}  // namespace fi
