@@ -35,7 +35,7 @@ from safetensors.torch import save as safetensors_save
 
 from . import distributed as dist
 from .config import ProjectionConfig
-from .features import Chunk, Features, LayerSlice, TokenFactors
+from .features import Chunk, Features, LayerSlice, TokenFactors, cat_features
 
 FORMAT = "fastinfluence.store"
 VERSION = 1
@@ -126,7 +126,7 @@ def check_same_origin(first: Mapping, second: Mapping, first_name: str, second_n
 # ----------------------------------------------------------------------------- file I/O
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, data: bytes) -> None:
     """Write to a temporary file, fsync, rename: readers see the old file or the whole new one."""
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     with open(tmp, "wb") as f:
@@ -395,6 +395,24 @@ class FeatureStore:
         return Features(data, self.norms.clone(), list(self.ids), self.layout, self.config, self.fingerprint)
 
 
+def iter_chunks(source: "Features | FeatureStore", rows: int, start: int = 0, stop: int | None = None) -> Iterator[Chunk]:
+    """Chunks of rows [start, stop) of a store or of in-memory Features (global row offsets)."""
+    if isinstance(source, FeatureStore):
+        yield from source.iter_chunks(rows, start, stop)
+        return
+    stop = source.num_rows if stop is None else stop
+    if (start, stop) == (0, source.num_rows):
+        yield from source.iter_chunks(rows)
+        return
+    part = replace(source, data=source.data[start:stop], norms=source.norms[start:stop], ids=source.ids[start:stop], tokens=None, stats=None)
+    for c in part.iter_chunks(rows):
+        yield c._replace(offset=c.offset + start)
+
+
+def source_metadata(source: "Features | FeatureStore") -> dict:
+    return source.metadata() if isinstance(source, FeatureStore) else features_metadata(source)
+
+
 # ----------------------------------------------------------------------------- writing
 
 
@@ -419,42 +437,13 @@ def _slice_features(f: Features, a: int, b: int) -> Features:
     return replace(f, data=f.data[a:b], norms=f.norms[a:b], ids=f.ids[a:b], tokens=tokens)
 
 
-def _concat(parts: list[Features]) -> Features:
-    tokens = None
-    if parts[0].tokens is not None:
-        offsets, base = [torch.zeros(1, dtype=torch.int64)], 0
-        for p in parts:
-            offsets.append(p.tokens.offsets[1:].to(torch.int64) + base)
-            base += int(p.tokens.offsets[-1])
-        tokens = TokenFactors(
-            torch.cat(offsets),
-            {n: torch.cat([p.tokens.a[n] for p in parts]) for n in parts[0].tokens.a},
-            {n: torch.cat([p.tokens.g[n] for p in parts]) for n in parts[0].tokens.g},
-        )
-    stats = None
-    if parts[0].stats is not None:
-        stats = {}
-        for n in parts[0].stats:
-            A = sum(p.stats[n][0].double() for p in parts)
-            G = sum(p.stats[n][1].double() for p in parts)
-            stats[n] = (A, G, sum(int(p.stats[n][2]) for p in parts))
-    return replace(
-        parts[0],
-        data=torch.cat([p.data for p in parts]),
-        norms=torch.cat([p.norms for p in parts]).float(),
-        ids=[i for p in parts for i in p.ids],
-        tokens=tokens,
-        stats=stats,
-    )
-
-
 def _save(path: Path, tensors: dict[str, torch.Tensor], entry: dict | None = None) -> dict:
     """Write ``tensors`` atomically; ``entry`` (with the checksums added) goes into the header."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     checksums = {k: _sha256(v) for k, v in tensors.items()}
     metadata = {"entry": json.dumps(dict(entry, sha256=checksums))} if entry is not None else None
     data = safetensors_save(tensors, metadata=metadata)
-    _atomic_write(path, data)
+    atomic_write(path, data)
     return {"file": path.name, "bytes": len(data), "sha256": checksums}
 
 
@@ -618,7 +607,7 @@ def write_store(
     dim = max((sl[1] for sl in meta_now["layout"].values()), default=0)
     meta = meta or {}
     if rank == 0:  # a manifest from the start, so that a killed first run can be checked on resume
-        _atomic_write(root / MANIFEST, json.dumps(_manifest(meta_now, dim, tokens, covariances, meta, _contiguous(done))).encode())
+        atomic_write(root / MANIFEST, json.dumps(_manifest(meta_now, dim, tokens, covariances, meta, _contiguous(done))).encode())
     runs = _runs_for_rank(_pieces(sizes, done), rank, world)
     bar = _progress(sum(p[2] - p[1] for r in runs for p in r), progress and rank == 0)
     for run in runs:
@@ -627,7 +616,7 @@ def write_store(
     dist.barrier()
     if rank == 0:
         manifest = _manifest(meta_now, dim, tokens, covariances, meta, _scan_shards(shard_dir))
-        _atomic_write(root / MANIFEST, json.dumps(manifest).encode())
+        atomic_write(root / MANIFEST, json.dumps(manifest).encode())
     dist.barrier()
     return FeatureStore.open(root)
 
@@ -658,7 +647,7 @@ def _extract_run(root, extractor, stream, sizes, run, tokens, covariances, shard
         pos += len(f)
         bar.update(len(f))
         if pos - shard_first >= shard_rows or pos == stop:
-            _write_shard(root, shard_first, _concat(parts), layers)
+            _write_shard(root, shard_first, cat_features(parts), layers)
             parts, shard_first = [], pos
         if pos >= stop:
             break

@@ -12,7 +12,7 @@ import time
 import torch
 
 from fastinfluence.config import ProjectionConfig
-from fastinfluence.features import Features, LayerSlice, TokenFactors
+from fastinfluence.features import Features, LayerSlice, TokenFactors, cat_features
 
 LAYERS = {"model.layers.0.mlp": (3, 5), "model.layers.1.attn": (4, 2)}
 
@@ -33,7 +33,7 @@ class TokenTableExtractor:
     def metadata(self):
         return {"config": self.config.to_dict(), "fingerprint": self.fingerprint, "layout": self.layout, "dtype": self.config.dtype}
 
-    def _batch(self, batch, tokens, covariances):
+    def _batch(self, batch, ids, tokens, covariances):
         ids_t, mask = batch["input_ids"], batch["attention_mask"].bool()
         rows, offsets, a_tok, g_tok, stats = [], [0], {n: [] for n in self.layout}, {n: [] for n in self.layout}, {}
         for b in range(len(ids_t)):
@@ -54,18 +54,21 @@ class TokenTableExtractor:
         if tokens:
             tf = TokenFactors(torch.tensor(offsets), {n: torch.cat(v).float() for n, v in a_tok.items()}, {n: torch.cat(v).float() for n, v in g_tok.items()})
         return Features(
-            data.to(self.config.torch_dtype), data.norm(dim=1).float(), list(batch["ids"]), dict(self.layout),
+            data.to(self.config.torch_dtype), data.norm(dim=1).float(), ids, dict(self.layout),
             self.config, self.fingerprint, tf, stats if covariances else None,
         )
 
     def iter_features(self, batches, skip_examples=0, tokens=False, covariances=False):
+        seen = 0
         for batch in batches:
             n = len(batch["input_ids"])
+            ids = list(batch["ids"]) if "ids" in batch else list(range(seen, seen + n))
+            seen += n
             if skip_examples >= n:
                 skip_examples -= n
                 continue
             time.sleep(self.delay)
-            f = self._batch(batch, tokens, covariances)
+            f = self._batch(batch, ids, tokens, covariances)
             if skip_examples:
                 from fastinfluence.store import _slice_features
 
@@ -74,9 +77,7 @@ class TokenTableExtractor:
             yield f
 
     def extract(self, batches, tokens=False, covariances=False):
-        from fastinfluence.store import _concat
-
-        return _concat(list(self.iter_features(batches, tokens=tokens, covariances=covariances)))
+        return cat_features(list(self.iter_features(batches, tokens=tokens, covariances=covariances)))
 
 
 def make_batches(num_batches, batch_size=3, seq=6, vocab=40, seed=0, with_ids=False):

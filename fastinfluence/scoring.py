@@ -1,0 +1,342 @@
+"""Influence scores of query examples against train examples, streamed in bounded chunks.
+
+For query q and train row i (features phi, layer blocks phi_l):
+
+    dot:     s(q, i) = sum_l <H^-1 phi_q, phi_i>_l
+    cosine:  s(q, i) = <H^-1 phi_q, phi_i> / (||H^-1 phi_q|| ||phi_i||)
+
+with H the preconditioner (``precondition.py``, identity by default). With
+``layer_normalize=True`` each layer block of both sides is scaled to unit norm first
+(RapidIn's layer-wise normalisation). The train side is read chunk by chunk (from a
+FeatureStore or in-memory Features through the same interface), so peak memory depends
+on ``chunk_rows`` and the number of queries, not on the number of train rows; each chunk
+goes through ``ops.score_topk``, which keeps the running top-k and the per-train aggregates.
+Under ``torch.distributed`` the ranks split the train rows and the top-k is gathered.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from . import distributed as dist
+from .features import Features, LayerSlice
+from .ops import TopK, merge_topk, score_topk
+from .precondition import KINDS, Preconditioner, load_or_fit
+from .store import FeatureStore, check_same_origin, iter_chunks, source_metadata
+
+AGGREGATES = ("mean", "max", "sum", "sumsq")
+METRICS = ("dot", "cosine")
+
+
+@dataclass
+class ScoreResult:
+    """Scores of Q queries against N train rows.
+
+    Attributes:
+        topk_values: (Q, k) float32, best first; k = min(topk, N).
+        topk_indices: (Q, k) int64 train rows (ties go to the lower row).
+        topk_ids: Q lists of k train example ids.
+        aggregates: name -> (N,) float32 over the queries (``mean``, ``max``, ``sum``, ``sumsq``).
+        query_ids, train_ids: example ids of both sides.
+        layer_scores: layer -> (Q, k) float32 score of each top-k pair restricted to that
+            layer (they sum to ``topk_values``), when asked with ``per_layer=True``.
+        matrix: (Q, N) float32 memory-mapped full score matrix, when asked with ``matrix_path``.
+    """
+
+    topk_values: torch.Tensor
+    topk_indices: torch.Tensor
+    topk_ids: list[list]
+    aggregates: dict[str, torch.Tensor]
+    query_ids: list
+    train_ids: list
+    metric: str
+    precondition: str
+    layer_scores: dict[str, torch.Tensor] | None = None
+    matrix: np.memmap | None = field(default=None, repr=False)
+
+
+# ----------------------------------------------------------------------------- scaling
+
+
+def _layer_norms(x: torch.Tensor, layout: dict[str, LayerSlice]) -> torch.Tensor:
+    """(n, L) norms of each layer block of x (n, D)."""
+    return torch.stack([x[:, sl.start : sl.stop].norm(dim=1) for sl in layout.values()], dim=1)
+
+
+def _inverse(x: torch.Tensor) -> torch.Tensor:
+    """1/x, with 0 where x is 0 (an all-zero row scores 0, not NaN)."""
+    return torch.where(x > 0, 1.0 / x.clamp_min(torch.finfo(x.dtype).tiny), 0.0)
+
+
+def _normalize_layers(x: torch.Tensor, layout: dict[str, LayerSlice]) -> torch.Tensor:
+    inv = _inverse(_layer_norms(x, layout))
+    out = x.clone()
+    for j, sl in enumerate(layout.values()):
+        out[:, sl.start : sl.stop] *= inv[:, j : j + 1]
+    return out
+
+
+@dataclass
+class _Scoring:
+    """What turns raw features into the vectors and scales that ``score_topk`` takes."""
+
+    layout: dict[str, LayerSlice]
+    metric: str
+    layer_normalize: bool
+    dtype: torch.dtype
+
+    def query(self, phi: torch.Tensor, pre: Preconditioner | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        q = pre.apply(phi) if pre is not None else phi.to(torch.float64)
+        if self.layer_normalize:
+            q = _normalize_layers(q, self.layout)
+        scale = _inverse(q.norm(dim=1)).to(self.dtype) if self.metric == "cosine" else None
+        return q.to(self.dtype), scale
+
+    def train(self, x: torch.Tensor, norms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.layer_normalize:
+            x = _normalize_layers(x.to(self.dtype), self.layout)
+            norms = x.norm(dim=1)
+        return x, (_inverse(norms.to(self.dtype)) if self.metric == "cosine" else None)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _check_pair(query, train) -> None:
+    def relaxed(src):
+        m = source_metadata(src)
+        if m["config"]:
+            m["config"] = {k: v for k, v in m["config"].items() if k != "dtype"}
+        return dict(m, dtype=None)
+
+    check_same_origin(relaxed(query), relaxed(train), "the query features", "the train features")
+
+
+def _query_features(query) -> Features:
+    if isinstance(query, FeatureStore):
+        return query.to_features()
+    if isinstance(query, Features):
+        return query
+    raise TypeError(f"query must be Features or a FeatureStore, got {type(query).__name__}")
+
+
+def _preconditioner(precondition, train, damping, chunk_rows) -> Preconditioner | None:
+    if precondition is None or precondition == "identity":
+        return None
+    if isinstance(precondition, Preconditioner):
+        return precondition
+    if precondition not in KINDS:
+        raise ValueError(f"precondition must be None, a Preconditioner or one of {', '.join(KINDS)}; got {precondition!r}")
+    return load_or_fit(train, precondition, damping=damping, chunk_rows=chunk_rows)
+
+
+def _rank_rows(train) -> tuple[int, int]:
+    """This rank's train rows [start, stop): whole shards for a store (so shards are checked whole)."""
+    rank, world = dist.rank_world()
+    n = len(train)
+    if world == 1:
+        return 0, n
+    bounds = [s["first"] for s in train.shards] + [n] if isinstance(train, FeatureStore) else list(range(n + 1))
+
+    def cut(r):
+        return min(bounds, key=lambda b: (abs(b * world - r * n), b))
+
+    return cut(rank), cut(rank + 1)
+
+
+def _gather_topk(top: TopK | None, Q: int, k: int, n: int) -> TopK:
+    """Merge the ranks' top-k; a rank with fewer than k rows pads with -inf entries that sort last."""
+    vals = torch.full((Q, k), float("-inf"))
+    idx = torch.full((Q, k), torch.iinfo(torch.int64).max, dtype=torch.int64)
+    if top is not None:
+        vals[:, : top.values.shape[1]] = top.values.float()
+        idx[:, : top.indices.shape[1]] = top.indices
+    if dist.is_distributed():
+        return merge_topk(dist.all_gather_cat(vals, dim=1), dist.all_gather_cat(idx, dim=1), min(k, n))
+    return TopK(vals[:, : min(k, n)], idx[:, : min(k, n)])
+
+
+def _open_matrix(path: Path, Q: int, N: int) -> np.memmap:
+    rank, _ = dist.rank_world()
+    if rank == 0:
+        np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(Q, N)).flush()
+    dist.barrier()
+    return np.lib.format.open_memmap(path, mode="r+")
+
+
+# ----------------------------------------------------------------------------- API
+
+
+def score(
+    query: Features | FeatureStore,
+    train: Features | FeatureStore,
+    metric: str = "dot",
+    precondition: str | Preconditioner | None = None,
+    topk: int = 10,
+    layer_normalize: bool = False,
+    aggregates: Sequence[str] = ("mean", "max", "sumsq"),
+    per_layer: bool = False,
+    matrix_path: str | Path | None = None,
+    chunk_rows: int = 8192,
+    damping: float | None = None,
+    progress: bool = False,
+) -> ScoreResult:
+    """Score every query against every train row, streaming the train rows.
+
+    Args:
+        query: Q examples (Features or a small FeatureStore, loaded whole).
+        train: N examples (Features or FeatureStore, streamed ``chunk_rows`` at a time).
+        metric: ``dot`` or ``cosine`` (see module docstring).
+        precondition: None/``identity``, ``diagonal``, ``kfac``, ``ekfac``, ``full``, or a
+            fitted Preconditioner; kinds are fitted on ``train`` (cached beside a store).
+        topk: entries kept per query.
+        aggregates: which of ``mean``, ``max``, ``sum``, ``sumsq`` over the queries to return per train row.
+        per_layer: also return each layer's share of the top-k scores.
+        matrix_path: write the full (Q, N) float32 matrix there (``.npy``, memory-mapped).
+        damping: absolute damping for the preconditioner (default 0.1 x mean eigenvalue).
+    """
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    unknown = set(aggregates) - set(AGGREGATES)
+    if unknown:
+        raise ValueError(f"unknown aggregates {sorted(unknown)}; choose from {AGGREGATES}")
+    if topk < 1 or chunk_rows < 1:
+        raise ValueError(f"topk and chunk_rows must be >= 1, got topk={topk}, chunk_rows={chunk_rows}")
+    _check_pair(query, train)
+    qf = _query_features(query)
+    layout = dict(train.layout)
+    dtype = torch.float64 if torch.float64 in (qf.data.dtype, train.dtype if isinstance(train, FeatureStore) else train.data.dtype) else torch.float32
+    pre = _preconditioner(precondition, train, damping, chunk_rows)
+    scoring = _Scoring(layout, metric, layer_normalize, dtype)
+    q, q_scale = scoring.query(qf.data, pre)
+    N, Q = len(train), len(qf)
+    start, stop = _rank_rows(train)
+    matrix = _open_matrix(Path(matrix_path), Q, N) if matrix_path is not None else None
+    agg = torch.zeros(3, N, dtype=torch.float32)
+    top = None
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=stop - start, unit="row", desc="score", disable=not (progress and dist.rank_world()[0] == 0))
+    for c in iter_chunks(train, chunk_rows, start, stop):
+        x, t_scale = scoring.train(c.data, c.norms)
+        top, a = score_topk(q, x, topk, q_scale, t_scale, c.offset, top)
+        agg[:, c.offset : c.offset + len(x)] = a.float()
+        if matrix is not None:
+            S = q @ x.to(dtype).T
+            S = S * (q_scale[:, None] if q_scale is not None else 1) * (t_scale[None, :] if t_scale is not None else 1)
+            matrix[:, c.offset : c.offset + len(x)] = S.float().numpy()
+        bar.update(len(x))
+    bar.close()
+    if matrix is not None:
+        matrix.flush()
+        dist.barrier()
+    agg = dist.all_reduce_sum(agg)
+    top = _gather_topk(top, Q, topk, N)
+    named = {"sum": agg[0], "sumsq": agg[1], "max": agg[2], "mean": agg[0] / max(Q, 1)}
+    train_ids = list(train.ids)
+    result = ScoreResult(
+        topk_values=top.values.float(),
+        topk_indices=top.indices,
+        topk_ids=[[train_ids[i] for i in row] for row in top.indices.tolist()],
+        aggregates={k: named[k] for k in aggregates},
+        query_ids=list(qf.ids),
+        train_ids=train_ids,
+        metric=metric,
+        precondition=pre.kind if pre is not None else "identity",
+        matrix=matrix,
+    )
+    if per_layer:
+        result.layer_scores = _layer_scores(scoring, q, q_scale, train, top.indices)
+    return result
+
+
+def _train_rows(train, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    if isinstance(train, FeatureStore):
+        return train.rows(indices), train.norms[indices]
+    return train.data[indices], train.norms[indices]
+
+
+def _layer_scores(scoring: _Scoring, q, q_scale, train, indices: torch.Tensor) -> dict[str, torch.Tensor]:
+    """layer -> (Q, k) share of each top-k score; the shares sum to the score."""
+    Q, k = indices.shape
+    x, norms = _train_rows(train, indices.reshape(-1).tolist())
+    x, t_scale = scoring.train(x.to(scoring.dtype), norms)
+    x = x.to(scoring.dtype).reshape(Q, k, -1)
+    scale = torch.ones(Q, k, dtype=scoring.dtype)
+    if q_scale is not None:
+        scale = scale * q_scale[:, None] * t_scale.reshape(Q, k)
+    return {
+        name: (torch.einsum("qd,qkd->qk", q[:, sl.start : sl.stop], x[:, :, sl.start : sl.stop]) * scale).float()
+        for name, sl in scoring.layout.items()
+    }
+
+
+def self_influence(
+    train: Features | FeatureStore,
+    precondition: str | Preconditioner | None = None,
+    damping: float | None = None,
+    chunk_rows: int = 8192,
+) -> torch.Tensor:
+    """(N,) float32 self-influence <H^-1 phi_i, phi_i> of every train row, streamed."""
+    pre = _preconditioner(precondition, train, damping, chunk_rows)
+    out = torch.empty(len(train), dtype=torch.float32)
+    for c in iter_chunks(train, chunk_rows):
+        x = c.data.to(torch.float64)
+        hx = pre.apply(x) if pre is not None else x
+        out[c.offset : c.offset + len(x)] = (hx * x).sum(1).float()
+    return out
+
+
+def token_scores(
+    query: Features | FeatureStore,
+    train: Features | FeatureStore,
+    rows: Sequence[int],
+    metric: str = "dot",
+    precondition: str | Preconditioner | None = None,
+    layer_normalize: bool = False,
+    damping: float | None = None,
+) -> list[torch.Tensor]:
+    """Per-token scores of chosen train examples: one (Q, T_i) float32 tensor per row.
+
+    s_it = sum_l c_l g~_it^T (H^-1 Phi_q)_l a~_it from the stored token factors, with the
+    same scaling c_l as ``score``, so that s_i.sum(1) equals ``score``'s value for (q, i).
+    """
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    _check_pair(query, train)
+    qf = _query_features(query)
+    layout = dict(train.layout)
+    if "flat" in layout:
+        raise ValueError("per-token scores need factorized features (ProjectionConfig.mode='factorized'), not flat ones")
+    scoring = _Scoring(layout, metric, layer_normalize, torch.float64)
+    q, q_scale = scoring.query(qf.data, _preconditioner(precondition, train, damping, 8192))
+    rows = [int(r) for r in rows]
+    x, norms = _train_rows(train, rows)
+    x = x.to(torch.float64)
+    _, t_scale = scoring.train(x, norms)
+    layer_w = _inverse(_layer_norms(x, layout)) if layer_normalize else torch.ones(len(rows), len(layout), dtype=torch.float64)
+    out = []
+    for j, row in enumerate(rows):
+        a, g = _token_factors(train, row)
+        s = 0
+        for l, (name, sl) in enumerate(layout.items()):
+            Phi = q[:, sl.start : sl.stop].reshape(-1, *sl.shape)
+            s = s + layer_w[j, l] * torch.einsum("to,qoi,ti->qt", g[name].double(), Phi, a[name].double())
+        if q_scale is not None:
+            s = s * q_scale[:, None] * t_scale[j]
+        out.append(s.float())
+    return out
+
+
+def _token_factors(train, row: int):
+    if isinstance(train, FeatureStore):
+        return train.token_factors(row)
+    if train.tokens is None:
+        raise ValueError("these train Features have no per-token factors: extract them with tokens=True")
+    o = train.tokens.offsets
+    span = slice(int(o[row]), int(o[row + 1]))
+    return {n: t[span] for n, t in train.tokens.a.items()}, {n: t[span] for n, t in train.tokens.g.items()}
