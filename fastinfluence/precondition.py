@@ -144,7 +144,8 @@ def fit(train: Features | FeatureStore, kind: str, chunk_rows: int = 8192, dampi
 
             for name, s in _second_moments(train, layout, chunk_rows, rotated_sq).items():
                 stats[f"{name}.s"] = s
-    return Preconditioner(kind, layout, stats, damping, damping_ratio)
+    # contiguous (eigh returns column-major bases) so a reloaded copy computes the same bits
+    return Preconditioner(kind, layout, {k: v.contiguous() for k, v in stats.items()}, damping, damping_ratio)
 
 
 def _fingerprint(store: FeatureStore) -> str:
