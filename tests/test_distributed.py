@@ -49,7 +49,7 @@ def test_two_gloo_processes_give_the_same_store_and_topk_as_one(tmp_path):
     for n, (A, G, c) in one.stats().items():
         torch.testing.assert_close(two.stats()[n][0], A, rtol=1e-12, atol=0)
         assert two.stats()[n][2] == c
-    for row in (0, 32):
+    for row in (0, 29):
         assert all(torch.equal(x, y) for x, y in zip(one.token_factors(row)[0].values(), two.token_factors(row)[0].values()))
 
     query = ext.extract(make_batches(1, batch_size=5, seed=3))
