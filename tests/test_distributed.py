@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from fastinfluence.scoring import score
@@ -56,10 +57,9 @@ def test_two_gloo_processes_give_the_same_store_and_topk_as_one(tmp_path):
     ref = score(query, one, metric="cosine", topk=6, chunk_rows=5, aggregates=("mean", "max", "sumsq"), matrix_path=tmp_path / "one.npy")
     got = torch.load(tmp_path / "res.pt")
     assert torch.equal(got["indices"], ref.topk_indices)
-    assert torch.equal(got["values"], ref.topk_values)
     assert got["ids"] == ref.topk_ids
+    # the ranks' chunks have other shapes than one process's, so float32 sums may differ in the last bit
+    torch.testing.assert_close(got["values"], ref.topk_values, rtol=1e-6, atol=1e-7)
     for k, v in ref.aggregates.items():
-        assert torch.equal(got["agg"][k], v), k
-    import numpy as np
-
-    assert np.array_equal(np.load(tmp_path / "res.pt.npy"), np.load(tmp_path / "one.npy"))
+        torch.testing.assert_close(got["agg"][k], v, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(torch.from_numpy(np.load(tmp_path / "res.pt.npy")), torch.from_numpy(np.load(tmp_path / "one.npy")), rtol=1e-6, atol=1e-7)
