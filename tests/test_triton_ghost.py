@@ -68,3 +68,10 @@ def test_ghost_dot_llama_widths_on_gpu(poisoned):
     A2, G2, m2 = _factors("cuda", torch.bfloat16, B=5, T=200, d_in=4096, d_out=1024, seed=7)
     ref = ghost_dot_reference(*_double(A1, G1, A2, G2), m1, m2)
     assert rel_err(ghost_dot(A1, G1, A2, G2, m1, m2), ref) <= GHOST_TOL["cuda", torch.bfloat16]
+
+
+def test_float64_and_mixed_dtypes_run_on_the_reference():
+    A, G, mask = _factors("cpu", torch.float64, B=2, T=5, d_in=6, d_out=4, seed=8)
+    assert torch.equal(ghost_norm(A, G, mask), ghost_norm_reference(A, G, mask))
+    ref = ghost_dot_reference(A.float(), G.float(), A, G, mask, mask)
+    assert torch.equal(ghost_dot(A.float(), G.float(), A, G, mask, mask), ref)

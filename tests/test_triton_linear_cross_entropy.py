@@ -30,7 +30,7 @@ def _materialised(hidden, weight, bias, labels, grad_loss, softcap):
     logits = leaves[0] @ leaves[1].T
     if bias is not None:
         logits = logits + leaves[2]
-    logits = logits.float()
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     if softcap is not None:
         logits = softcap * torch.tanh(logits / softcap)
     loss = F.cross_entropy(logits, labels, ignore_index=IGNORE, reduction="none")
@@ -91,3 +91,11 @@ def test_large_vocabulary_default_chunks_on_gpu(poisoned):
     assert rel_err(loss, ref_loss) <= TOL[torch.bfloat16]
     assert rel_err(grads[0], ref_grads[0]) <= TOL[torch.bfloat16]
     assert rel_err(grads[1], ref_grads[1]) <= TOL[torch.bfloat16]
+
+
+def test_float64_runs_on_the_torch_path():
+    inputs = _inputs("cpu", torch.float64, N=9, H=8, V=20, bias=True, seed=5)
+    loss, _, grads = _fused(*inputs, 2.0)
+    ref_loss, ref_grads = _materialised(*inputs, 2.0)
+    assert loss.dtype == torch.float64 and rel_err(loss, ref_loss) <= 1e-12
+    assert all(rel_err(g, r) <= 1e-12 for g, r in zip(grads, ref_grads))

@@ -73,3 +73,10 @@ def test_project_llama_layer_shapes_on_gpu(dtype, poisoned):
     A, G, P_in, P_out, mask = _inputs("cuda", dtype, B=2, T=1000, d_in=4096, d_out=14336, k_in=64, k_out=64, bias=False)
     ref = _reference(project_reference, A, G, P_in, P_out, mask)
     assert rel_err(project(A, G, P_in, P_out, mask), ref) <= TOL["cuda", dtype]
+
+
+def test_identity_projection_and_float64_run_on_the_reference():
+    A, G, P_in, P_out, mask = _inputs("cpu", torch.float64, B=2, T=5, d_in=6, d_out=4, k_in=3, k_out=2, bias=True)
+    assert torch.equal(project(A, G, P_in, None, mask), project_reference(A, G, P_in, None, mask))
+    assert torch.equal(project(A, G, P_in, P_out, mask), project_reference(A, G, P_in, P_out, mask))
+    assert project(A.float(), G.float(), None, P_out, mask).shape == (2, 2, 6)

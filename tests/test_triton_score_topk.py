@@ -93,3 +93,10 @@ def test_store_sized_chunk_on_gpu(Q, poisoned):
     _check_topk(top, ref_top, scores, TOL["cuda", torch.bfloat16], offset=7)
     for row in range(3):
         assert rel_err(agg[row], ref_agg[row]) <= TOL["cuda", torch.bfloat16]
+
+
+def test_mixed_dtypes_run_on_the_reference():
+    query, train = torch.randn(3, 8, dtype=torch.float64), torch.randn(9, 8)
+    top, agg = score_topk(query, train, 4)
+    ref_top, ref_agg = score_topk_reference(query, train, 4)
+    assert torch.equal(top.indices, ref_top.indices) and torch.equal(agg, ref_agg)

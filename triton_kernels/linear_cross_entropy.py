@@ -20,7 +20,10 @@ import torch
 import triton
 import triton.language as tl
 
-from fastinfluence.ops import linear_cross_entropy as lce_torch
+from fastinfluence.ops.linear_cross_entropy import (
+    linear_cross_entropy_backward as torch_backward,
+    linear_cross_entropy_forward as torch_forward,
+)
 
 from ._common import INTERPRET, KERNEL_DTYPES
 
@@ -107,7 +110,7 @@ def linear_cross_entropy_forward(hidden, weight, bias, labels, ignore_index, sof
     ``chunk_rows`` overrides the tokens per chunk (default: a 512 MiB logits block).
     """
     if hidden.dtype not in KERNEL_DTYPES:
-        return lce_torch.linear_cross_entropy_forward(hidden, weight, bias, labels, ignore_index, softcap)
+        return torch_forward(hidden, weight, bias, labels, ignore_index, softcap)
     n = hidden.shape[0]
     loss = torch.empty(n, device=hidden.device, dtype=torch.float32)
     lse = torch.empty(n, device=hidden.device, dtype=torch.float32)
@@ -131,7 +134,7 @@ def linear_cross_entropy_backward(
     Gradients of sum_n grad_loss_n * loss_n for any signed float32 ``grad_loss`` (N,).
     """
     if hidden.dtype not in KERNEL_DTYPES:
-        return lce_torch.linear_cross_entropy_backward(
+        return torch_backward(
             hidden, weight, bias, labels, lse, grad_loss, ignore_index, softcap, need_grad_weight, need_grad_bias
         )
     n = hidden.shape[0]

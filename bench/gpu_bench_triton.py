@@ -1,0 +1,214 @@
+"""Times every Triton kernel at real-model sizes against the torch paths and its floor.
+
+Each row: median milliseconds (``do_bench``), the floor (bytes over the measured copy
+bandwidth, or FLOPs over the measured bf16 matmul rate, whichever is larger) and the
+percentage of the floor reached. Goals (measured, not asserted):
+
+* project at Llama-3-8B MLP shapes, T=2048, k=64: >= 80% of copy bandwidth on A and G;
+* score_topk: >= 80% of copy bandwidth for Q <= 64, >= 60% of the bf16 rate for Q >= 1024;
+* linear_cross_entropy at V=128256, H=4096, N=8192: <= 1/8 of the materialised path's
+  peak memory and <= 1.1x its time.
+
+Usage: python bench/gpu_bench_triton.py --out DIR [--quick]   (--quick: tiny shapes; runs
+on the CPU under TRITON_INTERPRET=1 to check the script itself).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+import time
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch.nn.functional as F  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import gpu_floors  # noqa: E402
+
+from fastinfluence import triton_kernels as tk  # noqa: E402
+from fastinfluence.ops.linear_cross_entropy import (
+    linear_cross_entropy_backward as torch_backward,
+    linear_cross_entropy_forward as torch_forward,
+)  # noqa: E402
+from fastinfluence.ops.ghost import ghost_dot_reference, ghost_norm_reference  # noqa: E402
+from fastinfluence.ops.project import project_reference  # noqa: E402
+from fastinfluence.ops.score_topk import score_topk_reference  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+BF16 = torch.bfloat16
+
+
+def timed_ms(fn) -> float:
+    if CUDA:
+        return gpu_floors.median_ms(fn)
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1e3
+
+
+def peak_bytes(fn) -> int:
+    """Device memory ``fn`` allocates at its peak beyond what was allocated before it."""
+    if not CUDA:
+        return 0
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
+def row(kernel, shape, provider, ms, floor_ms=None, goal=None, **extra) -> dict:
+    r = {"kernel": kernel, "shape": shape, "provider": provider, "ms": round(ms, 4)}
+    if floor_ms is not None:
+        r["floor_ms"] = round(floor_ms, 4)
+        r["pct_of_floor"] = round(100 * floor_ms / ms, 1)
+    if goal is not None:
+        r["goal"] = goal
+    r.update(extra)
+    print(r, flush=True)
+    return r
+
+
+def floor_ms(floors, nbytes=0, flops=0) -> float:
+    return 1e3 * max(nbytes / floors["copy_bytes_per_s"], flops / floors["bf16_flop_per_s"])
+
+
+def rand(*shape, dtype=BF16, scale=1.0):
+    return (torch.randn(*shape, device=DEVICE) * scale).to(dtype)
+
+
+def best_config(module: str, kernel: str) -> str:
+    """The autotuned config of ``fastinfluence.triton_kernels.<module>.<kernel>`` (empty if untuned)."""
+    return str(getattr(getattr(importlib.import_module(f"fastinfluence.triton_kernels.{module}"), kernel), "best_config", ""))
+
+
+def bench_project(floors, quick):
+    rows = []
+    B, T, k = (2, 40, 16) if quick else (4, 2048, 64)
+    widths = [(48, 80)] if quick else [(4096, 14336), (14336, 4096), (4096, 4096)]
+    for d_in, d_out in widths:
+        A, G = rand(B, T, d_in), rand(B, T, d_out)
+        P_in, P_out = rand(d_in, k, dtype=torch.float32, scale=k**-0.5), rand(d_out, k, dtype=torch.float32, scale=k**-0.5)
+        shape = f"B={B} T={T} d_in={d_in} d_out={d_out} k={k} bf16"
+        floor = floor_ms(floors, nbytes=A.nbytes + G.nbytes)
+        P_in16, P_out16 = P_in.to(BF16), P_out.to(BF16)
+        ms = timed_ms(lambda: tk.project(A, G, P_in, P_out))
+        rows.append(row("project", shape, "triton", ms, floor, ">= 80% of copy bandwidth", config=best_config("project", "_project_kernel")))
+        rows.append(row("project", shape, "torch bf16 matmuls", timed_ms(
+            lambda: (G @ P_out16).float().transpose(1, 2) @ (A @ P_in16).float()), floor))
+        rows.append(row("project", shape, "torch reference (fp32)", timed_ms(lambda: project_reference(A, G, P_in, P_out)), floor))
+        out_bytes = B * T * 2 * k * 2
+        ms = timed_ms(lambda: tk.project_tokens(A, G, P_in, P_out, None, BF16))
+        rows.append(row("project_tokens", shape + " -> bf16", "triton", ms, floor_ms(floors, nbytes=A.nbytes + G.nbytes + out_bytes)))
+        del A, G
+    return rows
+
+
+def bench_ghost(floors, quick):
+    rows = []
+    B, T, d = (2, 20, 40) if quick else (8, 256, 4096)
+    A1, G1, A2, G2 = rand(B, T, d), rand(B, T, d), rand(B, T, d), rand(B, T, d)
+    shape = f"B1=B2={B} T={T} d_in=d_out={d} bf16"
+    floor = floor_ms(floors, nbytes=2 * (A1.nbytes + G1.nbytes), flops=2 * B * B * T * T * 2 * d)
+    rows.append(row("ghost_dot", shape, "triton", timed_ms(lambda: tk.ghost_dot(A1, G1, A2, G2)), floor))
+    rows.append(row("ghost_dot", shape, "torch reference", timed_ms(lambda: ghost_dot_reference(A1, G1, A2, G2)), floor))
+    floor = floor_ms(floors, nbytes=A1.nbytes + G1.nbytes, flops=2 * B * T * T * 2 * d)
+    rows.append(row("ghost_norm", shape, "triton", timed_ms(lambda: tk.ghost_norm(A1, G1)), floor))
+    rows.append(row("ghost_norm", shape, "torch reference", timed_ms(lambda: ghost_norm_reference(A1, G1)), floor))
+    return rows
+
+
+def bench_score_topk(floors, quick):
+    rows = []
+    n, D, k = (40, 48, 8) if quick else (32768, 4096, 100)
+    train = rand(n, D)
+    train_scale = 1 / train.float().norm(dim=1)
+    for Q in [16, 64] if quick else [16, 64, 1024, 2048]:
+        query = rand(Q, D)
+        query_scale = 1 / query.float().norm(dim=1)
+        shape = f"Q={Q} n={n} D={D} k={k} bf16 cosine"
+        floor = floor_ms(floors, nbytes=train.nbytes + query.nbytes, flops=2 * Q * n * D)
+        goal = ">= 80% of copy bandwidth" if Q <= 64 else ">= 60% of bf16 matmul rate"
+        ms = timed_ms(lambda: tk.score_topk(query, train, k, query_scale, train_scale))
+        rows.append(row("score_topk", shape, "triton", ms, floor, goal, config=best_config("score_topk", "_score_kernel")))
+        rows.append(row("score_topk", shape, "torch reference", timed_ms(
+            lambda: score_topk_reference(query, train, k, query_scale, train_scale)), floor))
+    return rows
+
+
+def _lce_inputs(N, H, V):
+    hidden = rand(N, H)
+    weight = rand(V, H, scale=H**-0.5)
+    labels = torch.randint(0, V, (N,), device=DEVICE)
+    labels[torch.rand(N, device=DEVICE) < 0.1] = -100
+    grad_loss = torch.randn(N, device=DEVICE)
+    return hidden, weight, labels, grad_loss
+
+
+def _lce_fused(fwd, bwd, hidden, weight, labels, grad_loss):
+    def run():
+        _, lse = fwd(hidden, weight, None, labels, -100, None)
+        return bwd(hidden, weight, None, labels, lse, grad_loss, -100, None, True, False)
+
+    return run
+
+
+def _lce_materialised(hidden, weight, labels, grad_loss):
+    def run():
+        h, w = hidden.detach().requires_grad_(), weight.detach().requires_grad_()
+        loss = F.cross_entropy((h @ w.T).float(), labels, ignore_index=-100, reduction="none")
+        (loss * grad_loss).sum().backward()
+        return h.grad, w.grad
+
+    return run
+
+
+def bench_linear_cross_entropy(floors, quick):
+    N, H, V = (24, 32, 300) if quick else (8192, 4096, 128256)
+    inputs = _lce_inputs(N, H, V)
+    shape = f"N={N} H={H} V={V} bf16 fwd+bwd"
+    flops = 3 * 2 * N * H * V
+    providers = {
+        "materialised logits (torch)": _lce_materialised(*inputs),
+        "triton": _lce_fused(tk.linear_cross_entropy_forward, tk.linear_cross_entropy_backward, *inputs),
+        "torch chunked": _lce_fused(torch_forward, torch_backward, *inputs),
+    }
+    rows = []
+    for name, fn in providers.items():
+        mem = peak_bytes(fn)
+        rows.append(row("linear_cross_entropy", shape, name, timed_ms(fn), floor_ms(floors, flops=flops), peak_mem_mb=round(mem / 2**20, 1)))
+    ref = rows[0]
+    for r in rows[1:]:
+        r["time_vs_materialised"] = round(r["ms"] / ref["ms"], 3)
+        r["mem_vs_materialised"] = round(r["peak_mem_mb"] / ref["peak_mem_mb"], 4) if ref["peak_mem_mb"] else None
+    rows[1]["goal"] = "<= 1/8 of materialised peak memory, <= 1.1x its time"
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True, help="directory for triton_kernels.json")
+    parser.add_argument("--quick", action="store_true", help="tiny shapes (checks the script, times nothing useful)")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    if CUDA:
+        floors = {"copy_bytes_per_s": gpu_floors.copy_bandwidth(), "bf16_flop_per_s": gpu_floors.bf16_matmul_rate()}
+    else:
+        floors = {"copy_bytes_per_s": 1e10, "bf16_flop_per_s": 1e11}  # placeholders for --quick on the CPU
+    rows = []
+    for bench in (bench_project, bench_ghost, bench_score_topk, bench_linear_cross_entropy):
+        rows += bench(floors, args.quick)
+        if CUDA:
+            torch.cuda.empty_cache()
+    print(gpu_floors.write_results(args.out, "triton_kernels", rows, floors=floors, quick=args.quick))
+
+
+if __name__ == "__main__":
+    main()
