@@ -1,0 +1,273 @@
+"""Influence-guided unlearning with the Hugging Face ``Trainer``.
+
+``UnlearnTrainer`` takes batches shaped ``{"forget": batch, "retain": batch}`` (the
+open-unlearning convention), built by :class:`UnlearnDataset` + :class:`UnlearnCollator`
+from forget and retain examples at a retain:forget ratio (3:1 by default), each carrying
+its per-example weight. The loss is one of ``fastinfluence.losses``:
+
+    ga        -E_w[NLL_f]                                (IMU: ga with ``weights.imu`` weights)
+    graddiff  -gamma E_w[NLL_f] + alpha E_w[NLL_r]       (SIMU: graddiff with ``simu_masks``)
+    npo       NPO(f; pi_ref cached once) + alpha E_w[NLL_r]
+    simnpo    SimNPO(f) + alpha E_w[NLL_r]
+    rapidun   E_w[0.5 NLL(clean) - 1.0 NLL(poisoned)] + alpha E_w[NLL_r]
+
+Every NLL comes from ``ops.linear_cross_entropy`` on the final hidden states, so the
+B x T x V logits are never held.
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import Sequence
+
+import torch
+from transformers import Trainer
+
+from . import losses
+from .weights import loss_reweight, mlp_blocks
+
+METHODS = ("ga", "graddiff", "npo", "simnpo", "rapidun")
+_USES_RETAIN = ("graddiff", "npo", "simnpo", "rapidun")
+
+
+def _check_weights(name: str, w, n: int) -> torch.Tensor:
+    if w is None:
+        return torch.ones(n)
+    w = torch.as_tensor(w, dtype=torch.float32).flatten()
+    if w.shape[0] != n:
+        raise ValueError(f"{name} has {w.shape[0]} entries but there are {n} examples; give one weight per example")
+    if not torch.isfinite(w).all() or (w < 0).any():
+        raise ValueError(
+            f"{name} must be finite and non-negative (the method supplies the sign of each term); "
+            f"found {w[~torch.isfinite(w) | (w < 0)][:3].tolist()}"
+        )
+    return w
+
+
+def _as_example(e) -> dict:
+    out = {"input_ids": list(map(int, e["input_ids"])), "labels": list(map(int, e["labels"]))}
+    if len(out["input_ids"]) != len(out["labels"]):
+        raise ValueError(f"an example has {len(out['input_ids'])} input_ids but {len(out['labels'])} labels")
+    if all(label == losses.IGNORE_INDEX for label in out["labels"][1:]):
+        raise ValueError("an example has no answer tokens (labels all -100 after the first); label its answer")
+    return out
+
+
+class UnlearnDataset(torch.utils.data.Dataset):
+    """Forget examples, each paired with ``ratio`` retain examples.
+
+    Args:
+        forget: examples ``{"input_ids": [...], "labels": [...]}`` (labels -100 off the
+            answer), optionally with ``"clean"``: the same prompt with its clean answer.
+        retain: examples of the same form (may be empty for ``ga``).
+        ratio: retain examples per forget example (RapidUn: 3).
+        forget_weights, retain_weights: (Nf,) / (Nr,) non-negative weights (default 1).
+        seed: order in which retain examples are cycled through.
+
+    Item i: ``{"forget": forget[i] + weight + index, "retain": [ratio retain examples]}``.
+    """
+
+    def __init__(self, forget: Sequence[dict], retain: Sequence[dict] = (), ratio: int = 3,
+                 forget_weights=None, retain_weights=None, seed: int = 0):
+        if len(forget) == 0:
+            raise ValueError("the forget set is empty; unlearning needs at least one forget example")
+        if ratio < 0 or (ratio > 0 and len(retain) == 0):
+            raise ValueError(f"ratio={ratio} retain examples per forget example needs a non-empty retain set (or ratio=0)")
+        self.forget = [_as_example(e) | ({"clean": _as_example(e["clean"])} if "clean" in e else {}) for e in forget]
+        self.retain = [_as_example(e) for e in retain]
+        self.forget_weights = _check_weights("forget_weights", forget_weights, len(forget))
+        self.retain_weights = _check_weights("retain_weights", retain_weights, len(retain))
+        self.ratio = ratio
+        self.order = torch.randperm(len(retain), generator=torch.Generator().manual_seed(seed)).tolist()
+
+    def __len__(self) -> int:
+        return len(self.forget)
+
+    def __getitem__(self, i: int) -> dict:
+        f = self.forget[i] | {"weight": float(self.forget_weights[i]), "index": i}
+        picks = [self.order[(i * self.ratio + j) % len(self.retain)] for j in range(self.ratio)]
+        return {"forget": f, "retain": [self.retain[j] | {"weight": float(self.retain_weights[j])} for j in picks]}
+
+
+class UnlearnCollator:
+    """Pads an ``UnlearnDataset`` item list into ``{"forget": batch, "retain": batch}``.
+
+    forget: input_ids, attention_mask, labels (B, T); weights (B,) float32; index (B,)
+    int64; ``clean`` (a padded batch) when the examples carry clean answers. retain: the
+    same for the B * ratio retain examples (absent when ratio is 0).
+    """
+
+    def __init__(self, pad_token_id: int = 0, side: str = "right"):
+        if side not in ("right", "left"):
+            raise ValueError(f"side must be 'right' or 'left', got {side!r}")
+        self.pad_token_id, self.side = pad_token_id, side
+
+    def pad(self, examples: list[dict]) -> dict:
+        T = max(len(e["input_ids"]) for e in examples)
+        ids = torch.full((len(examples), T), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(examples), T), losses.IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros(len(examples), T, dtype=torch.long)
+        for b, e in enumerate(examples):
+            n = len(e["input_ids"])
+            sl = slice(0, n) if self.side == "right" else slice(T - n, T)
+            ids[b, sl], labels[b, sl], mask[b, sl] = torch.tensor(e["input_ids"]), torch.tensor(e["labels"]), 1
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+    def __call__(self, items: list[dict]) -> dict:
+        forget = [it["forget"] for it in items]
+        out = {"forget": self.pad(forget)}
+        out["forget"]["weights"] = torch.tensor([e["weight"] for e in forget])
+        out["forget"]["index"] = torch.tensor([e["index"] for e in forget])
+        if all("clean" in e for e in forget):
+            out["forget"]["clean"] = self.pad([e["clean"] for e in forget])
+        retain = [r for it in items for r in it["retain"]]
+        if retain:
+            out["retain"] = self.pad(retain)
+            out["retain"]["weights"] = torch.tensor([r["weight"] for r in retain])
+        return out
+
+
+def apply_neuron_masks(model: torch.nn.Module, masks: dict[str, torch.Tensor]) -> list:
+    """Restrict training to the masked MLP neurons (SIMU): freeze every other parameter.
+
+    For block b and neuron j with ``masks[b][j]`` True, the neuron's row of each
+    up-projection (and its bias entry) and its column of the down-projection are trainable;
+    the gradient of every other entry is zeroed by a hook, and parameters outside the masked
+    blocks get ``requires_grad=False``. Returns the hook handles.
+    """
+    blocks = mlp_blocks(model)
+    unknown = sorted(set(masks) - set(blocks))
+    if unknown:
+        raise ValueError(f"simu_masks name blocks {unknown} that are not MLP blocks of this model ({sorted(blocks)[:3]}...)")
+    trainable: dict[int, torch.Tensor] = {}
+    for name, mask in masks.items():
+        ups, down = blocks[name]
+        mask = torch.as_tensor(mask, dtype=torch.bool)
+        for module, is_up in [(u, True) for u in ups] + [(down, False)]:
+            # nn.Linear weight is (out, in); GPT-2 Conv1D weight is (in, out).
+            conv = type(module).__name__ == "Conv1D"
+            neuron_dim = (0 if is_up else 1) ^ int(conv)
+            w = module.weight
+            if w.shape[neuron_dim] != mask.numel():
+                raise ValueError(f"simu_masks[{name!r}] has {mask.numel()} neurons, the block has {w.shape[neuron_dim]}")
+            shape = [1, 1]
+            shape[neuron_dim] = -1
+            trainable[id(w)] = mask.view(shape).to(w.device)
+            if is_up and module.bias is not None:
+                trainable[id(module.bias)] = mask.to(w.device)
+    handles = []
+    for p in model.parameters():
+        keep = trainable.get(id(p))
+        if keep is None:
+            p.requires_grad_(False)
+            continue
+        p.requires_grad_(True)
+        handles.append(p.register_hook(lambda g, keep=keep: g * keep.to(g.dtype)))
+    return handles
+
+
+class UnlearnTrainer(Trainer):
+    """A ``transformers.Trainer`` whose loss is an unlearning method (see module docstring).
+
+    Args:
+        method: one of ``ga``, ``graddiff``, ``npo``, ``simnpo``, ``rapidun``.
+        alpha: retain-term coefficient; gamma: forget-term coefficient of ``graddiff``.
+        beta: NPO / SimNPO temperature (defaults 0.1 / 2.5); simnpo_gamma: SimNPO margin.
+        loss_reweight_tau: multiply the forget weights by ``weights.loss_reweight`` of the
+            batch's current forget losses (LoReUn-style), or None.
+        lora: a ``peft.LoraConfig``: train adapters only (``save_model`` writes the adapter).
+        simu_masks: ``weights.simu_mask`` output: only those MLP neurons are trained.
+        Everything else is passed to ``Trainer`` (``train_dataset`` an ``UnlearnDataset``,
+        ``data_collator`` defaults to ``UnlearnCollator``). ``remove_unused_columns`` is
+        turned off, because the batches are nested.
+
+    Logged: ``forget_loss`` and ``retain_loss`` (the method's terms), ``forget_nll`` (mean
+    forget CE) and ``tokens`` processed.
+    """
+
+    def __init__(self, model=None, args=None, method: str = "graddiff", alpha: float = 1.0, gamma: float = 1.0,
+                 beta: float | None = None, simnpo_gamma: float = 0.0, loss_reweight_tau: float | None = None,
+                 lora=None, simu_masks: dict | None = None, **kwargs):
+        if method not in METHODS:
+            raise ValueError(f"unknown unlearning method {method!r}; choose one of {', '.join(METHODS)}")
+        dataset = kwargs.get("train_dataset")
+        if not isinstance(dataset, UnlearnDataset):
+            raise TypeError("UnlearnTrainer needs train_dataset=UnlearnDataset(forget, retain, ...)")
+        if method in _USES_RETAIN and dataset.ratio == 0:
+            raise ValueError(f"method {method!r} has a retain term; build the UnlearnDataset with ratio >= 1")
+        if lora is not None and simu_masks is not None:
+            raise ValueError("use either lora= or simu_masks=, not both (masks select base-model neurons)")
+        if lora is not None:
+            from peft import get_peft_model
+
+            model = get_peft_model(model, lora)
+        self._mask_handles = apply_neuron_masks(model, simu_masks) if simu_masks is not None else []
+        if args is not None:
+            args.remove_unused_columns = False
+        kwargs.setdefault("data_collator", UnlearnCollator(getattr(model.config, "pad_token_id", None) or 0))
+        super().__init__(model=model, args=args, **kwargs)
+        # Our loss is a mean per micro-batch: let the Trainer divide it by the accumulation steps.
+        self.model_accepts_loss_kwargs = False
+        self.loss_is_scaled_for_ga = False
+        self.method, self.alpha, self.gamma, self.simnpo_gamma = method, alpha, gamma, simnpo_gamma
+        self.beta = beta if beta is not None else (0.1 if method == "npo" else 2.5)
+        self.loss_reweight_tau = loss_reweight_tau
+        self.tokens_processed = 0
+        self._log_sums: dict[str, float] = {}
+        self._log_count = 0
+        self._started = time.perf_counter()
+        self.ref_nll = self._reference_nll(dataset) if method == "npo" else None
+
+    def _reference_nll(self, dataset: UnlearnDataset) -> torch.Tensor:
+        """NLL_sum of every forget example under the model before unlearning (NPO's pi_ref)."""
+        collate = self.data_collator
+        rows = self.args.per_device_eval_batch_size
+        batches = (
+            {k: v.to(self.args.device) for k, v in collate.pad(dataset.forget[s : s + rows]).items()}
+            for s in range(0, len(dataset), rows)
+        )
+        return losses.reference_nll(self.model, batches)
+
+    def get_decay_parameter_names(self, model) -> list[str]:
+        # Decoupled weight decay would move the masked-out entries of SIMU-masked tensors.
+        return [] if self._mask_handles else super().get_decay_parameter_names(model)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        forget, retain = inputs["forget"], inputs.get("retain")
+        f = losses.sequence_nll(model, forget)
+        w = forget.get("weights")
+        if self.loss_reweight_tau is not None:
+            w = (w if w is not None else 1.0) * loss_reweight(f.mean.detach().cpu(), self.loss_reweight_tau).to(f.sum.device)
+        if self.method == "ga":
+            forget_term = losses.ga(f, w)
+        elif self.method == "graddiff":
+            forget_term = self.gamma * losses.ga(f, w)
+        elif self.method == "npo":
+            ref = self.ref_nll[forget["index"].cpu()].to(f.sum.device)
+            forget_term = losses.npo(f, ref, w, beta=self.beta)
+        elif self.method == "simnpo":
+            forget_term = losses.simnpo(f, w, beta=self.beta, gamma=self.simnpo_gamma)
+        else:
+            clean = losses.sequence_nll(model, forget["clean"]) if "clean" in forget else None
+            forget_term = losses.rapidun_forget(f, clean, w)
+        loss = forget_term
+        logs = {"forget_loss": forget_term.item(), "forget_nll": f.mean.mean().item()}
+        if self.method in _USES_RETAIN:
+            retain_term = losses.retain_nll(losses.sequence_nll(model, retain), retain.get("weights"))
+            loss = loss + self.alpha * retain_term
+            logs["retain_loss"] = retain_term.item()
+        self.tokens_processed += int(forget["attention_mask"].sum()) + (int(retain["attention_mask"].sum()) if retain else 0)
+        for k, v in logs.items():
+            self._log_sums[k] = self._log_sums.get(k, 0.0) + v
+        self._log_count += 1
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError(f"unlearning loss became {loss.item()} at step {self.state.global_step}; lower the learning rate")
+        return (loss, None) if return_outputs else loss
+
+    def log(self, logs: dict, *args, **kwargs) -> None:
+        if self._log_count:
+            logs.update({k: v / self._log_count for k, v in self._log_sums.items()})
+            self._log_sums, self._log_count = {}, 0
+        logs["tokens"] = self.tokens_processed
+        logs["unlearn_wall_s"] = time.perf_counter() - self._started
+        super().log(logs, *args, **kwargs)
