@@ -72,29 +72,18 @@ def shifted_labels(labels: torch.Tensor) -> torch.Tensor:
     return torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), IGNORE_INDEX)], dim=1)
 
 
-def sequence_nll(model, batch: dict, fused: bool | None = None) -> Nll:
-    """Per-example answer NLL of ``batch`` under ``model``.
+def token_nll(model, batch: dict, fused: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token answer NLL: (loss (B, T) float32, 0 off the answer; mask (B, T) bool).
 
-    Args:
-        model: a causal LM (``transformers`` model, optionally wrapped by PEFT).
-        batch: ``input_ids`` (B, T), ``labels`` (B, T), optional ``attention_mask`` (B, T).
-        fused: True: hidden states + ``ops.linear_cross_entropy`` (never builds B x T x V
-            logits); False: the model's own logits; None: fused when :func:`fused_head` allows.
-
-    Raises:
-        ValueError when an example has no answer token (labels all -100 after the shift).
+    Position t scores ``labels[:, t+1]`` (the causal shift). ``fused``: True: hidden states +
+    ``ops.linear_cross_entropy`` (never builds B x T x V logits); False: the model's own
+    logits; None: fused when :func:`fused_head` allows.
     """
     for key in ("input_ids", "labels"):
         if key not in batch:
             raise ValueError(f"batch has no {key!r}; unlearning batches need input_ids and labels (-100 off the answer)")
     labels = shifted_labels(batch["labels"])
-    count = (labels != IGNORE_INDEX).sum(1)
-    if (count == 0).any():
-        empty = torch.nonzero(count == 0).squeeze(1).tolist()
-        raise ValueError(
-            f"examples {empty} of the batch have no answer tokens (labels all -100 after the causal "
-            "shift); every forget and retain example needs an answer with at least one labelled token"
-        )
+    mask = labels != IGNORE_INDEX
     head = fused_head(model) if fused is not False else None
     if fused and head is None:
         raise ValueError(f"fused=True but {type(model).__name__} has no plain Linear LM head after its decoder; use fused=None")
@@ -102,7 +91,7 @@ def sequence_nll(model, batch: dict, fused: bool | None = None) -> Nll:
     if head is None:
         logits = model(**inputs).logits.float()
         loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none", ignore_index=IGNORE_INDEX)
-        return Nll(loss.view_as(labels).sum(1), count)
+        return loss.view_as(labels), mask
     decoder, lm_head, softcap = head
     hidden = decoder(**inputs).last_hidden_state
     weight, bias = lm_head.weight, lm_head.bias
@@ -113,7 +102,29 @@ def sequence_nll(model, batch: dict, fused: bool | None = None) -> Nll:
         weight, bias = weight.to(dtype), bias.to(dtype) if bias is not None else None
     with torch.autocast(device_type, enabled=False):
         loss = linear_cross_entropy(hidden.to(weight.dtype), weight, labels, bias=bias, softcap=softcap)
-    return Nll(loss.float().sum(1), count)
+    return loss.float(), mask
+
+
+def sequence_nll(model, batch: dict, fused: bool | None = None) -> Nll:
+    """Per-example answer NLL of ``batch`` under ``model`` (``fused`` as in :func:`token_nll`).
+
+    Args:
+        model: a causal LM (``transformers`` model, optionally wrapped by PEFT).
+        batch: ``input_ids`` (B, T), ``labels`` (B, T), optional ``attention_mask`` (B, T).
+
+    Raises:
+        ValueError when an example has no answer token (labels all -100 after the shift).
+    """
+    if "labels" in batch:
+        count = (shifted_labels(batch["labels"]) != IGNORE_INDEX).sum(1)
+        if (count == 0).any():
+            empty = torch.nonzero(count == 0).squeeze(1).tolist()
+            raise ValueError(
+                f"examples {empty} of the batch have no answer tokens (labels all -100 after the causal "
+                "shift); every forget and retain example needs an answer with at least one labelled token"
+            )
+    loss, mask = token_nll(model, batch, fused)
+    return Nll(loss.sum(1), mask.sum(1))
 
 
 @torch.no_grad()
