@@ -1,0 +1,129 @@
+"""The command line: extract and score on a local model directory, a PEFT adapter and JSONL files."""
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fastinfluence.cli import build_parser, main
+from fastinfluence.scoring import score
+from fastinfluence.store import FeatureStore
+
+WORDS = "the a cat dog sat ran on under mat log red blue big small fox hen".split()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    d = tmp_path_factory.mktemp("model")
+    vocab = {w: i for i, w in enumerate(["<pad>", "<unk>", "<eos>", *WORDS])}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>").save_pretrained(d)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, eos_token_id=2, bos_token_id=2)
+    LlamaForCausalLM(cfg).save_pretrained(d)
+    return d
+
+
+def sentence(rng, n):
+    return " ".join(rng.choice(WORDS) for _ in range(n))
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    import random
+
+    rng = random.Random(0)
+    d = tmp_path_factory.mktemp("data")
+    train = [{"id": f"t{i}", "prompt": sentence(rng, 4), "response": sentence(rng, 3)} for i in range(10)]
+    query = [{"id": "q0", **{k: train[6][k] for k in ("prompt", "response")}}, {"id": "q1", **{k: train[2][k] for k in ("prompt", "response")}}]
+    for name, rows in (("train", train), ("query", query)):
+        (d / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return d
+
+
+def run(*argv):
+    assert main(["--quiet", *map(str, argv)]) == 0
+
+
+@pytest.fixture(scope="module")
+def stores(model_dir, data, tmp_path_factory):
+    d = tmp_path_factory.mktemp("stores")
+    common = ["--model", model_dir, "--rank-in", 8, "--rank-out", 8, "--batch-size", 3, "--shard-rows", 4]
+    run("extract", *common, "--data", data / "train.jsonl", "--out", d / "train", "--covariances")
+    run("extract", *common, "--data", data / "query.jsonl", "--out", d / "query")
+    return d
+
+
+def test_extract_writes_a_store_of_every_jsonl_example(stores, data):
+    store = FeatureStore.open(stores / "train")
+    store.verify()
+    assert store.ids == [f"t{i}" for i in range(10)]
+    assert store.config.rank_in == 8 and store.has_covariances
+    assert store.meta["data"] == str((data / "train.jsonl").resolve())
+
+
+def test_score_writes_json_topk_with_texts_equal_to_the_api(stores, data, tmp_path):
+    out = tmp_path / "top.json"
+    run("score", "--query", stores / "query", "--train", stores / "train", "--metric", "cosine", "--topk", 3, "--out", out)
+    got = json.loads(out.read_text())
+    ref = score(FeatureStore.open(stores / "query"), FeatureStore.open(stores / "train"), metric="cosine", topk=3)
+    train = {json.loads(l)["id"]: json.loads(l) for l in (data / "train.jsonl").read_text().splitlines()}
+    for q, entry in enumerate(got["queries"]):
+        assert [t["train_id"] for t in entry["top"]] == ref.topk_ids[q]
+        assert [t["score"] for t in entry["top"]] == pytest.approx(ref.topk_values[q].tolist(), rel=1e-6)
+        assert all(t["train_prompt"] == train[t["train_id"]]["prompt"] for t in entry["top"])
+    # each query is a copy of one train example: identical gradients, cosine 1, ranked first
+    assert [e["top"][0]["train_id"] for e in got["queries"]] == ["t6", "t2"]
+    assert got["queries"][0]["top"][0]["score"] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_score_of_a_jsonl_query_with_kfac_writes_csv_equal_to_a_query_store(stores, data, model_dir, tmp_path):
+    a, b = tmp_path / "a.csv", tmp_path / "b.csv"
+    run("score", "--query", data / "query.jsonl", "--model", model_dir, "--train", stores / "train", "--precondition", "kfac", "--topk", 4, "--out", a)
+    run("score", "--query", stores / "query", "--train", stores / "train", "--precondition", "kfac", "--topk", 4, "--out", b)
+    rows_a, rows_b = list(csv.DictReader(a.open())), list(csv.DictReader(b.open()))
+    assert len(rows_a) == 8
+    assert [r["train_id"] for r in rows_a] == [r["train_id"] for r in rows_b]
+    assert rows_a[0]["query_prompt"] and rows_a[0]["train_response"]
+
+
+def test_extract_from_a_peft_adapter_captures_the_lora_layers(model_dir, data, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    peft_model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    run("extract", "--model", tmp_path / "adapter", "--data", data / "query.jsonl", "--out", tmp_path / "s", "--rank-in", 4, "--rank-out", 4)
+    layers = list(FeatureStore.open(tmp_path / "s").layout)
+    assert layers and all("lora" in n for n in layers)
+
+
+def test_bad_jsonl_is_reported_with_its_line(model_dir, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "response": "b"}\n{"text": "no fields"}\n')
+    with pytest.raises(ValueError, match="line 2: .*'prompt' and 'response'"):
+        run("extract", "--model", model_dir, "--data", bad, "--out", tmp_path / "s")
+
+
+def test_every_option_of_extract_and_score_is_explained():
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    for name in ("extract", "score"):
+        for action in sub.choices[name]._actions:
+            assert action.help and len(action.help) > 10, (name, action.dest)
+
+
+def test_python_dash_m_is_the_same_program():
+    out = subprocess.run([sys.executable, "-m", "fastinfluence", "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0
+    assert "extract" in out.stdout and "score" in out.stdout
