@@ -33,7 +33,8 @@ CUDA_MODULE = "fastinfluence.ops.backends._fi_cuda"
 HOST_SOURCES = ("host_bindings.cpp", "jl_project_host.cpp", "topk_host.cpp")
 CUDA_SOURCES = ("cuda_bindings.cpp", "jl_project.cu", "topk.cu")
 # -ffp-contract=off: the random entries must round exactly like the CUDA and torch code.
-HOST_FLAGS = ("-O3", "-std=c++17", "-ffp-contract=off", "-fvisibility=hidden")
+# -fno-math-errno -fno-trapping-math change no value; they let g++ vectorise the entries.
+HOST_FLAGS = ("-O3", "-std=c++17", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-fvisibility=hidden")
 OPENMP_FLAG = "-fopenmp"
 DEFAULT_CUDA_ARCHS = ("80", "90")
 

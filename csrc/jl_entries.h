@@ -41,10 +41,11 @@ FI_HD float jl_log(float u) {
   const uint32_t b = float_bits(u);
   int e = static_cast<int>(b >> 23) - 127;
   float m = bits_float((b & 0x7fffffu) | 0x3f800000u);
-  if (m > 0x1.6a09e6p+0f) {
-    m = mul_rn(m, 0.5f);
-    e += 1;
-  }
+  // Selects of values computed either way, not branches, so the host loop vectorises.
+  const bool big = m > 0x1.6a09e6p+0f;
+  const float half_m = mul_rn(m, 0.5f);
+  m = big ? half_m : m;
+  e += big ? 1 : 0;
   const float s = div_rn(sub_rn(m, 1.0f), add_rn(m, 1.0f));
   const float s2 = mul_rn(s, s);
   float p = mul_rn(s2, 0x1.c71c72p-4f);  // 1/9
@@ -82,11 +83,13 @@ FI_HD void jl_box_muller(uint32_t a, uint32_t b, float* z0, float* z1) {
   const float f = mul_rn(static_cast<float>(((n & 0x3fffffu) << 1) | 1u), 0x1p-23f);
   float s, c;
   jl_sincos(mul_rn(f, 0x1.921fb6p+0f), &s, &c);  // f * pi/2
-  const uint32_t q = n >> 22;  // rotate (c, s) by q quarter turns
-  const float cq = q == 0 ? c : q == 1 ? -s : q == 2 ? -c : s;
-  const float sq = q == 0 ? s : q == 1 ? c : q == 2 ? -s : -c;
-  *z0 = mul_rn(r, cq);
-  *z1 = mul_rn(r, sq);
+  // Rotate (c, s) by q quarter turns: (c, s), (-s, c), (-c, -s), (s, -c).
+  const uint32_t q = n >> 22;
+  const float cq = (q & 1) ? s : c;
+  const float sq = (q & 1) ? c : s;
+  const uint32_t cos_sign = ((q + 1) >> 1 & 1u) << 31, sin_sign = (q >> 1) << 31;
+  *z0 = mul_rn(r, bits_float(float_bits(cq) ^ cos_sign));
+  *z1 = mul_rn(r, bits_float(float_bits(sq) ^ sin_sign));
 }
 
 // The four Gaussian entries of one block (rows 4 block .. 4 block + 3).

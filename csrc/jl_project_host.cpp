@@ -5,12 +5,17 @@
 #include <algorithm>
 #include <cmath>
 
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
 #include "fi_convert.h"
 #include "host_kernels.h"
 #include "jl_entries.h"
 
-// Vector code paths picked at load time (AVX-512, AVX2+FMA, baseline). std::fma keeps
-// one rounding per step in every clone, so all of them give the same bits.
+// Entry generation is compiled for AVX-512, AVX2 and baseline x86-64 and picked at load
+// time; the multiply-adds use AVX2+FMA intrinsics when the CPU has them, std::fma
+// otherwise. Every path rounds once per step, so all give the same bits.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define FI_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
@@ -24,58 +29,100 @@ constexpr int kCols = 32;   // columns of R per tile
 constexpr int kRows = 32;   // rows of x per tile: R is generated once for all of them
 constexpr int kBlock = 128; // rows of R generated at a time (16 KiB: stays in L1)
 
-// R[dd * kCols + jj] = entry (gd0 + dd, j0 + jj) for dd < n.
-FI_CLONES void fill_entries(uint64_t seed, int kind, uint64_t gd0, int n, int64_t j0, float* R) {
-  const int shift = jl_block_shift(kind);
-  uint32_t words[4][kCols];
+// The words of block `block` for columns j0 .. j0 + kCols, and for Gaussian R its four
+// entries per column; laid out by lane so that the compiler vectorises across columns.
+struct BlockWords {
+  uint32_t w[4][kCols];
   float gauss[4][kCols];
+};
+
+FI_CLONES void block_words(uint64_t seed, int kind, uint64_t block, int64_t j0, BlockWords* out) {
+  for (int jj = 0; jj < kCols; ++jj) {
+    const U32x4 w = jl_words(seed, kind, block, static_cast<uint32_t>(j0 + jj));
+    out->w[0][jj] = w.x, out->w[1][jj] = w.y, out->w[2][jj] = w.z, out->w[3][jj] = w.w;
+  }
+  if (kind == kGaussian) {
+    for (int jj = 0; jj < kCols; ++jj)
+      jl_box_muller(out->w[0][jj], out->w[1][jj], &out->gauss[0][jj], &out->gauss[1][jj]);
+    for (int jj = 0; jj < kCols; ++jj)
+      jl_box_muller(out->w[2][jj], out->w[3][jj], &out->gauss[2][jj], &out->gauss[3][jj]);
+  }
+}
+
+// R[dd * kCols + jj] = entry (gd0 + dd, j0 + jj) for dd < n.
+void fill_entries(uint64_t seed, int kind, uint64_t gd0, int n, int64_t j0, float* R) {
+  const int shift = jl_block_shift(kind);
+  BlockWords bw;
   uint64_t current = 0;
   for (int dd = 0; dd < n; ++dd) {
     const uint64_t gd = gd0 + static_cast<uint64_t>(dd);
     const uint64_t block = gd >> shift;
     if (dd == 0 || block != current) {
       current = block;
-      for (int jj = 0; jj < kCols; ++jj) {
-        const U32x4 w = jl_words(seed, kind, block, static_cast<uint32_t>(j0 + jj));
-        if (kind == kRademacher) {
-          words[0][jj] = w.x, words[1][jj] = w.y, words[2][jj] = w.z, words[3][jj] = w.w;
-        } else {
-          float g[4];
-          jl_gaussian4(w, g);
-          for (int i = 0; i < 4; ++i) gauss[i][jj] = g[i];
-        }
-      }
+      block_words(seed, kind, block, j0, &bw);
     }
     float* r = R + dd * kCols;
     if (kind == kRademacher) {
-      const uint32_t* w = words[(gd >> 5) & 3];
+      const uint32_t* w = bw.w[(gd >> 5) & 3];
       const uint32_t bit = gd & 31;
       for (int jj = 0; jj < kCols; ++jj) r[jj] = ((w[jj] >> bit) & 1u) ? -1.0f : 1.0f;
     } else {
-      for (int jj = 0; jj < kCols; ++jj) r[jj] = gauss[gd & 3][jj];
+      for (int jj = 0; jj < kCols; ++jj) r[jj] = bw.gauss[gd & 3][jj];
     }
   }
 }
 
-// acc (RB x kCols) = fma over dd < n of x[rb][dd] * R[dd], in order of dd.
+// part rows (kCols apart) += fma over dd < n of xb rows (kBlock apart) times R[dd], in
+// order of dd, one rounding per step. Two rows at a time keep the sums in registers.
 template <int RB>
 inline void accumulate(const float* x, const float* R, int n, float* acc) {
   float a[RB][kCols];
   for (int rb = 0; rb < RB; ++rb)
     for (int jj = 0; jj < kCols; ++jj) a[rb][jj] = acc[rb * kCols + jj];
-  for (int dd = 0; dd < n; ++dd) {
-    const float* r = R + dd * kCols;
-    for (int rb = 0; rb < RB; ++rb) {
-      const float xv = x[rb * kBlock + dd];
-      for (int jj = 0; jj < kCols; ++jj) a[rb][jj] = std::fma(xv, r[jj], a[rb][jj]);
-    }
-  }
+  for (int dd = 0; dd < n; ++dd)
+    for (int rb = 0; rb < RB; ++rb)
+      for (int jj = 0; jj < kCols; ++jj) a[rb][jj] = std::fma(x[rb * kBlock + dd], R[dd * kCols + jj], a[rb][jj]);
   for (int rb = 0; rb < RB; ++rb)
     for (int jj = 0; jj < kCols; ++jj) acc[rb * kCols + jj] = a[rb][jj];
 }
 
-// xb rows are kBlock apart; part rows kCols apart.
-FI_CLONES void accumulate_rows(const float* xb, int nb, const float* R, int n, float* part) {
+#if defined(__x86_64__)
+template <int RB>
+__attribute__((target("avx2,fma"))) inline void accumulate_avx2(const float* x, const float* R, int n, float* acc) {
+  static_assert(kCols == 32, "four 8-wide vectors per row");
+  __m256 a[RB][4];
+  for (int rb = 0; rb < RB; ++rb)
+    for (int v = 0; v < 4; ++v) a[rb][v] = _mm256_loadu_ps(acc + rb * kCols + 8 * v);
+  for (int dd = 0; dd < n; ++dd) {
+    const float* r = R + dd * kCols;
+    const __m256 r0 = _mm256_loadu_ps(r), r1 = _mm256_loadu_ps(r + 8);
+    const __m256 r2 = _mm256_loadu_ps(r + 16), r3 = _mm256_loadu_ps(r + 24);
+    for (int rb = 0; rb < RB; ++rb) {
+      const __m256 xv = _mm256_broadcast_ss(x + rb * kBlock + dd);
+      a[rb][0] = _mm256_fmadd_ps(xv, r0, a[rb][0]);
+      a[rb][1] = _mm256_fmadd_ps(xv, r1, a[rb][1]);
+      a[rb][2] = _mm256_fmadd_ps(xv, r2, a[rb][2]);
+      a[rb][3] = _mm256_fmadd_ps(xv, r3, a[rb][3]);
+    }
+  }
+  for (int rb = 0; rb < RB; ++rb)
+    for (int v = 0; v < 4; ++v) _mm256_storeu_ps(acc + rb * kCols + 8 * v, a[rb][v]);
+}
+
+__attribute__((target("avx2,fma"))) void accumulate_rows_avx2(const float* xb, int nb, const float* R, int n,
+                                                               float* part) {
+  int rb = 0;
+  for (; rb + 2 <= nb; rb += 2) accumulate_avx2<2>(xb + rb * kBlock, R, n, part + rb * kCols);
+  if (rb < nb) accumulate_avx2<1>(xb + rb * kBlock, R, n, part + rb * kCols);
+}
+
+const bool kHasAvx2Fma = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#endif
+
+void accumulate_rows(const float* xb, int nb, const float* R, int n, float* part) {
+#if defined(__x86_64__)
+  if (kHasAvx2Fma) return accumulate_rows_avx2(xb, nb, R, n, part);
+#endif
   int rb = 0;
   for (; rb + 2 <= nb; rb += 2) accumulate<2>(xb + rb * kBlock, R, n, part + rb * kCols);
   if (rb < nb) accumulate<1>(xb + rb * kBlock, R, n, part + rb * kCols);
