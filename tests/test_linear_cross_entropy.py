@@ -10,9 +10,16 @@ from fastinfluence.ops.linear_cross_entropy import _chunk_rows, linear_cross_ent
 
 # The package attribute of the same name is the function; the module is needed to spy on it.
 lce_module = sys.modules["fastinfluence.ops.linear_cross_entropy"]
+DEFAULT_MIN_CHUNK = lce_module.MIN_CHUNK_ELEMENTS
 
 # Odd shapes; N * H / V rows per chunk gives several chunks and a ragged last one.
 N, H, V = 37, 24, 101
+
+
+@pytest.fixture(autouse=True)
+def small_chunks(monkeypatch):
+    """Drop the chunk-size floor so that these small shapes are split into several chunks."""
+    monkeypatch.setattr(lce_module, "MIN_CHUNK_ELEMENTS", 0)
 
 
 def relerr(out, ref):
@@ -48,6 +55,13 @@ def loss_and_grads(fn, hidden, weight, bias, labels, w, softcap):
 
 def fused(hidden, weight, bias, labels, softcap):
     return linear_cross_entropy(hidden, weight, labels, bias=bias, softcap=softcap)
+
+
+@pytest.mark.parametrize("n, h, v", [(4096, 1024, 32000), (1024, 512, 128256), (16384, 4096, 128256)])
+def test_default_chunk_holds_at_most_a_hidden_sized_or_64mib_logits_block(n, h, v, monkeypatch):
+    monkeypatch.setattr(lce_module, "MIN_CHUNK_ELEMENTS", DEFAULT_MIN_CHUNK)
+    rows = lce_module._chunk_rows(n, h, v)
+    assert rows * v <= max(n * h, 2**24) + v and rows < n
 
 
 def test_shapes_span_several_chunks():

@@ -26,10 +26,15 @@ from ._common import acc_dtype
 
 REDUCTIONS = ("none", "sum", "mean")
 
+# Smallest logits block (elements) per chunk: every chunk reads the whole (V, H) weight, so
+# tiny chunks would make the pass bound by re-reading it. 2^24 float32 = 64 MiB.
+MIN_CHUNK_ELEMENTS = 2**24
+
 
 def _chunk_rows(n: int, h: int, v: int) -> int:
-    """Tokens per chunk: a logits block about the size of the hidden states (as Liger's FLCE)."""
-    return max(1, min(n, math.ceil(n * h / v)))
+    """Tokens per chunk: a logits block about the size of the hidden states (as Liger's FLCE),
+    and at least MIN_CHUNK_ELEMENTS."""
+    return max(1, min(n, max(math.ceil(n * h / v), MIN_CHUNK_ELEMENTS // v)))
 
 
 def _chunk_logits(hidden, weight, bias, softcap, dtype):
