@@ -10,7 +10,9 @@ from torch import nn
 from . import ops
 from .capture import Batch, Capture, Layer, frozen_for_capture, iter_batches, model_device, select_layers
 from .config import ProjectionConfig
+from .exact import per_example_gradients
 from .features import Features, LayerSlice, TokenFactors, cat_features
+from .ops._common import masked
 from .projection import layer_projections
 
 _FINGERPRINT_SAMPLES = 64
@@ -53,6 +55,10 @@ class GradientExtractor:
         self._proj = {l.name: layer_projections(l, self.config) for l in self.layers}
         self._proj_dev: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.layout = self._layout()
+        self._flat_offsets, offset = {}, 0
+        for l in self.layers:
+            self._flat_offsets[l.name] = offset
+            offset += l.d_out * (l.d_in + int(l.bias))
         self.fingerprint = fingerprint(model, self.layers)
 
     def _layout(self) -> dict[str, LayerSlice]:
@@ -179,20 +185,22 @@ class GradientExtractor:
         return self._features(rows, batch.ids, token_factors, stats if covariances else None)
 
     def _flat_features(self, capture: Capture, batch: Batch) -> Features:
-        grads = []
+        """Flat mode: each layer's per-example gradients, JL-projected into one sketch.
+
+        The implicit JL matrix is indexed by the position in the concatenated gradient
+        vector (``offset``), so summing per-layer sketches equals sketching the whole
+        vector, and only one layer's (B, d_out * d_in) gradients exist at a time.
+        """
+        rows = torch.zeros(batch.input_ids.shape[0], self.config.dim, dtype=self.dtype, device=self.device)
+        cfg = self.config
 
         def on_layer(layer: Layer, A, G, mask):
-            G = torch.where(mask.unsqueeze(-1), G.to(self.dtype), 0)
-            A = torch.where(mask.unsqueeze(-1), A.to(self.dtype), 0)
-            if layer.bias:
-                A = torch.cat([A, mask.unsqueeze(-1).to(self.dtype)], dim=-1)
-            grads.append((layer.name, torch.einsum("bto,bti->boi", G, A).flatten(1)))
+            A, G = masked(A.to(self.dtype), mask), masked(G.to(self.dtype), mask)
+            grads = per_example_gradients(A, G, mask, layer.bias)
+            rows.add_(ops.jl_project(grads, cfg.dim, seed=cfg.seed, kind=cfg.kind, offset=self._flat_offsets[layer.name]))
 
         capture.run(batch, on_layer)
-        order = {l.name: i for i, l in enumerate(self.layers)}
-        flat = torch.cat([g for _, g in sorted(grads, key=lambda x: order[x[0]])], dim=1)
-        rows = ops.jl_project(flat, self.config.dim, seed=self.config.seed, kind=self.config.kind)
-        return self._features(rows.to(self.dtype), batch.ids, None, None)
+        return self._features(rows, batch.ids, None, None)
 
     def _features(self, rows, ids, tokens, stats) -> Features:
         return Features(

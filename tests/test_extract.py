@@ -191,3 +191,19 @@ def test_bad_input_errors():
         GradientExtractor(torch.nn.Sequential(torch.nn.Embedding(4, 4)))
     with pytest.raises(ValueError, match="kind"):
         ProjectionConfig(kind="sparse")
+
+
+@pytest.mark.parametrize("kind", ["rademacher", "gaussian"])
+def test_flat_mode_is_the_jl_sketch_of_the_whole_gradient(kind):
+    """Flat features = jl_project of the concatenated per-example gradients of all layers."""
+    from fastinfluence import ops
+
+    model = tiny_model("llama", torch.float64, lora=True)
+    examples = make_examples(4, seed=15)
+    cfg = ProjectionConfig(mode="flat", dim=96, kind=kind, seed=5, dtype="float64")
+    feats = GradientExtractor(model, cfg).extract(batches_of(examples, 3, "left"))
+    slow, _ = slow_gradients(model, examples)
+    assert feats.layout == {"flat": (0, 96, (1, 96))}
+    assert rel_err(feats.data, ops.jl_project(slow, 96, seed=5, kind=kind)) <= 1e-10
+    with pytest.raises(ValueError, match="factorized"):
+        GradientExtractor(model, cfg).extract(batches_of(examples, 3), tokens=True)
