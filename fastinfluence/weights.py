@@ -13,21 +13,22 @@ from __future__ import annotations
 import math
 from typing import Iterable, NamedTuple
 
+import numpy as np
 import torch
 
 AGGREGATES = ("mean", "topk_median")
 
 
 def _matrix(name: str, scores) -> torch.Tensor:
-    """A (Q, N) float64 score matrix from a tensor or a ScoreResult holding a full matrix."""
+    """A (Q, N) float64 score matrix from a tensor or a ScoreResult holding its full matrix."""
     if not isinstance(scores, torch.Tensor):
-        full = getattr(scores, "scores", None)
-        if not isinstance(full, torch.Tensor):
+        full = getattr(scores, "matrix", None)
+        if full is None:
             raise TypeError(
                 f"{name} must be a (queries, train) score tensor or a ScoreResult holding the full "
-                f"matrix (score(..., topk=None)); got {type(scores).__name__}"
+                f"matrix (score(..., matrix_path=...)); got {type(scores).__name__}"
             )
-        scores = full
+        scores = torch.as_tensor(np.asarray(full))
     if scores.dim() != 2 or 0 in scores.shape:
         raise ValueError(f"{name} must be a non-empty (queries, train) matrix, got shape {tuple(scores.shape)}")
     if not torch.isfinite(scores).all():

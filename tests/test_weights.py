@@ -61,7 +61,7 @@ def test_topk_median_aggregate_matches_hand_computed():
 
 def test_rapidun_accepts_score_results_with_a_full_matrix():
     ff, fr, rf, rr = rapidun_example()
-    wrapped = [SimpleNamespace(scores=m) for m in (ff, fr, rf, rr)]
+    wrapped = [SimpleNamespace(matrix=m.numpy()) for m in (ff, fr, rf, rr)]  # as score(..., matrix_path=)
     assert close(weights.rapidun(*wrapped).forget, weights.rapidun(ff, fr, rf, rr).forget)
 
 

@@ -45,7 +45,7 @@ def _chunk_logits(hidden, weight, bias, softcap, dtype):
     """
     z = hidden @ weight.T
     if bias is not None:
-        z = z + bias
+        z += bias
     z = z.to(dtype)
     if softcap is None:
         return z, None
@@ -107,7 +107,7 @@ def linear_cross_entropy_backward(
         y = labels[s : s + rows]
         valid = y != ignore_index
         scale = torch.where(valid, grad_loss[s : s + rows].to(dtype), 0.0)
-        dz = torch.exp(logits - lse[s : s + rows].to(dtype).unsqueeze(1))
+        dz = logits.sub_(lse[s : s + rows].to(dtype).unsqueeze(1)).exp_()  # softmax, in place
         dz.scatter_add_(1, torch.where(valid, y, 0).unsqueeze(1), -torch.ones_like(scale).unsqueeze(1))
         dz.mul_(scale.unsqueeze(1))
         if dcap is not None:
