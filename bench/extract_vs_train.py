@@ -1,0 +1,88 @@
+"""Time one extraction step against one training step on the same model and batch.
+
+Extraction = forward + backward with parameter gradients off, per-layer projection of
+(A, G) inside the backward (GradientExtractor.extract). Training step = forward +
+backward with weight gradients (the plain HF loss). Goal: extraction no slower.
+
+    python bench/extract_vs_train.py [--out bench/results/extract_vs_train_cpu.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import time
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from fastinfluence import GradientExtractor, ProjectionConfig
+
+
+def interleaved_medians(fns, reps: int, warmup: int = 2) -> list[float]:
+    """Median seconds of each fn, runs interleaved so that machine load hits all alike."""
+    for _ in range(warmup):
+        for fn in fns:
+            fn()
+    times = [[] for _ in fns]
+    for _ in range(reps):
+        for fn, t in zip(fns, times):
+            t0 = time.perf_counter()
+            fn()
+            t.append(time.perf_counter() - t0)
+    return [statistics.median(t) for t in times]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--vocab", type=int, default=4096)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--rank", type=int, default=64)
+    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--out", default="bench/results/extract_vs_train_cpu.json")
+    args = ap.parse_args()
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=int(args.hidden * 8 / 3) // 8 * 8,
+        num_hidden_layers=args.layers, num_attention_heads=8, num_key_value_heads=4,
+    )
+    model = LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(0, args.vocab, (args.batch, args.seq))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+    def train_step():
+        model.zero_grad(set_to_none=True)
+        model(**batch).loss.backward()
+
+    extractor = GradientExtractor(model, ProjectionConfig(rank_in=args.rank, rank_out=args.rank))
+
+    def extract_step():
+        extractor.extract([batch])
+
+    t_train, t_extract = interleaved_medians([train_step, extract_step], args.reps)
+    model.zero_grad(set_to_none=True)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    result = {
+        "bench": "extract_vs_train",
+        "device": f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "commit": commit,
+        "torch": torch.__version__,
+        "model": {"arch": "llama", "hidden": args.hidden, "layers": args.layers, "vocab": args.vocab,
+                  "params": sum(p.numel() for p in model.parameters())},
+        "batch": args.batch, "seq": args.seq, "rank": [args.rank, args.rank],
+        "captured_layers": len(extractor.layers), "feature_dim": extractor.dim,
+        "train_step_s": t_train, "extract_step_s": t_extract, "ratio_extract_over_train": t_extract / t_train,
+    }
+    print(json.dumps(result, indent=2))
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
