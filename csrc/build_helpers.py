@@ -66,10 +66,11 @@ def extension_modules() -> list[Extension]:
             extra_compile_args=[*HOST_FLAGS, OPENMP_FLAG],
             extra_link_args=[OPENMP_FLAG],
             language="c++",
+            optional=True,  # a missing module is then skipped, not copied, by editable installs
         )
     ]
     if os.environ.get("FASTINFLUENCE_BUILD_CUDA") == "1":
-        exts.append(Extension(CUDA_MODULE, sources=[os.path.join(rel, s) for s in CUDA_SOURCES]))
+        exts.append(Extension(CUDA_MODULE, sources=[os.path.join(rel, s) for s in CUDA_SOURCES], optional=True))
     return exts
 
 
@@ -92,8 +93,9 @@ class OptionalBuildExt(build_ext):
             try:
                 super().build_extension(ext)
             except Exception:
-                if OPENMP_FLAG not in ext.extra_compile_args:
-                    raise
+                cxx = getattr(self.compiler, "compiler_so_cxx", None) or self.compiler.compiler_so
+                if OPENMP_FLAG not in ext.extra_compile_args or not shutil.which(cxx[0]):
+                    raise  # no compiler at all: nothing to retry
                 _warn(f"{ext.name}: build with OpenMP failed, retrying single-threaded")
                 ext.extra_compile_args = [a for a in ext.extra_compile_args if a != OPENMP_FLAG]
                 ext.extra_link_args = [a for a in ext.extra_link_args if a != OPENMP_FLAG]
