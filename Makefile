@@ -7,7 +7,7 @@ HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/
 TORCH_SPEC ?= $(if $(HAS_GPU),torch,torch==2.13.0)
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test check-cuda bench clean
 
 setup: $(VENV)/.installed
 
@@ -23,6 +23,11 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# Compile every CUDA source for sm_80 and sm_90 (no GPU needed); skipped without nvcc.
+check-cuda: setup
+	@if command -v nvcc >/dev/null 2>&1; then PYTHON=$(abspath $(BIN)/python) bash csrc/compile_check.sh; \
+	else echo "check-cuda: nvcc not found, skipped"; fi
 
 bench: setup
 	$(BIN)/python bench/extract_vs_train.py
