@@ -7,11 +7,17 @@ run compiled on CUDA, where float32 products use TF32. Also holds the tests of t
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 import torch
 
 if not torch.cuda.is_available():
+    if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError(
+            "triton was imported before TRITON_INTERPRET=1 was set, so its kernels cannot be "
+            "interpreted on the CPU; set TRITON_INTERPRET=1 in the environment (or in tests/conftest.py)"
+        )
     os.environ.setdefault("TRITON_INTERPRET", "1")
 triton = pytest.importorskip("triton")
 

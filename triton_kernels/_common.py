@@ -2,7 +2,8 @@
 
 Precision: the big products run on the tensor cores in the inputs' own dtype with float32
 accumulation (bfloat16/float16 operands; float32 operands use TF32, rel. error ~3e-4).
-Small products of float32 accumulators use IEEE float32 (``dot_f32``).
+Small products of float32 accumulators use 3xTF32 (``dot_f32``: about float32 accuracy,
+on the tensor cores; IEEE float32 would run on the FMA units and spill registers).
 
 Under ``TRITON_INTERPRET=1`` the interpreter multiplies bfloat16 operands as raw integers,
 so ``dot`` upcasts them there; on a GPU they go to the tensor cores unchanged.
@@ -31,8 +32,8 @@ def dot(a, b, acc):
 
 @triton.jit
 def dot_f32(a, b, acc):
-    """acc + a @ b for float32 a, b in IEEE float32 (for small products of accumulators)."""
-    return tl.dot(a, b, acc, input_precision="ieee")
+    """acc + a @ b for float32 a, b at about float32 accuracy (3xTF32), for small products of accumulators."""
+    return tl.dot(a, b, acc, input_precision="tf32x3")
 
 
 def block(n: int, lo: int = 16, hi: int | None = None) -> int:
@@ -76,9 +77,12 @@ def token_splits(T: int, groups: int, device: torch.device, quantum: int) -> tup
     return triton.cdiv(T, per), per
 
 
-def autotune(gpu_configs: list[triton.Config], interpret_config: triton.Config, key: list[str]):
-    """``triton.autotune`` over ``gpu_configs`` on a GPU; the one small config under the interpreter."""
-    return triton.autotune(configs=[interpret_config] if INTERPRET else gpu_configs, key=key)
+def autotune(gpu_configs: list[triton.Config], interpret_config: triton.Config, key: list[str], prune=None):
+    """``triton.autotune`` over ``gpu_configs`` on a GPU (``prune(configs, named_args)`` first
+    drops configs that cannot fit the arguments); the one small config under the interpreter."""
+    if INTERPRET:
+        return triton.autotune(configs=[interpret_config], key=key)
+    return triton.autotune(configs=gpu_configs, key=key, prune_configs_by={"early_config_prune": prune} if prune else None)
 
 
 @triton.jit

@@ -24,19 +24,29 @@ from ._common import INTERPRET, KERNEL_DTYPES, autotune, block, dot
 
 _LOW = 2**32 - 1  # train indices live in the low 32 bits of a key
 
-# BQ follows Q (see _query_block); the rest is tuned.
+# (BQ, BN, BD, warps, stages). BQ follows Q (_query_block); the configs of that BQ are tuned.
 _GPU_CONFIGS = [
-    triton.Config({"BN": bn, "BD": bd}, num_warps=w, num_stages=s)
-    for bn, bd, w, s in [(128, 64, 4, 4), (128, 64, 8, 3), (256, 64, 8, 3), (128, 128, 4, 3), (64, 128, 4, 4)]
+    triton.Config({"BQ": bq, "BN": bn, "BD": bd}, num_warps=w, num_stages=st)
+    for bq, bn, bd, w, st in [
+        (16, 128, 128, 4, 4), (16, 256, 64, 4, 4), (16, 64, 128, 4, 4),
+        (32, 128, 128, 4, 4), (32, 256, 64, 8, 3),
+        (64, 128, 64, 4, 4), (64, 256, 64, 8, 3), (64, 128, 128, 8, 3),
+        (128, 128, 64, 8, 3), (128, 64, 128, 4, 4), (128, 128, 128, 8, 3),
+    ]
 ]
-_INTERPRET_CONFIG = triton.Config({"BN": 16, "BD": 16})
+_INTERPRET_CONFIG = triton.Config({"BQ": 16, "BN": 16, "BD": 16})
 
 
-def _query_block(Q: int, interpret: bool) -> int:
-    return 16 if interpret else block(Q, hi=128)
+def _query_block(Q: int) -> int:
+    """Queries per program: all of them up to 128 (each train tile is then read once)."""
+    return 16 if INTERPRET.value else block(Q, hi=128)
 
 
-@autotune(_GPU_CONFIGS, _INTERPRET_CONFIG, key=["Q", "D"])
+def _configs_for_q(configs, named_args, **kwargs):
+    return [c for c in configs if c.kwargs["BQ"] == _query_block(named_args["Q"])]
+
+
+@autotune(_GPU_CONFIGS, _INTERPRET_CONFIG, key=["Q", "D"], prune=_configs_for_q)
 @triton.jit
 def _score_kernel(
     Qf, Xf, QS, XS, Keys, Agg,
@@ -72,11 +82,14 @@ def _score_kernel(
     tl.store(agg + s_ar, tl.sum(tl.where(ok, s * s, 0.0), axis=0), mask=n_ok)
     tl.store(agg + 2 * s_ar, tl.max(tl.where(ok, s, float("-inf")), axis=0), mask=n_ok)
 
+    # The key's two 32-bit words are stored separately (little-endian int64): the high word
+    # holds the ordered score bits, the low word depends on the column only.
     bits = s.to(tl.int32, bitcast=True)
-    ordered = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(tl.int64)
-    low = 4294967295 - (rn.to(tl.int64) + index_offset)
-    keys = ordered * 4294967296 + low[None, :]
-    tl.store(Keys + rq.to(tl.int64)[:, None] * s_kq + rn.to(tl.int64)[None, :] * s_kn, keys, mask=ok)
+    ordered = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+    low = (4294967295 - (rn.to(tl.int64) + index_offset)).to(tl.int32)
+    key = Keys + rq.to(tl.int64)[:, None] * s_kq + rn.to(tl.int64)[None, :] * s_kn
+    tl.store(key + 1, ordered, mask=ok)
+    tl.store(key, tl.broadcast_to(low[None, :], (BQ, BN)), mask=ok)
 
 
 def encode_keys(values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
@@ -103,17 +116,18 @@ def score_topk(query, train, k, query_scale=None, train_scale=None, index_offset
         raise ValueError(f"score_topk: train rows {index_offset}..{index_offset + n} must lie in [0, 2^32) for the Triton kernel")
     if Q == 0 or n == 0:
         return score_topk_reference(query, train, k, query_scale, train_scale, index_offset, prev)
-    BQ = _query_block(Q, INTERPRET.value)
+    BQ = _query_block(Q)
     keys = torch.empty(Q, n, device=query.device, dtype=torch.int64)
+    words = keys.view(torch.int32)  # (Q, 2n): low and high word of each key
     partial = torch.empty(triton.cdiv(Q, BQ), 3, n, device=query.device, dtype=torch.float32)
     qs = query_scale.to(torch.float32).contiguous() if query_scale is not None else query
     xs = train_scale.to(torch.float32).contiguous() if train_scale is not None else train
     grid = lambda meta: (triton.cdiv(n, meta["BN"]), triton.cdiv(Q, BQ))  # noqa: E731
     _score_kernel[grid](
-        query, train, qs, xs, keys, partial,
+        query, train, qs, xs, words, partial,
         Q, n, D, index_offset,
-        *query.stride(), *train.stride(), *keys.stride(), *partial.stride(),
-        HAS_QS=query_scale is not None, HAS_XS=train_scale is not None, BQ=BQ,
+        *query.stride(), *train.stride(), words.stride(0), 2, *partial.stride(),
+        HAS_QS=query_scale is not None, HAS_XS=train_scale is not None,
     )
     aggregates = torch.stack([partial[:, 0].sum(0), partial[:, 1].sum(0), partial[:, 2].amax(0)])
     if prev is not None:

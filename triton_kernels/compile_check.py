@@ -1,0 +1,165 @@
+"""Compile every Triton kernel for a GPU without one: ``python -m fastinfluence.triton_kernels.compile_check``.
+
+The interpreter that runs the CPU tests does not apply the GPU compiler's rules (tl.dot
+shapes, layouts, register and shared-memory limits). This builds each kernel, in each
+autotune config and each dtype (``--quick``: bfloat16 and the first config), to a cubin for sm_90 with
+Triton's own ptxas, and prints registers, spilled bytes and shared memory per variant.
+Exit status 1 when a variant fails to compile.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    sys.exit("compile_check builds GPU code: run it without TRITON_INTERPRET=1")
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+from triton.runtime.autotuner import Autotuner  # noqa: E402
+
+from .ghost import _ghost_kernel  # noqa: E402
+from .linear_cross_entropy import _forward_kernel, _grad_logits_kernel  # noqa: E402
+from .project import _project_kernel, _project_tokens_kernel  # noqa: E402
+from .score_topk import _score_kernel  # noqa: E402
+
+TARGET = GPUTarget("cuda", 90, 32)
+
+
+def _ptxas() -> str | None:
+    """The ptxas Triton itself uses for sm_90 (None if this Triton does not say)."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        return get_ptxas(TARGET.arch).path
+    except (ImportError, AttributeError, RuntimeError):
+        return None
+
+
+@dataclass
+class Case:
+    """One kernel variant: pointer dtypes by argument, constexpr values, float scalars, and
+    the strides that are 1 for contiguous inputs (the JIT specialises those to constants;
+    it marks 16-aligned pointers and multiples of 16, as for Llama shapes, like ``aligned``)."""
+
+    name: str
+    kernel: object  # a JITFunction or an Autotuner around one
+    pointers: dict[str, str]
+    constexprs: dict[str, object]
+    floats: tuple[str, ...] = ()
+    units: tuple[str, ...] = ()
+    aligned: tuple[str, ...] = ()
+    options: dict[str, int] = field(default_factory=lambda: {"num_warps": 4})
+
+
+def _project_cases(dtype: str) -> list[Case]:
+    p = f"*{dtype}"
+    return [
+        Case(f"project {dtype}", _project_kernel,
+             dict(A=p, G=p, P_in=p, P_out=p, M="*u8", Phi="*fp32"),
+             dict(HAS_MASK=True, HAS_BIAS=True, BKI=64, BKO=64),
+             units=("s_ad", "s_gd", "s_pik", "s_pok", "s_mt", "s_fi"),
+             aligned=("T", "d_in", "d_out", "s_ab", "s_at", "s_gb", "s_gt", "s_pid", "s_pod", "s_mb", "s_fs", "s_fb", "s_fo")),
+        Case(f"project_tokens {dtype}", _project_tokens_kernel,
+             dict(X=p, P=p, M="*u8", Out=p), dict(HAS_MASK=True, HAS_BIAS=True, BK=64),
+             units=("s_xd", "s_pk", "s_mt", "s_ok"), aligned=("T", "d", "s_xb", "s_xt", "s_pd", "s_mb", "s_ob", "s_ot")),
+        Case(f"ghost {dtype}", _ghost_kernel,
+             dict(A1=p, G1=p, M1="*u8", A2=p, G2=p, M2="*u8", Out="*fp32"),
+             dict(HAS_M1=True, HAS_M2=True, BIAS=True, DIAG=False),
+             units=("s_a1d", "s_g1d", "s_m1t", "s_a2d", "s_g2d", "s_m2t"),
+             aligned=("d_in", "d_out", "s_a1b", "s_a1t", "s_g1b", "s_g1t", "s_m1b", "s_a2b", "s_a2t", "s_g2b", "s_g2t", "s_m2b")),
+        Case(f"score_topk {dtype}", _score_kernel,
+             dict(Qf=p, Xf=p, QS="*fp32", XS="*fp32", Keys="*i32", Agg="*fp32"),
+             dict(HAS_QS=True, HAS_XS=True),
+             units=("s_qd", "s_xd", "s_an"), aligned=("D", "s_qq", "s_xn", "s_kq", "s_at", "s_ar")),
+    ]
+
+
+def _lce_cases(dtype: str) -> list[Case]:
+    p = f"*{dtype}"
+    common = dict(Z=p, Bias=p, Labels="*i64")
+    consts = dict(SOFTCAP=True, HAS_BIAS=True, BV=4096)
+    return [
+        Case(f"lce forward {dtype}", _forward_kernel,
+             {**common, "Loss": "*fp32", "Lse": "*fp32"}, consts, floats=("cap",), options={"num_warps": 8},
+             aligned=("V", "s_zn")),
+        Case(f"lce grad_logits {dtype}", _grad_logits_kernel,
+             {**common, "Lse": "*fp32", "GradLoss": "*fp32"}, consts, floats=("cap",), options={"num_warps": 8},
+             aligned=("V", "s_zn")),
+    ]
+
+
+def cases(dtypes=("bf16", "fp16", "fp32")) -> list[Case]:
+    return [c for dtype in dtypes for c in _project_cases(dtype) + _lce_cases(dtype)]
+
+
+def _variants(case: Case, quick: bool):
+    """(label, constexprs, options) per autotune config of the case's kernel."""
+    configs = getattr(case.kernel, "configs", None)
+    if not configs:
+        yield "", case.constexprs, case.options
+        return
+    for config in configs[:1] if quick else configs:
+        options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
+        yield str(config.kwargs), {**case.constexprs, **config.kwargs}, options
+
+
+def _resources(ptx: str) -> str:
+    """ptxas -v summary: registers, spill bytes, shared memory."""
+    ptxas = _ptxas()
+    if ptxas is None:
+        return ""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        arch = re.search(r"\.target\s+(sm_\w+)", ptx).group(1)
+        res = subprocess.run([ptxas, f"-arch={arch}", "-v", path, "-o", os.path.join(tmp, "k.cubin")], capture_output=True, text=True)
+    regs = re.search(r"Used (\d+) registers", res.stderr)
+    spills = re.search(r"(\d+) bytes spill stores", res.stderr)
+    return f"regs={regs.group(1) if regs else '?'} spill_stores={spills.group(1) if spills else '?'}B"
+
+
+def compile_case(case: Case, constexprs: dict, options: dict):
+    fn = case.kernel.fn if isinstance(case.kernel, Autotuner) else case.kernel
+    constexprs = {**{name: 1 for name in case.units}, **constexprs}
+    signature, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name in case.pointers:
+            signature[name] = case.pointers[name]
+        else:
+            signature[name] = "fp32" if name in case.floats else "i32"
+        if name in case.pointers or name in case.aligned:
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    return triton.compile(ASTSource(fn, signature, constexprs, attrs), target=TARGET, options=options)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="bfloat16 and the first autotune config of each kernel only")
+    args = parser.parse_args()
+    failed = 0
+    for case in cases(("bf16",) if args.quick else ("bf16", "fp16", "fp32")):
+        for label, constexprs, options in _variants(case, args.quick):
+            try:
+                compiled = compile_case(case, constexprs, options)
+            except Exception as exc:  # report every failing variant, then fail
+                failed += 1
+                print(f"FAIL {case.name} {label} {options}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+                continue
+            shared = compiled.metadata.shared
+            print(f"ok   {case.name:<24} {label:<28} {options}  shared={shared}B {_resources(compiled.asm['ptx'])}")
+    print(f"{failed} variant(s) failed to compile" if failed else "all variants compiled")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
