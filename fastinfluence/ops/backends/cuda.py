@@ -32,6 +32,7 @@ MAX_TOPK = 1024
 # Chunk partial sums in flight (floats of workspace); bounds jl_project's extra memory.
 _WORKSPACE_FLOATS = 1 << 24
 _JL_CHUNK = 1024  # kJlChunk of csrc/jl_entries.h
+_MAX_ROWS = 65535 * 32  # row tiles of 32 along a grid dimension of at most 65535 blocks
 
 _ext: ModuleType | None = None
 _error: str | None = None
@@ -106,6 +107,8 @@ def jl_project(x: torch.Tensor, k: int, seed: int = 0, kind: str = "rademacher",
     """CUDA ``ops.jl_project``: bit-identical to the host twin (float64 inputs run on torch)."""
     if x.dtype == torch.float64:
         return jl_project_reference(x, k, seed, kind, offset)
+    if x.shape[0] > _MAX_ROWS:  # the grid's y dimension; rows are independent, so slicing changes no bit
+        return torch.cat([jl_project(part, k, seed, kind, offset) for part in x.split(_MAX_ROWS)])
     x, out = jl_output(x, k)
     B, D = x.shape
     chunks = -(-D // _JL_CHUNK)
