@@ -106,7 +106,7 @@ def main() -> None:
     free = shutil.disk_usage(args.tmp).free
     if free < 1.2 * need:
         sys.exit(f"{args.tmp} has {free / 1e9:.1f} GB free; the largest store needs {need / 1e9:.1f} GB: pass fewer --rows or another --tmp")
-    results = []
+    results, load_before = [], os.getloadavg()
     for rows in args.rows:
         path = Path(tempfile.mkdtemp(dir=args.tmp)) / "store"
         try:
@@ -120,7 +120,9 @@ def main() -> None:
         results.append(entry)
     meta = {"machine": platform.machine(), "cpus": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
             "queries": args.queries, "topk": args.topk, "chunk_rows": args.chunk_rows, "shard_rows": args.shard_rows,
-            "metric": "cosine", "note": "store files read from the page cache (written just before); checksums verified while reading"}
+            "metric": "cosine", "load_average_before": load_before, "load_average_after": os.getloadavg(),
+            "note": "store files read from the page cache (written just before); checksums verified while reading; "
+                    "peak_rss_mb is the scoring process's VmHWM, rss_before_scoring_mb its VmRSS after imports and opening the store"}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"meta": meta, "results": results}, indent=2))
 

@@ -601,7 +601,7 @@ def write_store(
         if e["first"] + e["rows"] > len(flat_ids) or _jsonable(flat_ids[e["first"] : e["first"] + e["rows"]]) != e["ids"]:
             raise MismatchError(
                 f"store {root} holds examples {e['first']}..{e['first'] + e['rows']} (shard {e.get('file')}) whose ids differ from "
-                "these batches at the same positions: pass the same batches to resume, or the old batches followed by new ones to append"
+                "these batches at the same positions (or lie past their end): pass the same batches to resume, or the old batches followed by new ones to append"
             )
     layers = list(meta_now["layout"])
     dim = max((sl[1] for sl in meta_now["layout"].values()), default=0)

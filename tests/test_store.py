@@ -201,3 +201,28 @@ def test_sigkill_at_random_points_then_resume_equals_uninterrupted_run(tmp_path)
         assert c == ref.stats[n][2]
     uninterrupted = write_store(tmp_path / "u", ext, batches, tokens=True, covariances=True, shard_rows=5)
     assert [s["sha256"] for s in uninterrupted.shards] == [s["sha256"] for s in store.shards]
+
+
+def rebatch(batches, size):
+    """The same examples, cut into batches of ``size``."""
+    cat = {k: torch.cat([b[k] for b in batches]) for k in ("input_ids", "attention_mask", "labels")}
+    ids = [i for b in batches for i in b["ids"]]
+    return [dict({k: v[s : s + size] for k, v in cat.items()}, ids=ids[s : s + size]) for s in range(0, len(ids), size)]
+
+
+def test_resuming_with_another_batch_size_fills_exactly_the_missing_rows(tmp_path):
+    ext, batches = TokenTableExtractor(), make_batches(10, with_ids=True)
+    write_store(tmp_path / "s", ext, batches[:4], tokens=True, shard_rows=6)
+    store = write_store(tmp_path / "s", ext, rebatch(batches, 5), tokens=True, shard_rows=6)
+    assert [s["first"] for s in store.shards] == [0, 6, 12, 20]  # resumed inside the batch of rows 10..15
+    assert_same_features(store, ext.extract(batches))
+    ref = ext.extract(batches, tokens=True).tokens
+    a, _ = store.token_factors(13)
+    assert torch.equal(a["model.layers.0.mlp"], ref.a["model.layers.0.mlp"][ref.offsets[13] : ref.offsets[14]])
+
+
+def test_resuming_covariances_inside_a_batch_is_refused(tmp_path):
+    ext, batches = TokenTableExtractor(), make_batches(10, with_ids=True)
+    write_store(tmp_path / "s", ext, batches[:4], covariances=True, shard_rows=6)
+    with pytest.raises(StoreError, match="same batch size"):
+        write_store(tmp_path / "s", ext, rebatch(batches, 5), covariances=True, shard_rows=6)
