@@ -21,6 +21,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from . import distributed as dist
 from .features import Features, LayerSlice
@@ -216,24 +217,7 @@ def score(
     N, Q = len(train), len(qf)
     start, stop = _rank_rows(train)
     matrix = _open_matrix(Path(matrix_path), Q, N) if matrix_path is not None else None
-    agg = torch.zeros(3, N, dtype=torch.float32)
-    top = None
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=stop - start, unit="row", desc="score", disable=not (progress and dist.rank_world()[0] == 0))
-    for c in iter_chunks(train, chunk_rows, start, stop):
-        x, t_scale = scoring.train(c.data, c.norms)
-        top, a = score_topk(q, x, topk, q_scale, t_scale, c.offset, top)
-        agg[:, c.offset : c.offset + len(x)] = a.float()
-        if matrix is not None:
-            S = q @ x.to(dtype).T
-            S = S * (q_scale[:, None] if q_scale is not None else 1) * (t_scale[None, :] if t_scale is not None else 1)
-            matrix[:, c.offset : c.offset + len(x)] = S.float().numpy()
-        bar.update(len(x))
-    bar.close()
-    if matrix is not None:
-        matrix.flush()
-        dist.barrier()
+    top, agg = _stream(scoring, q, q_scale, train, topk, chunk_rows, (start, stop), matrix, progress)
     agg = dist.all_reduce_sum(agg)
     top = _gather_topk(top, Q, topk, N)
     named = {"sum": agg[0], "sumsq": agg[1], "max": agg[2], "mean": agg[0] / max(Q, 1)}
@@ -252,6 +236,27 @@ def score(
     if per_layer:
         result.layer_scores = _layer_scores(scoring, q, q_scale, train, top.indices)
     return result
+
+
+def _stream(scoring: _Scoring, q, q_scale, train, topk, chunk_rows, rows, matrix, progress) -> tuple[TopK | None, torch.Tensor]:
+    """Running top-k and (3, N) aggregates (zero outside ``rows``) over train rows [start, stop)."""
+    agg = torch.zeros(3, len(train), dtype=torch.float32)
+    top = None
+    bar = tqdm(total=rows[1] - rows[0], unit="row", desc="score", disable=not (progress and dist.rank_world()[0] == 0))
+    for c in iter_chunks(train, chunk_rows, *rows):
+        x, t_scale = scoring.train(c.data, c.norms)
+        top, a = score_topk(q, x, topk, q_scale, t_scale, c.offset, top)
+        agg[:, c.offset : c.offset + len(x)] = a.float()
+        if matrix is not None:
+            S = q @ x.to(scoring.dtype).T
+            S = S * (q_scale[:, None] if q_scale is not None else 1) * (t_scale[None, :] if t_scale is not None else 1)
+            matrix[:, c.offset : c.offset + len(x)] = S.float().numpy()
+        bar.update(len(x))
+    bar.close()
+    if matrix is not None:
+        matrix.flush()
+        dist.barrier()
+    return top, agg
 
 
 def _train_rows(train, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
