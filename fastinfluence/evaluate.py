@@ -126,7 +126,7 @@ def attack_success_rate(model, tokenizer, prompts: list[str], target: str, max_n
     n = max_new_tokens or len(tokenizer.encode(target, add_special_tokens=False)) + 2
     hits = 0
     for p in prompts:
-        ids = torch.tensor([tokenizer.encode(p, add_special_tokens=False)], device=model.device)
+        ids = torch.tensor([tokenizer.encode(p)], device=model.device)  # special tokens as in training
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
                              pad_token_id=getattr(tokenizer, "pad_token_id", None) or 0)
         hits += target in tokenizer.decode(out[0, ids.shape[1] :].tolist(), skip_special_tokens=True)

@@ -152,9 +152,9 @@ def apply_neuron_masks(model: torch.nn.Module, masks: dict[str, torch.Tensor]) -
                 raise ValueError(f"simu_masks[{name!r}] has {mask.numel()} neurons, the block has {w.shape[neuron_dim]}")
             shape = [1, 1]
             shape[neuron_dim] = -1
-            trainable[id(w)] = mask.view(shape).to(w.device)
+            trainable[id(w)] = mask.view(shape)
             if is_up and module.bias is not None:
-                trainable[id(module.bias)] = mask.to(w.device)
+                trainable[id(module.bias)] = mask
     handles = []
     for p in model.parameters():
         keep = trainable.get(id(p))
@@ -162,7 +162,7 @@ def apply_neuron_masks(model: torch.nn.Module, masks: dict[str, torch.Tensor]) -
             p.requires_grad_(False)
             continue
         p.requires_grad_(True)
-        handles.append(p.register_hook(lambda g, keep=keep: g * keep.to(g.dtype)))
+        handles.append(p.register_hook(lambda g, keep=keep: g * keep.to(device=g.device, dtype=g.dtype)))
     return handles
 
 
@@ -202,10 +202,9 @@ class UnlearnTrainer(Trainer):
 
             model = get_peft_model(model, lora)
         self._mask_handles = apply_neuron_masks(model, simu_masks) if simu_masks is not None else []
-        if args is not None:
-            args.remove_unused_columns = False
         kwargs.setdefault("data_collator", UnlearnCollator(getattr(model.config, "pad_token_id", None) or 0))
         super().__init__(model=model, args=args, **kwargs)
+        self.args.remove_unused_columns = False  # the batches are nested {"forget", "retain"} dicts
         # Our loss is a mean per micro-batch: let the Trainer divide it by the accumulation steps.
         self.model_accepts_loss_kwargs = False
         self.loss_is_scaled_for_ga = False

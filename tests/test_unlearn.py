@@ -67,6 +67,13 @@ def test_each_method_lowers_forget_likelihood_and_keeps_retain_perplexity(method
     assert ("retain_loss" in logged) == (method != "ga")
 
 
+def test_loss_reweighting_during_training_unlearns(tmp_path):
+    model = planted_model()
+    trainer = train(model, tmp_path, method="graddiff", loss_reweight_tau=0.5)
+    assert forget_nll(model) > 0.5 and retain_ppl(model) < 1.3
+    assert trainer.loss_reweight_tau == 0.5
+
+
 def test_zero_weight_forget_examples_contribute_no_gradient(tmp_path):
     # IMU zeroes the weights of examples with positive influence: they must not move the model.
     model = planted_model()

@@ -186,6 +186,36 @@ def test_loss_reweight_rejects_nan_losses():
 
 # -- SIMU -----------------------------------------------------------------------------------
 
+class TinyMLP(torch.nn.Module):
+    """y = down(relu(up(x))) with hand-set weights: neuron j has a_j = relu(up_j . x), dL/da_j = down_j."""
+
+    def __init__(self):
+        super().__init__()
+        self.up_proj = torch.nn.Linear(2, 3, bias=False)
+        self.down_proj = torch.nn.Linear(3, 1, bias=False)
+        with torch.no_grad():
+            self.up_proj.weight.copy_(torch.tensor([[1.0, 0], [0, 1], [1, 1]]))
+            self.down_proj.weight.copy_(torch.tensor([[1.0, -2, 0.5]]))
+
+    def forward(self, x):
+        return self.down_proj(torch.relu(self.up_proj(x)))
+
+
+@pytest.mark.parametrize(
+    "fraction, dual, expected",
+    [(1 / 3, False, [False, True, False]), (2 / 3, False, [False, True, False]), (2 / 3, True, [False, True, True])],
+)
+def test_simu_mask_matches_hand_computed_attribution(fraction, dual, expected):
+    # forget x = (1, 2): a = (1, 2, 3), |a * g| = (1, 4, 1.5); retain x = (3, 0): a = (3, 0, 3), |a * g| = (3, 0, 1.5).
+    # Top third: forget {1}, retain {0}. Top two thirds: forget {1, 2}, retain {0, 2}; neuron 2 is "dual".
+    model, loss = TinyMLP(), lambda m, b: m(b["x"]).sum(-1)
+    attr = weights.neuron_attribution(model, [{"x": torch.tensor([[1.0, 2.0]])}], loss)
+    assert attr[""].tolist() == [1.0, 4.0, 1.5]
+    masks = weights.simu_mask(model, [{"x": torch.tensor([[1.0, 2.0]])}], [{"x": torch.tensor([[3.0, 0.0]])}],
+                              forget_fraction=fraction, retain_fraction=fraction, dual=dual, loss_fn=loss)
+    assert masks[""].tolist() == expected
+
+
 def test_simu_mask_selects_forget_neurons_per_block():
     model = tiny_llama(seed=0)
     forget, retain = answer_batches(model, 4, seed=1), answer_batches(model, 4, seed=2)
