@@ -18,6 +18,6 @@ def check_tokens(name: str, X: torch.Tensor, mask: torch.Tensor | None) -> None:
 
 def masked(X: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """Zero the rows of masked-out tokens. ``where`` (not a product) so NaN/inf in padding is dropped."""
-    if mask is None:
-        return X
+    if mask is None or (mask.device.type == "cpu" and bool(mask.all())):
+        return X  # nothing to drop (checked on the CPU only, where it costs no device sync)
     return torch.where(mask.bool().unsqueeze(-1), X, X.new_zeros(()))
