@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fastinfluence import weights
-from test_unlearn_data import answer_batches, tiny_llama
+from test_unlearn_data import VOCAB, answer_batches, tiny_llama
 
 
 def close(a, b, tol=1e-6):
@@ -244,3 +244,22 @@ def _nll(model, batch):
 def test_simu_mask_rejects_models_without_mlp_blocks():
     with pytest.raises(ValueError, match="found no MLP block"):
         weights.simu_mask(torch.nn.Linear(3, 3), [], [])
+
+
+def test_imu_on_exact_lm_head_features_matches_autograd_gradients():
+    """IMU fed by GradientExtractor (ranks >= the LM head's widths: exact) equals IMU on autograd gradients."""
+    from fastinfluence import GradientExtractor, ProjectionConfig
+    from fastinfluence.losses import sequence_nll
+
+    model = tiny_llama(seed=4)
+    batches = answer_batches(model, 6, seed=12, batch_size=3)
+    features = GradientExtractor(model, ProjectionConfig(include=[r"lm_head"], rank_in=32, rank_out=VOCAB)).extract(batches)
+    rows = []
+    for batch in batches:
+        for i in range(batch["input_ids"].shape[0]):
+            one = {k: v[i : i + 1] for k, v in batch.items()}
+            rows.append(torch.autograd.grad(sequence_nll(model, one).mean.sum(), model.lm_head.weight)[0].flatten())
+    expected = weights.imu(torch.stack(rows))
+    out = weights.imu(features.data)
+    assert torch.allclose(out.influence, expected.influence, rtol=1e-4, atol=1e-8)
+    assert out.keep.equal(expected.keep) and torch.allclose(out.weights, expected.weights, rtol=1e-4)
