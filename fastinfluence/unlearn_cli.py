@@ -40,7 +40,7 @@ def _weights(args) -> int:
             raise SystemExit(f"--method rapidun needs --{' --'.join(missing)}")
         w = weights.rapidun(*(_load_tensor(getattr(args, n)) for n in ("ff", "fr", "rf", "rr")),
                             tau_f=args.tau_f, tau_r=args.tau_r, w_min=args.w_min, w_max=args.w_max,
-                            aggregate_by=args.aggregate, topk=args.topk)
+                            aggregate=args.aggregate, topk=args.topk)
         out = {"method": "rapidun", "forget": w.forget.tolist(), "retain": w.retain.tolist()}
     elif args.method == "imu":
         if args.forget_grads is None:

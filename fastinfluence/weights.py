@@ -41,7 +41,7 @@ def _median(x: torch.Tensor, dim: int | None = None) -> torch.Tensor:
     return torch.quantile(x, 0.5, dim=dim) if dim is not None else torch.quantile(x, 0.5)
 
 
-def aggregate(scores: torch.Tensor, how: str = "mean", topk: int | None = None) -> torch.Tensor:
+def aggregate_scores(scores: torch.Tensor, how: str = "mean", topk: int | None = None) -> torch.Tensor:
     """One value per train example from a (Q, N) matrix.
 
     ``mean``: mean over the queries. ``topk_median``: RapidUn's aggregation: per query keep
@@ -85,7 +85,7 @@ def rapidun(
     tau_r: float = 1.2,
     w_min: float = 0.2,
     w_max: float = 3.0,
-    aggregate_by: str = "mean",
+    aggregate: str = "mean",
     topk: int | None = None,
 ) -> RapidUnWeights:
     """RapidUn forget and retain weights (arXiv 2512.04457).
@@ -95,7 +95,7 @@ def rapidun(
         z = (S - median) / max(1.4826 * MAD, 1e-3)
         w = exp(clip(z / tau, ln w_min, ln w_max)),   w /= mean(w)
 
-    FF, FR, RF, RR aggregate each matrix over its queries (``aggregate_by``: ``mean``, or
+    FF, FR, RF, RR aggregate each matrix over its queries (``aggregate``: ``mean``, or
     RapidUn's ``topk_median`` with ``topk``). A constant S gives z = 0 (all weights 1).
 
     Defaults follow the paper (tau_f=0.7, tau_r=1.2, w in [0.2, 3], mean aggregation of raw
@@ -108,7 +108,7 @@ def rapidun(
     """
     ff, fr, rf, rr = (_matrix(n, m) for n, m in (("ff", ff), ("fr", fr), ("rf", rf), ("rr", rr)))
     (qf, nf), (qr, nr) = ff.shape, rr.shape
-    expected = {"ff": (qf, nf), "fr": (qr, nf), "rf": (qf, nr), "rr": (qr, nr)}
+    expected = {"fr": (qr, nf), "rf": (qf, nr)}
     for name, m in (("fr", fr), ("rf", rf)):
         if tuple(m.shape) != expected[name]:
             raise ValueError(
@@ -117,7 +117,7 @@ def rapidun(
             )
     if not 0 < w_min <= w_max or tau_f <= 0 or tau_r <= 0:
         raise ValueError(f"rapidun: need 0 < w_min <= w_max and tau > 0, got w=[{w_min}, {w_max}], tau_f={tau_f}, tau_r={tau_r}")
-    FF, FR, RF, RR = (aggregate(m, aggregate_by, topk) for m in (ff, fr, rf, rr))
+    FF, FR, RF, RR = (aggregate_scores(m, aggregate, topk) for m in (ff, fr, rf, rr))
     s_f = alpha * FF - beta * FR
     s_r = gamma * RR - delta * RF
 

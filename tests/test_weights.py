@@ -56,7 +56,7 @@ def test_rapidun_constant_scores_give_unit_weights():
 def test_topk_median_aggregate_matches_hand_computed():
     scores = torch.tensor([[5.0, 1, 3], [2, 4, 0], [1, 2, 6]])
     # top-2 per row, rest zeroed: [5 0 3], [2 4 0], [0 2 6]; column medians 2 2 3.
-    assert close(weights.aggregate(scores, "topk_median", topk=2), [2.0, 2.0, 3.0])
+    assert close(weights.aggregate_scores(scores, "topk_median", topk=2), [2.0, 2.0, 3.0])
 
 
 def test_rapidun_accepts_score_results_with_a_full_matrix():
@@ -73,7 +73,7 @@ def test_rapidun_accepts_score_results_with_a_full_matrix():
         (dict(ff=torch.tensor([[1.0, float("nan"), 0, 0, 0]] * 2)), "ff holds NaN or inf"),
         (dict(rr=torch.tensor([[1.0, float("inf"), 0, 0]])), "rr holds NaN or inf"),
         (dict(ff=torch.zeros(2, 0)), "non-empty"),
-        (dict(aggregate_by="max"), "unknown aggregate"),
+        (dict(aggregate="max"), "unknown aggregate"),
         (dict(ff=[[1.0]]), "score tensor or a ScoreResult"),
     ],
 )
