@@ -219,7 +219,7 @@ class UnlearnTrainer(Trainer):
 
     def _reference_nll(self, dataset: UnlearnDataset) -> torch.Tensor:
         """NLL_sum of every forget example under the model before unlearning (NPO's pi_ref)."""
-        collate = self.data_collator
+        collate = self.data_collator if isinstance(self.data_collator, UnlearnCollator) else UnlearnCollator()
         rows = self.args.per_device_eval_batch_size
         batches = (
             {k: v.to(self.args.device) for k, v in collate.pad(dataset.forget[s : s + rows]).items()}
