@@ -119,7 +119,7 @@ def _device(choice: str) -> str:
 
 
 def _add_model_args(p) -> None:
-    p.add_argument("--model", required=True, help="local Hugging Face model directory, or a PEFT adapter directory (its base model is loaded from the path in adapter_config.json)")
+    p.add_argument("--model", required=True, metavar="DIR", help="local Hugging Face model directory, or a PEFT adapter directory (its base model is loaded from the path in adapter_config.json)")
     p.add_argument("--torch-dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="dtype the model is loaded in (default float32)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto: this rank's GPU when there is one, else cpu (default auto)")
     p.add_argument("--batch-size", type=int, default=8, help="examples per forward/backward (default 8)")
@@ -127,6 +127,7 @@ def _add_model_args(p) -> None:
 
 
 def _extract(args) -> int:
+    from . import distributed as dist
     from .extract import GradientExtractor
     from .store import write_store
 
@@ -137,7 +138,8 @@ def _extract(args) -> int:
         args.out, extractor, batches, tokens=args.tokens, covariances=args.covariances, shard_rows=args.shard_rows,
         meta={"data": str(Path(args.data).resolve()), "model": str(Path(args.model).resolve())}, progress=not args.quiet,
     )
-    log.info("store %s: %d rows of %d features in %d shards", store.path, store.num_rows, store.dim, len(store.shards))
+    if dist.rank_world()[0] == 0:
+        log.info("store %s: %d rows of %d features in %d shards", store.path, store.num_rows, store.dim, len(store.shards))
     return 0
 
 
@@ -150,9 +152,9 @@ def _register_extract(sub) -> None:
         "old one appends the new examples.",
     )
     _add_model_args(p)
-    p.add_argument("--data", required=True, help="JSONL file, one example per line with 'prompt' and 'response' (and optional 'id'); the loss is taken on the response tokens")
-    p.add_argument("--out", required=True, help="feature store directory (created, resumed or extended)")
-    p.add_argument("--config", help="ProjectionConfig as a JSON or YAML file; the options below override its fields")
+    p.add_argument("--data", required=True, metavar="JSONL", help="JSONL file, one example per line with 'prompt' and 'response' (and optional 'id'); the loss is taken on the response tokens")
+    p.add_argument("--out", required=True, metavar="DIR", help="feature store directory (created, resumed or extended)")
+    p.add_argument("--config", metavar="FILE", help="ProjectionConfig as a JSON or YAML file; the options below override its fields")
     p.add_argument("--rank-in", dest="rank_in", type=int, help="k_in, input-side projection width per layer (default 64)")
     p.add_argument("--rank-out", dest="rank_out", type=int, help="k_out, output-side projection width per layer (default 64)")
     p.add_argument("--kind", choices=["gaussian", "rademacher"], help="projection entries (default gaussian)")
@@ -243,20 +245,20 @@ def _register_score(sub) -> None:
         description="Influence scores of every query against every train example, streamed over the train "
         "store. Writes the top-k train examples per query (with their texts) as JSON or CSV.",
     )
-    p.add_argument("--train", required=True, help="train feature store directory")
-    p.add_argument("--query", required=True, help="query feature store directory, or a JSONL file (then --model is needed)")
-    p.add_argument("--out", required=True, help="output file: .csv for one row per query and rank, anything else for JSON")
+    p.add_argument("--train", required=True, metavar="DIR", help="train feature store directory")
+    p.add_argument("--query", required=True, metavar="DIR|JSONL", help="query feature store directory, or a JSONL file (then --model is needed)")
+    p.add_argument("--out", required=True, metavar="FILE", help="output file: .csv for one row per query and rank, anything else for JSON")
     p.add_argument("--metric", default="dot", choices=["dot", "cosine"], help="dot product or cosine of the (preconditioned) features (default dot)")
     p.add_argument("--precondition", default=None, choices=["identity", "diagonal", "kfac", "ekfac", "full"], help="curvature fitted on the train store and cached beside it (default none); kfac/ekfac need a store extracted with --covariances")
     p.add_argument("--damping", type=float, help="absolute damping of the preconditioner (default 0.1 x its mean eigenvalue)")
     p.add_argument("--topk", type=int, default=10, help="train examples kept per query (default 10)")
     p.add_argument("--layer-normalize", action="store_true", help="scale each layer's features to unit norm before summing layers")
     p.add_argument("--chunk-rows", type=int, default=8192, help="train rows scored at a time; bounds the memory (default 8192)")
-    p.add_argument("--matrix", help="also write the full query x train score matrix to this .npy file (memory-mapped)")
+    p.add_argument("--matrix", metavar="NPY", help="also write the full query x train score matrix to this .npy file (memory-mapped)")
     p.add_argument("--verify", action="store_true", help="check every shard checksum of the train store first")
-    p.add_argument("--train-data", help="JSONL with the train texts (default: the file recorded at extraction)")
-    p.add_argument("--query-data", help="JSONL with the query texts (default: the query JSONL, or the file recorded at extraction)")
-    p.add_argument("--model", help="model or adapter directory, to extract the features of a JSONL --query")
+    p.add_argument("--train-data", metavar="JSONL", help="JSONL with the train texts (default: the file recorded at extraction)")
+    p.add_argument("--query-data", metavar="JSONL", help="JSONL with the query texts (default: the query JSONL, or the file recorded at extraction)")
+    p.add_argument("--model", metavar="DIR", help="model or adapter directory, to extract the features of a JSONL --query")
     p.add_argument("--torch-dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="dtype the model is loaded in (default float32)")
     p.add_argument("--device", default="auto", help="device of the model for a JSONL --query (default auto)")
     p.add_argument("--batch-size", type=int, default=8, help="examples per batch for a JSONL --query (default 8)")
@@ -271,6 +273,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fastinfluence",
         description="Fast, low-memory influence estimation and influence-guided unlearning for Hugging Face causal LMs.",
+        epilog="examples:\n"
+        "  fastinfluence extract --model DIR --data train.jsonl --out runs/train --covariances\n"
+        "  fastinfluence extract --model DIR --data queries.jsonl --out runs/query\n"
+        "  fastinfluence score --query runs/query --train runs/train --precondition kfac --topk 10 --out top.csv\n"
+        "  torchrun --nproc_per_node=2 -m fastinfluence extract ...   (ranks split the examples)\n"
+        "'fastinfluence COMMAND --help' explains every option of a command.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="logging verbosity (default INFO)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars (give it before the command: fastinfluence --quiet score ...)")
