@@ -104,7 +104,7 @@ def _unlearn(args) -> int:
         seed=args.seed, disable_tqdm=True,
     )
     trainer = UnlearnTrainer(model=model, args=targs, method=args.method, alpha=args.alpha, beta=args.beta,
-                             lora=lora, train_dataset=dataset)
+                             loss_reweight_tau=args.loss_reweight_tau, lora=lora, train_dataset=dataset)
     result = trainer.train()
     trainer.save_model(args.out)
     tok.save_pretrained(args.out)
@@ -174,6 +174,7 @@ def register(subparsers) -> None:
     p.add_argument("--ratio", type=int, default=3, help="retain examples per forget example (default 3)")
     p.add_argument("--alpha", type=float, default=1.0, help="retain-term coefficient (default 1)")
     p.add_argument("--beta", type=float, help="NPO / SimNPO temperature (default 0.1 / 2.5)")
+    p.add_argument("--loss-reweight-tau", type=float, help="also weight forget examples by N * softmax(-loss / tau) of the batch (LoReUn-style)")
     p.add_argument("--lora-r", type=int, default=0, help="train a LoRA adapter of this rank instead of the full model (RapidUn: 16)")
     p.add_argument("--lora-targets", nargs="+", help="LoRA target module names (default all-linear)")
     p.add_argument("--lr", type=float, default=1e-5, help="learning rate (default 1e-5)")

@@ -77,7 +77,7 @@ def test_weights_unlearn_evaluate_pipeline(workdir):
 def test_lora_unlearning_writes_an_adapter(workdir):
     out = workdir / "lora"
     assert main(["unlearn", "--model", str(workdir / "model"), "--forget", str(workdir / "forget.jsonl"),
-                 "--retain", str(workdir / "retain.jsonl"), "--method", "npo", "--lora-r", "4",
+                 "--retain", str(workdir / "retain.jsonl"), "--method", "npo", "--lora-r", "4", "--loss-reweight-tau", "1",
                  "--steps", "2", "--lr", "1e-3", "--batch-size", "8", "--cpu", "--out", str(out)]) == 0
     assert (out / "adapter_model.safetensors").exists() and not (out / "model.safetensors").exists()
 
