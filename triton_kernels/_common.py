@@ -18,8 +18,7 @@ import triton.language as tl
 
 INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
 
-TORCH_TO_TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
-KERNEL_DTYPES = tuple(TORCH_TO_TL)
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @triton.jit
@@ -40,14 +39,6 @@ def block(n: int, lo: int = 16, hi: int | None = None) -> int:
     """Power-of-two block covering ``n`` (at least ``lo`` so tl.dot dimensions stay >= 16)."""
     b = max(lo, triton.next_power_of_2(max(int(n), 1)))
     return min(b, hi) if hi is not None else b
-
-
-def kernel_dtype(*tensors: torch.Tensor | None) -> torch.dtype | None:
-    """The common dtype of ``tensors`` if the kernels take it (float32/bfloat16/float16), else None."""
-    dtypes = {t.dtype for t in tensors if t is not None}
-    if len(dtypes) == 1 and (dtype := dtypes.pop()) in TORCH_TO_TL:
-        return dtype
-    return None
 
 
 def mask_arg(mask: torch.Tensor | None, like: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -83,29 +74,3 @@ def autotune(gpu_configs: list[triton.Config], interpret_config: triton.Config, 
     if INTERPRET:
         return triton.autotune(configs=[interpret_config], key=key)
     return triton.autotune(configs=gpu_configs, key=key, prune_configs_by={"early_config_prune": prune} if prune else None)
-
-
-@triton.jit
-def project_rows(
-    x_ptr, row_off, row_ok, d, stride_xd,
-    p_ptr, stride_pd, stride_pk, k,
-    HAS_BIAS: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, BK: tl.constexpr,
-):
-    """(BT, BK) float32 = X[rows] @ P[:d] (+ P[d], the bias row). Rows with ``row_ok`` False read as 0.
-
-    ``row_off`` (BT,) int64: element offsets of the rows from ``x_ptr``. P: (d[+1], k) in X's dtype.
-    """
-    offs_d = tl.arange(0, BD)
-    offs_k = tl.arange(0, BK)
-    k_ok = offs_k < k
-    acc = tl.zeros((BT, BK), tl.float32)
-    for d0 in range(0, d, BD):
-        dd = d0 + offs_d
-        d_ok = dd < d
-        x = tl.load(x_ptr + row_off[:, None] + dd[None, :] * stride_xd, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-        p = tl.load(p_ptr + dd[:, None] * stride_pd + offs_k[None, :] * stride_pk, mask=d_ok[:, None] & k_ok[None, :], other=0.0)
-        acc = dot(x, p, acc)
-    if HAS_BIAS:
-        bias = tl.load(p_ptr + d * stride_pd + offs_k * stride_pk, mask=k_ok, other=0.0)
-        acc += bias.to(tl.float32)[None, :]
-    return acc

@@ -18,7 +18,7 @@ import triton.language as tl
 
 from fastinfluence.ops.project import project_reference, project_tokens_reference
 
-from ._common import INTERPRET, KERNEL_DTYPES, autotune, block, mask_arg, dot_f32, project_rows, token_splits
+from ._common import INTERPRET, KERNEL_DTYPES, autotune, block, dot, dot_f32, mask_arg, token_splits
 
 # Token ranges per program are multiples of this: 64 tokens keep B*T/64 programs in
 # flight (a full wave for B=4, T=2048 on 132 SMs) while each tile still reuses P 64 times.
@@ -29,6 +29,32 @@ _GPU_CONFIGS = [
     for bt, bd, w, s in [(64, 64, 4, 3), (64, 128, 8, 3), (128, 64, 8, 3), (128, 128, 8, 2), (32, 128, 4, 4)]
 ]
 _INTERPRET_CONFIG = triton.Config({"BT": 16, "BD": 16})
+
+
+@triton.jit
+def _project_rows(
+    x_ptr, row_off, row_ok, d, stride_xd,
+    p_ptr, stride_pd, stride_pk, k,
+    HAS_BIAS: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, BK: tl.constexpr,
+):
+    """(BT, BK) float32 = X[rows] @ P[:d] (+ P[d], the bias row). Rows with ``row_ok`` False read as 0.
+
+    ``row_off`` (BT,) int64: element offsets of the rows from ``x_ptr``. P: (d[+1], k) in X's dtype.
+    """
+    offs_d = tl.arange(0, BD)
+    offs_k = tl.arange(0, BK)
+    k_ok = offs_k < k
+    acc = tl.zeros((BT, BK), tl.float32)
+    for d0 in range(0, d, BD):
+        dd = d0 + offs_d
+        d_ok = dd < d
+        x = tl.load(x_ptr + row_off[:, None] + dd[None, :] * stride_xd, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        p = tl.load(p_ptr + dd[:, None] * stride_pd + offs_k[None, :] * stride_pk, mask=d_ok[:, None] & k_ok[None, :], other=0.0)
+        acc = dot(x, p, acc)
+    if HAS_BIAS:
+        bias = tl.load(p_ptr + d * stride_pd + offs_k * stride_pk, mask=k_ok, other=0.0)
+        acc += bias.to(tl.float32)[None, :]
+    return acc
 
 
 @autotune(_GPU_CONFIGS, _INTERPRET_CONFIG, key=["d_in", "d_out", "k_in", "k_out"])
@@ -54,8 +80,8 @@ def _project_kernel(
             ok = ok & (tl.load(M + b * s_mb + t * s_mt, mask=ok, other=0) != 0)
         t = t.to(tl.int64)
         # Masked tokens read as zero rows of G, so they add nothing to phi (and NaN in them is never read).
-        a_t = project_rows(A + b * s_ab, t * s_at, ok, d_in, s_ad, P_in, s_pid, s_pik, k_in, HAS_BIAS, BT, BD, BKI)
-        g_t = project_rows(G + b * s_gb, t * s_gt, ok, d_out, s_gd, P_out, s_pod, s_pok, k_out, False, BT, BD, BKO)
+        a_t = _project_rows(A + b * s_ab, t * s_at, ok, d_in, s_ad, P_in, s_pid, s_pik, k_in, HAS_BIAS, BT, BD, BKI)
+        g_t = _project_rows(G + b * s_gb, t * s_gt, ok, d_out, s_gd, P_out, s_pod, s_pok, k_out, False, BT, BD, BKO)
         phi = dot_f32(tl.trans(g_t), a_t, phi)
     o = tl.arange(0, BKO)
     i = tl.arange(0, BKI)
@@ -77,7 +103,7 @@ def _project_tokens_kernel(
     t = row % T
     if HAS_MASK:
         ok = ok & (tl.load(M + b * s_mb + t * s_mt, mask=ok, other=0) != 0)
-    x_t = project_rows(X, b * s_xb + t * s_xt, ok, d, s_xd, P, s_pd, s_pk, k, HAS_BIAS, BT, BD, BK)
+    x_t = _project_rows(X, b * s_xb + t * s_xt, ok, d, s_xd, P, s_pd, s_pk, k, HAS_BIAS, BT, BD, BK)
     x_t = tl.where(ok[:, None], x_t, 0.0)  # masked rows would otherwise hold the bias row
     kk = tl.arange(0, BK)
     out = Out + b[:, None] * s_ob + t[:, None] * s_ot + kk[None, :] * s_ok
