@@ -3,6 +3,7 @@
 Providers, each timed as the median of a few calls:
 
 * ``fastinfluence-cpu``: the C++/OpenMP host twin (no stored matrix);
+  (providers are timed in turns, so load from other processes falls on all alike)
 * ``trak-basic``: ``trak.projectors.BasicProjector`` with its default block size (the
   matrix is regenerated block by block with torch's generator on every call);
 * ``stored-matmul``: ``x @ R`` with R (D x k float32) already in memory: the matmul floor
@@ -34,14 +35,18 @@ from fastinfluence.ops.backends import cpu  # noqa: E402
 TRAK_KIND = {"rademacher": "rademacher", "gaussian": "normal"}
 
 
-def median_s(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+def interleaved_medians(fns: dict, repeats: int) -> dict:
+    """Median seconds of each callable, timed in turns so that load from other processes
+    on a shared machine falls on every provider alike."""
+    for fn in fns.values():
         fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def cpu_name() -> str:
@@ -64,11 +69,16 @@ def run(B: int, D: int, k: int, kind: str, repeats: int) -> list[dict]:
                      "value": round(B * D * k / seconds / 1e9, 3), "unit": "G multiply-adds/s", **extra})
         print(json.dumps(rows[-1]), flush=True)
 
-    row("fastinfluence-cpu", median_s(lambda: cpu.jl_project(x, k, 0, kind, 0), repeats), matrix_bytes=0)
     trak = BasicProjector(grad_dim=D, proj_dim=k, seed=0, proj_type=ProjectionType(TRAK_KIND[kind]), device="cpu")
-    row("trak-basic", median_s(lambda: trak.project(x, model_id=0), max(1, repeats // 3)), matrix_bytes=D * trak.block_size * 4)
     R = torch.randn(D, k)
-    row("stored-matmul", median_s(lambda: x @ R, repeats), matrix_bytes=D * k * 4)
+    seconds = interleaved_medians({
+        "fastinfluence-cpu": lambda: cpu.jl_project(x, k, 0, kind, 0),
+        "trak-basic": lambda: trak.project(x, model_id=0),
+        "stored-matmul": lambda: x @ R,
+    }, repeats)
+    row("fastinfluence-cpu", seconds["fastinfluence-cpu"], matrix_bytes=0)
+    row("trak-basic", seconds["trak-basic"], matrix_bytes=D * trak.block_size * 4)
+    row("stored-matmul", seconds["stored-matmul"], matrix_bytes=D * k * 4)
     fast, slow = rows[0]["ms"], rows[1]["ms"]
     rows[0]["speedup_vs_trak"] = round(slow / fast, 2)
     return rows
@@ -86,14 +96,15 @@ def identical_across_threads(kind: str) -> bool:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small shapes (checks the script)")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "jl_project_cpu.json"))
     args = parser.parse_args()
     if cpu._ext is None:
         sys.exit("the C++ host kernels are not built (pip install -e .)")
     shapes = [(2, 4096, 256)] if args.quick else [(1, 65536, 1024), (8, 65536, 1024), (32, 65536, 1024), (8, 65536, 4096)]
     rows = [r for kind in ("rademacher", "gaussian") for B, D, k in shapes for r in run(B, D, k, kind, args.repeats)]
-    meta = {**gpu_floors.metadata(), "device": cpu_name(), "threads": torch.get_num_threads()}
+    meta = {**gpu_floors.metadata(), "device": cpu_name(), "threads": torch.get_num_threads(),
+            "load_average_1min": os.getloadavg()[0]}
     import trak
 
     meta["traker"] = getattr(trak, "__version__", "unknown")

@@ -13,9 +13,9 @@
 #include "host_kernels.h"
 #include "jl_entries.h"
 
-// Entry generation is compiled for AVX-512, AVX2 and baseline x86-64 and picked at load
-// time; the multiply-adds use AVX2+FMA intrinsics when the CPU has them, std::fma
-// otherwise. Every path rounds once per step, so all give the same bits.
+// With AVX2 and FMA the Philox words and the multiply-adds use intrinsics; the Gaussian
+// transform is compiled for AVX-512, AVX2 and baseline x86-64 and picked at load time.
+// Every path rounds once per step, so all give the same bits.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define FI_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
@@ -36,17 +36,66 @@ struct BlockWords {
   float gauss[4][kCols];
 };
 
-FI_CLONES void block_words(uint64_t seed, int kind, uint64_t block, int64_t j0, BlockWords* out) {
+#if defined(__x86_64__)
+const bool kHasAvx2Fma = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+
+// Philox4x32-10 (philox.h) for 8 columns at once, one per 32-bit lane: the two 32x32-bit
+// products per round come from the even and the odd lanes of _mm256_mul_epu32.
+__attribute__((target("avx2"))) inline void mulhilo_avx2(__m256i a, __m256i m, __m256i* hi, __m256i* lo) {
+  const __m256i even = _mm256_mul_epu32(a, m);
+  const __m256i odd = _mm256_mul_epu32(_mm256_srli_epi64(a, 32), m);
+  *lo = _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA);
+  *hi = _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
+}
+
+__attribute__((target("avx2"))) void column_words_avx2(uint64_t seed, int kind, uint64_t block, int64_t j0,
+                                                       BlockWords* out) {
+  const __m256i m0 = _mm256_set1_epi32(static_cast<int>(kPhiloxM0));
+  const __m256i m1 = _mm256_set1_epi32(static_cast<int>(kPhiloxM1));
+  for (int jj = 0; jj < kCols; jj += 8) {
+    __m256i c0 = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(block)));
+    __m256i c1 = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(j0 + jj))),
+                                  _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    __m256i c2 = _mm256_set1_epi32(kind);
+    __m256i c3 = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(block >> 32)));
+    uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+    for (int round = 0; round < kPhiloxRounds; ++round) {
+      __m256i hi0, lo0, hi1, lo1;
+      mulhilo_avx2(c0, m0, &hi0, &lo0);
+      mulhilo_avx2(c2, m1, &hi1, &lo1);
+      c0 = _mm256_xor_si256(_mm256_xor_si256(hi1, c1), _mm256_set1_epi32(static_cast<int>(k0)));
+      c1 = lo1;
+      c2 = _mm256_xor_si256(_mm256_xor_si256(hi0, c3), _mm256_set1_epi32(static_cast<int>(k1)));
+      c3 = lo0;
+      k0 += kPhiloxW0;
+      k1 += kPhiloxW1;
+    }
+    const __m256i words[4] = {c0, c1, c2, c3};
+    for (int i = 0; i < 4; ++i) _mm256_storeu_si256(reinterpret_cast<__m256i*>(out->w[i] + jj), words[i]);
+  }
+}
+#endif
+
+void column_words(uint64_t seed, int kind, uint64_t block, int64_t j0, BlockWords* out) {
+#if defined(__x86_64__)
+  if (kHasAvx2Fma) return column_words_avx2(seed, kind, block, j0, out);
+#endif
   for (int jj = 0; jj < kCols; ++jj) {
     const U32x4 w = jl_words(seed, kind, block, static_cast<uint32_t>(j0 + jj));
     out->w[0][jj] = w.x, out->w[1][jj] = w.y, out->w[2][jj] = w.z, out->w[3][jj] = w.w;
   }
-  if (kind == kGaussian) {
-    for (int jj = 0; jj < kCols; ++jj)
-      jl_box_muller(out->w[0][jj], out->w[1][jj], &out->gauss[0][jj], &out->gauss[1][jj]);
-    for (int jj = 0; jj < kCols; ++jj)
-      jl_box_muller(out->w[2][jj], out->w[3][jj], &out->gauss[2][jj], &out->gauss[3][jj]);
-  }
+}
+
+FI_CLONES void column_gaussians(BlockWords* out) {
+  for (int jj = 0; jj < kCols; ++jj)
+    jl_box_muller(out->w[0][jj], out->w[1][jj], &out->gauss[0][jj], &out->gauss[1][jj]);
+  for (int jj = 0; jj < kCols; ++jj)
+    jl_box_muller(out->w[2][jj], out->w[3][jj], &out->gauss[2][jj], &out->gauss[3][jj]);
+}
+
+void block_words(uint64_t seed, int kind, uint64_t block, int64_t j0, BlockWords* out) {
+  column_words(seed, kind, block, j0, out);
+  if (kind == kGaussian) column_gaussians(out);
 }
 
 // R[dd * kCols + jj] = entry (gd0 + dd, j0 + jj) for dd < n.
@@ -115,8 +164,6 @@ __attribute__((target("avx2,fma"))) void accumulate_rows_avx2(const float* xb, i
   for (; rb + 2 <= nb; rb += 2) accumulate_avx2<2>(xb + rb * kBlock, R, n, part + rb * kCols);
   if (rb < nb) accumulate_avx2<1>(xb + rb * kBlock, R, n, part + rb * kCols);
 }
-
-const bool kHasAvx2Fma = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 #endif
 
 void accumulate_rows(const float* xb, int nb, const float* R, int n, float* part) {
