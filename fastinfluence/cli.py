@@ -20,7 +20,7 @@ import os
 import sys
 from pathlib import Path
 
-PLUGINS = ("fastinfluence.demo", "fastinfluence.unlearn_cli")
+PLUGINS = ("fastinfluence.demo", "fastinfluence.unlearn_cli", "fastinfluence.bench_cli")
 log = logging.getLogger("fastinfluence")
 
 

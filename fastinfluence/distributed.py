@@ -36,6 +36,13 @@ def init_from_env() -> bool:
     return True
 
 
+def default_device() -> torch.device:
+    """This rank's GPU (``LOCAL_RANK``) when CUDA is available, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
 def comm_device() -> torch.device:
     """The device collectives run on: the current GPU for NCCL, the CPU for gloo."""
     if is_distributed() and tdist.get_backend() == "nccl":

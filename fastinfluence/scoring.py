@@ -185,6 +185,7 @@ def score(
     chunk_rows: int = 8192,
     damping: float | None = None,
     progress: bool = False,
+    device: str | torch.device | None = None,
 ) -> ScoreResult:
     """Score every query against every train row, streaming the train rows.
 
@@ -199,6 +200,8 @@ def score(
         per_layer: also return each layer's share of the top-k scores.
         matrix_path: write the full (Q, N) float32 matrix there (``.npy``, memory-mapped).
         damping: absolute damping for the preconditioner (default 0.1 x mean eigenvalue).
+        device: where the chunks are scored (default: this rank's GPU when CUDA is available,
+            else the CPU); results are returned on the CPU.
     """
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
@@ -214,6 +217,8 @@ def score(
     pre = _preconditioner(precondition, train, damping, chunk_rows)
     scoring = _Scoring(layout, metric, layer_normalize, dtype)
     q, q_scale = scoring.query(qf.data, pre)
+    device = torch.device(device) if device is not None else dist.default_device()
+    q, q_scale = q.to(device), (q_scale.to(device) if q_scale is not None else None)
     N, Q = len(train), len(qf)
     start, stop = _rank_rows(train)
     matrix = _open_matrix(Path(matrix_path), Q, N) if matrix_path is not None else None
@@ -234,7 +239,7 @@ def score(
         matrix=matrix,
     )
     if per_layer:
-        result.layer_scores = _layer_scores(scoring, q, q_scale, train, top.indices)
+        result.layer_scores = _layer_scores(scoring, q.cpu(), q_scale.cpu() if q_scale is not None else None, train, top.indices)
     return result
 
 
@@ -244,19 +249,19 @@ def _stream(scoring: _Scoring, q, q_scale, train, topk, chunk_rows, rows, matrix
     top = None
     bar = tqdm(total=rows[1] - rows[0], unit="row", desc="score", disable=not (progress and dist.rank_world()[0] == 0))
     for c in iter_chunks(train, chunk_rows, *rows):
-        x, t_scale = scoring.train(c.data, c.norms)
+        x, t_scale = scoring.train(c.data.to(q.device, non_blocking=True), c.norms.to(q.device))
         top, a = score_topk(q, x, topk, q_scale, t_scale, c.offset, top)
-        agg[:, c.offset : c.offset + len(x)] = a.float()
+        agg[:, c.offset : c.offset + len(x)] = a.float().cpu()
         if matrix is not None:
             S = q @ x.to(scoring.dtype).T
             S = S * (q_scale[:, None] if q_scale is not None else 1) * (t_scale[None, :] if t_scale is not None else 1)
-            matrix[:, c.offset : c.offset + len(x)] = S.float().numpy()
+            matrix[:, c.offset : c.offset + len(x)] = S.float().cpu().numpy()
         bar.update(len(x))
     bar.close()
     if matrix is not None:
         matrix.flush()
         dist.barrier()
-    return top, agg
+    return (TopK(top.values.cpu(), top.indices.cpu()) if top is not None else None), agg
 
 
 def _train_rows(train, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
