@@ -76,6 +76,12 @@ def row(kernel, shape, provider, ms, floor_ms=None, goal=None, **extra) -> dict:
     return r
 
 
+def rel_err(out, ref) -> float:
+    """||out - ref|| / ||ref|| of the kernel against the torch path, as a check of the tuned config."""
+    out, ref = out.double(), ref.double()
+    return round(((out - ref).norm() / ref.norm()).item(), 6)
+
+
 def floor_ms(floors, nbytes=0, flops=0) -> float:
     return 1e3 * max(nbytes / floors["copy_bytes_per_s"], flops / floors["bf16_flop_per_s"])
 
@@ -84,9 +90,15 @@ def rand(*shape, dtype=BF16, scale=1.0):
     return (torch.randn(*shape, device=DEVICE) * scale).to(dtype)
 
 
-def best_config(module: str, kernel: str) -> str:
-    """The autotuned config of ``fastinfluence.triton_kernels.<module>.<kernel>`` (empty if untuned)."""
-    return str(getattr(getattr(importlib.import_module(f"fastinfluence.triton_kernels.{module}"), kernel), "best_config", ""))
+def autotuned(module: str, kernel: str) -> dict:
+    """Best config and per-config median ms of ``fastinfluence.triton_kernels.<module>.<kernel>``
+    for its last autotuned shape (read right after the first call at a new shape)."""
+    tuner = getattr(importlib.import_module(f"fastinfluence.triton_kernels.{module}"), kernel)
+    timings = getattr(tuner, "configs_timings", None) or {}
+    return {
+        "config": str(getattr(tuner, "best_config", "")),
+        "config_ms": {str(c): round(float(t[0] if isinstance(t, (list, tuple)) else t), 4) for c, t in timings.items()},
+    }
 
 
 def bench_project(floors, quick):
@@ -100,7 +112,8 @@ def bench_project(floors, quick):
         floor = floor_ms(floors, nbytes=A.nbytes + G.nbytes)
         P_in16, P_out16 = P_in.to(BF16), P_out.to(BF16)
         ms = timed_ms(lambda: tk.project(A, G, P_in, P_out))
-        rows.append(row("project", shape, "triton", ms, floor, ">= 80% of copy bandwidth", config=best_config("project", "_project_kernel")))
+        err = rel_err(tk.project(A, G, P_in, P_out), project_reference(A, G, P_in, P_out))
+        rows.append(row("project", shape, "triton", ms, floor, ">= 80% of copy bandwidth", rel_err=err, **autotuned("project", "_project_kernel")))
         rows.append(row("project", shape, "torch bf16 matmuls", timed_ms(
             lambda: (G @ P_out16).float().transpose(1, 2) @ (A @ P_in16).float()), floor))
         rows.append(row("project", shape, "torch reference (fp32)", timed_ms(lambda: project_reference(A, G, P_in, P_out)), floor))
@@ -117,7 +130,8 @@ def bench_ghost(floors, quick):
     A1, G1, A2, G2 = rand(B, T, d), rand(B, T, d), rand(B, T, d), rand(B, T, d)
     shape = f"B1=B2={B} T={T} d_in=d_out={d} bf16"
     floor = floor_ms(floors, nbytes=2 * (A1.nbytes + G1.nbytes), flops=2 * B * B * T * T * 2 * d)
-    rows.append(row("ghost_dot", shape, "triton", timed_ms(lambda: tk.ghost_dot(A1, G1, A2, G2)), floor))
+    err = rel_err(tk.ghost_dot(A1, G1, A2, G2), ghost_dot_reference(A1, G1, A2, G2))
+    rows.append(row("ghost_dot", shape, "triton", timed_ms(lambda: tk.ghost_dot(A1, G1, A2, G2)), floor, rel_err=err))
     rows.append(row("ghost_dot", shape, "torch reference", timed_ms(lambda: ghost_dot_reference(A1, G1, A2, G2)), floor))
     floor = floor_ms(floors, nbytes=A1.nbytes + G1.nbytes, flops=2 * B * T * T * 2 * d)
     rows.append(row("ghost_norm", shape, "triton", timed_ms(lambda: tk.ghost_norm(A1, G1)), floor))
@@ -137,7 +151,11 @@ def bench_score_topk(floors, quick):
         floor = floor_ms(floors, nbytes=train.nbytes + query.nbytes, flops=2 * Q * n * D)
         goal = ">= 80% of copy bandwidth" if Q <= 64 else ">= 60% of bf16 matmul rate"
         ms = timed_ms(lambda: tk.score_topk(query, train, k, query_scale, train_scale))
-        rows.append(row("score_topk", shape, "triton", ms, floor, goal, config=best_config("score_topk", "_score_kernel")))
+        (top, agg), (ref_top, ref_agg) = (
+            f(query, train, k, query_scale, train_scale) for f in (tk.score_topk, score_topk_reference)
+        )
+        err = max(rel_err(top.values, ref_top.values), rel_err(agg, ref_agg))
+        rows.append(row("score_topk", shape, "triton", ms, floor, goal, rel_err=err, **autotuned("score_topk", "_score_kernel")))
         rows.append(row("score_topk", shape, "torch reference", timed_ms(
             lambda: score_topk_reference(query, train, k, query_scale, train_scale)), floor))
     return rows
@@ -155,7 +173,7 @@ def _lce_inputs(N, H, V):
 def _lce_fused(fwd, bwd, hidden, weight, labels, grad_loss):
     def run():
         _, lse = fwd(hidden, weight, None, labels, -100, None)
-        return bwd(hidden, weight, None, labels, lse, grad_loss, -100, None, True, False)
+        return bwd(hidden, weight, None, labels, lse, grad_loss, -100, None, True, False)[:2]
 
     return run
 
@@ -180,10 +198,14 @@ def bench_linear_cross_entropy(floors, quick):
         "triton": _lce_fused(tk.linear_cross_entropy_forward, tk.linear_cross_entropy_backward, *inputs),
         "torch chunked": _lce_fused(torch_forward, torch_backward, *inputs),
     }
+    grad_ref = providers["materialised logits (torch)"]()
     rows = []
     for name, fn in providers.items():
         mem = peak_bytes(fn)
-        rows.append(row("linear_cross_entropy", shape, name, timed_ms(fn), floor_ms(floors, flops=flops), peak_mem_mb=round(mem / 2**20, 1)))
+        grads = fn()
+        err = max(rel_err(grads[0], grad_ref[0]), rel_err(grads[1], grad_ref[1]))
+        rows.append(row("linear_cross_entropy", shape, name, timed_ms(fn), floor_ms(floors, flops=flops),
+                        peak_mem_mb=round(mem / 2**20, 1), grad_rel_err=err))
     ref = rows[0]
     for r in rows[1:]:
         r["time_vs_materialised"] = round(r["ms"] / ref["ms"], 3)

@@ -69,8 +69,17 @@ def token_splits(T: int, groups: int, device: torch.device, quantum: int) -> tup
 
 
 def autotune(gpu_configs: list[triton.Config], interpret_config: triton.Config, key: list[str], prune=None):
-    """``triton.autotune`` over ``gpu_configs`` on a GPU (``prune(configs, named_args)`` first
-    drops configs that cannot fit the arguments); the one small config under the interpreter."""
+    """``triton.autotune`` over ``gpu_configs`` on a GPU; the one small config under the interpreter.
+
+    ``prune(configs, named_args)`` drops configs that cannot serve the arguments.
+    ``FASTINFLUENCE_TRITON_AUTOTUNE=0`` keeps only the first remaining config (quick tests).
+    """
     if INTERPRET:
         return triton.autotune(configs=[interpret_config], key=key)
-    return triton.autotune(configs=gpu_configs, key=key, prune_configs_by={"early_config_prune": prune} if prune else None)
+    first_only = os.environ.get("FASTINFLUENCE_TRITON_AUTOTUNE", "1") == "0"
+
+    def early_prune(configs, named_args, **kwargs):
+        configs = prune(configs, named_args, **kwargs) if prune else configs
+        return configs[:1] if first_only else configs
+
+    return triton.autotune(configs=gpu_configs, key=key, prune_configs_by={"early_config_prune": early_prune})

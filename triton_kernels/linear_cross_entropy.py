@@ -115,7 +115,7 @@ def linear_cross_entropy_forward(hidden, weight, bias, labels, ignore_index, sof
     loss = torch.empty(n, device=hidden.device, dtype=torch.float32)
     lse = torch.empty(n, device=hidden.device, dtype=torch.float32)
     rows = _rows(n, weight.shape[0], hidden.element_size(), chunk_rows)
-    bias_arg = bias if bias is not None else weight
+    bias_arg = bias.contiguous() if bias is not None else weight
     labels = labels.contiguous()
     for s in range(0, n, rows):
         z = hidden[s : s + rows] @ weight.T
@@ -143,7 +143,7 @@ def linear_cross_entropy_backward(
     grad_weight = torch.zeros_like(weight) if need_grad_weight else None
     grad_bias = torch.zeros(weight.shape[0], device=weight.device, dtype=torch.float32) if need_grad_bias else None
     rows = _rows(n, weight.shape[0], hidden.element_size(), chunk_rows)
-    bias_arg = bias if bias is not None else weight
+    bias_arg = bias.contiguous() if bias is not None else weight
     labels, lse, grad_loss = labels.contiguous(), lse.contiguous(), grad_loss.to(torch.float32).contiguous()
     for s in range(0, n, rows):
         x = hidden[s : s + rows]
