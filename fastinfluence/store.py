@@ -608,7 +608,10 @@ def write_store(
     meta = meta or {}
     if rank == 0:  # a manifest from the start, so that a killed first run can be checked on resume
         atomic_write(root / MANIFEST, json.dumps(_manifest(meta_now, dim, tokens, covariances, meta, _contiguous(done))).encode())
-    runs = _runs_for_rank(_pieces(sizes, done), rank, world)
+    pieces = _pieces(sizes, done)
+    if rank == 0 and done:
+        log.info("store %s: %d of %d examples already extracted, %d to go", root, len(flat_ids) - sum(p[2] - p[1] for p in pieces), len(flat_ids), sum(p[2] - p[1] for p in pieces))
+    runs = _runs_for_rank(pieces, rank, world)
     bar = _progress(sum(p[2] - p[1] for r in runs for p in r), progress and rank == 0)
     for run in runs:
         _extract_run(shard_dir, extractor, stream, sizes, run, tokens, covariances, shard_rows, layers, bar)
