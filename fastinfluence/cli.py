@@ -96,8 +96,10 @@ def projection_config(args):
     if args.config:
         text = Path(args.config).read_text()
         if args.config.endswith((".yaml", ".yml")):
-            import yaml
-
+            try:
+                import yaml
+            except ModuleNotFoundError:
+                raise SystemExit(f"--config {args.config}: reading YAML needs PyYAML (pip install pyyaml), or give the config as JSON") from None
             values = yaml.safe_load(text) or {}
         else:
             values = json.loads(text)
