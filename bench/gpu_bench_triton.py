@@ -141,7 +141,8 @@ def bench_ghost(floors, quick):
 
 def bench_score_topk(floors, quick):
     rows = []
-    n, D, k = (40, 48, 8) if quick else (32768, 4096, 100)
+    # D = 32768: eight 64x64 layers, a small store row; a 1 GiB bf16 chunk.
+    n, D, k = (40, 48, 8) if quick else (16384, 32768, 100)
     train = rand(n, D)
     train_scale = 1 / train.float().norm(dim=1)
     for Q in [16, 64] if quick else [16, 64, 1024, 2048]:
