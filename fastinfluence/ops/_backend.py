@@ -129,3 +129,11 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
     """Backends that can run on ``device`` (``torch`` always)."""
     device = torch.device(device)
     return ["torch"] + [n for n in _MODULES if _availability(n, device)[0] is not None]
+
+
+def implements(backend: str, op: str, device: torch.device | str) -> bool:
+    """Whether ``backend`` can run here and has its own implementation of ``op`` (torch always does)."""
+    if backend == "torch":
+        return True
+    mod, _ = _availability(_validate(backend), torch.device(device))
+    return mod is not None and getattr(mod, op, None) is not None

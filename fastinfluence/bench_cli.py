@@ -1,0 +1,145 @@
+"""``fastinfluence bench``: time every op on each backend that runs here, against torch.
+
+For each op and backend: the median wall time over repeats after a warm-up, the
+relative error of its output against the torch reference on the same random inputs,
+and the op's effective throughput (GFLOP/s of the useful arithmetic). Kernel-level
+GPU measurements against physical floors live in ``bench/gpu_suite.sh``; this command
+answers "which backend is fastest on this machine, and is it right".
+
+    fastinfluence bench                       # small shapes, every op, every backend here
+    fastinfluence bench --size medium --json bench.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+SIZES = {
+    # project / ghost: B, T, d_in, d_out, k; score: Q, N, D, topk; jl: B, D, k; lce: N, H, V
+    "small": dict(B=4, T=64, d_in=256, d_out=256, k=32, Q=16, N=4096, D=1024, topk=10, jlB=8, jlD=16384, jlk=256,
+                  lN=256, lH=128, lV=4096),
+    "medium": dict(B=8, T=256, d_in=1024, d_out=1024, k=64, Q=64, N=32768, D=4096, topk=100, jlB=16, jlD=262144,
+                   jlk=1024, lN=1024, lH=512, lV=32000),
+}
+
+
+# Name under which backends register each op (linear_cross_entropy dispatches its forward and backward).
+_REGISTERED = {"linear_cross_entropy": "linear_cross_entropy_forward"}
+
+
+def _cases(s: dict, device: torch.device) -> dict[str, tuple[Callable[[], tuple], Callable, float]]:
+    """op -> (make inputs, call(op_fn, inputs) -> tensor, useful flops)."""
+    from . import ops
+
+    g = torch.Generator(device="cpu").manual_seed(0)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g).to(device)
+
+    B, T, di, do, k = s["B"], s["T"], s["d_in"], s["d_out"], s["k"]
+    return {
+        "project": (
+            lambda: (rnd(B, T, di), rnd(B, T, do), rnd(di, k), rnd(do, k), torch.ones(B, T, dtype=torch.bool, device=device)),
+            lambda x: ops.project(*x),
+            2 * B * T * (di * k + do * k + k * k),
+        ),
+        "ghost_dot": (
+            lambda: (rnd(B, T, di), rnd(B, T, do), rnd(B, T, di), rnd(B, T, do)),
+            lambda x: ops.ghost_dot(*x),
+            2 * B * B * T * T * (di + do),
+        ),
+        "score_topk": (
+            lambda: (rnd(s["Q"], s["D"]), rnd(s["N"], s["D"])),
+            lambda x: ops.score_topk(x[0], x[1], s["topk"])[0].values,
+            2 * s["Q"] * s["N"] * s["D"],
+        ),
+        "jl_project": (
+            lambda: (rnd(s["jlB"], s["jlD"]),),
+            lambda x: ops.jl_project(x[0], s["jlk"], seed=0),
+            2 * s["jlB"] * s["jlD"] * s["jlk"],
+        ),
+        "linear_cross_entropy": (
+            lambda: (rnd(s["lN"], s["lH"]), rnd(s["lV"], s["lH"]),
+                     torch.randint(0, s["lV"], (s["lN"],), generator=g).to(device)),
+            lambda x: ops.linear_cross_entropy(x[0], x[1], x[2]),
+            2 * s["lN"] * s["lH"] * s["lV"],
+        ),
+    }
+
+
+def _median_seconds(fn: Callable[[], object], repeats: int, device: torch.device) -> float:
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def run(size: str = "small", repeats: int = 5, device: str | None = None, ops_filter: list[str] | None = None) -> list[dict]:
+    from . import ops
+    from .ops._backend import implements
+
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    previous = ops.get_backend()
+    rows = []
+    try:
+        for name, (make, call, flops) in _cases(SIZES[size], dev).items():
+            if ops_filter and name not in ops_filter:
+                continue
+            inputs = make()
+            ops.set_backend("torch")
+            ref = call(inputs).double()
+            for backend in ops.available_backends(dev):
+                if not implements(backend, _REGISTERED.get(name, name), dev):
+                    continue  # it would run the torch reference
+                ops.set_backend(backend)
+                out = call(inputs)
+                err = float((out.double() - ref).norm() / ref.norm().clamp_min(1e-30))
+                sec = _median_seconds(lambda: call(inputs), repeats, dev)
+                rows.append({"op": name, "backend": backend, "device": str(dev), "size": size, "median_s": sec,
+                             "gflops": flops / sec / 1e9, "rel_err_vs_torch": err})
+    finally:
+        ops.set_backend(previous)
+    return rows
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "bench",
+        help="time every op on each backend available here against the torch reference",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--size", choices=sorted(SIZES), default="small", help="problem sizes (default small)")
+    p.add_argument("--repeats", type=int, default=5, help="timed runs per op and backend; the median is reported (default 5)")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when present)")
+    p.add_argument("--ops", nargs="+", metavar="OP", help="only these ops (default: all)")
+    p.add_argument("--json", metavar="PATH", help="also write the rows as JSON here")
+    p.set_defaults(func=_main)
+
+
+def _main(args) -> int:
+    if args.repeats < 1:
+        raise SystemExit("--repeats must be >= 1")
+    rows = run(args.size, args.repeats, args.device, args.ops)
+    print(f"{'op':<22s}{'backend':<9s}{'median ms':>11s}{'GFLOP/s':>10s}{'rel err':>10s}")
+    for r in rows:
+        print(f"{r['op']:<22s}{r['backend']:<9s}{r['median_s'] * 1e3:>11.2f}{r['gflops']:>10.2f}{r['rel_err_vs_torch']:>10.1e}")
+    if args.json:
+        meta = {"torch": torch.__version__, "threads": torch.get_num_threads()}
+        with open(args.json, "w") as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=2)
+    return 0
