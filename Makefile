@@ -29,8 +29,13 @@ check-cuda: setup
 	@if command -v nvcc >/dev/null 2>&1; then PYTHON=$(abspath $(BIN)/python) bash csrc/compile_check.sh; \
 	else echo "check-cuda: nvcc not found, skipped"; fi
 
+# CPU benchmarks (several minutes; scoring writes a 4 GB temporary store), then the README table.
 bench: setup
 	$(BIN)/python bench/extract_vs_train.py
+	$(BIN)/python bench/bench_jl_project.py
+	$(BIN)/python bench/bench_linear_cross_entropy.py
+	$(BIN)/python bench/bench_scoring.py
+	$(BIN)/python bench/report.py --update README.md
 
 clean:
 	rm -rf $(VENV) build *.egg-info
