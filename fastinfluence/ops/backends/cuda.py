@@ -16,6 +16,7 @@ import importlib.util
 import os
 import sys
 import sysconfig
+import warnings
 from pathlib import Path
 from types import ModuleType
 
@@ -84,6 +85,8 @@ def _extension() -> ModuleType:
                 _ext = _load_file(build())
             except Exception as exc:
                 _error = f"the CUDA kernels could not be built: {exc}"
+                first_line = _error.splitlines()[0]
+                warnings.warn(f"fastinfluence: {first_line}; jl_project and score_topk run on torch", RuntimeWarning)
     if _ext is None:
         raise RuntimeError(_error)
     return _ext
