@@ -38,6 +38,7 @@ from fastinfluence.ops.linear_cross_entropy import (
 from fastinfluence.ops.ghost import ghost_dot_reference, ghost_norm_reference  # noqa: E402
 from fastinfluence.ops.project import project_reference  # noqa: E402
 from fastinfluence.ops.score_topk import score_topk_reference  # noqa: E402
+from fastinfluence.triton_kernels.project_layers import project_layers_reference  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -121,6 +122,25 @@ def bench_project(floors, quick):
         ms = timed_ms(lambda: tk.project_tokens(A, G, P_in, P_out, None, BF16))
         rows.append(row("project_tokens", shape + " -> bf16", "triton", ms, floor_ms(floors, nbytes=A.nbytes + G.nbytes + out_bytes)))
         del A, G
+    return rows
+
+
+def bench_project_layers(floors, quick):
+    """The seven Linear layers of one Llama-3-8B block: one launch against one per layer."""
+    B, T, k = (2, 40, 16) if quick else (4, 2048, 64)
+    widths = [(48, 80), (80, 48)] if quick else [
+        (4096, 4096), (4096, 1024), (4096, 1024), (4096, 4096), (4096, 14336), (4096, 14336), (14336, 4096)]
+    As = [rand(B, T, d_in) for d_in, _ in widths]
+    Gs = [rand(B, T, d_out) for _, d_out in widths]
+    P_ins = [rand(d_in, k, dtype=torch.float32, scale=k**-0.5) for d_in, _ in widths]
+    P_outs = [rand(d_out, k, dtype=torch.float32, scale=k**-0.5) for _, d_out in widths]
+    shape = f"B={B} T={T} {len(widths)} layers k={k} bf16"
+    floor = floor_ms(floors, nbytes=sum(t.nbytes for t in As + Gs))
+    err = rel_err(tk.project_layers(As, Gs, P_ins, P_outs), project_layers_reference(As, Gs, P_ins, P_outs))
+    ms = timed_ms(lambda: tk.project_layers(As, Gs, P_ins, P_outs))
+    rows = [row("project_layers", shape, "triton, one launch", ms, floor, rel_err=err, **autotuned("project_layers", "_project_layers_kernel"))]
+    ms = timed_ms(lambda: [tk.project(*layer) for layer in zip(As, Gs, P_ins, P_outs)])
+    rows.append(row("project_layers", shape, "triton, one launch per layer", ms, floor))
     return rows
 
 
@@ -226,7 +246,7 @@ def main() -> None:
     else:
         floors = {"copy_bytes_per_s": 1e10, "bf16_flop_per_s": 1e11}  # placeholders for --quick on the CPU
     rows = []
-    for bench in (bench_project, bench_ghost, bench_score_topk, bench_linear_cross_entropy):
+    for bench in (bench_project, bench_project_layers, bench_ghost, bench_score_topk, bench_linear_cross_entropy):
         rows += bench(floors, args.quick)
         if CUDA:
             torch.cuda.empty_cache()

@@ -13,6 +13,7 @@ import torch
 from .ghost import ghost_dot, ghost_norm
 from .linear_cross_entropy import linear_cross_entropy_backward, linear_cross_entropy_forward
 from .project import project, project_tokens
+from .project_layers import project_layers
 from .score_topk import score_topk
 
 __all__ = [
@@ -22,6 +23,7 @@ __all__ = [
     "linear_cross_entropy_backward",
     "linear_cross_entropy_forward",
     "project",
+    "project_layers",
     "project_tokens",
     "score_topk",
 ]
