@@ -64,3 +64,19 @@ def test_build_without_a_compiler_warns_and_succeeds(tmp_path, monkeypatch, capf
     cmd.run()  # must not raise
     assert "_fi_cpu not built" in capfd.readouterr().err
     assert not list((tmp_path / "lib").rglob("_fi_cpu*"))
+
+
+def test_missing_host_module_falls_back_to_torch_with_one_warning(monkeypatch):
+    from fastinfluence import ops
+
+    monkeypatch.setattr(cpu, "_ext", None)
+    monkeypatch.setattr(cpu, "_warned", False)
+    monkeypatch.setattr(cpu, "_why_not", "the C++ host kernels are not built (no compiler)")
+    ops.set_backend("auto")
+    torch.manual_seed(2)
+    x = torch.randn(3, 200)
+    with pytest.warns(RuntimeWarning, match="not built.*run on torch") as record:
+        out = ops.jl_project(x, 16, seed=4)
+        ops.jl_project(x, 16, seed=4)
+    assert len(record) == 1 and "\n" not in str(record[0].message)
+    assert torch.equal(out, jl_project_reference(x, 16, 4))
