@@ -80,3 +80,8 @@ def test_identity_projection_and_float64_run_on_the_reference():
     assert torch.equal(project(A, G, P_in, None, mask), project_reference(A, G, P_in, None, mask))
     assert torch.equal(project(A, G, P_in, P_out, mask), project_reference(A, G, P_in, P_out, mask))
     assert project(A.float(), G.float(), None, P_out, mask).shape == (2, 2, 6)
+
+
+def test_ranks_above_128_run_on_the_reference():
+    A, G, P_in, P_out, mask = _inputs("cpu", torch.float32, B=2, T=5, d_in=6, d_out=4, k_in=3, k_out=130, bias=False)
+    assert torch.equal(project(A, G, P_in, P_out, mask), project_reference(A, G, P_in, P_out, mask))

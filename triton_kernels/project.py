@@ -8,7 +8,8 @@ in float32. Token ranges of one example are summed afterwards (a deterministic s
 ``project_tokens``: the same tile projection, written out per token with the mask and the
 cast fused.
 
-Identity projections (None) and float64 inputs run on the torch reference.
+Identity projections (None), ranks above ``MAX_RANK`` and float64 inputs run on the torch
+reference.
 """
 from __future__ import annotations
 
@@ -29,6 +30,9 @@ _GPU_CONFIGS = [
     for bt, bd, w, s in [(64, 64, 4, 3), (64, 128, 8, 3), (128, 64, 8, 3), (128, 128, 8, 2), (32, 128, 4, 4)]
 ]
 _INTERPRET_CONFIG = triton.Config({"BT": 16, "BD": 16})
+
+# k_in, k_out up to this keep A~, G~ and phi tiles in registers.
+MAX_RANK = 128
 
 
 @triton.jit
@@ -111,8 +115,13 @@ def _project_tokens_kernel(
 
 
 def _runs_on_kernel(A, G, P_in, P_out) -> bool:
-    return P_in is not None and P_out is not None and A.dtype in KERNEL_DTYPES and G.dtype in KERNEL_DTYPES
-
+    return (
+        P_in is not None
+        and P_out is not None
+        and max(P_in.shape[1], P_out.shape[1]) <= MAX_RANK
+        and A.dtype in KERNEL_DTYPES
+        and G.dtype in KERNEL_DTYPES
+    )
 
 
 def project(

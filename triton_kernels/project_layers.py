@@ -21,7 +21,7 @@ import triton.language as tl
 from fastinfluence.ops.project import project_reference
 
 from ._common import KERNEL_DTYPES, autotune, block, dot_f32, mask_arg, token_splits
-from .project import _GPU_CONFIGS, _INTERPRET_CONFIG, _TOKEN_QUANTUM, _project_rows
+from .project import _GPU_CONFIGS, _INTERPRET_CONFIG, _TOKEN_QUANTUM, MAX_RANK, _project_rows
 
 _TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
@@ -115,7 +115,7 @@ def _runs_on_kernel(As, Gs, P_ins, P_outs) -> bool:
     return (
         len(a_dtypes) == len(g_dtypes) == 1
         and {*a_dtypes, *g_dtypes} <= set(KERNEL_DTYPES)
-        and all(P is not None for P in (*P_ins, *P_outs))
+        and all(P is not None and P.shape[1] <= MAX_RANK for P in (*P_ins, *P_outs))
     )
 
 
@@ -135,7 +135,8 @@ def project_layers(
 
     Returns:
         (B, sum_l k_out_l * k_in_l) float32: phi_l (k_out_l, k_in_l) flattened row-major per
-        layer, concatenated. Identity projections or float64 inputs run on the reference.
+        layer, concatenated. Identity projections, ranks above 128 or float64 inputs run on
+        the reference.
     """
     _check(As, Gs, P_ins, P_outs)
     if not _runs_on_kernel(As, Gs, P_ins, P_outs):
