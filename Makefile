@@ -7,7 +7,7 @@ HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/
 TORCH_SPEC ?= $(if $(HAS_GPU),torch,torch==2.13.0)
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test check-cuda bench clean
+.PHONY: setup demo test check-cuda check-triton gpu-suite bench clean
 
 setup: $(VENV)/.installed
 
@@ -28,6 +28,14 @@ test: setup
 check-cuda: setup
 	@if command -v nvcc >/dev/null 2>&1; then PYTHON=$(abspath $(BIN)/python) bash csrc/compile_check.sh; \
 	else echo "check-cuda: nvcc not found, skipped"; fi
+
+# Compile every Triton kernel for sm_90 with Triton's own ptxas (no GPU needed): registers, spills.
+check-triton: setup
+	env -u TRITON_INTERPRET $(BIN)/python -m fastinfluence.triton_kernels.compile_check
+
+# On a GPU machine: install, build CUDA, pytest -m gpu, GPU benchmarks; JSON under $$OUT.
+gpu-suite:
+	OUT=$${OUT:-gpu_out} bash bench/gpu_suite.sh
 
 # CPU benchmarks (several minutes; scoring writes a 4 GB temporary store), then the README table.
 bench: setup

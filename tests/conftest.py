@@ -1,8 +1,15 @@
 """Shared test set-up: tiny random-config models, batches, and the slow per-example reference."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+# Without a GPU the Triton kernels run in the interpreter; it must be chosen before
+# triton is imported anywhere.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_collection_modifyitems(config, items):
