@@ -99,7 +99,7 @@ void block_words(uint64_t seed, int kind, uint64_t block, int64_t j0, BlockWords
 }
 
 // R[dd * kCols + jj] = entry (gd0 + dd, j0 + jj) for dd < n.
-void fill_entries(uint64_t seed, int kind, uint64_t gd0, int n, int64_t j0, float* R) {
+FI_CLONES void fill_entries(uint64_t seed, int kind, uint64_t gd0, int n, int64_t j0, float* R) {
   const int shift = jl_block_shift(kind);
   BlockWords bw;
   uint64_t current = 0;
@@ -114,7 +114,8 @@ void fill_entries(uint64_t seed, int kind, uint64_t gd0, int n, int64_t j0, floa
     if (kind == kRademacher) {
       const uint32_t* w = bw.w[(gd >> 5) & 3];
       const uint32_t bit = gd & 31;
-      for (int jj = 0; jj < kCols; ++jj) r[jj] = ((w[jj] >> bit) & 1u) ? -1.0f : 1.0f;
+      // +-1.0f from the sign bit alone: no branch, so the loop vectorises.
+      for (int jj = 0; jj < kCols; ++jj) r[jj] = bits_float(0x3f800000u | (((w[jj] >> bit) & 1u) << 31));
     } else {
       for (int jj = 0; jj < kCols; ++jj) r[jj] = bw.gauss[gd & 3][jj];
     }
