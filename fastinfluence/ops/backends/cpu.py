@@ -68,8 +68,9 @@ def scores_and_aggregates(query, train, query_scale, train_scale) -> tuple[torch
     return S.contiguous(), torch.stack([S.sum(0), (S * S).sum(0), S.amax(0)])
 
 
-def topk_arguments(S: torch.Tensor, k: int, index_offset: int, prev: TopK | None) -> tuple[list, TopK]:
-    """Arguments of the compiled ``topk_merge`` (without the trailing threads/stream) and its outputs."""
+def select_topk(S: torch.Tensor, k: int, index_offset: int, prev: TopK | None, launch) -> TopK:
+    """Top-k of ``prev`` and the rows of S by a compiled ``topk_merge``; ``launch(*args)``
+    adds the trailing thread count or stream. The temporaries live until it returns."""
     Q, n = S.shape
     if prev is None:
         pv = torch.empty(Q, 0, dtype=S.dtype, device=S.device)
@@ -85,9 +86,10 @@ def topk_arguments(S: torch.Tensor, k: int, index_offset: int, prev: TopK | None
     kp = pv.shape[1]
     k_out = min(k, kp + n)
     out = TopK(torch.empty(Q, k_out, dtype=S.dtype, device=S.device), torch.empty(Q, k_out, dtype=torch.int64, device=S.device))
-    args = [S.data_ptr(), DTYPE_CODES[S.dtype], Q, n, S.stride(0), index_offset,
-            pv.data_ptr(), pi.data_ptr(), kp, k_out, out.values.data_ptr(), out.indices.data_ptr()]
-    return args, out
+    if out.values.numel():
+        launch(S.data_ptr(), DTYPE_CODES[S.dtype], Q, n, S.stride(0), index_offset, pv.data_ptr(), pi.data_ptr(),
+               kp, k_out, out.values.data_ptr(), out.indices.data_ptr())
+    return out
 
 
 # -------------------------------------------------------------------------------- ops
@@ -107,6 +109,5 @@ def jl_project(x: torch.Tensor, k: int, seed: int = 0, kind: str = "rademacher",
 def score_topk(query, train, k, query_scale=None, train_scale=None, index_offset=0, prev=None):
     """``ops.score_topk`` with the top-k selected by the host twin (a bounded heap per row)."""
     S, aggregates = scores_and_aggregates(query, train, query_scale, train_scale)
-    args, top = topk_arguments(S, k, index_offset, prev)
-    _ext.topk_merge(*args, torch.get_num_threads())
+    top = select_topk(S, k, index_offset, prev, lambda *args: _ext.topk_merge(*args, torch.get_num_threads()))
     return top, aggregates

@@ -24,7 +24,7 @@ import torch
 
 from ..jl_project import KINDS, jl_project_reference, jl_scale
 from ..score_topk import score_topk_reference
-from .cpu import DTYPE_CODES, jl_output, scores_and_aggregates, topk_arguments
+from .cpu import DTYPE_CODES, jl_output, scores_and_aggregates, select_topk
 
 # Sources live next to the package in a source checkout; FASTINFLUENCE_CSRC overrides.
 CSRC = Path(os.environ.get("FASTINFLUENCE_CSRC", Path(__file__).resolve().parents[3] / "csrc"))
@@ -128,10 +128,8 @@ def score_topk(query, train, k, query_scale=None, train_scale=None, index_offset
     if k > MAX_TOPK:
         return score_topk_reference(query, train, k, query_scale, train_scale, index_offset, prev)
     S, aggregates = scores_and_aggregates(query, train, query_scale, train_scale)
-    args, top = topk_arguments(S, k, index_offset, prev)
-    if top.values.numel():
-        with torch.cuda.device(S.device):
-            _extension().topk_merge(*args, _stream(S.device))
+    with torch.cuda.device(S.device):
+        top = select_topk(S, k, index_offset, prev, lambda *args: _extension().topk_merge(*args, _stream(S.device)))
     return top, aggregates
 
 
