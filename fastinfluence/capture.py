@@ -86,10 +86,18 @@ def select_layers(
             "PEFT LoRA lora_A/lora_B): nothing to capture"
         )
     shared = _shared_parameter_ids(model)
+    tied = [n for n, m in candidates if id(m.weight) in shared]
     candidates = [(n, m) for n, m in candidates if id(m.weight) not in shared]
     if include is not None:
         pats = [re.compile(p) for p in include]
         chosen = [(n, m) for n, m in candidates if any(p.search(n) for p in pats)]
+        tied_hits = [n for n in tied if any(p.search(n) for p in pats)]
+        if not chosen and tied_hits:
+            raise ValueError(
+                f"{tied_hits[:3]} share their weight with another module (tied to the input embeddings): a hook "
+                "sees only this layer's part of that parameter's gradient, so tied layers are not captured. "
+                "Untie them (config.tie_word_embeddings=False) or choose other layers."
+            )
     else:
         chosen = [(n, m) for n, m in candidates if m.weight.requires_grad] or candidates
     if exclude:
@@ -121,13 +129,21 @@ class Batch:
     ids: list
 
 
-def _ids_of(batch: dict, n: int, start: int) -> list:
+def batch_ids(batch: dict, n: int, start: int) -> list:
+    """One id per example: the batch's ``ids`` / ``id`` as Python str/int, else ``start .. start + n``."""
     ids = batch.get("ids", batch.get("id"))
     if ids is None:
         return list(range(start, start + n))
-    ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
+    if hasattr(ids, "tolist"):  # torch tensor or numpy array
+        ids = ids.tolist()
+    elif isinstance(ids, (str, int)):
+        ids = [ids]
+    ids = [i.item() if hasattr(i, "item") else i for i in ids]  # numpy / torch scalars
     if len(ids) != n:
-        raise ValueError(f"batch 'ids' has {len(ids)} entries for {n} examples")
+        raise ValueError(f"batch 'ids' has {len(ids)} entries for {n} examples; give one id per example")
+    bad = [i for i in ids if not isinstance(i, (str, int))]
+    if bad:
+        raise ValueError(f"example ids must be str or int (they are stored as JSON), got {type(bad[0]).__name__}: {bad[0]!r}")
     return ids
 
 
@@ -150,9 +166,8 @@ def prepare_batch(batch: dict, device: torch.device, start: int) -> Batch:
     for key, t in (("attention_mask", mask), ("labels", labels)):
         if tuple(t.shape) != shape:
             raise ValueError(f"batch {key} has shape {tuple(t.shape)} but input_ids has {shape}; they must match")
-    mask = mask.to(device)
-    labels = labels.to(device).masked_fill(mask == 0, IGNORE_INDEX)
-    ids = _ids_of(batch, shape[0], start)
+    labels = labels.masked_fill(mask.to(labels.device) == 0, IGNORE_INDEX)
+    ids = batch_ids(batch, shape[0], start)
     counts = (labels[:, 1:] != IGNORE_INDEX).sum(1)
     if bool((counts == 0).any()):
         bad = [ids[i] for i in torch.nonzero(counts == 0).flatten().tolist()]
@@ -160,7 +175,7 @@ def prepare_batch(batch: dict, device: torch.device, start: int) -> Batch:
             f"examples {bad[:5]} have no label tokens (labels != -100 after the causal shift): "
             "their loss is undefined. Drop them or give them answer tokens."
         )
-    return Batch(input_ids.to(device), mask, labels, ids)
+    return Batch(input_ids.to(device), mask.to(device), labels.to(device), ids)
 
 
 def iter_batches(batches: Iterable[dict], device: torch.device) -> Iterator[Batch]:
@@ -177,8 +192,9 @@ def iter_batches(batches: Iterable[dict], device: torch.device) -> Iterator[Batc
 def per_example_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """(B,) mean token cross-entropy of each example over its answer tokens (causal shift)."""
     logits, labels = logits[:, :-1], labels[:, 1:]
+    dtype = torch.promote_types(logits.dtype, torch.float32)  # float32, or float64 for float64 models
     ce = F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
+        logits.reshape(-1, logits.shape[-1]).to(dtype), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
     ).view(labels.shape)
     return ce.sum(1) / (labels != IGNORE_INDEX).sum(1)
 
@@ -186,6 +202,21 @@ def per_example_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
 def _accepts(model: nn.Module, arg: str) -> bool:
     params = inspect.signature(model.forward).parameters
     return arg in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+def model_inputs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> dict:
+    """Forward arguments that make an example's outputs independent of its padding.
+
+    Position ids are derived from the attention mask, so that with left padding every
+    example gets the positions it has alone (models with absolute position embeddings
+    depend on it); no KV cache is built.
+    """
+    kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if attention_mask is not None and _accepts(model, "position_ids"):
+        kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    if _accepts(model, "use_cache"):
+        kwargs["use_cache"] = False
+    return kwargs
 
 
 # ---------------------------------------------------------------------------------------
@@ -232,12 +263,12 @@ class Capture:
     def __init__(self, model: nn.Module, layers: list[Layer]):
         self.model = model
         self.layers = layers
-        self._pass_position_ids = _accepts(model, "position_ids")
 
     def run(self, batch: Batch, on_layer: OnLayer) -> torch.Tensor:
         """One forward + backward on ``batch``; returns the (B,) per-example losses."""
         mask = batch.attention_mask.bool()
         calls: dict[str, int] = {}
+        received: set[str] = set()
 
         def forward_hook(layer: Layer):
             def hook(_module, inputs, output):
@@ -259,22 +290,19 @@ class Capture:
                     )
                 # Some models (OPT) run their MLP on flattened (B * T, d) tokens.
                 a = a.reshape(*mask.shape, a.shape[-1])
-                output.register_hook(lambda g: on_layer(layer, a, g.detach().reshape(*mask.shape, g.shape[-1]), mask))
+                def grad_hook(g):
+                    received.add(layer.name)
+                    on_layer(layer, a, g.detach().reshape(*mask.shape, g.shape[-1]), mask)
+
+                output.register_hook(grad_hook)
 
             return hook
 
         handles = [layer.module.register_forward_hook(forward_hook(layer)) for layer in self.layers]
         try:
-            kwargs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "use_cache": False}
-            if self._pass_position_ids:
-                # Derived from the mask so that left padding gives every example the
-                # positions it has alone (absolute position embeddings depend on it).
-                kwargs["position_ids"] = (batch.attention_mask.long().cumsum(-1) - 1).clamp(min=0)
             with torch.enable_grad():
-                logits = self.model(**kwargs).logits
+                logits = self.model(**model_inputs(self.model, batch.input_ids, batch.attention_mask)).logits
                 losses = per_example_loss(logits, batch.labels)
-                if not bool(torch.isfinite(losses).all()):
-                    raise FloatingPointError(f"non-finite loss for examples {batch.ids}: check the model and inputs")
                 losses.sum().backward()
         finally:
             for h in handles:
@@ -282,7 +310,19 @@ class Capture:
         missing = [layer.name for layer in self.layers if layer.name not in calls]
         if missing:
             raise RuntimeError(f"layers {missing[:5]} were not called in the forward pass; exclude them")
-        return losses.detach()
+        missing = [layer.name for layer in self.layers if layer.name not in received]
+        if missing:
+            raise RuntimeError(
+                f"layers {missing[:5]} ran but their outputs got no gradient (no path to the loss); exclude them"
+            )
+        losses = losses.detach()
+        if not bool(torch.isfinite(losses).all()):
+            raise FloatingPointError(
+                f"non-finite loss for examples {batch.ids}: check the model and inputs (eager attention in "
+                "float64 turns fully padded rows into NaN in some transformers versions: use SDPA attention "
+                "or right padding)"
+            )
+        return losses
 
 
 def model_device(model: nn.Module) -> torch.device:

@@ -11,7 +11,7 @@ from . import ops
 from .capture import Batch, Capture, Layer, frozen_for_capture, iter_batches, model_device, select_layers
 from .config import ProjectionConfig
 from .exact import per_example_gradients
-from .features import Features, LayerSlice, TokenFactors, cat_features
+from .features import Features, LayerSlice, TokenFactors, cat_features, slice_rows
 from .ops._common import masked
 from .projection import layer_projections
 
@@ -50,16 +50,27 @@ class GradientExtractor:
         self.model = model
         self.config = config or ProjectionConfig()
         self.layers = select_layers(model, self.config.include, self.config.exclude, self.config.include_bias)
-        self.device = model_device(model)
-        self.dtype = torch.float64 if self.layers[0].weight.dtype == torch.float64 else torch.float32
         self._proj = {l.name: layer_projections(l, self.config) for l in self.layers}
-        self._proj_dev: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._proj_dev: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self.layout = self._layout()
         self._flat_offsets, offset = {}, 0
         for l in self.layers:
             self._flat_offsets[l.name] = offset
             offset += l.d_out * (l.d_in + int(l.bias))
-        self.fingerprint = fingerprint(model, self.layers)
+
+    @property
+    def fingerprint(self) -> dict:
+        """Identity of the model's captured layers now (weights may change between extractions)."""
+        return fingerprint(self.model, self.layers)
+
+    @property
+    def device(self) -> torch.device:
+        return model_device(self.model)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Accumulation dtype: float64 for a float64 model, float32 otherwise."""
+        return torch.float64 if self.layers[0].weight.dtype == torch.float64 else torch.float32
 
     def _layout(self) -> dict[str, LayerSlice]:
         if self.config.mode == "flat":
@@ -86,11 +97,12 @@ class GradientExtractor:
             "dtype": self.config.dtype,
         }
 
-    def projections(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(P_in, P_out) of a layer on the model's device (float32, or float64 for float64 models)."""
-        if name not in self._proj_dev:
-            self._proj_dev[name] = tuple(P.to(self.device, self.dtype) for P in self._proj[name])
-        return self._proj_dev[name]
+    def projections(self, name: str, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(P_in, P_out) of a layer on ``device`` in ``dtype`` (cached)."""
+        key = (name, device, dtype)
+        if key not in self._proj_dev:
+            self._proj_dev[key] = tuple(P.to(device, dtype) for P in self._proj[name])
+        return self._proj_dev[key]
 
     # -----------------------------------------------------------------------------------
 
@@ -141,37 +153,43 @@ class GradientExtractor:
         if self.config.mode == "flat" and (tokens or covariances):
             raise ValueError("tokens=True and covariances=True need mode='factorized' (flat features have no layers)")
         seen = 0
-        with frozen_for_capture(self.model):
-            capture = Capture(self.model, self.layers)
-            for batch in iter_batches(batches, self.device):
-                n = batch.input_ids.shape[0]
-                first = max(0, skip_examples - seen)
-                seen += n
-                if first >= n:
-                    continue
-                feats = self._batch_features(capture, batch, tokens, covariances)
-                yield feats if first == 0 else _rows(feats, first)
+        capture = Capture(self.model, self.layers)
+        fp = self.fingerprint
+        for batch in iter_batches(batches, self.device):
+            n = batch.input_ids.shape[0]
+            first = max(0, skip_examples - seen)
+            seen += n
+            if first >= n:
+                continue
+            # Frozen per batch, so that between yields the model is the caller's again.
+            with frozen_for_capture(self.model):
+                feats = self._batch_features(capture, batch, tokens, covariances, fp)
+            yield slice_rows(feats, first, n)
 
-    def _batch_features(self, capture: Capture, batch: Batch, tokens: bool, covariances: bool) -> Features:
+    def _batch_features(self, capture: Capture, batch: Batch, tokens: bool, covariances: bool, fp: dict) -> Features:
         if self.config.mode == "flat":
-            return self._flat_features(capture, batch)
+            return self._flat_features(capture, batch, fp)
         B = batch.input_ids.shape[0]
-        rows = torch.empty(B, self.dim, dtype=self.dtype, device=self.device)
+        device, dtype = batch.input_ids.device, self.dtype
+        rows = torch.empty(B, self.dim, dtype=dtype, device=device)
         store_dtype = self.config.torch_dtype
         a_tok, g_tok, stats = {}, {}, {}
 
+        valid = batch.attention_mask.bool().flatten().nonzero().squeeze(1) if tokens else None
+
         def on_layer(layer: Layer, A, G, mask):
-            P_in, P_out = self.projections(layer.name)
+            P_in, P_out = self.projections(layer.name, device, dtype)
             sl = self.layout[layer.name]
             if tokens or covariances:
                 At, Gt = ops.project_tokens(A, G, P_in, P_out, mask)
                 phi = Gt.transpose(1, 2) @ At
-                if covariances:
-                    a2, g2 = At.flatten(0, 1).double(), Gt.flatten(0, 1).double()
-                    stats[layer.name] = ((a2.T @ a2).cpu(), (g2.T @ g2).cpu(), int(mask.sum()))
+                At, Gt = At.flatten(0, 1), Gt.flatten(0, 1)
+                if covariances:  # masked rows are zero, so they add nothing
+                    a2, g2 = At.double(), Gt.double()
+                    stats[layer.name] = (a2.T @ a2, g2.T @ g2)
                 if tokens:
-                    a_tok[layer.name] = At[mask].to("cpu", store_dtype)
-                    g_tok[layer.name] = Gt[mask].to("cpu", store_dtype)
+                    a_tok[layer.name] = At.index_select(0, valid).to(store_dtype)
+                    g_tok[layer.name] = Gt.index_select(0, valid).to(store_dtype)
             else:
                 phi = ops.project(A, G, P_in, P_out, mask)
             rows[:, sl.start : sl.stop] = phi.reshape(B, -1)
@@ -181,17 +199,22 @@ class GradientExtractor:
         if tokens:
             counts = batch.attention_mask.bool().sum(1).cpu()
             offsets = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
-            token_factors = TokenFactors(offsets, a_tok, g_tok)
-        return self._features(rows, batch.ids, token_factors, stats if covariances else None)
+            token_factors = TokenFactors(
+                offsets, {n: t.cpu() for n, t in a_tok.items()}, {n: t.cpu() for n, t in g_tok.items()}
+            )
+        if covariances:
+            n_tokens = int(batch.attention_mask.bool().sum())
+            stats = {n: (CA.cpu(), CG.cpu(), n_tokens) for n, (CA, CG) in stats.items()}
+        return self._features(rows, batch.ids, token_factors, stats if covariances else None, fp)
 
-    def _flat_features(self, capture: Capture, batch: Batch) -> Features:
+    def _flat_features(self, capture: Capture, batch: Batch, fp: dict) -> Features:
         """Flat mode: each layer's per-example gradients, JL-projected into one sketch.
 
         The implicit JL matrix is indexed by the position in the concatenated gradient
         vector (``offset``), so summing per-layer sketches equals sketching the whole
         vector, and only one layer's (B, d_out * d_in) gradients exist at a time.
         """
-        rows = torch.zeros(batch.input_ids.shape[0], self.config.dim, dtype=self.dtype, device=self.device)
+        rows = torch.zeros(batch.input_ids.shape[0], self.config.dim, dtype=self.dtype, device=batch.input_ids.device)
         cfg = self.config
 
         def on_layer(layer: Layer, A, G, mask):
@@ -200,31 +223,16 @@ class GradientExtractor:
             rows.add_(ops.jl_project(grads, cfg.dim, seed=cfg.seed, kind=cfg.kind, offset=self._flat_offsets[layer.name]))
 
         capture.run(batch, on_layer)
-        return self._features(rows, batch.ids, None, None)
+        return self._features(rows, batch.ids, None, None, fp)
 
-    def _features(self, rows, ids, tokens, stats) -> Features:
+    def _features(self, rows, ids, tokens, stats, fp) -> Features:
         return Features(
             data=rows.to("cpu", self.config.torch_dtype),
             norms=rows.norm(dim=1).to("cpu", torch.float32),
             ids=list(ids),
             layout=self.layout,
             config=self.config,
-            fingerprint=self.fingerprint,
+            fingerprint=fp,
             tokens=tokens,
             stats=stats,
         )
-
-
-def _rows(f: Features, first: int) -> Features:
-    """Features of rows ``first:`` of a batch (for resuming inside a batch)."""
-    tokens = None
-    if f.tokens is not None:
-        lo = int(f.tokens.offsets[first])
-        tokens = TokenFactors(
-            f.tokens.offsets[first:] - lo,
-            {n: t[lo:] for n, t in f.tokens.a.items()},
-            {n: t[lo:] for n, t in f.tokens.g.items()},
-        )
-    if f.stats is not None:
-        raise ValueError("cannot resume covariance statistics inside a batch: resume at a batch boundary")
-    return Features(f.data[first:], f.norms[first:], f.ids[first:], f.layout, f.config, f.fingerprint, tokens, None)

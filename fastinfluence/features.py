@@ -118,3 +118,21 @@ def cat_features(parts: list[Features]) -> Features:
         tokens=tokens,
         stats=stats,
     )
+
+
+def slice_rows(f: Features, a: int, b: int) -> Features:
+    """Rows ``a:b`` of ``f`` with their token factors. Stats are per-batch sums: kept only for all rows."""
+    if (a, b) == (0, len(f)):
+        return f
+    if f.stats is not None:
+        raise ValueError(
+            "covariance sums cover a whole batch and cannot be split by rows: resume or split at a batch boundary"
+        )
+    tokens = None
+    if f.tokens is not None:
+        o = f.tokens.offsets
+        lo, hi = int(o[a]), int(o[b])
+        tokens = TokenFactors(
+            o[a : b + 1] - lo, {n: t[lo:hi] for n, t in f.tokens.a.items()}, {n: t[lo:hi] for n, t in f.tokens.g.items()}
+        )
+    return Features(f.data[a:b], f.norms[a:b], f.ids[a:b], f.layout, f.config, f.fingerprint, tokens, None)

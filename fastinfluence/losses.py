@@ -28,6 +28,7 @@ from typing import Iterable, NamedTuple
 import torch
 import torch.nn.functional as F
 
+from .capture import model_inputs
 from .ops.linear_cross_entropy import linear_cross_entropy
 
 IGNORE_INDEX = -100
@@ -87,13 +88,13 @@ def token_nll(model, batch: dict, fused: bool | None = None) -> tuple[torch.Tens
     head = fused_head(model) if fused is not False else None
     if fused and head is None:
         raise ValueError(f"fused=True but {type(model).__name__} has no plain Linear LM head after its decoder; use fused=None")
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask")}
+    input_ids, attention_mask = batch["input_ids"], batch.get("attention_mask")
     if head is None:
-        logits = model(**inputs).logits.float()
+        logits = model(**model_inputs(model, input_ids, attention_mask)).logits.float()
         loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none", ignore_index=IGNORE_INDEX)
         return loss.view_as(labels), mask
     decoder, lm_head, softcap = head
-    hidden = decoder(**inputs).last_hidden_state
+    hidden = decoder(**model_inputs(decoder, input_ids, attention_mask)).last_hidden_state
     weight, bias = lm_head.weight, lm_head.bias
     device_type = hidden.device.type
     if torch.is_autocast_enabled(device_type):

@@ -35,7 +35,8 @@ from safetensors.torch import save as safetensors_save
 
 from . import distributed as dist
 from .config import ProjectionConfig
-from .features import Chunk, Features, LayerSlice, TokenFactors, cat_features
+from .capture import batch_ids
+from .features import Chunk, Features, LayerSlice, cat_features, slice_rows
 
 FORMAT = "fastinfluence.store"
 VERSION = 1
@@ -416,27 +417,6 @@ def source_metadata(source: "Features | FeatureStore") -> dict:
 # ----------------------------------------------------------------------------- writing
 
 
-def _batch_ids(batch: Mapping, position: int) -> list:
-    key = "ids" if "ids" in batch else "id" if "id" in batch else None
-    n = len(batch["input_ids"])
-    if key is None:
-        return list(range(position, position + n))
-    ids = batch[key]
-    ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids) if isinstance(ids, (list, tuple)) else [ids]
-    if len(ids) != n:
-        raise ValueError(f"batch at example {position} has {n} rows but {len(ids)} ids in {key!r}")
-    return ids
-
-
-def _slice_features(f: Features, a: int, b: int) -> Features:
-    tokens = None
-    if f.tokens is not None:
-        o = f.tokens.offsets
-        lo, hi = int(o[a]), int(o[b])
-        tokens = TokenFactors(o[a : b + 1] - lo, {n: t[lo:hi] for n, t in f.tokens.a.items()}, {n: t[lo:hi] for n, t in f.tokens.g.items()})
-    return replace(f, data=f.data[a:b], norms=f.norms[a:b], ids=f.ids[a:b], tokens=tokens)
-
-
 def _save(path: Path, tensors: dict[str, torch.Tensor], entry: dict | None = None) -> dict:
     """Write ``tensors`` atomically; ``entry`` (with the checksums added) goes into the header."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
@@ -574,7 +554,7 @@ def write_store(
     sizes = [len(b["input_ids"]) for b in batches]
     stream, pos = [], 0
     for b, n in zip(batches, sizes):
-        ids = _batch_ids(b, pos)
+        ids = batch_ids(b, n, pos)
         stream.append(dict(b, ids=ids) if "ids" not in b else b)
         pos += n
     meta_now = normalize_metadata(extractor.metadata())
@@ -645,7 +625,7 @@ def _extract_run(root, extractor, stream, sizes, run, tokens, covariances, shard
     pos = shard_first = first
     for f in extractor.iter_features(stream[b0 : b_last + 1], skip_examples=skip, tokens=tokens, covariances=covariances):
         if pos + len(f) > stop:
-            f = _slice_features(f, 0, stop - pos)
+            f = slice_rows(f, 0, stop - pos)
         parts.append(f)
         pos += len(f)
         bar.update(len(f))

@@ -70,9 +70,9 @@ class TokenTableExtractor:
             time.sleep(self.delay)
             f = self._batch(batch, ids, tokens, covariances)
             if skip_examples:
-                from fastinfluence.store import _slice_features
+                from fastinfluence.features import slice_rows
 
-                f = _slice_features(f, skip_examples, n)
+                f = slice_rows(f, skip_examples, n)
                 skip_examples = 0
             yield f
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import transformers as tf
 
-from fastinfluence.capture import IGNORE_INDEX, per_example_loss, select_layers
+from fastinfluence.capture import IGNORE_INDEX, select_layers
 
 VOCAB = 64
 
@@ -98,8 +98,10 @@ def slow_gradients(model, examples, include=None, exclude=None, include_bias=Tru
     rows = []
     try:
         for ids, labels in examples:
-            logits = model(input_ids=ids[None], use_cache=False).logits
-            loss = per_example_loss(logits, labels[None])[0]
+            logits = model(input_ids=ids[None], use_cache=False).logits[0, :-1]
+            target = labels[1:]
+            # Written out here, independent of the library's loss: mean CE over answer tokens.
+            loss = torch.nn.functional.cross_entropy(logits[target != IGNORE_INDEX], target[target != IGNORE_INDEX])
             grads = dict(zip(map(id, params), torch.autograd.grad(loss, params)))
             parts = []
             for layer in layers:
