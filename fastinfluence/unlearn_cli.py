@@ -52,7 +52,8 @@ def _weights(args) -> int:
         if args.scores is None:
             raise SystemExit("--method low_influence needs --scores (a (Q, N) or (N,) .npy/.pt)")
         r = weights.low_influence(_load_tensor(args.scores), quantile=args.quantile, threshold=args.threshold)
-        out = {"method": "low_influence", "keep": r.keep.tolist(), "threshold": r.threshold, "compute_saved": r.compute_saved}
+        out = {"method": "low_influence", "n": len(r.skip), "keep": r.keep.tolist(), "threshold": r.threshold,
+               "compute_saved": r.compute_saved}
     Path(args.out).write_text(json.dumps(out))
     log.info("wrote %s weights to %s", args.method, args.out)
     return 0
@@ -90,7 +91,19 @@ def _unlearn(args) -> int:
     fw = rw = None
     if args.weights:
         w = json.loads(Path(args.weights).read_text())
+        if not {"forget", "retain", "keep"} & set(w):
+            raise SystemExit(f"{args.weights} holds none of 'forget', 'retain', 'keep': write it with `fastinfluence weights`")
         fw, rw = w.get("forget"), w.get("retain")
+        if "keep" in w:  # low-influence skipping: only the kept forget examples are unlearned
+            keep, n = w["keep"], w.get("n", len(forget))
+            if n != len(forget) or any(not 0 <= i < len(forget) for i in keep):
+                raise SystemExit(f"{args.weights} was made for {n} forget examples, --forget has {len(forget)}; they must match")
+            if not keep:
+                raise SystemExit(f"{args.weights} skips every forget example: lower the quantile or threshold")
+            if fw is not None and len(fw) == len(forget):
+                fw = [fw[i] for i in keep]
+            forget = [forget[i] for i in keep]
+            log.info("low-influence skipping: %d of %d forget examples kept", len(forget), n)
     dataset = UnlearnDataset(forget, retain, ratio=args.ratio if retain else 0, forget_weights=fw, retain_weights=rw, seed=args.seed)
     lora = None
     if args.lora_r:

@@ -144,3 +144,16 @@ def test_bad_weights_are_rejected(w, match):
     nll = losses.sequence_nll(model, answer_batches(model, 3, seed=11, batch_size=3)[0])
     with pytest.raises(ValueError, match=match):
         losses.ga(nll, w)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_left_padding_gives_each_example_its_unpadded_nll(fused):
+    """Position ids come from the attention mask, as in extraction: GPT-2's absolute positions
+    must not shift with left padding."""
+    from tiny_models import collate, make_examples, tiny_model
+
+    model = tiny_model("gpt2", torch.float64)
+    examples = make_examples(3, seed=21, min_len=4, max_len=12)
+    padded = losses.sequence_nll(model, collate(examples, "left"), fused=fused).sum
+    alone = torch.cat([losses.sequence_nll(model, collate([e]), fused=fused).sum for e in examples])
+    assert torch.allclose(padded.double(), alone.double(), rtol=1e-6)

@@ -85,3 +85,22 @@ def test_lora_unlearning_writes_an_adapter(workdir):
 def test_weights_command_names_missing_inputs(workdir):
     with pytest.raises(SystemExit, match="needs --fr --rf --rr"):
         main(["weights", "--method", "rapidun", "--ff", str(workdir / "x.npy"), "--out", str(workdir / "w2.json")])
+
+
+def test_low_influence_keep_flags_drop_forget_examples(workdir, caplog):
+    scores = np.linspace(-1, 1, 32, dtype=np.float32)[None].repeat(3, 0)  # |score| small in the middle
+    np.save(workdir / "li.npy", scores)
+    w = workdir / "li.json"
+    assert main(["weights", "--method", "low_influence", "--scores", str(workdir / "li.npy"), "--quantile", "0.25", "--out", str(w)]) == 0
+    out = json.loads(w.read_text())
+    keep = out["keep"]
+    assert out["n"] == 32 and 0 < len(keep) < 32
+    caplog.set_level("INFO", logger="fastinfluence")
+    assert main(["unlearn", "--model", str(workdir / "model"), "--forget", str(workdir / "forget.jsonl"),
+                 "--retain", str(workdir / "retain.jsonl"), "--weights", str(w), "--method", "graddiff",
+                 "--steps", "1", "--batch-size", "4", "--cpu", "--out", str(workdir / "li_out")]) == 0
+    assert f"{len(keep)} of 32 forget examples kept" in caplog.text
+    (workdir / "bad.json").write_text(json.dumps({"n": 5, "keep": [0, 1]}))
+    with pytest.raises(SystemExit, match="made for 5 forget examples, --forget has 32"):
+        main(["unlearn", "--model", str(workdir / "model"), "--forget", str(workdir / "forget.jsonl"),
+              "--weights", str(workdir / "bad.json"), "--method", "ga", "--cpu", "--out", str(workdir / "x")])

@@ -43,9 +43,7 @@ def project_side(X: torch.Tensor, P: torch.Tensor | None, dtype: torch.dtype) ->
 
 
 def project_reference(A, G, P_in, P_out, mask=None):
-    dtype = acc_dtype(A, G)
-    At = masked(project_side(A, P_in, dtype), mask)
-    Gt = masked(project_side(G, P_out, dtype), mask)
+    At, Gt = project_tokens_reference(A, G, P_in, P_out, mask)
     return Gt.transpose(1, 2) @ At
 
 

@@ -40,17 +40,24 @@ def merge_topk(values: torch.Tensor, indices: torch.Tensor, k: int, prev: TopK |
     return TopK(values.gather(1, order), indices.gather(1, order))
 
 
-def score_topk_reference(query, train, k, query_scale=None, train_scale=None, index_offset=0, prev=None):
+def scores_and_aggregates(query, train, query_scale=None, train_scale=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The scaled score matrix S (Q, n) and its (3, n) aggregates over the queries (sum, sumsq, max).
+
+    Shared by the reference and the backends that only replace the top-k selection.
+    """
     dtype = acc_dtype(query, train)
     S = query.to(dtype) @ train.to(dtype).T
     if query_scale is not None:
         S = S * query_scale.to(dtype)[:, None]
     if train_scale is not None:
         S = S * train_scale.to(dtype)[None, :]
+    return S.contiguous(), torch.stack([S.sum(0), (S * S).sum(0), S.amax(0)])
+
+
+def score_topk_reference(query, train, k, query_scale=None, train_scale=None, index_offset=0, prev=None):
+    S, aggregates = scores_and_aggregates(query, train, query_scale, train_scale)
     idx = torch.arange(index_offset, index_offset + train.shape[0], device=train.device)
-    top = merge_topk(S, idx.expand(S.shape[0], -1), k, prev)
-    aggregates = torch.stack([S.sum(0), (S * S).sum(0), S.amax(0)])
-    return top, aggregates
+    return merge_topk(S, idx.expand(S.shape[0], -1), k, prev), aggregates
 
 
 def score_topk(

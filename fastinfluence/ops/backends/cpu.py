@@ -12,8 +12,7 @@ import warnings
 import torch
 
 from ..jl_project import jl_project_reference, jl_scale, KINDS
-from ..score_topk import TopK
-from .._common import acc_dtype
+from ..score_topk import TopK, scores_and_aggregates
 
 try:
     from . import _fi_cpu as _ext
@@ -55,17 +54,6 @@ def rows_contiguous(x: torch.Tensor) -> torch.Tensor:
 def jl_output(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(x with unit column stride, empty (B, k) float32 output)."""
     return rows_contiguous(x), torch.empty(x.shape[0], k, dtype=torch.float32, device=x.device)
-
-
-def scores_and_aggregates(query, train, query_scale, train_scale) -> tuple[torch.Tensor, torch.Tensor]:
-    """The score matrix S (Q, n) and its (3, n) aggregates, by the reference's own torch ops."""
-    dtype = acc_dtype(query, train)
-    S = query.to(dtype) @ train.to(dtype).T
-    if query_scale is not None:
-        S = S * query_scale.to(dtype)[:, None]
-    if train_scale is not None:
-        S = S * train_scale.to(dtype)[None, :]
-    return S.contiguous(), torch.stack([S.sum(0), (S * S).sum(0), S.amax(0)])
 
 
 def select_topk(S: torch.Tensor, k: int, index_offset: int, prev: TopK | None, launch) -> TopK:

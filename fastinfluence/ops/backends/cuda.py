@@ -24,7 +24,8 @@ import torch
 
 from ..jl_project import KINDS, jl_project_reference, jl_scale
 from ..score_topk import score_topk_reference
-from .cpu import DTYPE_CODES, jl_output, scores_and_aggregates, select_topk
+from ..score_topk import scores_and_aggregates
+from .cpu import DTYPE_CODES, jl_output, select_topk
 
 # Sources live next to the package in a source checkout; FASTINFLUENCE_CSRC overrides.
 CSRC = Path(os.environ.get("FASTINFLUENCE_CSRC", Path(__file__).resolve().parents[3] / "csrc"))
