@@ -50,6 +50,8 @@ class ProjectionConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"ProjectionConfig.{name} must be a positive int, got {v!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
+            raise ValueError(f"ProjectionConfig.seed must be an int in [0, 2^63), got {self.seed!r}")
         if self.dtype not in _DTYPES:
             raise ValueError(f"ProjectionConfig.dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
         if isinstance(self.include, str):

@@ -191,6 +191,8 @@ def test_bad_input_errors():
         GradientExtractor(torch.nn.Sequential(torch.nn.Embedding(4, 4)))
     with pytest.raises(ValueError, match="kind"):
         ProjectionConfig(kind="sparse")
+    with pytest.raises(ValueError, match="seed"):
+        ProjectionConfig(seed=-1)
 
 
 @pytest.mark.parametrize("kind", ["rademacher", "gaussian"])
