@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from . import distributed as dist
 from .features import Features, LayerSlice
 from .ops import TopK, merge_topk, score_topk
+from .ops.score_topk import scores_and_aggregates
 from .precondition import KINDS, Preconditioner, load_or_fit
 from .store import FeatureStore, check_same_origin, iter_chunks, source_metadata
 
@@ -250,12 +251,17 @@ def _stream(scoring: _Scoring, q, q_scale, train, topk, chunk_rows, rows, matrix
     bar = tqdm(total=rows[1] - rows[0], unit="row", desc="score", disable=not (progress and dist.rank_world()[0] == 0))
     for c in iter_chunks(train, chunk_rows, *rows):
         x, t_scale = scoring.train(c.data.to(q.device, non_blocking=True), c.norms.to(q.device))
-        top, a = score_topk(q, x, topk, q_scale, t_scale, c.offset, top)
-        agg[:, c.offset : c.offset + len(x)] = a.float().cpu()
-        if matrix is not None:
-            S = q @ x.to(scoring.dtype).T
-            S = S * (q_scale[:, None] if q_scale is not None else 1) * (t_scale[None, :] if t_scale is not None else 1)
+        # On a GPU, half-precision train rows meet a query of the same dtype so that the
+        # fused kernel runs (float32 accumulation); on the CPU the query stays float32.
+        qx = q.to(x.dtype) if x.device.type == "cuda" and x.dtype in (torch.float16, torch.bfloat16) else q
+        if matrix is None:
+            top, a = score_topk(qx, x, topk, q_scale, t_scale, c.offset, top)
+        else:  # the full matrix is wanted: compute each score tile once and select from it
+            S, a = scores_and_aggregates(qx, x, q_scale, t_scale)
+            idx = torch.arange(c.offset, c.offset + len(x), device=S.device)
+            top = merge_topk(S, idx.expand(S.shape[0], -1), topk, top)
             matrix[:, c.offset : c.offset + len(x)] = S.float().cpu().numpy()
+        agg[:, c.offset : c.offset + len(x)] = a.float().cpu()
         bar.update(len(x))
     bar.close()
     if matrix is not None:
