@@ -31,7 +31,7 @@ CSRC = Path(__file__).resolve().parent
 CPU_MODULE = "fastinfluence.ops.backends._fi_cpu"
 CUDA_MODULE = "fastinfluence.ops.backends._fi_cuda"
 HOST_SOURCES = ("host_bindings.cpp", "jl_project_host.cpp", "topk_host.cpp")
-CUDA_SOURCES = ("cuda_bindings.cpp", "jl_project.cu", "topk.cu")
+CUDA_SOURCES = ("cuda_bindings.cpp", "jl_project.cu", "project.cu", "topk.cu")
 # -ffp-contract=off: the random entries must round exactly like the CUDA and torch code.
 # -fno-math-errno -fno-trapping-math change no value; they let g++ vectorise the entries.
 HOST_FLAGS = ("-O3", "-std=c++17", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-fvisibility=hidden")

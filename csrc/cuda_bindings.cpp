@@ -8,6 +8,7 @@
 
 #include "cuda_kernels.h"
 #include "fi_common.h"
+#include "project.h"
 
 namespace py = pybind11;
 
@@ -52,10 +53,45 @@ void topk_merge(uintptr_t S, int dtype, int64_t Q, int64_t n, int64_t lds, int64
   check(err, "topk_merge");
 }
 
+void project(uintptr_t A, int64_t a_sb, int64_t a_st, int64_t d_in, uintptr_t P_in, bool a_vec,
+             uintptr_t G, int64_t g_sb, int64_t g_st, int64_t d_out, uintptr_t P_out, bool g_vec, int dtype,
+             int kp, uintptr_t bias, uintptr_t mask, int64_t mask_sb, int64_t mask_st, int64_t B, int64_t T,
+             int64_t k_in, int64_t k_out, int64_t tokens_per_split, int64_t splits, uintptr_t partial,
+             uintptr_t stream) {
+  if (dtype != fi::kFloat32 && dtype != fi::kFloat16 && dtype != fi::kBFloat16)
+    throw std::invalid_argument("project: A and G must both be float32, float16 or bfloat16");
+  if (kp != 32 && kp != 64 && kp != 128)
+    throw std::invalid_argument("project: the padded rank must be 32, 64 or 128, got " + std::to_string(kp));
+  if (k_in < 1 || k_out < 1 || k_in > kp || k_out > kp)
+    throw std::invalid_argument("project: ranks k_in=" + std::to_string(k_in) + ", k_out=" + std::to_string(k_out) +
+                                " must lie in [1, " + std::to_string(kp) + "]");
+  if (B < 1 || B > 0x7fffffff || T < 1 || d_in < 1 || d_out < 1)
+    throw std::invalid_argument("project: B, T, d_in and d_out must be positive (B < 2^31)");
+  if (splits < 1 || splits > 65535 || tokens_per_split % fi::kProjectTokenTile != 0 ||
+      (splits - 1) * tokens_per_split >= T)
+    throw std::invalid_argument("project: splits must be in [1, 65535], each a nonempty multiple of " +
+                                std::to_string(fi::kProjectTokenTile) + " tokens");
+  fi::ProjectArgs args{};
+  args.a = {ptr<const void>(A), a_sb, a_st, d_in, ptr<const void>(P_in), a_vec ? 1 : 0};
+  args.g = {ptr<const void>(G), g_sb, g_st, d_out, ptr<const void>(P_out), g_vec ? 1 : 0};
+  args.bias = ptr<const float>(bias);
+  args.mask = ptr<const uint8_t>(mask);
+  args.mask_sb = mask_sb;
+  args.mask_st = mask_st;
+  args.B = B;
+  args.T = T;
+  args.k_in = k_in;
+  args.k_out = k_out;
+  args.tokens_per_split = tokens_per_split;
+  args.partial = ptr<float>(partial);
+  check(fi::project_cuda(args, dtype, kp, splits, stream_of(stream)), "project");
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_fi_cuda, m) {
   m.doc() = "fastinfluence CUDA kernels";
   m.def("jl_project", &jl_project, "out (B, k) f32 = scale * x (B, D) @ R[offset:offset+D]");
+  m.def("project", &project, "partial (splits, B, k_out, k_in) f32 = per-split sums of (G P_out)^T (A P_in)");
   m.def("topk_merge", &topk_merge, "per-row top-k of prev (Q, kp) and S (Q, n)");
 }
