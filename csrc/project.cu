@@ -139,6 +139,14 @@ __device__ __forceinline__ void load_step(E* xs, E* ps, const ProjectSide& side,
   }
 }
 
+// Position in a CTA's flat sequence of steps, advanced one step at a time (no division).
+struct Cursor {
+  int64_t tile, step;
+  __device__ void advance(int64_t per_tile) {
+    if (++step == per_tile) step = 0, ++tile;
+  }
+};
+
 template <typename E, int KP>
 __global__ void __launch_bounds__(kThreads, KP <= 64 ? 2 : 1) project_kernel(ProjectArgs args) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
@@ -161,21 +169,24 @@ __global__ void __launch_bounds__(kThreads, KP <= 64 ? 2 : 1) project_kernel(Pro
   const int64_t n_steps = imax(0, (t_end - t_begin + kTile - 1) / kTile) * per_tile;
 
   auto stage = [&](int64_t s) { return stages + (s % kStages) * L::kStageElems; };
+  Cursor next_load{0, 0};  // (token tile, step within it) of the next step to stage
   auto issue = [&](int64_t s) {
     if (s < n_steps) {
-      const int64_t r = s % per_tile;
-      const int64_t t0 = t_begin + (s / per_tile) * kTile;
+      const int64_t r = next_load.step;
+      const int64_t t0 = t_begin + next_load.tile * kTile;
       E* xs = stage(s);
       if (r < n_a)
         load_step<E, KP>(xs, xs + kTile * L::kLdx, args.a, b, t0, t_end, r * L::kBD);
       else
         load_step<E, KP>(xs, xs + kTile * L::kLdx, args.g, b, t0, t_end, (r - n_a) * L::kBD);
+      next_load.advance(per_tile);
     }
     cp_async_commit();  // empty groups past the end keep the wait count uniform
   };
 
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) issue(s);
+  Cursor now{0, 0};
 
   const int band = warp % kRowBands;
   const int col0 = (warp / kRowBands) * L::kFrags;
@@ -212,7 +223,9 @@ __global__ void __launch_bounds__(kThreads, KP <= 64 ? 2 : 1) project_kernel(Pro
       }
     }
 
-    const int64_t r = s % per_tile;
+    const int64_t r = now.step;
+    const int64_t tile = now.tile;
+    now.advance(per_tile);
     if (r != n_a - 1 && r != per_tile - 1) continue;
     float* out = r == n_a - 1 ? at : gt;  // the side just finished
 #pragma unroll
@@ -224,7 +237,7 @@ __global__ void __launch_bounds__(kThreads, KP <= 64 ? 2 : 1) project_kernel(Pro
 
     // End of a token tile: phi += G~^T (A~ + bias) over the tokens that count.
     if (tid < kTile) {
-      const int64_t t = t_begin + (s / per_tile) * kTile + tid;
+      const int64_t t = t_begin + tile * kTile + tid;
       row_ok[tid] = t < t_end && (args.mask == nullptr || args.mask[b * args.mask_sb + t * args.mask_st] != 0);
     }
     __syncthreads();

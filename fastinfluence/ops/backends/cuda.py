@@ -1,4 +1,4 @@
-"""The ``cuda`` backend: CUDA kernels from ``csrc/*.cu`` (jl_project, top-k selection).
+"""The ``cuda`` backend: CUDA kernels from ``csrc/*.cu`` (jl_project, project, top-k selection).
 
 The extension ``_fi_cuda`` takes raw device pointers and stream handles, so it links no
 libtorch. It is used prebuilt when ``FASTINFLUENCE_BUILD_CUDA=1`` compiled it at install
@@ -23,6 +23,7 @@ from types import ModuleType
 import torch
 
 from ..jl_project import KINDS, jl_project_reference, jl_scale
+from ..project import project_reference
 from ..score_topk import score_topk_reference
 from ..score_topk import scores_and_aggregates
 from .cpu import DTYPE_CODES, jl_output, select_topk
@@ -35,6 +36,10 @@ MAX_TOPK = 1024
 _WORKSPACE_FLOATS = 1 << 24
 _JL_CHUNK = 1024  # kJlChunk of csrc/jl_entries.h
 _MAX_ROWS = 65535 * 32  # row tiles of 32 along a grid dimension of at most 65535 blocks
+# project: padded ranks of csrc/project.cu (its KP) and its token tile (kProjectTokenTile).
+PROJECT_RANK_TILES = (32, 64, 128)
+PROJECT_TOKEN_TILE = 64
+_PROJECT_CTAS_PER_SM = 2
 
 _ext: ModuleType | None = None
 _error: str | None = None
@@ -122,6 +127,89 @@ def jl_project(x: torch.Tensor, k: int, seed: int = 0, kind: str = "rademacher",
         _extension().jl_project(x.data_ptr(), DTYPE_CODES[x.dtype], B, D, x.stride(0), out.data_ptr(), k, seed,
                                 KINDS[kind], offset, jl_scale(k), ws.data_ptr(), window, _stream(x.device))
     return out
+
+
+def project_rank_tile(k_in: int, k_out: int) -> int | None:
+    """The kernel's padded rank for (k_in, k_out): the smallest tile holding both, None above 128."""
+    return next((kp for kp in PROJECT_RANK_TILES if max(k_in, k_out) <= kp), None)
+
+
+def project_token_splits(T: int, B: int, n_sm: int) -> tuple[int, int]:
+    """(splits, tokens_per_split): B * splits CTAs reach about two per SM when T allows.
+
+    Every split is a nonempty multiple of ``PROJECT_TOKEN_TILE`` tokens (the last one may be
+    shorter) and together they cover the T tokens exactly once.
+    """
+    tiles = -(-T // PROJECT_TOKEN_TILE)
+    want = max(1, min(tiles, -(-_PROJECT_CTAS_PER_SM * n_sm // B), 65535))
+    per = -(-tiles // want) * PROJECT_TOKEN_TILE
+    return -(-T // per), per
+
+
+def vector_rows(X: torch.Tensor) -> bool:
+    """True when X (B, T, d) with unit stride along d can be staged with 16-byte copies."""
+    size = X.element_size()
+    aligned = X.data_ptr() % 16 == 0 and (X.shape[2] * size) % 16 == 0
+    return aligned and all((s * size) % 16 == 0 or n == 1 for n, s in zip(X.shape[:2], X.stride()[:2]))
+
+
+def padded_projection(P: torch.Tensor, d: int, kp: int, like: torch.Tensor) -> torch.Tensor:
+    """P[:d] as a contiguous (d, kp) matrix in the dtype and on the device of ``like``, zero in
+    columns >= k (the kernel's P layout; a bias row d of P_in is passed apart)."""
+    out = torch.zeros(d, kp, dtype=like.dtype, device=like.device)
+    out[:, : P.shape[1]] = P[:d]
+    return out
+
+
+def _project_on_kernel(A, G, P_in, P_out) -> bool:
+    return (
+        P_in is not None
+        and P_out is not None
+        and A.dtype == G.dtype
+        and A.dtype in (torch.float32, torch.float16, torch.bfloat16)
+        and project_rank_tile(P_in.shape[1], P_out.shape[1]) is not None
+        and A.shape[2] > 0
+        and G.shape[2] > 0
+        and A.device.type == "cuda"
+        and torch.cuda.get_device_capability(A.device) >= (8, 0)
+    )
+
+
+def project(A, G, P_in, P_out, mask=None):
+    """CUDA ``ops.project``: phi (B, k_out, k_in) float32 on the tensor cores.
+
+    A (B, T, d_in) and G (B, T, d_out) in one dtype, float32 (TF32 products, ~1e-3
+    relative), float16 or bfloat16 (P rounded to that dtype, as the Triton kernel does);
+    P_in (d_in[+1], k_in), P_out (d_out, k_out) with k_in, k_out <= 128; mask (B, T) bool.
+    Runs on the torch reference instead for: a None (identity) projection, float64 or
+    mixed input dtypes, ranks above 128, empty widths, and GPUs older than compute
+    capability 8.0. Token splits are summed afterwards in split order (deterministic).
+    """
+    if not _project_on_kernel(A, G, P_in, P_out):
+        return project_reference(A, G, P_in, P_out, mask)
+    B, T, d_in = A.shape
+    d_out = G.shape[2]
+    k_in, k_out = P_in.shape[1], P_out.shape[1]
+    if B == 0 or T == 0:
+        return torch.zeros(B, k_out, k_in, device=A.device, dtype=torch.float32)
+    kp = project_rank_tile(k_in, k_out)
+    A = A if A.stride(2) == 1 else A.contiguous()
+    G = G if G.stride(2) == 1 else G.contiguous()
+    p_in, p_out = padded_projection(P_in, d_in, kp, A), padded_projection(P_out, d_out, kp, G)
+    bias = P_in[d_in].to(device=A.device, dtype=torch.float32).contiguous() if P_in.shape[0] == d_in + 1 else None
+    if mask is not None:
+        mask = mask.to(device=A.device, dtype=torch.bool).view(torch.uint8)
+    splits, per = project_token_splits(T, B, torch.cuda.get_device_properties(A.device).multi_processor_count)
+    partial = torch.empty(splits, B, k_out, k_in, device=A.device, dtype=torch.float32)
+    with torch.cuda.device(A.device):
+        _extension().project(
+            A.data_ptr(), A.stride(0), A.stride(1), d_in, p_in.data_ptr(), vector_rows(A),
+            G.data_ptr(), G.stride(0), G.stride(1), d_out, p_out.data_ptr(), vector_rows(G),
+            DTYPE_CODES[A.dtype], kp, 0 if bias is None else bias.data_ptr(),
+            0 if mask is None else mask.data_ptr(), *(mask.stride() if mask is not None else (0, 0)),
+            B, T, k_in, k_out, per, splits, partial.data_ptr(), _stream(A.device),
+        )
+    return partial[0] if splits == 1 else partial.sum(0)
 
 
 def score_topk(query, train, k, query_scale=None, train_scale=None, index_offset=0, prev=None):
