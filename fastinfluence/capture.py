@@ -16,7 +16,6 @@ train/eval mode of every module, hooks).
 from __future__ import annotations
 
 import contextlib
-import inspect
 import re
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
@@ -25,13 +24,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .lm import IGNORE_INDEX, fused_head, model_inputs, shifted_labels
+from .ops.linear_cross_entropy import linear_cross_entropy
+
 try:  # GPT-2 style Conv1D: y = x @ W + b with W: (d_in, d_out)
     from transformers.pytorch_utils import Conv1D
 except ImportError:  # pragma: no cover - transformers is a dependency
     Conv1D = None
 
 SUPPORTED_TYPES: tuple[type, ...] = (nn.Linear,) + ((Conv1D,) if Conv1D is not None else ())
-IGNORE_INDEX = -100
 
 
 @dataclass(frozen=True)
@@ -199,24 +200,19 @@ def per_example_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
     return ce.sum(1) / (labels != IGNORE_INDEX).sum(1)
 
 
-def _accepts(model: nn.Module, arg: str) -> bool:
-    params = inspect.signature(model.forward).parameters
-    return arg in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-
-
-def model_inputs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> dict:
-    """Forward arguments that make an example's outputs independent of its padding.
-
-    Position ids are derived from the attention mask, so that with left padding every
-    example gets the positions it has alone (models with absolute position embeddings
-    depend on it); no KV cache is built.
-    """
-    kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
-    if attention_mask is not None and _accepts(model, "position_ids"):
-        kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    if _accepts(model, "use_cache"):
-        kwargs["use_cache"] = False
-    return kwargs
+def forward_losses(model: nn.Module, batch: "Batch", head=None) -> torch.Tensor:
+    """(B,) per-example losses with autograd. ``head``: ``fused_head(model)`` to compute them
+    from the last hidden states with ``ops.linear_cross_entropy`` (no B x T x V logits)."""
+    if head is None:
+        logits = model(**model_inputs(model, batch.input_ids, batch.attention_mask)).logits
+        return per_example_loss(logits, batch.labels)
+    decoder, lm_head, softcap = head
+    hidden = decoder(**model_inputs(decoder, batch.input_ids, batch.attention_mask)).last_hidden_state
+    labels = shifted_labels(batch.labels)
+    tokens = linear_cross_entropy(
+        hidden.flatten(0, 1).to(lm_head.weight.dtype), lm_head.weight, labels.flatten(), bias=lm_head.bias, softcap=softcap
+    ).view(labels.shape)
+    return tokens.sum(1) / (labels != IGNORE_INDEX).sum(1)
 
 
 # ---------------------------------------------------------------------------------------
@@ -263,6 +259,10 @@ class Capture:
     def __init__(self, model: nn.Module, layers: list[Layer]):
         self.model = model
         self.layers = layers
+        # Without a hook on the LM head, its logits need never exist: the loss comes from
+        # the hidden states through the chunked linear cross-entropy.
+        head = fused_head(model)
+        self.head = head if head is not None and all(l.module is not head[1] for l in layers) else None
 
     def run(self, batch: Batch, on_layer: OnLayer) -> torch.Tensor:
         """One forward + backward on ``batch``; returns the (B,) per-example losses."""
@@ -301,8 +301,7 @@ class Capture:
         handles = [layer.module.register_forward_hook(forward_hook(layer)) for layer in self.layers]
         try:
             with torch.enable_grad():
-                logits = self.model(**model_inputs(self.model, batch.input_ids, batch.attention_mask)).logits
-                losses = per_example_loss(logits, batch.labels)
+                losses = forward_losses(self.model, batch, self.head)
                 losses.sum().backward()
         finally:
             for h in handles:

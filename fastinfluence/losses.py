@@ -28,14 +28,9 @@ from typing import Iterable, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .capture import model_inputs
+from .lm import IGNORE_INDEX, fused_head, model_inputs, shifted_labels
 from .ops.linear_cross_entropy import linear_cross_entropy
 
-IGNORE_INDEX = -100
-
-# Config attributes of architectures that scale the logits after the LM head; those use the
-# model's own logits.
-_LOGIT_SCALING_ATTRS = ("logit_scale", "logits_scaling", "lm_head_multiplier", "dim_model_base", "output_multiplier")
 
 
 class Nll(NamedTuple):
@@ -48,29 +43,6 @@ class Nll(NamedTuple):
     def mean(self) -> torch.Tensor:
         """(B,) per-example CE: mean NLL over the answer tokens."""
         return self.sum / self.count
-
-
-def fused_head(model) -> tuple[torch.nn.Module, torch.nn.Linear, float | None] | None:
-    """(decoder, lm_head, softcap) when the loss can be computed from hidden states, else None.
-
-    Needs a decoder distinct from the model whose last hidden state feeds a plain
-    ``nn.Linear`` head (tied embeddings and a head bias are fine), and no logit scaling
-    other than final-logit soft-capping.
-    """
-    get_decoder = getattr(model, "get_decoder", None)
-    decoder = get_decoder() if callable(get_decoder) else None
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    config = getattr(model, "config", None)
-    if decoder is None or decoder is model or type(head) is not torch.nn.Linear:
-        return None
-    if any(getattr(config, a, None) not in (None, 1, 1.0) for a in _LOGIT_SCALING_ATTRS):
-        return None
-    return decoder, head, getattr(config, "final_logit_softcapping", None)
-
-
-def shifted_labels(labels: torch.Tensor) -> torch.Tensor:
-    """(B, T) labels aligned with the hidden states: position t holds labels[:, t+1]."""
-    return torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), IGNORE_INDEX)], dim=1)
 
 
 def token_nll(model, batch: dict, fused: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -273,3 +273,23 @@ def test_numpy_and_tensor_ids_become_python_scalars():
 def test_tied_head_named_in_the_error():
     with pytest.raises(ValueError, match="tied"):
         GradientExtractor(tiny_model("gpt2"), ProjectionConfig(include=[r"lm_head"]))
+
+
+def test_loss_from_hidden_states_when_the_head_is_not_captured(monkeypatch):
+    """Without a hook on the LM head, the loss comes from hidden states through the chunked
+    linear cross-entropy: the head module never runs (no B x T x V logits) and the
+    features equal those of the logits path."""
+    from fastinfluence import capture
+
+    model = tiny_model("llama", torch.float64, lora=True)
+    cfg = ProjectionConfig(rank_in=16, rank_out=8, dtype="float64")
+    batches = batches_of(make_examples(4, seed=22), 2, "left")
+    ex = GradientExtractor(model, cfg)
+    assert capture.Capture(model, ex.layers).head is not None
+    calls = []
+    handle = model.get_output_embeddings().register_forward_hook(lambda *a: calls.append(1))
+    fused = ex.extract(batches)
+    handle.remove()
+    assert calls == []
+    monkeypatch.setattr(capture, "fused_head", lambda _model: None)  # the model's own logits
+    assert rel_err(fused.data, GradientExtractor(model, cfg).extract(batches).data) <= 1e-10
