@@ -40,6 +40,7 @@ gpu-suite:
 # CPU benchmarks (several minutes; scoring writes a 4 GB temporary store), then the README table.
 bench: setup
 	$(BIN)/python bench/extract_vs_train.py
+	$(BIN)/python bench/extract_memory.py
 	$(BIN)/python bench/bench_jl_project.py
 	$(BIN)/python bench/bench_linear_cross_entropy.py
 	$(BIN)/python bench/bench_scoring.py

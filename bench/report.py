@@ -63,7 +63,17 @@ def _jl(d: dict) -> list[str]:
     return out
 
 
+def _extract_memory(d: dict) -> list[str]:
+    r = {row["path"]: row for row in d["rows"]}
+    return [
+        f"| extraction peak memory, loss from hidden states vs B x T x V logits | {d['model']['arch']}, vocab "
+        f"{d['model']['vocab']}, {d['batch']}x{d['seq']} tokens | {r['fused']['peak_extra_MiB']:.0f} MiB vs "
+        f"{r['logits']['peak_extra_MiB']:.0f} MiB; {r['fused']['seconds']:.1f} s vs {r['logits']['seconds']:.1f} s | {d['device']} |"
+    ]
+
+
 FORMATTERS = {
+    "extract_memory_cpu.json": _extract_memory,
     "extract_vs_train_cpu.json": _extract_vs_train,
     "scoring_cpu.json": _scoring,
     "linear_cross_entropy_cpu.json": _lce,
