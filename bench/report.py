@@ -72,7 +72,16 @@ def _extract_memory(d: dict) -> list[str]:
     ]
 
 
+def _ops(d: dict) -> list[str]:
+    return [
+        f"| `fastinfluence bench` {r['op']} ({r['size']}) | backend {r['backend']} | {r['median_s'] * 1e3:.2f} ms, "
+        f"{r['gflops']:.1f} GFLOP/s, rel err vs torch {r['rel_err_vs_torch']:.0e} | {r['device']}, {d['meta']['threads']} threads |"
+        for r in d["rows"]
+    ]
+
+
 FORMATTERS = {
+    "ops_cpu.json": _ops,
     "extract_memory_cpu.json": _extract_memory,
     "extract_vs_train_cpu.json": _extract_vs_train,
     "scoring_cpu.json": _scoring,
