@@ -139,7 +139,12 @@ def _main(args) -> int:
     for r in rows:
         print(f"{r['op']:<22s}{r['backend']:<9s}{r['median_s'] * 1e3:>11.2f}{r['gflops']:>10.2f}{r['rel_err_vs_torch']:>10.1e}")
     if args.json:
-        meta = {"torch": torch.__version__, "threads": torch.get_num_threads()}
+        import platform
+        import subprocess
+
+        git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+        meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
+                "commit": git.stdout.strip() if git.returncode == 0 else None}
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "rows": rows}, f, indent=2)
     return 0
