@@ -21,6 +21,7 @@ _LAZY = {
     "weights": ("fastinfluence.weights", None),
     "losses": ("fastinfluence.losses", None),
     "evaluate": ("fastinfluence.evaluate", None),
+    "unlearn": ("fastinfluence.unlearn", None),
     "UnlearnTrainer": ("fastinfluence.unlearn", "UnlearnTrainer"),
 }
 
@@ -47,6 +48,7 @@ __all__ = [
     "score",
     "self_influence",
     "token_scores",
+    "unlearn",
     "weights",
     "__version__",
 ]
