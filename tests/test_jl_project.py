@@ -175,3 +175,11 @@ def test_bad_arguments_raise_clear_errors(kwargs, match):
     args = dict(x=torch.randn(2, 3), k=4, seed=0, kind="rademacher", offset=0) | kwargs
     with pytest.raises((ValueError, TypeError), match=match):
         ops.jl_project(**args)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["rademacher", "gaussian"])
+def test_reference_entries_generated_on_the_gpu_equal_the_cpu_bits(kind):
+    cpu = jl_entries(700, 96, seed=2**34 + 5, kind=kind, offset=131)
+    gpu = jl_entries(700, 96, seed=2**34 + 5, kind=kind, offset=131, device="cuda")
+    assert gpu.device.type == "cuda" and torch.equal(gpu.cpu(), cpu)

@@ -123,17 +123,21 @@ def _box_muller(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.T
     return r * cq, r * sq
 
 
-def jl_entries(rows: int, k: int, seed: int = 0, kind: str = "rademacher", offset: int = 0) -> torch.Tensor:
-    """Rows ``offset .. offset + rows`` of the unscaled matrix R: (rows, k) float32 on the CPU.
+def jl_entries(
+    rows: int, k: int, seed: int = 0, kind: str = "rademacher", offset: int = 0, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """Rows ``offset .. offset + rows`` of the unscaled matrix R: (rows, k) float32 on ``device``.
 
     Vectorised torch integer and float32 operations that reproduce csrc/jl_entries.h bit
-    for bit; memory is O(rows * k), so this is for tests and for the reference.
+    for bit; memory is O(rows * k), so this is for tests and for the reference (which
+    generates the entries where x lives, so no host-to-device copy of R is needed).
     """
     shift = _BLOCK_SHIFT[kind]
-    d = offset + torch.arange(rows, dtype=torch.int64)
+    d = offset + torch.arange(rows, dtype=torch.int64, device=device)
     first = offset >> shift
-    block = (first + torch.arange(((offset + rows - 1) >> shift) - first + 1, dtype=torch.int64))[:, None]
-    j = torch.arange(k, dtype=torch.int64)[None, :]
+    nblocks = ((offset + rows - 1) >> shift) - first + 1
+    block = (first + torch.arange(nblocks, dtype=torch.int64, device=device))[:, None]
+    j = torch.arange(k, dtype=torch.int64, device=device)[None, :]
     counter = (block & _MASK32, j, torch.full_like(j, KINDS[kind]), block >> 32)
     words = philox4x32_10(counter, (seed & _MASK32, seed >> 32))
     local = (d >> shift) - first
@@ -156,7 +160,7 @@ def jl_project_reference(x: torch.Tensor, k: int, seed: int = 0, kind: str = "ra
     rows = max(1, _REFERENCE_ENTRIES // k)
     for d0 in range(0, D, rows):
         d1 = min(D, d0 + rows)
-        R = jl_entries(d1 - d0, k, seed, kind, offset + d0).to(device=x.device, dtype=dtype)
+        R = jl_entries(d1 - d0, k, seed, kind, offset + d0, device=x.device).to(dtype)
         out += x[:, d0:d1].to(dtype) @ R
     scale = jl_scale(k) if dtype == torch.float32 else 1.0 / math.sqrt(k)
     return out * torch.tensor(scale, dtype=dtype, device=x.device)
