@@ -9,7 +9,9 @@ means "more likely a training member":
     min_k: mean of the k% lowest answer-token log-probs (Shi et al. 2024, k = 20%)
 
 AUC is forget (members) against holdout (non-members); 0.5 means no leakage. PrivLeak
-(MUSE) = (AUC - AUC_retrained) / AUC_retrained * 100 on the min-k AUC. Forget quality
+follows MUSE exactly (forget as the negative class, Min-40% scores):
+(AUC - AUC_retrained) / AUC_retrained * 100, about -100 while the forget set is still
+memorised and 0 when it matches the retrained model. Forget quality
 (TOFU) is the two-sample Kolmogorov-Smirnov p-value between the per-example forget losses of
 this model and of a model retrained without the forget set (TOFU compares truth ratios,
 which need paraphrased answers; losses need none).
@@ -25,6 +27,7 @@ from typing import Iterable
 
 import torch
 
+from .lm import model_inputs
 from .losses import IGNORE_INDEX, shifted_labels, token_nll
 
 
@@ -82,15 +85,16 @@ def ks_pvalue(x: torch.Tensor, y: torch.Tensor) -> float:
     if d == 0:
         return 1.0
     if n * m <= 250_000:
-        # Paths from (0,0) to (n,m) that stay strictly inside |i m - j n| < d, as probabilities.
-        row = [1.0] + [0.0] * m
+        # Probability that a random path from (0,0) to (i,j) has touched |i m - j n| >= d.
+        # A sum of positive terms (not 1 - P(stays inside)), so tiny p-values keep their digits.
+        row = [0.0] * (m + 1)
         for jj in range(1, m + 1):
-            row[jj] = row[jj - 1] if abs(jj * n) < d else 0.0
+            row[jj] = 1.0 if jj * n >= d else row[jj - 1]
         for ii in range(1, n + 1):
-            row[0] = row[0] if abs(ii * m) < d else 0.0
+            row[0] = 1.0 if ii * m >= d else row[0]
             for jj in range(1, m + 1):
-                row[jj] = (row[jj] * ii + row[jj - 1] * jj) / (ii + jj) if abs(ii * m - jj * n) < d else 0.0
-        return min(1.0, max(0.0, 1.0 - row[m]))
+                row[jj] = 1.0 if abs(ii * m - jj * n) >= d else (row[jj] * ii + row[jj - 1] * jj) / (ii + jj)
+        return min(1.0, row[m])
     en = math.sqrt(n * m / (n + m))
     lam = (en + 0.12 + 0.11 / en) * d / (n * m)
     return min(1.0, max(0.0, 2 * sum((-1) ** (k - 1) * math.exp(-2 * k * k * lam * lam) for k in range(1, 101))))
@@ -111,7 +115,7 @@ def _argmax_correct(model, batches: Iterable[dict]) -> list[torch.Tensor]:
     out = []
     for batch in batches:
         batch = {k: v.to(model.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
+        logits = model(**model_inputs(model, batch["input_ids"], batch.get("attention_mask"))).logits
         labels = shifted_labels(batch["labels"])
         hit = logits.argmax(-1) == labels
         out += [hit[b][labels[b] != IGNORE_INDEX].cpu() for b in range(labels.shape[0])]
@@ -177,6 +181,7 @@ def evaluate(
             tokens += sum(t.numel() for t in nll)
         if forget is not None:
             forget = list(forget)
+            holdout = list(holdout) if holdout is not None else None  # read twice with retrained=
             f_nll, f_ids = _tokens(model, forget)
             tokens += sum(t.numel() for t in f_nll)
             result["forget_nll"] = torch.stack([t.mean() for t in f_nll]).mean().item()
@@ -196,9 +201,14 @@ def evaluate(
                 for name in fs:
                     result[f"mia_auc_{name}"] = auc(fs[name], hs[name])
                 if retrained is not None:
+                    # MUSE's PrivLeak: AUC with the forget set as the negative class and
+                    # Min-40% scores, (AUC_unlearned - AUC_retrained) / AUC_retrained * 100;
+                    # with member-oriented AUCs A, R that is (R - A) / (1 - R) * 100.
+                    # About -100 when the forget set is still memorised, 0 when matched.
                     rh_nll, _ = _tokens(retrained, holdout)
-                    r_auc = auc(membership_scores(rf_nll, f_text, min_k)["min_k"], membership_scores(rh_nll, h_text, min_k)["min_k"])
-                    result["privleak"] = (result["mia_auc_min_k"] - r_auc) / r_auc * 100
+                    a = auc(membership_scores(f_nll, f_text, 0.4)["min_k"], membership_scores(h_nll, h_text, 0.4)["min_k"])
+                    r = auc(membership_scores(rf_nll, f_text, 0.4)["min_k"], membership_scores(rh_nll, h_text, 0.4)["min_k"])
+                    result["privleak"] = (r - a) / max(1 - r, 1e-12) * 100
     if attack is not None:
         if tokenizer is None:
             raise ValueError("attack success rate needs tokenizer= to encode prompts and decode generations")

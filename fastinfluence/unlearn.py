@@ -62,7 +62,9 @@ class UnlearnDataset(torch.utils.data.Dataset):
         retain: examples of the same form (may be empty for ``ga``).
         ratio: retain examples per forget example (RapidUn: 3).
         forget_weights, retain_weights: (Nf,) / (Nr,) non-negative weights (default 1).
-        seed: order in which retain examples are cycled through.
+        seed: shuffles the retain set; it is then cycled through in that order, a block of
+            ``ratio`` examples per item fetched, so every retain example is used once every
+            ceil(Nr / (Nf * ratio)) epochs.
 
     Item i: ``{"forget": forget[i] + weight + index, "retain": [ratio retain examples]}``.
     """
@@ -79,13 +81,19 @@ class UnlearnDataset(torch.utils.data.Dataset):
         self.retain_weights = _check_weights("retain_weights", retain_weights, len(retain))
         self.ratio = ratio
         self.order = torch.randperm(len(retain), generator=torch.Generator().manual_seed(seed)).tolist()
+        self._visits = [0] * len(self.forget)
 
     def __len__(self) -> int:
         return len(self.forget)
 
     def __getitem__(self, i: int) -> dict:
         f = self.forget[i] | {"weight": float(self.forget_weights[i]), "index": i}
-        picks = [self.order[(i * self.ratio + j) % len(self.retain)] for j in range(self.ratio)]
+        # Visit v of item i takes the next block of the shuffled retain order, so successive
+        # epochs walk through the whole retain set rather than its first Nf * ratio examples.
+        v = self._visits[i]
+        self._visits[i] += 1
+        start = (v * len(self.forget) + i) * self.ratio
+        picks = [self.order[(start + j) % len(self.retain)] for j in range(self.ratio)]
         return {"forget": f, "retain": [self.retain[j] | {"weight": float(self.retain_weights[j])} for j in picks]}
 
 

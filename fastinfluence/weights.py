@@ -234,7 +234,8 @@ def low_influence(
         if not 0 <= quantile <= 1:
             raise ValueError(f"low_influence: quantile must lie in [0, 1], got {quantile}")
         threshold = torch.quantile(mag, quantile).item()
-    skip = mag <= threshold
+    # quantile=0 asks to skip nothing (<= would still drop the smallest example).
+    skip = torch.zeros_like(mag, dtype=torch.bool) if quantile == 0 else mag <= threshold
     cost = torch.ones_like(mag) if tokens is None else torch.as_tensor(tokens, dtype=torch.float64)
     if cost.shape != mag.shape:
         raise ValueError(f"low_influence: tokens must have shape {tuple(mag.shape)}, got {tuple(cost.shape)}")

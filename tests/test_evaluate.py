@@ -115,3 +115,13 @@ def test_evaluate_rejects_missing_tokenizer_and_empty_sets():
         evaluate(tiny_llama(), attack=ATTACK)
     with pytest.raises(ValueError, match="evaluation set is empty"):
         evaluate(tiny_llama(), clean=[])
+
+
+def test_ks_pvalue_keeps_tiny_exact_values():
+    """Fully separated samples: only the two extreme lattice paths reach D = 1, so
+    p = 2 / C(n + m, n); 1 - P(inside) would round it to 0."""
+    import math
+
+    x = torch.arange(50, dtype=torch.float64)
+    p = ks_pvalue(x, x + 100)
+    assert p > 0 and abs(p - 2 / math.comb(100, 50)) <= 1e-9 * p

@@ -165,3 +165,16 @@ def test_planted_model_learned_the_backdoor_and_the_clean_task():
     assert sum(a == TARGET for a in triggered) >= 18
     assert sum(a == TARGET for a in clean) == 0
     assert sum(a[:2] == p[2:4].upper() for a, p in zip(clean, prompts)) >= 10
+
+
+def test_retain_pairing_walks_through_the_whole_retain_set():
+    from fastinfluence.unlearn import UnlearnDataset
+
+    forget = [{"input_ids": [1, 2, 3], "labels": [-100, 2, 3]} for _ in range(4)]
+    retain = [{"input_ids": [1, 2, i], "labels": [-100, 2, i]} for i in range(40)]
+    ds = UnlearnDataset(forget, retain, ratio=3, seed=1)
+    seen = set()
+    for _epoch in range(4):  # 4 epochs x 4 items x 3 = 48 >= 40 retain examples
+        for i in range(len(ds)):
+            seen.update(r["input_ids"][-1] for r in ds[i]["retain"])
+    assert seen == set(range(40))

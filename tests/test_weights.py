@@ -263,3 +263,10 @@ def test_imu_on_exact_lm_head_features_matches_autograd_gradients():
     out = weights.imu(features.data)
     assert torch.allclose(out.influence, expected.influence, rtol=1e-4, atol=1e-8)
     assert out.keep.equal(expected.keep) and torch.allclose(out.weights, expected.weights, rtol=1e-4)
+
+
+def test_low_influence_quantile_zero_skips_nothing():
+    from fastinfluence import weights
+
+    r = weights.low_influence(torch.tensor([0.1, -2.0, 0.5, 3.0]), quantile=0.0)
+    assert not r.skip.any() and r.keep.tolist() == [0, 1, 2, 3] and r.compute_saved == 0.0
