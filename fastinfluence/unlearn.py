@@ -233,7 +233,9 @@ class UnlearnTrainer(Trainer):
             {k: v.to(self.args.device) for k, v in collate.pad(dataset.forget[s : s + rows]).items()}
             for s in range(0, len(dataset), rows)
         )
-        return losses.reference_nll(self.model, batches)
+        # Under the same autocast as training, so that pi / pi_ref = 1 at the first step.
+        with self.autocast_smart_context_manager():
+            return losses.reference_nll(self.model, batches)
 
     def get_decay_parameter_names(self, model) -> list[str]:
         # Decoupled weight decay would move the masked-out entries of SIMU-masked tensors.

@@ -11,6 +11,7 @@ train examples:
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Iterable, NamedTuple
 
 import numpy as np
@@ -62,7 +63,15 @@ def robust_z(s: torch.Tensor, mad_floor: float = 1e-3) -> torch.Tensor:
     """(s - median) / max(1.4826 * MAD, mad_floor); all zeros when s is constant."""
     med = _median(s)
     mad = _median((s - med).abs())
-    return (s - med) / max(1.4826 * mad.item(), mad_floor)
+    spread = 1.4826 * mad.item()
+    if spread < mad_floor and bool((s != med).any()):
+        warnings.warn(
+            f"robust_z: the scores' spread 1.4826*MAD = {spread:.3g} is below the floor {mad_floor:g}, so the "
+            "weights are compressed towards 1; scores on a tiny scale (e.g. unnormalised dot products of small "
+            "gradients) should be rescaled, or use metric='cosine'",
+            stacklevel=3,
+        )
+    return (s - med) / max(spread, mad_floor)
 
 
 class RapidUnWeights(NamedTuple):

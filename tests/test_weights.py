@@ -270,3 +270,11 @@ def test_low_influence_quantile_zero_skips_nothing():
 
     r = weights.low_influence(torch.tensor([0.1, -2.0, 0.5, 3.0]), quantile=0.0)
     assert not r.skip.any() and r.keep.tolist() == [0, 1, 2, 3] and r.compute_saved == 0.0
+
+
+def test_rapidun_warns_when_the_mad_floor_compresses_the_weights():
+    g = torch.Generator().manual_seed(0)
+    ff, fr = torch.randn(3, 8, generator=g) * 1e-5, torch.randn(2, 8, generator=g) * 1e-5
+    rf, rr = torch.randn(3, 6, generator=g) * 1e-5, torch.randn(2, 6, generator=g) * 1e-5
+    with pytest.warns(UserWarning, match="below the floor"):
+        weights.rapidun(ff, fr, rf, rr)
