@@ -178,7 +178,7 @@ def score(
     train: Features | FeatureStore,
     metric: str = "dot",
     precondition: str | Preconditioner | None = None,
-    topk: int = 10,
+    topk: int | None = 10,
     layer_normalize: bool = False,
     aggregates: Sequence[str] = ("mean", "max", "sumsq"),
     per_layer: bool = False,
@@ -196,7 +196,8 @@ def score(
         metric: ``dot`` or ``cosine`` (see module docstring).
         precondition: None/``identity``, ``diagonal``, ``kfac``, ``ekfac``, ``full``, or a
             fitted Preconditioner; kinds are fitted on ``train`` (cached beside a store).
-        topk: entries kept per query.
+        topk: entries kept per query; None ranks every train row (Q x N values and indices:
+            for small N; use ``matrix_path`` for the raw matrix of a large store).
         aggregates: which of ``mean``, ``max``, ``sum``, ``sumsq`` over the queries to return per train row.
         per_layer: also return each layer's share of the top-k scores.
         matrix_path: write the full (Q, N) float32 matrix there (``.npy``, memory-mapped).
@@ -209,6 +210,8 @@ def score(
     unknown = set(aggregates) - set(AGGREGATES)
     if unknown:
         raise ValueError(f"unknown aggregates {sorted(unknown)}; choose from {AGGREGATES}")
+    if topk is None:
+        topk = len(train)
     if topk < 1 or chunk_rows < 1:
         raise ValueError(f"topk and chunk_rows must be >= 1, got topk={topk}, chunk_rows={chunk_rows}")
     _check_pair(query, train)

@@ -140,3 +140,22 @@ def test_token_scores_from_in_memory_features_equal_those_from_the_store(train_s
     mem = TokenTableExtractor().extract(make_batches(23, with_ids=True), tokens=True)
     for a, b in zip(token_scores(query, mem, [5, 40]), token_scores(query, train_store, [5, 40])):
         assert torch.equal(a, b)
+
+
+def test_topk_none_ranks_every_train_row():
+    from fastinfluence import score
+    from fastinfluence.config import ProjectionConfig
+    from fastinfluence.features import Features, LayerSlice
+
+    g = torch.Generator().manual_seed(4)
+    layout = {"l": LayerSlice(0, 12, (3, 4))}
+
+    def feats(n):
+        data = torch.randn(n, 12, generator=g)
+        return Features(data, data.norm(dim=1), list(range(n)), layout, ProjectionConfig(), {"m": 1})
+
+    q, t = feats(3), feats(9)
+    res = score(q, t, metric="dot", topk=None)
+    full = q.data @ t.data.T
+    assert res.topk_indices.shape == (3, 9)
+    assert torch.equal(res.topk_indices, torch.sort(full, dim=1, descending=True, stable=True).indices)
