@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,7 +58,12 @@ class Preconditioner:
     damping_ratio: float = 0.1
 
     def _damp(self, eigenvalues: torch.Tensor) -> float:
-        return self.damping if self.damping is not None else self.damping_ratio * float(eigenvalues.mean())
+        if self.damping is not None:
+            return self.damping
+        damping = self.damping_ratio * float(eigenvalues.mean())
+        # A layer whose statistics are all zero (e.g. LoRA A while B is still zero) scores
+        # 0 whatever the damping; any positive value keeps its solve finite.
+        return damping if damping > 0 and math.isfinite(damping) else 1.0
 
     def apply(self, phi: torch.Tensor) -> torch.Tensor:
         """phi: (Q, D) any float dtype -> (Q, D) float64, H^-1 phi layer by layer."""
@@ -128,8 +134,13 @@ def fit(train: Features | FeatureStore, kind: str, chunk_rows: int = 8192, dampi
         for name, F in _second_moments(train, layout, chunk_rows, lambda n, x: x.T @ x).items():
             stats[f"{name}.F"] = F
     elif kind in ("kfac", "ekfac"):
+        # C_A per token and C_G per example, so that C_G (x) C_A has the scale of the
+        # per-example Fisher E_i[phi phi^T] that diagonal, ekfac and full use (sum_t g a^T
+        # adds T tokens' gradients): absolute damping and score magnitudes then mean the
+        # same for every kind.
+        examples = max(len(train), 1)
         for name, (A, G, count) in _stats_of(train).items():
-            stats[f"{name}.C_A"], stats[f"{name}.C_G"] = A.double() / max(count, 1), G.double() / max(count, 1)
+            stats[f"{name}.C_A"], stats[f"{name}.C_G"] = A.double() / max(count, 1), G.double() / examples
         if kind == "ekfac":
             bases = {}
             for name in layout:

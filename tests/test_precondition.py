@@ -37,7 +37,7 @@ def dense_H(kind, mem, stats, damping=None, ratio=0.1):
             H = F + damp(torch.linalg.eigvalsh(F)) * torch.eye(len(F), dtype=torch.float64)
         else:
             A, G, c = stats[name]
-            CA, CG = A / c, G / c
+            CA, CG = A / c, G / len(x)  # per token and per example (the per-example Fisher's scale)
             if kind == "kfac":
                 H = torch.kron(CG + damp(torch.linalg.eigvalsh(CG)) * torch.eye(ko, dtype=torch.float64),
                                CA + damp(torch.linalg.eigvalsh(CA)) * torch.eye(ki, dtype=torch.float64))
@@ -99,3 +99,25 @@ def test_kfac_without_covariances_and_full_on_wide_layers_are_refused(tmp_path):
     wide = TokenTableExtractor(layers={"w": (70, 70)}).extract(make_batches(1))
     with pytest.raises(ValueError, match="at most 4096"):
         fit(wide, "full")
+
+
+def test_kfac_has_the_scale_of_the_per_example_fisher(train):
+    """trace(C_G (x) C_A) is near trace(E_i[phi phi^T]), the scale diagonal, ekfac and full use."""
+    p, mem = fit(train, "kfac"), train.to_features()
+    for name, sl in mem.layout.items():
+        x = mem.data.double()[:, sl.start : sl.stop]
+        fisher = float((x * x).sum(1).mean())
+        kron = float(torch.trace(p.stats[f"{name}.C_G"]) * torch.trace(p.stats[f"{name}.C_A"]))
+        assert 0.2 < kron / fisher < 5, (name, kron / fisher)
+
+
+@pytest.mark.parametrize("kind", ["diagonal", "kfac", "ekfac", "full"])
+def test_a_layer_with_zero_statistics_keeps_scores_finite(train, query, kind):
+    """E.g. LoRA A while B is still zero: its curvature is 0 and so is the default damping."""
+    p = fit(train, kind)
+    first = next(iter(train.layout))
+    for key in p.stats:
+        if key.startswith(first + ".") and not key.endswith(("Q_A", "Q_G")):
+            p.stats[key] = torch.zeros_like(p.stats[key])
+    out = p.apply(query.data)
+    assert torch.isfinite(out).all()
