@@ -247,6 +247,18 @@ def score(
     return result
 
 
+def _half_query(q: torch.Tensor, q_scale: torch.Tensor | None, x: torch.Tensor):
+    """On a GPU, half-precision train rows meet a query of the same dtype so that the fused
+    kernel runs (float32 accumulation). The query rows are cast at unit norm, their norms
+    moved into the scale: a preconditioned query (H^-1 phi) easily exceeds float16's range.
+    On the CPU the query stays as it is."""
+    if x.device.type != "cuda" or x.dtype not in (torch.float16, torch.bfloat16):
+        return q, q_scale
+    norms = q.norm(dim=1).clamp_min(torch.finfo(q.dtype).tiny)
+    scale = norms if q_scale is None else norms * q_scale
+    return (q / norms[:, None]).to(x.dtype), scale.to(q.dtype)
+
+
 def _stream(scoring: _Scoring, q, q_scale, train, topk, chunk_rows, rows, matrix, progress) -> tuple[TopK | None, torch.Tensor]:
     """Running top-k and (3, N) aggregates (zero outside ``rows``) over train rows [start, stop)."""
     agg = torch.zeros(3, len(train), dtype=torch.float32)
@@ -254,13 +266,11 @@ def _stream(scoring: _Scoring, q, q_scale, train, topk, chunk_rows, rows, matrix
     bar = tqdm(total=rows[1] - rows[0], unit="row", desc="score", disable=not (progress and dist.rank_world()[0] == 0))
     for c in iter_chunks(train, chunk_rows, *rows):
         x, t_scale = scoring.train(c.data.to(q.device, non_blocking=True), c.norms.to(q.device))
-        # On a GPU, half-precision train rows meet a query of the same dtype so that the
-        # fused kernel runs (float32 accumulation); on the CPU the query stays float32.
-        qx = q.to(x.dtype) if x.device.type == "cuda" and x.dtype in (torch.float16, torch.bfloat16) else q
+        qx, qs = _half_query(q, q_scale, x)
         if matrix is None:
-            top, a = score_topk(qx, x, topk, q_scale, t_scale, c.offset, top)
+            top, a = score_topk(qx, x, topk, qs, t_scale, c.offset, top)
         else:  # the full matrix is wanted: compute each score tile once and select from it
-            S, a = scores_and_aggregates(qx, x, q_scale, t_scale)
+            S, a = scores_and_aggregates(qx, x, qs, t_scale)
             idx = torch.arange(c.offset, c.offset + len(x), device=S.device)
             top = merge_topk(S, idx.expand(S.shape[0], -1), topk, top)
             matrix[:, c.offset : c.offset + len(x)] = S.float().cpu().numpy()

@@ -159,3 +159,23 @@ def test_topk_none_ranks_every_train_row():
     full = q.data @ t.data.T
     assert res.topk_indices.shape == (3, 9)
     assert torch.equal(res.topk_indices, torch.sort(full, dim=1, descending=True, stable=True).indices)
+
+
+def test_query_stays_as_is_on_the_cpu():
+    from fastinfluence.scoring import _half_query
+
+    q, qs = torch.tensor([[3e5, -4e5]]), torch.tensor([2.0])
+    out, scale = _half_query(q, qs, torch.randn(5, 2).half())
+    assert out is q and scale is qs
+
+
+@pytest.mark.gpu
+def test_half_precision_query_is_cast_at_unit_norm():
+    """A preconditioned query far beyond float16's range is scored through its unit-norm rows
+    and a float32 scale (the GPU path for float16 stores)."""
+    from fastinfluence.scoring import _half_query
+
+    q = torch.tensor([[3e5, -4e5], [1e-3, 2e-3]], device="cuda")
+    qh, scale = _half_query(q, None, torch.randn(5, 2, device="cuda").half())
+    assert torch.isfinite(qh).all() and qh.dtype == torch.float16
+    assert torch.allclose(qh.float() * scale[:, None], q, rtol=1e-3)
