@@ -265,11 +265,7 @@ class FeatureStore:
             manifest = json.loads((path / MANIFEST).read_text())
         except FileNotFoundError:
             raise StoreError(f"no feature store at {path}: {MANIFEST} is missing (extract one with GradientExtractor.extract(batches, store=...))") from None
-        if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
-            raise StoreError(
-                f"{path / MANIFEST} is format {manifest.get('format')!r} version {manifest.get('version')!r}; "
-                f"this fastinfluence reads {FORMAT!r} version {VERSION}"
-            )
+        _check_format(path, manifest)
         store = cls(path, manifest)
         if expect is not None:
             check_same_origin(store.metadata(), expect, f"store {path}", "the given extractor/features")
@@ -427,9 +423,35 @@ def _save(path: Path, tensors: dict[str, torch.Tensor], entry: dict | None = Non
     return {"file": path.name, "bytes": len(data), "sha256": checksums}
 
 
-def _write_shard(root: Path, first: int, f: Features, layers: list[str]) -> dict:
+def _check_format(path: Path, manifest: Mapping) -> None:
+    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+        raise StoreError(
+            f"{path / MANIFEST} is format {manifest.get('format')!r} version {manifest.get('version')!r}; "
+            f"this fastinfluence reads and writes {FORMAT!r} version {VERSION}"
+        )
+
+
+def _row_digests(stream: list[Mapping]) -> list[bytes]:
+    """One digest per example of what it is made of (its tokens, mask and labels), so that
+    resuming with other examples at the same positions is refused even without ids."""
+    out = []
+    for b in stream:
+        fields = [torch.as_tensor(b[k]) for k in ("input_ids", "attention_mask", "labels") if b.get(k) is not None]
+        for i in range(len(fields[0])):
+            h = hashlib.sha256()
+            for t in fields:
+                h.update(t[i].to(torch.int64).numpy().tobytes())
+            out.append(h.digest()[:16])
+    return out
+
+
+def _content(digests: list[bytes], first: int, rows: int) -> str:
+    return hashlib.sha256(b"".join(digests[first : first + rows])).hexdigest()
+
+
+def _write_shard(root: Path, first: int, f: Features, layers: list[str], content: str) -> dict:
     """Write one shard (token file first: the feature shard is the commit record). Returns its entry."""
-    entry: dict[str, Any] = {"first": first, "rows": len(f), "ids": _jsonable(f.ids), "tokens": None}
+    entry: dict[str, Any] = {"first": first, "rows": len(f), "ids": _jsonable(f.ids), "content": content, "tokens": None}
     if f.tokens is not None:
         t = {"offsets": f.tokens.offsets.to(torch.int64)}
         t.update({f"a.{n}": f.tokens.a[n] for n in layers})
@@ -562,6 +584,7 @@ def write_store(
 
     if (root / MANIFEST).exists():
         old = json.loads((root / MANIFEST).read_text())
+        _check_format(root, old)
         check_same_origin(old, meta_now, f"store {root}", "this extractor")
         if (old["tokens"], old["covariances"]) != (tokens, covariances):
             raise MismatchError(
@@ -577,11 +600,16 @@ def write_store(
     dist.barrier()
     done = _scan_shards(shard_dir)
     flat_ids = [i for s in stream for i in s["ids"]]
+    digests = _row_digests(stream)
     for e in done:
-        if e["first"] + e["rows"] > len(flat_ids) or _jsonable(flat_ids[e["first"] : e["first"] + e["rows"]]) != e["ids"]:
+        past_end = e["first"] + e["rows"] > len(flat_ids)
+        if past_end or _jsonable(flat_ids[e["first"] : e["first"] + e["rows"]]) != e["ids"] or (
+            "content" in e and _content(digests, e["first"], e["rows"]) != e["content"]
+        ):
             raise MismatchError(
-                f"store {root} holds examples {e['first']}..{e['first'] + e['rows']} (shard {e.get('file')}) whose ids differ from "
-                "these batches at the same positions (or lie past their end): pass the same batches to resume, or the old batches followed by new ones to append"
+                f"store {root} holds examples {e['first']}..{e['first'] + e['rows']} (shard {e.get('file')}) whose ids or "
+                "tokens differ from these batches at the same positions (or lie past their end): pass the same batches "
+                "to resume, or the old batches followed by new ones to append"
             )
     layers = list(meta_now["layout"])
     dim = max((sl[1] for sl in meta_now["layout"].values()), default=0)
@@ -594,7 +622,7 @@ def write_store(
     runs = _runs_for_rank(pieces, rank, world)
     bar = _progress(sum(p[2] - p[1] for r in runs for p in r), progress and rank == 0)
     for run in runs:
-        _extract_run(shard_dir, extractor, stream, sizes, run, tokens, covariances, shard_rows, layers, bar)
+        _extract_run(shard_dir, extractor, stream, sizes, run, tokens, covariances, shard_rows, layers, bar, digests)
     bar.close()
     dist.barrier()
     if rank == 0:
@@ -610,7 +638,7 @@ def _progress(total: int, enabled: bool):
     return tqdm(total=total, unit="ex", desc="extract", disable=not enabled)
 
 
-def _extract_run(root, extractor, stream, sizes, run, tokens, covariances, shard_rows, layers, bar) -> None:
+def _extract_run(root, extractor, stream, sizes, run, tokens, covariances, shard_rows, layers, bar, digests) -> None:
     """Extract one run of consecutive pieces and write it as shards of whole batches."""
     b0, first, _ = run[0]
     b_last, _, stop = run[-1]
@@ -630,7 +658,7 @@ def _extract_run(root, extractor, stream, sizes, run, tokens, covariances, shard
         pos += len(f)
         bar.update(len(f))
         if pos - shard_first >= shard_rows or pos == stop:
-            _write_shard(root, shard_first, cat_features(parts), layers)
+            _write_shard(root, shard_first, cat_features(parts), layers, _content(digests, shard_first, pos - shard_first))
             parts, shard_first = [], pos
         if pos >= stop:
             break

@@ -226,3 +226,23 @@ def test_resuming_covariances_inside_a_batch_is_refused(tmp_path):
     write_store(tmp_path / "s", ext, batches[:4], covariances=True, shard_rows=6)
     with pytest.raises(StoreError, match="same batch size"):
         write_store(tmp_path / "s", ext, rebatch(batches, 5), covariances=True, shard_rows=6)
+
+
+def test_resuming_with_other_examples_without_ids_is_refused(tmp_path):
+    """Ids default to positions; the shards also record a digest of each example's tokens."""
+    a = make_batches(4)
+    b = make_batches(4, seed=99)
+    write_store(tmp_path / "s", TokenTableExtractor(), a, shard_rows=3)
+    with pytest.raises(MismatchError, match="tokens differ"):
+        write_store(tmp_path / "s", TokenTableExtractor(), b, shard_rows=3)
+
+
+def test_appending_to_a_store_of_another_format_version_is_refused(tmp_path):
+    import json
+
+    write_store(tmp_path / "s", TokenTableExtractor(), make_batches(2), shard_rows=3)
+    manifest = tmp_path / "s" / "manifest.json"
+    m = json.loads(manifest.read_text())
+    manifest.write_text(json.dumps(dict(m, version=99)))
+    with pytest.raises(StoreError, match="version 99"):
+        write_store(tmp_path / "s", TokenTableExtractor(), make_batches(3), shard_rows=3)
