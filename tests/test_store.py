@@ -76,7 +76,7 @@ def test_appending_new_batches_equals_one_extraction(tmp_path):
 def test_extracting_other_batches_into_a_store_is_refused(tmp_path):
     ext = TokenTableExtractor()
     write_store(tmp_path / "s", ext, make_batches(3, with_ids=True), shard_rows=4)
-    with pytest.raises(MismatchError, match="ids differ"):
+    with pytest.raises(MismatchError, match="ids or tokens differ"):
         write_store(tmp_path / "s", ext, make_batches(3, with_ids=True, seed=1)[::-1], shard_rows=4)
 
 
