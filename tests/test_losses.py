@@ -1,7 +1,6 @@
 """fastinfluence.losses: value and gradient against naive formulas on materialised logits."""
 import pytest
 import torch
-import torch.nn.functional as F
 import transformers as tf
 
 from fastinfluence import losses

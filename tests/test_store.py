@@ -156,7 +156,7 @@ def test_store_reads_from_read_only_files(tmp_path):
 def test_incomplete_store_and_missing_store_are_reported(tmp_path):
     with pytest.raises(StoreError, match="no feature store"):
         FeatureStore.open(tmp_path / "nothing")
-    store = write_store(tmp_path / "s", TokenTableExtractor(), make_batches(4), shard_rows=3)
+    write_store(tmp_path / "s", TokenTableExtractor(), make_batches(4), shard_rows=3)
     manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
     del manifest["shards"][1]
     (tmp_path / "s" / "manifest.json").write_text(json.dumps(manifest))

@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from test_triton_support import DEVICES, poisoned, randn, rel_err  # noqa: F401 (fixture)
+from test_triton_support import DEVICES, randn, rel_err
 
 from fastinfluence.triton_kernels import linear_cross_entropy_backward, linear_cross_entropy_forward
 

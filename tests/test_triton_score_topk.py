@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from test_triton_support import DEVICES, DTYPES, TOL, poisoned, randn, rel_err  # noqa: F401 (fixture)
+from test_triton_support import DEVICES, DTYPES, TOL, randn, rel_err
 
 from fastinfluence.ops.score_topk import score_topk_reference
 from fastinfluence.triton_kernels import score_topk
