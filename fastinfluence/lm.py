@@ -23,16 +23,31 @@ def accepts(model: nn.Module, arg: str) -> bool:
     return arg in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) int64 positions: ``arange(T)`` minus the number of leading masked positions.
+
+    Only left padding shifts the positions; a masked token inside the sequence (an eos used
+    as pad inside a chat prompt, as in open-unlearning's ``attention_mask = input_ids != pad``)
+    keeps its place, as in the model's own forward on the unpadded sequence. Counting the
+    unmasked tokens instead (``cumsum(mask) - 1``) would move every later token. The leading
+    pad positions get 0.
+    """
+    T = attention_mask.shape[-1]
+    leading = (attention_mask.long().cumsum(-1) == 0).sum(-1, keepdim=True)
+    return (torch.arange(T, device=attention_mask.device) - leading).clamp(min=0)
+
+
 def model_inputs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> dict:
     """Forward arguments that make an example's outputs independent of its padding.
 
-    Position ids are derived from the attention mask, so that with left padding every
-    example gets the positions it has alone (models with absolute position embeddings
-    depend on it); no KV cache is built.
+    Position ids are :func:`position_ids` of the attention mask, so that with left padding
+    every example gets the positions it has alone (models with absolute position embeddings
+    depend on it) and masked tokens inside a sequence do not move the later ones; no KV
+    cache is built. Every forward of the package (capture, losses, evaluate) goes through here.
     """
     kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
     if attention_mask is not None and accepts(model, "position_ids"):
-        kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        kwargs["position_ids"] = position_ids(attention_mask)
     if accepts(model, "use_cache"):
         kwargs["use_cache"] = False
     return kwargs

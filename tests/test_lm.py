@@ -1,0 +1,67 @@
+"""Position ids: only left padding shifts positions; masked tokens inside a sequence do not."""
+import pytest
+import torch
+
+from fastinfluence import losses
+from fastinfluence.lm import model_inputs, position_ids
+from tiny_models import VOCAB, tiny_model
+
+
+def test_position_ids_subtract_only_the_leading_padding():
+    mask = torch.tensor([[0, 0, 1, 1, 0, 1], [1, 0, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]])
+    expected = torch.tensor([[0, 0, 0, 1, 2, 3], [0, 1, 2, 3, 4, 5], [0, 1, 2, 3, 4, 5]])
+    assert torch.equal(position_ids(mask), expected)
+
+
+def _examples(seed: int):
+    """(input_ids, labels, attention_mask) of varied lengths, each with masked tokens inside the
+    prompt (an eos used as pad inside a chat template) and a labelled answer at the end."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for T in (9, 6, 12):
+        ids = torch.randint(1, VOCAB, (T,), generator=g)
+        mask = torch.ones(T, dtype=torch.long)
+        mask[torch.randint(1, T - 3, (2,), generator=g)] = 0
+        labels = ids.clone()
+        labels[: T - 3] = -100
+        out.append((ids, labels, mask))
+    return out
+
+
+def _pad(examples, side: str):
+    T = max(len(e[0]) for e in examples)
+    ids = torch.zeros(len(examples), T, dtype=torch.long)
+    labels = torch.full((len(examples), T), -100, dtype=torch.long)
+    mask = torch.zeros(len(examples), T, dtype=torch.long)
+    for b, (i, l, m) in enumerate(examples):
+        sl = slice(0, len(i)) if side == "right" else slice(T - len(i), T)
+        ids[b, sl], labels[b, sl], mask[b, sl] = i, l, m
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def _own_nll(model, ids, labels, mask):
+    """NLL_sum of one unpadded example from the model's own forward (its default positions)."""
+    logits = model(input_ids=ids[None], attention_mask=mask[None]).logits[0, :-1].double()
+    target = labels[1:]
+    keep = target != -100
+    return -torch.log_softmax(logits, -1)[keep].gather(1, target[keep, None]).sum()
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])  # absolute and rotary positions
+@pytest.mark.parametrize("side", ["right", "left"])
+@pytest.mark.parametrize("fused", [True, False])
+def test_masked_interior_tokens_keep_the_models_own_nll(arch, side, fused):
+    model = tiny_model(arch, torch.float64)
+    examples = _examples(seed=3)
+    got = losses.sequence_nll(model, _pad(examples, side), fused=fused).sum.double()
+    with torch.no_grad():
+        own = torch.stack([_own_nll(model, *e) for e in examples])
+    assert (got - own).abs().max().item() < 1e-6
+
+
+def test_model_inputs_passes_positions_and_turns_off_the_cache():
+    model = tiny_model("llama", torch.float32)
+    batch = _pad(_examples(seed=4), "left")
+    kwargs = model_inputs(model, batch["input_ids"], batch["attention_mask"])
+    assert torch.equal(kwargs["position_ids"], position_ids(batch["attention_mask"]))
+    assert kwargs["use_cache"] is False
