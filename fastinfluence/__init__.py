@@ -11,6 +11,7 @@ from .config import ProjectionConfig
 from .exact import exact_scores
 from .extract import GradientExtractor
 from .features import Features
+from .kfac import KFACFactors, fit_kfac, kfac_scores
 from .scoring import ScoreResult, score, self_influence, token_scores
 from .store import FeatureStore
 
@@ -38,11 +39,14 @@ __all__ = [
     "FeatureStore",
     "Features",
     "GradientExtractor",
+    "KFACFactors",
     "ProjectionConfig",
     "ScoreResult",
     "UnlearnTrainer",
     "evaluate",
     "exact_scores",
+    "fit_kfac",
+    "kfac_scores",
     "losses",
     "ops",
     "score",

@@ -1,0 +1,321 @@
+"""K-FAC and EK-FAC influence over the full layer dimensions, scored without per-example gradients.
+
+For a captured layer with inputs a~ (a, with a constant 1 appended when its bias is captured;
+d_in' = d_in + bias) and output gradients g, over N fit examples holding T tokens in all:
+
+    C_A = (1 / T) sum_{i,t} a~_it a~_it^T     (d_in', d_in'), per token
+    C_G = (1 / N) sum_{i,t} g_it g_it^T       (d_out, d_out), per example
+
+so that C_G (x) C_A has the scale of the per-example Fisher E_i[vec dW_i vec dW_i^T] (the
+scale of the projected ``kfac`` in ``precondition.py``). With C_A = Q_A diag(e_A) Q_A^T and
+C_G = Q_G diag(e_G) Q_G^T, a query gradient dW_q (d_out, d_in') is preconditioned as
+
+    P_q = Q_G [(Q_G^T dW_q Q_A) / D] Q_A^T          (elementwise division)
+
+    kfac:   D = (e_G + l_G) (e_A + l_A)^T        i.e. (C_G + l_G I)^-1 dW_q (C_A + l_A I)^-1
+    ekfac:  D = Lambda + l,  Lambda = mean_i (Q_G^T dW_i Q_A)^2   (fitted in the eigenbasis)
+
+with l = ``damping_ratio`` (0.1) x the mean eigenvalue of what it damps (each factor for kfac,
+Lambda for ekfac), or an absolute ``damping``. No (d_out d_in')^2 matrix ever exists.
+
+Each train example then scores <P_q, dW_i> = sum_t g_it^T P_q a~_it from its captured factors:
+``dense`` forms the gradients of a few examples of one layer at a time (cost (T + Q) d_in' d_out
+per example) and drops them; ``ghost`` never forms them (cost Q T d_in' d_out); ``auto`` takes
+the cheaper per layer. The EK-FAC fit forms rotated per-example gradients the same way, a few
+examples of one layer at a time.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from .capture import Capture, Layer, frozen_for_capture, iter_batches, model_device, select_layers
+from .config import ProjectionConfig
+from .ops._common import masked
+
+METHODS = ("kfac", "ekfac")
+PRODUCTS = ("auto", "dense", "ghost")
+# Per-example gradients formed at once, in elements (~128 MiB in float32), so a batch of a wide
+# layer is handled a few examples at a time.
+_GRADIENT_BUDGET = 1 << 25
+
+
+def _augmented(A: torch.Tensor, mask: torch.Tensor, bias: bool) -> torch.Tensor:
+    """(B, T, d_in') masked layer inputs, with the bias column (1 at attended tokens) when captured."""
+    A = masked(A, mask)
+    if bias:
+        A = torch.cat([A, mask.unsqueeze(-1).to(A.dtype)], dim=-1)
+    return A
+
+
+def _row_chunks(B: int, d_out: int, d_in: int) -> Iterable[slice]:
+    step = max(1, _GRADIENT_BUDGET // max(d_out * d_in, 1))
+    return (slice(s, min(s + step, B)) for s in range(0, B, step))
+
+
+def _gradients(A: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
+    """(B, d_out, d_in') per-example gradients sum_t g_t a~_t^T of (masked, augmented) factors."""
+    return torch.einsum("bto,bti->boi", G, A)
+
+
+def _compute_dtype(layers: list[Layer]) -> torch.dtype:
+    return torch.float64 if layers[0].weight.dtype == torch.float64 else torch.float32
+
+
+@dataclass
+class KFACFactors:
+    """Fitted K-FAC / EK-FAC statistics of some layers; ``precondition`` applies them.
+
+    Attributes:
+        method: ``kfac`` or ``ekfac``.
+        shapes: layer name -> (d_out, d_in') of its gradient (d_in' counts the bias column).
+        stats: "<layer>.<name>" -> float64 tensor: ``Q_A`` (d_in', d_in'), ``Q_G`` (d_out, d_out),
+            ``e_A`` (d_in',), ``e_G`` (d_out,) (eigenvalues of C_A, C_G), and for ekfac
+            ``Lambda`` (d_out, d_in').
+        damping: absolute damping, or None for ``damping_ratio`` x mean eigenvalue.
+        examples, tokens: how many examples and attended tokens the fit saw.
+    """
+
+    method: str
+    shapes: dict[str, tuple[int, int]]
+    stats: dict[str, torch.Tensor]
+    damping: float | None = None
+    damping_ratio: float = 0.1
+    examples: int = 0
+    tokens: int = 0
+    _denominators: dict[str, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
+
+    def _damp(self, eigenvalues: torch.Tensor) -> float:
+        if self.damping is not None:
+            return self.damping
+        damping = self.damping_ratio * float(eigenvalues.mean())
+        # Zero statistics (a layer the fit data never moves) score 0 whatever the damping;
+        # any positive value keeps the division finite.
+        return damping if damping > 0 and math.isfinite(damping) else 1.0
+
+    def denominator(self, name: str) -> torch.Tensor:
+        """(d_out, d_in') float64 D of the module docstring for layer ``name``."""
+        if name not in self._denominators:
+            s = lambda k: self.stats[f"{name}.{k}"]  # noqa: E731
+            if self.method == "kfac":
+                D = torch.outer(s("e_G") + self._damp(s("e_G")), s("e_A") + self._damp(s("e_A")))
+            else:
+                D = s("Lambda") + self._damp(s("Lambda"))
+            self._denominators[name] = D
+        return self._denominators[name]
+
+    def precondition(self, name: str, dW: torch.Tensor) -> torch.Tensor:
+        """dW: (Q, d_out, d_in') query gradients of layer ``name`` -> (Q, d_out, d_in') float64 P_q."""
+        if tuple(dW.shape[1:]) != self.shapes[name]:
+            raise ValueError(f"layer {name}: gradients of shape {tuple(dW.shape[1:])}, factors fitted for {self.shapes[name]}")
+        QA, QG = self.stats[f"{name}.Q_A"].to(dW.device), self.stats[f"{name}.Q_G"].to(dW.device)
+        M = (QG.T @ dW.to(torch.float64) @ QA) / self.denominator(name).to(dW.device)
+        return QG @ M @ QA.T
+
+    def save(self, path: str | Path) -> None:
+        """Write the statistics as safetensors (``KFACFactors.load`` reads them back)."""
+        meta = {"method": self.method, "shapes": json.dumps(self.shapes), "examples": str(self.examples), "tokens": str(self.tokens)}
+        save_file({k: v.contiguous().cpu() for k, v in self.stats.items()}, str(path), metadata=meta)
+
+    @classmethod
+    def load(cls, path: str | Path, damping: float | None = None, damping_ratio: float = 0.1) -> "KFACFactors":
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("method") not in METHODS:
+                raise ValueError(f"{path} holds no K-FAC factors (metadata {meta}); write them with KFACFactors.save")
+            stats = {k: f.get_tensor(k) for k in f.keys()}
+        shapes = {n: tuple(s) for n, s in json.loads(meta["shapes"]).items()}
+        return cls(meta["method"], shapes, stats, damping, damping_ratio, int(meta["examples"]), int(meta["tokens"]))
+
+
+def _check_damping(damping: float | None, damping_ratio: float) -> None:
+    if damping is not None and not (damping > 0 and math.isfinite(damping)):
+        raise ValueError(f"damping must be a positive finite number (or None for damping_ratio x mean eigenvalue), got {damping}")
+    if not (damping_ratio > 0 and math.isfinite(damping_ratio)):
+        raise ValueError(f"damping_ratio must be positive and finite, got {damping_ratio}")
+
+
+def _fit(model: nn.Module, layers: list[Layer], batches: Iterable[dict], method: str, damping, damping_ratio) -> KFACFactors:
+    device, dtype = model_device(model), _compute_dtype(layers)
+    sums = {l.name: [0.0, 0.0] for l in layers}
+    examples = tokens = 0
+    capture = Capture(model, layers)
+
+    def covariances(layer: Layer, A, G, mask):
+        a = _augmented(A.to(dtype), mask, layer.bias).flatten(0, 1).double()
+        g = masked(G.to(dtype), mask).flatten(0, 1).double()
+        s = sums[layer.name]
+        s[0], s[1] = s[0] + a.T @ a, s[1] + g.T @ g
+
+    for batch in iter_batches(batches, device):
+        capture.run(batch, covariances)
+        examples += batch.input_ids.shape[0]
+        tokens += int(batch.attention_mask.bool().sum())
+    stats, shapes = {}, {}
+    for layer in layers:
+        CA, CG = sums[layer.name]
+        eA, QA = torch.linalg.eigh(CA / tokens)
+        eG, QG = torch.linalg.eigh(CG / examples)
+        # contiguous: eigh returns column-major bases
+        stats.update({f"{layer.name}.Q_A": QA.contiguous(), f"{layer.name}.Q_G": QG.contiguous(),
+                      f"{layer.name}.e_A": eA, f"{layer.name}.e_G": eG})
+        shapes[layer.name] = (layer.d_out, layer.d_in + int(layer.bias))
+    if method == "ekfac":
+        bases = {l.name: (stats[f"{l.name}.Q_G"].to(dtype), stats[f"{l.name}.Q_A"].to(dtype)) for l in layers}
+        lam = {l.name: torch.zeros(shapes[l.name], dtype=torch.float64, device=device) for l in layers}
+
+        def eigenbasis_squares(layer: Layer, A, G, mask):
+            QG, QA = bases[layer.name]
+            # Rotating the factors first costs T (d_in'^2 + d_out^2) per example instead of
+            # rotating each gradient (d_out d_in' (d_out + d_in')).
+            a = _augmented(A.to(dtype), mask, layer.bias) @ QA
+            g = masked(G.to(dtype), mask) @ QG
+            for rows in _row_chunks(a.shape[0], *shapes[layer.name]):
+                lam[layer.name] += _gradients(a[rows], g[rows]).double().square().sum(0)
+
+        for batch in iter_batches(batches, device):
+            capture.run(batch, eigenbasis_squares)
+        for name, v in lam.items():
+            stats[f"{name}.Lambda"] = v / examples
+    stats = {k: v.cpu() for k, v in stats.items()}
+    return KFACFactors(method, shapes, stats, damping, damping_ratio, examples, tokens)
+
+
+def fit_kfac(
+    model: nn.Module,
+    batches: Iterable[dict],
+    method: str = "ekfac",
+    config: ProjectionConfig | None = None,
+    damping: float | None = None,
+    damping_ratio: float = 0.1,
+) -> KFACFactors:
+    """Fit full-dimension K-FAC (one pass over ``batches``) or EK-FAC (two passes) factors.
+
+    ``batches``: HF-style batch dicts (a re-iterable such as a list or DataLoader for ekfac);
+    ``config`` selects the layers as for ``exact_scores``. The model is left unchanged.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    _check_damping(damping, damping_ratio)
+    if method == "ekfac" and iter(batches) is batches:
+        raise ValueError("ekfac reads the fit batches twice: pass a list or DataLoader, not a one-shot iterator")
+    config = config or ProjectionConfig()
+    layers = select_layers(model, config.include, config.exclude, config.include_bias)
+    with frozen_for_capture(model):
+        return _fit(model, layers, batches, method, damping, damping_ratio)
+
+
+def _train_product(product: str, Q: int, T: int) -> str:
+    if product != "auto":
+        return product
+    # per example: ghost Q T d_in' d_out, dense (T + Q) d_in' d_out
+    return "ghost" if Q * T <= T + Q else "dense"
+
+
+def kfac_scores(
+    model: nn.Module,
+    query_batches: Iterable[dict],
+    train_batches: Iterable[dict],
+    method: str = "ekfac",
+    fit_batches: Iterable[dict] | None = None,
+    config: ProjectionConfig | None = None,
+    metric: str = "dot",
+    damping: float | None = None,
+    damping_ratio: float = 0.1,
+    factors: KFACFactors | None = None,
+    product: str = "auto",
+) -> torch.Tensor:
+    """Full-dimension K-FAC / EK-FAC influence of every train example on every query.
+
+        scores = fastinfluence.kfac_scores(model, query_batches, train_batches)   # (Q, N), EK-FAC
+
+    Args:
+        model: a causal LM (left unchanged).
+        query_batches, train_batches: HF-style batch dicts, as for ``exact_scores``.
+        method: ``ekfac`` (eigenvalue-corrected) or ``kfac``.
+        fit_batches: what the factors are fitted on (default: ``train_batches``, which must then
+            be re-iterable: a list or DataLoader).
+        config: selects the layers (``include`` / ``exclude`` / ``include_bias``) as for
+            ``exact_scores``; the ranks are ignored.
+        metric: ``dot`` (<H^-1 grad_q, grad_i>) or ``cosine`` (divided by ||H^-1 grad_q|| ||grad_i||),
+            with norms over all selected layers, as ``score`` does.
+        damping, damping_ratio: absolute damping, or the ratio to the mean eigenvalue (0.1).
+        factors: already fitted ``KFACFactors`` (``fit_kfac``) for these layers; then nothing is fitted.
+        product: how train examples are scored, ``auto``, ``dense`` or ``ghost`` (module docstring).
+
+    Returns:
+        (Q, N) scores, float64 for a float64 model, float32 otherwise, summed over layers.
+    """
+    if metric not in ("dot", "cosine"):
+        raise ValueError(f"metric must be 'dot' or 'cosine', got {metric!r}")
+    if product not in PRODUCTS:
+        raise ValueError(f"product must be one of {PRODUCTS}, got {product!r}")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    _check_damping(damping, damping_ratio)
+    config = config or ProjectionConfig()
+    layers = select_layers(model, config.include, config.exclude, config.include_bias)
+    if factors is None:
+        if fit_batches is None and iter(train_batches) is train_batches:
+            raise ValueError(
+                "train_batches are read again after fitting: pass a list or DataLoader, or give fit_batches or factors"
+            )
+        factors = fit_kfac(model, train_batches if fit_batches is None else fit_batches, method, config, damping, damping_ratio)
+    else:
+        missing = [l.name for l in layers if l.name not in factors.shapes]
+        if missing:
+            raise ValueError(f"factors were fitted without layers {missing[:3]}: fit them with the same config")
+    device, dtype = model_device(model), _compute_dtype(layers)
+
+    with frozen_for_capture(model):
+        capture = Capture(model, layers)
+        grads: dict[str, list[torch.Tensor]] = {l.name: [] for l in layers}
+
+        def keep(layer: Layer, A, G, mask):
+            grads[layer.name].append(_gradients(_augmented(A.to(dtype), mask, layer.bias), masked(G.to(dtype), mask)))
+
+        for batch in iter_batches(query_batches, device):
+            capture.run(batch, keep)
+        P = {name: factors.precondition(name, torch.cat(g)).to(dtype) for name, g in grads.items()}
+        del grads
+        Q = len(next(iter(P.values())))
+        query_sq = sum(p.flatten(1).square().sum(1) for p in P.values())
+
+        columns, train_sq = [], []
+        for batch in iter_batches(train_batches, device):
+            B, T = batch.input_ids.shape
+            S = torch.zeros(Q, B, dtype=dtype, device=device)
+            sq = torch.zeros(B, dtype=dtype, device=device)
+
+            def score(layer: Layer, A, G, mask, S=S, sq=sq, T=T):
+                a, g = _augmented(A.to(dtype), mask, layer.bias), masked(G.to(dtype), mask)
+                Pq = P[layer.name]
+                if _train_product(product, Q, T) == "ghost":
+                    for b in range(a.shape[0]):  # (Q, d_out, T): P_q a~_t for every token
+                        S[:, b] += torch.einsum("qot,to->q", Pq @ a[b].T, g[b])
+                    if metric == "cosine":
+                        KA = a @ a.transpose(1, 2)
+                        sq += (KA * (g @ g.transpose(1, 2))).sum((1, 2))
+                else:
+                    flat = Pq.flatten(1)
+                    for rows in _row_chunks(a.shape[0], *Pq.shape[1:]):
+                        W = _gradients(a[rows], g[rows]).flatten(1)
+                        S[:, rows] += flat @ W.T
+                        sq[rows] += W.square().sum(1)
+
+            capture.run(batch, score)
+            columns.append(S)
+            train_sq.append(sq)
+    scores = torch.cat(columns, dim=1)
+    if metric == "cosine":
+        inv = lambda x: torch.where(x > 0, x.clamp_min(torch.finfo(x.dtype).tiny).rsqrt(), 0.0)  # noqa: E731
+        scores = scores * inv(query_sq)[:, None] * inv(torch.cat(train_sq))[None, :]
+    return scores
