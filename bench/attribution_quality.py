@@ -86,6 +86,16 @@ def methods(config: fi.ProjectionConfig) -> dict:
     }
 
 
+def model_info(model, args) -> dict:
+    return {"arch": "llama", "vocab": args.vocab, "hidden": args.hidden, "intermediate": args.intermediate,
+            "layers": args.layers, "params": sum(p.numel() for p in model.parameters())}
+
+
+def task_info(args, final_loss: float, train_s: float) -> dict:
+    return {"n_train": args.n_train, "n_query": args.n_query, "length": args.length, "train_steps": args.steps,
+            "batch": args.batch, "final_train_loss": final_loss, "train_s": train_s, "captured_layers": LAYERS}
+
+
 def quality(args) -> dict:
     g = torch.Generator().manual_seed(args.seed)
     V, L, N, Q = args.vocab, args.length, args.n_train, args.n_query
@@ -103,18 +113,21 @@ def quality(args) -> dict:
 
     results, scores = {}, {}
     for name, fn in methods(config).items():
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         S = fn(model, qb, tb).double()
-        seconds = time.perf_counter() - t
+        seconds, cpu_seconds = time.perf_counter() - t, time.process_time() - c
         scores[name] = S
         results[name] = {
             "top1": recall_at_k(S, sources.tolist(), 1),
             "recall_at_5": recall_at_k(S, sources.tolist(), 5),
             "recall_at_10": recall_at_k(S, sources.tolist(), 10),
             "seconds": seconds,
+            "cpu_seconds": cpu_seconds,
         }
         print(name, json.dumps(results[name]), flush=True)
 
+    if args.subsets < 2:
+        return {"model": model_info(model, args), "task": task_info(args, final_loss, train_s), "methods": results}
     # LDS: retrain from the same initialisation on random halves; same steps and batch size.
     subsets = [torch.randperm(N, generator=g)[: int(N * args.subset_fraction)] for _ in range(args.subsets)]
     t = time.perf_counter()
@@ -123,16 +136,15 @@ def quality(args) -> dict:
         retrained = build_model(*dims, seed=args.seed)
         train(retrained, train_tokens[rows], args.steps, args.batch, args.seed + 1 + m)
         losses.append(query_losses(retrained, query_tokens))
+        print(f"retrained {m + 1}/{len(subsets)}", flush=True)
     losses = torch.stack(losses)
     retrain_s = time.perf_counter() - t
     for name, S in scores.items():
         results[name]["lds"] = lds(S, [r.tolist() for r in subsets], losses)
         print(name, "lds", results[name]["lds"], flush=True)
     return {
-        "model": {"arch": "llama", "vocab": V, "hidden": args.hidden, "intermediate": args.intermediate,
-                  "layers": args.layers, "params": sum(p.numel() for p in model.parameters())},
-        "task": {"n_train": N, "n_query": Q, "length": L, "train_steps": args.steps, "batch": args.batch,
-                 "final_train_loss": final_loss, "train_s": train_s, "captured_layers": LAYERS},
+        "model": model_info(model, args),
+        "task": task_info(args, final_loss, train_s),
         "lds_setup": {"subsets": args.subsets, "subset_fraction": args.subset_fraction, "retrain_s": retrain_s},
         "methods": results,
     }
@@ -145,18 +157,21 @@ def peer_timing(args) -> dict:
     train_tokens, query_tokens = torch.randint(0, 512, (512, 64), generator=g), torch.randint(0, 512, (64, 64), generator=g)
     qb, tb = batches(query_tokens, 32), batches(train_tokens, 32)
     config = fi.ProjectionConfig(include=LAYERS)
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     factors = fi.fit_kfac(model, tb, method="ekfac", config=config)
-    fit_s = time.perf_counter() - t
-    t = time.perf_counter()
+    fit_s, fit_cpu = time.perf_counter() - t, time.process_time() - c
+    t, c = time.perf_counter(), time.process_time()
     S = fi.kfac_scores(model, qb, tb, factors=factors, config=config)
-    score_s = time.perf_counter() - t
+    score_s, score_cpu = time.perf_counter() - t, time.process_time() - c
     out = {
         "model": {"arch": "llama", "vocab": 512, "hidden": 256, "intermediate": args.peer_intermediate, "layers": 4,
                   "params": sum(p.numel() for p in model.parameters())},
         "n_train": 512, "n_query": 64, "length": 64, "batch": 32, "captured_layers": LAYERS,
         "scores_shape": list(S.shape),
+        "load_average_at_end": os.getloadavg()[0],
         "ekfac_fit_s": fit_s, "ekfac_score_s": score_s, "ekfac_total_s": fit_s + score_s,
+        # CPU seconds of this process: what one dedicated core would take, whatever else the machine runs
+        "ekfac_fit_cpu_s": fit_cpu, "ekfac_score_cpu_s": score_cpu, "ekfac_total_cpu_s": fit_cpu + score_cpu,
         "peer_reported_s": {"dattri_llm": 81.5, "kronfluence": 184.0},
     }
     print("peer", json.dumps(out), flush=True)
@@ -174,9 +189,10 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--subsets", type=int, default=16, help="retrained subsets for LDS")
+    ap.add_argument("--subsets", type=int, default=16, help="retrained subsets for LDS (below 2: no LDS)")
     ap.add_argument("--subset-fraction", type=float, default=0.5)
     ap.add_argument("--peer", action="store_true", help="also time full EK-FAC on the peer benchmark setting")
+    ap.add_argument("--peer-only", action="store_true", help="only the peer timing, into the existing --out file")
     ap.add_argument("--peer-intermediate", type=int, default=1024)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
@@ -184,16 +200,20 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    result = {
-        "bench": "attribution_quality",
+    run = {
         "device": f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
         "commit": commit,
         "torch": torch.__version__,
         "load_average_at_start": os.getloadavg()[0],
-        "quality": quality(args),
     }
-    if args.peer:
-        result["peer_setting"] = peer_timing(args)
+    if args.peer_only:  # re-time the peer setting, keeping the quality results already written
+        with open(args.out) as f:
+            result = json.load(f)
+        result["peer_setting"] = {**run, **peer_timing(args)}
+    else:
+        result = {"bench": "attribution_quality", **run, "quality": quality(args)}
+        if args.peer:
+            result["peer_setting"] = {**run, **peer_timing(args)}
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
     print(f"wrote {args.out}")

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
@@ -91,7 +91,6 @@ class KFACFactors:
     damping_ratio: float = 0.1
     examples: int = 0
     tokens: int = 0
-    _denominators: dict[str, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
 
     def _damp(self, eigenvalues: torch.Tensor) -> float:
         if self.damping is not None:
@@ -103,14 +102,10 @@ class KFACFactors:
 
     def denominator(self, name: str) -> torch.Tensor:
         """(d_out, d_in') float64 D of the module docstring for layer ``name``."""
-        if name not in self._denominators:
-            s = lambda k: self.stats[f"{name}.{k}"]  # noqa: E731
-            if self.method == "kfac":
-                D = torch.outer(s("e_G") + self._damp(s("e_G")), s("e_A") + self._damp(s("e_A")))
-            else:
-                D = s("Lambda") + self._damp(s("Lambda"))
-            self._denominators[name] = D
-        return self._denominators[name]
+        s = lambda k: self.stats[f"{name}.{k}"]  # noqa: E731
+        if self.method == "kfac":
+            return torch.outer(s("e_G") + self._damp(s("e_G")), s("e_A") + self._damp(s("e_A")))
+        return s("Lambda") + self._damp(s("Lambda"))
 
     def precondition(self, name: str, dW: torch.Tensor) -> torch.Tensor:
         """dW: (Q, d_out, d_in') query gradients of layer ``name`` -> (Q, d_out, d_in') float64 P_q."""
@@ -150,10 +145,11 @@ def _fit(model: nn.Module, layers: list[Layer], batches: Iterable[dict], method:
     capture = Capture(model, layers)
 
     def covariances(layer: Layer, A, G, mask):
-        a = _augmented(A.to(dtype), mask, layer.bias).flatten(0, 1).double()
-        g = masked(G.to(dtype), mask).flatten(0, 1).double()
+        # one batch's sums in the compute dtype, accumulated across batches in float64
+        a = _augmented(A.to(dtype), mask, layer.bias).flatten(0, 1)
+        g = masked(G.to(dtype), mask).flatten(0, 1)
         s = sums[layer.name]
-        s[0], s[1] = s[0] + a.T @ a, s[1] + g.T @ g
+        s[0], s[1] = s[0] + (a.T @ a).double(), s[1] + (g.T @ g).double()
 
     for batch in iter_batches(batches, device):
         capture.run(batch, covariances)
@@ -179,7 +175,7 @@ def _fit(model: nn.Module, layers: list[Layer], batches: Iterable[dict], method:
             a = _augmented(A.to(dtype), mask, layer.bias) @ QA
             g = masked(G.to(dtype), mask) @ QG
             for rows in _row_chunks(a.shape[0], *shapes[layer.name]):
-                lam[layer.name] += _gradients(a[rows], g[rows]).double().square().sum(0)
+                lam[layer.name] += _gradients(a[rows], g[rows]).square().sum(0).double()
 
         for batch in iter_batches(batches, device):
             capture.run(batch, eigenbasis_squares)
