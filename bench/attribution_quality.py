@@ -154,7 +154,8 @@ def peer_timing(args) -> dict:
     """Full EK-FAC on the peer benchmark setting: random-init model (timing does not depend on training)."""
     g = torch.Generator().manual_seed(args.seed)
     model = build_model(512, 256, args.peer_intermediate, 4, args.seed)
-    train_tokens, query_tokens = torch.randint(0, 512, (512, 64), generator=g), torch.randint(0, 512, (64, 64), generator=g)
+    train_tokens = torch.randint(0, 512, (512, 64), generator=g)
+    query_tokens = torch.randint(0, 512, (64, 64), generator=g)
     qb, tb = batches(query_tokens, 32), batches(train_tokens, 32)
     config = fi.ProjectionConfig(include=LAYERS)
     t, c = time.perf_counter(), time.process_time()

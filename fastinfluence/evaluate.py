@@ -247,7 +247,9 @@ def _average_ranks(x: torch.Tensor) -> torch.Tensor:
 def spearman(x: torch.Tensor, y: torch.Tensor) -> float:
     """Spearman rank correlation of two (n,) tensors (ties as average ranks); NaN if either is constant."""
     if x.shape != y.shape or x.dim() != 1 or len(x) < 2:
-        raise ValueError(f"spearman needs two 1-D tensors of the same length >= 2, got {tuple(x.shape)} and {tuple(y.shape)}")
+        raise ValueError(
+            f"spearman needs two 1-D tensors of the same length >= 2, got {tuple(x.shape)} and {tuple(y.shape)}"
+        )
     rx, ry = _average_ranks(x), _average_ranks(y)
     rx, ry = rx - rx.mean(), ry - ry.mean()
     denom = float(rx.norm() * ry.norm())
@@ -257,7 +259,9 @@ def spearman(x: torch.Tensor, y: torch.Tensor) -> float:
 def _subset_masks(subsets, n: int) -> torch.Tensor:
     if isinstance(subsets, torch.Tensor) and subsets.dtype == torch.bool:
         if subsets.dim() != 2 or subsets.shape[1] != n:
-            raise ValueError(f"subsets mask must have shape (M, {n}) for {n} train examples, got {tuple(subsets.shape)}")
+            raise ValueError(
+                f"subsets mask must have shape (M, {n}) for {n} train examples, got {tuple(subsets.shape)}"
+            )
         return subsets
     masks = torch.zeros(len(subsets), n, dtype=torch.bool)
     for m, rows in enumerate(subsets):
@@ -294,7 +298,9 @@ def lds(scores: torch.Tensor, subsets, losses: torch.Tensor, per_query: bool = F
     masks = _subset_masks(subsets, N)
     M = len(masks)
     if tuple(losses.shape) != (M, Q):
-        raise ValueError(f"losses must be (M, Q) = ({M}, {Q}): one loss per retrained subset and query, got {tuple(losses.shape)}")
+        raise ValueError(
+            f"losses must be (M, Q) = ({M}, {Q}): one loss per retrained subset and query, got {tuple(losses.shape)}"
+        )
     if M < 2:
         raise ValueError("lds needs at least 2 retrained subsets to correlate")
     predicted = masks.double() @ scores.double().T  # (M, Q)

@@ -110,14 +110,17 @@ class KFACFactors:
     def precondition(self, name: str, dW: torch.Tensor) -> torch.Tensor:
         """dW: (Q, d_out, d_in') query gradients of layer ``name`` -> (Q, d_out, d_in') float64 P_q."""
         if tuple(dW.shape[1:]) != self.shapes[name]:
-            raise ValueError(f"layer {name}: gradients of shape {tuple(dW.shape[1:])}, factors fitted for {self.shapes[name]}")
+            raise ValueError(
+                f"layer {name}: gradients of shape {tuple(dW.shape[1:])}, factors fitted for {self.shapes[name]}"
+            )
         QA, QG = self.stats[f"{name}.Q_A"].to(dW.device), self.stats[f"{name}.Q_G"].to(dW.device)
         M = (QG.T @ dW.to(torch.float64) @ QA) / self.denominator(name).to(dW.device)
         return QG @ M @ QA.T
 
     def save(self, path: str | Path) -> None:
         """Write the statistics as safetensors (``KFACFactors.load`` reads them back)."""
-        meta = {"method": self.method, "shapes": json.dumps(self.shapes), "examples": str(self.examples), "tokens": str(self.tokens)}
+        meta = {"method": self.method, "shapes": json.dumps(self.shapes),
+                "examples": str(self.examples), "tokens": str(self.tokens)}
         save_file({k: v.contiguous().cpu() for k, v in self.stats.items()}, str(path), metadata=meta)
 
     @classmethod
@@ -133,12 +136,16 @@ class KFACFactors:
 
 def _check_damping(damping: float | None, damping_ratio: float) -> None:
     if damping is not None and not (damping > 0 and math.isfinite(damping)):
-        raise ValueError(f"damping must be a positive finite number (or None for damping_ratio x mean eigenvalue), got {damping}")
+        raise ValueError(
+            f"damping must be a positive finite number (or None for damping_ratio x mean eigenvalue), got {damping}"
+        )
     if not (damping_ratio > 0 and math.isfinite(damping_ratio)):
         raise ValueError(f"damping_ratio must be positive and finite, got {damping_ratio}")
 
 
-def _fit(model: nn.Module, layers: list[Layer], batches: Iterable[dict], method: str, damping, damping_ratio) -> KFACFactors:
+def _fit(
+    model: nn.Module, layers: list[Layer], batches: Iterable[dict], method: str, damping, damping_ratio
+) -> KFACFactors:
     device, dtype = model_device(model), _compute_dtype(layers)
     sums = {l.name: [0.0, 0.0] for l in layers}
     examples = tokens = 0
@@ -264,7 +271,8 @@ def kfac_scores(
             raise ValueError(
                 "train_batches are read again after fitting: pass a list or DataLoader, or give fit_batches or factors"
             )
-        factors = fit_kfac(model, train_batches if fit_batches is None else fit_batches, method, config, damping, damping_ratio)
+        fit_on = train_batches if fit_batches is None else fit_batches
+        factors = fit_kfac(model, fit_on, method, config, damping, damping_ratio)
     else:
         missing = [l.name for l in layers if l.name not in factors.shapes]
         if missing:

@@ -12,7 +12,8 @@ def test_spearman_hand_cases():
     # one swapped pair among 4: 1 - 6 * sum d^2 / (n (n^2 - 1)) = 1 - 6 * 2 / 60
     assert spearman(torch.tensor([1.0, 2, 3, 4]), torch.tensor([10.0, 30, 20, 40])) == pytest.approx(0.8, abs=1e-15)
     # tie: ranks (1.5, 1.5, 3) vs (1, 2, 3): 1.5 / sqrt(1.5 * 2)
-    assert spearman(torch.tensor([5.0, 5, 7]), torch.tensor([1.0, 2, 3])) == pytest.approx(1.5 / math.sqrt(3), abs=1e-15)
+    tied = spearman(torch.tensor([5.0, 5, 7]), torch.tensor([1.0, 2, 3]))
+    assert tied == pytest.approx(1.5 / math.sqrt(3), abs=1e-15)
     assert spearman(torch.tensor([3.0, 1, 2]), torch.tensor([-3.0, -1, -2])) == pytest.approx(-1.0, abs=1e-15)
     assert math.isnan(spearman(torch.tensor([1.0, 1, 1]), torch.tensor([1.0, 2, 3])))
 

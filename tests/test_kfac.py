@@ -39,7 +39,8 @@ def small_model(arch: str, dtype=torch.float64):
         cfg = tf.LlamaConfig(vocab_size=23, hidden_size=12, intermediate_size=19, num_hidden_layers=1,
                              num_attention_heads=3, num_key_value_heads=1, attention_bias=True, mlp_bias=True)
     else:
-        cfg = tf.GPT2Config(vocab_size=23, n_embd=10, n_layer=1, n_head=2, n_positions=32, bos_token_id=0, eos_token_id=0)
+        cfg = tf.GPT2Config(vocab_size=23, n_embd=10, n_layer=1, n_head=2, n_positions=32,
+                            bos_token_id=0, eos_token_id=0)
     return tf.AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").to(dtype).eval()
 
 
