@@ -26,6 +26,7 @@ examples of one layer at a time.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass
@@ -250,8 +251,10 @@ def kfac_scores(
             ``exact_scores``; the ranks are ignored.
         metric: ``dot`` (<H^-1 grad_q, grad_i>) or ``cosine`` (divided by ||H^-1 grad_q|| ||grad_i||),
             with norms over all selected layers, as ``score`` does.
-        damping, damping_ratio: absolute damping, or the ratio to the mean eigenvalue (0.1).
-        factors: already fitted ``KFACFactors`` (``fit_kfac``) for these layers; then nothing is fitted.
+        damping, damping_ratio: absolute damping, or the ratio to the mean eigenvalue (0.1);
+            with ``factors``, values other than these defaults override the factors' own.
+        factors: already fitted ``KFACFactors`` (``fit_kfac``) for these layers; then nothing is
+            fitted and ``method`` is the factors' own.
         product: how train examples are scored, ``auto``, ``dense`` or ``ghost`` (module docstring).
 
     Returns:
@@ -277,6 +280,8 @@ def kfac_scores(
         missing = [l.name for l in layers if l.name not in factors.shapes]
         if missing:
             raise ValueError(f"factors were fitted without layers {missing[:3]}: fit them with the same config")
+        if damping is not None or damping_ratio != 0.1:
+            factors = dataclasses.replace(factors, damping=damping, damping_ratio=damping_ratio)
     device, dtype = model_device(model), _compute_dtype(layers)
 
     with frozen_for_capture(model):

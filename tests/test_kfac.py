@@ -156,9 +156,10 @@ def test_fit_batches_damping_and_saved_factors(tmp_path):
     factors.save(tmp_path / "f.safetensors")
     loaded = KFACFactors.load(tmp_path / "f.safetensors", damping=0.05)
     assert rel_err(kfac_scores(model, qb, tb, factors=loaded), out) <= 1e-14
+    assert rel_err(kfac_scores(model, qb, tb, factors=factors, damping=0.05), out) <= 1e-14  # overrides
     # a huge damping turns the preconditioner into a scaled identity: exact scores / damping
-    loaded.damping = 1e8
-    assert rel_err(kfac_scores(model, qb, tb, factors=loaded) * 1e8, exact_scores(model, qb, tb)) <= 1e-6
+    big = kfac_scores(model, qb, tb, factors=loaded, damping=1e8)
+    assert rel_err(big * 1e8, exact_scores(model, qb, tb)) <= 1e-6
 
 
 def test_float32_close_to_float64():
