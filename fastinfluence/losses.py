@@ -7,19 +7,31 @@ shift, the hidden state at t predicts ``labels[:, t+1]``. For example i:
     NLL_sum_i = sum over its answer tokens of -log p(token),   n_i = number of answer tokens
     NLL_i = NLL_sum_i / n_i                                    (the per-example CE)
 
-The methods (forget set f, retain set r, optional per-example weights w, which may be of
-either sign; ``E_w[x] = mean_i(w_i * x_i)``, the plain mean without weights):
+Token losses are reduced with per-example weights w (of either sign, 1 without weights)
+in one of two ways, ``reduction``:
 
-    ga:             -E_w[NLL_f]
-    graddiff:       -gamma * E_w[NLL_f] + alpha * E_w[NLL_r]
+    "example":  R_w[NLL] = sum_i w_i NLL_i / B                 (mean of per-example means)
+    "token":    R_w[NLL] = sum_i w_i NLL_sum_i / sum_i n_i     (token mean over the batch, as
+                                                                HF's loss and open-unlearning)
+
+With ``weight_norm="sum"`` the divisor becomes sum_i w_i (example) or sum_i w_i n_i (token):
+a weighted average, as IMU's -sum(w l) / sum(w). The default ``"mean"`` divides by the batch
+size or token count, so weights with mean 1 over the data set (RapidUn, IMU here) keep the
+unweighted scale.
+
+The methods (forget set f, retain set r; sequence-level terms use E_w[x] = sum_i w_i x_i / B):
+
+    ga:             -R_w[NLL_f]
+    graddiff:       -gamma * R_w[NLL_f] + alpha * R_w[NLL_r]
     npo:            E_w[(2/beta) * log(1 + (pi/pi_ref)^beta)],  log pi = -NLL_sum_f,
                     i.e. (2/beta) * softplus(beta * (NLL_sum_ref - NLL_sum_f))
-    simnpo:         E_w[-(2/beta) * log sigmoid(beta * NLL_f - gamma)]
-    rapidun_forget: E_w[0.5 * NLL(clean answer) - 1.0 * NLL(poisoned answer)]
-    retain_nll:     E_w[NLL_r]   (the descent term that NPO, SimNPO and RapidUn add)
+    simnpo:         E_w[-(2/beta) * log sigmoid(beta * (NLL_f - delta) - gamma)]
+    rapidun_forget: 0.5 * R_w[NLL(clean answer)] - 1.0 * R_w[NLL(poisoned answer)]
+    retain_nll:     R_w[NLL_r]   (the descent term that NPO, SimNPO and RapidUn add)
+    retain KL:      R_w[KL_r] with :func:`sequence_kl`, KL(reference || model) per position
 
-Weights are normalised by the batch size, not by their sum, so weights with mean 1 over
-the data set (RapidUn, IMU here) keep the unweighted scale.
+SimNPO's margin is ``gamma`` in the paper's units or ``delta`` in open-unlearning's
+(gamma = beta * delta). NPO and SimNPO are means over examples under either reduction.
 """
 from __future__ import annotations
 
@@ -33,8 +45,13 @@ from .ops.linear_cross_entropy import linear_cross_entropy
 
 
 
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    """float32 for half-precision tensors; float32 and float64 stay as they are."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
 class Nll(NamedTuple):
-    """Per-example answer NLL. sum: (B,) float32 with grad; count: (B,) int64 answer tokens."""
+    """Per-example answer NLL. sum: (B,) float32 (float64 for float64 models) with grad; count: (B,) int64 tokens."""
 
     sum: torch.Tensor
     count: torch.Tensor
@@ -46,7 +63,7 @@ class Nll(NamedTuple):
 
 
 def token_nll(model, batch: dict, fused: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token answer NLL: (loss (B, T) float32, 0 off the answer; mask (B, T) bool).
+    """Per-token answer NLL: (loss (B, T) float32 (float64 for a float64 model), 0 off the answer; mask (B, T) bool).
 
     Position t scores ``labels[:, t+1]`` (the causal shift). ``fused``: True: hidden states +
     ``ops.linear_cross_entropy`` (never builds B x T x V logits); False: the model's own
@@ -62,7 +79,7 @@ def token_nll(model, batch: dict, fused: bool | None = None) -> tuple[torch.Tens
         raise ValueError(f"fused=True but {type(model).__name__} has no plain Linear LM head after its decoder; use fused=None")
     input_ids, attention_mask = batch["input_ids"], batch.get("attention_mask")
     if head is None:
-        logits = model(**model_inputs(model, input_ids, attention_mask)).logits.float()
+        logits = _upcast(model(**model_inputs(model, input_ids, attention_mask)).logits)
         loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none", ignore_index=IGNORE_INDEX)
         return loss.view_as(labels), mask
     decoder, lm_head, softcap = head
@@ -75,7 +92,7 @@ def token_nll(model, batch: dict, fused: bool | None = None) -> tuple[torch.Tens
         weight, bias = weight.to(dtype), bias.to(dtype) if bias is not None else None
     with torch.autocast(device_type, enabled=False):
         loss = linear_cross_entropy(hidden.to(weight.dtype), weight, labels, bias=bias, softcap=softcap)
-    return loss.float(), mask
+    return _upcast(loss), mask
 
 
 def sequence_nll(model, batch: dict, fused: bool | None = None) -> Nll:
@@ -102,36 +119,110 @@ def sequence_nll(model, batch: dict, fused: bool | None = None) -> Nll:
 
 @torch.no_grad()
 def reference_nll(model, batches: Iterable[dict]) -> torch.Tensor:
-    """(N,) float32 NLL_sum of every example, in order, without gradient (NPO's pi_ref)."""
+    """(N,) NLL_sum of every example, in order, float32 (float64 for float64 models), no gradient (NPO's pi_ref)."""
     was_training = model.training
     model.eval()
     try:
-        out = [sequence_nll(model, b).sum.float().cpu() for b in batches]
+        out = [_upcast(sequence_nll(model, b).sum).cpu() for b in batches]
     finally:
         model.train(was_training)
     return torch.cat(out)
 
 
-def weighted_mean(values: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
-    """mean_i(w_i * values_i) (the plain mean without weights). Weights may be negative."""
+KL_POSITIONS = ("all", "answer")
+
+
+def _logits(model, batch: dict) -> torch.Tensor:
+    return _upcast(model(**model_inputs(model, batch["input_ids"], batch.get("attention_mask"))).logits)
+
+
+def sequence_kl(model, batch: dict, ref_model=None, positions: str = "all") -> Nll:
+    """Per-example KL(reference || model) of the next-token distributions, as an :class:`Nll`.
+
+    ``sum``: (B,) the KL summed over the example's positions (with grad); ``count``: (B,) the
+    number of positions. ``positions="all"``: every position of the padded batch (T each),
+    open-unlearning's KL retain loss (its ``batchmean`` over B * T rows is the token
+    reduction of this); ``"answer"``: the positions that predict answer tokens.
+
+    The reference is ``ref_model`` (frozen, no gradient) or, when it is None and ``model`` is
+    a PEFT model, the same model with its adapter disabled. Builds the B x T x V logits of
+    both models (the KL needs every vocabulary entry).
+    """
+    if positions not in KL_POSITIONS:
+        raise ValueError(f"positions must be one of {KL_POSITIONS}, got {positions!r}")
+    if ref_model is None and not hasattr(model, "disable_adapter"):
+        raise ValueError("the KL retain loss needs a reference: pass ref_model= (a frozen copy of the model "
+                         "before unlearning), or train a PEFT adapter so the base model is the reference")
+    with torch.no_grad():
+        if ref_model is None:
+            with model.disable_adapter():
+                ref = _logits(model, batch)
+        else:
+            ref = _logits(ref_model, batch)
+    logp = torch.log_softmax(_logits(model, batch), -1)
+    kl = F.kl_div(logp, torch.log_softmax(ref, -1), reduction="none", log_target=True).sum(-1)
+    if positions == "all":
+        mask = torch.ones_like(kl, dtype=torch.bool)
+    else:
+        mask = shifted_labels(batch["labels"]) != IGNORE_INDEX
+    return Nll((kl * mask).sum(1), mask.sum(1))
+
+
+REDUCTIONS = ("token", "example")
+WEIGHT_NORMS = ("mean", "sum")
+
+
+def _check_weights(weights, like: torch.Tensor) -> torch.Tensor:
     if weights is None:
-        return values.mean()
-    weights = torch.as_tensor(weights, dtype=values.dtype, device=values.device)
-    if weights.shape != values.shape:
-        raise ValueError(f"weights must have one entry per example, shape {tuple(values.shape)}, got {tuple(weights.shape)}")
+        return torch.ones_like(like)
+    weights = torch.as_tensor(weights, dtype=like.dtype, device=like.device)
+    if weights.shape != like.shape:
+        raise ValueError(f"weights must have one entry per example, shape {tuple(like.shape)}, got {tuple(weights.shape)}")
     if not torch.isfinite(weights).all():
         raise ValueError("weights hold NaN or inf")
-    return (weights * values).mean()
+    return weights
 
 
-def ga(forget: Nll, weights: torch.Tensor | None = None) -> torch.Tensor:
-    """Gradient ascent: -E_w[NLL_f]."""
-    return -weighted_mean(forget.mean, weights)
+def _divide(total: torch.Tensor, norm: torch.Tensor, weight_norm: str) -> torch.Tensor:
+    if weight_norm not in WEIGHT_NORMS:
+        raise ValueError(f"weight_norm must be one of {WEIGHT_NORMS}, got {weight_norm!r}")
+    if weight_norm == "sum" and norm == 0:
+        raise ValueError("weight_norm='sum' but the weights of this batch sum to 0; use weight_norm='mean'")
+    return total / norm
 
 
-def retain_nll(retain: Nll, weights: torch.Tensor | None = None) -> torch.Tensor:
-    """Plain (weighted) descent on the retain set: E_w[NLL_r]."""
-    return weighted_mean(retain.mean, weights)
+def weighted_mean(values: torch.Tensor, weights: torch.Tensor | None = None, weight_norm: str = "mean") -> torch.Tensor:
+    """sum_i(w_i * values_i) / B, or / sum_i w_i with ``weight_norm="sum"``. Weights may be negative."""
+    w = _check_weights(weights, values)
+    return _divide((w * values).sum(), w.sum() if weight_norm == "sum" else values.new_tensor(values.numel()), weight_norm)
+
+
+def reduce(loss: Nll, weights: torch.Tensor | None = None, reduction: str = "example",
+           weight_norm: str = "mean") -> torch.Tensor:
+    """R_w of a per-example token loss (``sum``, ``count``), as in the module docstring.
+
+    ``reduction="example"``: mean over examples of their token means; ``"token"``: token mean
+    over the whole batch, each token weighted by its example's weight.
+    """
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if reduction == "example":
+        return weighted_mean(loss.mean, weights, weight_norm)
+    w = _check_weights(weights, loss.sum)
+    count = loss.count.to(loss.sum.dtype)
+    return _divide((w * loss.sum).sum(), (w * count).sum() if weight_norm == "sum" else count.sum(), weight_norm)
+
+
+def ga(forget: Nll, weights: torch.Tensor | None = None, reduction: str = "example",
+       weight_norm: str = "mean") -> torch.Tensor:
+    """Gradient ascent: -R_w[NLL_f]."""
+    return -reduce(forget, weights, reduction, weight_norm)
+
+
+def retain_nll(retain: Nll, weights: torch.Tensor | None = None, reduction: str = "example",
+               weight_norm: str = "mean") -> torch.Tensor:
+    """Plain (weighted) descent on the retain set: R_w[NLL_r]; also R_w[KL_r] of :func:`sequence_kl`."""
+    return reduce(retain, weights, reduction, weight_norm)
 
 
 def graddiff(
@@ -141,12 +232,14 @@ def graddiff(
     retain_weights: torch.Tensor | None = None,
     gamma: float = 1.0,
     alpha: float = 1.0,
+    reduction: str = "example",
 ) -> torch.Tensor:
-    """GradDiff: -gamma * E_w[NLL_f] + alpha * E_w[NLL_r]."""
-    return gamma * ga(forget, weights) + alpha * retain_nll(retain, retain_weights)
+    """GradDiff: -gamma * R_w[NLL_f] + alpha * R_w[NLL_r] (``retain`` may be a :func:`sequence_kl`)."""
+    return gamma * ga(forget, weights, reduction) + alpha * retain_nll(retain, retain_weights, reduction)
 
 
-def npo(forget: Nll, ref_sum: torch.Tensor, weights: torch.Tensor | None = None, beta: float = 0.1) -> torch.Tensor:
+def npo(forget: Nll, ref_sum: torch.Tensor, weights: torch.Tensor | None = None, beta: float = 0.1,
+        weight_norm: str = "mean") -> torch.Tensor:
     """NPO (Zhang et al. 2024): E_w[(2/beta) * softplus(beta * (NLL_sum_ref - NLL_sum_f))].
 
     ``ref_sum``: (B,) the reference model's NLL_sum of the same examples (no gradient;
@@ -155,13 +248,18 @@ def npo(forget: Nll, ref_sum: torch.Tensor, weights: torch.Tensor | None = None,
     ref_sum = ref_sum.to(forget.sum.device, forget.sum.dtype)
     if ref_sum.shape != forget.sum.shape:
         raise ValueError(f"npo: ref_sum must have shape {tuple(forget.sum.shape)}, got {tuple(ref_sum.shape)}")
-    return weighted_mean(2.0 / beta * F.softplus(beta * (ref_sum - forget.sum)), weights)
+    return weighted_mean(2.0 / beta * F.softplus(beta * (ref_sum - forget.sum)), weights, weight_norm)
 
 
-def simnpo(forget: Nll, weights: torch.Tensor | None = None, beta: float = 2.5, gamma: float = 0.0) -> torch.Tensor:
-    """SimNPO (Fan et al. 2024): E_w[-(2/beta) * log sigmoid(beta * NLL_f - gamma)], reference-free,
-    length-normalised. beta = 2.5, gamma = 0 as the paper's TOFU setting."""
-    return weighted_mean(-2.0 / beta * F.logsigmoid(beta * forget.mean - gamma), weights)
+def simnpo(forget: Nll, weights: torch.Tensor | None = None, beta: float = 2.5, gamma: float = 0.0,
+           delta: float = 0.0, weight_norm: str = "mean") -> torch.Tensor:
+    """SimNPO (Fan et al. 2024): E_w[-(2/beta) * log sigmoid(beta * (NLL_f - delta) - gamma)], reference-free,
+    length-normalised. The margin is ``gamma`` in the paper's units or ``delta`` in open-unlearning's
+    (gamma = beta * delta); give one of them. beta = 2.5, gamma = 0 as the paper's TOFU setting."""
+    if gamma and delta:
+        raise ValueError(f"simnpo: give the margin as gamma (paper) or delta (open-unlearning, gamma = beta * delta), "
+                         f"not both (got gamma={gamma}, delta={delta})")
+    return weighted_mean(-2.0 / beta * F.logsigmoid(beta * (forget.mean - delta) - gamma), weights, weight_norm)
 
 
 def rapidun_forget(
@@ -170,15 +268,17 @@ def rapidun_forget(
     weights: torch.Tensor | None = None,
     clean_coef: float = 0.5,
     poison_coef: float = 1.0,
+    reduction: str = "example",
 ) -> torch.Tensor:
-    """RapidUn's forget loss: E_w[clean_coef * CE(clean answer) - poison_coef * CE(poisoned answer)].
+    """RapidUn's forget loss: clean_coef * R_w[CE(clean answer)] - poison_coef * R_w[CE(poisoned answer)].
 
     ``poisoned`` and ``clean`` are the NLL of the same prompts with the poisoned (forget) and
     the clean answer; without ``clean`` it is weighted gradient ascent on the poisoned answer.
+    With ``reduction="example"`` this is E_w[clean_coef * CE(clean) - poison_coef * CE(poisoned)].
     """
-    values = -poison_coef * poisoned.mean
+    loss = -poison_coef * reduce(poisoned, weights, reduction)
     if clean is not None:
         if clean.sum.shape != poisoned.sum.shape:
             raise ValueError(f"rapidun_forget: clean has {clean.sum.shape[0]} examples, poisoned {poisoned.sum.shape[0]}")
-        values = values + clean_coef * clean.mean
-    return weighted_mean(values, weights)
+        loss = loss + clean_coef * reduce(clean, weights, reduction)
+    return loss
