@@ -27,12 +27,14 @@ setup(
         "fastinfluence",
         "fastinfluence.ops",
         "fastinfluence.ops.backends",
+        "fastinfluence.integrations",
         "fastinfluence.triton_kernels",
     ],
     package_dir={
         "fastinfluence": "fastinfluence",
         "fastinfluence.triton_kernels": "triton_kernels",
     },
+    package_data={"fastinfluence.integrations": ["open_unlearning_configs/*/*.yaml", "open_unlearning_configs/*/*/*/*.yaml"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

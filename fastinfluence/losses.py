@@ -183,10 +183,12 @@ def _check_weights(weights, like: torch.Tensor) -> torch.Tensor:
     return weights
 
 
-def _divide(total: torch.Tensor, norm: torch.Tensor, weight_norm: str) -> torch.Tensor:
+def _divide(total: torch.Tensor, norm: torch.Tensor, weights: torch.Tensor, weight_norm: str) -> torch.Tensor:
     if weight_norm not in WEIGHT_NORMS:
         raise ValueError(f"weight_norm must be one of {WEIGHT_NORMS}, got {weight_norm!r}")
     if weight_norm == "sum" and norm == 0:
+        if (weights == 0).all():  # nothing to unlearn in this batch (IMU gives weight 0 to skipped examples)
+            return total * 0.0
         raise ValueError("weight_norm='sum' but the weights of this batch sum to 0; use weight_norm='mean'")
     return total / norm
 
@@ -194,7 +196,7 @@ def _divide(total: torch.Tensor, norm: torch.Tensor, weight_norm: str) -> torch.
 def weighted_mean(values: torch.Tensor, weights: torch.Tensor | None = None, weight_norm: str = "mean") -> torch.Tensor:
     """sum_i(w_i * values_i) / B, or / sum_i w_i with ``weight_norm="sum"``. Weights may be negative."""
     w = _check_weights(weights, values)
-    return _divide((w * values).sum(), w.sum() if weight_norm == "sum" else values.new_tensor(values.numel()), weight_norm)
+    return _divide((w * values).sum(), w.sum() if weight_norm == "sum" else values.new_tensor(values.numel()), w, weight_norm)
 
 
 def reduce(loss: Nll, weights: torch.Tensor | None = None, reduction: str = "example",
@@ -210,7 +212,7 @@ def reduce(loss: Nll, weights: torch.Tensor | None = None, reduction: str = "exa
         return weighted_mean(loss.mean, weights, weight_norm)
     w = _check_weights(weights, loss.sum)
     count = loss.count.to(loss.sum.dtype)
-    return _divide((w * loss.sum).sum(), (w * count).sum() if weight_norm == "sum" else count.sum(), weight_norm)
+    return _divide((w * loss.sum).sum(), (w * count).sum() if weight_norm == "sum" else count.sum(), w, weight_norm)
 
 
 def ga(forget: Nll, weights: torch.Tensor | None = None, reduction: str = "example",

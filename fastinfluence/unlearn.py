@@ -5,17 +5,21 @@ open-unlearning convention), built by :class:`UnlearnDataset` + :class:`UnlearnC
 from forget and retain examples at a retain:forget ratio (3:1 by default), each carrying
 its per-example weight. The loss is one of ``fastinfluence.losses``:
 
-    ga        -E_w[NLL_f]                                (IMU: ga with ``weights.imu`` weights)
-    graddiff  -gamma E_w[NLL_f] + alpha E_w[NLL_r]       (SIMU: graddiff with ``simu_masks``)
-    npo       NPO(f; pi_ref cached once) + alpha E_w[NLL_r]
-    simnpo    SimNPO(f) + alpha E_w[NLL_r]
-    rapidun   E_w[0.5 NLL(clean) - 1.0 NLL(poisoned)] + alpha E_w[NLL_r]
+    ga        -gamma R_w[NLL_f]                          (IMU: ga with ``weights.imu`` weights)
+    graddiff  -gamma R_w[NLL_f] + alpha R_w[retain]      (SIMU: graddiff with ``simu_masks``)
+    npo       gamma NPO(f; pi_ref cached once) + alpha R_w[retain]
+    simnpo    gamma SimNPO(f) + alpha R_w[retain]
+    rapidun   gamma (0.5 R_w[NLL(clean)] - 1.0 R_w[NLL(poisoned)]) + alpha R_w[retain]
 
-Every NLL comes from ``ops.linear_cross_entropy`` on the final hidden states, so the
-B x T x V logits are never held.
+R_w is the weighted ``reduction`` of ``fastinfluence.losses`` (``"example"``: mean of
+per-example means; ``"token"``: token mean over the batch, as open-unlearning), and the
+retain term is the NLL or, with ``retain_loss_type="KL"``, KL(reference || model). Every NLL
+comes from ``ops.linear_cross_entropy`` on the final hidden states, so the B x T x V logits
+are never held (the KL needs them).
 """
 from __future__ import annotations
 
+import copy
 import math
 import time
 from typing import Sequence
@@ -174,13 +178,57 @@ def apply_neuron_masks(model: torch.nn.Module, masks: dict[str, torch.Tensor]) -
     return handles
 
 
+RETAIN_LOSS_TYPES = ("NLL", "KL")
+
+
+def check_loss_options(reduction: str, weight_norm: str, retain_loss_type: str) -> None:
+    """Raise early, at construction, on a misspelt loss option."""
+    for name, value, choices in (("reduction", reduction, losses.REDUCTIONS), ("weight_norm", weight_norm, losses.WEIGHT_NORMS),
+                                 ("retain_loss_type", retain_loss_type, RETAIN_LOSS_TYPES)):
+        if value not in choices:
+            raise ValueError(f"{name}={value!r} is not one of {', '.join(choices)}")
+
+
+def frozen(model: torch.nn.Module, device) -> torch.nn.Module:
+    """``model`` as a reference: eval mode, no gradients, on ``device``."""
+    return model.to(device).eval().requires_grad_(False)
+
+
+def forget_loss(cfg, f: losses.Nll, w, ref_sum=None, clean=None) -> torch.Tensor:
+    """The forget term of ``cfg.method`` (before the coefficient gamma), with the options of ``cfg``:
+    ``reduction``, ``weight_norm``, ``beta``, ``simnpo_gamma``, ``delta``. Shared by ``UnlearnTrainer``
+    and the open-unlearning trainers so both compute the same losses. RapidUn's forget loss always
+    divides by the batch (``weight_norm`` does not apply to it)."""
+    if cfg.method == "npo":
+        return losses.npo(f, ref_sum, w, beta=cfg.beta, weight_norm=cfg.weight_norm)
+    if cfg.method == "simnpo":
+        return losses.simnpo(f, w, beta=cfg.beta, gamma=cfg.simnpo_gamma, delta=cfg.delta, weight_norm=cfg.weight_norm)
+    if cfg.method == "rapidun":
+        return losses.rapidun_forget(f, clean, w, reduction=cfg.reduction)
+    return losses.ga(f, w, reduction=cfg.reduction, weight_norm=cfg.weight_norm)
+
+
+def retain_loss(cfg, model, retain: dict, w) -> torch.Tensor:
+    """R_w of the retain NLL or, with ``cfg.retain_loss_type == "KL"``, of KL(cfg.ref_model || model)."""
+    if cfg.retain_loss_type == "KL":
+        return losses.retain_nll(losses.sequence_kl(model, retain, cfg.ref_model), w, cfg.reduction, cfg.weight_norm)
+    return losses.retain_nll(losses.sequence_nll(model, retain), w, cfg.reduction, cfg.weight_norm)
+
+
 class UnlearnTrainer(Trainer):
     """A ``transformers.Trainer`` whose loss is an unlearning method (see module docstring).
 
     Args:
         method: one of ``ga``, ``graddiff``, ``npo``, ``simnpo``, ``rapidun``.
-        alpha: retain-term coefficient; gamma: forget-term coefficient of ``graddiff``.
-        beta: NPO / SimNPO temperature (defaults 0.1 / 2.5); simnpo_gamma: SimNPO margin.
+        alpha: retain-term coefficient; gamma: forget-term coefficient (every method).
+        beta: NPO / SimNPO temperature (defaults 0.1 / 2.5); simnpo_gamma: SimNPO margin in the
+            paper's units, or delta: the same margin in open-unlearning's (gamma = beta * delta).
+        reduction: ``"example"`` (mean of per-example means) or ``"token"`` (token mean over the
+            batch, open-unlearning's and HF's); weight_norm: ``"mean"`` (divide by the batch) or
+            ``"sum"`` (by the weights' sum, IMU's weighted average); see ``fastinfluence.losses``.
+        retain_loss_type: ``"NLL"`` or ``"KL"`` (KL(reference || model) over every position of the
+            retain batch, open-unlearning's); the reference is ``ref_model``, else the base model
+            with the adapter disabled under ``lora=``, else a frozen copy of ``model``.
         loss_reweight_tau: multiply the forget weights by ``weights.loss_reweight`` of the
             batch's current forget losses (LoReUn-style), or None.
         lora: a ``peft.LoraConfig``: train adapters only (``save_model`` writes the adapter).
@@ -195,9 +243,11 @@ class UnlearnTrainer(Trainer):
 
     def __init__(self, model=None, args=None, method: str = "graddiff", alpha: float = 1.0, gamma: float = 1.0,
                  beta: float | None = None, simnpo_gamma: float = 0.0, loss_reweight_tau: float | None = None,
-                 lora=None, simu_masks: dict | None = None, **kwargs):
+                 lora=None, simu_masks: dict | None = None, reduction: str = "example", weight_norm: str = "mean",
+                 retain_loss_type: str = "NLL", ref_model=None, delta: float = 0.0, **kwargs):
         if method not in METHODS:
             raise ValueError(f"unknown unlearning method {method!r}; choose one of {', '.join(METHODS)}")
+        check_loss_options(reduction, weight_norm, retain_loss_type)
         dataset = kwargs.get("train_dataset")
         if not isinstance(dataset, UnlearnDataset):
             raise TypeError("UnlearnTrainer needs train_dataset=UnlearnDataset(forget, retain, ...)")
@@ -205,6 +255,8 @@ class UnlearnTrainer(Trainer):
             raise ValueError(f"method {method!r} has a retain term; build the UnlearnDataset with ratio >= 1")
         if lora is not None and simu_masks is not None:
             raise ValueError("use either lora= or simu_masks=, not both (masks select base-model neurons)")
+        if method in _USES_RETAIN and retain_loss_type == "KL" and ref_model is None and lora is None and not hasattr(model, "disable_adapter"):
+            ref_model = copy.deepcopy(model)  # before masks or adapters are attached
         if lora is not None:
             from peft import get_peft_model
 
@@ -216,7 +268,9 @@ class UnlearnTrainer(Trainer):
         # Our loss is a mean per micro-batch: let the Trainer divide it by the accumulation steps.
         self.model_accepts_loss_kwargs = False
         self.loss_is_scaled_for_ga = False
-        self.method, self.alpha, self.gamma, self.simnpo_gamma = method, alpha, gamma, simnpo_gamma
+        self.method, self.alpha, self.gamma, self.simnpo_gamma, self.delta = method, alpha, gamma, simnpo_gamma, delta
+        self.reduction, self.weight_norm, self.retain_loss_type = reduction, weight_norm, retain_loss_type
+        self.ref_model = frozen(ref_model, self.args.device) if ref_model is not None else None
         self.beta = beta if beta is not None else (0.1 if method == "npo" else 2.5)
         self.loss_reweight_tau = loss_reweight_tau
         self.tokens_processed = 0
@@ -247,22 +301,13 @@ class UnlearnTrainer(Trainer):
         w = forget.get("weights")
         if self.loss_reweight_tau is not None:
             w = (w if w is not None else 1.0) * loss_reweight(f.mean.detach().cpu(), self.loss_reweight_tau).to(f.sum.device)
-        if self.method == "ga":
-            forget_term = losses.ga(f, w)
-        elif self.method == "graddiff":
-            forget_term = self.gamma * losses.ga(f, w)
-        elif self.method == "npo":
-            ref = self.ref_nll[forget["index"].cpu()].to(f.sum.device)
-            forget_term = losses.npo(f, ref, w, beta=self.beta)
-        elif self.method == "simnpo":
-            forget_term = losses.simnpo(f, w, beta=self.beta, gamma=self.simnpo_gamma)
-        else:
-            clean = losses.sequence_nll(model, forget["clean"]) if "clean" in forget else None
-            forget_term = losses.rapidun_forget(f, clean, w)
-        loss = forget_term
+        ref = self.ref_nll[forget["index"].cpu()].to(f.sum.device) if self.method == "npo" else None
+        clean = losses.sequence_nll(model, forget["clean"]) if self.method == "rapidun" and "clean" in forget else None
+        forget_term = forget_loss(self, f, w, ref_sum=ref, clean=clean)
+        loss = self.gamma * forget_term
         logs = {"forget_loss": forget_term.item(), "forget_nll": f.mean.mean().item()}
         if self.method in _USES_RETAIN:
-            retain_term = losses.retain_nll(losses.sequence_nll(model, retain), retain.get("weights"))
+            retain_term = retain_loss(self, model, retain, retain.get("weights"))
             loss = loss + self.alpha * retain_term
             logs["retain_loss"] = retain_term.item()
         self.tokens_processed += int(forget["attention_mask"].sum()) + (int(retain["attention_mask"].sum()) if retain else 0)

@@ -1,0 +1,292 @@
+"""open-unlearning trainers that compute fastinfluence's losses, with per-example influence weights.
+
+open-unlearning (github.com/locuslab/open-unlearning) keeps one ``Trainer`` subclass per
+method, registered by class name in its ``src/trainer/__init__.py`` and chosen by ``handler:``
+in ``configs/trainer/<Name>.yaml``. Its batches are ``{"forget": batch, "retain": batch}``
+(``ForgetRetainDataset`` + ``DataCollatorForSupervisedDataset``: right padding, pad = eos,
+``attention_mask = input_ids != pad``; ``index`` in each batch with the collator
+``DataCollatorForSupervisedDatasetwithIndex``). The classes here subclass its own base class,
+``trainer.unlearn.base.UnlearnTrainer``, so its data pipeline, evaluators and configs work
+unchanged; they take its method arguments (``gamma`` forget coefficient, ``alpha`` retain
+coefficient, ``beta``, ``delta``, ``retain_loss_type`` NLL | KL) and add ``reduction``,
+``weight_norm`` and ``weights_path``:
+
+    handler         forget term (times gamma)                         retain term (times alpha)
+    FIGradAscent    -R_w[NLL_f]                                       none
+    FIGradDiff      -R_w[NLL_f]                                       R_w[NLL_r] or KL
+    FINPO           NPO, reference NLL cached once before training    R_w[NLL_r] or KL
+    FISimNPO        SimNPO, margin delta (open-unlearning's units)    R_w[NLL_r] or KL
+    FIRapidUn       0.5 R_w[NLL(clean)] - R_w[NLL(poisoned)]          R_w[NLL_r] or KL
+    FIIMU           IMU: -sum_i w_i NLL_i / sum_i w_i                 none
+    FIIMUGradDiff   the same, plus a retain term                      R_w[NLL_r] or KL
+
+R_w is ``fastinfluence.losses.reduce``: ``reduction="token"`` (the default here) is the token
+mean over the batch that open-unlearning's ``outputs.loss`` computes, so with weights of 1 the
+losses equal open-unlearning's own; ``"example"`` averages per-example means. KL is
+KL(reference || model) over every position of the retain batch, open-unlearning's
+``batchmean``; the reference is a frozen copy of the model (the base model, adapter disabled,
+for a PEFT model). NLLs come from ``ops.linear_cross_entropy`` without B x T x V logits.
+
+Weights (``weights_path``): the JSON written by ``fastinfluence weights`` (``forget``,
+``retain`` and/or low-influence ``keep`` lists), or a ``.pt`` / ``.npy`` vector of forget
+weights, in the order of the forget (retain) split; each batch's weights are looked up by its
+``index``. RapidUn's clean answers come from a forget dataset that yields
+``{"original": ..., "alternate": ...}`` (open-unlearning's ``QAwithAlternateDataset``).
+
+Nothing here imports open-unlearning until a trainer class is asked for. Set up a checkout
+(copies the yaml files of ``open_unlearning_configs/`` and adds two lines registering the
+classes to ``src/trainer/__init__.py``; safe to run twice)::
+
+    python -m fastinfluence.integrations.open_unlearning install /path/to/open-unlearning
+
+or register by hand at the end of that file::
+
+    from fastinfluence.integrations.open_unlearning import register
+    register(_register_trainer)
+
+See docs/unlearning.md for the whole recipe.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from .. import losses
+from ..unlearn import _check_weights, check_loss_options, forget_loss, frozen, retain_loss
+
+CONFIGS = Path(__file__).parent / "open_unlearning_configs"
+_MARK = "# fastinfluence trainers"
+REGISTRATION = (
+    f"from fastinfluence.integrations.open_unlearning import register as _register_fastinfluence  {_MARK}\n"
+    f"_register_fastinfluence(_register_trainer)  {_MARK}\n"
+)
+USAGE = (
+    "open-unlearning is not importable here: these trainers subclass its trainer.unlearn.base.UnlearnTrainer, "
+    "so they run inside an open-unlearning checkout (its src/ on sys.path, as under `python src/train.py`). "
+    "Set one up with `python -m fastinfluence.integrations.open_unlearning install /path/to/open-unlearning` "
+    "(see docs/unlearning.md), or pass base= to trainers()."
+)
+
+# handler name -> (method, uses a retain term, default reduction, default weight_norm, needs weights)
+SPECS = {
+    "FIGradAscent": ("ga", False, "token", "mean", False),
+    "FIGradDiff": ("graddiff", True, "token", "mean", False),
+    "FINPO": ("npo", True, "token", "mean", False),
+    "FISimNPO": ("simnpo", True, "token", "mean", False),
+    "FIRapidUn": ("rapidun", True, "token", "mean", False),
+    "FIIMU": ("ga", False, "example", "sum", True),
+    "FIIMUGradDiff": ("graddiff", True, "example", "sum", True),
+}
+
+
+def load_weights(path: str | Path) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(forget, retain) per-example weights from ``path``, indexed like the splits; either may be None.
+
+    JSON from ``fastinfluence weights``: ``forget`` and ``retain`` lists; a low-influence
+    ``keep`` list (with ``n``) gives weight 0 to the skipped forget examples. ``.pt`` / ``.npy``:
+    one (N,) vector of forget weights.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights_path {path} does not exist; write it with `fastinfluence weights ... --out {path}`")
+    if path.suffix in (".pt", ".npy"):
+        if path.suffix == ".pt":
+            w = torch.load(path, map_location="cpu", weights_only=True)
+        else:
+            import numpy as np
+
+            w = torch.from_numpy(np.load(path))
+        return _check_weights(f"forget weights in {path}", w, torch.as_tensor(w).numel()), None
+    data = json.loads(path.read_text())
+    if not isinstance(data, dict) or not {"forget", "retain", "keep"} & set(data):
+        raise ValueError(f"{path} holds none of 'forget', 'retain', 'keep'; write it with `fastinfluence weights`")
+    forget = data.get("forget")
+    forget = _check_weights(f"'forget' in {path}", forget, len(forget)) if forget is not None else None
+    if "keep" in data:
+        n = int(data.get("n", len(forget) if forget is not None else max(data["keep"]) + 1))
+        keep = torch.zeros(n)
+        keep[torch.as_tensor(data["keep"], dtype=torch.long)] = 1.0
+        forget = keep if forget is None or len(forget) != n else forget * keep
+    retain = data.get("retain")
+    retain = _check_weights(f"'retain' in {path}", retain, len(retain)) if retain is not None else None
+    return forget, retain
+
+
+class _InfluenceLossTrainer:
+    """The loss of every open-unlearning trainer here; mixed in before open-unlearning's base class."""
+
+    spec: tuple  # one entry of SPECS
+
+    def __init__(self, *args, gamma: float = 1.0, alpha: float = 1.0, beta: float = 1.0, delta: float = 0.0,
+                 retain_loss_type: str = "NLL", reduction: str | None = None, weight_norm: str | None = None,
+                 weights_path: str | None = None, **kwargs):
+        method, self.uses_retain, default_reduction, default_norm, needs_weights = self.spec
+        reduction, weight_norm = reduction or default_reduction, weight_norm or default_norm
+        check_loss_options(reduction, weight_norm, retain_loss_type)
+        if needs_weights and not weights_path:
+            raise ValueError(f"{type(self).__name__} needs weights_path= (IMU weights from `fastinfluence weights --method imu`)")
+        super().__init__(*args, **kwargs)
+        self.method, self.gamma, self.alpha, self.beta, self.delta = method, gamma, alpha, beta, delta
+        self.simnpo_gamma = 0.0  # SimNPO's margin is delta here, as in open-unlearning
+        self.reduction, self.weight_norm, self.retain_loss_type = reduction, weight_norm, retain_loss_type
+        self.weights_path = weights_path
+        self.forget_weights, self.retain_weights = load_weights(weights_path) if weights_path else (None, None)
+        self._check_weight_lengths()
+        # The loss is a mean per micro-batch: let the Trainer divide it by the accumulation steps.
+        self.model_accepts_loss_kwargs = False
+        self.ref_model = self._reference_model() if self.uses_retain and retain_loss_type == "KL" else None
+        self.ref_nll = self._reference_nll() if method == "npo" else None
+
+    def _split(self, name: str):
+        return getattr(self.train_dataset, name, None)
+
+    def _check_weight_lengths(self) -> None:
+        for name, w in (("forget", self.forget_weights), ("retain", self.retain_weights)):
+            split = self._split(name)
+            if w is not None and split is not None and len(w) != len(split):
+                raise ValueError(f"{self.weights_path} has {len(w)} {name} weights but the {name} split has {len(split)} "
+                                 "examples; compute the weights on the same split, in the same order")
+
+    def _reference_model(self):
+        """Frozen copy of the model for the KL retain loss (None: a PEFT model's adapter is disabled instead)."""
+        if hasattr(self.model, "disable_adapter"):
+            return None
+        ref = copy.deepcopy(self.model)
+        if getattr(self, "is_deepspeed_enabled", False):
+            return self._prepare_deepspeed(ref)  # open-unlearning's base class shards it like the model
+        return self.accelerator.prepare_model(frozen(ref, self.args.device), evaluation_mode=True)
+
+    def _reference_nll(self) -> torch.Tensor:
+        """NLL_sum of every forget example before unlearning (NPO's pi_ref), by dataset index.
+
+        Collated with the training collator and computed under the training autocast, so that
+        pi / pi_ref = 1 at the first step.
+        """
+        forget = self._split("forget")
+        if forget is None:
+            raise ValueError("FINPO needs open-unlearning's ForgetRetainDataset as train_dataset (run with mode=unlearn)")
+        rows, sums, index = self.args.per_device_eval_batch_size, [], []
+        for s in range(0, len(forget), rows):
+            batch = self._flat(self.data_collator([forget[i] for i in range(s, min(s + rows, len(forget)))]))
+            index.append(self._index(batch, "NPO's reference cache").cpu())
+            batch = {k: v.to(self.args.device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+            with self.autocast_smart_context_manager():
+                sums.append(losses.reference_nll(self.model, [batch]))
+        index, sums = torch.cat(index), torch.cat(sums)
+        ref = torch.full((int(index.max()) + 1,), float("nan"), dtype=sums.dtype)
+        ref[index] = sums
+        return ref
+
+    @staticmethod
+    def _flat(batch: dict) -> dict:
+        """The answer batch of a forget batch: ``original`` of an original/alternate pair."""
+        return batch["original"] if "original" in batch else batch
+
+    @staticmethod
+    def _index(batch: dict, what: str) -> torch.Tensor:
+        if "index" not in batch:
+            raise ValueError(f"{what} needs each batch's 'index': run open-unlearning with "
+                             "collator=DataCollatorForSupervisedDatasetwithIndex")
+        return batch["index"].long()
+
+    def _lookup(self, weights: torch.Tensor | None, batch: dict, name: str) -> torch.Tensor | None:
+        if weights is None:
+            return None
+        index = self._index(batch, f"weights_path ({name} weights)").cpu()
+        if index.min() < 0 or index.max() >= len(weights):
+            raise ValueError(f"{self.weights_path} has {len(weights)} {name} weights but a batch holds index "
+                             f"{int(index.max())}; compute the weights on the same split")
+        return weights[index].to(batch["input_ids"].device)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        forget = inputs["forget"]
+        poisoned = self._flat(forget)
+        f = losses.sequence_nll(model, poisoned)
+        ref = None
+        if self.method == "npo":
+            ref = self.ref_nll[self._index(poisoned, "NPO").cpu()]
+            if torch.isnan(ref).any():
+                raise ValueError("a forget batch holds an index that NPO's reference cache never saw")
+        clean = None
+        if self.method == "rapidun" and "alternate" in forget:
+            clean = losses.sequence_nll(model, forget["alternate"])
+        loss = self.gamma * forget_loss(self, f, self._lookup(self.forget_weights, poisoned, "forget"), ref, clean)
+        if self.uses_retain:
+            retain = inputs["retain"]
+            loss = loss + self.alpha * retain_loss(self, model, retain, self._lookup(self.retain_weights, retain, "retain"))
+        return (loss, None) if return_outputs else loss
+
+
+_BUILT: dict[type, dict[str, type]] = {}
+
+
+def trainers(base: type | None = None) -> dict[str, type]:
+    """{handler name: trainer class} built on ``base`` (default: open-unlearning's UnlearnTrainer), once per base."""
+    if base is None:
+        try:
+            from trainer.unlearn.base import UnlearnTrainer as base
+        except ImportError as e:
+            raise ImportError(USAGE) from e
+    if base not in _BUILT:
+        _BUILT[base] = {
+            name: type(name, (_InfluenceLossTrainer, base),
+                       {"spec": spec, "__module__": __name__, "__doc__": f"open-unlearning trainer: fastinfluence's {spec[0]} loss."})
+            for name, spec in SPECS.items()
+        }
+    return _BUILT[base]
+
+
+def register(register_trainer, base: type | None = None) -> dict[str, type]:
+    """Register every class with open-unlearning's ``_register_trainer`` (by class name = ``handler``)."""
+    classes = trainers(base)
+    for cls in classes.values():
+        register_trainer(cls)
+    return classes
+
+
+def install(root: str | Path) -> list[Path]:
+    """Copy the yaml files into ``root/configs`` and register the trainers in ``root/src/trainer/__init__.py``."""
+    root = Path(root)
+    init = root / "src" / "trainer" / "__init__.py"
+    if not init.is_file() or "_register_trainer" not in init.read_text():
+        raise FileNotFoundError(f"{root} is not an open-unlearning checkout: {init} with _register_trainer not found")
+    written = []
+    for src in sorted(CONFIGS.rglob("*.yaml")):
+        dest = root / "configs" / src.relative_to(CONFIGS)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, dest)
+        written.append(dest)
+    text = init.read_text()
+    if _MARK not in text:
+        init.write_text(text + ("" if text.endswith("\n") else "\n") + "\n" + REGISTRATION)
+        written.append(init)
+    return written
+
+
+def __getattr__(name: str):
+    if name in SPECS:
+        return trainers()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fastinfluence.integrations.open_unlearning",
+                                     description="Use fastinfluence's influence-weighted trainers in open-unlearning.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("install", help="copy the trainer and experiment yaml files and register the trainers")
+    p.add_argument("root", help="an open-unlearning checkout")
+    args = parser.parse_args(argv)
+    for path in install(args.root):
+        print(f"wrote {path}")
+    print("run: python src/train.py --config-name=unlearn.yaml experiment=unlearn/tofu/fastinfluence_weighted "
+          "trainer.method_args.weights_path=/abs/path/w.json task_name=fi_weighted")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
