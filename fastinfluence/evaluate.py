@@ -12,9 +12,20 @@ AUC is forget (members) against holdout (non-members); 0.5 means no leakage. Pri
 follows MUSE exactly (forget as the negative class, Min-40% scores):
 (AUC - AUC_retrained) / AUC_retrained * 100, about -100 while the forget set is still
 memorised and 0 when it matches the retrained model. Forget quality
-(TOFU) is the two-sample Kolmogorov-Smirnov p-value between the per-example forget losses of
-this model and of a model retrained without the forget set (TOFU compares truth ratios,
-which need paraphrased answers; losses need none).
+(TOFU) is the two-sample Kolmogorov-Smirnov p-value between per-example statistics of this
+model and of a model retrained without the forget set: TOFU's truth ratios when paraphrased
+and perturbed answers are given, else the forget losses.
+
+Truth ratio (TOFU, open-unlearning's ``truth_ratio``) of question i with a paraphrased answer
+and K perturbed ones: R_i = exp(-mean_j NLL_ij) / exp(-NLL_i,para), each NLL the mean over the
+answer's tokens (so the numerator is the geometric mean of the perturbed answers' per-token
+probabilities); the forget set's summary is mean_i min(R_i, 1/R_i) (1 = the model cannot tell
+the true answer from the false ones).
+
+open-unlearning compatibility (``exclude_final_eos=True``): its min-k and extraction strength
+leave out each answer's final token, the eos its data pipeline appends; loss, zlib, the KS test
+and PrivLeak's formula already agree. Its extraction strength gives 1/n, not 0, to an answer
+no suffix of which greedy decoding reproduces; here it is 0.
 """
 from __future__ import annotations
 
@@ -23,7 +34,7 @@ import math
 import time
 import zlib
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import torch
 
@@ -53,12 +64,72 @@ def perplexity(token_nlls: list[torch.Tensor]) -> float:
     return math.exp(sum(t.sum().item() for t in token_nlls) / sum(t.numel() for t in token_nlls))
 
 
-def membership_scores(token_nlls: list[torch.Tensor], texts: list[bytes], k: float = 0.2) -> dict[str, torch.Tensor]:
-    """loss, zlib and min-k% scores per example (higher = more likely a member); see module doc."""
+def min_k_score(token_nll: torch.Tensor, k: float) -> torch.Tensor:
+    """Mean of the k% lowest token log-probs (at least one token; 0 for an empty answer, as open-unlearning)."""
+    if token_nll.numel() == 0:
+        return token_nll.new_zeros(())
+    return (-token_nll).sort().values[: max(1, int(k * token_nll.numel()))].mean()
+
+
+def membership_scores(token_nlls: list[torch.Tensor], texts: list[bytes], k: float = 0.2,
+                      min_k_nlls: list[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """loss, zlib and min-k% scores per example (higher = more likely a member); see module doc.
+
+    ``min_k_nlls``: the token NLLs min-k is computed on (default ``token_nlls``; without the
+    final eos for open-unlearning's convention, see :func:`drop_final_eos`).
+    """
     mean = torch.stack([t.mean() for t in token_nlls])
     zl = torch.tensor([float(len(zlib.compress(x))) for x in texts], dtype=torch.float64)
-    mink = torch.stack([(-t).sort().values[: max(1, int(k * t.numel()))].mean() for t in token_nlls])
+    mink = torch.stack([min_k_score(t, k) for t in (min_k_nlls if min_k_nlls is not None else token_nlls)])
     return {"loss": -mean, "zlib": -mean / zl, "min_k": mink}
+
+
+def drop_final_eos(values: list[torch.Tensor], ids: list[torch.Tensor], eos_id: int | None) -> list[torch.Tensor]:
+    """``values`` (per answer token) without each answer's last token where that token is ``eos_id``."""
+    if eos_id is None:
+        return values
+    return [v[:-1] if len(i) and int(i[-1]) == eos_id else v for v, i in zip(values, ids)]
+
+
+def _eos_id(model, tokenizer) -> int:
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is None:
+        eos = getattr(getattr(model, "config", None), "eos_token_id", None)
+    if isinstance(eos, (list, tuple)):
+        eos = eos[0] if eos else None
+    if eos is None:
+        raise ValueError("exclude_final_eos=True needs the eos token id: pass tokenizer= or set model.config.eos_token_id")
+    return int(eos)
+
+
+def truth_ratio(model, paraphrased: Iterable[dict], perturbed: Sequence[Iterable[dict]]) -> torch.Tensor:
+    """(N,) float64 TOFU truth ratio of each question: P(perturbed) / P(paraphrased).
+
+    P(answer) = exp(-mean answer-token NLL); the K perturbed answers enter through the mean of
+    their mean NLLs (a geometric mean of their P), as open-unlearning's ``truth_ratio``.
+
+    Args:
+        paraphrased: batches of the N questions with their paraphrased (true) answer.
+        perturbed: K iterables of batches, each over the same N questions in the same order,
+            with one perturbed (false) answer per question.
+    """
+    para = torch.stack([t.mean() for t in _tokens(model, paraphrased)[0]])
+    if len(perturbed) == 0:
+        raise ValueError("truth_ratio needs at least one set of perturbed answers")
+    pert = []
+    for j, batches in enumerate(perturbed):
+        p = torch.stack([t.mean() for t in _tokens(model, batches)[0]])
+        if p.shape != para.shape:
+            raise ValueError(f"perturbed set {j} has {p.numel()} answers but there are {para.numel()} paraphrased "
+                             "ones; give one perturbed answer per question in every set, in the same order")
+        pert.append(p)
+    wrong, correct = torch.exp(-torch.stack(pert).mean(0)), torch.exp(-para)
+    return wrong / (correct + 1e-10)
+
+
+def truth_ratio_summary(ratios: torch.Tensor) -> float:
+    """TOFU's forget-set summary mean_i min(R_i, 1/R_i): 1 when true and false answers are equally likely."""
+    return torch.minimum(ratios, 1 / (ratios + 1e-10)).mean().item()
 
 
 def auc(members: torch.Tensor, nonmembers: torch.Tensor) -> float:
@@ -105,21 +176,25 @@ def extraction_strength(correct: torch.Tensor) -> float:
     decoding reproduces the rest. ``correct``: (n,) bool, argmax == next token under teacher
     forcing; with the true prefix given, greedy decoding matches exactly when all later
     predictions are correct, so k = 1 + the last wrong position (0 when none)."""
+    if correct.numel() == 0:  # nothing left to extract (an eos-only answer with exclude_final_eos)
+        return 0.0
     wrong = torch.nonzero(~correct.bool())
     k = 0 if len(wrong) == 0 else int(wrong[-1]) + 1
     return 1.0 - k / correct.numel()
 
 
 @torch.no_grad()
-def _argmax_correct(model, batches: Iterable[dict]) -> list[torch.Tensor]:
-    out = []
+def _argmax_correct(model, batches: Iterable[dict], eos_id: int | None = None) -> list[torch.Tensor]:
+    """Per example: (n,) bool, greedy prediction == answer token; without a final ``eos_id`` token."""
+    out, ids = [], []
     for batch in batches:
         batch = {k: v.to(model.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         logits = model(**model_inputs(model, batch["input_ids"], batch.get("attention_mask"))).logits
         labels = shifted_labels(batch["labels"])
         hit = logits.argmax(-1) == labels
         out += [hit[b][labels[b] != IGNORE_INDEX].cpu() for b in range(labels.shape[0])]
-    return out
+        ids += [labels[b][labels[b] != IGNORE_INDEX].cpu() for b in range(labels.shape[0])]
+    return drop_final_eos(out, ids, eos_id)
 
 
 @torch.no_grad()
@@ -155,6 +230,9 @@ def evaluate(
     min_k: float = 0.2,
     train_stats: dict | None = None,
     output: str | Path | None = None,
+    paraphrased: Iterable[dict] | None = None,
+    perturbed: Sequence[Iterable[dict]] | None = None,
+    exclude_final_eos: bool = False,
 ) -> dict:
     """Evaluate ``model``; each metric runs only when its inputs are given.
 
@@ -163,6 +241,12 @@ def evaluate(
         forget, holdout: member / non-member batches: ``mia_auc_{loss,zlib,min_k}``, forget
             ``extraction_strength``, ``forget_nll``; with ``retrained`` also ``privleak`` and
             ``forget_quality`` (KS p-value of forget losses vs the retrained model).
+        paraphrased, perturbed: the forget questions with a paraphrased answer, and K sets of them
+            with perturbed answers (see :func:`truth_ratio`): ``forget_truth_ratio`` (TOFU's
+            mean min(R, 1/R)); with ``retrained``, ``forget_quality`` becomes TOFU's KS p-value of the
+            truth ratios, and the loss-based one is reported as ``forget_quality_loss``.
+        exclude_final_eos: leave each answer's final eos out of min-k (``mia_auc_min_k``,
+            ``privleak``) and ``extraction_strength``, as open-unlearning does.
         tokenizer, attack: ``attack = {"target": str, "seen": [prompts], "unseen": [prompts],
             ...}``: ``asr_<group>`` per prompt group (greedy generation contains the target).
         train_stats: merged into the result (e.g. the unlearning run's wall time, tokens).
@@ -185,7 +269,8 @@ def evaluate(
             f_nll, f_ids = _tokens(model, forget)
             tokens += sum(t.numel() for t in f_nll)
             result["forget_nll"] = torch.stack([t.mean() for t in f_nll]).mean().item()
-            es = [extraction_strength(c) for c in _argmax_correct(model, forget)]
+            eos = _eos_id(model, tokenizer) if exclude_final_eos else None
+            es = [extraction_strength(c) for c in _argmax_correct(model, forget, eos)]
             result["extraction_strength"] = sum(es) / len(es)
             if retrained is not None:
                 retrained.eval()
@@ -197,7 +282,9 @@ def evaluate(
                 h_nll, h_ids = _tokens(model, holdout)
                 tokens += sum(t.numel() for t in h_nll)
                 f_text, h_text = _texts(f_ids, tokenizer), _texts(h_ids, tokenizer)
-                fs, hs = membership_scores(f_nll, f_text, min_k), membership_scores(h_nll, h_text, min_k)
+                f_mk, h_mk = drop_final_eos(f_nll, f_ids, eos), drop_final_eos(h_nll, h_ids, eos)
+                fs = membership_scores(f_nll, f_text, min_k, f_mk)
+                hs = membership_scores(h_nll, h_text, min_k, h_mk)
                 for name in fs:
                     result[f"mia_auc_{name}"] = auc(fs[name], hs[name])
                 if retrained is not None:
@@ -206,9 +293,22 @@ def evaluate(
                     # with member-oriented AUCs A, R that is (R - A) / (1 - R) * 100.
                     # About -100 when the forget set is still memorised, 0 when matched.
                     rh_nll, _ = _tokens(retrained, holdout)
-                    a = auc(membership_scores(f_nll, f_text, 0.4)["min_k"], membership_scores(h_nll, h_text, 0.4)["min_k"])
-                    r = auc(membership_scores(rf_nll, f_text, 0.4)["min_k"], membership_scores(rh_nll, h_text, 0.4)["min_k"])
+                    rf_mk, rh_mk = drop_final_eos(rf_nll, f_ids, eos), drop_final_eos(rh_nll, h_ids, eos)
+                    a = auc(membership_scores(f_nll, f_text, 0.4, f_mk)["min_k"], membership_scores(h_nll, h_text, 0.4, h_mk)["min_k"])
+                    r = auc(membership_scores(rf_nll, f_text, 0.4, rf_mk)["min_k"],
+                            membership_scores(rh_nll, h_text, 0.4, rh_mk)["min_k"])
                     result["privleak"] = (r - a) / max(1 - r, 1e-12) * 100
+        if (paraphrased is None) != (perturbed is None):
+            raise ValueError("the truth ratio needs both paraphrased= and perturbed= answers")
+        if paraphrased is not None:
+            paraphrased, perturbed = list(paraphrased), [list(p) for p in perturbed]
+            ratios = truth_ratio(model, paraphrased, perturbed)
+            result["forget_truth_ratio"] = truth_ratio_summary(ratios)
+            if retrained is not None:
+                retrained.eval()
+                if "forget_quality" in result:
+                    result["forget_quality_loss"] = result["forget_quality"]
+                result["forget_quality"] = ks_pvalue(ratios, truth_ratio(retrained, paraphrased, perturbed))
     if attack is not None:
         if tokenizer is None:
             raise ValueError("attack success rate needs tokenizer= to encode prompts and decode generations")
