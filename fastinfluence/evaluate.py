@@ -98,7 +98,8 @@ def _eos_id(model, tokenizer) -> int:
     if isinstance(eos, (list, tuple)):
         eos = eos[0] if eos else None
     if eos is None:
-        raise ValueError("exclude_final_eos=True needs the eos token id: pass tokenizer= or set model.config.eos_token_id")
+        raise ValueError("exclude_final_eos=True needs the eos token id: pass tokenizer= "
+                         "or set model.config.eos_token_id")
     return int(eos)
 
 
@@ -294,7 +295,8 @@ def evaluate(
                     # About -100 when the forget set is still memorised, 0 when matched.
                     rh_nll, _ = _tokens(retrained, holdout)
                     rf_mk, rh_mk = drop_final_eos(rf_nll, f_ids, eos), drop_final_eos(rh_nll, h_ids, eos)
-                    a = auc(membership_scores(f_nll, f_text, 0.4, f_mk)["min_k"], membership_scores(h_nll, h_text, 0.4, h_mk)["min_k"])
+                    a = auc(membership_scores(f_nll, f_text, 0.4, f_mk)["min_k"],
+                            membership_scores(h_nll, h_text, 0.4, h_mk)["min_k"])
                     r = auc(membership_scores(rf_nll, f_text, 0.4, rf_mk)["min_k"],
                             membership_scores(rh_nll, h_text, 0.4, rh_mk)["min_k"])
                     result["privleak"] = (r - a) / max(1 - r, 1e-12) * 100

@@ -44,7 +44,6 @@ from .lm import IGNORE_INDEX, fused_head, model_inputs, shifted_labels
 from .ops.linear_cross_entropy import linear_cross_entropy
 
 
-
 def _upcast(x: torch.Tensor) -> torch.Tensor:
     """float32 for half-precision tensors; float32 and float64 stay as they are."""
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
@@ -177,7 +176,8 @@ def _check_weights(weights, like: torch.Tensor) -> torch.Tensor:
         return torch.ones_like(like)
     weights = torch.as_tensor(weights, dtype=like.dtype, device=like.device)
     if weights.shape != like.shape:
-        raise ValueError(f"weights must have one entry per example, shape {tuple(like.shape)}, got {tuple(weights.shape)}")
+        raise ValueError(f"weights must have one entry per example, shape {tuple(like.shape)}, "
+                         f"got {tuple(weights.shape)}")
     if not torch.isfinite(weights).all():
         raise ValueError("weights hold NaN or inf")
     return weights
@@ -196,7 +196,8 @@ def _divide(total: torch.Tensor, norm: torch.Tensor, weights: torch.Tensor, weig
 def weighted_mean(values: torch.Tensor, weights: torch.Tensor | None = None, weight_norm: str = "mean") -> torch.Tensor:
     """sum_i(w_i * values_i) / B, or / sum_i w_i with ``weight_norm="sum"``. Weights may be negative."""
     w = _check_weights(weights, values)
-    return _divide((w * values).sum(), w.sum() if weight_norm == "sum" else values.new_tensor(values.numel()), w, weight_norm)
+    norm = w.sum() if weight_norm == "sum" else values.new_tensor(values.numel())
+    return _divide((w * values).sum(), norm, w, weight_norm)
 
 
 def reduce(loss: Nll, weights: torch.Tensor | None = None, reduction: str = "example",

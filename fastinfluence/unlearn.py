@@ -183,8 +183,9 @@ RETAIN_LOSS_TYPES = ("NLL", "KL")
 
 def check_loss_options(reduction: str, weight_norm: str, retain_loss_type: str) -> None:
     """Raise early, at construction, on a misspelt loss option."""
-    for name, value, choices in (("reduction", reduction, losses.REDUCTIONS), ("weight_norm", weight_norm, losses.WEIGHT_NORMS),
-                                 ("retain_loss_type", retain_loss_type, RETAIN_LOSS_TYPES)):
+    options = (("reduction", reduction, losses.REDUCTIONS), ("weight_norm", weight_norm, losses.WEIGHT_NORMS),
+               ("retain_loss_type", retain_loss_type, RETAIN_LOSS_TYPES))
+    for name, value, choices in options:
         if value not in choices:
             raise ValueError(f"{name}={value!r} is not one of {', '.join(choices)}")
 
@@ -255,7 +256,8 @@ class UnlearnTrainer(Trainer):
             raise ValueError(f"method {method!r} has a retain term; build the UnlearnDataset with ratio >= 1")
         if lora is not None and simu_masks is not None:
             raise ValueError("use either lora= or simu_masks=, not both (masks select base-model neurons)")
-        if method in _USES_RETAIN and retain_loss_type == "KL" and ref_model is None and lora is None and not hasattr(model, "disable_adapter"):
+        needs_copy = ref_model is None and lora is None and not hasattr(model, "disable_adapter")
+        if method in _USES_RETAIN and retain_loss_type == "KL" and needs_copy:
             ref_model = copy.deepcopy(model)  # before masks or adapters are attached
         if lora is not None:
             from peft import get_peft_model

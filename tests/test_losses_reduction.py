@@ -158,7 +158,8 @@ def test_weighted_npo_simnpo_and_rapidun_match_hand_computation(setup):
     cs, cn = batch_nll(model, clean)
     s, n = batch_nll(model, fb)
     theirs = 0.5 * (w * cs).sum() / cn.sum() - 1.0 * (w * s).sum() / n.sum()
-    ours = losses.rapidun_forget(losses.sequence_nll(model, fb), losses.sequence_nll(model, clean), w, reduction="token")
+    poisoned_nll, clean_nll = losses.sequence_nll(model, fb), losses.sequence_nll(model, clean)
+    ours = losses.rapidun_forget(poisoned_nll, clean_nll, w, reduction="token")
     assert_same(model, ours, theirs)
 
 

@@ -144,7 +144,8 @@ def test_rapidun_uses_the_alternate_answer_as_the_clean_one(tmp_path):
     forget, retain = ou.qa_items(4, seed=8, vocab=VOCAB, alternate=True), ou.qa_items(4, seed=9, vocab=VOCAB)
     model = tiny_model("llama", torch.float64, seed=10)
     w = torch.tensor([0.5, 1.0, 2.0, 1.5], dtype=torch.float64)
-    trainer = make("FIRapidUn", model, forget, retain, tmp_path, alpha=0.0, weights_path=write_weights(tmp_path, forget=w.tolist()))
+    trainer = make("FIRapidUn", model, forget, retain, tmp_path, alpha=0.0,
+                   weights_path=write_weights(tmp_path, forget=w.tolist()))
     inputs = batch(forget, retain, rows=(2, 0, 3))
     poisoned, clean = inputs["forget"]["original"], inputs["forget"]["alternate"]
 
@@ -192,7 +193,8 @@ def test_weights_of_another_split_and_batches_without_index_are_rejected(data, t
         make("FIIMU", tiny_model("llama", seed=13), forget, retain, tmp_path)
     trainer = make("FIGradDiff", tiny_model("llama", seed=13), forget, retain, tmp_path,
                    weights_path=write_weights(tmp_path, forget=[1.0] * 6))
-    no_index = ou.DataCollatorForSupervisedDataset(ou.collator().tokenizer)([{"forget": forget[0], "retain": retain[0]}])
+    without_index = ou.DataCollatorForSupervisedDataset(ou.collator().tokenizer)
+    no_index = without_index([{"forget": forget[0], "retain": retain[0]}])
     with pytest.raises(ValueError, match="DataCollatorForSupervisedDatasetwithIndex"):
         trainer.compute_loss(trainer.model, no_index)
 

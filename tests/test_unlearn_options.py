@@ -100,8 +100,10 @@ def test_kl_reference_of_lora_training_is_the_base_model(tmp_path):
     assert abs(trainer.compute_loss(trainer.model, batch).item() - kl.item()) < 1e-10
 
 
-@pytest.mark.parametrize("kwargs, match", [({"reduction": "mean"}, "reduction"), ({"retain_loss_type": "kl"}, "retain_loss_type"),
-                                           ({"weight_norm": "none"}, "weight_norm")])
+@pytest.mark.parametrize("kwargs, match", [
+    ({"reduction": "mean"}, "reduction"), ({"retain_loss_type": "kl"}, "retain_loss_type"),
+    ({"weight_norm": "none"}, "weight_norm"),
+])
 def test_bad_loss_options_are_rejected_at_construction(kwargs, match, tmp_path):
     with pytest.raises(ValueError, match=match):
         make(tiny_model("llama", seed=8), tmp_path, "graddiff", **kwargs)

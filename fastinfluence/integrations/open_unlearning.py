@@ -93,7 +93,8 @@ def load_weights(path: str | Path) -> tuple[torch.Tensor | None, torch.Tensor | 
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"weights_path {path} does not exist; write it with `fastinfluence weights ... --out {path}`")
+        raise FileNotFoundError(f"weights_path {path} does not exist; "
+                                f"write it with `fastinfluence weights ... --out {path}`")
     if path.suffix in (".pt", ".npy"):
         if path.suffix == ".pt":
             w = torch.load(path, map_location="cpu", weights_only=True)
@@ -129,7 +130,8 @@ class _InfluenceLossTrainer:
         reduction, weight_norm = reduction or default_reduction, weight_norm or default_norm
         check_loss_options(reduction, weight_norm, retain_loss_type)
         if needs_weights and not weights_path:
-            raise ValueError(f"{type(self).__name__} needs weights_path= (IMU weights from `fastinfluence weights --method imu`)")
+            raise ValueError(f"{type(self).__name__} needs weights_path= "
+                             "(IMU weights from `fastinfluence weights --method imu`)")
         super().__init__(*args, **kwargs)
         self.method, self.gamma, self.alpha, self.beta, self.delta = method, gamma, alpha, beta, delta
         self.simnpo_gamma = 0.0  # SimNPO's margin is delta here, as in open-unlearning
@@ -149,8 +151,8 @@ class _InfluenceLossTrainer:
         for name, w in (("forget", self.forget_weights), ("retain", self.retain_weights)):
             split = self._split(name)
             if w is not None and split is not None and len(w) != len(split):
-                raise ValueError(f"{self.weights_path} has {len(w)} {name} weights but the {name} split has {len(split)} "
-                                 "examples; compute the weights on the same split, in the same order")
+                raise ValueError(f"{self.weights_path} has {len(w)} {name} weights but the {name} split has "
+                                 f"{len(split)} examples; compute the weights on the same split, in the same order")
 
     def _reference_model(self):
         """Frozen copy of the model for the KL retain loss (None: a PEFT model's adapter is disabled instead)."""
@@ -169,7 +171,8 @@ class _InfluenceLossTrainer:
         """
         forget = self._split("forget")
         if forget is None:
-            raise ValueError("FINPO needs open-unlearning's ForgetRetainDataset as train_dataset (run with mode=unlearn)")
+            raise ValueError("FINPO needs open-unlearning's ForgetRetainDataset as train_dataset "
+                             "(run with mode=unlearn)")
         rows, sums, index = self.args.per_device_eval_batch_size, [], []
         for s in range(0, len(forget), rows):
             batch = self._flat(self.data_collator([forget[i] for i in range(s, min(s + rows, len(forget)))]))
@@ -218,7 +221,8 @@ class _InfluenceLossTrainer:
         loss = self.gamma * forget_loss(self, f, self._lookup(self.forget_weights, poisoned, "forget"), ref, clean)
         if self.uses_retain:
             retain = inputs["retain"]
-            loss = loss + self.alpha * retain_loss(self, model, retain, self._lookup(self.retain_weights, retain, "retain"))
+            wr = self._lookup(self.retain_weights, retain, "retain")
+            loss = loss + self.alpha * retain_loss(self, model, retain, wr)
         return (loss, None) if return_outputs else loss
 
 
@@ -234,8 +238,10 @@ def trainers(base: type | None = None) -> dict[str, type]:
             raise ImportError(USAGE) from e
     if base not in _BUILT:
         _BUILT[base] = {
-            name: type(name, (_InfluenceLossTrainer, base),
-                       {"spec": spec, "__module__": __name__, "__doc__": f"open-unlearning trainer: fastinfluence's {spec[0]} loss."})
+            name: type(name, (_InfluenceLossTrainer, base), {
+                "spec": spec, "__module__": __name__,
+                "__doc__": f"open-unlearning trainer with fastinfluence's {spec[0]} loss; see the module docstring.",
+            })
             for name, spec in SPECS.items()
         }
     return _BUILT[base]
