@@ -7,7 +7,14 @@ import torch.nn.functional as F
 
 import open_unlearning_rendition as ou
 from fastinfluence import evaluate as ev
+from test_unlearn_data import one_thread
 from tiny_models import VOCAB, tiny_model
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    with one_thread():
+        yield
 
 
 def batches(items, size=3):

@@ -4,7 +4,14 @@ import torch
 
 from fastinfluence import losses
 from fastinfluence.lm import model_inputs, position_ids
+from test_unlearn_data import one_thread
 from tiny_models import VOCAB, tiny_model
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    with one_thread():
+        yield
 
 
 def test_position_ids_subtract_only_the_leading_padding():

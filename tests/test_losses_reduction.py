@@ -11,7 +11,15 @@ import torch
 import torch.nn.functional as F
 
 from fastinfluence import losses
+from test_unlearn_data import one_thread
 from tiny_models import VOCAB, tiny_model
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    with one_thread():
+        yield
+
 
 EOS = 0
 TOL = 1e-6  # float64 end to end: only summation order differs

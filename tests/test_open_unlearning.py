@@ -9,7 +9,15 @@ from transformers import TrainingArguments
 
 import open_unlearning_rendition as ou
 from fastinfluence.integrations import open_unlearning as oul
+from test_unlearn_data import one_thread
 from tiny_models import VOCAB, tiny_model
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    with one_thread():
+        yield
+
 
 TOL = 1e-6  # float64 model: only summation order differs
 
@@ -151,6 +159,7 @@ def test_rapidun_uses_the_alternate_answer_as_the_clean_one(tmp_path):
 
     def by_hand():
         wi = w[poisoned["index"]]
+
         def tm(b):
             return (wi * ou.batch_nll(model, b)).sum() / (b["labels"][:, 1:] != -100).sum()
         return 0.5 * tm(clean) - 1.0 * tm(poisoned)

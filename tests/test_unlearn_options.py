@@ -9,7 +9,15 @@ from transformers import TrainingArguments
 import open_unlearning_rendition as ou
 from fastinfluence import losses
 from fastinfluence.unlearn import UnlearnCollator, UnlearnDataset, UnlearnTrainer
+from test_unlearn_data import one_thread
 from tiny_models import VOCAB, tiny_model
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    with one_thread():
+        yield
+
 
 TOL = 1e-6
 
