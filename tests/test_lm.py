@@ -20,15 +20,16 @@ def test_position_ids_subtract_only_the_leading_padding():
     assert torch.equal(position_ids(mask), expected)
 
 
-def _examples(seed: int):
+def _examples(seed: int, last_masked: int = 3):
     """(input_ids, labels, attention_mask) of varied lengths, each with masked tokens inside the
-    prompt (an eos used as pad inside a chat template) and a labelled answer at the end."""
+    prompt (an eos used as pad inside a chat template) and a 3-token labelled answer at the end;
+    masked positions lie in [1, T - last_masked), so with the default one may predict the answer."""
     g = torch.Generator().manual_seed(seed)
     out = []
     for T in (9, 6, 12):
         ids = torch.randint(1, VOCAB, (T,), generator=g)
         mask = torch.ones(T, dtype=torch.long)
-        mask[torch.randint(1, T - 3, (2,), generator=g)] = 0
+        mask[torch.randint(1, T - last_masked, (2,), generator=g)] = 0
         labels = ids.clone()
         labels[: T - 3] = -100
         out.append((ids, labels, mask))
@@ -72,3 +73,27 @@ def test_model_inputs_passes_positions_and_turns_off_the_cache():
     kwargs = model_inputs(model, batch["input_ids"], batch["attention_mask"])
     assert torch.equal(kwargs["position_ids"], position_ids(batch["attention_mask"]))
     assert kwargs["use_cache"] is False
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_capture_gradients_with_masked_interior_tokens_are_the_models_own(arch):
+    """Extraction goes through the same positions: exact gradient inner products of a left-padded
+    batch with masked prompt tokens equal those of each example's own forward. (Capture ignores the
+    rows of masked tokens, so here none of them predicts an answer token.)"""
+    from fastinfluence import exact_scores
+    from fastinfluence.capture import select_layers
+
+    model = tiny_model(arch, torch.float64)
+    examples = _examples(seed=5, last_masked=4)
+    params = [p for layer in select_layers(model) for p in
+              ([layer.module.weight] + ([layer.module.bias] if layer.bias else []))]
+    rows = []
+    for ids, labels, mask in examples:
+        logits = model(input_ids=ids[None], attention_mask=mask[None]).logits[0, :-1]
+        keep = labels[1:] != -100
+        loss = torch.nn.functional.cross_entropy(logits[keep], labels[1:][keep])
+        rows.append(torch.cat([g.flatten() for g in torch.autograd.grad(loss, params)]))
+    own = torch.stack(rows)
+    batch = _pad(examples, "left")
+    scores = exact_scores(model, [batch], [batch])
+    assert ((scores - own @ own.T).norm() / (own @ own.T).norm()).item() < 1e-10

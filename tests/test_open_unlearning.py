@@ -170,6 +170,8 @@ def test_rapidun_uses_the_alternate_answer_as_the_clean_one(tmp_path):
 def test_low_influence_keep_list_zeroes_the_skipped_examples(tmp_path):
     fw, rw = oul.load_weights(write_weights(tmp_path, keep=[0, 2], n=4, forget=[1.0, 2.0, 3.0, 4.0]))
     assert fw.tolist() == [1.0, 0.0, 3.0, 0.0] and rw is None
+    with pytest.raises(ValueError, match="'keep' indexes 4 forget examples but 'forget' has 2"):
+        oul.load_weights(write_weights(tmp_path, keep=[0], n=4, forget=[1.0, 2.0]))
 
 
 def test_training_runs_through_the_trainer_with_open_unlearnings_pipeline(data, tmp_path):

@@ -112,7 +112,9 @@ def load_weights(path: str | Path) -> tuple[torch.Tensor | None, torch.Tensor | 
         n = int(data.get("n", len(forget) if forget is not None else max(data["keep"]) + 1))
         keep = torch.zeros(n)
         keep[torch.as_tensor(data["keep"], dtype=torch.long)] = 1.0
-        forget = keep if forget is None or len(forget) != n else forget * keep
+        if forget is not None and len(forget) != n:
+            raise ValueError(f"{path}: 'keep' indexes {n} forget examples but 'forget' has {len(forget)} weights")
+        forget = keep if forget is None else forget * keep
     retain = data.get("retain")
     retain = _check_weights(f"'retain' in {path}", retain, len(retain)) if retain is not None else None
     return forget, retain
