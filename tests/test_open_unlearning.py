@@ -222,3 +222,11 @@ def test_install_copies_the_configs_and_registers_once(tmp_path):
     assert (tmp_path / "configs" / "experiment" / "unlearn" / "tofu" / "fastinfluence_weighted.yaml").is_file()
     with pytest.raises(FileNotFoundError, match="not an open-unlearning checkout"):
         oul.install(tmp_path / "elsewhere")
+
+
+def test_npo_refuses_an_index_its_reference_cache_never_saw(data, tmp_path):
+    forget, retain = data
+    trainer = make("FINPO", tiny_model("llama", seed=14), forget, retain, tmp_path)
+    stranger = dict(forget[0], index=9)
+    with pytest.raises(ValueError, match="never saw"):
+        trainer.compute_loss(trainer.model, ou.collator()([{"forget": stranger, "retain": retain[0]}]))

@@ -214,8 +214,9 @@ class _InfluenceLossTrainer:
         f = losses.sequence_nll(model, poisoned)
         ref = None
         if self.method == "npo":
-            ref = self.ref_nll[self._index(poisoned, "NPO").cpu()]
-            if torch.isnan(ref).any():
+            index = self._index(poisoned, "NPO").cpu()
+            ref = self.ref_nll[index.clamp(max=len(self.ref_nll) - 1)]
+            if index.max() >= len(self.ref_nll) or torch.isnan(ref).any():
                 raise ValueError("a forget batch holds an index that NPO's reference cache never saw")
         clean = None
         if self.method == "rapidun" and "alternate" in forget:
