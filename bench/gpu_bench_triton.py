@@ -1,16 +1,20 @@
 """Times every Triton kernel at real-model sizes against the torch paths and its floor.
 
-Each row: median milliseconds (``do_bench``), the floor (bytes over the measured copy
-bandwidth, or FLOPs over the measured bf16 matmul rate, whichever is larger) and the
-percentage of the floor reached. Goals (measured, not asserted):
+Each row: median milliseconds (CUDA events, L2 flushed before each call; under 0.2 ms also
+``kernel_ms``, the kernels' own device time without launch overhead), the floor (bytes over
+the measured copy bandwidth, or FLOPs over the measured bf16 matmul rate, whichever is
+larger), the percentage of the floor reached, and the triton version. A kernel that fails
+leaves an ``error`` row and the others still run; the JSON is rewritten after every row.
+Goals (measured, not asserted):
 
 * project at Llama-3-8B MLP shapes, T=2048, k=64: >= 80% of copy bandwidth on A and G;
 * score_topk: >= 80% of copy bandwidth for Q <= 64, >= 60% of the bf16 rate for Q >= 1024;
 * linear_cross_entropy at V=128256, H=4096, N=8192: <= 1/8 of the materialised path's
   peak memory and <= 1.1x its time.
 
-Usage: python bench/gpu_bench_triton.py --out DIR [--quick]   (--quick: tiny shapes; runs
-on the CPU under TRITON_INTERPRET=1 to check the script itself).
+Usage: python bench/gpu_bench_triton.py --out DIR [--floors DIR/floors.json] [--quick]
+(--floors: reuse the floors bench/gpu_floors.py measured; --quick: tiny shapes, runs on the
+CPU under TRITON_INTERPRET=1 to check the script itself).
 """
 from __future__ import annotations
 
@@ -38,19 +42,19 @@ from fastinfluence.ops.linear_cross_entropy import (
 from fastinfluence.ops.ghost import ghost_dot_reference, ghost_norm_reference  # noqa: E402
 from fastinfluence.ops.project import project_reference  # noqa: E402
 from fastinfluence.ops.score_topk import score_topk_reference  # noqa: E402
-from fastinfluence.triton_kernels.project_layers import project_layers_reference  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 BF16 = torch.bfloat16
 
 
-def timed_ms(fn) -> float:
+def timed(fn) -> dict:
+    """``gpu_floors.timing`` on a GPU; one wall-clock call on the CPU (--quick checks the script only)."""
     if CUDA:
-        return gpu_floors.median_ms(fn)
+        return gpu_floors.timing(fn)
     start = time.perf_counter()
     fn()
-    return (time.perf_counter() - start) * 1e3
+    return {"ms": round((time.perf_counter() - start) * 1e3, 5)}
 
 
 def peak_bytes(fn) -> int:
@@ -65,15 +69,17 @@ def peak_bytes(fn) -> int:
     return torch.cuda.max_memory_allocated() - base
 
 
-def row(kernel, shape, provider, ms, floor_ms=None, goal=None, **extra) -> dict:
-    r = {"kernel": kernel, "shape": shape, "provider": provider, "ms": round(ms, 4)}
+def row(kernel, shape, provider, t: dict, floor_ms=None, goal=None, **extra) -> dict:
+    """One result row from a ``timed`` dict; the percentage of the floor uses the kernel-only time when there is one."""
+    r = {"kernel": kernel, "shape": shape, "provider": provider, **t}
     if floor_ms is not None:
-        r["floor_ms"] = round(floor_ms, 4)
-        r["pct_of_floor"] = round(100 * floor_ms / ms, 1)
+        r["floor_ms"] = round(floor_ms, 5)
+        r["pct_of_floor"] = round(100 * floor_ms / t["ms"], 1)
+        if t.get("kernel_ms"):
+            r["pct_of_floor_kernel_only"] = round(100 * floor_ms / t["kernel_ms"], 1)
     if goal is not None:
         r["goal"] = goal
     r.update(extra)
-    print(r, flush=True)
     return r
 
 
@@ -103,7 +109,6 @@ def autotuned(module: str, kernel: str) -> dict:
 
 
 def bench_project(floors, quick):
-    rows = []
     B, T, k = (2, 40, 16) if quick else (4, 2048, 64)
     widths = [(48, 80)] if quick else [(4096, 14336), (14336, 4096), (4096, 4096)]
     for d_in, d_out in widths:
@@ -112,21 +117,22 @@ def bench_project(floors, quick):
         shape = f"B={B} T={T} d_in={d_in} d_out={d_out} k={k} bf16"
         floor = floor_ms(floors, nbytes=A.nbytes + G.nbytes)
         P_in16, P_out16 = P_in.to(BF16), P_out.to(BF16)
-        ms = timed_ms(lambda: tk.project(A, G, P_in, P_out))
+        ms = timed(lambda: tk.project(A, G, P_in, P_out))
         err = rel_err(tk.project(A, G, P_in, P_out), project_reference(A, G, P_in, P_out))
-        rows.append(row("project", shape, "triton", ms, floor, ">= 80% of copy bandwidth", rel_err=err, **autotuned("project", "_project_kernel")))
-        rows.append(row("project", shape, "torch bf16 matmuls", timed_ms(
-            lambda: (G @ P_out16).float().transpose(1, 2) @ (A @ P_in16).float()), floor))
-        rows.append(row("project", shape, "torch reference (fp32)", timed_ms(lambda: project_reference(A, G, P_in, P_out)), floor))
+        yield row("project", shape, "triton", ms, floor, ">= 80% of copy bandwidth", rel_err=err, **autotuned("project", "_project_kernel"))
+        yield row("project", shape, "torch bf16 matmuls", timed(
+            lambda: (G @ P_out16).float().transpose(1, 2) @ (A @ P_in16).float()), floor)
+        yield row("project", shape, "torch reference (fp32)", timed(lambda: project_reference(A, G, P_in, P_out)), floor)
         out_bytes = B * T * 2 * k * 2
-        ms = timed_ms(lambda: tk.project_tokens(A, G, P_in, P_out, None, BF16))
-        rows.append(row("project_tokens", shape + " -> bf16", "triton", ms, floor_ms(floors, nbytes=A.nbytes + G.nbytes + out_bytes)))
+        ms = timed(lambda: tk.project_tokens(A, G, P_in, P_out, None, BF16))
+        yield row("project_tokens", shape + " -> bf16", "triton", ms, floor_ms(floors, nbytes=A.nbytes + G.nbytes + out_bytes))
         del A, G
-    return rows
 
 
 def bench_project_layers(floors, quick):
     """The seven Linear layers of one Llama-3-8B block: one launch against one per layer."""
+    from fastinfluence.triton_kernels.project_layers import project_layers_reference
+
     B, T, k = (2, 40, 16) if quick else (4, 2048, 64)
     widths = [(48, 80), (80, 48)] if quick else [
         (4096, 4096), (4096, 1024), (4096, 1024), (4096, 4096), (4096, 14336), (4096, 14336), (14336, 4096)]
@@ -137,30 +143,26 @@ def bench_project_layers(floors, quick):
     shape = f"B={B} T={T} {len(widths)} layers k={k} bf16"
     floor = floor_ms(floors, nbytes=sum(t.nbytes for t in As + Gs))
     err = rel_err(tk.project_layers(As, Gs, P_ins, P_outs), project_layers_reference(As, Gs, P_ins, P_outs))
-    ms = timed_ms(lambda: tk.project_layers(As, Gs, P_ins, P_outs))
-    rows = [row("project_layers", shape, "triton, one launch", ms, floor, rel_err=err, **autotuned("project_layers", "_project_layers_kernel"))]
-    ms = timed_ms(lambda: [tk.project(*layer) for layer in zip(As, Gs, P_ins, P_outs)])
-    rows.append(row("project_layers", shape, "triton, one launch per layer", ms, floor))
-    return rows
+    ms = timed(lambda: tk.project_layers(As, Gs, P_ins, P_outs))
+    yield row("project_layers", shape, "triton, one launch", ms, floor, rel_err=err, **autotuned("project_layers", "_project_layers_kernel"))
+    ms = timed(lambda: [tk.project(*layer) for layer in zip(As, Gs, P_ins, P_outs)])
+    yield row("project_layers", shape, "triton, one launch per layer", ms, floor)
 
 
 def bench_ghost(floors, quick):
-    rows = []
     B, T, d = (2, 20, 40) if quick else (8, 256, 4096)
     A1, G1, A2, G2 = rand(B, T, d), rand(B, T, d), rand(B, T, d), rand(B, T, d)
     shape = f"B1=B2={B} T={T} d_in=d_out={d} bf16"
     floor = floor_ms(floors, nbytes=2 * (A1.nbytes + G1.nbytes), flops=2 * B * B * T * T * 2 * d)
     err = rel_err(tk.ghost_dot(A1, G1, A2, G2), ghost_dot_reference(A1, G1, A2, G2))
-    rows.append(row("ghost_dot", shape, "triton", timed_ms(lambda: tk.ghost_dot(A1, G1, A2, G2)), floor, rel_err=err))
-    rows.append(row("ghost_dot", shape, "torch reference", timed_ms(lambda: ghost_dot_reference(A1, G1, A2, G2)), floor))
+    yield row("ghost_dot", shape, "triton", timed(lambda: tk.ghost_dot(A1, G1, A2, G2)), floor, rel_err=err)
+    yield row("ghost_dot", shape, "torch reference", timed(lambda: ghost_dot_reference(A1, G1, A2, G2)), floor)
     floor = floor_ms(floors, nbytes=A1.nbytes + G1.nbytes, flops=2 * B * T * T * 2 * d)
-    rows.append(row("ghost_norm", shape, "triton", timed_ms(lambda: tk.ghost_norm(A1, G1)), floor))
-    rows.append(row("ghost_norm", shape, "torch reference", timed_ms(lambda: ghost_norm_reference(A1, G1)), floor))
-    return rows
+    yield row("ghost_norm", shape, "triton", timed(lambda: tk.ghost_norm(A1, G1)), floor)
+    yield row("ghost_norm", shape, "torch reference", timed(lambda: ghost_norm_reference(A1, G1)), floor)
 
 
 def bench_score_topk(floors, quick):
-    rows = []
     # D = 32768: eight 64x64 layers, a small store row; a 1 GiB bf16 chunk.
     n, D, k = (40, 48, 8) if quick else (16384, 32768, 100)
     train = rand(n, D)
@@ -171,15 +173,14 @@ def bench_score_topk(floors, quick):
         shape = f"Q={Q} n={n} D={D} k={k} bf16 cosine"
         floor = floor_ms(floors, nbytes=train.nbytes + query.nbytes, flops=2 * Q * n * D)
         goal = ">= 80% of copy bandwidth" if Q <= 64 else ">= 60% of bf16 matmul rate"
-        ms = timed_ms(lambda: tk.score_topk(query, train, k, query_scale, train_scale))
+        ms = timed(lambda: tk.score_topk(query, train, k, query_scale, train_scale))
         (top, agg), (ref_top, ref_agg) = (
             f(query, train, k, query_scale, train_scale) for f in (tk.score_topk, score_topk_reference)
         )
         err = max(rel_err(top.values, ref_top.values), rel_err(agg, ref_agg))
-        rows.append(row("score_topk", shape, "triton", ms, floor, goal, rel_err=err, **autotuned("score_topk", "_score_kernel")))
-        rows.append(row("score_topk", shape, "torch reference", timed_ms(
-            lambda: score_topk_reference(query, train, k, query_scale, train_scale)), floor))
-    return rows
+        yield row("score_topk", shape, "triton", ms, floor, goal, rel_err=err, **autotuned("score_topk", "_score_kernel"))
+        yield row("score_topk", shape, "torch reference", timed(
+            lambda: score_topk_reference(query, train, k, query_scale, train_scale)), floor)
 
 
 def _lce_inputs(N, H, V):
@@ -220,37 +221,53 @@ def bench_linear_cross_entropy(floors, quick):
         "torch chunked": _lce_fused(torch_forward, torch_backward, *inputs),
     }
     grad_ref = providers["materialised logits (torch)"]()
-    rows = []
+    ref = None
     for name, fn in providers.items():
         mem = peak_bytes(fn)
         grads = fn()
         err = max(rel_err(grads[0], grad_ref[0]), rel_err(grads[1], grad_ref[1]))
-        rows.append(row("linear_cross_entropy", shape, name, timed_ms(fn), floor_ms(floors, flops=flops),
-                        peak_mem_mb=round(mem / 2**20, 1), grad_rel_err=err))
-    ref = rows[0]
-    for r in rows[1:]:
-        r["time_vs_materialised"] = round(r["ms"] / ref["ms"], 3)
-        r["mem_vs_materialised"] = round(r["peak_mem_mb"] / ref["peak_mem_mb"], 4) if ref["peak_mem_mb"] else None
-    rows[1]["goal"] = "<= 1/8 of materialised peak memory, <= 1.1x its time"
-    return rows
+        r = row("linear_cross_entropy", shape, name, timed(fn), floor_ms(floors, flops=flops),
+                peak_mem_mb=round(mem / 2**20, 1), grad_rel_err=err)
+        if ref is None:
+            ref = r
+        else:
+            r["time_vs_materialised"] = round(r["ms"] / ref["ms"], 3)
+            r["mem_vs_materialised"] = round(r["peak_mem_mb"] / ref["peak_mem_mb"], 4) if ref["peak_mem_mb"] else None
+        if name == "triton":
+            r["goal"] = "<= 1/8 of materialised peak memory, <= 1.1x its time"
+        del grads
+        yield r
+
+
+BENCHES = (bench_project, bench_project_layers, bench_ghost, bench_score_topk, bench_linear_cross_entropy)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="directory for triton_kernels.json")
+    parser.add_argument("--floors", help="floors.json of bench/gpu_floors.py (measured here when absent)")
     parser.add_argument("--quick", action="store_true", help="tiny shapes (checks the script, times nothing useful)")
+    parser.add_argument("--only", default="", help="comma-separated bench names (project, ghost, score_topk, ...)")
     args = parser.parse_args()
     torch.manual_seed(0)
     if CUDA:
-        floors = {"copy_bytes_per_s": gpu_floors.copy_bandwidth(), "bf16_flop_per_s": gpu_floors.bf16_matmul_rate()}
+        floors = gpu_floors.load_floors(args.floors) or gpu_floors.measure_floors()
     else:
         floors = {"copy_bytes_per_s": 1e10, "bf16_flop_per_s": 1e11}  # placeholders for --quick on the CPU
-    rows = []
-    for bench in (bench_project, bench_project_layers, bench_ghost, bench_score_topk, bench_linear_cross_entropy):
-        rows += bench(floors, args.quick)
+    results = gpu_floors.Results(args.out, "triton_kernels", floors=floors, quick=args.quick)
+    only = {name for name in args.only.split(",") if name}
+    for bench in BENCHES:
+        name = bench.__name__.removeprefix("bench_")
+        if only and name not in only:
+            continue
+        with results.section(name):  # one failing kernel leaves an error row; the others still run
+            for r in bench(floors, args.quick):
+                results.add(r)
         if CUDA:
             torch.cuda.empty_cache()
-    print(gpu_floors.write_results(args.out, "triton_kernels", rows, floors=floors, quick=args.quick))
+    print(results.path)
+    if results.errors:
+        sys.exit(f"{len(results.errors)} bench(es) failed: " + "; ".join(f"{e['section']}: {e['error']}" for e in results.errors))
 
 
 if __name__ == "__main__":

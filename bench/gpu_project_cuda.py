@@ -1,12 +1,13 @@
 """CUDA ``project`` (csrc/project.cu, WMMA) against the Triton kernel and the torch reference.
 
 Shapes: the Linear layers of Llama-3-8B (d = 4096 / 14336), B=4, T=2048, k=64, bfloat16
-(and float32 on one shape). Each row: median ms (``do_bench``), its error against the
-float32 torch reference, and the percentage of the measured copy bandwidth reached on the
-bytes of A and G. Goal (measured, not asserted): >= 80% of copy bandwidth; the CUDA
+(and float32 on one shape). Each row: median ms (CUDA events, L2 flushed before each call),
+its error against the float32 torch reference, the percentage of the measured copy
+bandwidth reached on the bytes of A and G, and the triton version. A shape that fails
+leaves an ``error`` row and the next one runs; the JSON is rewritten after every row. Goal (measured, not asserted): >= 80% of copy bandwidth; the CUDA
 kernel is kept in ``auto`` only if it beats the Triton kernel here.
 
-Usage: python bench/gpu_project_cuda.py --out DIR     (writes DIR/project_cuda.json)
+Usage: python bench/gpu_project_cuda.py --out DIR [--floors DIR/floors.json]   (writes DIR/project_cuda.json)
 """
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ def providers(cuda) -> dict:
     return found
 
 
-def shape_rows(fns: dict, d_in: int, d_out: int, dtype: torch.dtype, copy_bw: float, masked: bool) -> list[dict]:
+def shape_rows(fns: dict, d_in: int, d_out: int, dtype: torch.dtype, copy_bw: float, masked: bool):
     torch.manual_seed(0)
     A = torch.randn(B, T, d_in, device="cuda").to(dtype)
     G = torch.randn(B, T, d_out, device="cuda").to(dtype)
@@ -53,26 +54,25 @@ def shape_rows(fns: dict, d_in: int, d_out: int, dtype: torch.dtype, copy_bw: fl
     floor_ms = 1e3 * (A.nbytes + G.nbytes) / copy_bw
     ref = project_reference(A, G, P_in, P_out, mask)
     shape = f"B={B} T={T} d_in={d_in} d_out={d_out} k={K} {str(dtype).replace('torch.', '')}" + (" mask" if masked else "")
-    rows = []
+    timed = {}
     for name, fn in fns.items():
         row = {"kernel": "project", "shape": shape, "provider": name}
         if isinstance(fn, str):
             row["note"] = fn
         else:
-            ms = gpu_floors.median_ms(lambda: fn(A, G, P_in, P_out, mask))
-            row |= {"ms": round(ms, 4), "floor_ms": round(floor_ms, 4), "pct_of_floor": round(100 * floor_ms / ms, 1),
+            t = gpu_floors.timing(lambda: fn(A, G, P_in, P_out, mask))
+            timed[name] = t["ms"]
+            row |= {**t, "floor_ms": round(floor_ms, 4), "pct_of_floor": round(100 * floor_ms / t["ms"], 1),
                     "rel_err": rel_err(fn(A, G, P_in, P_out, mask), ref), "goal": ">= 80% of copy bandwidth"}
-        rows.append(row)
-        print(row, flush=True)
-    timed = {r["provider"]: r["ms"] for r in rows if "ms" in r}
-    if "triton" in timed:
-        rows[0]["speedup_vs_triton"] = round(timed["triton"] / timed["cuda (wmma)"], 3)
-    return rows
+            if name == "triton" and "cuda (wmma)" in timed:
+                row["cuda_speedup_vs_triton"] = round(t["ms"] / timed["cuda (wmma)"], 3)
+        yield row
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="directory for project_cuda.json")
+    parser.add_argument("--floors", help="floors.json of bench/gpu_floors.py (copy bandwidth measured here when absent)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("needs a CUDA device")
@@ -81,15 +81,19 @@ def main() -> None:
     ok, why = cuda.is_available(torch.device("cuda"))
     if not ok:
         sys.exit(why)
-    copy_bw = gpu_floors.copy_bandwidth()
+    copy_bw = (gpu_floors.load_floors(args.floors) or {}).get("copy_bytes_per_s") or gpu_floors.copy_bandwidth()
     fns = providers(cuda)
-    rows = []
-    for d_in, d_out in WIDTHS:
-        rows += shape_rows(fns, d_in, d_out, torch.bfloat16, copy_bw, masked=False)
+    results = gpu_floors.Results(args.out, "project_cuda", floors={"copy_bytes_per_s": copy_bw})
+    cases = [(d_in, d_out, torch.bfloat16, False) for d_in, d_out in WIDTHS]
+    cases += [(4096, 14336, torch.bfloat16, True), (4096, 14336, torch.float32, False)]
+    for d_in, d_out, dtype, masked in cases:
+        with results.section(f"project d_in={d_in} d_out={d_out} {dtype}{' mask' if masked else ''}"):
+            for r in shape_rows(fns, d_in, d_out, dtype, copy_bw, masked):
+                results.add(r)
         torch.cuda.empty_cache()
-    rows += shape_rows(fns, 4096, 14336, torch.bfloat16, copy_bw, masked=True)
-    rows += shape_rows(fns, 4096, 14336, torch.float32, copy_bw, masked=False)
-    print(gpu_floors.write_results(args.out, "project_cuda", rows, floors={"copy_bytes_per_s": copy_bw}))
+    print(results.path)
+    if results.errors:
+        sys.exit(f"{len(results.errors)} shape(s) failed")
 
 
 if __name__ == "__main__":

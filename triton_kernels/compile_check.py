@@ -4,7 +4,12 @@ The interpreter that runs the CPU tests does not apply the GPU compiler's rules 
 shapes, layouts, register and shared-memory limits). This builds each kernel, in each
 autotune config and each dtype (``--quick``: bfloat16 and the first config), to a cubin for sm_90 with
 Triton's own ptxas, and prints registers, spilled bytes and shared memory per variant.
-Exit status 1 when a variant fails to compile.
+
+A variant over sm_90's shared memory (232,448 bytes per block) is flagged ``OVER``; it is
+a failure unless the kernel's own pruning drops that config for that dtype at run time
+(``pruned``), and so is a config the pruning keeps whose shared memory exceeds its bound.
+Variants that spill registers are flagged ``SPILL`` (not a failure: compare triton versions).
+Exit status 1 when a variant fails to compile or is over the limit and not pruned.
 """
 from __future__ import annotations
 
@@ -27,8 +32,12 @@ from triton.runtime.autotuner import Autotuner  # noqa: E402
 from .ghost import _ghost_kernel  # noqa: E402
 from .linear_cross_entropy import _forward_kernel, _grad_logits_kernel  # noqa: E402
 from .project import _project_kernel, _project_tokens_kernel  # noqa: E402
-from .project_layers import _project_layers_kernel  # noqa: E402
-from .score_topk import _score_kernel  # noqa: E402
+from .score_topk import SM90_SHARED_BYTES, _score_kernel, config_fits, shared_bytes_bound  # noqa: E402
+
+try:
+    from .project_layers import _project_layers_kernel  # noqa: E402
+except ImportError:  # the multi-layer kernel is optional
+    _project_layers_kernel = None
 
 TARGET = GPUTarget("cuda", 90, 32)
 _TL_DTYPES = {"bf16": triton.language.bfloat16, "fp16": triton.language.float16, "fp32": triton.language.float32}
@@ -59,6 +68,8 @@ class Case:
     units: tuple[str, ...] = ()
     aligned: tuple[str, ...] = ()
     options: dict[str, int] = field(default_factory=lambda: {"num_warps": 4})
+    # (config, element size) -> (kept at run time on sm_90, shared-memory bound); None: no pruning by size
+    fit: object = None
 
 
 def _project_cases(dtype: str) -> list[Case]:
@@ -69,11 +80,11 @@ def _project_cases(dtype: str) -> list[Case]:
              dict(HAS_MASK=True, HAS_BIAS=True, BKI=64, BKO=64),
              units=("s_ad", "s_gd", "s_pik", "s_pok", "s_mt", "s_fi"),
              aligned=("T", "d_in", "d_out", "s_ab", "s_at", "s_gb", "s_gt", "s_pid", "s_pod", "s_mb", "s_fs", "s_fb", "s_fo")),
-        Case(f"project_layers {dtype}", _project_layers_kernel,
+        *([] if _project_layers_kernel is None else [Case(f"project_layers {dtype}", _project_layers_kernel,
              dict(Table="*i64", M="*u8", Out="*fp32"),
              dict(A_DTYPE=_TL_DTYPES[dtype], G_DTYPE=_TL_DTYPES[dtype], A_VEC=16 // _BYTES[dtype],
                   G_VEC=16 // _BYTES[dtype], HAS_MASK=True, BKI=64, BKO=64),
-             units=("s_mt",), aligned=("T", "s_mb", "s_os", "s_ob")),
+             units=("s_mt",), aligned=("T", "s_mb", "s_os", "s_ob"))]),
         Case(f"project_tokens {dtype}", _project_tokens_kernel,
              dict(X=p, P=p, M="*u8", Out=p), dict(HAS_MASK=True, HAS_BIAS=True, BK=64),
              units=("s_xd", "s_pk", "s_mt", "s_ok"), aligned=("T", "d", "s_xb", "s_xt", "s_pd", "s_mb", "s_ob", "s_ot")),
@@ -85,7 +96,8 @@ def _project_cases(dtype: str) -> list[Case]:
         Case(f"score_topk {dtype}", _score_kernel,
              dict(Qf=p, Xf=p, QS="*fp32", XS="*fp32", Keys="*i32", Agg="*fp32"),
              dict(HAS_QS=True, HAS_XS=True),
-             units=("s_qd", "s_xd", "s_an"), aligned=("D", "s_qq", "s_xn", "s_kq", "s_at", "s_ar")),
+             units=("s_qd", "s_xd", "s_an"), aligned=("D", "s_qq", "s_xn", "s_kq", "s_at", "s_ar"),
+             fit=lambda config, size: (config_fits(config, size), shared_bytes_bound(config, size))),
     ]
 
 
@@ -108,21 +120,37 @@ def cases(dtypes=("bf16", "fp16", "fp32")) -> list[Case]:
 
 
 def _variants(case: Case, quick: bool):
-    """(label, constexprs, options) per autotune config of the case's kernel."""
+    """(label, constexprs, options, config) per autotune config of the case's kernel."""
     configs = getattr(case.kernel, "configs", None)
     if not configs:
-        yield "", case.constexprs, case.options
+        yield "", case.constexprs, case.options, None
         return
     for config in configs[:1] if quick else configs:
         options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
-        yield str(config.kwargs), {**case.constexprs, **config.kwargs}, options
+        yield str(config.kwargs), {**case.constexprs, **config.kwargs}, options, config
 
 
-def _resources(ptx: str) -> str:
-    """ptxas -v summary: registers, spill bytes, shared memory."""
+def _dtype_size(case: Case) -> int:
+    return _BYTES[case.name.rsplit(" ", 1)[-1]]
+
+
+def judge_shared(case: Case, config, shared: int) -> tuple[str, bool]:
+    """(flag for the printed line, failed) of one compiled variant's shared memory on sm_90."""
+    kept, bound = case.fit(config, _dtype_size(case)) if case.fit and config is not None else (True, None)
+    if bound is not None and shared > bound:
+        return f"FAIL-BOUND (bound {bound}B underestimates)", True
+    if shared <= SM90_SHARED_BYTES:
+        return "", False
+    if not kept:
+        return f"OVER, pruned for this dtype (bound {bound}B)", False
+    return f"OVER sm_90's {SM90_SHARED_BYTES}B and kept at run time", True
+
+
+def _resources(ptx: str) -> tuple[str, int]:
+    """(ptxas -v summary: registers and spilled bytes, spilled bytes or -1 when unknown)."""
     ptxas = _ptxas()
     if ptxas is None:
-        return ""
+        return "", -1
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "k.ptx")
         with open(path, "w") as f:
@@ -131,7 +159,8 @@ def _resources(ptx: str) -> str:
         res = subprocess.run([ptxas, f"-arch={arch}", "-v", path, "-o", os.path.join(tmp, "k.cubin")], capture_output=True, text=True)
     regs = re.search(r"Used (\d+) registers", res.stderr)
     spills = re.search(r"(\d+) bytes spill stores", res.stderr)
-    return f"regs={regs.group(1) if regs else '?'} spill_stores={spills.group(1) if spills else '?'}B"
+    summary = f"regs={regs.group(1) if regs else '?'} spill_stores={spills.group(1) if spills else '?'}B"
+    return summary, int(spills.group(1)) if spills else -1
 
 
 def compile_case(case: Case, constexprs: dict, options: dict):
@@ -153,10 +182,14 @@ def compile_case(case: Case, constexprs: dict, options: dict):
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="bfloat16 and the first autotune config of each kernel only")
+    parser.add_argument("--kernel", default="", help="only the cases whose name starts with this (e.g. score_topk)")
     args = parser.parse_args()
-    failed = 0
+    print(f"triton {triton.__version__}, target sm_{TARGET.arch}, shared memory limit {SM90_SHARED_BYTES}B")
+    failed = spilled = over = 0
     for case in cases(("bf16",) if args.quick else ("bf16", "fp16", "fp32")):
-        for label, constexprs, options in _variants(case, args.quick):
+        if not case.name.startswith(args.kernel):
+            continue
+        for label, constexprs, options, config in _variants(case, args.quick):
             try:
                 compiled = compile_case(case, constexprs, options)
             except Exception as exc:  # report every failing variant, then fail
@@ -164,8 +197,16 @@ def main() -> int:
                 print(f"FAIL {case.name} {label} {options}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
                 continue
             shared = compiled.metadata.shared
-            print(f"ok   {case.name:<24} {label:<28} {options}  shared={shared}B {_resources(compiled.asm['ptx'])}")
-    print(f"{failed} variant(s) failed to compile" if failed else "all variants compiled")
+            flag, bad = judge_shared(case, config, shared)
+            resources, spills = _resources(compiled.asm["ptx"])
+            over += shared > SM90_SHARED_BYTES
+            spilled += spills > 0
+            flags = " ".join(f for f in (flag, "SPILL" if spills > 0 else "") if f)
+            print(f"{'FAIL' if bad else 'ok  '} {case.name:<24} {label:<28} {options}  shared={shared}B {resources}"
+                  + (f"  {flags}" if flags else ""))
+            failed += bad
+    print(f"{spilled} variant(s) spill registers; {over} over sm_90's shared memory (failures above unless pruned)")
+    print(f"{failed} variant(s) failed" if failed else "all variants compiled")
     return 1 if failed else 0
 
 

@@ -25,16 +25,41 @@ from ._common import INTERPRET, KERNEL_DTYPES, autotune, block, dot
 _LOW = 2**32 - 1  # train indices live in the low 32 bits of a key
 
 # (BQ, BN, BD, warps, stages). BQ follows Q (_query_block); the configs of that BQ are tuned.
+# Per BQ the first config (the one FASTINFLUENCE_TRITON_AUTOTUNE=0 runs) fits sm_90's shared
+# memory in every dtype once ``config_fits`` has pruned, and none spills registers under
+# triton 3.6 or 3.9 except the two 128 x 128 tiles (4 bytes under 3.6), kept for large Q.
 _GPU_CONFIGS = [
     triton.Config({"BQ": bq, "BN": bn, "BD": bd}, num_warps=w, num_stages=st)
     for bq, bn, bd, w, st in [
         (16, 128, 128, 4, 4), (16, 256, 64, 4, 4), (16, 64, 128, 4, 4),
         (32, 128, 128, 4, 4), (32, 256, 64, 8, 3),
-        (64, 128, 64, 4, 4), (64, 256, 64, 8, 3), (64, 128, 128, 8, 3),
-        (128, 128, 64, 8, 3), (128, 64, 128, 4, 4), (128, 128, 128, 8, 3),
+        (64, 128, 64, 8, 3), (64, 128, 128, 8, 3), (64, 64, 128, 4, 3),
+        (128, 64, 128, 4, 4), (128, 64, 64, 8, 3), (128, 128, 64, 8, 3), (128, 128, 128, 8, 3),
     ]
 ]
 _INTERPRET_CONFIG = triton.Config({"BQ": 16, "BN": 16, "BD": 16})
+SM90_SHARED_BYTES = 232448  # opt-in shared memory per block of an sm_90 GPU
+
+
+def shared_bytes_bound(config: triton.Config, element_size: int) -> int:
+    """Upper bound of the kernel's shared memory: one (BQ + BN) x BD tile of inputs per pipeline stage.
+
+    Triton keeps num_stages - 1 or num_stages such tiles and nothing else (checked for every
+    config by ``compile_check``); float32 inputs need twice the bytes of bfloat16 ones.
+    """
+    kw = config.kwargs
+    return config.num_stages * (kw["BQ"] + kw["BN"]) * kw["BD"] * element_size
+
+
+def config_fits(config: triton.Config, element_size: int, limit: int = SM90_SHARED_BYTES) -> bool:
+    return shared_bytes_bound(config, element_size) <= limit
+
+
+def _shared_limit(device: torch.device) -> int:
+    try:
+        return int(triton.runtime.driver.active.utils.get_device_properties(device.index)["max_shared_mem"])
+    except Exception:  # a driver without the query: assume sm_90's limit
+        return SM90_SHARED_BYTES
 
 
 def _query_block(Q: int) -> int:
@@ -43,7 +68,13 @@ def _query_block(Q: int) -> int:
 
 
 def _configs_for_q(configs, named_args, **kwargs):
-    return [c for c in configs if c.kwargs["BQ"] == _query_block(named_args["Q"])]
+    """Configs of Q's query block whose inputs fit the device's shared memory in their dtype
+    (the smallest one when none does), in their listed order."""
+    configs = [c for c in configs if c.kwargs["BQ"] == _query_block(named_args["Q"])]
+    train = named_args["Xf"]
+    limit, size = _shared_limit(train.device), train.element_size()
+    fitting = [c for c in configs if config_fits(c, size, limit)]
+    return fitting or [min(configs, key=lambda c: shared_bytes_bound(c, size))]
 
 
 @autotune(_GPU_CONFIGS, _INTERPRET_CONFIG, key=["Q", "D"], prune=_configs_for_q)
