@@ -119,13 +119,16 @@ def bench_project(floors, quick):
         P_in16, P_out16 = P_in.to(BF16), P_out.to(BF16)
         ms = timed(lambda: tk.project(A, G, P_in, P_out))
         err = rel_err(tk.project(A, G, P_in, P_out), project_reference(A, G, P_in, P_out))
-        yield row("project", shape, "triton", ms, floor, ">= 80% of copy bandwidth", rel_err=err, **autotuned("project", "_project_kernel"))
+        yield row("project", shape, "triton", ms, floor, ">= 80% of copy bandwidth", rel_err=err,
+                  **autotuned("project", "_project_kernel"))
         yield row("project", shape, "torch bf16 matmuls", timed(
             lambda: (G @ P_out16).float().transpose(1, 2) @ (A @ P_in16).float()), floor)
-        yield row("project", shape, "torch reference (fp32)", timed(lambda: project_reference(A, G, P_in, P_out)), floor)
+        yield row("project", shape, "torch reference (fp32)", timed(lambda: project_reference(A, G, P_in, P_out)),
+                  floor)
         out_bytes = B * T * 2 * k * 2
         ms = timed(lambda: tk.project_tokens(A, G, P_in, P_out, None, BF16))
-        yield row("project_tokens", shape + " -> bf16", "triton", ms, floor_ms(floors, nbytes=A.nbytes + G.nbytes + out_bytes))
+        yield row("project_tokens", shape + " -> bf16", "triton", ms,
+                  floor_ms(floors, nbytes=A.nbytes + G.nbytes + out_bytes))
         del A, G
 
 
@@ -144,7 +147,8 @@ def bench_project_layers(floors, quick):
     floor = floor_ms(floors, nbytes=sum(t.nbytes for t in As + Gs))
     err = rel_err(tk.project_layers(As, Gs, P_ins, P_outs), project_layers_reference(As, Gs, P_ins, P_outs))
     ms = timed(lambda: tk.project_layers(As, Gs, P_ins, P_outs))
-    yield row("project_layers", shape, "triton, one launch", ms, floor, rel_err=err, **autotuned("project_layers", "_project_layers_kernel"))
+    yield row("project_layers", shape, "triton, one launch", ms, floor, rel_err=err,
+              **autotuned("project_layers", "_project_layers_kernel"))
     ms = timed(lambda: [tk.project(*layer) for layer in zip(As, Gs, P_ins, P_outs)])
     yield row("project_layers", shape, "triton, one launch per layer", ms, floor)
 
@@ -178,7 +182,8 @@ def bench_score_topk(floors, quick):
             f(query, train, k, query_scale, train_scale) for f in (tk.score_topk, score_topk_reference)
         )
         err = max(rel_err(top.values, ref_top.values), rel_err(agg, ref_agg))
-        yield row("score_topk", shape, "triton", ms, floor, goal, rel_err=err, **autotuned("score_topk", "_score_kernel"))
+        yield row("score_topk", shape, "triton", ms, floor, goal, rel_err=err,
+                  **autotuned("score_topk", "_score_kernel"))
         yield row("score_topk", shape, "torch reference", timed(
             lambda: score_topk_reference(query, train, k, query_scale, train_scale)), floor)
 
@@ -267,7 +272,8 @@ def main() -> None:
             torch.cuda.empty_cache()
     print(results.path)
     if results.errors:
-        sys.exit(f"{len(results.errors)} bench(es) failed: " + "; ".join(f"{e['section']}: {e['error']}" for e in results.errors))
+        failures = "; ".join(f"{e['section']}: {e['error']}" for e in results.errors)
+        sys.exit(f"{len(results.errors)} bench(es) failed: {failures}")
 
 
 if __name__ == "__main__":

@@ -233,8 +233,8 @@ def main() -> None:
         raise SystemExit("gpu_floors: needs a CUDA device")
     floors = measure_floors()
     results = Results(args.out, "floors", floors=floors)
-    results.add({"kernel": "copy", "shape": "2 GiB", "provider": "torch", "value": round(floors["copy_bytes_per_s"] / 1e12, 3),
-                 "unit": "TB/s"})
+    results.add({"kernel": "copy", "shape": "2 GiB", "provider": "torch",
+                 "value": round(floors["copy_bytes_per_s"] / 1e12, 3), "unit": "TB/s"})
     results.add({"kernel": "matmul bf16", "shape": "8192^3", "provider": "torch",
                  "value": round(floors["bf16_flop_per_s"] / 1e12, 1), "unit": "TFLOP/s"})
     results.add({"kernel": "matmul fp32 (no TF32)", "shape": "8192^3", "provider": "torch",

@@ -121,7 +121,8 @@ def topk_rows(cuda):
         q, x = torch.randn(Q, 64, device="cuda"), torch.randn(n, 64, device="cuda")
         for provider, fn in [("fastinfluence-cuda", lambda: cuda.score_topk(q, x, k)),
                              ("torch-reference", lambda: score_topk_reference(q, x, k))]:
-            yield {"kernel": "score_topk", "provider": provider, "shape": f"Q={Q} n={n} D=64 k={k}", **gpu_floors.timing(fn)}
+            yield {"kernel": "score_topk", "provider": provider, "shape": f"Q={Q} n={n} D=64 k={k}",
+                   **gpu_floors.timing(fn)}
 
 
 def device_checks(cuda) -> dict:

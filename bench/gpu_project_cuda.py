@@ -4,10 +4,12 @@ Shapes: the Linear layers of Llama-3-8B (d = 4096 / 14336), B=4, T=2048, k=64, b
 (and float32 on one shape). Each row: median ms (CUDA events, L2 flushed before each call),
 its error against the float32 torch reference, the percentage of the measured copy
 bandwidth reached on the bytes of A and G, and the triton version. A shape that fails
-leaves an ``error`` row and the next one runs; the JSON is rewritten after every row. Goal (measured, not asserted): >= 80% of copy bandwidth; the CUDA
-kernel is kept in ``auto`` only if it beats the Triton kernel here.
+leaves an ``error`` row and the next one runs; the JSON is rewritten after every row.
+Goal (measured, not asserted): >= 80% of copy bandwidth; the CUDA kernel is kept in
+``auto`` only if it beats the Triton kernel here.
 
-Usage: python bench/gpu_project_cuda.py --out DIR [--floors DIR/floors.json]   (writes DIR/project_cuda.json)
+Usage: python bench/gpu_project_cuda.py --out DIR [--floors DIR/floors.json]
+(writes DIR/project_cuda.json)
 """
 from __future__ import annotations
 
@@ -72,7 +74,7 @@ def shape_rows(fns: dict, d_in: int, d_out: int, dtype: torch.dtype, copy_bw: fl
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="directory for project_cuda.json")
-    parser.add_argument("--floors", help="floors.json of bench/gpu_floors.py (copy bandwidth measured here when absent)")
+    parser.add_argument("--floors", help="floors.json of bench/gpu_floors.py (else the copy bandwidth is measured)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("needs a CUDA device")

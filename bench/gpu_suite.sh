@@ -31,13 +31,16 @@ mkdir -p "$OUT"
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu_suite.XXXXXX")
 START=$SECONDS
 
-echo "fastinfluence GPU suite: FASTINFLUENCE_COMMIT=${FASTINFLUENCE_COMMIT:-} SUITE_BUDGET_S=$BUDGET bash bench/gpu_suite.sh"
+echo "fastinfluence GPU suite: FASTINFLUENCE_COMMIT=${FASTINFLUENCE_COMMIT:-} SUITE_BUDGET_S=$BUDGET" \
+    "SKIP_TESTS=${SKIP_TESTS:-0} SKIP_BENCH=${SKIP_BENCH:-0}"
 if [[ -z "${FASTINFLUENCE_COMMIT:-}" ]]; then
     FASTINFLUENCE_COMMIT=$(git rev-parse HEAD 2>/dev/null || echo unknown)
 fi
 export FASTINFLUENCE_COMMIT
 
-pack() { "$PY" "$ROOT/bench/gpu_suite_lib.py" pack --work "$WORK" --out "$OUT" || echo "packing reported problems (see summary.txt)"; }
+pack() {
+    "$PY" "$ROOT/bench/gpu_suite_lib.py" pack --work "$WORK" --out "$OUT" || echo "packing reported problems (see summary.txt)"
+}
 trap 'record interrupted killed 0 "the suite was stopped"; pack; exit 130' INT TERM
 record() { printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" >>"$WORK/stages.tsv"; }
 left() { echo $((BUDGET - (SECONDS - START) - RESERVE)); }
@@ -74,7 +77,11 @@ stage() {
 
 environment() {
     nvidia-smi || echo "nvidia-smi: not available"
-    "$PY" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__); print('device', torch.cuda.get_device_name() if torch.cuda.is_available() else 'none (no CUDA device)')"
+    "$PY" - <<'EOF'
+import torch, triton
+print("torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__)
+print("device", torch.cuda.get_device_name() if torch.cuda.is_available() else "none (no CUDA device)")
+EOF
     echo "commit $FASTINFLUENCE_COMMIT"
 }
 export -f environment
@@ -84,13 +91,15 @@ if ! grep -q "^device " "$WORK/env.txt" || grep -q "^device none" "$WORK/env.txt
     echo "no CUDA device here (or no torch for $PY; see env.txt): install, build, tests and benchmarks skipped"
     record gpu skipped 0 "no CUDA device (or no torch for $PY): nothing run"
     pack
-    rm -rf "$WORK"
+    rm -rf "$WORK" "${WORK}_overlay"
     echo "results: $OUT"
     exit 0
 fi
 
 # The package must import from outside the tree, fastinfluence.triton_kernels included.
-imports() { (cd / && "$PY" -c "import fastinfluence.triton_kernels as t, fastinfluence as f; print(f.__file__, t.__file__)"); }
+imports() {
+    (cd / && "$PY" -c "import fastinfluence.triton_kernels as t, fastinfluence as f; print(f.__file__, t.__file__)")
+}
 install() {
     "$PY" -m pip install --no-deps --no-build-isolation --no-index -e . && imports
 }
@@ -100,7 +109,7 @@ if [[ "${SKIP_INSTALL:-0}" == 1 ]] || imports 2>/dev/null | grep -q "^$ROOT/"; t
     record install skipped 0 "already installed from $ROOT"
 elif ! stage install 150 20 install.log install; then
     # Without an install: the tree on PYTHONPATH and a finder for the folders setup.py maps.
-    OVERLAY=$("$PY" bench/gpu_suite_lib.py overlay --root "$ROOT" --dest "$WORK/.overlay")
+    OVERLAY=$("$PY" bench/gpu_suite_lib.py overlay --root "$ROOT" --dest "${WORK}_overlay")
     export PYTHONPATH="$OVERLAY:$ROOT${PYTHONPATH:+:$PYTHONPATH}" FASTINFLUENCE_CSRC="$ROOT/csrc"
     if imports >>"$WORK/install.log" 2>&1; then
         record install-fallback ok 0 "PYTHONPATH=$OVERLAY:$ROOT"
@@ -116,16 +125,20 @@ fi
 if [[ "${SKIP_TESTS:-0}" != 1 ]]; then
     # Tests check the kernels' first configs; the benchmarks autotune and check their choice.
     stage "pytest -m gpu" 240 30 pytest_gpu.log \
-        env FASTINFLUENCE_TRITON_AUTOTUNE=0 PYTHONPATH="$ROOT/bench${PYTHONPATH:+:$PYTHONPATH}" "$PY" -m pytest -m gpu -q -p no:cacheprovider -p gpu_test_timeout --junitxml="$WORK/pytest_gpu.xml"
-    grep -E "^(FAILED|ERROR)" "$WORK/pytest_gpu.log" | head -n 20
-    tail -n 1 "$WORK/pytest_gpu.log"
+        env FASTINFLUENCE_TRITON_AUTOTUNE=0 PYTHONPATH="$ROOT/bench${PYTHONPATH:+:$PYTHONPATH}" \
+        "$PY" -m pytest -m gpu -q -p no:cacheprovider -p gpu_test_timeout --junitxml="$WORK/pytest_gpu.xml"
+    if [[ -f "$WORK/pytest_gpu.log" ]]; then
+        grep -E "^(FAILED|ERROR)" "$WORK/pytest_gpu.log" | head -n 20
+        tail -n 1 "$WORK/pytest_gpu.log"
+    fi
 fi
 
 if [[ "${SKIP_BENCH:-0}" != 1 ]]; then
     stage floors 60 20 gpu_floors.log "$PY" bench/gpu_floors.py --out "$WORK"
-    stage gpu_bench_triton 200 45 gpu_bench_triton.log "$PY" bench/gpu_bench_triton.py --out "$WORK" --floors "$WORK/floors.json"
-    stage gpu_project_cuda 90 30 gpu_project_cuda.log "$PY" bench/gpu_project_cuda.py --out "$WORK" --floors "$WORK/floors.json"
-    stage gpu_jl_project 120 30 gpu_jl_project.log "$PY" bench/gpu_jl_project.py --out "$WORK" --floors "$WORK/floors.json"
+    bench() { stage "$1" "$2" "$3" "$1.log" "$PY" "bench/$1.py" --out "$WORK" --floors "$WORK/floors.json"; }
+    bench gpu_bench_triton 200 45
+    bench gpu_project_cuda 90 30
+    bench gpu_jl_project 120 30
 fi
 
 record total done $((SECONDS - START)) "budget ${BUDGET}s"
@@ -133,5 +146,5 @@ pack
 trap - INT TERM
 echo
 cat "$OUT/summary.txt"
-rm -rf "$WORK"
+rm -rf "$WORK" "${WORK}_overlay"
 echo "results: $OUT"

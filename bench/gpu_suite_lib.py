@@ -90,7 +90,8 @@ def _result_lines(path: Path) -> list[str]:
         extra = "  ".join(f"{k}={r[k]}" for k in keys if k in r)
         pct = f"{r['pct_of_floor']:5.1f}%" if isinstance(r.get("pct_of_floor"), (int, float)) else "      "
         ms = f"{r['ms']:10.4f} ms" if isinstance(r.get("ms"), (int, float)) else " " * 13
-        lines.append(f"  {r.get('kernel', ''):<21} {r.get('provider', ''):<30} {ms} {pct}  {r.get('shape', '')}  {extra}")
+        name = f"{r.get('kernel', ''):<21} {r.get('provider', ''):<30}"
+        lines.append(f"  {name} {ms} {pct}  {r.get('shape', '')}  {extra}")
     for key in ("checks", "errors"):
         if data.get(key):
             lines.append(f"  {key}: {json.dumps(data[key])}")
@@ -210,7 +211,8 @@ def overlay(root: Path, dest: Path) -> Path:
     mapping = {name: str(root / folder) for name, folder in package_dirs(root / "setup.py").items()
                if Path(folder).as_posix() != name.replace(".", "/")}
     dest.mkdir(parents=True, exist_ok=True)
-    (dest / "sitecustomize.py").write_text(_SITECUSTOMIZE.format(names=", ".join(mapping) or "nothing", mapping=mapping))
+    text = _SITECUSTOMIZE.format(names=", ".join(mapping) or "nothing", mapping=mapping)
+    (dest / "sitecustomize.py").write_text(text)
     return dest
 
 

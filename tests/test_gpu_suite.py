@@ -23,7 +23,8 @@ def _fake_stage_outputs(work: Path) -> dict[str, bytes]:
     files["pytest_gpu.log"] = b"....F.\nFAILED tests/test_x.py::test_y - AssertionError\n1 failed, 5 passed in 9.1s\n"
     files["env.txt"] = b"torch 2.11 cuda 13.0 triton 3.6.0\ndevice NVIDIA H200\n"
     files["pytest_gpu.xml"] = b"<testsuites/>"
-    files["stages.tsv"] = b"environment\tok\t2\t\npytest -m gpu\tfailed\t80\texit code 1\nfloors\ttimeout\t60\tstopped\n"
+    files["stages.tsv"] = (b"environment\tok\t2\t\npytest -m gpu\tfailed\t80\texit code 1\n"
+                           b"floors\ttimeout\t60\tstopped\n")
     files["huge.log"] = b"x" * (lib.MAX_FILE_BYTES + 1)  # a runaway log must not break the 16 MiB limit
     rows = [{"kernel": "score_topk", "provider": "triton", "shape": "Q=16", "ms": 0.1, "pct_of_floor": 80.0}]
     for name in ("triton_kernels", "project_cuda", "jl_project_gpu", "floors", "extra_a", "extra_b", "extra_c"):
@@ -87,7 +88,8 @@ def test_suite_without_a_gpu_says_so_and_exits_0(tmp_path):
 
 
 def test_the_command_in_the_script_header_is_the_readme_s():
-    header = [line.removeprefix("#").strip() for line in (ROOT / "bench" / "gpu_suite.sh").read_text().splitlines()[:16]]
+    script = (ROOT / "bench" / "gpu_suite.sh").read_text().splitlines()
+    header = [line.removeprefix("#").strip() for line in script[:16]]
     commands = [line for line in header if line.startswith("FASTINFLUENCE_COMMIT=")]
     assert len(commands) == 3 and "SKIP_BENCH=1" in commands[1] and "SKIP_TESTS=1" in commands[2]
     readme = (ROOT / "README.md").read_text()
@@ -103,7 +105,8 @@ def test_overlay_imports_the_relocated_subpackages_from_the_tree(tmp_path):
         (tree / folder / "__init__.py").write_text(f"WHERE = {folder!r}\n")
     (tree / "kernels" / "mod.py").write_text("VALUE = 7\n")
     (tree / "setup.py").write_text('from setuptools import setup\n'
-                                   'setup(packages=["pkg", "pkg.kernels"], package_dir={"pkg": "pkg", "pkg.kernels": "kernels"})\n')
+                                   'setup(packages=["pkg", "pkg.kernels"],\n'
+                                   '      package_dir={"pkg": "pkg", "pkg.kernels": "kernels"})\n')
     overlay = lib.overlay(tree, tmp_path / "overlay")
     env = {**os.environ, "PYTHONPATH": f"{overlay}{os.pathsep}{tree}"}
     code = "import pkg.kernels.mod as m, pkg; print(pkg.WHERE, pkg.kernels.WHERE, m.VALUE, m.__file__)"

@@ -30,7 +30,7 @@ def assert_same_top_k(gpu, cpu, full: torch.Tensor, tol: float) -> None:
     assert rel < tol, f"top-k values differ by {rel:.2e} (bound {tol:g})"
     atol = tol * full.abs().amax(dim=1, keepdim=True)  # per query: the tolerance on its largest score
     picked = full.gather(1, gpu.topk_indices)
-    assert bool(((picked - gpu.topk_values).abs() <= atol).all()), "a GPU index does not carry the score reported for it"
+    assert bool(((picked - gpu.topk_values).abs() <= atol).all()), "a GPU index does not carry its reported score"
     assert bool((picked >= cpu.topk_values[:, -1:] - atol).all()), "a GPU index is outside the CPU's top k"
     for row in gpu.topk_indices:
         assert len(set(row.tolist())) == len(row), "a train row is listed twice"
