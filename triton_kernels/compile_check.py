@@ -14,6 +14,7 @@ Exit status 1 when a variant fails to compile or is over the limit and not prune
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import subprocess
@@ -183,9 +184,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="bfloat16 and the first autotune config of each kernel only")
     parser.add_argument("--kernel", default="", help="only the cases whose name starts with this (e.g. score_topk)")
+    parser.add_argument("--json", help="also write every variant's shared memory, registers and spills there")
     args = parser.parse_args()
     print(f"triton {triton.__version__}, target sm_{TARGET.arch}, shared memory limit {SM90_SHARED_BYTES}B")
     failed = spilled = over = 0
+    variants = []
     for case in cases(("bf16",) if args.quick else ("bf16", "fp16", "fp32")):
         if not case.name.startswith(args.kernel):
             continue
@@ -194,7 +197,9 @@ def main() -> int:
                 compiled = compile_case(case, constexprs, options)
             except Exception as exc:  # report every failing variant, then fail
                 failed += 1
-                print(f"FAIL {case.name} {label} {options}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+                message = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                print(f"FAIL {case.name} {label} {options}: {message}")
+                variants.append({"case": case.name, "config": label, **options, "error": message})
                 continue
             shared = compiled.metadata.shared
             flag, bad = judge_shared(case, config, shared)
@@ -205,8 +210,16 @@ def main() -> int:
             print(f"{'FAIL' if bad else 'ok  '} {case.name:<24} {label:<28} {options}  shared={shared}B {resources}"
                   + (f"  {flags}" if flags else ""))
             failed += bad
+            variants.append({"case": case.name, "config": label, **options, "shared_bytes": shared,
+                             "registers": int(m.group(1)) if (m := re.search(r"regs=(\d+)", resources)) else None,
+                             "spill_store_bytes": spills if spills >= 0 else None, "flags": flags, "failed": bad})
     print(f"{spilled} variant(s) spill registers; {over} over sm_90's shared memory (failures above unless pruned)")
     print(f"{failed} variant(s) failed" if failed else "all variants compiled")
+    if args.json:
+        summary = {"triton": triton.__version__, "target": f"sm_{TARGET.arch}", "shared_limit_bytes": SM90_SHARED_BYTES,
+                   "failed": failed, "spilling": spilled, "over_shared_limit": over, "variants": variants}
+        with open(args.json, "w") as f:
+            json.dump(summary, f, indent=1)
     return 1 if failed else 0
 
 
