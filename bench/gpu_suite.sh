@@ -18,16 +18,15 @@
 # GPU_TEST_TIMEOUT_S (default 60) bounds each test. SKIP_INSTALL=1, SKIP_BUILD=1,
 # SKIP_TESTS=1, SKIP_BENCH=1 leave stages out. Without a CUDA device it says so and exits 0.
 set -uo pipefail
-cd "$(dirname "$0")/.."
-ROOT=$PWD
-OUT=${OUT:-$ROOT/gpu_out}
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+OUT=$(mkdir -p "${OUT:-$ROOT/gpu_out}" && cd "${OUT:-$ROOT/gpu_out}" && pwd)  # relative to the caller's directory
+cd "$ROOT"
 PY=${PYTHON:-python3}
 export ROOT PY
 BUDGET=${SUITE_BUDGET_S:-540}
 RESERVE=10  # seconds kept for the last packing
 export PYTHONUNBUFFERED=1 GPU_TEST_TIMEOUT_S=${GPU_TEST_TIMEOUT_S:-60}
 unset TRITON_INTERPRET
-mkdir -p "$OUT"
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu_suite.XXXXXX")
 START=$SECONDS
 
