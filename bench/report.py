@@ -80,6 +80,15 @@ def _ops(d: dict) -> list[str]:
     ]
 
 
+def _compile(d: dict) -> list[str]:
+    n = len(d["variants"])
+    return [
+        f"| Triton kernels compiled for {d['target']} without a GPU (`make check-triton`) | {n} variants "
+        f"(kernel x config x dtype) | {d['failed']} failed, {d['spilling']} spill registers, {d['over_shared_limit']} "
+        f"over {d['shared_limit_bytes']:,} B shared memory (pruned at run time) | triton {d['triton']} |"
+    ]
+
+
 FORMATTERS = {
     "ops_cpu.json": _ops,
     "extract_memory_cpu.json": _extract_memory,
@@ -93,7 +102,7 @@ FORMATTERS = {
 def table() -> str:
     lines = ["| benchmark | shape | result | device |", "|---|---|---|---|"]
     for path in sorted(RESULTS.glob("*.json")):
-        fmt = FORMATTERS.get(path.name)
+        fmt = FORMATTERS.get(path.name) or (_compile if path.name.startswith("triton_compile_") else None)
         if fmt is None:
             lines.append(f"| `{path.name}` | | see file | |")
             continue
