@@ -108,11 +108,14 @@ def test_extract_from_a_peft_adapter_captures_the_lora_layers(model_dir, data, t
     assert layers and all("lora" in n for n in layers)
 
 
-def test_bad_jsonl_is_reported_with_its_line(model_dir, tmp_path):
+def test_bad_jsonl_is_reported_with_its_line(model_dir, tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "response": "b"}\n{"text": "no fields"}\n')
-    with pytest.raises(ValueError, match="line 2: .*'prompt' and 'response'"):
-        run("extract", "--model", model_dir, "--data", bad, "--out", tmp_path / "s")
+    assert main(["extract", "--model", str(model_dir), "--data", str(bad), "--out", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err
+    assert "line 2: each example must be an object with 'prompt' and 'response'" in err and "Traceback" not in err
+    with pytest.raises(ValueError, match="line 2: .*'prompt' and 'response'"):  # --debug: the exception itself
+        main(["extract", "--model", str(model_dir), "--data", str(bad), "--out", str(tmp_path / "s"), "--debug"])
 
 
 def test_every_option_of_extract_and_score_is_explained():
