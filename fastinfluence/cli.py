@@ -505,6 +505,8 @@ def _quiet() -> None:
 # Library wording -> command-line wording, applied to the one-line messages.
 _CLI_TERMS = [
     (r"GradientExtractor\.extract\(batches, store=\.\.\.\)", "fastinfluence extract --out DIR"),
+    (r"extract both with the same model, layers and ProjectionConfig",
+     "extract both with the same --model, --include/--exclude and projection options (--rank-in, --rank-out, --kind, --seed, --mode)"),
     (r"extract with tokens=True", "extract with --tokens"),
     (r"extract with covariances=True", "extract with --covariances"),
     (r"tokens=True", "--tokens"),

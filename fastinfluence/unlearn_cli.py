@@ -195,12 +195,12 @@ def _evaluate(args) -> int:
 
     positive(args.batch_size, "--batch-size")
     positive(args.max_length, "--max-length", 2)
-    if not (args.clean or args.forget or args.attack):
-        raise CLIError("nothing to evaluate: give --clean, --forget (with --holdout, --retrained) or --attack")
     if args.holdout and not args.forget:
         raise CLIError("--holdout (non-members) is compared with --forget (members): give --forget too")
     if args.retrained and not args.forget:
         raise CLIError("--retrained is compared on --forget: give --forget too")
+    if not (args.clean or args.forget or args.attack):
+        raise CLIError("nothing to evaluate: give --clean, --forget (with --holdout, --retrained) or --attack")
     out = check_file(args.out, "--out", args.overwrite)
     records = {flag: read_jsonl(getattr(args, flag)) for flag in ("clean", "forget", "holdout") if getattr(args, flag)}
     attack = _json_file(args.attack, "--attack") if args.attack else None

@@ -1,0 +1,241 @@
+"""Every user mistake gets one line naming the problem and the fix: on the command line an
+exit code of 2 and no traceback; through the API an exception of the documented kind.
+
+Each case is (name, input, expected message fragment). The CLI cases run in-process
+(``fastinfluence.cli.main``) on a tiny Llama and GPT-2 built from configs."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from fastinfluence.cli import main
+
+WORDS = "the a cat dog sat ran on under mat log red blue big small fox hen".split()
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+
+def _tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["<pad>", "<unk>", "<eos>", *WORDS])}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>")
+
+
+def _llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=len(WORDS) + 3, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+                                        num_attention_heads=2, num_key_value_heads=1, pad_token_id=0, eos_token_id=2, bos_token_id=2))
+
+
+def _jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def w(tmp_path_factory):
+    """A work directory: models, data files, stores and side files every case refers to by name."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    d = tmp_path_factory.mktemp("bad")
+    tok = _tokenizer()
+    _llama().save_pretrained(d / "model")
+    tok.save_pretrained(d / "model")
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(WORDS) + 3, n_positions=8, n_embd=16, n_layer=1, n_head=2)).save_pretrained(d / "gpt2")
+    tok.save_pretrained(d / "gpt2")
+    _llama().save_pretrained(d / "notok")
+    (d / "empty_dir").mkdir()
+    (d / "file.txt").write_text("x")
+    rows = [{"id": f"t{i}", "prompt": "the cat sat", "response": WORDS[i]} for i in range(4)]
+    _jsonl(d / "train.jsonl", rows)
+    _jsonl(d / "query.jsonl", rows[:1])
+    _jsonl(d / "long.jsonl", [{"prompt": " ".join(WORDS), "response": "red dog"}])
+    (d / "badjson.jsonl").write_text('{"prompt": "a", "response": \n')
+    (d / "blank.jsonl").write_text("\n\n")
+    _jsonl(d / "dup.jsonl", [{"id": 1, "prompt": "a", "response": "b"}, {"id": 1, "prompt": "a", "response": "b"}])
+    _jsonl(d / "nonstr.jsonl", [{"prompt": "a", "response": 5}])
+    _jsonl(d / "emptyresp.jsonl", [{"id": "e", "prompt": "the cat", "response": ""}])
+    _jsonl(d / "norefs.jsonl", [{"prompt": "the", "response": "cat"}])
+    common = ["--quiet", "--model", str(d / "model"), "--rank-in", "4", "--rank-out", "4", "--batch-size", "2"]
+    assert main(["extract", *common, "--data", str(d / "train.jsonl"), "--out", str(d / "store")]) == 0
+    assert main(["extract", *common, "--data", str(d / "query.jsonl"), "--out", str(d / "qstore")]) == 0
+    shutil.copytree(d / "store", d / "partial")
+    m = json.loads((d / "partial" / "manifest.json").read_text())
+    m.update(complete=False, expected_rows=10)
+    (d / "partial" / "manifest.json").write_text(json.dumps(m))
+    shutil.copytree(d / "store", d / "badmanifest")
+    (d / "badmanifest" / "manifest.json").write_text("{not json")
+    shutil.copy(d / "train.jsonl", d / "moved.jsonl")
+    assert main(["extract", *common, "--data", str(d / "moved.jsonl"), "--out", str(d / "movedstore")]) == 0
+    (d / "moved.jsonl").unlink()
+    shutil.copy(d / "train.jsonl", d / "edited.jsonl")
+    assert main(["extract", *common, "--data", str(d / "edited.jsonl"), "--out", str(d / "editedstore")]) == 0
+    _jsonl(d / "edited.jsonl", [dict(r, prompt="a dog ran") for r in rows])
+    _jsonl(d / "other_ids.jsonl", [dict(r, id=f"x{i}") for i, r in enumerate(rows)])
+    shutil.copytree(d / "store", d / "locked")
+    (d / "locked" / ".lock").write_text(json.dumps({"run": "other", "pid": os.getppid(), "host": os.uname().nodename, "since": 0}))
+    (d / "cfg_bad.json").write_text("{rank_in: 4")
+    (d / "cfg_unknown.json").write_text(json.dumps({"rank": 4}))
+    (d / "cfg_list.json").write_text("[4]")
+    (d / "cfg_zero.json").write_text(json.dumps({"rank_in": 0}))
+    (d / "existing.json").write_text("{}")
+    (d / "notnpy.npy").write_text(json.dumps([[1.0]]))
+    (d / "scores.json").write_text(json.dumps([[1.0]]))
+    np.save(d / "s.npy", np.ones((2, 4), dtype=np.float32))
+    (d / "weights_bad.json").write_text("[1, 2")
+    (d / "weights_other.json").write_text(json.dumps({"foo": 1}))
+    (d / "attack_notarget.json").write_text(json.dumps({"seen": ["the cat"]}))
+    (d / "attack_str.json").write_text(json.dumps({"target": "dog", "seen": "the cat"}))
+    (d / "attack_nogroup.json").write_text(json.dumps({"target": "dog"}))
+    (d / "adapter").mkdir()
+    (d / "adapter" / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "no/such/base", "peft_type": "LORA"}))
+    shutil.copytree(d / "model", d / "unlearned_other")
+    return d
+
+
+def _argv(w, args: list[str]) -> list[str]:
+    return [a.format(w=w) for a in args]
+
+
+# (name, argv with {w} for the work directory, fragment of the one-line message)
+CLI_CASES = [
+    # data loss
+    ("score --out into a store's manifest", ["score", "--train", "{w}/store", "--query", "{w}/qstore", "--out", "{w}/store/manifest.json"], "lies inside the feature store"),
+    ("score --matrix onto a shard", ["score", "--train", "{w}/store", "--query", "{w}/qstore", "--out", "{w}/o1.json", "--matrix", "{w}/store/shards/shard-000000000000.safetensors"], "lies inside the feature store"),
+    ("score --out exists", ["score", "--train", "{w}/store", "--query", "{w}/qstore", "--out", "{w}/existing.json"], "exists; pass --overwrite"),
+    ("score --out is a directory", ["score", "--train", "{w}/store", "--query", "{w}/qstore", "--out", "{w}/empty_dir"], "is a directory; give a file path"),
+    ("score --out under a file", ["score", "--train", "{w}/store", "--query", "{w}/qstore", "--out", "{w}/file.txt/top.json"], "is a file, not a directory"),
+    ("unlearn --out is --model", ["unlearn", "--model", "{w}/model", "--forget", "{w}/train.jsonl", "--method", "ga", "--out", "{w}/model"], "is the input"),
+    ("unlearn --out another model", ["unlearn", "--model", "{w}/model", "--forget", "{w}/train.jsonl", "--method", "ga", "--out", "{w}/unlearned_other"], "non-empty directory this command did not write"),
+    ("unlearn --out a store", ["unlearn", "--model", "{w}/model", "--forget", "{w}/train.jsonl", "--method", "ga", "--out", "{w}/store"], "inside the feature store"),
+    ("extract --out a model directory", ["extract", "--model", "{w}/model", "--data", "{w}/train.jsonl", "--out", "{w}/gpt2"], "is a model directory; give a new directory"),
+    ("extract --out a file", ["extract", "--model", "{w}/model", "--data", "{w}/train.jsonl", "--out", "{w}/file.txt"], "is a file; give a directory"),
+    ("weights --out exists", ["weights", "--method", "low_influence", "--scores", "{w}/s.npy", "--quantile", "0.5", "--out", "{w}/existing.json"], "exists; pass --overwrite"),
+    ("evaluate --out in a store", ["evaluate", "--model", "{w}/model", "--clean", "{w}/train.jsonl", "--out", "{w}/store/eval.json"], "lies inside the feature store"),
+    # silent wrong results
+    ("score an incomplete store", ["score", "--train", "{w}/partial", "--query", "{w}/qstore", "--out", "{w}/o2.json"], "is incomplete (4 of 10 examples)"),
+    ("score --damping negative", ["score", "--train", "{w}/store", "--query", "{w}/qstore", "--out", "{w}/o3.json", "--precondition", "diagonal", "--damping", "-1"], "--damping must be > 0"),
+    ("score --damping 0", ["score", "--train", "{w}/store", "--query", "{w}/qstore", "--out", "{w}/o3.json", "--damping", "0"], "--damping must be > 0"),
+    ("extract --max-length -5", ["extract", "--model", "{w}/model", "--data", "{w}/train.jsonl", "--out", "{w}/s1", "--max-length", "-5"], "--max-length must be >= 2"),
+    ("score texts edited since extraction", ["score", "--train", "{w}/editedstore", "--query", "{w}/qstore", "--out", "{w}/o4.json"], "changed since the store was extracted"),
+    ("score texts moved since extraction", ["score", "--train", "{w}/movedstore", "--query", "{w}/qstore", "--out", "{w}/o5.json"], "which is gone: give --train-data FILE"),
+    ("score --train-data with other ids", ["score", "--train", "{w}/store", "--query", "{w}/qstore", "--out", "{w}/o6.json", "--train-data", "{w}/other_ids.jsonl"], "has no example with ids"),
+    ("extract an empty response", ["extract", "--model", "{w}/model", "--data", "{w}/emptyresp.jsonl", "--out", "{w}/s2"], "example 'e': the response has no tokens"),
+    ("attack group is a string", ["evaluate", "--model", "{w}/model", "--attack", "{w}/attack_str.json", "--out", "{w}/e1.json"], "attack group 'seen' must be a non-empty list"),
+    ("attack without target", ["evaluate", "--model", "{w}/model", "--attack", "{w}/attack_notarget.json", "--out", "{w}/e2.json"], "non-empty string 'target'"),
+    ("attack without groups", ["evaluate", "--model", "{w}/model", "--attack", "{w}/attack_nogroup.json", "--out", "{w}/e3.json"], "no group of prompts"),
+    ("evaluate without inputs", ["evaluate", "--model", "{w}/model", "--out", "{w}/e4.json"], "nothing to evaluate"),
+    ("evaluate --holdout without --forget", ["evaluate", "--model", "{w}/model", "--holdout", "{w}/train.jsonl", "--out", "{w}/e5.json"], "give --forget too"),
+    ("evaluate --retrained without --forget", ["evaluate", "--model", "{w}/model", "--clean", "{w}/train.jsonl", "--retrained", "{w}/model", "--out", "{w}/e6.json"], "--retrained is compared on --forget"),
+    ("bench --ops foo", ["bench", "--ops", "foo"], "unknown ops foo for --ops"),
+    ("unlearn graddiff without --retain", ["unlearn", "--model", "{w}/model", "--forget", "{w}/train.jsonl", "--out", "{w}/u1"], "has a retain term: give --retain"),
+    # model loading
+    ("--model does not exist", ["extract", "--model", "{w}/no_such_model", "--data", "{w}/train.jsonl", "--out", "{w}/s3"], "no such directory"),
+    ("--model is a file", ["extract", "--model", "{w}/file.txt", "--data", "{w}/train.jsonl", "--out", "{w}/s3"], "is a file; give the model directory"),
+    ("--model has no config", ["extract", "--model", "{w}/empty_dir", "--data", "{w}/train.jsonl", "--out", "{w}/s3"], "is not a model directory"),
+    ("--model has no tokenizer", ["extract", "--model", "{w}/notok", "--data", "{w}/train.jsonl", "--out", "{w}/s3"], "no tokenizer in"),
+    ("adapter base is not local", ["extract", "--model", "{w}/adapter", "--data", "{w}/train.jsonl", "--out", "{w}/s3"], "is not a local model directory"),
+    ("evaluate --retrained does not exist", ["evaluate", "--model", "{w}/model", "--forget", "{w}/train.jsonl", "--retrained", "{w}/nope", "--out", "{w}/e7.json"], "nope: no such directory"),
+    # lengths and tokens
+    ("GPT-2 input longer than n_positions", ["extract", "--model", "{w}/gpt2", "--data", "{w}/long.jsonl", "--out", "{w}/s4", "--max-length", "20"], "takes at most 8 positions"),
+    # malformed side files and flags
+    ("manifest is not JSON", ["score", "--train", "{w}/badmanifest", "--query", "{w}/qstore", "--out", "{w}/o7.json"], "manifest.json is not valid JSON"),
+    ("--config not JSON", ["extract", "--model", "{w}/model", "--data", "{w}/train.jsonl", "--out", "{w}/s5", "--config", "{w}/cfg_bad.json"], "is not valid JSON"),
+    ("--config unknown field", ["extract", "--model", "{w}/model", "--data", "{w}/train.jsonl", "--out", "{w}/s5", "--config", "{w}/cfg_unknown.json"], "unknown field(s) rank; the fields are rank_in"),
+    ("--config is a list", ["extract", "--model", "{w}/model", "--data", "{w}/train.jsonl", "--out", "{w}/s5", "--config", "{w}/cfg_list.json"], "must hold one object of ProjectionConfig fields"),
+    ("--config missing", ["extract", "--model", "{w}/model", "--data", "{w}/train.jsonl", "--out", "{w}/s5", "--config", "{w}/nope.json"], "nope.json: no such file"),
+    ("--config rank_in 0", ["extract", "--model", "{w}/model", "--data", "{w}/train.jsonl", "--out", "{w}/s5", "--config", "{w}/cfg_zero.json"], "--rank-in must be a positive int"),
+    ("--rank-in 0", ["extract", "--model", "{w}/model", "--data", "{w}/train.jsonl", "--out", "{w}/s5", "--rank-in", "0"], "--rank-in must be a positive int"),
+    ("--ff is JSON named .npy", ["weights", "--method", "rapidun", "--ff", "{w}/notnpy.npy", "--fr", "{w}/s.npy", "--rf", "{w}/s.npy", "--rr", "{w}/s.npy", "--out", "{w}/w1.json"], "is not a .npy array"),
+    ("--scores is a .json", ["weights", "--method", "low_influence", "--scores", "{w}/scores.json", "--quantile", "0.5", "--out", "{w}/w2.json"], "give a .npy or .pt tensor file"),
+    ("--scores missing", ["weights", "--method", "low_influence", "--scores", "{w}/nope.npy", "--quantile", "0.5", "--out", "{w}/w3.json"], "nope.npy: no such file"),
+    ("imu without --forget-grads", ["weights", "--method", "imu", "--out", "{w}/w4.json"], "needs --forget-grads"),
+    ("rapidun without all matrices", ["weights", "--method", "rapidun", "--ff", "{w}/s.npy", "--out", "{w}/w5.json"], "needs --fr --rf --rr"),
+    ("extract --batch-size 0", ["extract", "--model", "{w}/model", "--data", "{w}/train.jsonl", "--out", "{w}/s6", "--batch-size", "0"], "--batch-size must be >= 1"),
+    ("extract --shard-rows 0", ["extract", "--model", "{w}/model", "--data", "{w}/train.jsonl", "--out", "{w}/s6", "--shard-rows", "0"], "--shard-rows must be >= 1"),
+    ("score --topk 0", ["score", "--train", "{w}/store", "--query", "{w}/qstore", "--out", "{w}/o8.json", "--topk", "0"], "--topk must be >= 1"),
+    ("score --chunk-rows 0", ["score", "--train", "{w}/store", "--query", "{w}/qstore", "--out", "{w}/o8.json", "--chunk-rows", "0"], "--chunk-rows must be >= 1"),
+    ("unlearn --batch-size 0", ["unlearn", "--model", "{w}/model", "--forget", "{w}/train.jsonl", "--method", "ga", "--out", "{w}/u2", "--batch-size", "0"], "--batch-size must be >= 1"),
+    ("unlearn --lr 0", ["unlearn", "--model", "{w}/model", "--forget", "{w}/train.jsonl", "--method", "ga", "--out", "{w}/u2", "--lr", "0"], "--lr and --epochs must be > 0"),
+    ("evaluate --batch-size 0", ["evaluate", "--model", "{w}/model", "--clean", "{w}/train.jsonl", "--out", "{w}/e8.json", "--batch-size", "0"], "--batch-size must be >= 1"),
+    ("bench --device cuda without CUDA", ["bench", "--device", "cuda"], "CUDA is not available"),
+    ("bench --repeats 0", ["bench", "--repeats", "0"], "--repeats must be >= 1"),
+    ("extract --device cuda without CUDA", ["extract", "--model", "{w}/model", "--data", "{w}/train.jsonl", "--out", "{w}/s7", "--device", "cuda"], "CUDA is not available on this machine; use --device cpu"),
+    ("extract --device tpu", ["extract", "--model", "{w}/model", "--data", "{w}/train.jsonl", "--out", "{w}/s7", "--device", "tpu"], "is not a device"),
+    ("invalid include regex", ["extract", "--model", "{w}/model", "--data", "{w}/train.jsonl", "--out", "{w}/s8", "--include", "(mlp"], "the include regex '(mlp' is invalid"),
+    ("invalid exclude regex", ["extract", "--model", "{w}/model", "--data", "{w}/train.jsonl", "--out", "{w}/s8", "--exclude", "["], "the exclude regex '[' is invalid"),
+    ("include matches nothing", ["extract", "--model", "{w}/model", "--data", "{w}/train.jsonl", "--out", "{w}/s8", "--include", "nothing_here"], "Adjust the regexes in --include / --exclude"),
+    ("--train is a file", ["score", "--train", "{w}/train.jsonl", "--query", "{w}/qstore", "--out", "{w}/o9.json"], "is a file, not a feature store directory"),
+    ("--train does not exist", ["score", "--train", "{w}/nostore", "--query", "{w}/qstore", "--out", "{w}/o9.json"], "no feature store at"),
+    ("--train has no manifest", ["score", "--train", "{w}/empty_dir", "--query", "{w}/qstore", "--out", "{w}/o9.json"], "manifest.json is missing"),
+    ("--query JSONL without --model", ["score", "--train", "{w}/store", "--query", "{w}/query.jsonl", "--out", "{w}/o9.json"], "give --model"),
+    ("kfac without covariances", ["score", "--train", "{w}/store", "--query", "{w}/qstore", "--out", "{w}/o9.json", "--precondition", "kfac"], "extracted with --covariances"),
+    ("--data missing", ["extract", "--model", "{w}/model", "--data", "{w}/nope.jsonl", "--out", "{w}/s9"], "no such file"),
+    ("--data is a directory", ["extract", "--model", "{w}/model", "--data", "{w}/empty_dir", "--out", "{w}/s9"], "is a directory; give a JSONL file"),
+    ("--data line is not JSON", ["extract", "--model", "{w}/model", "--data", "{w}/badjson.jsonl", "--out", "{w}/s9"], "line 1 is not valid JSON"),
+    ("--data has no examples", ["extract", "--model", "{w}/model", "--data", "{w}/blank.jsonl", "--out", "{w}/s9"], "holds no examples"),
+    ("--data duplicate ids", ["extract", "--model", "{w}/model", "--data", "{w}/dup.jsonl", "--out", "{w}/s9"], "id 1 occurs twice"),
+    ("--data response not a string", ["extract", "--model", "{w}/model", "--data", "{w}/nonstr.jsonl", "--out", "{w}/s9"], "'response' must be a string"),
+    ("unlearn --weights not JSON", ["unlearn", "--model", "{w}/model", "--forget", "{w}/train.jsonl", "--method", "ga", "--out", "{w}/u3", "--weights", "{w}/weights_bad.json"], "weights_bad.json is not valid JSON"),
+    ("unlearn --weights other keys", ["unlearn", "--model", "{w}/model", "--forget", "{w}/train.jsonl", "--method", "ga", "--out", "{w}/u3", "--weights", "{w}/weights_other.json"], "holds none of 'forget', 'retain', 'keep'"),
+    ("evaluate --attack missing", ["evaluate", "--model", "{w}/model", "--attack", "{w}/nope.json", "--out", "{w}/e9.json"], "nope.json: no such file"),
+    ("resume with another projection", ["extract", "--model", "{w}/model", "--data", "{w}/train.jsonl", "--out", "{w}/store", "--rank-in", "2", "--rank-out", "4"], "were made with a different layer set"),
+    ("resume without --covariances flag match", ["extract", "--model", "{w}/model", "--data", "{w}/train.jsonl", "--out", "{w}/store", "--rank-in", "4", "--rank-out", "4", "--covariances"], "pass the same flags"),
+    ("store written by another run", ["extract", "--model", "{w}/model", "--data", "{w}/train.jsonl", "--out", "{w}/locked", "--rank-in", "4", "--rank-out", "4", "--batch-size", "2"], "is being written by another run (pid"),
+    # argparse's own errors: also one line, exit code 2
+    ("unknown --metric", ["score", "--train", "{w}/store", "--query", "{w}/qstore", "--out", "{w}/o.json", "--metric", "foo"], "invalid choice: 'foo'"),
+    ("non-integer --topk", ["score", "--train", "{w}/store", "--query", "{w}/qstore", "--out", "{w}/o.json", "--topk", "ten"], "invalid int value: 'ten'"),
+    ("missing --out", ["score", "--train", "{w}/store", "--query", "{w}/qstore"], "the following arguments are required: --out"),
+    ("unknown command", ["explain"], "invalid choice: 'explain'"),
+]
+
+
+@pytest.mark.parametrize("name, args, fragment", CLI_CASES, ids=[c[0] for c in CLI_CASES])
+def test_cli_mistake_is_one_line_with_exit_code_2(w, capsys, name, args, fragment):
+    try:
+        rc = main(_argv(w, args))
+    except SystemExit as exc:  # argparse
+        rc = exc.code
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert "Traceback" not in err
+    lines = [l for l in err.splitlines() if "error:" in l]
+    assert len(lines) == 1 and fragment in lines[0], err
+
+
+def test_debug_shows_the_traceback_of_a_mistake(w):
+    from fastinfluence.cli import CLIError
+
+    with pytest.raises(CLIError, match="--batch-size must be >= 1"):
+        main(_argv(w, ["extract", "--model", "{w}/model", "--data", "{w}/train.jsonl", "--out", "{w}/s", "--batch-size", "0", "--debug"]))
+
+
+def test_a_bug_keeps_its_traceback(w, monkeypatch):
+    import fastinfluence.cli as cli
+
+    def broken(*a, **k):
+        raise KeyError("internal")
+
+    monkeypatch.setattr(cli, "read_jsonl", broken)
+    with pytest.raises(KeyError):
+        main(_argv(w, ["extract", "--model", "{w}/model", "--data", "{w}/train.jsonl", "--out", "{w}/sbug"]))
+
+
+def test_no_failed_command_left_an_output_behind(w):
+    for name in ("o1.json", "o2.json", "o3.json", "o8.json", "u1", "u2", "s1", "s3", "s5", "s6"):
+        assert not (w / name).exists(), name
+    assert json.loads((w / "existing.json").read_text()) == {}
+    assert (w / "unlearned_other" / "config.json").exists() and not (w / "unlearned_other" / "adapter_config.json").exists()
+    assert not list(w.glob(".*tmp-*"))
