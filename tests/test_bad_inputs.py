@@ -13,7 +13,10 @@ import numpy as np
 import pytest
 import torch
 
+import fastinfluence as fi
+from fastinfluence import outputs
 from fastinfluence.cli import main
+from fastinfluence.precondition import Preconditioner
 
 WORDS = "the a cat dog sat ran on under mat log red blue big small fox hen".split()
 
@@ -239,3 +242,161 @@ def test_no_failed_command_left_an_output_behind(w):
     assert json.loads((w / "existing.json").read_text()) == {}
     assert (w / "unlearned_other" / "config.json").exists() and not (w / "unlearned_other" / "adapter_config.json").exists()
     assert not list(w.glob(".*tmp-*"))
+
+
+# ----------------------------------------------------------------------------- the API
+
+
+@pytest.fixture(scope="module")
+def api(w):
+    """(model, the train store, the query store)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(w / "model"), fi.FeatureStore.open(w / "store"), fi.FeatureStore.open(w / "qstore")
+
+
+def _batch(**over):
+    b = {"input_ids": torch.tensor([[3, 4, 5, 6]]), "attention_mask": torch.ones(1, 4, dtype=torch.long),
+         "labels": torch.tensor([[-100, -100, 5, 6]])}
+    b.update(over)
+    return {k: v for k, v in b.items() if v is not None}
+
+
+def _extract(model, batch, **config):
+    return fi.GradientExtractor(model, fi.ProjectionConfig(rank_in=4, rank_out=4, **config)).extract([batch])
+
+
+def _score(api, **kw):
+    _, train, query = api
+    return fi.score(query, train, **kw)
+
+
+def _lock_second_writer(w):
+    from fastinfluence.store_lock import writing
+
+    with writing(w / "lockstore"):  # this run holds it; an independent writer is refused
+        import multiprocessing as mp
+
+        ctx = mp.get_context("fork")
+        q = ctx.Queue()
+        p = ctx.Process(target=_try_write, args=(str(w / "lockstore"), q))
+        p.start()
+        p.join(60)
+        raise ValueError(q.get(timeout=5))
+
+
+def _try_write(path, q):
+    from fastinfluence.store_lock import writing
+
+    try:
+        with writing(path):
+            q.put("not refused")
+    except Exception as exc:  # reported to the parent
+        q.put(f"{type(exc).__name__}: {exc}")
+
+
+API_CASES = [
+    ("ProjectionConfig rank_in 0", lambda w, api: fi.ProjectionConfig(rank_in=0), ValueError, "rank_in must be a positive int"),
+    ("invalid include regex", lambda w, api: _extract(api[0], _batch(), include=["(q"]), ValueError, "the include regex '\\(q' is invalid"),
+    ("float labels", lambda w, api: _extract(api[0], _batch(labels=torch.tensor([[-100.0, -100.0, 5.0, 6.0]]))), ValueError, "labels has dtype torch.float32; it must hold integers"),
+    ("float input_ids", lambda w, api: _extract(api[0], _batch(input_ids=torch.tensor([[3.0, 4, 5, 6]]))), ValueError, "input_ids has dtype torch.float32"),
+    ("token id past the vocabulary", lambda w, api: _extract(api[0], _batch(input_ids=torch.tensor([[3, 4, 500, 6]]))), ValueError, "outside 0..18 \\(the model's vocabulary"),
+    ("negative label other than -100", lambda w, api: _extract(api[0], _batch(labels=torch.tensor([[-100, -100, -5, 6]]))), ValueError, "labels outside 0..18 and not -100"),
+    ("no label tokens", lambda w, api: _extract(api[0], _batch(labels=torch.full((1, 4), -100))), ValueError, "have no label tokens"),
+    ("labels of another shape", lambda w, api: _extract(api[0], _batch(labels=torch.tensor([[1, 2]]))), ValueError, "labels has shape \\(1, 2\\) but input_ids has \\(1, 4\\)"),
+    ("no mask and a pad inside", lambda w, api: _extract(api[0], _batch(input_ids=torch.tensor([[3, 0, 5, 6]]), attention_mask=None)), ValueError, "pass attention_mask"),
+    ("negative damping", lambda w, api: _score(api, precondition="diagonal", damping=-1.0), ValueError, "damping must be a positive finite number"),
+    ("matrix and matrix_path", lambda w, api: _score(api, matrix=True, matrix_path=w / "m.npy"), ValueError, "not both"),
+    ("topk 0", lambda w, api: _score(api, topk=0), ValueError, "topk and chunk_rows must be integers >= 1"),
+    ("unknown metric", lambda w, api: _score(api, metric="l2"), ValueError, "metric must be one of"),
+    ("unknown precondition", lambda w, api: _score(api, precondition="hessian"), ValueError, "precondition must be None, a Preconditioner or one of"),
+    ("incomplete train store", lambda w, api: fi.score(api[2], fi.FeatureStore.open(w / "partial")), Exception, "is incomplete \\(4 of 10 examples\\).*re-run the same extraction"),
+    ("token_scores row -1", lambda w, api: fi.token_scores(api[2], api[1], rows=[-1]), IndexError, "rows \\[-1\\] are outside the train rows 0..3"),
+    ("token_scores no rows", lambda w, api: fi.token_scores(api[2], api[1], rows=[]), ValueError, "rows is empty"),
+    ("store path is a file", lambda w, api: fi.FeatureStore.open(w / "file.txt"), Exception, "is a file, not a feature store directory"),
+    ("manifest not JSON", lambda w, api: fi.FeatureStore.open(w / "badmanifest"), Exception, "manifest.json is not valid JSON"),
+    ("Preconditioner damping 0", lambda w, api: Preconditioner("diagonal", {}, {}, damping=0.0), ValueError, "damping must be a positive finite number"),
+    ("attack group a string", lambda w, api: fi.evaluate.check_attack({"target": "x", "seen": "the cat"}), ValueError, "attack group 'seen' must be a non-empty list"),
+    ("evaluate with no inputs", lambda w, api: fi.evaluate.evaluate(api[0]), ValueError, "nothing to measure"),
+    ("empty response", lambda w, api: fi.data.encode(_tokenizer(), [{"id": "z", "prompt": "a", "response": ""}]), ValueError, "example 'z': the response has no tokens"),
+    ("max_length 1", lambda w, api: fi.data.batches(_tokenizer(), [{"prompt": "a", "response": "b"}], max_length=1), ValueError, "max_length must be >= 2"),
+    ("batch_size 0", lambda w, api: fi.data.batches(_tokenizer(), [{"prompt": "a", "response": "b"}], batch_size=0), ValueError, "batch_size must be >= 1"),
+    ("one dict as examples", lambda w, api: fi.data.encode(_tokenizer(), {"prompt": "a", "response": "b"}), TypeError, "not one dict"),
+    ("UnlearnDataset negative epoch", lambda w, api: fi.unlearn.UnlearnDataset([{"input_ids": [1, 2], "labels": [1, 2]}], ratio=0).set_epoch(-1), ValueError, "epoch must be >= 0"),
+    ("no free space for an output", lambda w, api: outputs.check_file(w / "big.npy", "--matrix", False, need_bytes=1 << 60), ValueError, "needs .* MiB but .* MiB free; free space or choose another disk"),
+    ("second independent store writer", lambda w, api: _lock_second_writer(w), ValueError, "StoreLockedError: store .*lockstore is being written by another run \\(pid"),
+]
+
+
+@pytest.mark.parametrize("name, call, kind, match", API_CASES, ids=[c[0] for c in API_CASES])
+def test_api_mistake_raises_a_named_error(w, api, name, call, kind, match):
+    with pytest.raises(kind, match=match):
+        call(w, api)
+
+
+# ----------------------------------------------------------------------------- what used to be silently wrong
+
+
+def test_a_frozen_peft_adapter_captures_only_its_lora_layers(w, caplog):
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    get_peft_model(AutoModelForCausalLM.from_pretrained(w / "model"), LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(w / "lora")
+    frozen = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(w / "model"), w / "lora")  # is_trainable=False
+    assert not any(p.requires_grad for p in frozen.parameters())
+    caplog.set_level("INFO", logger="fastinfluence.capture")
+    names = [l.name for l in fi.GradientExtractor(frozen).layers]
+    assert names and all(".lora_" in n for n in names)
+    assert "LoRA layers of the PEFT model" in caplog.text
+
+
+def test_a_model_with_no_trainable_layer_warns_that_it_captures_every_layer(api, caplog):
+    model = api[0]
+    flags = [p.requires_grad for p in model.parameters()]
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        caplog.set_level("WARNING", logger="fastinfluence.capture")
+        assert len(fi.GradientExtractor(model).layers) > 1 and "capturing every supported layer" in caplog.text
+    finally:
+        for p, f in zip(model.parameters(), flags):
+            p.requires_grad_(f)
+
+
+def test_a_left_padded_batch_without_mask_gives_the_features_of_its_mask(api, caplog):
+    model = api[0]
+    ids = torch.tensor([[0, 0, 3, 4, 5, 6], [7, 8, 9, 3, 4, 5]])
+    labels = torch.tensor([[-100, -100, -100, -100, 5, 6], [-100, -100, -100, -100, 4, 5]])
+    with_mask = _extract(model, {"input_ids": ids, "attention_mask": (ids != 0).long(), "labels": labels})
+    inferred = _extract(model, {"input_ids": ids, "labels": labels})
+    torch.testing.assert_close(inferred.data, with_mask.data, rtol=1e-5, atol=1e-7)
+    assert "taking the leading/trailing pad tokens (id 0) as padding" in caplog.text
+
+
+def test_allow_incomplete_scores_the_rows_that_are_there(w, capsys):
+    assert main(_argv(w, ["--quiet", "score", "--train", "{w}/partial", "--query", "{w}/qstore", "--out", "{w}/partial.json", "--allow-incomplete"])) == 0
+    assert len(json.loads((w / "partial.json").read_text())["queries"][0]["top"]) == 4
+
+
+def test_overwrite_replaces_an_output_whole_and_matrix_true_equals_the_written_matrix(w, api):
+    out, m = w / "again.json", w / "again.npy"
+    for flags in ([], ["--overwrite"]):
+        assert main(_argv(w, ["--quiet", "score", "--train", "{w}/store", "--query", "{w}/qstore", "--out", str(out), "--matrix", str(m), *flags])) == 0
+    np.testing.assert_array_equal(np.load(m), _score(api, matrix=True).matrix)
+
+
+def test_an_unlearned_adapter_records_its_base_model_by_absolute_path(w, monkeypatch):
+    monkeypatch.chdir(w)
+    assert main(["--quiet", "unlearn", "--model", "model", "--forget", "train.jsonl", "--method", "ga", "--lora-r", "2",
+                 "--steps", "1", "--batch-size", "2", "--cpu", "--out", "unlearned"]) == 0
+    base = json.loads((w / "unlearned" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert base == str((w / "model").resolve())
+    monkeypatch.chdir(w / "empty_dir")  # the adapter loads from anywhere
+    assert main(["--quiet", "evaluate", "--model", str(w / "unlearned"), "--clean", str(w / "train.jsonl"), "--out", "e.json"]) == 0
+
+
+def test_rapidun_without_clean_answers_warns_by_name(w, caplog):
+    caplog.set_level("WARNING", logger="fastinfluence")
+    main(_argv(w, ["unlearn", "--model", "{w}/model", "--forget", "{w}/norefs.jsonl", "--retain", "{w}/train.jsonl", "--method", "rapidun",
+                   "--steps", "1", "--batch-size", "1", "--cpu", "--out", "{w}/rapidun_out"]))
+    assert "no line of" in caplog.text and "has 'clean_response'" in caplog.text
