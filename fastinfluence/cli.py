@@ -21,7 +21,6 @@ import argparse
 import csv
 import hashlib
 import importlib
-import io
 import json
 import logging
 import os

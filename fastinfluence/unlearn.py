@@ -28,6 +28,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from . import losses
+from .data import pad
 from .weights import loss_reweight, mlp_blocks
 
 METHODS = ("ga", "graddiff", "npo", "simnpo", "rapidun")
@@ -122,15 +123,7 @@ class UnlearnCollator:
         self.pad_token_id, self.side = pad_token_id, side
 
     def pad(self, examples: list[dict]) -> dict:
-        T = max(len(e["input_ids"]) for e in examples)
-        ids = torch.full((len(examples), T), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(examples), T), losses.IGNORE_INDEX, dtype=torch.long)
-        mask = torch.zeros(len(examples), T, dtype=torch.long)
-        for b, e in enumerate(examples):
-            n = len(e["input_ids"])
-            sl = slice(0, n) if self.side == "right" else slice(T - n, T)
-            ids[b, sl], labels[b, sl], mask[b, sl] = torch.tensor(e["input_ids"]), torch.tensor(e["labels"]), 1
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        return pad([{"input_ids": e["input_ids"], "labels": e["labels"]} for e in examples], self.pad_token_id, self.side)
 
     def __call__(self, items: list[dict]) -> dict:
         forget = [it["forget"] for it in items]
