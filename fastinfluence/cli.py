@@ -146,6 +146,18 @@ def encode(tokenizer, records: list[dict], batch_size: int, max_length: int, eos
     return batches(tokenizer, records, batch_size=batch_size, max_length=max_length, eos=eos)
 
 
+def check_batches(model, batches: list[dict]) -> None:
+    """Every batch checked against the model (token ids, lengths) before any store is touched."""
+    import torch
+
+    from .capture import BatchLimits, prepare_batch
+
+    limits, seen = BatchLimits.of(model), 0
+    for b in batches:
+        prepare_batch(b, torch.device("cpu"), seen, limits)
+        seen += len(b["input_ids"])
+
+
 _CONFIG_FIELDS = ("rank_in", "rank_out", "kind", "seed", "include", "exclude", "include_bias", "dtype", "mode", "dim")
 
 
@@ -228,6 +240,7 @@ def _extract(args) -> int:
     model, tok = load_model(args.model, args.model_dtype, _device(args.device))
     extractor = GradientExtractor(model, config)
     batches = encode(tok, records, args.batch_size, args.max_length, args.eos)
+    check_batches(model, batches)
     meta = {"data": str(Path(args.data).resolve()), "data_sha256": file_digest(args.data),
             "model": str(Path(args.model).resolve()), "encoding": {"max_length": args.max_length, "eos": args.eos}}
     store = write_store(out, extractor, batches, tokens=args.tokens, covariances=args.covariances,
@@ -344,7 +357,9 @@ def _query_features(args, train, records):
 
     model, tok = load_model(args.model, args.model_dtype, _device(args.device))
     extractor = GradientExtractor(model, ProjectionConfig.from_dict(train.manifest["config"]))
-    return extractor.extract(encode(tok, records, args.batch_size, args.max_length, args.eos))
+    batches = encode(tok, records, args.batch_size, args.max_length, args.eos)
+    check_batches(model, batches)
+    return extractor.extract(batches)
 
 
 def _run_score(args, query, train, matrix: Path | None):
@@ -508,8 +523,10 @@ _CLI_TERMS = [
      "extract both with the same --model, --include/--exclude and projection options (--rank-in, --rank-out, --kind, --seed, --mode)"),
     (r"extract with tokens=True", "extract with --tokens"),
     (r"extract with covariances=True", "extract with --covariances"),
-    (r"tokens=True", "--tokens"),
-    (r"covariances=True", "--covariances"),
+    (r"was extracted with tokens=(\w+), covariances=(\w+); pass the same flags to resume or extend it "
+     r"\(got tokens=(\w+), covariances=(\w+)\)",
+     lambda m: f"was extracted with {_flags(m.group(1), m.group(2))}; pass the same flags to resume or extend it "
+               f"(this command has {_flags(m.group(3), m.group(4))})"),
     (r"allow_incomplete=True", "--allow-incomplete"),
     (r"ProjectionConfig\(include=\.\.\., exclude=\.\.\.\)", "--include / --exclude"),
     (r"ProjectionConfig\(include=\.\.\.\)", "--include"),
@@ -518,9 +535,14 @@ _CLI_TERMS = [
     (r"ProjectionConfig\.(\w+)", lambda m: "--" + m.group(1).replace("_", "-")),
     (r"\bmax_length\b", "--max-length"),
     (r"\bbatch_size\b", "--batch-size"),
-    (r"\bdamping\b(?= must)", "--damping"),
+    (r"(?<!-)\bdamping\b(?= must)", "--damping"),
     (r"matrix_path=", "--matrix"),
 ]
+
+
+def _flags(tokens: str, covariances: str) -> str:
+    named = [f for f, v in (("--tokens", tokens), ("--covariances", covariances)) if v == "True"]
+    return " ".join(named) if named else "neither --tokens nor --covariances"
 
 
 def cli_terms(message: str) -> str:

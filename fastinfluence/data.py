@@ -128,6 +128,8 @@ def encode(tokenizer, examples, max_length: int = 512, eos: bool = True, fields:
     """Encoded examples ``{"id", "input_ids", "labels"}`` (plus ``<field>`` encodings of the extra
     response ``fields``, e.g. ``clean_response``, when an example has them). One warning names
     the truncated examples."""
+    if max_length < 2:
+        raise ValueError(f"max_length must be >= 2 (one context token and one answer token), got {max_length}")
     records = read_examples(examples)
     out, cut = [], {"prompt": [], "response": []}
     for r in records:

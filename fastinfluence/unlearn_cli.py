@@ -32,8 +32,9 @@ def _load_tensor(path: str, flag: str):
     if p.suffix == ".npy":
         try:
             t = torch.from_numpy(np.array(np.load(p, mmap_mode="r", allow_pickle=False)))
-        except ValueError as exc:
-            raise CLIError(f"{flag} {path} is not a .npy array ({exc}); give the matrix `fastinfluence score --matrix` wrote") from None
+        except ValueError:
+            raise CLIError(f"{flag} {path} is not a .npy array (numpy cannot read it); give the matrix "
+                           "`fastinfluence score --matrix` wrote") from None
     elif p.suffix in (".pt", ".pth"):
         try:
             t = torch.load(p, map_location="cpu", weights_only=True)

@@ -129,7 +129,7 @@ CLI_CASES = [
     ("evaluate --out in a store", ["evaluate", "--model", "{w}/model", "--clean", "{w}/train.jsonl", "--out", "{w}/store/eval.json"], "lies inside the feature store"),
     # silent wrong results
     ("score an incomplete store", ["score", "--train", "{w}/partial", "--query", "{w}/qstore", "--out", "{w}/o2.json"], "is incomplete (4 of 10 examples)"),
-    ("score --damping negative", ["score", "--train", "{w}/store", "--query", "{w}/qstore", "--out", "{w}/o3.json", "--precondition", "diagonal", "--damping", "-1"], "--damping must be > 0"),
+    ("score --damping negative", ["score", "--train", "{w}/store", "--query", "{w}/qstore", "--out", "{w}/o3.json", "--precondition", "diagonal", "--damping", "-1"], "error: --damping must be > 0"),
     ("score --damping 0", ["score", "--train", "{w}/store", "--query", "{w}/qstore", "--out", "{w}/o3.json", "--damping", "0"], "--damping must be > 0"),
     ("extract --max-length -5", ["extract", "--model", "{w}/model", "--data", "{w}/train.jsonl", "--out", "{w}/s1", "--max-length", "-5"], "--max-length must be >= 2"),
     ("score texts edited since extraction", ["score", "--train", "{w}/editedstore", "--query", "{w}/qstore", "--out", "{w}/o4.json"], "changed since the store was extracted"),
@@ -152,7 +152,7 @@ CLI_CASES = [
     ("adapter base is not local", ["extract", "--model", "{w}/adapter", "--data", "{w}/train.jsonl", "--out", "{w}/s3"], "is not a local model directory"),
     ("evaluate --retrained does not exist", ["evaluate", "--model", "{w}/model", "--forget", "{w}/train.jsonl", "--retrained", "{w}/nope", "--out", "{w}/e7.json"], "nope: no such directory"),
     # lengths and tokens
-    ("GPT-2 input longer than n_positions", ["extract", "--model", "{w}/gpt2", "--data", "{w}/long.jsonl", "--out", "{w}/s4", "--max-length", "20"], "takes at most 8 positions"),
+    ("GPT-2 input longer than n_positions", ["extract", "--model", "{w}/gpt2", "--data", "{w}/long.jsonl", "--out", "{w}/s4", "--max-length", "20"], "error: examples [0] are 19 tokens long (with padding) but the model takes at most 8 positions: truncate them (--max-length <= 8)"),
     # malformed side files and flags
     ("manifest is not JSON", ["score", "--train", "{w}/badmanifest", "--query", "{w}/qstore", "--out", "{w}/o7.json"], "manifest.json is not valid JSON"),
     ("--config not JSON", ["extract", "--model", "{w}/model", "--data", "{w}/train.jsonl", "--out", "{w}/s5", "--config", "{w}/cfg_bad.json"], "is not valid JSON"),
@@ -195,7 +195,7 @@ CLI_CASES = [
     ("unlearn --weights other keys", ["unlearn", "--model", "{w}/model", "--forget", "{w}/train.jsonl", "--method", "ga", "--out", "{w}/u3", "--weights", "{w}/weights_other.json"], "holds none of 'forget', 'retain', 'keep'"),
     ("evaluate --attack missing", ["evaluate", "--model", "{w}/model", "--attack", "{w}/nope.json", "--out", "{w}/e9.json"], "nope.json: no such file"),
     ("resume with another projection", ["extract", "--model", "{w}/model", "--data", "{w}/train.jsonl", "--out", "{w}/store", "--rank-in", "2", "--rank-out", "4"], "were made with a different layer set"),
-    ("resume without --covariances flag match", ["extract", "--model", "{w}/model", "--data", "{w}/train.jsonl", "--out", "{w}/store", "--rank-in", "4", "--rank-out", "4", "--covariances"], "pass the same flags"),
+    ("resume without --covariances flag match", ["extract", "--model", "{w}/model", "--data", "{w}/train.jsonl", "--out", "{w}/store", "--rank-in", "4", "--rank-out", "4", "--covariances"], "was extracted with neither --tokens nor --covariances; pass the same flags to resume or extend it (this command has --covariances)"),
     ("store written by another run", ["extract", "--model", "{w}/model", "--data", "{w}/train.jsonl", "--out", "{w}/locked", "--rank-in", "4", "--rank-out", "4", "--batch-size", "2"], "is being written by another run (pid"),
     # argparse's own errors: also one line, exit code 2
     ("unknown --metric", ["score", "--train", "{w}/store", "--query", "{w}/qstore", "--out", "{w}/o.json", "--metric", "foo"], "invalid choice: 'foo'"),
@@ -237,7 +237,7 @@ def test_a_bug_keeps_its_traceback(w, monkeypatch):
 
 
 def test_no_failed_command_left_an_output_behind(w):
-    for name in ("o1.json", "o2.json", "o3.json", "o8.json", "u1", "u2", "s1", "s3", "s5", "s6"):
+    for name in ("o1.json", "o2.json", "o3.json", "o8.json", "u1", "u2", "s1", "s3", "s4", "s5", "s6"):
         assert not (w / name).exists(), name
     assert json.loads((w / "existing.json").read_text()) == {}
     assert (w / "unlearned_other" / "config.json").exists() and not (w / "unlearned_other" / "adapter_config.json").exists()
