@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 IGNORE_INDEX = -100
+_PER_LINE = "one {'prompt', 'response'} object per line"
 log = logging.getLogger(__name__)
 
 
@@ -40,9 +41,9 @@ def read_jsonl(path: str | Path, required: tuple[str, ...] = ("prompt", "respons
     """Records of a JSONL file; each needs the ``required`` string fields (``id`` optional, default: its position)."""
     path = Path(path)
     if path.is_dir():
-        raise IsADirectoryError(f"{path} is a directory; give a JSONL file with one {{'prompt', 'response'}} object per line")
+        raise IsADirectoryError(f"{path} is a directory; give a JSONL file with {_PER_LINE}")
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no such file; give a JSONL file with one {{'prompt', 'response'}} object per line")
+        raise FileNotFoundError(f"{path}: no such file; give a JSONL file with {_PER_LINE}")
     records = []
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f):
@@ -206,7 +207,7 @@ class Collator:
 
 def dataloader(tokenizer, examples, batch_size: int = 8, max_length: int = 512, eos: bool = True,
                side: str = "right", **kwargs):
-    """A ``torch.utils.data.DataLoader`` of padded batches; ``kwargs`` go to the DataLoader (``shuffle``, ``num_workers``)."""
+    """A ``torch.utils.data.DataLoader`` of padded batches; ``kwargs`` (``shuffle``, ``num_workers``) go to it."""
     from torch.utils.data import DataLoader
 
     if batch_size < 1:

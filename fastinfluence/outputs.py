@@ -94,9 +94,11 @@ def check_dir(path: str | os.PathLike, flag: str, overwrite: bool, protect: tupl
         raise OutputError(f"{flag} {path} is a file; give a directory path")
     if path.is_dir() and any(path.iterdir()):
         if not (path / "unlearn_stats.json").exists():
-            raise OutputError(f"{flag} {path} is a non-empty directory this command did not write; choose a new directory")
+            raise OutputError(f"{flag} {path} is a non-empty directory this command did not write; "
+                              "choose a new directory")
         if not overwrite:
-            raise OutputError(f"{flag} {path} holds an earlier result; pass --overwrite to replace it, or choose another directory")
+            raise OutputError(f"{flag} {path} holds an earlier result; pass --overwrite to replace it, "
+                              "or choose another directory")
     _writable_parent(path / "x", flag) if path.is_dir() else _writable_parent(path, flag)
     return path
 
