@@ -29,12 +29,18 @@ setup(
         "fastinfluence.ops.backends",
         "fastinfluence.integrations",
         "fastinfluence.triton_kernels",
+        "fastinfluence.csrc",
     ],
     package_dir={
         "fastinfluence": "fastinfluence",
         "fastinfluence.triton_kernels": "triton_kernels",
+        # The CUDA sources travel with an installed package (built on first use on a GPU).
+        "fastinfluence.csrc": "csrc",
     },
-    package_data={"fastinfluence.integrations": ["open_unlearning_configs/*/*.yaml", "open_unlearning_configs/*/*/*/*.yaml"]},
+    package_data={
+        "fastinfluence.integrations": ["open_unlearning_configs/*/*.yaml", "open_unlearning_configs/*/*/*/*.yaml"],
+        "fastinfluence.csrc": ["*.h", "*.cu", "*.cpp", "*.py", "*.sh", "*.md"],
+    },
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -6,19 +6,25 @@
 """
 import importlib
 
-from . import ops
-from .config import ProjectionConfig
-from .exact import exact_scores
-from .extract import GradientExtractor
-from .features import Features
-from .kfac import KFACFactors, fit_kfac, kfac_scores
-from .scoring import ScoreResult, score, self_influence, token_scores
-from .store import FeatureStore
-
 __version__ = "0.1.0"
 
-# Modules that pull in transformers.Trainer and friends load on first use.
+# Every public name loads on first use, so that `fastinfluence --help` does not import
+# torch and transformers.
 _LAZY = {
+    "ops": ("fastinfluence.ops", None),
+    "data": ("fastinfluence.data", None),
+    "ProjectionConfig": ("fastinfluence.config", "ProjectionConfig"),
+    "exact_scores": ("fastinfluence.exact", "exact_scores"),
+    "GradientExtractor": ("fastinfluence.extract", "GradientExtractor"),
+    "Features": ("fastinfluence.features", "Features"),
+    "ScoreResult": ("fastinfluence.scoring", "ScoreResult"),
+    "score": ("fastinfluence.scoring", "score"),
+    "self_influence": ("fastinfluence.scoring", "self_influence"),
+    "token_scores": ("fastinfluence.scoring", "token_scores"),
+    "FeatureStore": ("fastinfluence.store", "FeatureStore"),
+    "KFACFactors": ("fastinfluence.kfac", "KFACFactors"),
+    "fit_kfac": ("fastinfluence.kfac", "fit_kfac"),
+    "kfac_scores": ("fastinfluence.kfac", "kfac_scores"),
     "weights": ("fastinfluence.weights", None),
     "losses": ("fastinfluence.losses", None),
     "evaluate": ("fastinfluence.evaluate", None),
@@ -31,28 +37,14 @@ def __getattr__(name):
     if name in _LAZY:
         module, attr = _LAZY[name]
         mod = importlib.import_module(module)
-        return mod if attr is None else getattr(mod, attr)
+        value = mod if attr is None else getattr(mod, attr)
+        globals()[name] = value
+        return value
     raise AttributeError(f"module 'fastinfluence' has no attribute {name!r}")
 
 
-__all__ = [
-    "FeatureStore",
-    "Features",
-    "GradientExtractor",
-    "KFACFactors",
-    "ProjectionConfig",
-    "ScoreResult",
-    "UnlearnTrainer",
-    "evaluate",
-    "exact_scores",
-    "fit_kfac",
-    "kfac_scores",
-    "losses",
-    "ops",
-    "score",
-    "self_influence",
-    "token_scores",
-    "unlearn",
-    "weights",
-    "__version__",
-]
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
+
+
+__all__ = sorted(_LAZY) + ["__version__"]

@@ -15,10 +15,12 @@ import argparse
 import json
 import statistics
 import time
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
+OPS = ("project", "ghost_dot", "score_topk", "jl_project", "linear_cross_entropy")
 SIZES = {
     # project / ghost: B, T, d_in, d_out, k; score: Q, N, D, topk; jl: B, D, k; lce: N, H, V
     "small": dict(B=4, T=64, d_in=256, d_out=256, k=32, Q=16, N=4096, D=1024, topk=10, jlB=8, jlD=16384, jlk=256,
@@ -34,6 +36,8 @@ _REGISTERED = {"linear_cross_entropy": "linear_cross_entropy_forward"}
 
 def _cases(s: dict, device: torch.device) -> dict[str, tuple[Callable[[], tuple], Callable, float]]:
     """op -> (make inputs, call(op_fn, inputs) -> tensor, useful flops)."""
+    import torch
+
     from . import ops
 
     g = torch.Generator(device="cpu").manual_seed(0)
@@ -73,6 +77,8 @@ def _cases(s: dict, device: torch.device) -> dict[str, tuple[Callable[[], tuple]
 
 
 def _median_seconds(fn: Callable[[], object], repeats: int, device: torch.device) -> float:
+    import torch
+
     def sync():
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -89,10 +95,26 @@ def _median_seconds(fn: Callable[[], object], repeats: int, device: torch.device
 
 
 def run(size: str = "small", repeats: int = 5, device: str | None = None, ops_filter: list[str] | None = None) -> list[dict]:
+    import torch
+
     from . import ops
     from .ops._backend import implements
 
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    unknown = sorted(set(ops_filter or ()) - set(OPS))
+    if unknown:
+        raise ValueError(f"unknown ops {', '.join(unknown)} for --ops; choose from {', '.join(OPS)}")
+    if size not in SIZES:
+        raise ValueError(f"unknown size {size!r}; choose from {', '.join(SIZES)}")
+    if repeats < 1:
+        raise ValueError(f"--repeats must be >= 1, got {repeats}")
+    try:
+        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {device!r}: give cpu or cuda")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
     previous = ops.get_backend()
     rows = []
     try:
@@ -126,14 +148,14 @@ def register(subparsers) -> None:
     p.add_argument("--size", choices=sorted(SIZES), default="small", help="problem sizes (default small)")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per op and backend; the median is reported (default 5)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when present)")
-    p.add_argument("--ops", nargs="+", metavar="OP", help="only these ops (default: all)")
+    p.add_argument("--ops", nargs="+", metavar="OP", help=f"only these ops, of {', '.join(OPS)} (default: all)")
     p.add_argument("--json", metavar="PATH", help="also write the rows as JSON here")
     p.set_defaults(func=_main)
 
 
 def _main(args) -> int:
-    if args.repeats < 1:
-        raise SystemExit("--repeats must be >= 1")
+    import torch
+
     rows = run(args.size, args.repeats, args.device, args.ops)
     print(f"{'op':<22s}{'backend':<9s}{'median ms':>11s}{'GFLOP/s':>10s}{'rel err':>10s}")
     for r in rows:

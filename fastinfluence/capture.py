@@ -16,6 +16,7 @@ train/eval mode of every module, hooks).
 from __future__ import annotations
 
 import contextlib
+import logging
 import re
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
@@ -31,6 +32,8 @@ try:  # GPT-2 style Conv1D: y = x @ W + b with W: (d_in, d_out)
     from transformers.pytorch_utils import Conv1D
 except ImportError:  # pragma: no cover - transformers is a dependency
     Conv1D = None
+
+log = logging.getLogger(__name__)
 
 SUPPORTED_TYPES: tuple[type, ...] = (nn.Linear,) + ((Conv1D,) if Conv1D is not None else ())
 
@@ -90,7 +93,7 @@ def select_layers(
     tied = [n for n, m in candidates if id(m.weight) in shared]
     candidates = [(n, m) for n, m in candidates if id(m.weight) not in shared]
     if include is not None:
-        pats = [re.compile(p) for p in include]
+        pats = _compile(include, "include")
         chosen = [(n, m) for n, m in candidates if any(p.search(n) for p in pats)]
         tied_hits = [n for n in tied if any(p.search(n) for p in pats)]
         if not chosen and tied_hits:
@@ -100,9 +103,9 @@ def select_layers(
                 "Untie them (config.tie_word_embeddings=False) or choose other layers."
             )
     else:
-        chosen = [(n, m) for n, m in candidates if m.weight.requires_grad] or candidates
+        chosen, why = _default_layers(candidates)
     if exclude:
-        pats = [re.compile(p) for p in exclude]
+        pats = _compile(exclude, "exclude")
         chosen = [(n, m) for n, m in chosen if not any(p.search(n) for p in pats)]
     if not chosen:
         names = ", ".join(n for n, _ in candidates[:8]) + (", ..." if len(candidates) > 8 else "")
@@ -110,9 +113,41 @@ def select_layers(
             f"no layer matches include={include!r} exclude={exclude!r}; supported layers of this model "
             f"include: {names}. Adjust the regexes in ProjectionConfig(include=..., exclude=...)."
         )
+    names = [n for n, _ in chosen]
+    log.info("capturing %d layers (%s): %s", len(names), "include/exclude regexes" if include is not None else why,
+             ", ".join(names[:4]) + (", ..." if len(names) > 4 else ""))
     return [
         Layer(n, m, *_dims(m), bias=include_bias and getattr(m, "bias", None) is not None) for n, m in chosen
     ]
+
+
+_LORA = re.compile(r"(^|\.)lora_[AB](\.|$)")
+
+
+def _compile(patterns, which: str) -> list[re.Pattern]:
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    out = []
+    for p in patterns:
+        try:
+            out.append(re.compile(p))
+        except re.error as exc:
+            raise ValueError(f"the {which} regex {p!r} is invalid ({exc}); fix ProjectionConfig.{which}") from None
+    return out
+
+
+def _default_layers(candidates: list[tuple[str, nn.Module]]) -> tuple[list[tuple[str, nn.Module]], str]:
+    """Default selection: a PEFT model's LoRA layers (trainable or not: ``PeftModel.from_pretrained``
+    loads them frozen), else the trainable layers, else every supported layer (with a warning)."""
+    lora = [(n, m) for n, m in candidates if _LORA.search(n)]
+    if lora:
+        return lora, "default: the LoRA layers of the PEFT model"
+    trainable = [(n, m) for n, m in candidates if m.weight.requires_grad]
+    if trainable:
+        return trainable, "default: the layers whose weight is trainable"
+    log.warning("no supported layer has a trainable weight and the model has no LoRA layers: capturing every "
+                "supported layer (%d); choose layers with ProjectionConfig(include=...)", len(candidates))
+    return candidates, "default: every supported layer, none is trainable"
 
 
 # ---------------------------------------------------------------------------------------
@@ -148,11 +183,56 @@ def batch_ids(batch: dict, n: int, start: int) -> list:
     return ids
 
 
-def prepare_batch(batch: dict, device: torch.device, start: int) -> Batch:
+@dataclass(frozen=True)
+class BatchLimits:
+    """What a model accepts: token ids < vocab_size, at most max_positions tokens; pad/eos ids (or None)."""
+
+    vocab_size: int | None = None
+    max_positions: int | None = None
+    pad_token_id: int | None = None
+    eos_token_id: int | None = None
+
+    @classmethod
+    def of(cls, model: nn.Module) -> "BatchLimits":
+        cfg = getattr(model, "config", None)
+        emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        vocab = getattr(emb, "num_embeddings", None) or getattr(cfg, "vocab_size", None)
+        # Only absolute position embeddings have a hard limit (rotary ones extrapolate).
+        positions = getattr(cfg, "n_positions", None) if hasattr(cfg, "n_positions") else None
+        if positions is None and getattr(cfg, "model_type", None) in ("opt", "gpt_bigcode", "bloom", "bert"):
+            positions = getattr(cfg, "max_position_embeddings", None)
+        eos = getattr(cfg, "eos_token_id", None)
+        return cls(vocab, positions, getattr(cfg, "pad_token_id", None), eos if isinstance(eos, int) else None)
+
+
+def _infer_mask(input_ids: torch.Tensor, limits: BatchLimits, ids: list) -> torch.Tensor:
+    """Attention mask of a batch given without one: padding is the leading or trailing run of
+    ``pad_token_id``. Refused where padding cannot be told from content."""
+    pad = limits.pad_token_id
+    ones = torch.ones_like(input_ids, dtype=torch.long)
+    if pad is None or not bool((input_ids == pad).any()):
+        return ones
+    is_pad = input_ids == pad
+    lead = is_pad.long().cumprod(1).bool()
+    trail = is_pad.flip(1).long().cumprod(1).flip(1).bool()
+    if limits.eos_token_id == pad or bool((is_pad & ~lead & ~trail).any()):
+        rows = torch.nonzero((is_pad & ~lead & ~trail).any(1)).flatten().tolist() or [0]
+        raise ValueError(
+            f"the batch has no attention_mask and examples {[ids[i] for i in rows[:5]]} hold the pad token "
+            f"{pad} where it cannot be told from text (inside the sequence, or pad = eos): pass attention_mask"
+        )
+    log.warning("the batch has no attention_mask: taking the leading/trailing pad tokens (id %d) as padding; "
+                "pass attention_mask to say so explicitly", pad)
+    return (~(lead | trail)).long()
+
+
+def prepare_batch(batch: dict, device: torch.device, start: int, limits: BatchLimits | None = None) -> Batch:
     """Validate an HF-style batch (``input_ids``, optional ``attention_mask`` / ``labels`` / ``ids``).
 
     Missing labels mean every attended token is a target; labels at padding are ignored.
-    ``start`` is the running index of the batch's first example (default ids).
+    ``start`` is the running index of the batch's first example (default ids). A missing
+    attention mask is inferred from the model's ``pad_token_id`` (see ``_infer_mask``);
+    ``limits`` (``BatchLimits.of(model)``) also checks token ids and lengths, naming the example.
     """
     if not isinstance(batch, dict) or "input_ids" not in batch:
         raise ValueError(f"a batch must be a dict with 'input_ids' (and 'attention_mask', 'labels'), got {type(batch).__name__}")
@@ -160,15 +240,19 @@ def prepare_batch(batch: dict, device: torch.device, start: int) -> Batch:
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must have shape (B, T), got {tuple(input_ids.shape)}")
     shape = tuple(input_ids.shape)
+    limits = limits or BatchLimits()
+    ids = batch_ids(batch, shape[0], start)
     mask = batch.get("attention_mask")
-    mask = torch.ones(shape, dtype=torch.long) if mask is None else torch.as_tensor(mask)
+    mask = _infer_mask(input_ids, limits, ids) if mask is None else torch.as_tensor(mask)
     labels = batch.get("labels")
     labels = input_ids.clone() if labels is None else torch.as_tensor(labels)
-    for key, t in (("attention_mask", mask), ("labels", labels)):
+    for key, t in (("input_ids", input_ids), ("attention_mask", mask), ("labels", labels)):
+        if t.dtype.is_floating_point or t.dtype.is_complex:
+            raise ValueError(f"batch {key} has dtype {t.dtype}; it must hold integers (token ids, 0/1, -100 for ignored labels)")
         if tuple(t.shape) != shape:
             raise ValueError(f"batch {key} has shape {tuple(t.shape)} but input_ids has {shape}; they must match")
+    _check_limits(input_ids, mask, labels, limits, ids)
     labels = labels.masked_fill(mask.to(labels.device) == 0, IGNORE_INDEX)
-    ids = batch_ids(batch, shape[0], start)
     counts = (labels[:, 1:] != IGNORE_INDEX).sum(1)
     if bool((counts == 0).any()):
         bad = [ids[i] for i in torch.nonzero(counts == 0).flatten().tolist()]
@@ -179,11 +263,37 @@ def prepare_batch(batch: dict, device: torch.device, start: int) -> Batch:
     return Batch(input_ids.to(device), mask.to(device), labels.to(device), ids)
 
 
-def iter_batches(batches: Iterable[dict], device: torch.device) -> Iterator[Batch]:
-    """Validated batches; raises if the iterable holds no example."""
+def _check_limits(input_ids, mask, labels, limits: BatchLimits, ids: list) -> None:
+    def name(rows):
+        return [ids[i] for i in torch.nonzero(rows).flatten().tolist()[:5]]
+
+    attended = mask != 0
+    if limits.vocab_size is not None:
+        bad = ((input_ids >= limits.vocab_size) | (input_ids < 0)) & attended
+        if bool(bad.any()):
+            raise ValueError(
+                f"examples {name(bad.any(1))} hold token ids outside 0..{limits.vocab_size - 1} (the model's vocabulary, "
+                f"max id {int(input_ids[bad].max())}): encode them with this model's tokenizer"
+            )
+        bad_labels = (labels >= limits.vocab_size) | ((labels < 0) & (labels != IGNORE_INDEX))
+        if bool((bad_labels & attended).any()):
+            raise ValueError(f"examples {name((bad_labels & attended).any(1))} have labels outside 0..{limits.vocab_size - 1} "
+                             "and not -100: labels are token ids, -100 where no loss is taken")
+    if limits.max_positions is not None and input_ids.shape[1] > limits.max_positions:
+        long = attended.sum(1) > limits.max_positions
+        raise ValueError(
+            f"examples {name(long) or ids[:1]} are {input_ids.shape[1]} tokens long (with padding) but the model takes "
+            f"at most {limits.max_positions} positions: truncate them (max_length <= {limits.max_positions})"
+        )
+
+
+def iter_batches(batches: Iterable[dict], device: torch.device, model: nn.Module | None = None) -> Iterator[Batch]:
+    """Validated batches (checked against ``model``'s vocabulary and positions when given); raises if
+    the iterable holds no example."""
     seen = 0
+    limits = BatchLimits.of(model) if model is not None else None
     for raw in batches:
-        batch = prepare_batch(raw, device, seen)
+        batch = prepare_batch(raw, device, seen, limits)
         seen += batch.input_ids.shape[0]
         yield batch
     if seen == 0:

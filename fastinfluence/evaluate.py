@@ -219,6 +219,19 @@ def _texts(ids: list[torch.Tensor], tokenizer) -> list[bytes]:
     return [tokenizer.decode(t.tolist(), skip_special_tokens=True).encode() for t in ids]
 
 
+def check_attack(attack) -> None:
+    """``{"target": str, "<group>": [prompt, ...], ...}``; anything else is refused (a string group would score 0)."""
+    if not isinstance(attack, dict) or not isinstance(attack.get("target"), str) or not attack["target"]:
+        raise ValueError("the attack must be an object with a non-empty string 'target' and one or more groups of "
+                         "prompts: {\"target\": \"...\", \"seen\": [\"prompt\", ...]}")
+    groups = {k: v for k, v in attack.items() if k != "target"}
+    if not groups:
+        raise ValueError("the attack has a 'target' but no group of prompts; add e.g. \"seen\": [\"prompt\", ...]")
+    for name, prompts in groups.items():
+        if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
+            raise ValueError(f"attack group {name!r} must be a non-empty list of prompt strings, got {type(prompts).__name__}")
+
+
 def evaluate(
     model,
     *,
@@ -256,6 +269,12 @@ def evaluate(
     Returns:
         dict of floats, plus ``eval_wall_s`` and ``eval_tokens`` (answer tokens scored).
     """
+    if clean is None and forget is None and attack is None:
+        raise ValueError("evaluate has nothing to measure: give clean=, forget= (with holdout=) or attack= batches")
+    if holdout is not None and forget is None:
+        raise ValueError("holdout= (non-members) is compared with forget= (members): give forget= too")
+    if attack is not None:
+        check_attack(attack)
     start, tokens = time.perf_counter(), 0
     model.eval()
     result: dict = {}

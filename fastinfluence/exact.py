@@ -85,7 +85,7 @@ def exact_scores(
     with frozen_for_capture(model):
         capture = Capture(model, layers)
         query_sq = []
-        for batch in iter_batches(query_batches, device):
+        for batch in iter_batches(query_batches, device, model):
             sq = torch.zeros(batch.input_ids.shape[0], dtype=dtype, device=device)
 
             def keep(layer: Layer, A, G, mask, sq=sq):
@@ -98,7 +98,7 @@ def exact_scores(
         query_sq = torch.cat(query_sq)
 
         columns, train_sq = [], []
-        for batch in iter_batches(train_batches, device):
+        for batch in iter_batches(train_batches, device, model):
             B, T = batch.input_ids.shape
             S = torch.zeros(len(query_sq), B, dtype=dtype, device=device)
             sq = torch.zeros(B, dtype=dtype, device=device)

@@ -155,7 +155,7 @@ class GradientExtractor:
         seen = 0
         capture = Capture(self.model, self.layers)
         fp = self.fingerprint
-        for batch in iter_batches(batches, self.device):
+        for batch in iter_batches(batches, self.device, self.model):
             n = batch.input_ids.shape[0]
             first = max(0, skip_examples - seen)
             seen += n

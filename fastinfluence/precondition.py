@@ -57,6 +57,15 @@ class Preconditioner:
     damping: float | None = None
     damping_ratio: float = 0.1
 
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown preconditioner kind {self.kind!r}; choose one of {', '.join(KINDS)}")
+        if self.damping is not None and not (self.damping > 0 and math.isfinite(self.damping)):
+            raise ValueError(f"damping must be a positive finite number, got {self.damping!r}; leave it unset for "
+                             f"{self.damping_ratio} x the mean eigenvalue")
+        if not (self.damping_ratio > 0 and math.isfinite(self.damping_ratio)):
+            raise ValueError(f"damping_ratio must be a positive finite number, got {self.damping_ratio!r}")
+
     def _damp(self, eigenvalues: torch.Tensor) -> float:
         if self.damping is not None:
             return self.damping

@@ -15,6 +15,8 @@ Under ``torch.distributed`` the ranks split the train rows and the top-k is gath
 """
 from __future__ import annotations
 
+import errno
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -28,9 +30,10 @@ from .features import Features, LayerSlice
 from .ops import TopK, merge_topk, score_topk
 from .ops.score_topk import scores_and_aggregates
 from .precondition import KINDS, Preconditioner, load_or_fit
-from .store import FeatureStore, check_same_origin, iter_chunks, source_metadata
+from .store import FeatureStore, StoreError, check_same_origin, iter_chunks, source_metadata
 
 AGGREGATES = ("mean", "max", "sum", "sumsq")
+MATRIX_MAX_BYTES = 8 << 30
 METRICS = ("dot", "cosine")
 
 
@@ -46,7 +49,8 @@ class ScoreResult:
         query_ids, train_ids: example ids of both sides.
         layer_scores: layer -> (Q, k) float32 score of each top-k pair restricted to that
             layer (they sum to ``topk_values``), when asked with ``per_layer=True``.
-        matrix: (Q, N) float32 memory-mapped full score matrix, when asked with ``matrix_path``.
+        matrix: (Q, N) float32 full score matrix: memory-mapped when asked with ``matrix_path``,
+            in memory with ``matrix=True``.
     """
 
     topk_values: torch.Tensor
@@ -58,7 +62,7 @@ class ScoreResult:
     metric: str
     precondition: str
     layer_scores: dict[str, torch.Tensor] | None = None
-    matrix: np.memmap | None = field(default=None, repr=False)
+    matrix: np.ndarray | None = field(default=None, repr=False)
 
 
 # ----------------------------------------------------------------------------- scaling
@@ -126,7 +130,16 @@ def _query_features(query) -> Features:
     raise TypeError(f"query must be Features or a FeatureStore, got {type(query).__name__}")
 
 
+def _check_damping(damping) -> None:
+    if damping is not None and not (isinstance(damping, (int, float)) and damping > 0 and damping < float("inf")):
+        raise ValueError(
+            f"damping must be a positive finite number, got {damping!r}: zero or negative damping flips or blows "
+            "up the preconditioned scores; leave it unset for 0.1 x the mean eigenvalue"
+        )
+
+
 def _preconditioner(precondition, train, damping, chunk_rows) -> Preconditioner | None:
+    _check_damping(damping)
     if precondition is None or precondition == "identity":
         return None
     if isinstance(precondition, Preconditioner):
@@ -164,10 +177,45 @@ def _gather_topk(top: TopK | None, Q: int, k: int, n: int) -> TopK:
 
 def _open_matrix(path: Path, Q: int, N: int) -> np.memmap:
     rank, _ = dist.rank_world()
+    error = None
     if rank == 0:
-        np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(Q, N)).flush()
+        try:
+            np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(Q, N)).flush()
+            _reserve(path)
+        except OSError as exc:
+            error = f"cannot write the score matrix {path} ({Q} x {N} float32): {exc.strerror or exc}"
+    error = dist.broadcast_object(error)
+    if error is not None:
+        raise OSError(error)
     dist.barrier()
     return np.lib.format.open_memmap(path, mode="r+")
+
+
+def _reserve(path: Path) -> None:
+    """Allocate the memory-mapped file's blocks now: a full disk then fails here with ENOSPC
+    instead of killing the process with SIGBUS when a page is first written."""
+    if not hasattr(os, "posix_fallocate"):
+        return
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            path.unlink(missing_ok=True)
+            raise
+    finally:
+        os.close(fd)
+
+
+def _check_store_complete(source, allow_incomplete: bool, side: str) -> None:
+    if isinstance(source, FeatureStore) and not source.complete and not allow_incomplete:
+        raise StoreError(
+            f"the {side} store {source.path} is incomplete ({source.num_rows} of {source.expected_rows} examples): "
+            "its extraction was interrupted or is still running; re-run the same extraction to resume it, or "
+            "pass allow_incomplete=True to score the rows it has"
+        )
+    if len(source) == 0:
+        raise StoreError(f"the {side} features hold no rows; extract some examples first")
 
 
 # ----------------------------------------------------------------------------- API
@@ -187,6 +235,8 @@ def score(
     damping: float | None = None,
     progress: bool = False,
     device: str | torch.device | None = None,
+    matrix: bool = False,
+    allow_incomplete: bool = False,
 ) -> ScoreResult:
     """Score every query against every train row, streaming the train rows.
 
@@ -201,19 +251,32 @@ def score(
         aggregates: which of ``mean``, ``max``, ``sum``, ``sumsq`` over the queries to return per train row.
         per_layer: also return each layer's share of the top-k scores.
         matrix_path: write the full (Q, N) float32 matrix there (``.npy``, memory-mapped).
-        damping: absolute damping for the preconditioner (default 0.1 x mean eigenvalue).
+        damping: absolute damping for the preconditioner (default 0.1 x mean eigenvalue), > 0.
         device: where the chunks are scored (default: this rank's GPU when CUDA is available,
             else the CPU); results are returned on the CPU.
+        matrix: also return the full (Q, N) float32 matrix in memory (``ScoreResult.matrix``,
+            a numpy array); refused when it would exceed ``MATRIX_MAX_BYTES`` (use ``matrix_path``).
+        allow_incomplete: score the rows an interrupted store extraction left (refused by default).
     """
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
     unknown = set(aggregates) - set(AGGREGATES)
     if unknown:
         raise ValueError(f"unknown aggregates {sorted(unknown)}; choose from {AGGREGATES}")
+    _check_store_complete(train, allow_incomplete, "train")
+    _check_store_complete(query, allow_incomplete, "query")
     if topk is None:
         topk = len(train)
-    if topk < 1 or chunk_rows < 1:
-        raise ValueError(f"topk and chunk_rows must be >= 1, got topk={topk}, chunk_rows={chunk_rows}")
+    if isinstance(topk, bool) or not isinstance(topk, int) or topk < 1 or chunk_rows < 1:
+        raise ValueError(f"topk and chunk_rows must be integers >= 1, got topk={topk!r}, chunk_rows={chunk_rows!r}")
+    _check_damping(damping)
+    if matrix and matrix_path is not None:
+        raise ValueError("give matrix=True (in memory) or matrix_path= (on disk), not both")
+    if matrix and len(query) * len(train) * 4 > MATRIX_MAX_BYTES:
+        raise ValueError(
+            f"the {len(query)} x {len(train)} score matrix needs {len(query) * len(train) * 4 / 2**30:.1f} GiB; "
+            f"matrix=True keeps at most {MATRIX_MAX_BYTES / 2**30:.0f} GiB in memory: write it with matrix_path= instead"
+        )
     _check_pair(query, train)
     qf = _query_features(query)
     layout = dict(train.layout)
@@ -225,7 +288,10 @@ def score(
     q, q_scale = q.to(device), (q_scale.to(device) if q_scale is not None else None)
     N, Q = len(train), len(qf)
     start, stop = _rank_rows(train)
-    matrix = _open_matrix(Path(matrix_path), Q, N) if matrix_path is not None else None
+    if matrix:
+        matrix = np.zeros((Q, N), dtype=np.float32)
+    else:
+        matrix = _open_matrix(Path(matrix_path), Q, N) if matrix_path is not None else None
     top, agg = _stream(scoring, q, q_scale, train, topk, chunk_rows, (start, stop), matrix, progress)
     agg = dist.all_reduce_sum(agg)
     top = _gather_topk(top, Q, topk, N)
@@ -277,9 +343,11 @@ def _stream(scoring: _Scoring, q, q_scale, train, topk, chunk_rows, rows, matrix
         agg[:, c.offset : c.offset + len(x)] = a.float().cpu()
         bar.update(len(x))
     bar.close()
-    if matrix is not None:
+    if isinstance(matrix, np.memmap):
         matrix.flush()
         dist.barrier()
+    elif matrix is not None:  # in memory: each rank filled its rows' columns, zeros elsewhere
+        matrix[:] = dist.all_reduce_sum(torch.from_numpy(matrix)).numpy()
     return (TopK(top.values.cpu(), top.indices.cpu()) if top is not None else None), agg
 
 
@@ -311,6 +379,7 @@ def self_influence(
     chunk_rows: int = 8192,
 ) -> torch.Tensor:
     """(N,) float32 self-influence <H^-1 phi_i, phi_i> of every train row, streamed."""
+    _check_store_complete(train, False, "train")
     pre = _preconditioner(precondition, train, damping, chunk_rows)
     out = torch.empty(len(train), dtype=torch.float32)
     for c in iter_chunks(train, chunk_rows):
@@ -344,6 +413,11 @@ def token_scores(
     scoring = _Scoring(layout, metric, layer_normalize, torch.float64)
     q, q_scale = scoring.query(qf.data, _preconditioner(precondition, train, damping, 8192))
     rows = [int(r) for r in rows]
+    bad = [r for r in rows if not 0 <= r < len(train)]
+    if bad:
+        raise IndexError(f"token_scores: rows {bad[:5]} are outside the train rows 0..{len(train) - 1}")
+    if not rows:
+        raise ValueError("token_scores: rows is empty; give the train rows to explain")
     x, norms = _train_rows(train, rows)
     x = x.to(torch.float64)
     _, t_scale = scoring.train(x, norms)

@@ -217,6 +217,20 @@ class _ShardFile:
 # ----------------------------------------------------------------------------- the store
 
 
+def read_manifest(path: Path) -> dict:
+    """The manifest of the store at ``path``; StoreError naming the file when it is absent or not JSON."""
+    if path.is_file():
+        raise StoreError(f"{path} is a file, not a feature store directory; give the directory that holds {MANIFEST}")
+    if not path.exists():
+        raise StoreError(f"no feature store at {path}: no such directory (extract one with GradientExtractor.extract(batches, store=...))")
+    try:
+        return json.loads((path / MANIFEST).read_text())
+    except FileNotFoundError:
+        raise StoreError(f"no feature store at {path}: {MANIFEST} is missing (extract one with GradientExtractor.extract(batches, store=...))") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise StoreError(f"{path / MANIFEST} is not valid JSON ({exc}): the manifest is damaged; re-run the extraction into {path} to rewrite it") from None
+
+
 class FeatureStore:
     """Read-only view of a feature store directory (see module docstring).
 
@@ -239,6 +253,8 @@ class FeatureStore:
         self.has_tokens = bool(manifest["tokens"])
         self.has_covariances = bool(manifest["covariances"])
         self.meta = manifest.get("meta", {})
+        self.complete = bool(manifest.get("complete", True))  # False while (or after a killed) extraction runs
+        self.expected_rows = int(manifest.get("expected_rows", manifest.get("num_rows", 0)))
         self.ids = [i for s in self.shards for i in s["ids"]]
         self.num_rows = sum(s["rows"] for s in self.shards)
         self._starts = [s["first"] for s in self.shards]
@@ -261,10 +277,7 @@ class FeatureStore:
         must match; a store made with a different model, layer set or config is refused.
         """
         path = Path(path)
-        try:
-            manifest = json.loads((path / MANIFEST).read_text())
-        except FileNotFoundError:
-            raise StoreError(f"no feature store at {path}: {MANIFEST} is missing (extract one with GradientExtractor.extract(batches, store=...))") from None
+        manifest = read_manifest(path)
         _check_format(path, manifest)
         store = cls(path, manifest)
         if expect is not None:
@@ -379,12 +392,18 @@ class FeatureStore:
                 t[0], t[1], t[2] = t[0] + A, t[1] + G, t[2] + int(c[0])
         return {n: (a, g, c) for n, (a, g, c) in total.items()}
 
-    def verify(self) -> None:
-        """Check the size, header and every tensor checksum of every shard; raises CorruptShardError naming the shard."""
+    def verify(self) -> dict:
+        """Check the size, header and every tensor checksum of every shard; raises CorruptShardError naming the shard.
+
+        Returns ``{"rows", "shards", "files", "bytes", "complete"}``: what was checked."""
+        files = size = 0
         for i, s in enumerate(self.shards):
             self._shard(i).verify()
+            files, size = files + 1, size + s["bytes"]
             if s.get("tokens"):
                 self._shard(i, "tokens").verify()
+                files, size = files + 1, size + s["tokens"]["bytes"]
+        return {"rows": self.num_rows, "shards": len(self.shards), "files": files, "bytes": size, "complete": self.complete}
 
     def to_features(self) -> Features:
         """The whole store in memory (for small stores: queries)."""
@@ -490,7 +509,9 @@ def _contiguous(entries: list[dict]) -> list[dict]:
     return out
 
 
-def _manifest(meta: dict, dim: int, tokens: bool, covariances: bool, user_meta: dict, shards: list[dict]) -> dict:
+def _manifest(meta: dict, dim: int, tokens: bool, covariances: bool, user_meta: dict, shards: list[dict],
+              expected: int | None = None) -> dict:
+    rows = sum(s["rows"] for s in shards)
     return {
         "format": FORMAT,
         "version": VERSION,
@@ -499,7 +520,9 @@ def _manifest(meta: dict, dim: int, tokens: bool, covariances: bool, user_meta: 
         "tokens": tokens,
         "covariances": covariances,
         "meta": user_meta,
-        "num_rows": sum(s["rows"] for s in shards),
+        "num_rows": rows,
+        "expected_rows": rows if expected is None else expected,  # the extraction's example count
+        "complete": expected is None or rows == expected,
         "shards": shards,
     }
 
@@ -540,7 +563,15 @@ def _runs_for_rank(pieces: list[tuple[int, int, int]], rank: int, world: int) ->
     return runs
 
 
-def write_store(
+def write_store(path: str | os.PathLike, extractor, batches: Iterable[Mapping], **kwargs) -> FeatureStore:
+    """``_write_store`` under the store's lock: a second, independent writer is refused (``store_lock``)."""
+    from .store_lock import writing
+
+    with writing(path):
+        return _write_store(path, extractor, batches, **kwargs)
+
+
+def _write_store(
     path: str | os.PathLike,
     extractor,
     batches: Iterable[Mapping],
@@ -583,7 +614,7 @@ def write_store(
     rank, world = dist.rank_world()
 
     if (root / MANIFEST).exists():
-        old = json.loads((root / MANIFEST).read_text())
+        old = read_manifest(root)
         _check_format(root, old)
         check_same_origin(old, meta_now, f"store {root}", "this extractor")
         if (old["tokens"], old["covariances"]) != (tokens, covariances):
@@ -615,7 +646,7 @@ def write_store(
     dim = max((sl[1] for sl in meta_now["layout"].values()), default=0)
     meta = meta or {}
     if rank == 0:  # a manifest from the start, so that a killed first run can be checked on resume
-        atomic_write(root / MANIFEST, json.dumps(_manifest(meta_now, dim, tokens, covariances, meta, _contiguous(done))).encode())
+        atomic_write(root / MANIFEST, json.dumps(_manifest(meta_now, dim, tokens, covariances, meta, _contiguous(done), len(flat_ids))).encode())
     pieces = _pieces(sizes, done)
     if rank == 0 and done:
         log.info("store %s: %d of %d examples already extracted, %d to go", root, len(flat_ids) - sum(p[2] - p[1] for p in pieces), len(flat_ids), sum(p[2] - p[1] for p in pieces))
@@ -626,7 +657,7 @@ def write_store(
     bar.close()
     dist.barrier()
     if rank == 0:
-        manifest = _manifest(meta_now, dim, tokens, covariances, meta, _scan_shards(shard_dir))
+        manifest = _manifest(meta_now, dim, tokens, covariances, meta, _scan_shards(shard_dir), len(flat_ids))
         atomic_write(root / MANIFEST, json.dumps(manifest).encode())
     dist.barrier()
     return FeatureStore.open(root)

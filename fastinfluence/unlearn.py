@@ -25,9 +25,10 @@ import time
 from typing import Sequence
 
 import torch
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 
 from . import losses
+from .data import pad
 from .weights import loss_reweight, mlp_blocks
 
 METHODS = ("ga", "graddiff", "npo", "simnpo", "rapidun")
@@ -66,11 +67,15 @@ class UnlearnDataset(torch.utils.data.Dataset):
         retain: examples of the same form (may be empty for ``ga``).
         ratio: retain examples per forget example (RapidUn: 3).
         forget_weights, retain_weights: (Nf,) / (Nr,) non-negative weights (default 1).
-        seed: shuffles the retain set; it is then cycled through in that order, a block of
-            ``ratio`` examples per item fetched, so every retain example is used once every
+        seed: shuffles the retain set; it is then cycled through in that order, ``ratio``
+            examples per forget example and epoch, so every retain example is used once every
             ceil(Nr / (Nf * ratio)) epochs.
 
-    Item i: ``{"forget": forget[i] + weight + index, "retain": [ratio retain examples]}``.
+    Item i of epoch e: ``{"forget": forget[i] + weight + index, "retain": [ratio retain
+    examples]}``, the retain block at position (e * Nf + i) * ratio of the shuffled order.
+    Items are a function of (i, epoch) only, so DataLoader workers (each holding a copy of
+    the dataset) agree; ``set_epoch(e)`` (called by ``UnlearnTrainer`` at every epoch,
+    before the workers start) moves to epoch e.
     """
 
     def __init__(self, forget: Sequence[dict], retain: Sequence[dict] = (), ratio: int = 3,
@@ -85,18 +90,21 @@ class UnlearnDataset(torch.utils.data.Dataset):
         self.retain_weights = _check_weights("retain_weights", retain_weights, len(retain))
         self.ratio = ratio
         self.order = torch.randperm(len(retain), generator=torch.Generator().manual_seed(seed)).tolist()
-        self._visits = [0] * len(self.forget)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch < 0:
+            raise ValueError(f"epoch must be >= 0, got {epoch}")
+        self.epoch = int(epoch)
 
     def __len__(self) -> int:
         return len(self.forget)
 
     def __getitem__(self, i: int) -> dict:
         f = self.forget[i] | {"weight": float(self.forget_weights[i]), "index": i}
-        # Visit v of item i takes the next block of the shuffled retain order, so successive
+        # Epoch e takes the next Nf * ratio examples of the shuffled retain order, so successive
         # epochs walk through the whole retain set rather than its first Nf * ratio examples.
-        v = self._visits[i]
-        self._visits[i] += 1
-        start = (v * len(self.forget) + i) * self.ratio
+        start = (self.epoch * len(self.forget) + i) * self.ratio
         picks = [self.order[(start + j) % len(self.retain)] for j in range(self.ratio)]
         return {"forget": f, "retain": [self.retain[j] | {"weight": float(self.retain_weights[j])} for j in picks]}
 
@@ -115,15 +123,7 @@ class UnlearnCollator:
         self.pad_token_id, self.side = pad_token_id, side
 
     def pad(self, examples: list[dict]) -> dict:
-        T = max(len(e["input_ids"]) for e in examples)
-        ids = torch.full((len(examples), T), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(examples), T), losses.IGNORE_INDEX, dtype=torch.long)
-        mask = torch.zeros(len(examples), T, dtype=torch.long)
-        for b, e in enumerate(examples):
-            n = len(e["input_ids"])
-            sl = slice(0, n) if self.side == "right" else slice(T - n, T)
-            ids[b, sl], labels[b, sl], mask[b, sl] = torch.tensor(e["input_ids"]), torch.tensor(e["labels"]), 1
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        return pad([{"input_ids": e["input_ids"], "labels": e["labels"]} for e in examples], self.pad_token_id, self.side)
 
     def __call__(self, items: list[dict]) -> dict:
         forget = [it["forget"] for it in items]
@@ -216,6 +216,16 @@ def retain_loss(cfg, model, retain: dict, w) -> torch.Tensor:
     return losses.retain_nll(losses.sequence_nll(model, retain), w, cfg.reduction, cfg.weight_norm)
 
 
+class _EpochCallback(TrainerCallback):
+    """Tells the UnlearnDataset which epoch starts (before the epoch's DataLoader workers fork)."""
+
+    def __init__(self, dataset: UnlearnDataset):
+        self.dataset = dataset
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.dataset.set_epoch(int(math.floor(state.epoch + 1e-6)) if state.epoch else 0)
+
+
 class UnlearnTrainer(Trainer):
     """A ``transformers.Trainer`` whose loss is an unlearning method (see module docstring).
 
@@ -266,6 +276,7 @@ class UnlearnTrainer(Trainer):
         self._mask_handles = apply_neuron_masks(model, simu_masks) if simu_masks is not None else []
         kwargs.setdefault("data_collator", UnlearnCollator(getattr(model.config, "pad_token_id", None) or 0))
         super().__init__(model=model, args=args, **kwargs)
+        self.add_callback(_EpochCallback(dataset))
         self.args.remove_unused_columns = False  # the batches are nested {"forget", "retain"} dicts
         # Our loss is a mean per micro-batch: let the Trainer divide it by the accumulation steps.
         self.model_accepts_loss_kwargs = False

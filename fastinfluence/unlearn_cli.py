@@ -19,87 +19,138 @@ from pathlib import Path
 log = logging.getLogger("fastinfluence")
 
 
-def _load_tensor(path: str):
+def _load_tensor(path: str, flag: str):
+    """A score matrix or gradient tensor from ``.npy`` (as ``score --matrix`` writes it) or ``.pt``."""
     import numpy as np
     import torch
 
-    if path.endswith(".npy"):
-        return torch.from_numpy(np.array(np.load(path, mmap_mode="r")))
-    t = torch.load(path, map_location="cpu", weights_only=True)
+    from .cli import CLIError
+
+    p = Path(path)
+    if not p.is_file():
+        raise CLIError(f"{flag} {path}: no such file")
+    if p.suffix == ".npy":
+        try:
+            t = torch.from_numpy(np.array(np.load(p, mmap_mode="r", allow_pickle=False)))
+        except ValueError:
+            raise CLIError(f"{flag} {path} is not a .npy array (numpy cannot read it); give the matrix "
+                           "`fastinfluence score --matrix` wrote") from None
+    elif p.suffix in (".pt", ".pth"):
+        try:
+            t = torch.load(p, map_location="cpu", weights_only=True)
+        except Exception as exc:  # torch.load raises pickle/zip errors of many types
+            raise CLIError(f"{flag} {path} is not a tensor saved with torch.save ({type(exc).__name__}); give a .npy or .pt tensor") from None
+    else:
+        raise CLIError(f"{flag} {path}: give a .npy or .pt tensor file (as `fastinfluence score --matrix` writes), not {p.suffix or 'a file without extension'}")
     if not isinstance(t, torch.Tensor):
-        raise ValueError(f"{path} must hold one tensor, found {type(t).__name__}")
+        raise CLIError(f"{flag} {path} must hold one tensor, found {type(t).__name__}")
+    if not t.is_floating_point() or not bool(torch.isfinite(t).all()):
+        raise CLIError(f"{flag} {path} must hold finite float scores (dtype {t.dtype})")
     return t
 
 
 def _weights(args) -> int:
     from . import weights
+    from .cli import CLIError
+    from .outputs import check_file, write_text
+
+    out_path = check_file(args.out, "--out", args.overwrite)
 
     if args.method == "rapidun":
         missing = [n for n in ("ff", "fr", "rf", "rr") if getattr(args, n) is None]
         if missing:
-            raise SystemExit(f"--method rapidun needs --{' --'.join(missing)}")
-        w = weights.rapidun(*(_load_tensor(getattr(args, n)) for n in ("ff", "fr", "rf", "rr")),
+            raise CLIError(f"--method rapidun needs --{' --'.join(missing)}")
+        w = weights.rapidun(*(_load_tensor(getattr(args, n), f"--{n}") for n in ("ff", "fr", "rf", "rr")),
                             tau_f=args.tau_f, tau_r=args.tau_r, w_min=args.w_min, w_max=args.w_max,
                             aggregate=args.aggregate, topk=args.topk)
         out = {"method": "rapidun", "forget": w.forget.tolist(), "retain": w.retain.tolist()}
     elif args.method == "imu":
         if args.forget_grads is None:
-            raise SystemExit("--method imu needs --forget-grads (an (N, D) .npy/.pt of LM-head gradients)")
-        retain = _load_tensor(args.retain_grads) if args.retain_grads else None
-        w = weights.imu(_load_tensor(args.forget_grads), retain, keep_fraction=args.keep_fraction)
+            raise CLIError("--method imu needs --forget-grads (an (N, D) .npy/.pt of LM-head gradients)")
+        retain = _load_tensor(args.retain_grads, "--retain-grads") if args.retain_grads else None
+        w = weights.imu(_load_tensor(args.forget_grads, "--forget-grads"), retain, keep_fraction=args.keep_fraction)
         out = {"method": "imu", "forget": w.weights.tolist(), "influence": w.influence.tolist()}
     else:
         if args.scores is None:
-            raise SystemExit("--method low_influence needs --scores (a (Q, N) or (N,) .npy/.pt)")
-        r = weights.low_influence(_load_tensor(args.scores), quantile=args.quantile, threshold=args.threshold)
+            raise CLIError("--method low_influence needs --scores (a (Q, N) or (N,) .npy/.pt)")
+        r = weights.low_influence(_load_tensor(args.scores, "--scores"), quantile=args.quantile, threshold=args.threshold)
         out = {"method": "low_influence", "n": len(r.skip), "keep": r.keep.tolist(), "threshold": r.threshold,
                "compute_saved": r.compute_saved}
-    Path(args.out).write_text(json.dumps(out))
+    write_text(out_path, json.dumps(out))
     log.info("wrote %s weights to %s", args.method, args.out)
     return 0
 
 
-def examples_from_jsonl(tokenizer, path: str, max_length: int) -> list[dict]:
-    """UnlearnDataset examples: prompt tokens are context (-100), response tokens are the answer."""
-    from .cli import read_jsonl
-
-    def encode(prompt: str, response: str) -> dict:
-        p = tokenizer(prompt)["input_ids"]
-        a = tokenizer(response, add_special_tokens=False)["input_ids"]
-        if tokenizer.eos_token_id is not None:
-            a = a + [tokenizer.eos_token_id]
-        return {"input_ids": (p + a)[:max_length], "labels": ([-100] * len(p) + a)[:max_length]}
+def examples_from_jsonl(tokenizer, path: str, max_length: int, eos: bool = True) -> list[dict]:
+    """UnlearnDataset examples, encoded by ``fastinfluence.data`` (prompt tokens -100, response + eos the answer);
+    a line's ``clean_response`` becomes the example's ``clean`` encoding."""
+    from .data import encode, read_jsonl
 
     out = []
-    for r in read_jsonl(path):
-        ex = encode(r["prompt"], r["response"])
-        if "clean_response" in r:
-            ex["clean"] = encode(r["prompt"], r["clean_response"])
+    for e in encode(tokenizer, read_jsonl(path), max_length, eos, fields=("clean_response",)):
+        ex = {"input_ids": e["input_ids"], "labels": e["labels"]}
+        if "clean_response" in e:
+            ex["clean"] = e["clean_response"]
         out.append(ex)
     return out
 
 
+def _json_file(path: str, flag: str):
+    from .cli import CLIError
+
+    p = Path(path)
+    if not p.is_file():
+        raise CLIError(f"{flag} {path}: no such file")
+    try:
+        return json.loads(p.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CLIError(f"{flag} {path} is not valid JSON ({exc})") from None
+
+
+def _device_arg(args) -> str:
+    from .cli import _device
+
+    return "cpu" if args.cpu else _device(args.device)
+
+
 def _unlearn(args) -> int:
+    from .cli import CLIError, load_model, positive
+    from .data import read_jsonl
+    from .outputs import check_dir
+
+    for flag, v in (("--batch-size", args.batch_size), ("--grad-accum", args.grad_accum), ("--logging-steps", args.logging_steps)):
+        positive(v, flag)
+    positive(args.max_length, "--max-length", 2)
+    positive(args.ratio, "--ratio", 0)
+    positive(args.steps, "--steps", 0)
+    positive(args.lora_r, "--lora-r", 0)
+    if not args.lr > 0 or not args.epochs > 0:
+        raise CLIError(f"--lr and --epochs must be > 0, got {args.lr} and {args.epochs}")
+    out = check_dir(args.out, "--out", args.overwrite, protect=(Path(args.model),))
+    if args.method != "ga" and not args.retain:
+        raise CLIError(f"--method {args.method} has a retain term: give --retain JSONL (or use --method ga)")
+    if args.method == "rapidun" and not any("clean_response" in r for r in read_jsonl(args.forget)):
+        log.warning("--method rapidun: no line of %s has 'clean_response', so the forget loss is gradient ascent "
+                    "on the poisoned answers only; add the clean answers to train towards them", args.forget)
+    w = _json_file(args.weights, "--weights") if args.weights else None
     from transformers import TrainingArguments
 
-    from .cli import load_model
     from .unlearn import UnlearnDataset, UnlearnTrainer
 
-    model, tok = load_model(args.model, "float32", "cpu" if args.cpu else "cuda" if _cuda() else "cpu")
-    forget = examples_from_jsonl(tok, args.forget, args.max_length)
-    retain = examples_from_jsonl(tok, args.retain, args.max_length) if args.retain else []
+    model, tok = load_model(args.model, "float32", _device_arg(args))
+    forget = examples_from_jsonl(tok, args.forget, args.max_length, args.eos)
+    retain = examples_from_jsonl(tok, args.retain, args.max_length, args.eos) if args.retain else []
     fw = rw = None
-    if args.weights:
-        w = json.loads(Path(args.weights).read_text())
-        if not {"forget", "retain", "keep"} & set(w):
-            raise SystemExit(f"{args.weights} holds none of 'forget', 'retain', 'keep': write it with `fastinfluence weights`")
+    if w is not None:
+        if not isinstance(w, dict) or not {"forget", "retain", "keep"} & set(w):
+            raise CLIError(f"--weights {args.weights} holds none of 'forget', 'retain', 'keep': write it with `fastinfluence weights`")
         fw, rw = w.get("forget"), w.get("retain")
         if "keep" in w:  # low-influence skipping: only the kept forget examples are unlearned
             keep, n = w["keep"], w.get("n", len(forget))
             if n != len(forget) or any(not 0 <= i < len(forget) for i in keep):
-                raise SystemExit(f"{args.weights} was made for {n} forget examples, --forget has {len(forget)}; they must match")
+                raise CLIError(f"--weights {args.weights} was made for {n} forget examples, --forget has {len(forget)}; they must match")
             if not keep:
-                raise SystemExit(f"{args.weights} skips every forget example: lower the quantile or threshold")
+                raise CLIError(f"--weights {args.weights} skips every forget example: lower the quantile or threshold")
             if fw is not None and len(fw) == len(forget):
                 fw = [fw[i] for i in keep]
             forget = [forget[i] for i in keep]
@@ -110,48 +161,74 @@ def _unlearn(args) -> int:
         from peft import LoraConfig
 
         lora = LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, target_modules=args.lora_targets or "all-linear", lora_dropout=0.0)
+    from .outputs import atomic_path
+
+    with atomic_path(out) as tmp:
+        stats = _train(args, model, tok, dataset, lora, TrainingArguments, UnlearnTrainer, tmp)
+    log.info("unlearned model written to %s (%d steps, %d tokens)", out, stats["steps"], stats["tokens"])
+    return 0
+
+
+def _train(args, model, tok, dataset, lora, TrainingArguments, UnlearnTrainer, out: Path) -> dict:
+    """Train and save the model (or adapter), its tokenizer and unlearn_stats.json into ``out``."""
     targs = TrainingArguments(
-        output_dir=args.out, per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=args.grad_accum,
+        output_dir=str(out), per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=args.grad_accum,
         learning_rate=args.lr, num_train_epochs=args.epochs, max_steps=args.steps or -1, bf16=args.bf16,
-        use_cpu=args.cpu or not _cuda(), report_to=[], save_strategy="no", logging_steps=args.logging_steps,
-        seed=args.seed, disable_tqdm=True,
+        use_cpu=next(model.parameters()).device.type == "cpu", report_to=[], save_strategy="no",
+        logging_steps=args.logging_steps, seed=args.seed, disable_tqdm=True,
     )
     trainer = UnlearnTrainer(model=model, args=targs, method=args.method, alpha=args.alpha, beta=args.beta,
                              loss_reweight_tau=args.loss_reweight_tau, lora=lora, train_dataset=dataset)
     result = trainer.train()
-    trainer.save_model(args.out)
-    tok.save_pretrained(args.out)
+    trainer.save_model(str(out))
+    tok.save_pretrained(str(out))
     stats = {"method": args.method, "train_runtime_s": result.metrics.get("train_runtime"),
              "tokens": trainer.tokens_processed, "steps": trainer.state.global_step, "log": trainer.state.log_history}
-    Path(args.out, "unlearn_stats.json").write_text(json.dumps(stats, indent=2))
-    log.info("unlearned model written to %s (%d steps, %d tokens)", args.out, stats["steps"], stats["tokens"])
-    return 0
+    Path(out, "unlearn_stats.json").write_text(json.dumps(stats, indent=2))
+    return stats
 
 
 def _evaluate(args) -> int:
-    from .cli import encode, load_model, read_jsonl
-    from .evaluate import evaluate
+    from .cli import CLIError, encode, load_model, positive
+    from .data import read_jsonl
+    from .evaluate import check_attack, evaluate
+    from .outputs import check_file, write_text
 
-    device = "cpu" if args.cpu or not _cuda() else "cuda"
+    positive(args.batch_size, "--batch-size")
+    positive(args.max_length, "--max-length", 2)
+    if args.holdout and not args.forget:
+        raise CLIError("--holdout (non-members) is compared with --forget (members): give --forget too")
+    if args.retrained and not args.forget:
+        raise CLIError("--retrained is compared on --forget: give --forget too")
+    if not (args.clean or args.forget or args.attack):
+        raise CLIError("nothing to evaluate: give --clean, --forget (with --holdout, --retrained) or --attack")
+    out = check_file(args.out, "--out", args.overwrite)
+    records = {flag: read_jsonl(getattr(args, flag)) for flag in ("clean", "forget", "holdout") if getattr(args, flag)}
+    attack = _json_file(args.attack, "--attack") if args.attack else None
+    if attack is not None:
+        try:
+            check_attack(attack)
+        except ValueError as exc:
+            raise CLIError(f"--attack {args.attack}: {exc}") from None
+    device = _device_arg(args)
     model, tok = load_model(args.model, "float32", device)
-    batches = lambda path: encode(tok, read_jsonl(path), args.batch_size, args.max_length) if path else None  # noqa: E731
-    retrained = load_model(args.retrained, "float32", device)[0] if args.retrained else None
-    attack = json.loads(Path(args.attack).read_text()) if args.attack else None
+    retrained = load_model(args.retrained, "float32", device, flag="--retrained")[0] if args.retrained else None
+    batches = {k: encode(tok, r, args.batch_size, args.max_length, args.eos) for k, r in records.items()}
     stats_file = Path(args.model, "unlearn_stats.json")
     stats = None
     if stats_file.exists():
         s = json.loads(stats_file.read_text())
         stats = {"unlearn_runtime_s": s["train_runtime_s"], "unlearn_tokens": s["tokens"]}
-    result = evaluate(model, clean=batches(args.clean), forget=batches(args.forget), holdout=batches(args.holdout),
-                      tokenizer=tok, attack=attack, retrained=retrained, train_stats=stats, output=args.out)
+    result = evaluate(model, clean=batches.get("clean"), forget=batches.get("forget"), holdout=batches.get("holdout"),
+                      tokenizer=tok, attack=attack, retrained=retrained, train_stats=stats)
+    write_text(out, json.dumps(result, indent=2, sort_keys=True))
     print(json.dumps(result, indent=2, sort_keys=True))
     return 0
 
 
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
+def _add_device(p) -> None:
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto: the GPU when there is one, else cpu (default auto)")
+    p.add_argument("--cpu", action="store_true", help="same as --device cpu")
 
 
 def register(subparsers) -> None:
@@ -159,6 +236,7 @@ def register(subparsers) -> None:
                               description="Turn score matrices or gradients into per-example weights, written as JSON.")
     p.add_argument("--method", required=True, choices=["rapidun", "imu", "low_influence"])
     p.add_argument("--out", required=True, help="JSON output: {'forget': [...], 'retain': [...]} (rapidun), {'forget', 'influence'} (imu), {'keep', ...} (low_influence)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out when it exists (refused otherwise)")
     for n, what in (("ff", "forget queries x forget train"), ("fr", "retain queries x forget train"),
                     ("rf", "forget queries x retain train"), ("rr", "retain queries x retain train")):
         p.add_argument(f"--{n}", help=f"rapidun: (Q, N) score matrix, {what} (.npy or .pt)")
@@ -183,7 +261,8 @@ def register(subparsers) -> None:
     p.add_argument("--retain", help="JSONL: prompt, response (needed by every method but ga)")
     p.add_argument("--weights", help="JSON from `fastinfluence weights` ({'forget': [...], 'retain': [...]})")
     p.add_argument("--method", default="graddiff", choices=["ga", "graddiff", "npo", "simnpo", "rapidun"], help="default graddiff")
-    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--out", required=True, help="output directory: new, or an earlier unlearn output with --overwrite (written under a temporary name, renamed when done)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier unlearn output in --out")
     p.add_argument("--ratio", type=int, default=3, help="retain examples per forget example (default 3)")
     p.add_argument("--alpha", type=float, default=1.0, help="retain-term coefficient (default 1)")
     p.add_argument("--beta", type=float, help="NPO / SimNPO temperature (default 0.1 / 2.5)")
@@ -196,8 +275,9 @@ def register(subparsers) -> None:
     p.add_argument("--batch-size", type=int, default=4, help="forget examples per device batch (default 4)")
     p.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps (default 1)")
     p.add_argument("--max-length", type=int, default=512, help="tokens kept per example (default 512)")
+    p.add_argument("--no-eos", dest="eos", action="store_false", help="do not end each response with the end-of-sequence token (see fastinfluence.data)")
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
-    p.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is present")
+    _add_device(p)
     p.add_argument("--logging-steps", type=int, default=10, help="log every N steps (default 10)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_unlearn)
@@ -206,12 +286,14 @@ def register(subparsers) -> None:
                               description="Each metric runs when its inputs are given; the result is printed and written as JSON.")
     p.add_argument("--model", required=True, help="model or adapter directory (unlearn_stats.json in it is merged)")
     p.add_argument("--out", required=True, help="JSON output path")
+    p.add_argument("--overwrite", action="store_true", help="replace --out when it exists (refused otherwise)")
     p.add_argument("--clean", help="JSONL for clean perplexity")
     p.add_argument("--forget", help="JSONL of the forget set (members)")
     p.add_argument("--holdout", help="JSONL of non-members, for MIA AUC and privleak")
     p.add_argument("--retrained", help="model retrained without the forget set, for privleak and forget quality")
     p.add_argument("--attack", help="JSON {'target': str, '<group>': [prompts], ...} for attack success rates")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-length", type=int, default=512)
-    p.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is present")
+    p.add_argument("--batch-size", type=int, default=8, help="examples per forward (default 8)")
+    p.add_argument("--max-length", type=int, default=512, help="tokens kept per example (default 512)")
+    p.add_argument("--no-eos", dest="eos", action="store_false", help="do not end each response with the end-of-sequence token (see fastinfluence.data)")
+    _add_device(p)
     p.set_defaults(func=_evaluate)

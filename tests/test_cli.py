@@ -108,11 +108,14 @@ def test_extract_from_a_peft_adapter_captures_the_lora_layers(model_dir, data, t
     assert layers and all("lora" in n for n in layers)
 
 
-def test_bad_jsonl_is_reported_with_its_line(model_dir, tmp_path):
+def test_bad_jsonl_is_reported_with_its_line(model_dir, tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "response": "b"}\n{"text": "no fields"}\n')
-    with pytest.raises(ValueError, match="line 2: .*'prompt' and 'response'"):
-        run("extract", "--model", model_dir, "--data", bad, "--out", tmp_path / "s")
+    assert main(["extract", "--model", str(model_dir), "--data", str(bad), "--out", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err
+    assert "line 2: each example must be an object with 'prompt' and 'response'" in err and "Traceback" not in err
+    with pytest.raises(ValueError, match="line 2: .*'prompt' and 'response'"):  # --debug: the exception itself
+        main(["extract", "--model", str(model_dir), "--data", str(bad), "--out", str(tmp_path / "s"), "--debug"])
 
 
 def test_every_option_of_extract_and_score_is_explained():
@@ -127,3 +130,24 @@ def test_python_dash_m_is_the_same_program():
     out = subprocess.run([sys.executable, "-m", "fastinfluence", "--help"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0
     assert "extract" in out.stdout and "score" in out.stdout
+
+
+def test_help_and_version_import_neither_torch_nor_transformers():
+    probe = ("import sys, contextlib, io\n"
+             "from fastinfluence.cli import main\n"
+             "for argv in (['--help'], ['--version']):\n"
+             "    with contextlib.redirect_stdout(io.StringIO()):\n"
+             "        try: main(argv)\n"
+             "        except SystemExit: pass\n"
+             "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr[-2000:]
+
+
+def test_public_names_are_listed_and_quiet_works_after_the_command(stores, tmp_path, capsys):
+    import fastinfluence
+
+    assert {"weights", "evaluate", "UnlearnTrainer", "data", "score", "FeatureStore"} <= set(dir(fastinfluence))
+    out = tmp_path / "q.json"
+    assert main(["score", "--query", str(stores / "query"), "--train", str(stores / "train"), "--out", str(out), "--quiet"]) == 0
+    assert out.exists() and "score:" not in capsys.readouterr().err  # no progress bar

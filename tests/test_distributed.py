@@ -23,12 +23,16 @@ from fastinfluence.store import write_store
 from test_store_support import TokenTableExtractor, make_batches
 
 assert dist.init_from_env() and dist.rank_world()[1] == 2
-ext = TokenTableExtractor()
-store = write_store(sys.argv[1], ext, make_batches(10, with_ids=True), tokens=True, covariances=True, shard_rows=4)
-query = ext.extract(make_batches(1, batch_size=5, seed=3))
-res = score(query, store, metric="cosine", topk=6, chunk_rows=5, aggregates=("mean", "max", "sumsq"), matrix_path=sys.argv[2] + ".npy")
-if dist.rank_world()[0] == 0:
-    torch.save({"values": res.topk_values, "indices": res.topk_indices, "ids": res.topk_ids, "agg": res.aggregates}, sys.argv[2])
+try:
+    ext = TokenTableExtractor()
+    store = write_store(sys.argv[1], ext, make_batches(10, with_ids=True), tokens=True, covariances=True, shard_rows=4)
+    query = ext.extract(make_batches(1, batch_size=5, seed=3))
+    res = score(query, store, metric="cosine", topk=6, chunk_rows=5, aggregates=("mean", "max", "sumsq"), matrix_path=sys.argv[2] + ".npy")
+    if dist.rank_world()[0] == 0:
+        torch.save({"values": res.topk_values, "indices": res.topk_indices, "ids": res.topk_ids, "agg": res.aggregates}, sys.argv[2])
+    dist.barrier()  # no rank tears its communicator down while another still uses it
+finally:
+    torch.distributed.destroy_process_group()
 """
 
 

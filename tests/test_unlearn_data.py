@@ -174,7 +174,8 @@ def test_retain_pairing_walks_through_the_whole_retain_set():
     retain = [{"input_ids": [1, 2, i], "labels": [-100, 2, i]} for i in range(40)]
     ds = UnlearnDataset(forget, retain, ratio=3, seed=1)
     seen = set()
-    for _epoch in range(4):  # 4 epochs x 4 items x 3 = 48 >= 40 retain examples
+    for epoch in range(4):  # 4 epochs x 4 items x 3 = 48 >= 40 retain examples
+        ds.set_epoch(epoch)
         for i in range(len(ds)):
             seen.update(r["input_ids"][-1] for r in ds[i]["retain"])
     assert seen == set(range(40))

@@ -28,8 +28,12 @@ from ..score_topk import score_topk_reference
 from ..score_topk import scores_and_aggregates
 from .cpu import DTYPE_CODES, jl_output, select_topk
 
-# Sources live next to the package in a source checkout; FASTINFLUENCE_CSRC overrides.
-CSRC = Path(os.environ.get("FASTINFLUENCE_CSRC", Path(__file__).resolve().parents[3] / "csrc"))
+# Sources: FASTINFLUENCE_CSRC, else csrc/ beside the package in a source checkout, else the
+# copy an installed package carries (fastinfluence/csrc).
+_HERE = Path(__file__).resolve()
+CSRC = Path(os.environ.get("FASTINFLUENCE_CSRC") or next(
+    (d for d in (_HERE.parents[3] / "csrc", _HERE.parents[2] / "csrc") if (d / "build_helpers.py").exists()),
+    _HERE.parents[3] / "csrc"))
 # Shared memory of the top-k kernel holds k (value, index) pairs: 1024 fits every GPU.
 MAX_TOPK = 1024
 # Chunk partial sums in flight (floats of workspace); bounds jl_project's extra memory.
