@@ -30,6 +30,9 @@ _LAZY = {
     "evaluate": ("fastinfluence.evaluate", None),
     "unlearn": ("fastinfluence.unlearn", None),
     "UnlearnTrainer": ("fastinfluence.unlearn", "UnlearnTrainer"),
+    "InfluenceCallback": ("fastinfluence.callback", "InfluenceCallback"),
+    "trajectory": ("fastinfluence.trajectory", None),
+    "index": ("fastinfluence.index", None),
 }
 
 

@@ -358,6 +358,84 @@ def frozen_for_capture(model: nn.Module) -> Iterator[None]:
             m.training = mode
 
 
+class LayerHooks:
+    """Hooks on the selected layers that hand each one's (A, G, mask) to ``on_layer`` in the backward.
+
+    A forward hook keeps the layer input A (detached: no copy, autograd keeps it anyway) and
+    puts a tensor hook on the output, which receives G = dL/dy when the backward reaches it.
+    The hooks act only while armed: ``arm(mask)`` before a forward pass whose backward is to
+    be captured (``mask``: (B, T) bool, True at attended tokens), ``check()`` after its
+    backward (raises when a layer was skipped, ran twice or got no gradient). Used by
+    ``Capture`` for extraction and by the training callback on the training step itself.
+    """
+
+    def __init__(self, layers: list[Layer], on_layer: OnLayer):
+        self.layers = layers
+        self.on_layer = on_layer
+        self.mask: torch.Tensor | None = None
+        self.calls: dict[str, int] = {}
+        self.received: set[str] = set()
+        self._handles: list = []
+
+    def __enter__(self) -> "LayerHooks":
+        self._handles = [layer.module.register_forward_hook(self._forward_hook(layer)) for layer in self.layers]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self.mask = None
+
+    def arm(self, mask: torch.Tensor) -> None:
+        self.mask, self.calls, self.received = mask, {}, set()
+
+    @property
+    def complete(self) -> bool:
+        """Every layer's G of the armed pass has arrived."""
+        return len(self.received) == len(self.layers)
+
+    def _forward_hook(self, layer: Layer):
+        def hook(_module, inputs, output):
+            mask = self.mask
+            if mask is None:
+                return
+            self.calls[layer.name] = self.calls.get(layer.name, 0) + 1
+            if self.calls[layer.name] > 1:
+                raise RuntimeError(
+                    f"layer {layer.name} ran more than once in one forward pass; layers shared across "
+                    "positions of the network are not supported: exclude it (ProjectionConfig.exclude)"
+                )
+            a = inputs[0].detach()
+            if a.shape[:-1].numel() != mask.numel():
+                raise RuntimeError(
+                    f"layer {layer.name} saw input of shape {tuple(a.shape)}, expected (B, T, d) with "
+                    f"(B, T) = {tuple(mask.shape)}: only token-wise layers can be captured; exclude it"
+                )
+            if not output.requires_grad:
+                raise RuntimeError(f"layer {layer.name}'s output does not depend on the input embeddings; exclude it")
+            # Some models (OPT) run their MLP on flattened (B * T, d) tokens.
+            a = a.reshape(*mask.shape, a.shape[-1])
+
+            def grad_hook(g):
+                self.received.add(layer.name)
+                self.on_layer(layer, a, g.detach().reshape(*mask.shape, g.shape[-1]), mask)
+
+            output.register_hook(grad_hook)
+
+        return hook
+
+    def check(self) -> None:
+        missing = [layer.name for layer in self.layers if layer.name not in self.calls]
+        if missing:
+            raise RuntimeError(f"layers {missing[:5]} were not called in the forward pass; exclude them")
+        missing = [layer.name for layer in self.layers if layer.name not in self.received]
+        if missing:
+            raise RuntimeError(
+                f"layers {missing[:5]} ran but their outputs got no gradient (no path to the loss); exclude them"
+            )
+
+
 class Capture:
     """Runs forward + backward on batches and hands each selected layer's (A, G, mask) to ``on_layer``.
 
@@ -376,54 +454,12 @@ class Capture:
 
     def run(self, batch: Batch, on_layer: OnLayer) -> torch.Tensor:
         """One forward + backward on ``batch``; returns the (B,) per-example losses."""
-        mask = batch.attention_mask.bool()
-        calls: dict[str, int] = {}
-        received: set[str] = set()
-
-        def forward_hook(layer: Layer):
-            def hook(_module, inputs, output):
-                calls[layer.name] = calls.get(layer.name, 0) + 1
-                if calls[layer.name] > 1:
-                    raise RuntimeError(
-                        f"layer {layer.name} ran more than once in one forward pass; layers shared across "
-                        "positions of the network are not supported: exclude it (ProjectionConfig.exclude)"
-                    )
-                a = inputs[0].detach()
-                if a.shape[:-1].numel() != mask.numel():
-                    raise RuntimeError(
-                        f"layer {layer.name} saw input of shape {tuple(a.shape)}, expected (B, T, d) with "
-                        f"(B, T) = {tuple(mask.shape)}: only token-wise layers can be captured; exclude it"
-                    )
-                if not output.requires_grad:
-                    raise RuntimeError(
-                        f"layer {layer.name}'s output does not depend on the input embeddings; exclude it"
-                    )
-                # Some models (OPT) run their MLP on flattened (B * T, d) tokens.
-                a = a.reshape(*mask.shape, a.shape[-1])
-                def grad_hook(g):
-                    received.add(layer.name)
-                    on_layer(layer, a, g.detach().reshape(*mask.shape, g.shape[-1]), mask)
-
-                output.register_hook(grad_hook)
-
-            return hook
-
-        handles = [layer.module.register_forward_hook(forward_hook(layer)) for layer in self.layers]
-        try:
+        with LayerHooks(self.layers, on_layer) as hooks:
+            hooks.arm(batch.attention_mask.bool())
             with torch.enable_grad():
                 losses = forward_losses(self.model, batch, self.head)
                 losses.sum().backward()
-        finally:
-            for h in handles:
-                h.remove()
-        missing = [layer.name for layer in self.layers if layer.name not in calls]
-        if missing:
-            raise RuntimeError(f"layers {missing[:5]} were not called in the forward pass; exclude them")
-        missing = [layer.name for layer in self.layers if layer.name not in received]
-        if missing:
-            raise RuntimeError(
-                f"layers {missing[:5]} ran but their outputs got no gradient (no path to the loss); exclude them"
-            )
+            hooks.check()
         losses = losses.detach()
         if not bool(torch.isfinite(losses).all()):
             raise FloatingPointError(

@@ -1,0 +1,314 @@
+"""Per-example gradient features captured inside ``Trainer.train()``, from the training step itself.
+
+Two lines added to a user's Trainer::
+
+    callback = fastinfluence.InfluenceCallback("runs/train-features", ProjectionConfig(rank_in=16, rank_out=16))
+    Trainer(model, args, train_dataset=data, callbacks=[callback]).train()   # args: remove_unused_columns=False
+
+No second forward or backward: the layer hooks of extraction (``capture.LayerHooks``) sit on
+the training forward, and each selected layer's (A, G) is projected with ``ops.project`` as
+soon as the training backward reaches it. Parameter gradients and the optimizer step are
+untouched.
+
+**Per-example scaling.** Extraction backpropagates sum_i L_i, L_i = mean of example i's
+answer-token cross-entropies (n_i tokens: ``labels[1:] != -100``). Training backpropagates
+c * sum_{i, t} CE_it instead: the model's loss is the token sum over N tokens
+(``num_items_in_batch`` when the Trainer passes it: every micro-batch of the optimizer step,
+every rank; else the micro-batch's own answer tokens), and the Trainer scales it further
+(1 / gradient_accumulation_steps when the model does not take ``num_items_in_batch``, the
+number of ranks when tokens are averaged across devices, the fp16 loss scale). That second
+factor ``u = d(backpropagated loss) / d(outputs.loss)`` is read by a tensor hook on the
+model's loss, so c = u / N, and the captured G restricted to example i is c * n_i * dL_i/dy.
+Hence, exactly::
+
+    per-example gradient of L_i = (N / n_i) * (1 / u) * (captured G restricted to example i)
+
+(u = 1 / gradient_accumulation_steps in the plain no-``num_items_in_batch`` case, i.e. the
+accumulation factor multiplies back in). The projection is linear in G, so the scale is
+applied to each feature row after projection. This holds when the training loss is the
+model's own token-mean cross-entropy on ``labels`` (``outputs.loss``); a Trainer whose loss
+adds other terms, or uses label smoothing or ``compute_loss_func``, is refused or changes G.
+Training-mode features include dropout's noise; extraction (eval mode) has none.
+
+**Example ids.** Each row needs the id of its example. Give the dataset an ``id`` (or ``ids``)
+column of ints or strings and keep it with ``TrainingArguments(remove_unused_columns=False)``;
+the collator must pass it through (``default_data_collator`` does). The callback removes it
+from the model's inputs before the forward, so the model never sees it.
+
+**Stores.** Rows are written per checkpoint interval: at every checkpoint the Trainer saves
+(``every=None``) or every ``every`` optimizer steps, into ``<output_dir>/step-<last step>``,
+a ``FeatureStore`` whose rows are the examples trained in steps (previous interval's end,
+last step], one row per time an example was trained, with ``meta["steps"]`` (the optimizer step
+of each row), ``meta["lr"]`` (its learning rate) and ``meta["first_step"]``, ``meta["last_step"]``.
+Its fingerprint is that of the weights at the end of the interval (``checkpoint-<last step>``),
+so queries extracted from that checkpoint score against it without a mismatch error.
+Resuming training from a checkpoint replays the same steps and rewrites nothing that is
+complete (``write_store`` resumes); an interval store with other examples is refused.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import torch
+from torch import nn
+from transformers import TrainerCallback
+
+from . import distributed as dist
+from . import ops
+from .capture import IGNORE_INDEX, Layer, LayerHooks, batch_ids
+from .config import ProjectionConfig
+from .extract import GradientExtractor
+from .features import Features, slice_rows
+
+STEP_PREFIX = "step-"
+
+
+def interval_stores(output_dir: str | os.PathLike) -> list[Path]:
+    """The interval stores an InfluenceCallback wrote under ``output_dir``, in step order."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"no InfluenceCallback output at {root}: the directory does not exist")
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(STEP_PREFIX))
+
+
+class _Pending:
+    """One micro-batch being captured: its rows fill in as the backward reaches each layer."""
+
+    def __init__(self, batch: dict, ids: list, rows: torch.Tensor, counts: torch.Tensor, n_tokens, step: int, lr: float):
+        self.batch, self.ids, self.rows, self.step, self.lr = batch, ids, rows, step, lr
+        self.counts = counts  # (B,) answer tokens n_i of each example
+        self.n_tokens = n_tokens  # N, the denominator of the model's token-mean loss
+        self.upstream: torch.Tensor | None = None  # u = d(backpropagated loss) / d(outputs.loss)
+
+
+class _Interval:
+    """Captured micro-batches not yet written: the batches (for the store's resume checks) and their Features."""
+
+    def __init__(self):
+        self.batches: list[dict] = []
+        self.features: list[Features] = []
+        self.steps: list[int] = []
+        self.lr: list[float] = []
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+class _Replay:
+    """What ``write_store`` calls an extractor: metadata plus features of the given batches,
+    here the ones already captured in training (in the same order)."""
+
+    def __init__(self, metadata: dict, batches: list[dict], features: list[Features]):
+        self._metadata, self._features = metadata, features
+        self._index = {id(b): k for k, b in enumerate(batches)}
+
+    def metadata(self) -> dict:
+        return self._metadata
+
+    def iter_features(
+        self, batches: Iterable[dict], skip_examples: int = 0, tokens: bool = False, covariances: bool = False
+    ) -> Iterator[Features]:
+        seen = 0
+        for b in batches:
+            f = self._features[self._index[id(b)]]
+            lo = max(0, skip_examples - seen)
+            seen += len(f)
+            if lo < len(f):
+                yield slice_rows(f, lo, len(f))
+
+
+class InfluenceCallback(TrainerCallback):
+    """Projected per-example gradients of every training example, from the training step's own backward.
+
+    Args:
+        output_dir: where the interval stores go (see module docstring for the layout).
+        config: which layers and how they are projected (``ProjectionConfig``; factorized mode).
+        every: write a store every ``every`` optimizer steps; None (default) at every
+            checkpoint the Trainer saves (and at the end of training).
+        shard_rows: rows per shard of the stores.
+
+    Rows of a store are in the order the examples were trained; ``FeatureStore.ids`` names
+    them (an example trained twice in one interval has two rows).
+    """
+
+    def __init__(
+        self,
+        output_dir: str | os.PathLike,
+        config: ProjectionConfig | None = None,
+        every: int | None = None,
+        shard_rows: int = 4096,
+    ):
+        self.output_dir = Path(output_dir)
+        self.config = config or ProjectionConfig()
+        if self.config.mode != "factorized":
+            raise ValueError("InfluenceCallback captures factorized features: use ProjectionConfig(mode='factorized')")
+        if every is not None and (not isinstance(every, int) or every < 1):
+            raise ValueError(f"every must be a positive number of optimizer steps or None, got {every!r}")
+        self.every = every
+        self.shard_rows = shard_rows
+        self.extractor: GradientExtractor | None = None
+        self._model: nn.Module | None = None
+        self._optimizer = None
+        self._hooks: LayerHooks | None = None
+        self._handles: list = []
+        self._pending: _Pending | None = None
+        self._interval = _Interval()
+        self._step = 0
+
+    # ------------------------------------------------------------------------- Trainer events
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if model is None:
+            raise ValueError("InfluenceCallback needs the model: add it to a transformers Trainer (callbacks=[...])")
+        if getattr(args, "gradient_checkpointing", False):
+            raise ValueError(
+                "InfluenceCallback cannot capture with gradient_checkpointing=True (layers run again in the backward); "
+                "turn it off or extract post hoc with GradientExtractor"
+            )
+        if dist.rank_world()[1] > 1:
+            raise ValueError(
+                "InfluenceCallback writes one store per interval from one process; under torchrun run it with one "
+                "process or extract post hoc with GradientExtractor"
+            )
+        self._remove_hooks()
+        self._model, self._optimizer = model, optimizer
+        self.extractor = GradientExtractor(model, self.config)
+        self._hooks = LayerHooks(self.extractor.layers, self._on_layer).__enter__()
+        self._handles = [
+            model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
+            model.register_forward_hook(self._after_forward, with_kwargs=True),
+        ]
+        self._step = state.global_step
+        self._interval = _Interval()
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+
+    def on_substep_end(self, args, state, control, **kwargs):
+        self._finish_micro_batch()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self._finish_micro_batch()
+        self._step = state.global_step
+        if self.every is not None and state.global_step % self.every == 0:
+            self.flush()
+
+    def on_save(self, args, state, control, **kwargs):
+        if self.every is None:
+            self.flush()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._finish_micro_batch()
+        self.flush()
+        self._remove_hooks()
+
+    # ------------------------------------------------------------------------- hooks
+
+    def _remove_hooks(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        if self._hooks is not None:
+            self._hooks.__exit__(None, None, None)
+            self._hooks = None
+        self._pending = None
+
+    def _before_forward(self, module, args, kwargs):
+        if not (module.training and torch.is_grad_enabled()):
+            return None
+        if self._pending is not None:
+            raise RuntimeError(
+                "InfluenceCallback saw a second training forward before the first one's backward finished; it "
+                "captures Trainers whose step is one forward and one backward of the model's own loss"
+            )
+        kwargs = dict(kwargs)
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        labels = kwargs.get("labels")
+        if input_ids is None or labels is None:
+            raise ValueError(
+                "InfluenceCallback needs batches with 'input_ids' and 'labels' whose loss the model computes itself "
+                "(no label smoothing or compute_loss_func)"
+            )
+        key = "ids" if "ids" in kwargs else "id"
+        if key not in kwargs:
+            raise ValueError(
+                "InfluenceCallback found no example ids in the batch: give the dataset an 'id' column (int or str) and "
+                "keep it with TrainingArguments(remove_unused_columns=False)"
+            )
+        B = input_ids.shape[0]
+        ids = batch_ids({"ids": kwargs.pop(key)}, B, 0)
+        mask = kwargs.get("attention_mask")
+        mask = torch.ones_like(input_ids, dtype=torch.bool) if mask is None else mask.bool()
+        shifted = labels[:, 1:] != IGNORE_INDEX
+        n_tokens = kwargs.get("num_items_in_batch")
+        n_tokens = shifted.sum() if n_tokens is None else n_tokens
+        lr = float(self._optimizer.param_groups[0]["lr"]) if self._optimizer is not None else float("nan")
+        batch = {"input_ids": input_ids.detach().cpu(), "attention_mask": mask.long().cpu(), "labels": labels.detach().cpu()}
+        rows = torch.zeros(B, self.extractor.dim, dtype=self.extractor.dtype, device=input_ids.device)
+        self._pending = _Pending(batch, ids, rows, shifted.sum(1), n_tokens, self._step + 1, lr)
+        self._hooks.arm(mask)
+        return args, kwargs
+
+    def _after_forward(self, module, args, kwargs, output):
+        pending = self._pending
+        if pending is None or pending.upstream is not None:
+            return None
+        loss = output.get("loss") if isinstance(output, dict) else (output[0] if isinstance(output, tuple) else None)
+        if not isinstance(loss, torch.Tensor) or not loss.requires_grad:
+            raise ValueError("InfluenceCallback needs the model's loss (outputs.loss from labels) with a gradient")
+
+        def upstream(g):
+            pending.upstream = g.detach()
+
+        loss.register_hook(upstream)
+        return None
+
+    def _on_layer(self, layer: Layer, A: torch.Tensor, G: torch.Tensor, mask: torch.Tensor) -> None:
+        rows = self._pending.rows
+        P_in, P_out = self.extractor.projections(layer.name, rows.device, rows.dtype)
+        sl = self.extractor.layout[layer.name]
+        rows[:, sl.start : sl.stop] = ops.project(A, G, P_in, P_out, mask).reshape(len(rows), -1)
+
+    def _finish_micro_batch(self) -> None:
+        pending = self._pending
+        if pending is None:
+            return
+        self._pending = None
+        self._hooks.check()
+        self._hooks.mask = None
+        if pending.upstream is None:
+            raise RuntimeError("the training loss's backward never reached outputs.loss: no features for this batch")
+        counts = pending.counts.to(pending.rows.dtype)
+        N = torch.as_tensor(pending.n_tokens, dtype=pending.rows.dtype, device=counts.device)
+        scale = torch.where(counts > 0, N / (counts.clamp_min(1) * pending.upstream.to(pending.rows.dtype)), 0.0)
+        rows = pending.rows * scale[:, None]
+        ext = self.extractor
+        self._interval.batches.append(dict(pending.batch, ids=pending.ids))
+        self._interval.features.append(ext._features(rows, pending.ids, None, None, None))
+        self._interval.steps += [pending.step] * len(pending.ids)
+        self._interval.lr += [pending.lr] * len(pending.ids)
+
+    # ------------------------------------------------------------------------- writing
+
+    def flush(self):
+        """Write the captured rows not yet written as the store ``step-<last step>``; returns it (or None)."""
+        from .store import write_store
+
+        if not len(self._interval):
+            return None
+        interval, self._interval = self._interval, _Interval()
+        metadata = self.extractor.metadata()  # fingerprint of the weights now: those of the checkpoint at this step
+        for f in interval.features:
+            f.fingerprint = metadata["fingerprint"]
+        meta = {
+            "source": "InfluenceCallback",
+            "first_step": interval.steps[0],
+            "last_step": interval.steps[-1],
+            "steps": interval.steps,
+            "lr": interval.lr,
+        }
+        path = self.output_dir / f"{STEP_PREFIX}{interval.steps[-1]:08d}"
+        return write_store(
+            path, _Replay(metadata, interval.batches, interval.features), interval.batches, shard_rows=self.shard_rows, meta=meta
+        )
+

@@ -1,0 +1,158 @@
+"""InfluenceCallback: features captured in the training step equal post-hoc extraction at the same weights."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from fastinfluence import FeatureStore, GradientExtractor, InfluenceCallback, ProjectionConfig
+from fastinfluence.callback import interval_stores
+from tiny_models import collate, make_examples, rel_err, tiny_model
+
+EXAMPLES = make_examples(12, seed=3)
+
+
+class _Dataset(torch.utils.data.Dataset):
+    def __init__(self, examples, id_key="id"):
+        self.examples, self.id_key = examples, id_key
+
+    def __len__(self):
+        return len(self.examples)
+
+    def __getitem__(self, i):
+        ids, labels = self.examples[i]
+        return {"input_ids": ids, "labels": labels, self.id_key: 100 + i}
+
+
+def _collate(items, id_key="id"):
+    batch = collate([(it["input_ids"], it["labels"]) for it in items])
+    batch[id_key] = torch.tensor([it[id_key] for it in items])
+    return batch
+
+
+class _Snapshots(TrainerCallback):
+    """Weights at the start of every optimizer step (state dict copies keyed by the step that follows)."""
+
+    def __init__(self):
+        self.weights = {}
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        self.weights[state.global_step + 1] = copy.deepcopy(model.state_dict())
+
+
+def _train(model, tmp_path, config, accumulation=2, loss_kwargs=None, bf16=False, steps=3, **args):
+    snaps = _Snapshots()
+    callback = InfluenceCallback(tmp_path / "features", config, every=1)
+    targs = TrainingArguments(
+        output_dir=str(tmp_path / "out"), per_device_train_batch_size=2, gradient_accumulation_steps=accumulation,
+        max_steps=steps, learning_rate=1e-2, save_strategy="no", report_to=[], use_cpu=True, bf16=bf16,
+        remove_unused_columns=False, logging_strategy="no", disable_tqdm=True, dataloader_num_workers=0, **args,
+    )
+    trainer = Trainer(model=model, args=targs, train_dataset=_Dataset(EXAMPLES), data_collator=_collate,
+                      callbacks=[snaps, callback])
+    if loss_kwargs is not None:
+        trainer.model_accepts_loss_kwargs = loss_kwargs
+    trainer.train()
+    return callback, snaps
+
+
+def _exact(model):
+    """GPT-2 in float64 without dropout: training mode computes what eval mode does (Llama's RMSNorm
+    rounds through float32, which bounds that comparison at ~1e-7), with a float64 loss."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    return _float64_loss(model)
+
+
+def _float64_loss(model):
+    """HF's causal LM loss computes the cross-entropy in float32; this twin keeps float64 so that
+    training and extraction can be compared to float64 rounding."""
+
+    def loss(logits, labels, vocab_size=None, num_items_in_batch=None, ignore_index=-100, **kwargs):
+        logits, labels = logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1)
+        ce = torch.nn.functional.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="sum")
+        return ce / (num_items_in_batch if num_items_in_batch is not None else (labels != ignore_index).sum())
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base.loss_function = loss
+    return model
+
+
+def _check_against_extraction(model, tmp_path, config, snaps, tol):
+    stores = interval_stores(tmp_path / "features")
+    assert [s.name for s in stores] == [f"step-{k:08d}" for k in sorted(snaps.weights)]
+    by_id = {100 + i: ex for i, ex in enumerate(EXAMPLES)}
+    for path in stores:
+        store = FeatureStore.open(path)
+        step = int(path.name.split("-")[1])
+        assert store.meta["steps"] == [step] * len(store) and store.meta["last_step"] == step
+        assert all(lr > 0 for lr in store.meta["lr"])
+        model.load_state_dict(snaps.weights[step])
+        ref = GradientExtractor(model, config).extract([collate([by_id[i]], ids=[i]) for i in store.ids])
+        got = store.to_features()
+        assert rel_err(got.data, ref.data) < tol, (path.name, rel_err(got.data, ref.data))
+
+
+@pytest.mark.parametrize("loss_kwargs", [None, False])  # num_items_in_batch passed to the model, or a micro-batch mean
+def test_features_equal_extraction_at_the_same_weights(tmp_path, loss_kwargs):
+    model = _exact(tiny_model("gpt2", torch.float64))
+    config = ProjectionConfig(rank_in=8, rank_out=8, dtype="float64")
+    callback, snaps = _train(model, tmp_path, config, accumulation=2, loss_kwargs=loss_kwargs)
+    assert sum(len(FeatureStore.open(p)) for p in interval_stores(tmp_path / "features")) == 3 * 2 * 2
+    _check_against_extraction(model, tmp_path, config, snaps, 1e-10)
+
+
+def test_stock_float32_loss_matches_to_its_rounding(tmp_path):
+    model = tiny_model("llama", torch.float64)
+    config = ProjectionConfig(rank_in=8, rank_out=8, dtype="float64")
+    _, snaps = _train(model, tmp_path, config, accumulation=2, steps=2)
+    # HF's training loss computes its cross-entropy in float32, and Llama's RMSNorm rounds through float32.
+    _check_against_extraction(model, tmp_path, config, snaps, 1e-6)
+
+
+def test_lora_features_equal_extraction(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(r=4, target_modules=["c_attn"], lora_dropout=0.0, fan_in_fan_out=True, init_lora_weights=False)
+    model = _exact(get_peft_model(tiny_model("gpt2", torch.float64), lora).double())
+    config = ProjectionConfig(rank_in=8, rank_out=8, dtype="float64")
+    callback, snaps = _train(model, tmp_path, config, accumulation=1, steps=2)
+    assert all("lora_" in l.name for l in callback.extractor.layers)
+    _check_against_extraction(model, tmp_path, config, snaps, 1e-10)
+
+
+def test_bf16_autocast_features_track_float32_extraction(tmp_path):
+    model = tiny_model("llama", torch.float32)
+    config = ProjectionConfig(rank_in=8, rank_out=8)
+    _, snaps = _train(model, tmp_path, config, accumulation=2, bf16=True, steps=1)
+    # bfloat16 keeps 8 mantissa bits (relative rounding 2^-9 per op); a few percent over a deep product.
+    _check_against_extraction(model, tmp_path, config, snaps, 5e-2)
+
+
+def test_missing_ids_named_with_the_fix(tmp_path):
+    model = tiny_model("llama")
+    targs = TrainingArguments(output_dir=str(tmp_path / "o"), per_device_train_batch_size=2, max_steps=1, report_to=[],
+                              use_cpu=True, remove_unused_columns=False, save_strategy="no", disable_tqdm=True)
+    data = [{"input_ids": ids, "labels": labels} for ids, labels in EXAMPLES]
+    trainer = Trainer(model=model, args=targs, train_dataset=data,
+                      data_collator=lambda items: collate([(d["input_ids"], d["labels"]) for d in items]),
+                      callbacks=[InfluenceCallback(tmp_path / "f", ProjectionConfig(rank_in=4, rank_out=4))])
+    with pytest.raises(ValueError, match="remove_unused_columns=False"):
+        trainer.train()
+
+
+def test_replaying_a_written_interval_keeps_its_store(tmp_path):
+    model = tiny_model("llama", torch.float64)
+    start = copy.deepcopy(model.state_dict())
+    config = ProjectionConfig(rank_in=4, rank_out=4, dtype="float64")
+    _train(model, tmp_path, config, accumulation=1, steps=1)
+    path = interval_stores(tmp_path / "features")[0]
+    shards = {p: p.stat().st_mtime_ns for p in (path / "shards").iterdir()}
+    before = FeatureStore.open(path).to_features().data.clone()
+    model.load_state_dict(start)  # a resumed run replays the same step from the same weights
+    _train(model, tmp_path, config, accumulation=1, steps=1)
+    assert {p: p.stat().st_mtime_ns for p in (path / "shards").iterdir()} == shards
+    assert torch.equal(FeatureStore.open(path).to_features().data, before)
