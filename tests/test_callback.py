@@ -42,15 +42,16 @@ class _Snapshots(TrainerCallback):
         self.weights[state.global_step + 1] = copy.deepcopy(model.state_dict())
 
 
-def _train(model, tmp_path, config, accumulation=2, loss_kwargs=None, bf16=False, steps=3, **args):
+def _train(model, tmp_path, config, accumulation=2, loss_kwargs=None, bf16=False, steps=3, examples=EXAMPLES, **args):
     snaps = _Snapshots()
     callback = InfluenceCallback(tmp_path / "features", config, every=1)
     targs = TrainingArguments(
         output_dir=str(tmp_path / "out"), per_device_train_batch_size=2, gradient_accumulation_steps=accumulation,
-        max_steps=steps, learning_rate=1e-2, save_strategy="no", report_to=[], use_cpu=True, bf16=bf16,
-        remove_unused_columns=False, logging_strategy="no", disable_tqdm=True, dataloader_num_workers=0, **args,
+        max_steps=steps, save_strategy="no", report_to=[], use_cpu=True, bf16=bf16,
+        remove_unused_columns=False, logging_strategy="no", disable_tqdm=True, dataloader_num_workers=0,
+        **{"lr_scheduler_type": "constant", "learning_rate": 1e-2, **args},
     )
-    trainer = Trainer(model=model, args=targs, train_dataset=_Dataset(EXAMPLES), data_collator=_collate,
+    trainer = Trainer(model=model, args=targs, train_dataset=_Dataset(examples), data_collator=_collate,
                       callbacks=[snaps, callback])
     if loss_kwargs is not None:
         trainer.model_accepts_loss_kwargs = loss_kwargs

@@ -1,0 +1,121 @@
+"""Training overhead of InfluenceCallback: the same HF Trainer run with and without it.
+
+Both runs train the CPU bench model (Llama, hidden 256, 4 layers, vocab 4096; batch 8 x 128
+tokens, AdamW) from the same weights on the same batches. A timing callback records each
+optimizer step (on_step_begin -> on_step_end: forward, backward, clipping, optimizer step;
+with the callback also the per-layer projection and the rows' copy to the host). The store
+is written after the last step (``every`` = all steps); its cost is reported separately as
+the difference of whole ``train()`` times. Runs alternate so that machine load hits both.
+
+    python bench/train_callback_overhead.py [--out bench/results/train_callback_overhead_cpu.json]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import statistics
+import subprocess
+import tempfile
+import time
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
+
+from fastinfluence import InfluenceCallback, ProjectionConfig
+
+
+class StepTimer(TrainerCallback):
+    def __init__(self):
+        self.times: list[float] = []
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._t0 = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.times.append(time.perf_counter() - self._t0)
+
+
+class Rows(torch.utils.data.Dataset):
+    def __init__(self, n: int, seq: int, vocab: int):
+        g = torch.Generator().manual_seed(0)
+        self.ids = torch.randint(0, vocab, (n, seq), generator=g)
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "attention_mask": torch.ones_like(self.ids[i]), "labels": self.ids[i], "id": i}
+
+
+def run(model, state, data, args, callback: bool, out_dir: str) -> tuple[list[float], float]:
+    model.load_state_dict(state)
+    timer = StepTimer()
+    callbacks = [timer]
+    if callback:
+        callbacks.append(InfluenceCallback(f"{out_dir}/features", ProjectionConfig(rank_in=args.rank, rank_out=args.rank), every=args.steps))
+    targs = TrainingArguments(
+        output_dir=f"{out_dir}/out", per_device_train_batch_size=args.batch, max_steps=args.steps, learning_rate=1e-4,
+        save_strategy="no", report_to=[], use_cpu=True, remove_unused_columns=False, logging_strategy="no",
+        disable_tqdm=True, dataloader_num_workers=0,
+    )
+    trainer = Trainer(model=model, args=targs, train_dataset=data, callbacks=callbacks)
+    t0 = time.perf_counter()
+    trainer.train()
+    return timer.times[1:], time.perf_counter() - t0  # the first step warms up allocators and caches
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--vocab", type=int, default=4096)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default="bench/results/train_callback_overhead_cpu.json")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=int(args.hidden * 8 / 3) // 8 * 8,
+        num_hidden_layers=args.layers, num_attention_heads=8, num_key_value_heads=4,
+    )
+    model = LlamaForCausalLM(cfg)
+    state = copy.deepcopy(model.state_dict())
+    data = Rows(args.batch * args.steps, args.seq, args.vocab)
+    steps = {False: [], True: []}
+    totals = {False: [], True: []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for rep in range(args.reps):
+            for cb in (False, True):
+                t, total = run(model, state, data, args, cb, f"{tmp}/{rep}-{int(cb)}")
+                steps[cb] += t
+                totals[cb].append(total)
+    base, with_cb = statistics.median(steps[False]), statistics.median(steps[True])
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    result = {
+        "bench": "train_callback_overhead",
+        "device": f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "commit": commit,
+        "torch": torch.__version__,
+        "model": {"arch": "llama", "hidden": args.hidden, "layers": args.layers, "vocab": args.vocab,
+                  "params": sum(p.numel() for p in model.parameters())},
+        "batch": args.batch, "seq": args.seq, "rank": [args.rank, args.rank], "steps_per_run": args.steps,
+        "reps": args.reps,
+        "step_s_without": base, "step_s_with": with_cb, "step_overhead": with_cb / base - 1,
+        "train_s_without": statistics.median(totals[False]), "train_s_with": statistics.median(totals[True]),
+        "train_overhead_incl_store_write": statistics.median(totals[True]) / statistics.median(totals[False]) - 1,
+        "goal": "step_overhead <= 0.10",
+    }
+    print(json.dumps(result, indent=2))
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
