@@ -237,6 +237,7 @@ def score(
     device: str | torch.device | None = None,
     matrix: bool = False,
     allow_incomplete: bool = False,
+    index=None,
 ) -> ScoreResult:
     """Score every query against every train row, streaming the train rows.
 
@@ -257,6 +258,8 @@ def score(
         matrix: also return the full (Q, N) float32 matrix in memory (``ScoreResult.matrix``,
             a numpy array); refused when it would exceed ``MATRIX_MAX_BYTES`` (use ``matrix_path``).
         allow_incomplete: score the rows an interrupted store extraction left (refused by default).
+        index: a ``FeatureIndex`` of ``train`` (``fastinfluence.index.build_index``): the top-k
+            comes from it instead of a streaming pass (no aggregates; see ``index.py``).
     """
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
@@ -282,6 +285,10 @@ def score(
     layout = dict(train.layout)
     dtype = torch.float64 if torch.float64 in (qf.data.dtype, train.dtype if isinstance(train, FeatureStore) else train.data.dtype) else torch.float32
     pre = _preconditioner(precondition, train, damping, chunk_rows)
+    if index is not None:
+        from .index import indexed_result
+
+        return indexed_result(index, qf, train, metric, pre, topk, layer_normalize)
     scoring = _Scoring(layout, metric, layer_normalize, dtype)
     q, q_scale = scoring.query(qf.data, pre)
     device = torch.device(device) if device is not None else dist.default_device()
