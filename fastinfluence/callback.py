@@ -200,9 +200,13 @@ class InfluenceCallback(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         self._finish_micro_batch()
         self.flush()
-        self._remove_hooks()
+        self.close()
 
     # ------------------------------------------------------------------------- hooks
+
+    def close(self) -> None:
+        """Remove the hooks from the model (done at the end of training; call it after a failed ``train()``)."""
+        self._remove_hooks()
 
     def _remove_hooks(self) -> None:
         for h in self._handles:

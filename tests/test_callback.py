@@ -157,3 +157,18 @@ def test_replaying_a_written_interval_keeps_its_store(tmp_path):
     _train(model, tmp_path, config, accumulation=1, steps=1)
     assert {p: p.stat().st_mtime_ns for p in (path / "shards").iterdir()} == shards
     assert torch.equal(FeatureStore.open(path).to_features().data, before)
+
+
+def test_one_store_per_trainer_checkpoint_by_default(tmp_path):
+    model = _exact(tiny_model("gpt2", torch.float64))
+    callback = InfluenceCallback(tmp_path / "features", ProjectionConfig(rank_in=4, rank_out=4))
+    targs = TrainingArguments(
+        output_dir=str(tmp_path / "out"), per_device_train_batch_size=2, max_steps=3, save_strategy="steps",
+        save_steps=2, report_to=[], use_cpu=True, remove_unused_columns=False, logging_strategy="no", disable_tqdm=True,
+    )
+    Trainer(model=model, args=targs, train_dataset=_Dataset(EXAMPLES), data_collator=_collate, callbacks=[callback]).train()
+    stores = [FeatureStore.open(p) for p in interval_stores(tmp_path / "features")]
+    assert [s.path.name for s in stores] == ["step-00000002", "step-00000003"]
+    assert [s.meta["steps"] for s in stores] == [[1, 1, 2, 2], [3, 3]]
+    assert (tmp_path / "out" / "checkpoint-2").is_dir()
+    assert not callback._handles and not model._forward_hooks  # hooks removed at the end of training
