@@ -145,6 +145,15 @@ def test_missing_ids_named_with_the_fix(tmp_path):
         trainer.train()
 
 
+def test_gradient_checkpointing_is_refused_before_training():
+    callback = InfluenceCallback("unused", ProjectionConfig(rank_in=4, rank_out=4))
+    args = TrainingArguments(output_dir="unused", gradient_checkpointing=True, report_to=[], use_cpu=True)
+    with pytest.raises(ValueError, match="gradient_checkpointing"):
+        callback.on_train_begin(args, None, None, model=tiny_model("llama"))
+    with pytest.raises(ValueError, match="factorized"):
+        InfluenceCallback("unused", ProjectionConfig(mode="flat"))
+
+
 def test_replaying_a_written_interval_keeps_its_store(tmp_path):
     model = tiny_model("llama", torch.float64)
     start = copy.deepcopy(model.state_dict())
