@@ -11,6 +11,10 @@ kind        FAISS index                                                       sc
 ``ivfpq``   ``IndexIVFPQ``: as ivf, rows compressed to ``m`` bytes (PQ)       approximate (PQ codes)
 ==========  ==============================================================  ======================
 
+With ``refine=r`` (> 1) the index proposes r x k candidates and ``score`` re-ranks them with
+their exact rows read from the store (memory-mapped), so the scores are exact and PQ's
+coarse ranking only has to put the true top-k among r x k candidates.
+
 ``metric="dot"`` indexes the raw rows (inner product); ``metric="cosine"`` indexes rows
 divided by their stored norms and searches with unit queries, so that inner product is
 cosine. ``score(query, train, index=idx)`` preconditions the queries as streaming scoring
@@ -50,6 +54,7 @@ class FeatureIndex:
         meta: config / fingerprint / layout / dtype of the indexed features (checked against queries).
         layout: layer name -> LayerSlice of the rows.
         ids: N example ids.
+        refine: candidates per wanted entry re-ranked with the exact rows by ``score`` (1: none).
     """
 
     index: object
@@ -58,6 +63,7 @@ class FeatureIndex:
     meta: dict
     layout: dict[str, LayerSlice]
     ids: list
+    refine: int = 1
 
     def __len__(self) -> int:
         return self.index.ntotal
@@ -95,6 +101,7 @@ def build_index(
     train_rows: int | None = None,
     chunk_rows: int = 65536,
     seed: int = 0,
+    refine: int = 1,
 ) -> FeatureIndex:
     """Index the rows of ``train`` (streamed ``chunk_rows`` at a time).
 
@@ -106,6 +113,7 @@ def build_index(
         nprobe: cells searched per query (more: higher recall, slower).
         train_rows: rows the k-means (and PQ) are fitted on, an even sample of the store
             (default min(N, max(64 nlist, 50k))).
+        refine: re-rank refine x k candidates with the exact rows at query time (see module docstring).
     """
     faiss = _faiss()
     if metric not in ("dot", "cosine"):
@@ -115,6 +123,8 @@ def build_index(
     N, D = len(train), train.dim
     if N == 0:
         raise ValueError("cannot index an empty store")
+    if not isinstance(refine, int) or refine < 1:
+        raise ValueError(f"refine must be an int >= 1, got {refine!r}")
 
     def rows(c) -> np.ndarray:
         x = c.data.to(torch.float32)
@@ -142,7 +152,7 @@ def build_index(
         index.nprobe = min(nprobe, nlist)
     for c in iter_chunks(train, chunk_rows):
         index.add(rows(c))
-    return FeatureIndex(index, metric, kind, source_metadata(train), dict(train.layout), list(train.ids))
+    return FeatureIndex(index, metric, kind, source_metadata(train), dict(train.layout), list(train.ids), refine)
 
 
 def indexed_result(index: FeatureIndex, query: Features, train, metric: str, pre, topk: int, layer_normalize: bool):
@@ -158,7 +168,10 @@ def indexed_result(index: FeatureIndex, query: Features, train, metric: str, pre
         raise ValueError(f"the index holds {len(index)} rows but the train features have {len(train)}: rebuild it from these features")
     check_same_origin(index.meta, source_metadata(train), "the index", "the train features")
     q = pre.apply(query.data) if pre is not None else query.data
-    values, rows = index.search(q, min(topk, len(index)))
+    k = min(topk, len(index))
+    values, rows = index.search(q, min(k * index.refine, len(index)))
+    if index.refine > 1:
+        values, rows = _rerank(q, train, rows, k, metric)
     train_ids = list(train.ids)
     return ScoreResult(
         topk_values=values,
@@ -170,6 +183,24 @@ def indexed_result(index: FeatureIndex, query: Features, train, metric: str, pre
         metric=metric,
         precondition=pre.kind if pre is not None else "identity",
     )
+
+
+def _rerank(q: torch.Tensor, train, rows: torch.Tensor, k: int, metric: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact scores of each query's candidate rows (-1: none found), best k first."""
+    from .ops import merge_topk
+
+    valid = rows >= 0
+    flat = rows.clamp_min(0).reshape(-1)
+    cand = _rows(train, flat.tolist())
+    x = cand.data.to(torch.float32).reshape(*rows.shape, -1)
+    qq = q.to(torch.float32)
+    S = torch.einsum("qd,qcd->qc", qq, x)
+    if metric == "cosine":
+        tiny = torch.finfo(torch.float32).tiny
+        S = S / (qq.norm(dim=1, keepdim=True).clamp_min(tiny) * cand.norms.float().reshape(rows.shape).clamp_min(tiny))
+    S = torch.where(valid, S, float("-inf"))
+    top = merge_topk(S, torch.where(valid, rows, torch.iinfo(torch.int64).max), k)
+    return top.values, top.indices
 
 
 class _Rows:

@@ -52,6 +52,12 @@ def test_ivfpq_recall_and_mismatch_errors():
     got = score(query, train, topk=10, index=idx).topk_indices
     recall = sum(len(set(a) & set(b)) for a, b in zip(got.tolist(), ref.tolist())) / ref.numel()
     assert recall > 0.5  # 6-byte codes of 24 floats: coarse, far above chance (10 / 4000)
+    refined = build_index(train, "dot", kind="ivfpq", nlist=8, m=12, nbits=4, nprobe=8, refine=20)
+    got = score(query, train, topk=10, index=refined)
+    refined_recall = sum(len(set(a) & set(b)) for a, b in zip(got.topk_indices.tolist(), ref.tolist())) / ref.numel()
+    assert refined_recall > max(recall, 0.9)  # 200 candidates re-ranked exactly
+    exact = torch.einsum("qd,qkd->qk", query.data, train.data[got.topk_indices])
+    assert torch.allclose(got.topk_values, exact, rtol=1e-5, atol=1e-5)  # re-ranked scores are the exact ones
     with pytest.raises(ValueError, match="metric='dot'"):
         score(query, train, metric="cosine", index=idx)
     with pytest.raises(ValueError, match="4000 rows"):
