@@ -129,6 +129,8 @@ class InfluenceCallback(TrainerCallback):
             checkpoint the Trainer saves (and at the end of training).
         shard_rows: rows per shard of the stores.
 
+    An interval's rows stay in host memory until its store is written (rows x D x 4 bytes,
+    D = ``callback.extractor.dim``): choose ``every`` (or ``save_steps``) to bound it.
     Rows of a store are in the order the examples were trained; ``FeatureStore.ids`` names
     them (an example trained twice in one interval has two rows).
     """
