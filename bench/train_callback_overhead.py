@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -111,6 +112,7 @@ def main() -> None:
         "train_s_without": statistics.median(totals[False]), "train_s_with": statistics.median(totals[True]),
         "train_overhead_incl_store_write": statistics.median(totals[True]) / statistics.median(totals[False]) - 1,
         "goal": "step_overhead <= 0.10",
+        "load_average_1min_at_end": os.getloadavg()[0],
     }
     print(json.dumps(result, indent=2))
     with open(args.out, "w") as f:
