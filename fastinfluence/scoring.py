@@ -288,6 +288,8 @@ def score(
     if index is not None:
         from .index import indexed_result
 
+        if matrix or matrix_path is not None or per_layer:
+            raise ValueError("matrix, matrix_path and per_layer need a streaming pass: score without index= for them")
         return indexed_result(index, qf, train, metric, pre, topk, layer_normalize)
     scoring = _Scoring(layout, metric, layer_normalize, dtype)
     q, q_scale = scoring.query(qf.data, pre)
