@@ -20,16 +20,27 @@ import torch
 AGGREGATES = ("mean", "topk_median")
 
 
+def _as_tensor(x) -> torch.Tensor:
+    """A tensor from a tensor, a numpy array or a memmap (``score(..., matrix_path=...).matrix``)."""
+    if isinstance(x, torch.Tensor):
+        return x
+    if isinstance(x, np.ndarray):  # np.memmap included; copied so the file may be closed later
+        return torch.from_numpy(np.array(x, dtype=np.float64))
+    return torch.as_tensor(x, dtype=torch.float64)
+
+
 def _matrix(name: str, scores) -> torch.Tensor:
-    """A (Q, N) float64 score matrix from a tensor or a ScoreResult holding its full matrix."""
-    if not isinstance(scores, torch.Tensor):
+    """A (Q, N) float64 score matrix from a tensor, a numpy array / memmap, or a ScoreResult
+    holding its full matrix."""
+    if not isinstance(scores, (torch.Tensor, np.ndarray)):
         full = getattr(scores, "matrix", None)
         if full is None:
             raise TypeError(
-                f"{name} must be a (queries, train) score tensor or a ScoreResult holding the full "
+                f"{name} must be a (queries, train) score tensor or array, or a ScoreResult holding the full "
                 f"matrix (score(..., matrix_path=...)); got {type(scores).__name__}"
             )
-        scores = torch.as_tensor(np.asarray(full))
+        scores = full
+    scores = _as_tensor(scores)
     if scores.dim() != 2 or 0 in scores.shape:
         raise ValueError(f"{name} must be a non-empty (queries, train) matrix, got shape {tuple(scores.shape)}")
     if not torch.isfinite(scores).all():
@@ -60,18 +71,29 @@ def aggregate_scores(scores: torch.Tensor, how: str = "mean", topk: int | None =
 
 
 def robust_z(s: torch.Tensor, mad_floor: float = 1e-3) -> torch.Tensor:
-    """(s - median) / max(1.4826 * MAD, mad_floor); all zeros when s is constant."""
+    """(s - median) / max(1.4826 * MAD, mad_floor * max|s - median|); all zeros when s is constant.
+
+    The floor is relative to the scores' own scale (their largest deviation from the
+    median), so z, and the weights made from it, do not change when every score is
+    multiplied by a constant: dot products of a well-fitted model (~1e-10) weigh like
+    cosines. It only matters when the MAD is degenerate (more than half the scores tied
+    at the median), where it caps |z| at 1 / mad_floor; a warning says so.
+    """
     med = _median(s)
-    mad = _median((s - med).abs())
-    spread = 1.4826 * mad.item()
-    if spread < mad_floor and bool((s != med).any()):
+    dev = (s - med).abs()
+    largest = dev.max().item()
+    if largest == 0:
+        return torch.zeros_like(s)
+    spread = 1.4826 * _median(dev).item()
+    floor = mad_floor * largest
+    if spread < floor:
         warnings.warn(
-            f"robust_z: the scores' spread 1.4826*MAD = {spread:.3g} is below the floor {mad_floor:g}, so the "
-            "weights are compressed towards 1; scores on a tiny scale (e.g. unnormalised dot products of small "
-            "gradients) should be rescaled, or use metric='cosine'",
+            f"robust_z: the scores' spread 1.4826*MAD = {spread:.3g} is below the floor {floor:.3g} "
+            f"({mad_floor:g} x the largest deviation from the median): most scores are tied, so z is set by the "
+            "floor; check that the scores are not mostly zeros (e.g. a top-k aggregate over few queries)",
             stacklevel=3,
         )
-    return (s - med) / max(spread, mad_floor)
+    return (s - med) / max(spread, floor)
 
 
 class RapidUnWeights(NamedTuple):
@@ -101,11 +123,14 @@ def rapidun(
 
         S_f = alpha * FF - beta * FR          (per forget-train example)
         S_r = gamma * RR - delta * RF         (per retain-train example)
-        z = (S - median) / max(1.4826 * MAD, 1e-3)
+        z = (S - median) / max(1.4826 * MAD, 1e-3 * max|S - median|)
         w = exp(clip(z / tau, ln w_min, ln w_max)),   w /= mean(w)
 
     FF, FR, RF, RR aggregate each matrix over its queries (``aggregate``: ``mean``, or
     RapidUn's ``topk_median`` with ``topk``). A constant S gives z = 0 (all weights 1).
+    RapidUn floors the MAD at an absolute 1e-3, which sets every weight to 1 when the scores
+    are tiny (dot products on a well-fitted model); the floor here is relative to the
+    scores' scale (:func:`robust_z`), so the weights do not depend on it.
 
     Defaults follow the paper (tau_f=0.7, tau_r=1.2, w in [0.2, 3], mean aggregation of raw
     scores); RapidUn's released script defaults to tau=1, w_min 1.0 (forget) / 0.5
@@ -196,7 +221,9 @@ def imu(
     return ImuWeights(weights.float(), influence, keep)
 
 
-def _grads(name: str, g: torch.Tensor) -> torch.Tensor:
+def _grads(name: str, g) -> torch.Tensor:
+    if isinstance(g, np.ndarray):
+        g = _as_tensor(g)
     if not isinstance(g, torch.Tensor) or g.dim() != 2 or g.shape[0] == 0:
         shape = tuple(g.shape) if isinstance(g, torch.Tensor) else type(g).__name__
         raise ValueError(f"imu: {name} must be a non-empty (N, D) gradient matrix, got {shape}")
@@ -235,6 +262,8 @@ def low_influence(
     """
     if (quantile is None) == (threshold is None):
         raise ValueError("low_influence: give exactly one of quantile= or threshold=")
+    if isinstance(scores, np.ndarray):
+        scores = _as_tensor(scores)
     s = _matrix("scores", scores).mean(0) if not (isinstance(scores, torch.Tensor) and scores.dim() == 1) else scores.double()
     if s.numel() == 0 or not torch.isfinite(s).all():
         raise ValueError("low_influence: scores must be non-empty and finite")
@@ -245,7 +274,7 @@ def low_influence(
         threshold = torch.quantile(mag, quantile).item()
     # quantile=0 asks to skip nothing (<= would still drop the smallest example).
     skip = torch.zeros_like(mag, dtype=torch.bool) if quantile == 0 else mag <= threshold
-    cost = torch.ones_like(mag) if tokens is None else torch.as_tensor(tokens, dtype=torch.float64)
+    cost = torch.ones_like(mag) if tokens is None else _as_tensor(tokens).double()
     if cost.shape != mag.shape:
         raise ValueError(f"low_influence: tokens must have shape {tuple(mag.shape)}, got {tuple(cost.shape)}")
     saved = (cost[skip].sum() / cost.sum()).item()
@@ -261,7 +290,7 @@ def loss_reweight(losses: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
     it gets the larger weight; weights have mean 1. ``losses``: (N,) per-example forget
     losses (e.g. the mean answer-token NLL), recomputed as unlearning goes on.
     """
-    losses = torch.as_tensor(losses, dtype=torch.float64)
+    losses = _as_tensor(losses).double()
     if losses.dim() != 1 or losses.numel() == 0 or not torch.isfinite(losses).all():
         raise ValueError(f"loss_reweight: losses must be a non-empty finite (N,) vector, got shape {tuple(losses.shape)}")
     if tau <= 0:

@@ -74,7 +74,7 @@ def test_rapidun_accepts_score_results_with_a_full_matrix():
         (dict(rr=torch.tensor([[1.0, float("inf"), 0, 0]])), "rr holds NaN or inf"),
         (dict(ff=torch.zeros(2, 0)), "non-empty"),
         (dict(aggregate="max"), "unknown aggregate"),
-        (dict(ff=[[1.0]]), "score tensor or a ScoreResult"),
+        (dict(ff=[[1.0]]), "score tensor or array, or a ScoreResult"),
     ],
 )
 def test_rapidun_rejects_bad_scores(change, match):
@@ -272,9 +272,49 @@ def test_low_influence_quantile_zero_skips_nothing():
     assert not r.skip.any() and r.keep.tolist() == [0, 1, 2, 3] and r.compute_saved == 0.0
 
 
-def test_rapidun_warns_when_the_mad_floor_compresses_the_weights():
-    g = torch.Generator().manual_seed(0)
-    ff, fr = torch.randn(3, 8, generator=g) * 1e-5, torch.randn(2, 8, generator=g) * 1e-5
-    rf, rr = torch.randn(3, 6, generator=g) * 1e-5, torch.randn(2, 6, generator=g) * 1e-5
+def test_rapidun_warns_when_most_scores_are_tied():
+    # More than half the forget scores tied at the median: MAD = 0, the floor sets z.
+    ff = torch.tensor([[0.0, 0, 0, 0, 0, 1e-10, -2e-10]])
+    fr, rf, rr = torch.zeros(1, 7), torch.zeros(1, 3), torch.tensor([[1.0, 2, 3]])
     with pytest.warns(UserWarning, match="below the floor"):
-        weights.rapidun(ff, fr, rf, rr)
+        w = weights.rapidun(ff, fr, rf, rr)
+    assert w.forget[5] > w.forget[0] > w.forget[6]
+
+
+def test_rapidun_weights_do_not_depend_on_the_scores_scale():
+    # Dot products of a well-fitted model are tiny (~1e-10); an absolute MAD floor would
+    # turn every weight into 1. The weights of scaled scores must be the same.
+    g = torch.Generator().manual_seed(0)
+    mats = [torch.randn(3, 8, generator=g), torch.randn(2, 8, generator=g), torch.randn(3, 6, generator=g),
+            torch.randn(2, 6, generator=g)]
+    ref = weights.rapidun(*mats)
+    assert ref.forget.std() > 0.1 and ref.retain.std() > 0.1
+    for scale in (1e-10, 1e6):
+        w = weights.rapidun(*[m * scale for m in mats])
+        assert close(w.forget, ref.forget, 1e-5) and close(w.retain, ref.retain, 1e-5)
+
+
+def test_every_weights_function_reads_numpy_arrays_and_memmaps(tmp_path):
+    import numpy as np
+
+    g = torch.Generator().manual_seed(1)
+    mats = [torch.randn(3, 8, generator=g), torch.randn(2, 8, generator=g), torch.randn(3, 6, generator=g),
+            torch.randn(2, 6, generator=g)]
+
+    def memmap(name, t):  # what score(..., matrix_path=...).matrix returns
+        m = np.lib.format.open_memmap(tmp_path / f"{name}.npy", mode="w+", dtype=np.float32, shape=tuple(t.shape))
+        m[:] = t.numpy()
+        m.flush()
+        return np.lib.format.open_memmap(tmp_path / f"{name}.npy", mode="r")
+
+    ref = weights.rapidun(*mats)
+    for convert in (lambda n, t: t.numpy(), memmap):
+        arrays = [convert(f"m{i}", m) for i, m in enumerate(mats)]
+        w = weights.rapidun(*arrays)
+        assert close(w.forget, ref.forget, 1e-5) and close(w.retain, ref.retain, 1e-5)
+        assert close(weights.aggregate_scores(weights._matrix("x", arrays[0])), mats[0].mean(0))
+        li = weights.low_influence(arrays[0], quantile=0.5, tokens=np.arange(1, 9))
+        assert li.skip.tolist() == weights.low_influence(mats[0], quantile=0.5).skip.tolist()
+        assert weights.low_influence(arrays[0][0], threshold=0.5).skip.tolist() == (mats[0][0].abs() <= 0.5).tolist()
+        assert close(weights.imu(arrays[0], arrays[1]).weights, weights.imu(mats[0], mats[1]).weights, 1e-5)
+        assert close(weights.loss_reweight(arrays[0][0]), weights.loss_reweight(mats[0][0]), 1e-5)
