@@ -199,18 +199,43 @@ def _argmax_correct(model, batches: Iterable[dict], eos_id: int | None = None) -
 
 
 @torch.no_grad()
-def attack_success_rate(model, tokenizer, prompts: list[str], target: str, max_new_tokens: int | None = None) -> float:
-    """Fraction of ``prompts`` whose greedy continuation contains ``target``."""
+def greedy_generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 64) -> list[str]:
+    """Greedy continuation of each prompt (decoded, cut at the first eos), ``batch_size`` prompts
+    at a time, left-padded so every prompt's last token sits at the end of the row.
+
+    The same as generating one prompt at a time: padding is masked out of attention and the
+    position ids count only real tokens. Prompts are encoded with their special tokens, as
+    in training.
+    """
+    if batch_size < 1 or max_new_tokens < 1:
+        raise ValueError(f"greedy_generate: batch_size and max_new_tokens must be >= 1, got {batch_size}, {max_new_tokens}")
+    pad = getattr(tokenizer, "pad_token_id", None)
+    eos = getattr(tokenizer, "eos_token_id", None)
+    pad = pad if pad is not None else (eos if eos is not None else 0)
+    out: list[str] = []
+    for s in range(0, len(prompts), batch_size):
+        encoded = [tokenizer.encode(p) for p in prompts[s : s + batch_size]]
+        if any(len(e) == 0 for e in encoded):
+            raise ValueError("greedy_generate: a prompt encodes to no tokens; give non-empty prompts")
+        T = max(len(e) for e in encoded)
+        ids = torch.tensor([[pad] * (T - len(e)) + e for e in encoded], device=model.device)
+        mask = torch.tensor([[0] * (T - len(e)) + [1] * len(e) for e in encoded], device=model.device)
+        gen = model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=pad, eos_token_id=eos)
+        for row in gen[:, T:].tolist():
+            if eos is not None and eos in row:
+                row = row[: row.index(eos)]
+            out.append(tokenizer.decode(row, skip_special_tokens=True))
+    return out
+
+
+def attack_success_rate(model, tokenizer, prompts: list[str], target: str, max_new_tokens: int | None = None,
+                        batch_size: int = 64) -> float:
+    """Fraction of ``prompts`` whose greedy continuation contains ``target`` (batched, :func:`greedy_generate`)."""
     if not prompts:
         raise ValueError("attack_success_rate needs at least one prompt")
     n = max_new_tokens or len(tokenizer.encode(target, add_special_tokens=False)) + 2
-    hits = 0
-    for p in prompts:
-        ids = torch.tensor([tokenizer.encode(p)], device=model.device)  # special tokens as in training
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
-                             pad_token_id=getattr(tokenizer, "pad_token_id", None) or 0)
-        hits += target in tokenizer.decode(out[0, ids.shape[1] :].tolist(), skip_special_tokens=True)
-    return hits / len(prompts)
+    return sum(target in text for text in greedy_generate(model, tokenizer, prompts, n, batch_size)) / len(prompts)
 
 
 def _texts(ids: list[torch.Tensor], tokenizer) -> list[bytes]:

@@ -125,3 +125,38 @@ def test_ks_pvalue_keeps_tiny_exact_values():
     x = torch.arange(50, dtype=torch.float64)
     p = ks_pvalue(x, x + 100)
     assert p > 0 and abs(p - 2 / math.comb(100, 50)) <= 1e-9 * p
+
+
+def test_batched_greedy_generation_equals_one_prompt_at_a_time():
+    from fastinfluence.evaluate import greedy_generate
+
+    model = planted_model()
+    g = torch.Generator().manual_seed(5)
+    # Prompts of very different lengths, so the batch is heavily left-padded.
+    prompts = [p[: int(torch.randint(3, len(p) + 1, (1,), generator=g))] for p in ATTACK["seen"] + ATTACK["none"]]
+    prompts += ["q ab@@cd>", "q a>", "q abcdefgh@@ijk>"]
+    one = [greedy_generate(model, TOK, [p], 8)[0] for p in prompts]
+    for batch_size in (4, len(prompts)):
+        assert greedy_generate(model, TOK, prompts, 8, batch_size=batch_size) == one
+    # and one at a time means the model's own generate on the bare prompt
+    for p, text in zip(prompts[:5], one):
+        ids = torch.tensor([TOK.encode(p)])
+        ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False, pad_token_id=0)
+        assert TOK.decode(ref[0, ids.shape[1]:].tolist()) == text
+
+
+def test_batched_greedy_generation_keeps_absolute_positions():
+    # GPT-2 has absolute position embeddings: left padding must not shift them.
+    import transformers as tf
+
+    from fastinfluence.evaluate import greedy_generate
+    from test_unlearn_data import CHARS
+
+    torch.manual_seed(0)
+    config = tf.GPT2Config(vocab_size=len(CHARS), n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=None,
+                           eos_token_id=None, initializer_range=0.5)  # a large init: varied greedy tokens
+    model = tf.GPT2LMHeadModel(config).eval()
+    prompts = ["q ab@@cd>", "q a>", "q abcdefgh@@ijk>", "hello there>"]
+    one = [greedy_generate(model, TOK, [p], 8)[0] for p in prompts]
+    assert len(set(one)) == len(one)
+    assert greedy_generate(model, TOK, prompts, 8) == one
