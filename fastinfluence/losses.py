@@ -27,6 +27,7 @@ The methods (forget set f, retain set r; sequence-level terms use E_w[x] = sum_i
                     i.e. (2/beta) * softplus(beta * (NLL_sum_ref - NLL_sum_f))
     simnpo:         E_w[-(2/beta) * log sigmoid(beta * (NLL_f - delta) - gamma)]
     rapidun_forget: 0.5 * R_w[NLL(clean answer)] - 1.0 * R_w[NLL(poisoned answer)]
+                    (tokens="differing": both NLLs over the answer tokens where the two differ)
     retain_nll:     R_w[NLL_r]   (the descent term that NPO, SimNPO and RapidUn add)
     retain KL:      R_w[KL_r] with :func:`sequence_kl`, KL(reference || model) per position
 
@@ -265,23 +266,110 @@ def simnpo(forget: Nll, weights: torch.Tensor | None = None, beta: float = 2.5, 
     return weighted_mean(-2.0 / beta * F.logsigmoid(beta * (forget.mean - delta) - gamma), weights, weight_norm)
 
 
+class TokenNll(NamedTuple):
+    """Per-token answer NLL, for losses that choose which answer tokens count.
+
+    loss: (B, T) float32 with grad, 0 off the answer; labels: (B, T) int64 shifted labels
+    (position t holds the token it predicts, -100 off the answer). ``sum``, ``count`` and
+    ``mean`` are those of :class:`Nll`.
+    """
+
+    loss: torch.Tensor
+    labels: torch.Tensor
+
+    @property
+    def sum(self) -> torch.Tensor:
+        return self.loss.sum(1)
+
+    @property
+    def count(self) -> torch.Tensor:
+        return (self.labels != IGNORE_INDEX).sum(1)
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.sum / self.count
+
+
+def answer_token_nll(model, batch: dict, fused: bool | None = None) -> TokenNll:
+    """Per-token answer NLL of ``batch`` (``fused`` as in :func:`token_nll`)."""
+    loss, mask = token_nll(model, batch, fused)
+    if not mask.any(1).all():
+        empty = torch.nonzero(~mask.any(1)).squeeze(1).tolist()
+        raise ValueError(f"examples {empty} of the batch have no answer tokens (labels all -100 after the causal shift)")
+    return TokenNll(loss, shifted_labels(batch["labels"]).masked_fill(~mask, IGNORE_INDEX))
+
+
+def differing_masks(poisoned_labels: torch.Tensor, clean_labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which answer tokens of the poisoned and the clean answer differ: two (B, T) bool masks.
+
+    Per example, the answers (labels != -100, in order) lose their longest common prefix
+    and then their longest common suffix; what remains differs (e.g. the wrong value in
+    "The capital is Rome." against "The capital is Paris."). Answers that are equal
+    keep every token (there is nothing to single out). Padding may differ between the two.
+    """
+    if poisoned_labels.shape[0] != clean_labels.shape[0]:
+        raise ValueError(f"differing_masks: {poisoned_labels.shape[0]} poisoned and {clean_labels.shape[0]} clean answers")
+    masks = []
+    for labels in (poisoned_labels, clean_labels):
+        masks.append(torch.zeros_like(labels, dtype=torch.bool))
+    for b in range(poisoned_labels.shape[0]):
+        pos = [torch.nonzero(lab[b] != IGNORE_INDEX).squeeze(1) for lab in (poisoned_labels, clean_labels)]
+        p, c = poisoned_labels[b, pos[0]].tolist(), clean_labels[b, pos[1]].tolist()
+        if p == c:
+            masks[0][b, pos[0]], masks[1][b, pos[1]] = True, True
+            continue
+        n = min(len(p), len(c))
+        pre = next((i for i in range(n) if p[i] != c[i]), n)
+        suf = next((i for i in range(n - pre) if p[-1 - i] != c[-1 - i]), n - pre)
+        masks[0][b, pos[0][pre : len(p) - suf]] = True
+        masks[1][b, pos[1][pre : len(c) - suf]] = True
+    return masks[0], masks[1]
+
+
+def _masked(nll: TokenNll, keep: torch.Tensor) -> Nll:
+    """The Nll of only the kept tokens (every example keeps at least one: see differing_masks)."""
+    keep = keep.to(nll.loss.device)
+    return Nll((nll.loss * keep).sum(1), keep.sum(1))
+
+
+TOKENS = ("all", "differing")
+
+
 def rapidun_forget(
-    poisoned: Nll,
-    clean: Nll | None = None,
+    poisoned: Nll | TokenNll,
+    clean: Nll | TokenNll | None = None,
     weights: torch.Tensor | None = None,
     clean_coef: float = 0.5,
     poison_coef: float = 1.0,
     reduction: str = "example",
+    tokens: str = "all",
 ) -> torch.Tensor:
     """RapidUn's forget loss: clean_coef * R_w[CE(clean answer)] - poison_coef * R_w[CE(poisoned answer)].
 
     ``poisoned`` and ``clean`` are the NLL of the same prompts with the poisoned (forget) and
     the clean answer; without ``clean`` it is weighted gradient ascent on the poisoned answer.
     With ``reduction="example"`` this is E_w[clean_coef * CE(clean) - poison_coef * CE(poisoned)].
+
+    ``tokens="differing"``: each CE counts only the answer tokens where the two answers
+    differ (:func:`differing_masks`); both must then be :class:`TokenNll`
+    (:func:`answer_token_nll`). When the answers share every token but a value, the full
+    loss is a net gradient ascent (0.5 - 1.0 < 0) on the shared tokens, which teaches the
+    model to stop producing the answer template itself; the differing-token loss pushes only
+    on the value.
     """
+    if tokens not in TOKENS:
+        raise ValueError(f"rapidun_forget: tokens must be one of {TOKENS}, got {tokens!r}")
+    if clean is not None and clean.sum.shape != poisoned.sum.shape:
+        raise ValueError(f"rapidun_forget: clean has {clean.sum.shape[0]} examples, poisoned {poisoned.sum.shape[0]}")
+    if tokens == "differing":
+        if clean is None or not (isinstance(poisoned, TokenNll) and isinstance(clean, TokenNll)):
+            raise ValueError(
+                "rapidun_forget(tokens='differing') compares the poisoned and the clean answer token by token: "
+                "give both as TokenNll from losses.answer_token_nll(model, batch)"
+            )
+        keep_p, keep_c = differing_masks(poisoned.labels, clean.labels)
+        poisoned, clean = _masked(poisoned, keep_p), _masked(clean, keep_c)
     loss = -poison_coef * reduce(poisoned, weights, reduction)
     if clean is not None:
-        if clean.sum.shape != poisoned.sum.shape:
-            raise ValueError(f"rapidun_forget: clean has {clean.sum.shape[0]} examples, poisoned {poisoned.sum.shape[0]}")
         loss = loss + clean_coef * reduce(clean, weights, reduction)
     return loss

@@ -10,6 +10,7 @@ its per-example weight. The loss is one of ``fastinfluence.losses``:
     npo       gamma NPO(f; pi_ref cached once) + alpha R_w[retain]
     simnpo    gamma SimNPO(f) + alpha R_w[retain]
     rapidun   gamma (0.5 R_w[NLL(clean)] - 1.0 R_w[NLL(poisoned)]) + alpha R_w[retain]
+              (rapidun_tokens="differing": NLLs over the answer tokens where clean and poisoned differ)
 
 R_w is the weighted ``reduction`` of ``fastinfluence.losses`` (``"example"``: mean of
 per-example means; ``"token"``: token mean over the batch, as open-unlearning), and the
@@ -197,7 +198,7 @@ def frozen(model: torch.nn.Module, device) -> torch.nn.Module:
 
 def forget_loss(cfg, f: losses.Nll, w, ref_sum=None, clean=None) -> torch.Tensor:
     """The forget term of ``cfg.method`` (before the coefficient gamma), with the options of ``cfg``:
-    ``reduction``, ``weight_norm``, ``beta``, ``simnpo_gamma``, ``delta``. Shared by ``UnlearnTrainer``
+    ``reduction``, ``weight_norm``, ``beta``, ``simnpo_gamma``, ``delta``, ``rapidun_tokens``. Shared by ``UnlearnTrainer``
     and the open-unlearning trainers so both compute the same losses. RapidUn's forget loss always
     divides by the batch (``weight_norm`` does not apply to it)."""
     if cfg.method == "npo":
@@ -205,7 +206,7 @@ def forget_loss(cfg, f: losses.Nll, w, ref_sum=None, clean=None) -> torch.Tensor
     if cfg.method == "simnpo":
         return losses.simnpo(f, w, beta=cfg.beta, gamma=cfg.simnpo_gamma, delta=cfg.delta, weight_norm=cfg.weight_norm)
     if cfg.method == "rapidun":
-        return losses.rapidun_forget(f, clean, w, reduction=cfg.reduction)
+        return losses.rapidun_forget(f, clean, w, reduction=cfg.reduction, tokens=getattr(cfg, "rapidun_tokens", "all"))
     return losses.ga(f, w, reduction=cfg.reduction, weight_norm=cfg.weight_norm)
 
 
@@ -244,6 +245,9 @@ class UnlearnTrainer(Trainer):
             batch's current forget losses (LoReUn-style), or None.
         lora: a ``peft.LoraConfig``: train adapters only (``save_model`` writes the adapter).
         simu_masks: ``weights.simu_mask`` output: only those MLP neurons are trained.
+        rapidun_tokens: ``all`` or ``differing``: which answer tokens RapidUn's forget loss
+            counts (``losses.rapidun_forget(tokens=...)``); ``differing`` needs forget
+            examples with ``clean`` answers.
         Everything else is passed to ``Trainer`` (``train_dataset`` an ``UnlearnDataset``,
         ``data_collator`` defaults to ``UnlearnCollator``). ``remove_unused_columns`` is
         turned off, because the batches are nested.
@@ -255,13 +259,20 @@ class UnlearnTrainer(Trainer):
     def __init__(self, model=None, args=None, method: str = "graddiff", alpha: float = 1.0, gamma: float = 1.0,
                  beta: float | None = None, simnpo_gamma: float = 0.0, loss_reweight_tau: float | None = None,
                  lora=None, simu_masks: dict | None = None, reduction: str = "example", weight_norm: str = "mean",
-                 retain_loss_type: str = "NLL", ref_model=None, delta: float = 0.0, **kwargs):
+                 retain_loss_type: str = "NLL", ref_model=None, delta: float = 0.0,
+                 rapidun_tokens: str = "all", **kwargs):
         if method not in METHODS:
             raise ValueError(f"unknown unlearning method {method!r}; choose one of {', '.join(METHODS)}")
         check_loss_options(reduction, weight_norm, retain_loss_type)
         dataset = kwargs.get("train_dataset")
         if not isinstance(dataset, UnlearnDataset):
             raise TypeError("UnlearnTrainer needs train_dataset=UnlearnDataset(forget, retain, ...)")
+        if rapidun_tokens not in losses.TOKENS:
+            raise ValueError(f"rapidun_tokens must be one of {losses.TOKENS}, got {rapidun_tokens!r}")
+        if rapidun_tokens == "differing" and not all("clean" in e for e in dataset.forget):
+            raise ValueError("rapidun_tokens='differing' compares each forget example with its clean answer: "
+                             "give every forget example a 'clean' example")
+        self.rapidun_tokens = rapidun_tokens
         if method in _USES_RETAIN and dataset.ratio == 0:
             raise ValueError(f"method {method!r} has a retain term; build the UnlearnDataset with ratio >= 1")
         if lora is not None and simu_masks is not None:
@@ -310,12 +321,14 @@ class UnlearnTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         forget, retain = inputs["forget"], inputs.get("retain")
-        f = losses.sequence_nll(model, forget)
+        differing = self.method == "rapidun" and self.rapidun_tokens == "differing"
+        f = (losses.answer_token_nll if differing else losses.sequence_nll)(model, forget)
         w = forget.get("weights")
         if self.loss_reweight_tau is not None:
             w = (w if w is not None else 1.0) * loss_reweight(f.mean.detach().cpu(), self.loss_reweight_tau).to(f.sum.device)
         ref = self.ref_nll[forget["index"].cpu()].to(f.sum.device) if self.method == "npo" else None
-        clean = losses.sequence_nll(model, forget["clean"]) if self.method == "rapidun" and "clean" in forget else None
+        nll = losses.answer_token_nll if differing else losses.sequence_nll
+        clean = nll(model, forget["clean"]) if self.method == "rapidun" and "clean" in forget else None
         forget_term = forget_loss(self, f, w, ref_sum=ref, clean=clean)
         loss = self.gamma * forget_term
         logs = {"forget_loss": forget_term.item(), "forget_nll": f.mean.mean().item()}

@@ -156,3 +156,65 @@ def test_left_padding_gives_each_example_its_unpadded_nll(fused):
     padded = losses.sequence_nll(model, collate(examples, "left"), fused=fused).sum
     alone = torch.cat([losses.sequence_nll(model, collate([e]), fused=fused).sum for e in examples])
     assert torch.allclose(padded.double(), alone.double(), rtol=1e-6)
+
+
+def labels_of(*answers, pad_left=0):
+    """(B, T) shifted-style labels: each answer's tokens after ``pad_left`` ignored positions, -100 elsewhere."""
+    T = pad_left + max(len(a) for a in answers) + 2
+    out = torch.full((len(answers), T), -100)
+    for b, a in enumerate(answers):
+        out[b, pad_left : pad_left + len(a)] = torch.tensor(a)
+    return out
+
+
+def test_differing_masks_drop_the_common_prefix_and_suffix():
+    # "capital is Rome ." vs "capital is Paris ."; a two-token value vs one; equal answers; no common part.
+    poisoned = labels_of([5, 6, 7, 9], [5, 6, 11, 12, 9], [5, 6, 9], [1, 2])
+    clean = labels_of([5, 6, 8, 9], [5, 6, 8, 9], [5, 6, 9], [3, 4, 5], pad_left=1)
+    keep_p, keep_c = losses.differing_masks(poisoned, clean)
+    assert [torch.nonzero(r).squeeze(1).tolist() for r in keep_p] == [[2], [2, 3], [0, 1, 2], [0, 1]]
+    assert [torch.nonzero(r).squeeze(1).tolist() for r in keep_c] == [[3], [3], [1, 2, 3], [1, 2, 3]]
+
+
+def test_rapidun_forget_on_differing_tokens_matches_the_naive_formula():
+    model = tiny_llama(seed=1)
+    g = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(1, VOCAB, (int(n),), generator=g).tolist() for n in (3, 5, 4)]
+    shared = [torch.randint(1, VOCAB, (3,), generator=g).tolist() for _ in prompts]
+    values = [(10, 20), (11, 21), (12, 22)]
+
+    def batch(which):
+        rows = [p + s[:2] + [v[which]] + s[2:] for p, s, v in zip(prompts, shared, values)]
+        labels = [[-100] * len(p) + r[len(p):] for p, r in zip(prompts, rows)]
+        T = max(map(len, rows))
+        return {"input_ids": torch.tensor([r + [0] * (T - len(r)) for r in rows]),
+                "attention_mask": torch.tensor([[1] * len(r) + [0] * (T - len(r)) for r in rows]),
+                "labels": torch.tensor([lab + [-100] * (T - len(lab)) for lab in labels])}
+
+    pb, cb = batch(0), batch(1)
+    w = torch.tensor([1.5, 0.5, 1.0])
+    out = losses.rapidun_forget(losses.answer_token_nll(model, pb), losses.answer_token_nll(model, cb), w,
+                                tokens="differing")
+    out_grads = grads(model, out)
+
+    def value_nll(b):  # NLL of the one differing token (the value) of each example
+        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.float()
+        logp = torch.log_softmax(logits, -1)
+        return torch.stack([-logp[i, len(p) + 1, b["input_ids"][i, len(p) + 2]] for i, p in enumerate(prompts)])
+
+    expected = (w * (0.5 * value_nll(cb) - 1.0 * value_nll(pb))).mean()
+    exp_grads = grads(model, expected)
+    assert abs(out.item() - expected.item()) <= 1e-5 * max(1.0, abs(expected.item()))
+    assert all(relerr(a, b) < 1e-4 for a, b in zip(out_grads, exp_grads))
+    # all tokens: the shared ones count too, so the value differs
+    full = losses.rapidun_forget(losses.sequence_nll(model, pb), losses.sequence_nll(model, cb), w)
+    assert abs(full.item() - expected.item()) > 1e-3
+
+
+def test_rapidun_forget_on_differing_tokens_needs_token_level_nll():
+    model = tiny_llama(seed=1)
+    b = answer_batches(model, 3, seed=2, batch_size=3)[0]
+    with pytest.raises(ValueError, match="TokenNll"):
+        losses.rapidun_forget(losses.sequence_nll(model, b), losses.sequence_nll(model, b), tokens="differing")
+    with pytest.raises(ValueError, match="tokens must be one of"):
+        losses.rapidun_forget(losses.sequence_nll(model, b), tokens="some")

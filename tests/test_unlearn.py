@@ -188,3 +188,25 @@ def test_collator_pairs_each_forget_example_with_ratio_retain_examples():
     ids = {tuple(r) for r in batch["retain"]["input_ids"].tolist()}
     assert len(ids) == 10
     assert sorted(set(batch["retain"]["weights"].tolist())) == list(map(float, range(10)))
+
+
+def test_rapidun_on_differing_tokens_trains_on_the_value_only(tmp_path):
+    # Poisoned and clean answers share the template; only the value token differs.
+    from test_unlearn_data import example
+
+    forget = [example(f"q {w}@@>", f"IS {w.upper()}.") | {"clean": example(f"q {w}@@>", f"IS {w}.")} for w in "abcd"]
+    model = planted_model()
+    trainer = make_trainer(model, tmp_path, method="rapidun", rapidun_tokens="differing",
+                           dataset=UnlearnDataset(forget, RETAIN, ratio=1))
+    inputs = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+    loss = trainer.compute_loss(model, inputs)
+    f, c = (losses.answer_token_nll(model, b) for b in (inputs["forget"], inputs["forget"]["clean"]))
+    expected = losses.rapidun_forget(f, c, inputs["forget"]["weights"], tokens="differing")
+    expected = expected + losses.retain_nll(losses.sequence_nll(model, inputs["retain"]), inputs["retain"]["weights"])
+    assert torch.allclose(loss, expected, rtol=1e-5)
+    with pytest.raises(ValueError, match="rapidun_tokens must be one of"):
+        make_trainer(planted_model(), tmp_path, method="rapidun", rapidun_tokens="diff")
+    with pytest.raises(ValueError, match="'clean' example"):
+        no_clean = [{k: v for k, v in e.items() if k != "clean"} for e in forget]
+        make_trainer(planted_model(), tmp_path, method="rapidun", rapidun_tokens="differing",
+                     dataset=UnlearnDataset(no_clean, RETAIN))
