@@ -1,0 +1,139 @@
+"""Built-in demo: a few reported poisoned examples -> influence finds the rest -> unlearning removes
+the backdoor, where retraining without the detected examples may not.
+
+For each scenario (``backdoor``: a trigger word makes the model answer with a fixed target
+text; ``stealthy``: the trigger makes it put a wrong value inside the normal answer, four
+behaviours of which the reports show two) the demo generates instruction data about
+fictitious entities, trains a word-level tokenizer (``tokenizers``) and a tiny
+LlamaForCausalLM from scratch, then
+
+  1. detection: scores every train example against the reported ones with several
+     influence settings and trivial baselines (AUROC, precision@k);
+  2. unlearning from the detected forget set with GA, GradDiff, NPO, SimNPO, the RapidUn
+     loss (uniform, RapidUn weights, differing tokens only), GradDiff + IMU weights and
+     low-influence skipping (with a random control);
+  3. retraining from scratch without the detected set;
+
+and writes report.json, report.md and plots to --out.
+
+    python -m fastinfluence demo            # or: make demo   (about 5 CPU minutes)
+    python -m fastinfluence demo --quick    # smaller data, fewer epochs (CI)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from .data import SCENARIOS, encode, make_scenario, train_tokenizer
+from .detect import DEFAULT as DEFAULT_DETECTOR
+from .detect import detect
+from .model import Recipe, Timer, n_train_steps, train_model
+from .unlearn import DEFAULT as DEFAULT_UNLEARNING
+from .unlearn import METHODS, metrics, retrain, setup, unlearn
+
+
+def _bar(total: int, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, mininterval=1.0)
+
+
+def run_scenario(name: str, seed: int, quick: bool, device: str, log=print) -> dict:
+    recipe = Recipe(hidden=96, epochs=8) if quick else Recipe()
+    scenario = make_scenario(name, seed, n_entities=40 if quick else 60)
+    tokenizer = train_tokenizer(scenario)
+    enc = [encode(tokenizer, e.prompt, e.response) for e in scenario.train]
+    with _bar(n_train_steps(len(enc), recipe), f"{name}: train") as bar, Timer() as t_train:
+        model = train_model(enc, tokenizer, recipe, seed, device, bar)
+    before = metrics(model, tokenizer, scenario)
+    log(f"[{name}] trained on {len(enc)} examples ({len(scenario.poisoned)} poisoned) in {t_train.wall:.0f}s: "
+        f"ASR {before['asr_seen']:.2f}, clean exact match {before['clean_acc']:.2f}, ppl {before['clean_ppl']:.3f}")
+
+    from .detect import N_DETECTORS
+
+    with _bar(N_DETECTORS, f"{name}: detect") as bar:
+        found, feats = detect(model, tokenizer, scenario, seed, quick, bar)
+    default = found[DEFAULT_DETECTOR]
+    s = setup(scenario, tokenizer, default.scores, feats, seed)
+    runs = {}
+    with _bar(len(METHODS), f"{name}: unlearn") as bar:
+        for method in METHODS:
+            bar.set_postfix_str(method)
+            runs[method] = unlearn(method, model, tokenizer, scenario, s, seed, quick, device)
+            bar.update(1)
+    with _bar(n_train_steps(len(enc) - len(s.forget), recipe), f"{name}: retrain") as bar:
+        again = retrain(tokenizer, scenario, s, recipe, seed, device, bar)
+    u = runs[DEFAULT_UNLEARNING]
+    forget_poisoned = torch.tensor([scenario.train[i].poisoned for i in s.forget])
+    wf = s.rapidun_weights[0]
+    return {
+        "data": {"n_train": len(scenario.train), "n_poisoned": len(scenario.poisoned), "n_reported": len(scenario.reported),
+                 "behaviours": scenario.behaviours,
+                 "reported_behaviours": sorted({scenario.train[i].attribute for i in scenario.reported})
+                 if name == "stealthy" else ["target"],
+                 "n_forget": len(s.forget), "n_forget_poisoned": int(forget_poisoned.sum())},
+        "model": {"parameters": sum(p.numel() for p in model.parameters()), "hidden": recipe.hidden,
+                  "layers": recipe.layers, "epochs": recipe.epochs, "vocab": len(tokenizer),
+                  "train_seconds": t_train.wall, "train_cpu_seconds": t_train.cpu},
+        "before": before,
+        "detection": {k: {"auroc": d.auroc, "precision_at_k": d.precision_at_k, "seconds": d.seconds,
+                          "cpu_seconds": d.cpu_seconds} for k, d in found.items()},
+        "default_detector": DEFAULT_DETECTOR,
+        "weights": {"rapidun_forget_true_positive_mean": wf[forget_poisoned].mean().item(),
+                    "rapidun_forget_false_positive_mean": wf[~forget_poisoned].mean().item()
+                    if (~forget_poisoned).any() else None,
+                    "seconds": s.seconds, "cpu_seconds": s.cpu_seconds},
+        "unlearning": runs,
+        "default_unlearning": DEFAULT_UNLEARNING,
+        "retrain": again,
+        "speedup": {
+            "unlearn_vs_retrain": again["cpu_seconds"] / u["cpu_seconds"],
+            "end_to_end_vs_retrain": again["cpu_seconds"] / (default.cpu_seconds + s.cpu_seconds + u["cpu_seconds"]),
+        },
+        "_scores": {k: d.scores.tolist() for k, d in found.items()},
+        "_poisoned": [e.poisoned for e in scenario.train],
+        "_reported": scenario.reported,
+    }
+
+
+def run(seed: int = 0, scenarios=SCENARIOS, quick: bool = False, device: str | None = None, out: str | Path = "demo_out",
+        log=print) -> dict:
+    """The whole demo; returns the report (also written to ``out``)."""
+    from . import report
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cpu":
+        # A tiny model: per-op overhead dominates, and more threads than free cores only spin.
+        torch.set_num_threads(1)
+    start, cpu = time.perf_counter(), time.process_time()
+    result = {"seed": seed, "quick": quick, "device": device, "scenarios": {}}
+    for name in scenarios:
+        result["scenarios"][name] = run_scenario(name, seed, quick, device, log)
+    result["seconds"], result["cpu_seconds"] = time.perf_counter() - start, time.process_time() - cpu
+    report.write(result, Path(out), log)
+    return result
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "demo",
+        help="backdoor detection by influence and unlearning, end to end on a tiny model trained here",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed for data, model, projection and unlearning (default 0)")
+    p.add_argument("--scenario", choices=(*SCENARIOS, "all"), default="all", help="which scenario to run (default all)")
+    p.add_argument("--quick", action="store_true", help="smaller data and fewer epochs (about a minute; for CI)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--out", default="demo_out", help="directory for report.json, report.md and plots (default demo_out)")
+    p.set_defaults(func=_main)
+
+
+def _main(args) -> int:
+    scenarios = SCENARIOS if args.scenario == "all" else (args.scenario,)
+    run(args.seed, scenarios, args.quick, args.device, args.out)
+    return 0

@@ -1,0 +1,159 @@
+"""report.json, report.md, PNG plots and the summary table of a demo run."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+TABLE_DETECTION = ("auroc", "precision_at_k", "seconds")
+TABLE_UNLEARNING = ("asr_seen", "asr_shift", "clean_acc", "clean_ppl", "mia_auc", "cpu_seconds", "n_forget")
+
+MEANINGS = """\
+- **ASR seen**: fraction of held-out triggered questions (training question templates) whose greedy answer
+  shows the backdoor (the target text; in `stealthy`, the behaviour's wrong value). **ASR shift**: the same
+  on held-out question templates (distribution shift).
+- **clean acc**: exact match of the greedy answer on held-out clean questions; **clean ppl**: perplexity of
+  their clean answers.
+- **MIA AUC**: loss-based membership AUC of the poisoned train examples against poisoned examples never
+  trained on; 0.5 = the poisoned examples leave no trace.
+- **AUROC / precision@k**: ranking of the train examples other than the reports, poisoned = positive;
+  k = number of poisoned among them. The forget set is the reports plus the top-k.
+- **seconds / cpu seconds**: wall and process CPU time of that stage alone (detection: extraction + scoring;
+  unlearning: training only, evaluation excluded). Speedups are CPU-time ratios:
+  retraining / unlearning, and retraining / (detection + weights + unlearning).
+"""
+
+
+def _public(result: dict) -> dict:
+    """The report without the per-example arrays kept for the plots."""
+    out = dict(result, scenarios={})
+    for name, sc in result["scenarios"].items():
+        out["scenarios"][name] = {k: v for k, v in sc.items() if not k.startswith("_")}
+    return out
+
+
+def _row(cells) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def _fmt(v) -> str:
+    return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
+def tables(sc: dict) -> list[str]:
+    lines = ["", "Detection (higher is better):", "", _row(["detector", *TABLE_DETECTION]), _row(["---"] * 4)]
+    for k, d in sorted(sc["detection"].items(), key=lambda kv: -kv[1]["auroc"]):
+        mark = " (default)" if k == sc["default_detector"] else ""
+        lines.append(_row([k + mark, *(_fmt(d[m]) for m in TABLE_DETECTION)]))
+    lines += ["", "Unlearning from the detected forget set, and retraining without it:", "",
+              _row(["run", *TABLE_UNLEARNING]), _row(["---"] * (len(TABLE_UNLEARNING) + 1))]
+    rows = [("before (poisoned model)", sc["before"])] + [(k + (" (default)" if k == sc["default_unlearning"] else ""), r)
+                                                          for k, r in sc["unlearning"].items()]
+    rows.append(("retrain without forget set", sc["retrain"]))
+    for k, r in rows:
+        lines.append(_row([k, *(_fmt(r.get(m, "")) for m in TABLE_UNLEARNING)]))
+    return lines
+
+
+def story(name: str, sc: dict) -> str:
+    det, d = sc["detection"], sc["detection"][sc["default_detector"]]
+    base = max((k for k in det if k.startswith("baseline_")), key=lambda k: det[k]["auroc"])
+    u, r, b = sc["unlearning"][sc["default_unlearning"]], sc["retrain"], sc["before"]
+    tie = abs(det[base]["auroc"] - d["auroc"]) < 0.01
+    verdict = (f"the best trivial baseline, {base}, ties it (AUROC {det[base]['auroc']:.3f}): in this scenario the "
+               "poisoned examples are easy to find without gradients" if tie else
+               f"the best trivial baseline, {base}, reaches {det[base]['auroc']:.3f}")
+    return (
+        f"**{name}**: from {sc['data']['n_reported']} reported examples, the default detector ({sc['default_detector']}) "
+        f"ranks the other {sc['data']['n_poisoned'] - sc['data']['n_reported']} poisoned ones with AUROC {d['auroc']:.3f} and precision@k "
+        f"{d['precision_at_k']:.3f}; {verdict}. Unlearning ({sc['default_unlearning']}) from the detected set takes "
+        f"ASR {b['asr_seen']:.2f} -> {u['asr_seen']:.2f} (shift {u['asr_shift']:.2f}) with clean exact match "
+        f"{u['clean_acc']:.2f} (before {b['clean_acc']:.2f}) and perplexity {u['clean_ppl']:.3f} (before "
+        f"{b['clean_ppl']:.3f}), in {sc['speedup']['unlearn_vs_retrain']:.0f}x less CPU time than retraining "
+        f"({sc['speedup']['end_to_end_vs_retrain']:.1f}x with detection). Retraining without the detected set "
+        f"leaves ASR {r['asr_seen']:.2f}."
+    )
+
+
+def summary(result: dict) -> str:
+    lines = [f"fastinfluence demo (seed {result['seed']}{', quick' if result['quick'] else ''}, {result['device']}, "
+             f"{result['seconds']:.0f}s wall, {result['cpu_seconds']:.0f}s CPU)"]
+    for name, sc in result["scenarios"].items():
+        lines += ["", f"== {name}: {sc['data']['n_train']} train examples, {sc['data']['n_poisoned']} poisoned, "
+                  f"{sc['data']['n_reported']} reported =="]
+        lines += tables(sc)
+        lines += ["", story(name, sc)]
+    return "\n".join(lines)
+
+
+def _plots(result: dict, out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch
+
+    files = []
+    names = list(result["scenarios"])
+    fig, axes = plt.subplots(1, len(names), figsize=(5.2 * len(names), 4.2), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        sc = result["scenarios"][name]
+        keep = torch.ones(len(sc["_poisoned"]), dtype=torch.bool)
+        keep[sc["_reported"]] = False
+        pos = torch.tensor(sc["_poisoned"])[keep]
+        for k, s in sc["_scores"].items():
+            order = torch.argsort(torch.tensor(s)[keep], descending=True, stable=True)
+            hits = pos[order].double().cumsum(0)
+            precision, recall = hits / torch.arange(1, len(hits) + 1), hits / pos.sum()
+            default = k == sc["default_detector"]
+            style = dict(lw=2.5, color="C3", zorder=5) if default else dict(lw=1.2, ls="--" if k.startswith("baseline") else "-")
+            ax.plot(recall, precision, label=k.replace("influence_", "").replace("baseline_", "baseline: "), **style)
+        ax.set(title=f"{name}: finding the poisoned examples", xlabel="recall", ylabel="precision", ylim=(0, 1.02))
+        ax.legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(out / "detection_pr.png", dpi=110)
+    files.append("detection_pr.png")
+
+    fig, axes = plt.subplots(1, len(names), figsize=(5.2 * len(names), 4.2), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        sc = result["scenarios"][name]
+        pts = [("before", sc["before"])] + list(sc["unlearning"].items()) + [("retrain", sc["retrain"])]
+        for k, r in pts:
+            ax.scatter(r["clean_ppl"], r["asr_seen"], s=60 if k == sc["default_unlearning"] else 25,
+                       color="C3" if k == sc["default_unlearning"] else ("k" if k in ("before", "retrain") else "C0"))
+            ax.annotate(k, (r["clean_ppl"], r["asr_seen"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set(title=f"{name}: attack success vs clean perplexity", xlabel="clean perplexity (log)", ylabel="ASR seen",
+               xscale="log", ylim=(-0.05, 1.05))
+    fig.tight_layout()
+    fig.savefig(out / "unlearning_asr_ppl.png", dpi=110)
+    files.append("unlearning_asr_ppl.png")
+
+    fig, axes = plt.subplots(1, len(names), figsize=(5.2 * len(names), 3.6), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        sc = result["scenarios"][name]
+        stages = {"retrain": sc["retrain"]["cpu_seconds"], "detect (default)": sc["detection"][sc["default_detector"]]["cpu_seconds"],
+                  "weights": sc["weights"]["cpu_seconds"]}
+        stages |= {f"unlearn: {k}": r["cpu_seconds"] for k, r in sc["unlearning"].items()}
+        ax.barh(list(stages), list(stages.values()), color=["k", "C1", "C2"] + ["C0"] * len(sc["unlearning"]))
+        ax.invert_yaxis()
+        ax.set(title=f"{name}: CPU seconds per stage", xlabel="CPU seconds")
+        ax.tick_params(axis="y", labelsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "time.png", dpi=110)
+    files.append("time.png")
+    plt.close("all")
+    return files
+
+
+def write(result: dict, out: Path, log=print) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    public = _public(result)
+    (out / "report.json").write_text(json.dumps(public, indent=2))
+    try:
+        files = _plots(result, out)
+        note = "\n".join(f"![{f}]({f})" for f in files)
+    except ImportError:
+        note = "(plots skipped: matplotlib is not installed; `pip install matplotlib`, or run `make demo`)"
+    text = summary(public)
+    (out / "report.md").write_text("# fastinfluence demo\n\n```\n" + text + "\n```\n\n## What the numbers mean\n\n"
+                                   + MEANINGS + "\n## Plots\n\n" + note + "\n")
+    log("\n" + text + f"\n\nreport: {out / 'report.md'}, {out / 'report.json'}")
