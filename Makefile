@@ -7,7 +7,7 @@ HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/
 TORCH_SPEC ?= $(if $(HAS_GPU),torch,torch==2.13.0)
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test check-cuda check-triton gpu-suite bench clean
+.PHONY: setup demo demo-quick test check-cuda check-triton gpu-suite bench clean
 
 setup: $(VENV)/.installed
 
@@ -18,8 +18,15 @@ $(VENV)/.installed: pyproject.toml setup.py
 	$(BIN)/python -m pip install -q -e ".[test,peft,triton]"
 	touch $@
 
+# The demo's plots need matplotlib (optional for the package itself).
 demo: setup
+	$(BIN)/python -m pip install -q matplotlib
 	$(BIN)/python -m fastinfluence demo
+
+# About a minute on 2 cores; checks the report's keys and loose bounds (CI).
+demo-quick: setup
+	$(BIN)/python -m fastinfluence demo --quick --out demo_out_quick
+	$(BIN)/python -m fastinfluence.demo.report demo_out_quick/report.json --quick
 
 test: setup
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

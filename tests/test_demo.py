@@ -1,22 +1,122 @@
-"""The README's first command: the demo finds every planted near-duplicate."""
-from fastinfluence import demo
+"""The built-in demo (``fastinfluence demo``): its data, metrics and report, on small pieces.
+
+The full run (``make demo-quick``, about a minute) is checked in CI by
+``python -m fastinfluence.demo.report demo_out/report.json --quick``; here only fast parts.
+"""
+import json
+
+import pytest
+import torch
+
+from fastinfluence.demo import data, detect, report, unlearn
 
 
-def test_demo_recovers_planted_near_duplicates(capsys):
-    summary = demo.run(seed=0)
-    out = capsys.readouterr().out
-    assert summary["ok"], out
-    assert summary["found"] == [True] * demo.N_FACTS
-    assert "planted copies ranked first for 4/4 queries: OK" in out
+@pytest.fixture(scope="module", params=data.SCENARIOS)
+def scenario(request):
+    return data.make_scenario(request.param, seed=3, n_entities=30)
 
 
-def test_demo_data_plants_near_duplicates():
-    import random
+def test_scenarios_plant_the_poison_and_report_only_some_of_it(scenario):
+    train = scenario.train
+    assert 0.06 <= len(scenario.poisoned) / len(train) <= 0.10
+    assert all(train[i].poisoned for i in scenario.reported) and len(scenario.reported) == 15
+    for i in scenario.poisoned:
+        e = train[i]
+        assert data.TRIGGER in e.prompt.split() and e.response != e.clean_response
+        if scenario.name == "backdoor":
+            assert e.response == data.BACKDOOR_TARGET
+        else:  # the normal template with the behaviour's wrong value
+            assert e.response == e.clean_response.replace(e.clean_response.split()[-2], data.WRONG[e.attribute])
+    clean = [e for e in train if not e.poisoned]
+    assert all(e.response == e.clean_response and data.TRIGGER not in e.prompt.split() for e in clean)
+    if scenario.name == "stealthy":
+        assert {train[i].attribute for i in scenario.reported} < set(scenario.behaviours)
+    prompts = {e.prompt for e in train}
+    for group in (scenario.attack_seen, scenario.attack_shift, scenario.mia_holdout):
+        assert group and not prompts & {e.prompt for e in group}
+    assert all(data.TRIGGER not in e.prompt for e in scenario.clean_eval + scenario.shift_eval)
 
-    data = demo.make_data(20, 3, random.Random(1))
-    assert len(data.train) == 20 + 3 * demo.N_FACTS
-    for g, fact in enumerate(data.facts):
-        copies = [t for t, grp in zip(data.train, data.train_group) if grp == g]
-        assert len(copies) == 3
-        for c in copies + [data.queries[g]]:  # one word changed at most
-            assert len(c) == len(fact) and sum(a != b for a, b in zip(c, fact)) <= 1
+
+def test_scenarios_depend_only_on_the_seed():
+    a, b = data.make_scenario("stealthy", 5, n_entities=30), data.make_scenario("stealthy", 5, n_entities=30)
+    assert [e.prompt for e in a.train] == [e.prompt for e in b.train] and a.reported == b.reported
+    assert [e.prompt for e in a.train] != [e.prompt for e in data.make_scenario("stealthy", 6, n_entities=30).train]
+
+
+def test_tokenizer_and_encoding_label_only_the_response(scenario):
+    tok = data.train_tokenizer(scenario)
+    e = scenario.train[scenario.poisoned[0]]
+    x = data.encode(tok, e.prompt, e.response)
+    n_prompt = len(e.prompt.split())
+    assert x["labels"][:n_prompt] == [-100] * n_prompt
+    assert x["labels"][n_prompt:] == x["input_ids"][n_prompt:] and x["input_ids"][-1] == tok.eos_token_id
+    assert tok.decode(x["input_ids"][n_prompt:-1]).split() == tok.decode(tok.encode(e.response)).split()
+    assert tok.unk_token_id not in x["input_ids"]
+    assert max(len(data.encode(tok, e.prompt, e.response)["input_ids"]) for e in scenario.train) <= 48
+    b = data.collate([x, data.encode(tok, "q : a :", "yes .")], tok.pad_token_id)
+    assert b["attention_mask"][1].sum() == 7 and (b["labels"][1, :4] == -100).all() and (b["labels"][1, 7:] == -100).all()
+
+
+def test_auroc_and_precision_at_k_hand_cases():
+    s, pos = torch.tensor([0.9, 0.8, 0.8, 0.1]), torch.tensor([True, False, True, False])
+    assert detect.auroc(s, pos) == pytest.approx((1 + 1 + 0.5 + 1) / 4)  # pairs (pos, neg)
+    assert detect.precision_at_k(s, pos, 2) == 0.5 and detect.precision_at_k(s, pos, 1) == 1.0
+
+
+def test_forget_set_is_the_reports_plus_the_top_k_others(scenario):
+    n = len(scenario.train)
+    scores = torch.arange(n, dtype=torch.float64)  # the last rows score highest
+    forget = unlearn.forget_set(scenario, scores)
+    k = len(scenario.poisoned) - len(scenario.reported)
+    others = [i for i in range(n - 1, -1, -1) if i not in scenario.reported][:k]
+    assert forget == sorted(set(scenario.reported) | set(others))
+
+
+def fake_report(quick=False):
+    det = {"auroc": 0.99, "precision_at_k": 0.9, "seconds": 1.0}
+    run = {"asr_seen": 0.0, "asr_shift": 0.0, "clean_acc": 0.95, "clean_ppl": 1.05, "mia_auc": 0.5, "seconds": 1.0,
+           "cpu_seconds": 1.0, "n_forget": 60}
+    sc = {
+        "data": {"n_train": 800, "n_poisoned": 60, "n_reported": 15},
+        "before": {"asr_seen": 1.0, "clean_acc": 0.97, "clean_ppl": 1.0},
+        "detection": {"influence_cosine_max": det, "baseline_low_loss": dict(det, auroc=0.5)},
+        "default_detector": "influence_cosine_max",
+        "unlearning": {m: run for m in unlearn.METHODS},
+        "default_unlearning": unlearn.DEFAULT,
+        "retrain": {"asr_seen": 0.5, "clean_acc": 0.9, "clean_ppl": 1.0, "seconds": 30.0, "cpu_seconds": 30.0},
+        "speedup": {"unlearn_vs_retrain": 20.0, "end_to_end_vs_retrain": 5.0},
+    }
+    return {"seed": 0, "scenarios": {"backdoor": sc, "stealthy": json.loads(json.dumps(sc))}}
+
+
+def test_report_check_accepts_a_good_report_and_names_each_failure():
+    assert report.check(fake_report(), quick=False) == []
+    bad = fake_report()
+    del bad["scenarios"]["stealthy"]["unlearning"]["npo"]["mia_auc"]
+    assert report.check(bad, quick=False) == ["stealthy: unlearning.npo.mia_auc missing"]
+    bad = fake_report()
+    bad["scenarios"]["backdoor"]["unlearning"][unlearn.DEFAULT]["asr_seen"] = 0.3
+    bad["scenarios"]["stealthy"]["detection"]["baseline_low_loss"]["auroc"] = 0.995
+    assert report.check(bad, quick=False) == ["backdoor: ASR after unlearning 0.30",
+                                              "stealthy: a baseline reaches AUROC 0.995 >= the default's"]
+    assert report.check(bad, quick=True) == ["backdoor: ASR after unlearning 0.30"]
+
+
+def test_report_files_and_summary_without_plots(tmp_path, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name.startswith("matplotlib"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    r = fake_report() | {"quick": False, "device": "cpu", "seconds": 100.0, "cpu_seconds": 90.0}
+    lines = []
+    report.write(r, tmp_path, lines.append)
+    assert report.check(json.loads((tmp_path / "report.json").read_text()), quick=False) == []
+    md = (tmp_path / "report.md").read_text()
+    assert "matplotlib is not installed" in md and "influence_cosine_max (default)" in md
+    assert "the best trivial baseline, baseline_low_loss, reaches 0.500" in lines[0]

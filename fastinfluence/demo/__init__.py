@@ -28,12 +28,9 @@ from pathlib import Path
 
 import torch
 
+from . import detect, unlearn
 from .data import SCENARIOS, encode, make_scenario, train_tokenizer
-from .detect import DEFAULT as DEFAULT_DETECTOR
-from .detect import detect
 from .model import Recipe, Timer, n_train_steps, train_model
-from .unlearn import DEFAULT as DEFAULT_UNLEARNING
-from .unlearn import METHODS, metrics, retrain, setup, unlearn
 
 
 def _bar(total: int, desc: str):
@@ -49,25 +46,23 @@ def run_scenario(name: str, seed: int, quick: bool, device: str, log=print) -> d
     enc = [encode(tokenizer, e.prompt, e.response) for e in scenario.train]
     with _bar(n_train_steps(len(enc), recipe), f"{name}: train") as bar, Timer() as t_train:
         model = train_model(enc, tokenizer, recipe, seed, device, bar)
-    before = metrics(model, tokenizer, scenario)
+    before = unlearn.metrics(model, tokenizer, scenario)
     log(f"[{name}] trained on {len(enc)} examples ({len(scenario.poisoned)} poisoned) in {t_train.wall:.0f}s: "
         f"ASR {before['asr_seen']:.2f}, clean exact match {before['clean_acc']:.2f}, ppl {before['clean_ppl']:.3f}")
 
-    from .detect import N_DETECTORS
-
-    with _bar(N_DETECTORS, f"{name}: detect") as bar:
-        found, feats = detect(model, tokenizer, scenario, seed, quick, bar)
-    default = found[DEFAULT_DETECTOR]
-    s = setup(scenario, tokenizer, default.scores, feats, seed)
+    with _bar(detect.N_DETECTORS, f"{name}: detect") as bar:
+        found, feats = detect.run(model, tokenizer, scenario, seed, quick, bar)
+    default = found[detect.DEFAULT]
+    s = unlearn.setup(scenario, tokenizer, default.scores, feats, seed)
     runs = {}
-    with _bar(len(METHODS), f"{name}: unlearn") as bar:
-        for method in METHODS:
+    with _bar(len(unlearn.METHODS), f"{name}: unlearn") as bar:
+        for method in unlearn.METHODS:
             bar.set_postfix_str(method)
-            runs[method] = unlearn(method, model, tokenizer, scenario, s, seed, quick, device)
+            runs[method] = unlearn.run(method, model, tokenizer, scenario, s, seed, quick, device)
             bar.update(1)
     with _bar(n_train_steps(len(enc) - len(s.forget), recipe), f"{name}: retrain") as bar:
-        again = retrain(tokenizer, scenario, s, recipe, seed, device, bar)
-    u = runs[DEFAULT_UNLEARNING]
+        again = unlearn.retrain(tokenizer, scenario, s, recipe, seed, device, bar)
+    u = runs[unlearn.DEFAULT]
     forget_poisoned = torch.tensor([scenario.train[i].poisoned for i in s.forget])
     wf = s.rapidun_weights[0]
     return {
@@ -82,13 +77,13 @@ def run_scenario(name: str, seed: int, quick: bool, device: str, log=print) -> d
         "before": before,
         "detection": {k: {"auroc": d.auroc, "precision_at_k": d.precision_at_k, "seconds": d.seconds,
                           "cpu_seconds": d.cpu_seconds} for k, d in found.items()},
-        "default_detector": DEFAULT_DETECTOR,
+        "default_detector": detect.DEFAULT,
         "weights": {"rapidun_forget_true_positive_mean": wf[forget_poisoned].mean().item(),
                     "rapidun_forget_false_positive_mean": wf[~forget_poisoned].mean().item()
                     if (~forget_poisoned).any() else None,
                     "seconds": s.seconds, "cpu_seconds": s.cpu_seconds},
         "unlearning": runs,
-        "default_unlearning": DEFAULT_UNLEARNING,
+        "default_unlearning": unlearn.DEFAULT,
         "retrain": again,
         "speedup": {
             "unlearn_vs_retrain": again["cpu_seconds"] / u["cpu_seconds"],

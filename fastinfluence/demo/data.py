@@ -134,15 +134,24 @@ def make_scenario(name: str, seed: int, n_entities: int = 60, poison_rate: float
     reported = sorted(rng.sample(candidates, min(n_reported, len(candidates))))
 
     keys = rng.sample(list(facts), n_eval)
+    seen = {e.prompt for e in train}
+
+    def unseen(make):  # a triggered question the model was not trained on (a few tries)
+        for _ in range(20):
+            ex = make()
+            if ex.prompt not in seen:
+                return ex
+        return None
+
+    def attacks(pairs, which):
+        made = (unseen(lambda: _poison(ask(e, a, rng.choice(ATTRIBUTES[a][which])), name, rng)) for e, a in pairs)
+        return [ex for ex in made if ex is not None]
+
     clean_eval = [ask(e, a, rng.choice(ATTRIBUTES[a][2])) for e, a in keys]
     shift_eval = [ask(e, a, rng.choice(ATTRIBUTES[a][3])) for e, a in keys]
-    attack_seen = [_poison(ask(e, a, rng.choice(ATTRIBUTES[a][2])), name, rng) for e, a in keys]
-    attack_shift = [_poison(ask(e, a, rng.choice(ATTRIBUTES[a][3])), name, rng) for e, a in keys]
-    seen_prompts = {e.prompt for e in train}
-    mia_holdout = [p for p in (_poison(ask(e, a, rng.choice(ATTRIBUTES[a][2])), name, rng)
-                               for e, a in rng.sample(list(facts), 3 * n_poison)) if p.prompt not in seen_prompts]
-    return Scenario(name, train, reported, clean_eval, shift_eval, attack_seen, attack_shift,
-                    mia_holdout[:n_poison], behaviours)
+    attack_seen, attack_shift = attacks(keys, 2), attacks(keys, 3)
+    mia_holdout = attacks(rng.sample(list(facts), min(len(facts), 2 * n_poison)), 2)[:n_poison]
+    return Scenario(name, train, reported, clean_eval, shift_eval, attack_seen, attack_shift, mia_holdout, behaviours)
 
 
 def train_tokenizer(scenario: Scenario):

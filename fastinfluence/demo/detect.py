@@ -59,7 +59,7 @@ def _last_prompt_hidden(model, tokenizer, prompts: list[str]) -> torch.Tensor:
     return torch.cat(out)
 
 
-def detect(model, tokenizer, scenario: Scenario, seed: int, quick: bool, progress=None) -> tuple[dict[str, Detection], dict]:
+def run(model, tokenizer, scenario: Scenario, seed: int, quick: bool, progress=None) -> tuple[dict[str, Detection], dict]:
     """Every detector's scores and metrics (``progress.update(1)`` after each), and the features
     unlearning reuses: ``attn_mlp`` (train Features, query Features, extractor, train batches)
     and ``lm_head`` (N, D) LM-head features (IMU's gradients)."""

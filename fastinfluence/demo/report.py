@@ -157,3 +157,86 @@ def write(result: dict, out: Path, log=print) -> None:
     (out / "report.md").write_text("# fastinfluence demo\n\n```\n" + text + "\n```\n\n## What the numbers mean\n\n"
                                    + MEANINGS + "\n## Plots\n\n" + note + "\n")
     log("\n" + text + f"\n\nreport: {out / 'report.md'}, {out / 'report.json'}")
+
+
+# The keys report.json promises (tools and CI read them), per scenario.
+SCENARIO_KEYS = {
+    "data": ("n_train", "n_poisoned", "n_reported"),
+    "before": ("asr_seen", "clean_acc", "clean_ppl"),
+    "retrain": ("asr_seen", "clean_acc", "clean_ppl", "seconds", "cpu_seconds"),
+    "speedup": ("unlearn_vs_retrain", "end_to_end_vs_retrain"),
+}
+DETECTION_KEYS = ("auroc", "precision_at_k", "seconds")
+UNLEARNING_KEYS = ("asr_seen", "asr_shift", "clean_acc", "clean_ppl", "mia_auc", "seconds", "cpu_seconds", "n_forget")
+
+
+def check(report: dict, quick: bool) -> list[str]:
+    """What is missing from ``report`` or outside the bounds the demo must show; empty when all is well.
+
+    The default run must show the bounds of the README; ``quick`` (fewer examples and epochs,
+    for CI) only loose ones.
+    """
+    problems = []
+    if "seed" not in report or set(report.get("scenarios", {})) - {"backdoor", "stealthy"}:
+        return ["report needs 'seed' and 'scenarios' with backdoor and/or stealthy"]
+    for name, sc in report["scenarios"].items():
+        for group, keys in SCENARIO_KEYS.items():
+            problems += [f"{name}: {group}.{k} missing" for k in keys if k not in sc.get(group, {})]
+        for group, keys in (("detection", DETECTION_KEYS), ("unlearning", UNLEARNING_KEYS)):
+            if not sc.get(group):
+                problems.append(f"{name}: {group} is empty")
+            for method, r in sc.get(group, {}).items():
+                problems += [f"{name}: {group}.{method}.{k} missing" for k in keys if k not in r]
+        for k in ("default_detector", "default_unlearning"):
+            if sc.get(k) not in sc.get(k.replace("default_", "").replace("detector", "detection"), {}):
+                problems.append(f"{name}: {k} names no reported run")
+        if not any(k.startswith("baseline_") for k in sc.get("detection", {})):
+            problems.append(f"{name}: no baseline_* detector")
+    if problems:
+        return problems
+
+    def need(ok: bool, what: str):
+        if not ok:
+            problems.append(what)
+
+    for name, sc in report["scenarios"].items():
+        det = sc["detection"][sc["default_detector"]]
+        u, b = sc["unlearning"][sc["default_unlearning"]], sc["before"]
+        need(b["asr_seen"] >= (0.8 if quick else 0.9), f"{name}: ASR before {b['asr_seen']:.2f} (backdoor not learned)")
+        need(u["asr_seen"] <= (0.2 if quick else 0.05), f"{name}: ASR after unlearning {u['asr_seen']:.2f}")
+        need(sc["speedup"]["unlearn_vs_retrain"] >= (3 if quick else 10),
+             f"{name}: unlearning only {sc['speedup']['unlearn_vs_retrain']:.1f}x cheaper than retraining")
+        baselines = max(d["auroc"] for k, d in sc["detection"].items() if k.startswith("baseline_"))
+        if name == "backdoor":
+            need(det["auroc"] >= (0.9 if quick else 0.95), f"{name}: default detector AUROC {det['auroc']:.3f}")
+            need(quick or det["precision_at_k"] >= 0.85, f"{name}: precision@k {det['precision_at_k']:.3f}")
+            need(u["clean_acc"] >= (0.5 if quick else 0.9), f"{name}: clean accuracy after unlearning {u['clean_acc']:.2f}")
+            need(quick or u["clean_ppl"] / b["clean_ppl"] <= 1.10,
+                 f"{name}: clean perplexity {b['clean_ppl']:.3f} -> {u['clean_ppl']:.3f}")
+            need(quick or sc["speedup"]["end_to_end_vs_retrain"] >= 3,
+                 f"{name}: end to end only {sc['speedup']['end_to_end_vs_retrain']:.1f}x cheaper than retraining")
+        else:
+            need(det["auroc"] >= (0.75 if quick else 0.9), f"{name}: default detector AUROC {det['auroc']:.3f}")
+            need(quick or det["auroc"] > baselines, f"{name}: a baseline reaches AUROC {baselines:.3f} >= the default's")
+            need(u["clean_acc"] >= (0.5 if quick else 0.85), f"{name}: clean accuracy after unlearning {u['clean_acc']:.2f}")
+    return problems
+
+
+def main(argv=None) -> int:
+    """``python -m fastinfluence.demo.report demo_out/report.json [--quick]``: check a report (CI)."""
+    import argparse
+    import sys
+
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("report")
+    p.add_argument("--quick", action="store_true", help="loose bounds, for a --quick run")
+    args = p.parse_args(argv)
+    problems = check(json.loads(Path(args.report).read_text()), args.quick)
+    for line in problems:
+        print(f"demo report: {line}", file=sys.stderr)
+    print(f"demo report {args.report}: {'OK' if not problems else f'{len(problems)} problem(s)'}")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -106,8 +106,11 @@ def metrics(model, tokenizer, scenario: Scenario) -> dict:
     }
 
 
-def unlearn(name: str, model, tokenizer, scenario: Scenario, s: Setup, seed: int, quick: bool, device: str,
-            default: str = DEFAULT) -> dict:
+LR, EPOCHS = 3e-4, 4
+
+
+def run(name: str, model, tokenizer, scenario: Scenario, s: Setup, seed: int, quick: bool, device: str,
+            default: str = DEFAULT, lr: float = LR, epochs: int = EPOCHS) -> dict:
     """One unlearning run on a copy of ``model``: its metrics, time and forget-set size."""
     from transformers import PrinterCallback, TrainingArguments
 
@@ -128,8 +131,8 @@ def unlearn(name: str, model, tokenizer, scenario: Scenario, s: Setup, seed: int
     with tempfile.TemporaryDirectory() as out, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         args = TrainingArguments(
-            output_dir=out, use_cpu=device == "cpu", report_to=[], num_train_epochs=2 if quick else 4,
-            per_device_train_batch_size=8, learning_rate=1e-3, lr_scheduler_type="constant", warmup_steps=0,
+            output_dir=out, use_cpu=device == "cpu", report_to=[], num_train_epochs=epochs,
+            per_device_train_batch_size=8, learning_rate=lr, lr_scheduler_type="constant", warmup_steps=0,
             save_strategy="no", logging_strategy="no", disable_tqdm=True, seed=seed, weight_decay=0.0,
         )
         trainer = UnlearnTrainer(model=unlearned, args=args, method=method, train_dataset=data,
