@@ -106,11 +106,11 @@ def metrics(model, tokenizer, scenario: Scenario) -> dict:
     }
 
 
-LR, EPOCHS = 3e-4, 4
+LR, EPOCHS, BATCH = 2e-4, 4, 16
 
 
 def run(name: str, model, tokenizer, scenario: Scenario, s: Setup, seed: int, quick: bool, device: str,
-            default: str = DEFAULT, lr: float = LR, epochs: int = EPOCHS) -> dict:
+            default: str = DEFAULT, lr: float = LR, epochs: int = EPOCHS, batch_size: int = BATCH) -> dict:
     """One unlearning run on a copy of ``model``: its metrics, time and forget-set size."""
     from transformers import PrinterCallback, TrainingArguments
 
@@ -132,7 +132,7 @@ def run(name: str, model, tokenizer, scenario: Scenario, s: Setup, seed: int, qu
         warnings.simplefilter("ignore")
         args = TrainingArguments(
             output_dir=out, use_cpu=device == "cpu", report_to=[], num_train_epochs=epochs,
-            per_device_train_batch_size=8, learning_rate=lr, lr_scheduler_type="constant", warmup_steps=0,
+            per_device_train_batch_size=batch_size, learning_rate=lr, lr_scheduler_type="constant", warmup_steps=0,
             save_strategy="no", logging_strategy="no", disable_tqdm=True, seed=seed, weight_decay=0.0,
         )
         trainer = UnlearnTrainer(model=unlearned, args=args, method=method, train_dataset=data,
