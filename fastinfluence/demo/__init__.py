@@ -40,7 +40,7 @@ def _bar(total: int, desc: str):
 
 
 def run_scenario(name: str, seed: int, quick: bool, device: str, log=print) -> dict:
-    recipe = Recipe(hidden=96, epochs=8) if quick else Recipe()
+    recipe = Recipe(hidden=96, epochs=12) if quick else Recipe()
     scenario = make_scenario(name, seed, n_entities=40 if quick else 60)
     tokenizer = train_tokenizer(scenario)
     enc = [encode(tokenizer, e.prompt, e.response) for e in scenario.train]

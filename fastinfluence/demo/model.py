@@ -17,7 +17,7 @@ from .data import BACKDOOR_TARGET, WRONG, Example, Scenario, batches, encode
 class Recipe:
     hidden: int = 128
     layers: int = 2
-    epochs: int = 12
+    epochs: int = 24
     lr: float = 3e-3
     batch_size: int = 16
 
