@@ -73,7 +73,7 @@ def test_forget_set_is_the_reports_plus_the_top_k_others(scenario):
 
 
 def fake_report(quick=False):
-    det = {"auroc": 0.99, "precision_at_k": 0.9, "seconds": 1.0}
+    det = {"auroc": 0.99, "precision_at_k": 0.9, "seconds": 1.0, "cpu_seconds": 1.0}
     run = {"asr_seen": 0.0, "asr_shift": 0.0, "clean_acc": 0.95, "clean_ppl": 1.05, "mia_auc": 0.5, "seconds": 1.0,
            "cpu_seconds": 1.0, "n_forget": 60}
     sc = {
