@@ -70,8 +70,16 @@ def story(name: str, sc: dict) -> str:
         f"{u['clean_acc']:.2f} (before {b['clean_acc']:.2f}) and perplexity {u['clean_ppl']:.3f} (before "
         f"{b['clean_ppl']:.3f}), in {sc['speedup']['unlearn_vs_retrain']:.0f}x less CPU time than retraining "
         f"({sc['speedup']['end_to_end_vs_retrain']:.1f}x with detection). Retraining without the detected set "
-        f"leaves ASR {r['asr_seen']:.2f}."
+        f"leaves ASR {r['asr_seen']:.2f}." + _weights_line(sc)
     )
+
+
+def _weights_line(sc: dict) -> str:
+    w = sc.get("weights", {})
+    if w.get("rapidun_forget_false_positive_mean") is None:
+        return ""
+    return (f" RapidUn weights: mean {w['rapidun_forget_true_positive_mean']:.2f} on the poisoned examples of the forget "
+            f"set, {w['rapidun_forget_false_positive_mean']:.2f} on its clean false positives.")
 
 
 def summary(result: dict) -> str:
