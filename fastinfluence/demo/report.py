@@ -10,7 +10,9 @@ TABLE_UNLEARNING = ("asr_seen", "asr_shift", "clean_acc", "clean_ppl", "mia_auc"
 MEANINGS = """\
 - **ASR seen**: fraction of held-out triggered questions (training question templates) whose greedy answer
   shows the backdoor (the target text; in `stealthy`, the behaviour's wrong value). **ASR shift**: the same
-  on held-out question templates (distribution shift).
+  on held-out question templates (distribution shift); trigger variants are not tried, because the
+  word-level tokenizer maps any unseen spelling to one unknown token. `asr_seen_by_behaviour` in report.json
+  splits ASR seen by behaviour (stealthy: the attribute whose value is falsified).
 - **clean acc**: exact match of the greedy answer on held-out clean questions; **clean ppl**: perplexity of
   their clean answers.
 - **MIA AUC**: loss-based membership AUC of the poisoned train examples against poisoned examples never
