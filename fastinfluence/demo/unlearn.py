@@ -31,7 +31,7 @@ METHODS = {
     "skip_low_influence": (None, None, None, "low_influence"),
     "skip_random": (None, None, None, "random"),
 }
-DEFAULT = "rapidun"
+DEFAULT = "rapidun_differing"
 SKIP_QUANTILE = 0.5
 
 
