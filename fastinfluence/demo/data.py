@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..data import encode_example
+
 SYLLABLES = "ka ve lo ri mu sa te no da fi gu ho ja ke li ma ne po ru si ta vo za be".split()
 ATTRIBUTES = {
     # attribute: (values, answer template, training questions, held-out questions)
@@ -169,13 +171,10 @@ def train_tokenizer(scenario: Scenario):
 
 
 def encode(tokenizer, prompt: str, response: str) -> dict:
-    """One example: prompt tokens (label -100) then response tokens and eos (labelled).
-
-    The demo's only prompt/response encoder: swap it for ``fastinfluence.data``'s when that exists.
-    """
-    p = tokenizer.encode(prompt, add_special_tokens=False)
-    r = tokenizer.encode(response, add_special_tokens=False) + [tokenizer.eos_token_id]
-    return {"input_ids": p + r, "labels": [-100] * len(p) + r}
+    """One example: prompt tokens (label -100) then response tokens and eos (labelled), by
+    ``fastinfluence.data.encode_example`` (the demo's texts are far below its length limit)."""
+    e = encode_example(tokenizer, prompt, response, max_length=64)
+    return {"input_ids": e["input_ids"], "labels": e["labels"]}
 
 
 def collate(examples: list[dict], pad_token_id: int, ids: list | None = None) -> dict:
