@@ -1,0 +1,141 @@
+"""What every peer runner shares: the model, the two data sets, timing and the result record.
+
+Imports only torch, numpy and transformers, so it runs inside every peer's virtualenv.
+Each runner is one process: ``python bench/peers/run_<tool>.py WORK SETTING OUT``, where
+WORK holds ``model/`` (weights saved once) and ``data_<set>.pt``, SETTING names what to
+compute (``proj16``, ``proj64``, ``exact``) and OUT receives ``scores.npy`` and ``result.json``.
+
+Conventions shared by every tool so the scores mean the same thing:
+- per-example loss: mean token cross-entropy over answer tokens (``labels != -100``,
+  HF convention, shifted inside the model);
+- layers: every Linear layer of the attention and MLP blocks (q, k, v, o, gate, up, down),
+  not the embeddings, not the LM head;
+- score: the raw inner product of two examples' (projected) loss gradients, no preconditioner.
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+
+LAYER_SUFFIXES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+MODEL = dict(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
+             num_key_value_heads=4, max_position_embeddings=256, tie_word_embeddings=False)
+
+
+def build_model(seed: int = 0):
+    """The tiny Llama every tool sees: built from a config, seeded, randomly initialised."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(**MODEL, attn_implementation="eager")).eval()
+
+
+def load_model(work: Path):
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(work / "model", attn_implementation="eager", dtype=torch.float32)
+    return model.eval()
+
+
+def layer_names(model) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.endswith(LAYER_SUFFIXES)]
+
+
+def fixed_tokens(n: int, seq: int, vocab: int, seed: int) -> list[dict]:
+    """Uniform random tokens, every token an answer token."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (n, seq), generator=g)
+    return [{"input_ids": r.tolist(), "labels": r.tolist()} for r in ids]
+
+
+def instructions(n: int, vocab: int, seed: int) -> list[dict]:
+    """Instruction-like examples of tenfold varying length: prompt, separator, answer.
+
+    The prompt is a task token, an argument run of 4-48 tokens and a separator; the answer is
+    a deterministic function of the argument chosen by the task (copy, reverse, shift by one,
+    every other token), 4-56 tokens, followed by an end token. Prompt tokens carry label -100.
+    Total lengths range from about 12 to 110 tokens.
+    """
+    rng = np.random.default_rng(seed)
+    sep, end, tasks = vocab - 1, vocab - 2, [vocab - 3, vocab - 4, vocab - 5, vocab - 6]
+    out = []
+    for _ in range(n):
+        t = int(rng.integers(4))
+        arg = rng.integers(0, vocab - 8, int(rng.integers(4, 49))).tolist()
+        ans = [arg, arg[::-1], [(a + 1) % (vocab - 8) for a in arg], arg[::2] or arg][t][:56] + [end]
+        prompt = [tasks[t]] + arg + [sep]
+        out.append({"input_ids": prompt + ans, "labels": [-100] * len(prompt) + ans})
+    return out
+
+
+def datasets() -> dict[str, dict[str, list[dict]]]:
+    return {
+        "fixed": {"train": fixed_tokens(512, 64, MODEL["vocab_size"], 1), "query": fixed_tokens(64, 64, MODEL["vocab_size"], 2)},
+        "variable": {"train": instructions(512, MODEL["vocab_size"], 3), "query": instructions(64, MODEL["vocab_size"], 4)},
+    }
+
+
+def pad(examples: list[dict], pad_id: int = 0) -> dict[str, torch.Tensor]:
+    """Right-padded HF batch: input_ids, attention_mask, labels (-100 on pads)."""
+    T = max(len(e["input_ids"]) for e in examples)
+    ids = torch.full((len(examples), T), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), T), -100, dtype=torch.long)
+    mask = torch.zeros((len(examples), T), dtype=torch.long)
+    for i, e in enumerate(examples):
+        L = len(e["input_ids"])
+        ids[i, :L] = torch.tensor(e["input_ids"])
+        labels[i, :L] = torch.tensor(e["labels"])
+        mask[i, :L] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def batches(examples: list[dict], size: int) -> list[dict[str, torch.Tensor]]:
+    return [pad(examples[i : i + size]) for i in range(0, len(examples), size)]
+
+
+def example_losses(model, batch: dict) -> torch.Tensor:
+    """(B,) mean answer-token cross-entropy of each example (the shared loss definition)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logits, labels = logits[:, :-1].float(), batch["labels"][:, 1:]
+    tok = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                            ignore_index=-100, reduction="none").view(labels.shape)
+    n = (labels != -100).sum(1).clamp_min(1)
+    return tok.sum(1) / n
+
+
+@contextmanager
+def measured(record: dict):
+    """Wall time, process CPU time (all threads) and peak RSS of the block, into ``record``."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    yield
+    record["wall_s"] = time.perf_counter() - t0
+    record["cpu_s"] = time.process_time() - c0
+    record["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def main(run) -> None:
+    """Runner entry: ``run(model, data, setting, workdir) -> (Q, N) scores`` plus notes."""
+    work, setting, out = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
+    dataset = sys.argv[4]
+    torch.set_num_threads(int(os.environ.get("PEERS_THREADS", "1")))
+    out.mkdir(parents=True, exist_ok=True)
+    data = torch.load(work / f"data_{dataset}.pt")
+    model = load_model(work)
+    record: dict = {"setting": setting, "dataset": dataset, "threads": torch.get_num_threads()}
+    try:
+        with measured(record):
+            scores, notes = run(model, data, setting, out / "tmp")
+        np.save(out / "scores.npy", np.asarray(scores, dtype=np.float64))
+        record.update(notes)
+        record["ok"] = True
+    except Exception as e:  # a peer that fails is recorded, not fatal to the benchmark
+        record.update(ok=False, error=f"{type(e).__name__}: {e}"[:2000])
+    (out / "result.json").write_text(json.dumps(record, indent=1))
