@@ -7,7 +7,7 @@ HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/
 TORCH_SPEC ?= $(if $(HAS_GPU),torch,torch==2.13.0)
 PYTEST_ARGS ?=
 
-.PHONY: setup demo demo-quick test check-cuda check-triton gpu-suite bench clean
+.PHONY: setup demo demo-quick test check-cuda check-triton gpu-suite bench bench-peers clean
 
 setup: $(VENV)/.installed
 
@@ -52,6 +52,14 @@ bench: setup
 	$(BIN)/python bench/bench_linear_cross_entropy.py
 	$(BIN)/python bench/bench_scoring.py
 	$(BIN)/python -m fastinfluence bench --json bench/results/ops_cpu.json
+	$(BIN)/python bench/report.py --update README.md
+
+# Peer comparison (tens of minutes): one virtualenv per peer under .peers/, interleaved runs,
+# bench/results/peers_cpu.json, then the README tables and docs/peers_cpu.svg. PEER_REPS=1 for a quick look.
+PEER_REPS ?= 2
+bench-peers: setup
+	PYTHON=$(PYTHON) bash bench/peers/setup.sh
+	$(BIN)/python bench/peers/run_all.py --reps $(PEER_REPS)
 	$(BIN)/python bench/report.py --update README.md
 
 clean:

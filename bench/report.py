@@ -1,7 +1,7 @@
 """Build the README's results table from the JSON files in bench/results/.
 
     python bench/report.py                 # print the table
-    python bench/report.py --update README.md   # replace the table between the results markers
+    python bench/report.py --update README.md   # replace the tables between their markers, redraw the plot
 
 Each file's figures are formatted by the function registered for its bench; a file no
 formatter knows is listed by name so nothing measured is silently left out.
@@ -15,6 +15,10 @@ from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
 START, END = "<!-- results:start -->", "<!-- results:end -->"
+PEERS_START, PEERS_END = "<!-- peers:start -->", "<!-- peers:end -->"
+PEERS_JSON, PEERS_PLOT = RESULTS / "peers_cpu.json", Path(__file__).parents[1] / "docs" / "peers_cpu.svg"
+SETTINGS = {"proj16": "projected 16x16, build + score", "proj64": "projected 64x64, build + score", "exact": "exact scores"}
+DATASETS = {"fixed": "fixed-length", "variable": "variable-length"}
 
 
 def _extract_vs_train(d: dict) -> list[str]:
@@ -99,9 +103,74 @@ FORMATTERS = {
 }
 
 
+def _peer_cells(d: dict) -> tuple[list[str], dict]:
+    tools = ["fastinfluence"] + sorted({r["tool"] for r in d["rows"]} - {"fastinfluence"})
+    return tools, {(r["tool"], r["dataset"], r["setting"]): r for r in d["rows"]}
+
+
+def peers_table(d: dict) -> str:
+    """CPU seconds (median over repetitions) and mean Spearman with exact scores, one column per tool."""
+    tools, cell = _peer_cells(d)
+    head = "| data | setting | " + " | ".join(f"{t} {d['versions'].get(t, '')}".strip() for t in tools) + " |"
+    lines = [head, "|---|---|" + "---|" * len(tools)]
+    for ds in DATASETS:
+        for st in SETTINGS:
+            if not any((t, ds, st) in cell for t in tools):
+                continue
+            vals = []
+            for t in tools:
+                r = cell.get((t, ds, st))
+                vals.append("—" if r is None else "failed" if "cpu_s" not in r else
+                            f"{r['cpu_s']:.1f} s (ρ {r['spearman']:.2f})")
+            lines.append(f"| {DATASETS[ds]} | {SETTINGS[st]} | " + " | ".join(vals) + " |")
+    for t, why in d.get("skipped", {}).items():
+        lines.append(f"\n{t}: {why['reason'] if isinstance(why, dict) else why}.")
+    m = d["meta"]
+    lines.append(f"\nCPU seconds of the whole build + score (median of {m['reps']} interleaved runs, "
+                 f"{m['threads']} thread each), ρ = mean per-query Spearman correlation with exact scores. "
+                 f"Model: Llama {m['model']['hidden_size']}-d, {m['model']['num_hidden_layers']} layers, vocab "
+                 f"{m['model']['vocab_size']}; layers: {m['layers']}.")
+    return "\n".join(lines)
+
+
+def peers_plot(d: dict, path: Path) -> None:
+    """Grouped horizontal bars of CPU seconds, one group per (data set, setting), as a plain SVG."""
+    tools, cell = _peer_cells(d)
+    colours = ["#1b6ac9", "#e07b39", "#3a9e5c", "#b54ea8", "#8c8c8c", "#c9a21b"]
+    groups = [(ds, st) for ds in DATASETS for st in SETTINGS if any((t, ds, st) in cell for t in tools)]
+    top = max((r.get("cpu_s", 0) for r in d["rows"]), default=1) or 1
+    bar, gap, left, width = 14, 16, 260, 420
+    y, parts = 30, []
+    for ds, st in groups:
+        parts.append(f'<text x="4" y="{y + bar}" font-size="12">{DATASETS[ds]}, {SETTINGS[st]}</text>')
+        for i, t in enumerate(tools):
+            r = cell.get((t, ds, st))
+            if r is None or "cpu_s" not in r:
+                continue
+            w = width * r["cpu_s"] / top
+            parts.append(f'<rect x="{left}" y="{y}" width="{w:.1f}" height="{bar - 2}" fill="{colours[i % 6]}"/>')
+            parts.append(f'<text x="{left + w + 4:.1f}" y="{y + bar - 3}" font-size="10">{r["cpu_s"]:.1f} s</text>')
+            y += bar
+        y += gap
+    legend = "".join(f'<rect x="{left + 110 * i}" y="6" width="10" height="10" fill="{colours[i % 6]}"/>'
+                     f'<text x="{left + 14 + 110 * i}" y="15" font-size="11">{t}</text>' for i, t in enumerate(tools))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f'<svg xmlns="http://www.w3.org/2000/svg" width="{left + width + 80}" height="{y + 10}" '
+                    f'font-family="sans-serif"><rect width="100%" height="100%" fill="white"/>{legend}'
+                    f'{"".join(parts)}</svg>\n')
+
+
+def _replace(doc: str, start: str, end: str, text: str, path: Path) -> str:
+    if start not in doc or end not in doc:
+        raise SystemExit(f"{path} has no {start} ... {end} markers")
+    return re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: f"{start}\n{text}\n{end}", doc, flags=re.S)
+
+
 def table() -> str:
     lines = ["| benchmark | shape | result | device |", "|---|---|---|---|"]
     for path in sorted(RESULTS.glob("*.json")):
+        if path == PEERS_JSON:
+            continue
         fmt = FORMATTERS.get(path.name) or (_compile if path.name.startswith("triton_compile_") else None)
         if fmt is None:
             lines.append(f"| `{path.name}` | | see file | |")
@@ -115,14 +184,16 @@ def main() -> None:
     ap.add_argument("--update", metavar="README", help="rewrite the table between the results markers of this file")
     args = ap.parse_args()
     text = table()
+    peers = json.loads(PEERS_JSON.read_text()) if PEERS_JSON.exists() else None
     if not args.update:
-        print(text)
+        print(text if peers is None else f"{text}\n\n{peers_table(peers)}")
         return
     path = Path(args.update)
-    doc = path.read_text()
-    if START not in doc or END not in doc:
-        raise SystemExit(f"{path} has no {START} ... {END} markers")
-    path.write_text(re.sub(re.escape(START) + ".*?" + re.escape(END), f"{START}\n{text}\n{END}", doc, flags=re.S))
+    doc = _replace(path.read_text(), START, END, text, path)
+    if peers is not None:
+        doc = _replace(doc, PEERS_START, PEERS_END, peers_table(peers), path)
+        peers_plot(peers, PEERS_PLOT)
+    path.write_text(doc)
 
 
 if __name__ == "__main__":
