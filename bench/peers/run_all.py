@@ -126,7 +126,7 @@ def main() -> None:
     for ds in sets:
         ref_dir = work / f"reference_{ds}"
         if not (ref_dir / "scores.npy").exists():
-            print(f"exact reference scores on {ds} (per-example autograd, float64) ...", flush=True)
+            print(f"exact reference scores on {ds} (per-example autograd) ...", flush=True)
             rec = launch(TOOLS["fastinfluence"][0], "reference", work, "exact", ref_dir, ds, args.timeout * 4)
             if not rec.get("ok"):
                 raise SystemExit(f"reference failed: {rec.get('error')}")
@@ -155,8 +155,9 @@ def main() -> None:
             else:
                 row["error"] = recs[0].get("error") if recs else "not run"
             results.append(row)
-    Path(args.out).write_text(json.dumps({"meta": meta, "versions": versions, "skipped": skipped, "rows": results},
-                                         indent=1))
+        # written after each data set, so an interrupted run keeps what it measured
+        Path(args.out).write_text(json.dumps({"meta": meta, "versions": versions, "skipped": skipped, "rows": results},
+                                             indent=1))
     print(f"wrote {args.out}")
 
 
