@@ -9,7 +9,10 @@ L = sum_i L_i and L_i is example i's mean token cross-entropy over its answer to
 consumer can project and drop it before the next layer's gradient arrives.
 
 No parameter gradient is computed: while capturing, every parameter has
-``requires_grad=False`` and only the input embeddings' output requires grad. The model
+``requires_grad=False`` and the graph starts at the lowest point that every captured layer
+lies above (``backward_start``): the input of the lowest decoder block holding a captured
+layer, the LM head's input when only the head is captured, the input embeddings' output
+otherwise. Nothing below that point is differentiated. The model
 is returned exactly as it was found (parameters, ``requires_grad`` flags, ``.grad``,
 train/eval mode of every module, hooks).
 """
@@ -332,19 +335,68 @@ def forward_losses(model: nn.Module, batch: "Batch", head=None) -> torch.Tensor:
 OnLayer = Callable[[Layer, torch.Tensor, torch.Tensor, torch.Tensor], None]
 
 
-@contextlib.contextmanager
-def frozen_for_capture(model: nn.Module) -> Iterator[None]:
-    """Eval mode, no parameter gradients, input embeddings' output requiring grad; all restored on exit."""
-    modes = [(m, m.training) for m in model.modules()]
-    flags = [(p, p.requires_grad) for p in model.parameters()]
+def _block_index(name: str, blocks: dict[str, nn.ModuleList]) -> tuple[str, int] | None:
+    """(blocks name, index) of the decoder block holding module ``name``, or None."""
+    for prefix in blocks:
+        head = prefix + "."
+        if name.startswith(head):
+            index = name[len(head) :].split(".", 1)[0]
+            if index.isdigit():
+                return prefix, int(index)
+    return None
+
+
+def backward_start(model: nn.Module, layers: list[Layer]) -> tuple[str, nn.Module]:
+    """Where the backward needs to start so that every captured layer still gets its G.
+
+    Returns ``("block", module)``: the lowest decoder block (an item of the model's largest
+    ``nn.ModuleList``) holding a captured layer, when all of them lie in such blocks;
+    ``("head", module)``: the LM head, when it is the only captured layer; otherwise
+    ``("embeddings", module)``: the input embeddings. Output gradients of the captured
+    layers depend only on what lies above them, so cutting the graph at that module's
+    input leaves every G unchanged and skips the backward through everything below.
+    """
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if layers and out is not None and all(l.module is out for l in layers):
+        return "head", out
+    lists = {n: m for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 0}
+    if layers and lists:
+        name = max(lists, key=lambda n: sum(p.numel() for p in lists[n].parameters()))
+        where = [_block_index(l.name, {name: lists[name]}) for l in layers]
+        if all(w is not None for w in where):
+            return "block", lists[name][min(w[1] for w in where)]
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     if embeddings is None:
         raise ValueError(f"{type(model).__name__} has no get_input_embeddings(): cannot start the backward at its inputs")
+    return "embeddings", embeddings
 
-    def leaf(_module, _inputs, output):
-        return output.detach().requires_grad_(True)
 
-    handle = embeddings.register_forward_hook(leaf)
+def _leaf(x: torch.Tensor) -> torch.Tensor:
+    return x.detach().requires_grad_(True)
+
+
+def _start_graph(kind: str, module: nn.Module):
+    """A hook making ``module``'s input (``block``, ``head``) or output (``embeddings``) the graph's leaf."""
+    if kind == "embeddings":
+        return module.register_forward_hook(lambda _m, _inputs, output: _leaf(output))
+
+    def pre_hook(_m, args, kwargs):
+        if args and torch.is_tensor(args[0]):
+            return (_leaf(args[0]), *args[1:]), kwargs
+        if torch.is_tensor(kwargs.get("hidden_states")):
+            return args, {**kwargs, "hidden_states": _leaf(kwargs["hidden_states"])}
+        raise RuntimeError(f"{type(module).__name__} got no hidden-states tensor to start the backward at")
+
+    return module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+
+
+@contextlib.contextmanager
+def frozen_for_capture(model: nn.Module, layers: list[Layer] | None = None) -> Iterator[None]:
+    """Eval mode, no parameter gradients, the graph started at ``backward_start(model, layers)``
+    (at the input embeddings' output without ``layers``); all restored on exit."""
+    modes = [(m, m.training) for m in model.modules()]
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    handle = _start_graph(*backward_start(model, layers or []))
     try:
         model.eval()
         for p, _ in flags:

@@ -82,7 +82,7 @@ def exact_scores(
     dtype = torch.float64 if layers[0].weight.dtype == torch.float64 else torch.float32
     queries = {l.name: _QueryLayer() for l in layers}
 
-    with frozen_for_capture(model):
+    with frozen_for_capture(model, layers):
         capture = Capture(model, layers)
         query_sq = []
         for batch in iter_batches(query_batches, device, model):

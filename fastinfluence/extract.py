@@ -162,7 +162,7 @@ class GradientExtractor:
             if first >= n:
                 continue
             # Frozen per batch, so that between yields the model is the caller's again.
-            with frozen_for_capture(self.model):
+            with frozen_for_capture(self.model, self.layers):
                 feats = self._batch_features(capture, batch, tokens, covariances, fp)
             yield slice_rows(feats, first, n)
 
