@@ -1,0 +1,85 @@
+"""Extraction with the backward cut at the lowest captured layer against the full backward.
+
+For three layer sets (LM head only, last block only, every Linear layer) one extraction
+step is timed with the backward starting where ``capture.backward_start`` puts it and with
+it forced to the input embeddings' output (the full path), beside one plain training step
+(forward + backward with weight gradients). CPU seconds (process time, one thread), runs
+interleaved, median of ``--reps``.
+
+    python bench/truncated_backward.py [--out bench/results/truncated_backward_cpu.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from unittest import mock
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from fastinfluence import GradientExtractor, ProjectionConfig, capture
+
+SETS = {"lm_head": [r"lm_head$"], "last_block": [r"layers\.3\."], "all_layers": [r"."]}
+
+
+def cpu_medians(fns: dict, reps: int) -> dict:
+    for fn in fns.values():
+        fn()
+    times = {k: [] for k in fns}
+    for _ in range(reps):
+        for k, fn in fns.items():
+            t0 = time.process_time()
+            fn()
+            times[k].append(time.process_time() - t0)
+    return {k: statistics.median(t) for k, t in times.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--seq", type=int, default=64)
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--out", default="bench/results/truncated_backward_cpu.json")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                                         num_attention_heads=4, tie_word_embeddings=False)).eval()
+    ids = torch.randint(0, 512, (args.batch, args.seq))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+    def train_step():
+        model.zero_grad(set_to_none=True)
+        model(**batch).loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    def full(ex):
+        def run():
+            with mock.patch.object(capture, "backward_start", lambda m, _l: ("embeddings", m.get_input_embeddings())):
+                ex.extract([batch])
+        return run
+
+    fns = {"train_step": train_step}
+    for name, include in SETS.items():
+        ex = GradientExtractor(model, ProjectionConfig(include=include, rank_in=args.rank, rank_out=args.rank))
+        fns[f"{name}/truncated"] = lambda ex=ex: ex.extract([batch])
+        fns[f"{name}/full"] = full(ex)
+    t = cpu_medians(fns, args.reps)
+    rows = [{"layers": name, "truncated_cpu_s": t[f"{name}/truncated"], "full_cpu_s": t[f"{name}/full"],
+             "speedup": t[f"{name}/full"] / t[f"{name}/truncated"],
+             "truncated_over_train_step": t[f"{name}/truncated"] / t["train_step"]} for name in SETS]
+    out = {"model": {"arch": "llama", "hidden": 256, "layers": 4, "vocab": 512}, "batch": args.batch, "seq": args.seq,
+           "rank": args.rank, "reps": args.reps, "threads": 1, "train_step_cpu_s": t["train_step"], "rows": rows,
+           "device": f"cpu ({platform.machine()}, 1 thread)"}
+    with open(args.out, "w") as f:
+        json.dump(out, f, indent=1)
+    for r in rows:
+        print(r)
+
+
+if __name__ == "__main__":
+    main()
