@@ -96,7 +96,7 @@ def _compile(d: dict) -> list[str]:
 def _truncated(d: dict) -> list[str]:
     m = d["model"]
     return [
-        f"| extraction, backward cut at the lowest captured layer vs full backward, {r['layers']} | Llama {m['hidden']}-d, "
+        f"| extraction of {r['layers']}, {r.get('path', 'backward cut')} vs full backward | Llama {m['hidden']}-d, "
         f"{m['layers']} layers, vocab {m['vocab']}, {d['batch']}x{d['seq']} tokens, rank {d['rank']} | "
         f"{r['truncated_cpu_s'] * 1e3:.0f} ms vs {r['full_cpu_s'] * 1e3:.0f} ms CPU ({r['speedup']:.2f}x); "
         f"{r['truncated_over_train_step']:.2f}x a training step | {d['device']} |"

@@ -1,10 +1,11 @@
-"""Extraction with the backward cut at the lowest captured layer against the full backward.
+"""Extraction that skips unneeded work against the full backward.
 
 For three layer sets (LM head only, last block only, every Linear layer) one extraction
-step is timed with the backward starting where ``capture.backward_start`` puts it and with
-it forced to the input embeddings' output (the full path), beside one plain training step
-(forward + backward with weight gradients). CPU seconds (process time, one thread), runs
-interleaved, median of ``--reps``.
+step is timed as the extractor runs it (the backward cut at the lowest captured layer; for
+the LM head alone no backward at all) and through the full backward from the input
+embeddings, beside one plain training step (forward + backward with weight gradients).
+For the LM head the backward cut at the head's input is timed too. CPU seconds (process
+time, one thread), runs interleaved, median of ``--reps``.
 
     python bench/truncated_backward.py [--out bench/results/truncated_backward_cpu.json]
 """
@@ -57,21 +58,33 @@ def main() -> None:
         model(**batch).loss.backward()
         model.zero_grad(set_to_none=True)
 
-    def full(ex):
+    def autograd(ex, full: bool):
         def run():
-            with mock.patch.object(capture, "backward_start", lambda m, _l: ("embeddings", m.get_input_embeddings())):
-                ex.extract([batch])
+            head, ex._head = ex._head, None  # through Capture's backward
+            try:
+                if not full:
+                    return ex.extract([batch])
+                with mock.patch.object(capture, "backward_start", lambda m, _l: ("embeddings", m.get_input_embeddings())):
+                    return ex.extract([batch])
+            finally:
+                ex._head = head
         return run
 
     fns = {"train_step": train_step}
     for name, include in SETS.items():
         ex = GradientExtractor(model, ProjectionConfig(include=include, rank_in=args.rank, rank_out=args.rank))
         fns[f"{name}/truncated"] = lambda ex=ex: ex.extract([batch])
-        fns[f"{name}/full"] = full(ex)
+        fns[f"{name}/full"] = autograd(ex, full=True)
+        if name == "lm_head":
+            fns[f"{name}/cut_autograd"] = autograd(ex, full=False)
     t = cpu_medians(fns, args.reps)
-    rows = [{"layers": name, "truncated_cpu_s": t[f"{name}/truncated"], "full_cpu_s": t[f"{name}/full"],
+    rows = [{"layers": name, "path": "no backward" if name == "lm_head" else "backward cut at the lowest captured block"
+             if name != "all_layers" else "backward to the lowest block (all captured)",
+             "truncated_cpu_s": t[f"{name}/truncated"], "full_cpu_s": t[f"{name}/full"],
              "speedup": t[f"{name}/full"] / t[f"{name}/truncated"],
              "truncated_over_train_step": t[f"{name}/truncated"] / t["train_step"]} for name in SETS]
+    rows[0]["cut_autograd_cpu_s"] = t["lm_head/cut_autograd"]
+    rows[0]["speedup_vs_cut_autograd"] = t["lm_head/cut_autograd"] / t["lm_head/truncated"]
     out = {"model": {"arch": "llama", "hidden": 256, "layers": 4, "vocab": 512}, "batch": args.batch, "seq": args.seq,
            "rank": args.rank, "reps": args.reps, "threads": 1, "train_step_cpu_s": t["train_step"], "rows": rows,
            "device": f"cpu ({platform.machine()}, 1 thread)"}
