@@ -21,6 +21,7 @@ _LAZY = {
     "score": ("fastinfluence.scoring", "score"),
     "self_influence": ("fastinfluence.scoring", "self_influence"),
     "token_scores": ("fastinfluence.scoring", "token_scores"),
+    "score_batches": ("fastinfluence.storeless", "score_batches"),
     "FeatureStore": ("fastinfluence.store", "FeatureStore"),
     "KFACFactors": ("fastinfluence.kfac", "KFACFactors"),
     "fit_kfac": ("fastinfluence.kfac", "fit_kfac"),
