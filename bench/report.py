@@ -104,7 +104,17 @@ def _truncated(d: dict) -> list[str]:
     ]
 
 
+def _storeless(d: dict) -> list[str]:
+    c = d["cpu_s"]
+    return [
+        f"| scoring without a store (score_batches) vs extract to a store + score | {d['train']} train x {d['seq']} "
+        f"tokens, {d['queries']} queries, top-{d['topk']}, rank {d['rank']} | {c['score_batches']:.1f} s vs "
+        f"{c['store_then_score']:.1f} s CPU ({d['speedup']:.2f}x), same top-k: {d['same_topk']} | {d['device']} |"
+    ]
+
+
 FORMATTERS = {
+    "storeless_cpu.json": _storeless,
     "truncated_backward_cpu.json": _truncated,
     "ops_cpu.json": _ops,
     "extract_memory_cpu.json": _extract_memory,
