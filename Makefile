@@ -51,6 +51,8 @@ bench: setup
 	$(BIN)/python bench/bench_jl_project.py
 	$(BIN)/python bench/bench_linear_cross_entropy.py
 	$(BIN)/python bench/bench_scoring.py
+	$(BIN)/python bench/truncated_backward.py
+	$(BIN)/python bench/storeless.py
 	$(BIN)/python -m fastinfluence bench --json bench/results/ops_cpu.json
 	$(BIN)/python bench/report.py --update README.md
 
