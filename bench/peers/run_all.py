@@ -87,6 +87,7 @@ def main() -> None:
     ap.add_argument("--work", default=str(PEERS / "work"))
     ap.add_argument("--timeout", type=float, default=1200)
     ap.add_argument("--out", default=str(ROOT / "bench/results/peers_cpu.json"))
+    ap.add_argument("--collect", action="store_true", help="run nothing: rebuild the JSON from the runs already in --work")
     args = ap.parse_args()
     work, tools, sets = Path(args.work), args.tools.split(","), args.sets.split(",")
     work.mkdir(parents=True, exist_ok=True)
@@ -111,8 +112,9 @@ def main() -> None:
     if "trak" in tools and TRAK.exists():
         versions["trak"] = version(TRAK, "traker")
         probe = work / "trak_probe.json"
-        subprocess.run(["nice", "-n", "10", str(TRAK), str(HERE / "run_trak.py"), str(work), str(probe)], cwd=HERE,
-                       capture_output=True, timeout=args.timeout)
+        if not (args.collect and probe.exists()):
+            subprocess.run(["nice", "-n", "10", str(TRAK), str(HERE / "run_trak.py"), str(work), str(probe)], cwd=HERE,
+                           capture_output=True, timeout=args.timeout)
         if probe.exists():
             p = json.loads(probe.read_text())
             batches = sum(-(-n // p["batch"]) for n in (512, 64))
@@ -133,7 +135,15 @@ def main() -> None:
         R = np.load(ref_dir / "scores.npy")
         runs = [(t, s) for t in tools if t in TOOLS and t in versions for s in TOOLS[t][2]]
         rows = {key: [] for key in runs}
-        for rep in range(args.reps):
+        if args.collect:
+            for t, s in runs:
+                for out in sorted((work / "runs" / ds).glob(f"{t}_{s}_*")):
+                    if (out / "result.json").exists():
+                        rec = json.loads((out / "result.json").read_text())
+                        if rec.get("ok"):
+                            rec.update(agreement(np.load(out / "scores.npy"), R))
+                        rows[(t, s)].append(rec)
+        for rep in range(0 if args.collect else args.reps):
             shift = rep % max(len(runs), 1)
             for t, s in runs[shift:] + runs[:shift]:
                 out = work / "runs" / ds / f"{t}_{s}_{rep}"
