@@ -148,7 +148,9 @@ def peers_table(d: dict) -> str:
     for t, why in d.get("skipped", {}).items():
         lines.append(f"\n{t}: {why['reason'] if isinstance(why, dict) else why}.")
     m = d["meta"]
-    lines.append(f"\nCPU seconds of the whole build + score (median of {m['reps']} interleaved runs, "
+    runs = sorted({r.get("ok_runs", 0) for r in d["rows"] if r.get("ok_runs")}) or [0]
+    n = str(runs[0]) if len(runs) == 1 else f"{runs[0]}-{runs[-1]}"
+    lines.append(f"\nCPU seconds of the whole build + score (median of {n} interleaved run(s) per cell, "
                  f"{m['threads']} thread each), ρ = mean per-query Spearman correlation with exact scores. "
                  f"Model: Llama {m['model']['hidden_size']}-d, {m['model']['num_hidden_layers']} layers, vocab "
                  f"{m['model']['vocab_size']}; layers: {m['layers']}.")
