@@ -17,7 +17,8 @@ RESULTS = Path(__file__).parent / "results"
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 PEERS_START, PEERS_END = "<!-- peers:start -->", "<!-- peers:end -->"
 PEERS_JSON, PEERS_PLOT = RESULTS / "peers_cpu.json", Path(__file__).parents[1] / "docs" / "peers_cpu.svg"
-SETTINGS = {"proj16": "projected 16x16, build + score", "proj64": "projected 64x64, build + score", "exact": "exact scores"}
+SETTINGS = {"proj16": "projected 16x16, build + score", "proj64": "projected 64x64, build + score",
+            "exact": "exact scores"}
 DATASETS = {"fixed": "fixed-length", "variable": "variable-length"}
 
 

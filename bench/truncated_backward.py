@@ -64,7 +64,8 @@ def main() -> None:
             try:
                 if not full:
                     return ex.extract([batch])
-                with mock.patch.object(capture, "backward_start", lambda m, _l: ("embeddings", m.get_input_embeddings())):
+                start = lambda m, _l: ("embeddings", m.get_input_embeddings())  # noqa: E731
+                with mock.patch.object(capture, "backward_start", start):
                     return ex.extract([batch])
             finally:
                 ex._head = head

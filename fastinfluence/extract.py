@@ -65,7 +65,9 @@ class GradientExtractor:
         """(decoder, lm_head, softcap) when the LM head is the only captured layer and its
         features can come from one forward (``ops.lm_head_grad``), else None."""
         head = fused_head(self.model)
-        if self.config.mode != "factorized" or head is None or len(self.layers) != 1 or self.layers[0].module is not head[1]:
+        if self.config.mode != "factorized" or head is None or len(self.layers) != 1:
+            return None
+        if self.layers[0].module is not head[1]:
             return None
         return head
 

@@ -10,7 +10,8 @@ from tiny_models import batches_of, make_examples, rel_err, slow_gradients, tiny
 
 # (include regexes, where the graph must start)
 CASES = {
-    "llama": [([r"lm_head"], "head"), ([r"layers\.1\."], "block"), ([r"layers\.1\.mlp", r"layers\.1\.self_attn\.o_proj"], "block"),
+    "llama": [([r"lm_head"], "head"), ([r"layers\.1\."], "block"),
+              ([r"layers\.1\.mlp", r"layers\.1\.self_attn\.o_proj"], "block"),
               ([r"layers\.0\.mlp", r"layers\.1\.self_attn"], "block"), ([r"."], "embeddings")],
     "gpt2": [([r"h\.1\."], "block"), ([r"h\.0\.attn", r"h\.1\.mlp"], "block")],  # its tiny LM head is tied
 }
@@ -37,8 +38,10 @@ def test_nothing_below_the_lowest_captured_block_is_differentiated():
     layers = _layers(model, [r"layers\.1\."])
     seen = {}
     model.get_input_embeddings().register_forward_hook(lambda _m, _i, out: seen.__setitem__("emb", out.requires_grad))
-    model.model.layers[0].register_forward_hook(lambda _m, _i, out: seen.__setitem__("block0", out[0].requires_grad
-                                                                                    if isinstance(out, tuple) else out.requires_grad))
+    def block0(_m, _i, out):
+        seen["block0"] = (out[0] if isinstance(out, tuple) else out).requires_grad
+
+    model.model.layers[0].register_forward_hook(block0)
     with frozen_for_capture(model, layers):
         fi.GradientExtractor(model, fi.ProjectionConfig(include=[r"layers\.1\."], rank_in=4, rank_out=4)).extract(
             batches_of(make_examples(2), 2))

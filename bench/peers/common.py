@@ -77,9 +77,10 @@ def instructions(n: int, vocab: int, seed: int) -> list[dict]:
 
 
 def datasets() -> dict[str, dict[str, list[dict]]]:
+    V = MODEL["vocab_size"]
     return {
-        "fixed": {"train": fixed_tokens(512, 64, MODEL["vocab_size"], 1), "query": fixed_tokens(64, 64, MODEL["vocab_size"], 2)},
-        "variable": {"train": instructions(512, MODEL["vocab_size"], 3), "query": instructions(64, MODEL["vocab_size"], 4)},
+        "fixed": {"train": fixed_tokens(512, 64, V, 1), "query": fixed_tokens(64, 64, V, 2)},
+        "variable": {"train": instructions(512, V, 3), "query": instructions(64, V, 4)},
     }
 
 

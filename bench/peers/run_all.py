@@ -87,7 +87,8 @@ def main() -> None:
     ap.add_argument("--work", default=str(PEERS / "work"))
     ap.add_argument("--timeout", type=float, default=1200)
     ap.add_argument("--out", default=str(ROOT / "bench/results/peers_cpu.json"))
-    ap.add_argument("--collect", action="store_true", help="run nothing: rebuild the JSON from the runs already in --work")
+    ap.add_argument("--collect", action="store_true", 
+                    help="run nothing: rebuild the JSON from the runs already in --work")
     args = ap.parse_args()
     work, tools, sets = Path(args.work), args.tools.split(","), args.sets.split(",")
     work.mkdir(parents=True, exist_ok=True)
@@ -156,7 +157,8 @@ def main() -> None:
                 rows[(t, s)].append(rec)
         for (t, s), recs in rows.items():
             ok = [r for r in recs if r.get("ok")]
-            row = {"tool": t, "version": versions[t], "dataset": ds, "setting": s, "runs": len(recs), "ok_runs": len(ok)}
+            row = {"tool": t, "version": versions[t], "dataset": ds, "setting": s, "runs": len(recs),
+                   "ok_runs": len(ok)}
             if ok:
                 for k in ("cpu_s", "wall_s", "peak_rss_mb"):
                     row[k] = float(np.median([r[k] for r in ok]))

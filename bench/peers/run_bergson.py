@@ -29,7 +29,8 @@ def run(model, data, setting, tmp):
     cfg = IndexConfig(run_path=tempfile.mkdtemp(), projection_dim=k, loss_reduction="mean", projection_seed=0)
     os.makedirs(cfg.partial_run_path, exist_ok=True)
     processor = processor_for(cfg)
-    modules = {n for n, m in model.base_model.named_modules() if isinstance(m, torch.nn.Linear) and n.endswith(LAYER_SUFFIXES)}
+    modules = {n for n, m in model.base_model.named_modules()
+               if isinstance(m, torch.nn.Linear) and n.endswith(LAYER_SUFFIXES)}
     q = collect(model, data["query"], cfg, processor, modules).gradients
     names = sorted(q)
     writer = InMemorySequenceScoreWriter(len(data["train"]), len(data["query"]))

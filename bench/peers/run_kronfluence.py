@@ -47,8 +47,9 @@ def run(model, data, setting, tmp):
     logging.getLogger("kronfluence").setLevel(logging.WARNING)
     analyzer.fit_all_factors("identity", data["train"], per_device_batch_size=BATCH,
                              factor_args=FactorArguments(strategy="identity"))
-    analyzer.compute_pairwise_scores("scores", "identity", data["query"], data["train"], per_device_query_batch_size=BATCH,
-                                     per_device_train_batch_size=BATCH, score_args=ScoreArguments())
+    analyzer.compute_pairwise_scores("scores", "identity", data["query"], data["train"],
+                                     per_device_query_batch_size=BATCH, per_device_train_batch_size=BATCH,
+                                     score_args=ScoreArguments())
     S = analyzer.load_pairwise_scores("scores")["all_modules"]
     return S.double().numpy(), {"method": "Analyzer, strategy=identity, pairwise scores, default ScoreArguments"}
 

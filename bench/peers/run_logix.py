@@ -42,7 +42,8 @@ def run(model, data, setting, tmp):
         S = torch.empty_like(res["influence"])
         S[:, order] = res["influence"]
         rows.append(S)
-    return torch.cat(rows).double().numpy(), {"method": f"watch + add_lora(random, rank={k}) + log + compute_influence_all(dot)"}
+    method = f"watch + add_lora(random, rank={k}) + log + compute_influence_all(dot)"
+    return torch.cat(rows).double().numpy(), {"method": method}
 
 
 if __name__ == "__main__":

@@ -23,7 +23,8 @@ def run(model, data, setting, tmp):
     S = torch.empty(len(data["query"]), len(data["train"]), dtype=torch.float64)
     for j, g in enumerate(grads(model, params, data["train"])):
         S[:, j] = Q @ g
-    return S.numpy(), {"method": "per-example autograd, float32 gradients, float64 dots", "params": sum(p.numel() for p in params)}
+    return S.numpy(), {"method": "per-example autograd, float32 gradients, float64 dots",
+                       "params": sum(p.numel() for p in params)}
 
 
 if __name__ == "__main__":

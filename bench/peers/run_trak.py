@@ -25,7 +25,8 @@ if __name__ == "__main__":
     model = load_model(work)
     D = sum(m.weight.numel() for n, m in model.named_modules() if n.endswith(LAYER_SUFFIXES))
     slice_ = 16
-    proj = BasicProjector(grad_dim=D // slice_, proj_dim=2048, seed=0, proj_type=ProjectionType.rademacher, device="cpu")
+    proj = BasicProjector(grad_dim=D // slice_, proj_dim=2048, seed=0, proj_type=ProjectionType.rademacher,
+                          device="cpu")
     grads = torch.randn(32, D // slice_)
     t0 = time.process_time()
     proj.project(grads, model_id=0)
