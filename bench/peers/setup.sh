@@ -18,7 +18,8 @@ PEERS=(
   # logix-ai 0.1.1 declares Requires-Python <3.11 but runs on 3.11
   "logix-ai|logix-ai==0.1.1|--ignore-requires-python|einops pyyaml"
   "bergson|bergson==2.5.1||accelerate datasets huggingface-hub jaxtyping ml-dtypes natsort peft petname pyarrow pyyaml simple-parsing"
-  "dattri-llm|dattri-llm==0.1.0||"
+  # dattri-llm projects through dattri (installed --no-deps too: it would pull torchvision)
+  "dattri-llm|dattri-llm==0.1.0 dattri==0.3.0||pyyaml"
 )
 
 for entry in "${PEERS[@]}"; do
