@@ -29,7 +29,7 @@ for entry in "${PEERS[@]}"; do
   echo "bench-peers: installing $name into $venv"
   if "$PYTHON" -m venv "$venv" \
       && "$venv/bin/pip" install -q "$TORCH" \
-      && "$venv/bin/pip" install -q --no-deps $flags "$spec" \
+      && "$venv/bin/pip" install -q --no-deps $flags $spec \
       && "$venv/bin/pip" install -q $COMMON $needs; then
     touch "$venv/.installed"
   else
