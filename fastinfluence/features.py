@@ -1,8 +1,9 @@
 """In-memory per-example features and the chunk interface that scoring streams over."""
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Iterator, NamedTuple
+from typing import NamedTuple, Protocol, runtime_checkable
 
 import torch
 
@@ -136,3 +137,19 @@ def slice_rows(f: Features, a: int, b: int) -> Features:
             o[a : b + 1] - lo, {n: t[lo:hi] for n, t in f.tokens.a.items()}, {n: t[lo:hi] for n, t in f.tokens.g.items()}
         )
     return Features(f.data[a:b], f.norms[a:b], f.ids[a:b], f.layout, f.config, f.fingerprint, tokens, None)
+
+
+@runtime_checkable
+class FeatureProducer(Protocol):
+    """What makes features from batches (``GradientExtractor``); a store writer consumes its output.
+
+    ``metadata()``: config / fingerprint / layout / dtype of the features it makes.
+    ``iter_features``: one ``Features`` per batch for the examples after the first
+    ``skip_examples`` (token offsets of each start at 0; ``stats`` are per-batch sums).
+    """
+
+    def metadata(self) -> dict: ...
+
+    def iter_features(
+        self, batches: Iterable[Mapping], skip_examples: int = 0, tokens: bool = False, covariances: bool = False
+    ) -> Iterator[Features]: ...

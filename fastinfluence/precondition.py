@@ -28,12 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file
-from safetensors.torch import save as safetensors_save
-
 from .features import Features, LayerSlice
-from .store import FeatureStore, atomic_write, iter_chunks
+from .store import FeatureStore, iter_chunks, save_tensors, write_cache
 
 KINDS = ("identity", "diagonal", "kfac", "ekfac", "full")
 FULL_MAX_DIM = 4096
@@ -103,8 +99,10 @@ class Preconditioner:
 
     def save(self, path: str | Path, fitted_on: str) -> None:
         """Write the statistics atomically; ``fitted_on`` identifies the features they came from."""
-        data = safetensors_save({k: v.contiguous() for k, v in self.stats.items()}, metadata={"kind": self.kind, "fitted_on": fitted_on})
-        atomic_write(Path(path), data)
+        save_tensors(Path(path), self.stats, self._metadata(fitted_on))
+
+    def _metadata(self, fitted_on: str) -> dict[str, str]:
+        return {"kind": self.kind, "fitted_on": fitted_on}
 
 
 def _stats_of(train) -> dict[str, tuple[torch.Tensor, torch.Tensor, int]]:
@@ -177,17 +175,13 @@ def load_or_fit(train: Features | FeatureStore, kind: str, damping: float | None
     its current shards, else fitted (and saved beside the store when it is writable)."""
     if not isinstance(train, FeatureStore) or kind == "identity":
         return fit(train, kind, chunk_rows, damping, damping_ratio)
-    path = train.path / "precondition" / f"{kind}.safetensors"
     fitted_on = _fingerprint(train)
-    if path.exists():
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata()
-        if meta.get("fitted_on") == fitted_on:
-            return Preconditioner(kind, dict(train.layout), load_file(str(path)), damping, damping_ratio)
+    cached = train.read_cache("precondition", kind, {"fitted_on": fitted_on})
+    if cached is not None:
+        return Preconditioner(kind, dict(train.layout), cached, damping, damping_ratio)
     pre = fit(train, kind, chunk_rows, damping, damping_ratio)
     try:
-        path.parent.mkdir(exist_ok=True)
-        pre.save(path, fitted_on)
+        write_cache(train, "precondition", kind, pre.stats, pre._metadata(fitted_on))
     except OSError as exc:
         log.warning("could not save the %s preconditioner beside %s (%s); it is kept in memory only", kind, train.path, exc)
     return pre

@@ -4,7 +4,8 @@ from __future__ import annotations
 import torch
 import transformers as tf
 
-from fastinfluence.capture import IGNORE_INDEX, select_layers
+from fastinfluence.capture import select_layers
+from fastinfluence.lm import IGNORE_INDEX
 
 VOCAB = 64
 

@@ -26,7 +26,7 @@ from ..jl_project import KINDS, jl_project_reference, jl_scale
 from ..project import project_reference
 from ..score_topk import score_topk_reference
 from ..score_topk import scores_and_aggregates
-from .cpu import DTYPE_CODES, jl_output, select_topk
+from ._marshal import DTYPE_CODES, jl_output, select_topk
 
 # Sources: FASTINFLUENCE_CSRC, else csrc/ beside the package in a source checkout, else the
 # copy an installed package carries (fastinfluence/csrc).

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Iterator
 
 from . import distributed as dist
-from .store import StoreError
+from .format import StoreError
 
 LOCK = ".lock"
 log = logging.getLogger(__name__)
