@@ -58,7 +58,7 @@ def rel(a, b):
 @pytest.mark.parametrize("damping", [None, 0.3])
 def test_preconditioned_scores_equal_the_dense_formula(train, query, tmp_path, kind, damping):
     mem = train.to_features()
-    H = dense_H(kind, mem, train.stats(), damping)
+    H = dense_H(kind, mem, train.stats, damping)
     S_ref = query.data.double() @ torch.linalg.solve(H, mem.data.double().T)
     res = score(query, train, precondition=kind, damping=damping, topk=3, chunk_rows=4, matrix_path=tmp_path / "S.npy")
     assert rel(torch.from_numpy(res.matrix[:]), S_ref) < 1e-4  # float32 scoring of a damped, well-conditioned solve
@@ -68,7 +68,7 @@ def test_preconditioned_scores_equal_the_dense_formula(train, query, tmp_path, k
 def test_preconditioned_self_influence_is_the_dense_quadratic_form(train):
     mem = train.to_features()
     X = mem.data.double()
-    ref = (X * torch.linalg.solve(dense_H("kfac", mem, train.stats()), X.T).T).sum(1)
+    ref = (X * torch.linalg.solve(dense_H("kfac", mem, train.stats), X.T).T).sum(1)
     assert rel(self_influence(train, precondition="kfac", chunk_rows=5), ref) < 1e-6
 
 

@@ -83,7 +83,7 @@ def normalize_metadata(meta: Mapping) -> dict:
 
 
 def features_metadata(f: Features) -> dict:
-    return normalize_metadata({"config": f.config, "fingerprint": f.fingerprint or {}, "layout": f.layout, "dtype": f.data.dtype})
+    return normalize_metadata(f.metadata())
 
 
 def _first_difference(a: Any, b: Any, path: str, names: tuple[str, str]) -> str | None:

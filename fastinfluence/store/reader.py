@@ -11,7 +11,6 @@ import json
 import os
 from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from ..config import ProjectionConfig
-from ..features import Chunk, Features
+from ..features import Chunk, Features, FeatureSource
 from .format import (
     _ST_DTYPES,
     MANIFEST,
@@ -30,7 +29,6 @@ from .format import (
     _check_format,
     _read_header,
     check_same_origin,
-    features_metadata,
     layout_from_json,
     read_manifest,
 )
@@ -153,6 +151,10 @@ class FeatureStore:
     def metadata(self) -> dict:
         return {k: self.manifest[k] for k in ("config", "fingerprint", "layout", "dtype")}
 
+    def row_bounds(self) -> list[int]:
+        """Rows at which the rows may be split between processes: shard boundaries (shards are read whole)."""
+        return [s["first"] for s in self.shards] + [self.num_rows]
+
     def _shard(self, i: int, kind: str = "shard") -> _ShardFile:
         s = self.shards[i]
         if kind == "tokens":
@@ -239,10 +241,12 @@ class FeatureStore:
             {n: shard.tensor(f"g.{n}", span) for n in self.layout},
         )
 
-    def stats(self) -> dict[str, tuple[torch.Tensor, torch.Tensor, int]]:
-        """Per layer (sum a~a~^T (k_in, k_in), sum g~g~^T (k_out, k_out), token count), float64, over all shards."""
+    @property
+    def stats(self) -> dict[str, tuple[torch.Tensor, torch.Tensor, int]] | None:
+        """Per layer (sum a~a~^T (k_in, k_in), sum g~g~^T (k_out, k_out), token count), float64, over all
+        shards (read on each access); None when the store was extracted without covariances."""
         if not self.has_covariances:
-            raise StoreError(f"store {self.path} has no covariance sums: extract with covariances=True to fit kfac/ekfac")
+            return None
         total: dict[str, list] = {}
         for i in range(len(self.shards)):
             shard = self._shard(i)
@@ -283,20 +287,10 @@ class FeatureStore:
         return Features(data, self.norms.clone(), list(self.ids), self.layout, self.config, self.fingerprint)
 
 
-def iter_chunks(source: "Features | FeatureStore", rows: int, start: int = 0, stop: int | None = None) -> Iterator[Chunk]:
-    """Chunks of rows [start, stop) of a store or of in-memory Features (global row offsets)."""
-    if isinstance(source, FeatureStore):
-        yield from source.iter_chunks(rows, start, stop)
-        return
-    stop = source.num_rows if stop is None else stop
-    if (start, stop) == (0, source.num_rows):
-        yield from source.iter_chunks(rows)
-        return
-    part = replace(source, data=source.data[start:stop], norms=source.norms[start:stop], ids=source.ids[start:stop], tokens=None, stats=None)
-    for c in part.iter_chunks(rows):
-        yield c._replace(offset=c.offset + start)
+def iter_chunks(source: FeatureSource, rows: int, start: int = 0, stop: int | None = None) -> Iterator[Chunk]:
+    """Chunks of rows [start, stop) of a feature source (global row offsets)."""
+    return source.iter_chunks(rows, start, stop)
 
 
-def source_metadata(source: "Features | FeatureStore") -> dict:
-    return source.metadata() if isinstance(source, FeatureStore) else features_metadata(source)
-
+def source_metadata(source: FeatureSource) -> dict:
+    return source.metadata()
