@@ -10,7 +10,7 @@ import warnings
 
 import torch
 
-from ..jl_project import jl_project_reference, jl_scale, KINDS
+from ..jl_project import KINDS, jl_scale
 from ..score_topk import scores_and_aggregates
 from ._marshal import DTYPE_CODES, jl_output, select_topk
 
@@ -45,10 +45,12 @@ def is_available(device: torch.device) -> tuple[bool, str]:
 # -------------------------------------------------------------------------------- ops
 
 
+def supports_jl_project(x: torch.Tensor, **_) -> bool | str:
+    return True if x.dtype != torch.float64 else "float64 inputs (the host kernel accumulates in float32)"
+
+
 def jl_project(x: torch.Tensor, k: int, seed: int = 0, kind: str = "rademacher", offset: int = 0) -> torch.Tensor:
-    """Host twin of ``ops.jl_project`` (float64 inputs run on the torch reference)."""
-    if x.dtype == torch.float64:
-        return jl_project_reference(x, k, seed, kind, offset)
+    """Host twin of ``ops.jl_project`` (float32/float16/bfloat16 inputs)."""
     x, out = jl_output(x, k)
     B, D = x.shape
     _ext.jl_project(x.data_ptr(), DTYPE_CODES[x.dtype], B, D, x.stride(0), out.data_ptr(), k, seed,
