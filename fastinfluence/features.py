@@ -114,11 +114,6 @@ class Features:
         """These features (a source loaded whole)."""
         return self
 
-    def layer(self, name: str) -> torch.Tensor:
-        """(N, k_out, k_in) view of one layer's features."""
-        sl = self.layout[name]
-        return self.data[:, sl.start : sl.stop].reshape(-1, *sl.shape)
-
 
 def cat_features(parts: list[Features]) -> Features:
     """Concatenate per-batch Features (same layout) into one; token offsets and stats are merged."""
