@@ -52,6 +52,15 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out - ref).norm() / ref.norm()).item()
 
 
+def on_backend(backend: str, op, *args, **kwargs):
+    """(output of ``op`` under ``backend``, the backends that ran each dispatched op)."""
+    from fastinfluence import ops
+
+    with ops.use_backend(backend), ops.trace() as ran:
+        out = op(*args, **kwargs)
+    return out, [d.backend for d in ran]
+
+
 def randn(*shape, dtype=torch.float32, device="cpu", generator=None, scale=1.0):
     """Fresh normal values (never zeros) made in float32 on the CPU, then cast and moved."""
     return (torch.randn(*shape, generator=generator) * scale).to(dtype).to(device)
