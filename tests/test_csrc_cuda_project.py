@@ -8,9 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from helpers import rel_err
 from fastinfluence.ops.backends import cuda
 from fastinfluence.ops.project import project_reference
-
 
 
 def gpu(test):
@@ -49,11 +49,6 @@ def inputs(dtype, B, T, d_in, d_out, k_in, k_out, bias=True, seed=0, device="cud
 def reference(A, G, P_in, P_out, mask):
     return project_reference(A.double().cpu(), G.double().cpu(), P_in.double().cpu(), P_out.double().cpu(),
                              None if mask is None else mask.cpu())
-
-
-def rel_err(out, ref):
-    out, ref = out.double().cpu(), ref.double().cpu()
-    return ((out - ref).norm() / ref.norm()).item()
 
 
 # ----------------------------------------------------------------------------- on the GPU

@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from test_triton_support import on_backend, DEVICES, DTYPES, TOL, randn, rel_err
+from helpers import rel_err
+from test_triton_support import DEVICES, DTYPES, TOL, on_backend, randn
 
 from fastinfluence.ops.ghost import ghost_dot_reference, ghost_norm_reference
 from fastinfluence.triton_kernels import ghost_dot, ghost_norm

@@ -3,7 +3,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from test_triton_support import DEVICES, randn, rel_err
+from helpers import rel_err
+from test_triton_support import DEVICES, randn
 
 from fastinfluence.triton_kernels import linear_cross_entropy_backward, linear_cross_entropy_forward
 

@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from test_triton_support import DEVICES, DTYPES, TOL, on_backend, randn, rel_err
+from helpers import rel_err
+from test_triton_support import DEVICES, DTYPES, TOL, on_backend, randn
 
 from fastinfluence import ops
 

@@ -46,12 +46,6 @@ TOL = {
 }
 
 
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """||out - ref|| / ||ref|| in float64 (NaN anywhere in ``out`` gives NaN, which fails any bound)."""
-    out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
-    return ((out - ref).norm() / ref.norm()).item()
-
-
 def on_backend(backend: str, op, *args, **kwargs):
     """(output of ``op`` under ``backend``, the backends that ran each dispatched op)."""
     from fastinfluence import ops
