@@ -1,4 +1,5 @@
 """Helpers shared by the CPU benchmark scripts: interleaved timing, relative error, the commit."""
+
 from __future__ import annotations
 
 import statistics
@@ -33,6 +34,7 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 def commit() -> str:
     """The short commit of the checkout the benchmark runs in ("" outside git)."""
-    run = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                         cwd=Path(__file__).parent)
+    run = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
+    )
     return run.stdout.strip()

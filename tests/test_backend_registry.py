@@ -1,5 +1,6 @@
 """The backend registry: a backend registered from outside the package is used for the op it
 implements and covers, the registry falls back to torch for the rest, and bench says what ran."""
+
 from __future__ import annotations
 
 import pytest
@@ -78,7 +79,10 @@ def test_bench_reports_the_backend_that_ran(toy):
         ops.unregister_backend("toy_declining")
     got = {r["backend"]: (r["ran"], r["fallback"]) for r in rows}
     assert got["toy"] == ("toy", None) and toy.calls >= 2
-    assert got["toy_declining"] == ("torch", "backend 'toy_declining' does not cover these inputs: declines every input")
+    assert got["toy_declining"] == (
+        "torch",
+        "backend 'toy_declining' does not cover these inputs: declines every input",
+    )
     assert declining.calls == 0
 
 

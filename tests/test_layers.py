@@ -5,6 +5,7 @@ store -> precondition -> score -> weights -> unlearn -> evaluate, with the helpe
 uses below and the command line on top. Imports are read with ``ast`` (those inside functions
 too); a package (``ops``, ``store``, ``triton_kernels``) is one unit, free inside itself.
 """
+
 from __future__ import annotations
 
 import ast
@@ -41,7 +42,8 @@ LEVEL = {unit: i for i, units in enumerate(LAYERS) for unit in units}
 def _sources() -> dict[str, Path]:
     """Dotted module name -> file, for the package and its Triton kernels."""
     out = {}
-    for base, prefix in ((ROOT / "fastinfluence", "fastinfluence"), (ROOT / "triton_kernels", "fastinfluence.triton_kernels")):
+    roots = ((ROOT / "fastinfluence", "fastinfluence"), (ROOT / "triton_kernels", "fastinfluence.triton_kernels"))
+    for base, prefix in roots:
         for path in base.rglob("*.py"):
             parts = list(path.relative_to(base).with_suffix("").parts)
             if parts[-1] == "__init__":
@@ -86,8 +88,9 @@ def test_every_module_has_a_level():
 @pytest.mark.parametrize("module", sorted(SOURCES))
 def test_module_imports_only_from_lower_levels(module):
     unit = _unit(module)
+    where = SOURCES[module].relative_to(ROOT)
     wrong = [
-        f"{SOURCES[module].relative_to(ROOT)}:{line} imports {name} (level {LEVEL[_unit(name)]}, not below {LEVEL[unit]})"
+        f"{where}:{line} imports {name} (level {LEVEL[_unit(name)]}, not below {LEVEL[unit]})"
         for line, name in _imports(module, SOURCES[module])
         if _unit(name) != unit and LEVEL[_unit(name)] >= LEVEL[unit]
     ]

@@ -26,6 +26,7 @@ inputs' device raises an error saying why. ``auto`` (the default) tries, per op 
 the backends registered for that device type in registration order and falls back to
 torch quietly. ``trace()`` records which backend ran each dispatched op.
 """
+
 from __future__ import annotations
 
 import contextlib

@@ -4,6 +4,7 @@
 (:class:`FeatureStore`, the read-only view) and ``writer`` (:class:`StoreWriter`: resume,
 rank planning and shard writing; :func:`write_store`; caches beside a store).
 """
+
 from .format import (
     FORMAT,
     MANIFEST,
