@@ -29,6 +29,7 @@ from transformers import Trainer, TrainerCallback
 
 from . import losses
 from .data import pad
+from .lm import IGNORE_INDEX
 from .model import mlp_blocks
 from .weights import loss_reweight
 

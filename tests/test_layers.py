@@ -17,11 +17,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Lowest first. A new module must be placed here; a module may import only from lower levels.
 LAYERS = [
-    ("config", "lm", "batching", "distributed", "model"),  # below the flow
+    ("config", "lm", "batching", "distributed", "model", "data", "outputs"),  # below the flow
     ("ops",),  # torch references and the backend registry
     ("triton_kernels",),  # kernels of the ops (installed as fastinfluence.triton_kernels)
     ("capture",),
-    ("projection", "exact"),  # project
+    ("projection", "exact", "kfac"),  # project (kfac: full-dimension K-FAC from captured factors)
     ("features",),
     ("store",),
     ("extract",),  # GradientExtractor: capture + project, and the store writer for extract(store=...)
@@ -32,8 +32,9 @@ LAYERS = [
     ("unlearn",),
     ("evaluate",),
     ("__init__",),  # the public API (fastinfluence/__init__.py)
-    ("cli_common",),
-    ("cli", "unlearn_cli", "bench_cli", "demo"),  # commands; cli loads the others as plug-ins by name
+    ("integrations",),  # trainers for other frameworks (open-unlearning)
+    ("cli", "bench_cli", "demo"),  # cli loads the other command modules as plug-ins, by name only
+    ("unlearn_cli",),  # imports cli's helpers (one direction: cli never imports it)
     ("__main__",),
 ]
 LEVEL = {unit: i for i, units in enumerate(LAYERS) for unit in units}
