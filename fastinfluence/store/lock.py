@@ -19,7 +19,7 @@ import uuid
 from pathlib import Path
 from typing import Iterator
 
-from . import distributed as dist
+from .. import distributed as dist
 from .format import StoreError
 
 LOCK = ".lock"
