@@ -6,6 +6,7 @@ extraction and scoring code runs alone or under ``torchrun --nproc_per_node=N``.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import torch
 import torch.distributed as tdist
@@ -71,3 +72,12 @@ def all_gather_cat(t: torch.Tensor, dim: int = 0) -> torch.Tensor:
     out = [torch.empty_like(buf) for _ in range(tdist.get_world_size())]
     tdist.all_gather(out, buf)
     return torch.cat(out, dim=dim).to(t.device)
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """``obj`` of rank ``src`` on every rank."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    tdist.broadcast_object_list(box, src=src)
+    return box[0]
