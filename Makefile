@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -q -e ".[test,peft,triton]"
+	$(BIN)/python -m pip install -q -e ".[test,peft,triton,faiss]"
 	touch $@
 
 # The demo's plots need matplotlib (optional for the package itself).

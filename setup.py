@@ -28,6 +28,7 @@ setup(
         "fastinfluence.ops",
         "fastinfluence.ops.backends",
         "fastinfluence.integrations",
+        "fastinfluence.store",
         "fastinfluence.triton_kernels",
         "fastinfluence.csrc",
     ],

@@ -20,33 +20,18 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import gpu_floors  # noqa: E402  (metadata: commit and versions)
+from _common import interleaved_medians  # noqa: E402
 
 from fastinfluence.ops.backends import cpu  # noqa: E402
 
 TRAK_KIND = {"rademacher": "rademacher", "gaussian": "normal"}
-
-
-def interleaved_medians(fns: dict, repeats: int) -> dict:
-    """Median seconds of each callable, timed in turns so that load from other processes
-    on a shared machine falls on every provider alike."""
-    for fn in fns.values():
-        fn()
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def cpu_name() -> str:

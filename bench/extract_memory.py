@@ -15,6 +15,7 @@ import sys
 import time
 
 import torch
+from _common import commit
 
 
 def child(args) -> None:
@@ -58,12 +59,11 @@ def main() -> None:
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
         rows.append(json.loads(out))
         print(rows[-1])
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     logits_mib = args.batch * args.seq * args.vocab * 4 / 2**20
     result = {
         "bench": "extract_memory",
         "device": f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)",
-        "commit": commit,
+        "commit": commit(),
         "torch": torch.__version__,
         "model": {"arch": "llama + LoRA r=16 (q_proj, v_proj)", "hidden": args.hidden, "vocab": args.vocab},
         "batch": args.batch, "seq": args.seq, "float32_logits_MiB": logits_mib,

@@ -11,28 +11,12 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
-import subprocess
-import time
 
 import torch
+from _common import commit, interleaved_medians
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from fastinfluence import GradientExtractor, ProjectionConfig
-
-
-def interleaved_medians(fns, reps: int, warmup: int = 2) -> list[float]:
-    """Median seconds of each fn, runs interleaved so that machine load hits all alike."""
-    for _ in range(warmup):
-        for fn in fns:
-            fn()
-    times = [[] for _ in fns]
-    for _ in range(reps):
-        for fn, t in zip(fns, times):
-            t0 = time.perf_counter()
-            fn()
-            t.append(time.perf_counter() - t0)
-    return [statistics.median(t) for t in times]
 
 
 def main() -> None:
@@ -65,13 +49,13 @@ def main() -> None:
     def extract_step():
         extractor.extract([batch])
 
-    t_train, t_extract = interleaved_medians([train_step, extract_step], args.reps)
+    medians = interleaved_medians({"train": train_step, "extract": extract_step}, args.reps, warmup=2)
+    t_train, t_extract = medians["train"], medians["extract"]
     model.zero_grad(set_to_none=True)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     result = {
         "bench": "extract_vs_train",
         "device": f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
-        "commit": commit,
+        "commit": commit(),
         "torch": torch.__version__,
         "model": {"arch": "llama", "hidden": args.hidden, "layers": args.layers, "vocab": args.vocab,
                   "params": sum(p.numel() for p in model.parameters())},

@@ -132,27 +132,6 @@ def bench_project(floors, quick):
         del A, G
 
 
-def bench_project_layers(floors, quick):
-    """The seven Linear layers of one Llama-3-8B block: one launch against one per layer."""
-    from fastinfluence.triton_kernels.project_layers import project_layers_reference
-
-    B, T, k = (2, 40, 16) if quick else (4, 2048, 64)
-    widths = [(48, 80), (80, 48)] if quick else [
-        (4096, 4096), (4096, 1024), (4096, 1024), (4096, 4096), (4096, 14336), (4096, 14336), (14336, 4096)]
-    As = [rand(B, T, d_in) for d_in, _ in widths]
-    Gs = [rand(B, T, d_out) for _, d_out in widths]
-    P_ins = [rand(d_in, k, dtype=torch.float32, scale=k**-0.5) for d_in, _ in widths]
-    P_outs = [rand(d_out, k, dtype=torch.float32, scale=k**-0.5) for _, d_out in widths]
-    shape = f"B={B} T={T} {len(widths)} layers k={k} bf16"
-    floor = floor_ms(floors, nbytes=sum(t.nbytes for t in As + Gs))
-    err = rel_err(tk.project_layers(As, Gs, P_ins, P_outs), project_layers_reference(As, Gs, P_ins, P_outs))
-    ms = timed(lambda: tk.project_layers(As, Gs, P_ins, P_outs))
-    yield row("project_layers", shape, "triton, one launch", ms, floor, rel_err=err,
-              **autotuned("project_layers", "_project_layers_kernel"))
-    ms = timed(lambda: [tk.project(*layer) for layer in zip(As, Gs, P_ins, P_outs)])
-    yield row("project_layers", shape, "triton, one launch per layer", ms, floor)
-
-
 def bench_ghost(floors, quick):
     B, T, d = (2, 20, 40) if quick else (8, 256, 4096)
     A1, G1, A2, G2 = rand(B, T, d), rand(B, T, d), rand(B, T, d), rand(B, T, d)
@@ -244,7 +223,7 @@ def bench_linear_cross_entropy(floors, quick):
         yield r
 
 
-BENCHES = (bench_project, bench_project_layers, bench_ghost, bench_score_topk, bench_linear_cross_entropy)
+BENCHES = (bench_project, bench_ghost, bench_score_topk, bench_linear_cross_entropy)
 
 
 def main() -> None:

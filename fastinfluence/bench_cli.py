@@ -2,7 +2,9 @@
 
 For each op and backend: the median wall time over repeats after a warm-up, the
 relative error of its output against the torch reference on the same random inputs,
-and the op's effective throughput (GFLOP/s of the useful arithmetic). Kernel-level
+the op's effective throughput (GFLOP/s of the useful arithmetic), and the backend that
+actually ran it (``ran``: a backend that does not cover the inputs falls back to torch,
+and ``fallback`` says why). Every op in the registry has a case here. Kernel-level
 GPU measurements against physical floors live in ``bench/gpu_suite.sh``; this command
 answers "which backend is fastest on this machine, and is it right".
 
@@ -20,7 +22,8 @@ from typing import TYPE_CHECKING, Callable
 if TYPE_CHECKING:
     import torch
 
-OPS = ("project", "ghost_dot", "score_topk", "jl_project", "linear_cross_entropy")
+OPS = ("project", "project_tokens", "ghost_dot", "ghost_norm", "score_topk", "jl_project", "linear_cross_entropy",
+       "linear_cross_entropy_backward")  # the bench cases; every registered op is dispatched by one
 SIZES = {
     # project / ghost: B, T, d_in, d_out, k; score: Q, N, D, topk; jl: B, D, k; lce: N, H, V
     "small": dict(B=4, T=64, d_in=256, d_out=256, k=32, Q=16, N=4096, D=1024, topk=10, jlB=8, jlD=16384, jlk=256,
@@ -28,10 +31,6 @@ SIZES = {
     "medium": dict(B=8, T=256, d_in=1024, d_out=1024, k=64, Q=64, N=32768, D=4096, topk=100, jlB=16, jlD=262144,
                    jlk=1024, lN=1024, lH=512, lV=32000),
 }
-
-
-# Name under which backends register each op (linear_cross_entropy dispatches its forward and backward).
-_REGISTERED = {"linear_cross_entropy": "linear_cross_entropy_forward"}
 
 
 def _cases(s: dict, device: torch.device) -> dict[str, tuple[Callable[[], tuple], Callable, float]]:
@@ -52,10 +51,20 @@ def _cases(s: dict, device: torch.device) -> dict[str, tuple[Callable[[], tuple]
             lambda x: ops.project(*x),
             2 * B * T * (di * k + do * k + k * k),
         ),
+        "project_tokens": (
+            lambda: (rnd(B, T, di), rnd(B, T, do), rnd(di, k), rnd(do, k), torch.ones(B, T, dtype=torch.bool, device=device)),
+            lambda x: torch.cat([t.flatten() for t in ops.project_tokens(*x)]),
+            2 * B * T * (di * k + do * k),
+        ),
         "ghost_dot": (
             lambda: (rnd(B, T, di), rnd(B, T, do), rnd(B, T, di), rnd(B, T, do)),
             lambda x: ops.ghost_dot(*x),
             2 * B * B * T * T * (di + do),
+        ),
+        "ghost_norm": (
+            lambda: (rnd(B, T, di), rnd(B, T, do)),
+            lambda x: ops.ghost_norm(*x),
+            2 * B * T * T * (di + do),
         ),
         "score_topk": (
             lambda: (rnd(s["Q"], s["D"]), rnd(s["N"], s["D"])),
@@ -73,7 +82,23 @@ def _cases(s: dict, device: torch.device) -> dict[str, tuple[Callable[[], tuple]
             lambda x: ops.linear_cross_entropy(x[0], x[1], x[2]),
             2 * s["lN"] * s["lH"] * s["lV"],
         ),
+        "linear_cross_entropy_backward": (
+            lambda: _lce_graph(rnd(s["lN"], s["lH"]), rnd(s["lV"], s["lH"]),
+                               torch.randint(0, s["lV"], (s["lN"],), generator=g).to(device)),
+            lambda x: torch.autograd.grad(x[0], x[1], retain_graph=True)[0],
+            4 * s["lN"] * s["lH"] * s["lV"],
+        ),
     }
+
+
+def _lce_graph(hidden, weight, labels) -> tuple:
+    """(summed loss, hidden) with the graph kept: the backward case differentiates it again on each call."""
+    from . import ops
+
+    hidden = hidden.requires_grad_()
+    with ops.use_backend("torch"):  # the forward is not what this case measures
+        loss = ops.linear_cross_entropy(hidden, weight, labels, reduction="sum")
+    return loss, hidden
 
 
 def _median_seconds(fn: Callable[[], object], repeats: int, device: torch.device) -> float:
@@ -95,6 +120,7 @@ def _median_seconds(fn: Callable[[], object], repeats: int, device: torch.device
 
 
 def run(size: str = "small", repeats: int = 5, device: str | None = None, ops_filter: list[str] | None = None) -> list[dict]:
+    """One row per op and per backend that implements what the op dispatches (torch always)."""
     import torch
 
     from . import ops
@@ -115,27 +141,42 @@ def run(size: str = "small", repeats: int = 5, device: str | None = None, ops_fi
         raise ValueError(f"--device {device!r}: give cpu or cuda")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
-    previous = ops.get_backend()
     rows = []
-    try:
-        for name, (make, call, flops) in _cases(SIZES[size], dev).items():
-            if ops_filter and name not in ops_filter:
-                continue
-            inputs = make()
-            ops.set_backend("torch")
+    for name, (make, call, flops) in _cases(SIZES[size], dev).items():
+        if ops_filter and name not in ops_filter:
+            continue
+        inputs = make()
+        with ops.use_backend("torch"), ops.trace() as dispatched:
             ref = call(inputs).double()
-            for backend in ops.available_backends(dev):
-                if not implements(backend, _REGISTERED.get(name, name), dev):
-                    continue  # it would run the torch reference
-                ops.set_backend(backend)
-                out = call(inputs)
+        names = {d.op for d in dispatched}
+        for backend in ops.available_backends(dev):
+            if not any(implements(backend, op, dev) for op in names):
+                continue  # it would run the torch reference
+            with ops.use_backend(backend):
+                with ops.trace() as ran:
+                    out = call(inputs)
                 err = float((out.double() - ref).norm() / ref.norm().clamp_min(1e-30))
                 sec = _median_seconds(lambda: call(inputs), repeats, dev)
-                rows.append({"op": name, "backend": backend, "device": str(dev), "size": size, "median_s": sec,
-                             "gflops": flops / sec / 1e9, "rel_err_vs_torch": err})
-    finally:
-        ops.set_backend(previous)
+            fallbacks = [d.fallback for d in ran if d.fallback]
+            rows.append({"op": name, "backend": backend, "ran": ",".join(sorted({d.backend for d in ran})),
+                         "fallback": fallbacks[0] if fallbacks else None, "device": str(dev), "size": size,
+                         "median_s": sec, "gflops": flops / sec / 1e9, "rel_err_vs_torch": err})
     return rows
+
+
+def case_ops(size: str = "small", device: str = "cpu") -> dict[str, set[str]]:
+    """Bench case -> the registered ops it dispatches (on torch)."""
+    import torch
+
+    from . import ops
+
+    out = {}
+    for name, (make, call, _) in _cases(SIZES[size], torch.device(device)).items():
+        inputs = make()
+        with ops.use_backend("torch"), ops.trace() as dispatched:
+            call(inputs)
+        out[name] = {d.op for d in dispatched}
+    return out
 
 
 def register(subparsers) -> None:
@@ -157,9 +198,13 @@ def _main(args) -> int:
     import torch
 
     rows = run(args.size, args.repeats, args.device, args.ops)
-    print(f"{'op':<22s}{'backend':<9s}{'median ms':>11s}{'GFLOP/s':>10s}{'rel err':>10s}")
+    print(f"{'op':<31s}{'backend':<9s}{'ran':<10s}{'median ms':>11s}{'GFLOP/s':>10s}{'rel err':>10s}")
     for r in rows:
-        print(f"{r['op']:<22s}{r['backend']:<9s}{r['median_s'] * 1e3:>11.2f}{r['gflops']:>10.2f}{r['rel_err_vs_torch']:>10.1e}")
+        print(f"{r['op']:<31s}{r['backend']:<9s}{r['ran']:<10s}{r['median_s'] * 1e3:>11.2f}{r['gflops']:>10.2f}"
+              f"{r['rel_err_vs_torch']:>10.1e}")
+    for r in rows:
+        if r["fallback"]:
+            print(f"{r['op']} on {r['backend']} ran on {r['ran']}: {r['fallback']}")
     if args.json:
         import platform
         import subprocess

@@ -57,10 +57,12 @@ from transformers import TrainerCallback
 
 from . import distributed as dist
 from . import ops
-from .capture import IGNORE_INDEX, Layer, LayerHooks, batch_ids
+from .batching import batch_ids
+from .capture import Layer, LayerHooks
 from .config import ProjectionConfig
 from .extract import GradientExtractor
 from .features import Features, slice_rows
+from .lm import IGNORE_INDEX
 
 STEP_PREFIX = "step-"
 

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .batching import batch_ids
 from .lm import IGNORE_INDEX, fused_head, model_inputs, shifted_labels
 from .ops.linear_cross_entropy import linear_cross_entropy
 
@@ -166,24 +167,6 @@ class Batch:
     attention_mask: torch.Tensor
     labels: torch.Tensor
     ids: list
-
-
-def batch_ids(batch: dict, n: int, start: int) -> list:
-    """One id per example: the batch's ``ids`` / ``id`` as Python str/int, else ``start .. start + n``."""
-    ids = batch.get("ids", batch.get("id"))
-    if ids is None:
-        return list(range(start, start + n))
-    if hasattr(ids, "tolist"):  # torch tensor or numpy array
-        ids = ids.tolist()
-    elif isinstance(ids, (str, int)):
-        ids = [ids]
-    ids = [i.item() if hasattr(i, "item") else i for i in ids]  # numpy / torch scalars
-    if len(ids) != n:
-        raise ValueError(f"batch 'ids' has {len(ids)} entries for {n} examples; give one id per example")
-    bad = [i for i in ids if not isinstance(i, (str, int))]
-    if bad:
-        raise ValueError(f"example ids must be str or int (they are stored as JSON), got {type(bad[0]).__name__}: {bad[0]!r}")
-    return ids
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,9 @@ from typing import Literal
 import torch
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+KINDS = ("gaussian", "rademacher")
+MODES = ("factorized", "flat")
+STORAGE_DTYPES = tuple(_DTYPES)
 
 
 @dataclass
@@ -42,9 +45,9 @@ class ProjectionConfig:
     dim: int = 8192
 
     def __post_init__(self):
-        if self.mode not in ("factorized", "flat"):
+        if self.mode not in MODES:
             raise ValueError(f"ProjectionConfig.mode must be 'factorized' or 'flat', got {self.mode!r}")
-        if self.kind not in ("gaussian", "rademacher"):
+        if self.kind not in KINDS:
             raise ValueError(f"ProjectionConfig.kind must be 'gaussian' or 'rademacher', got {self.kind!r}")
         for name in ("rank_in", "rank_out", "dim"):
             v = getattr(self, name)

@@ -38,8 +38,8 @@ from typing import Iterable, Sequence
 
 import torch
 
-from .lm import model_inputs
-from .losses import IGNORE_INDEX, shifted_labels, token_nll
+from .lm import IGNORE_INDEX, model_inputs, shifted_labels
+from .losses import token_nll
 
 
 def _tokens(model, batches: Iterable[dict]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

@@ -1,8 +1,9 @@
 """In-memory per-example features and the chunk interface that scoring streams over."""
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Iterator, NamedTuple
+from typing import NamedTuple, Protocol, runtime_checkable
 
 import torch
 
@@ -75,15 +76,43 @@ class Features:
     def dim(self) -> int:
         return self.data.shape[1]
 
-    def iter_chunks(self, rows: int) -> Iterator[Chunk]:
-        """Consecutive blocks of at most ``rows`` rows (the interface scoring streams over)."""
-        for s in range(0, self.num_rows, rows):
-            yield Chunk(s, self.data[s : s + rows], self.norms[s : s + rows])
+    @property
+    def dtype(self) -> torch.dtype:
+        """Storage dtype of the rows."""
+        return self.data.dtype
 
-    def layer(self, name: str) -> torch.Tensor:
-        """(N, k_out, k_in) view of one layer's features."""
-        sl = self.layout[name]
-        return self.data[:, sl.start : sl.stop].reshape(-1, *sl.shape)
+    def iter_chunks(self, rows: int, start: int = 0, stop: int | None = None) -> Iterator[Chunk]:
+        """Consecutive blocks of at most ``rows`` rows of [start, stop) (global row offsets)."""
+        if rows < 1:
+            raise ValueError(f"iter_chunks: rows must be >= 1, got {rows}")
+        stop = self.num_rows if stop is None else stop
+        for s in range(start, stop, rows):
+            e = min(s + rows, stop)
+            yield Chunk(s, self.data[s:e], self.norms[s:e])
+
+    def metadata(self) -> dict:
+        """config / fingerprint / layout / dtype, compared before scoring two sources together."""
+        return {"config": self.config, "fingerprint": self.fingerprint or {}, "layout": self.layout, "dtype": self.dtype}
+
+    def row_bounds(self) -> list[int]:
+        """Rows at which the rows may be split between processes: any row."""
+        return list(range(self.num_rows + 1))
+
+    def rows(self, indices: Iterable[int]) -> torch.Tensor:
+        """(len(indices), D) feature rows in the storage dtype."""
+        return self.data[list(indices)]
+
+    def token_factors(self, row: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Per-token factors of one example: ({layer: A~ (T, k_in)}, {layer: G~ (T, k_out)})."""
+        if self.tokens is None:
+            raise ValueError("these train Features have no per-token factors: extract them with tokens=True")
+        o = self.tokens.offsets
+        span = slice(int(o[row]), int(o[row + 1]))
+        return {n: t[span] for n, t in self.tokens.a.items()}, {n: t[span] for n, t in self.tokens.g.items()}
+
+    def to_features(self) -> Features:
+        """These features (a source loaded whole)."""
+        return self
 
 
 def cat_features(parts: list[Features]) -> Features:
@@ -136,3 +165,66 @@ def slice_rows(f: Features, a: int, b: int) -> Features:
             o[a : b + 1] - lo, {n: t[lo:hi] for n, t in f.tokens.a.items()}, {n: t[lo:hi] for n, t in f.tokens.g.items()}
         )
     return Features(f.data[a:b], f.norms[a:b], f.ids[a:b], f.layout, f.config, f.fingerprint, tokens, None)
+
+
+@runtime_checkable
+class FeatureSource(Protocol):
+    """What scoring, preconditioning and weights read: ``Features`` in memory and ``FeatureStore`` on disk.
+
+    Members: ``layout`` (layer -> LayerSlice), ``ids`` (N example ids), ``config``,
+    ``fingerprint``, ``num_rows`` / ``len()`` (N), ``dim`` (D), ``dtype`` (storage dtype),
+    ``norms`` ((N,) float32), ``stats`` (per layer (sum a~a~^T, sum g~g~^T, tokens) float64,
+    or None without covariances), ``metadata()``, ``iter_chunks(rows, start, stop)``,
+    ``rows(indices)`` ((n, D) at random), ``row_bounds()`` (where a split between processes
+    may fall), ``token_factors(row)`` and ``to_features()`` (the whole source in memory).
+    """
+
+    layout: dict[str, LayerSlice]
+    ids: list
+    config: ProjectionConfig | None
+    fingerprint: dict | None
+
+    @property
+    def num_rows(self) -> int: ...
+
+    @property
+    def dim(self) -> int: ...
+
+    @property
+    def dtype(self) -> torch.dtype: ...
+
+    @property
+    def norms(self) -> torch.Tensor: ...
+
+    @property
+    def stats(self) -> dict[str, tuple[torch.Tensor, torch.Tensor, int]] | None: ...
+
+    def __len__(self) -> int: ...
+
+    def metadata(self) -> dict: ...
+
+    def iter_chunks(self, rows: int, start: int = 0, stop: int | None = None) -> Iterator[Chunk]: ...
+
+    def rows(self, indices: Iterable[int]) -> torch.Tensor: ...
+
+    def row_bounds(self) -> list[int]: ...
+
+    def token_factors(self, row: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]: ...
+
+    def to_features(self) -> Features: ...
+
+
+@runtime_checkable
+class FeatureProducer(Protocol):
+    """What makes features from batches (``GradientExtractor``); a store writer consumes its output.
+
+    ``metadata()``: config / fingerprint / layout / dtype of the features it makes.
+    ``iter_features``: one ``Features`` per batch for the examples after the first
+    ``skip_examples`` (token offsets of each start at 0; ``stats`` are per-batch sums).
+    """
+
+    def metadata(self) -> dict: ...
+
+    def iter_features(
+        self, batches: Iterable[Mapping], skip_examples: int = 0, tokens: bool = False, covariances: bool = False
+    ) -> Iterator[Features]: ...

@@ -155,9 +155,12 @@ def build_index(
     return FeatureIndex(index, metric, kind, source_metadata(train), dict(train.layout), list(train.ids), refine)
 
 
-def indexed_result(index: FeatureIndex, query: Features, train, metric: str, pre, topk: int, layer_normalize: bool):
-    """``score(..., index=index)``: the top-k of preconditioned queries from the index, as a ScoreResult."""
-    from .scoring import ScoreResult
+def index_topk(index: FeatureIndex, query, train, metric: str, pre, topk: int, layer_normalize: bool):
+    """``score(..., index=index)``'s search: (Q, k) values and train rows of the preconditioned queries.
+
+    ``query``: Features of the queries; ``pre``: the fitted preconditioner or None. The scores
+    are those of the index (exact for ``flat``), re-ranked exactly when ``index.refine > 1``.
+    """
     from .store import check_same_origin
 
     if index.metric != metric:
@@ -172,17 +175,7 @@ def indexed_result(index: FeatureIndex, query: Features, train, metric: str, pre
     values, rows = index.search(q, min(k * index.refine, len(index)))
     if index.refine > 1:
         values, rows = _rerank(q, train, rows, k, metric)
-    train_ids = list(train.ids)
-    return ScoreResult(
-        topk_values=values,
-        topk_indices=rows,
-        topk_ids=[[train_ids[i] for i in row] for row in rows.tolist()],
-        aggregates={},
-        query_ids=list(query.ids),
-        train_ids=train_ids,
-        metric=metric,
-        precondition=pre.kind if pre is not None else "identity",
-    )
+    return values, rows
 
 
 def _rerank(q: torch.Tensor, train, rows: torch.Tensor, k: int, metric: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -28,12 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file
-from safetensors.torch import save as safetensors_save
-
-from .features import Features, LayerSlice
-from .store import FeatureStore, atomic_write, iter_chunks
+from .features import FeatureSource, LayerSlice
+from .store import FeatureStore, save_tensors, write_cache
 
 KINDS = ("identity", "diagonal", "kfac", "ekfac", "full")
 FULL_MAX_DIM = 4096
@@ -103,22 +99,23 @@ class Preconditioner:
 
     def save(self, path: str | Path, fitted_on: str) -> None:
         """Write the statistics atomically; ``fitted_on`` identifies the features they came from."""
-        data = safetensors_save({k: v.contiguous() for k, v in self.stats.items()}, metadata={"kind": self.kind, "fitted_on": fitted_on})
-        atomic_write(Path(path), data)
+        save_tensors(Path(path), self.stats, self._metadata(fitted_on))
+
+    def _metadata(self, fitted_on: str) -> dict[str, str]:
+        return {"kind": self.kind, "fitted_on": fitted_on}
 
 
-def _stats_of(train) -> dict[str, tuple[torch.Tensor, torch.Tensor, int]]:
-    if isinstance(train, FeatureStore):
-        return train.stats()
-    if train.stats is None:
+def _stats_of(train: FeatureSource) -> dict[str, tuple[torch.Tensor, torch.Tensor, int]]:
+    stats = train.stats
+    if stats is None:
         raise ValueError("kfac/ekfac need covariance sums: extract the train features with covariances=True")
-    return train.stats
+    return stats
 
 
 def _second_moments(train, layout, chunk_rows: int, fn) -> dict[str, torch.Tensor]:
     """mean_i fn(layer, phi_i) over all train rows, per layer (one streaming pass)."""
     total: dict[str, torch.Tensor] = {}
-    for c in iter_chunks(train, chunk_rows):
+    for c in train.iter_chunks(chunk_rows):
         x = c.data.to(torch.float64)
         for name, sl in layout.items():
             v = fn(name, x[:, sl.start : sl.stop])
@@ -127,7 +124,7 @@ def _second_moments(train, layout, chunk_rows: int, fn) -> dict[str, torch.Tenso
     return {k: v / n for k, v in total.items()}
 
 
-def fit(train: Features | FeatureStore, kind: str, chunk_rows: int = 8192, damping: float | None = None, damping_ratio: float = 0.1) -> Preconditioner:
+def fit(train: FeatureSource, kind: str, chunk_rows: int = 8192, damping: float | None = None, damping_ratio: float = 0.1) -> Preconditioner:
     """Fit a preconditioner of ``kind`` on train features (in memory or a store)."""
     if kind not in KINDS:
         raise ValueError(f"unknown preconditioner {kind!r}; choose one of {', '.join(KINDS)}")
@@ -172,22 +169,18 @@ def _fingerprint(store: FeatureStore) -> str:
     return hashlib.sha256(json.dumps([s["sha256"]["features"] for s in store.shards]).encode()).hexdigest()
 
 
-def load_or_fit(train: Features | FeatureStore, kind: str, damping: float | None = None, damping_ratio: float = 0.1, chunk_rows: int = 8192) -> Preconditioner:
+def load_or_fit(train: FeatureSource, kind: str, damping: float | None = None, damping_ratio: float = 0.1, chunk_rows: int = 8192) -> Preconditioner:
     """The preconditioner of ``kind`` for ``train``: loaded from beside a store when fitted on
     its current shards, else fitted (and saved beside the store when it is writable)."""
     if not isinstance(train, FeatureStore) or kind == "identity":
         return fit(train, kind, chunk_rows, damping, damping_ratio)
-    path = train.path / "precondition" / f"{kind}.safetensors"
     fitted_on = _fingerprint(train)
-    if path.exists():
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata()
-        if meta.get("fitted_on") == fitted_on:
-            return Preconditioner(kind, dict(train.layout), load_file(str(path)), damping, damping_ratio)
+    cached = train.read_cache("precondition", kind, {"fitted_on": fitted_on})
+    if cached is not None:
+        return Preconditioner(kind, dict(train.layout), cached, damping, damping_ratio)
     pre = fit(train, kind, chunk_rows, damping, damping_ratio)
     try:
-        path.parent.mkdir(exist_ok=True)
-        pre.save(path, fitted_on)
+        write_cache(train, "precondition", kind, pre.stats, pre._metadata(fitted_on))
     except OSError as exc:
         log.warning("could not save the %s preconditioner beside %s (%s); it is kept in memory only", kind, train.path, exc)
     return pre

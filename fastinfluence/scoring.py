@@ -26,11 +26,12 @@ import torch
 from tqdm.auto import tqdm
 
 from . import distributed as dist
-from .features import Features, LayerSlice
+from .features import Features, FeatureSource, LayerSlice
+from .index import index_topk
 from .ops import TopK, merge_topk, score_topk
 from .ops.score_topk import scores_and_aggregates
 from .precondition import KINDS, Preconditioner, load_or_fit
-from .store import FeatureStore, StoreError, check_same_origin, iter_chunks, source_metadata
+from .store import FeatureStore, StoreError, check_same_origin, normalize_metadata
 
 AGGREGATES = ("mean", "max", "sum", "sumsq")
 MATRIX_MAX_BYTES = 8 << 30
@@ -114,7 +115,7 @@ class _Scoring:
 
 def _check_pair(query, train) -> None:
     def relaxed(src):
-        m = source_metadata(src)
+        m = normalize_metadata(src.metadata())
         if m["config"]:
             m["config"] = {k: v for k, v in m["config"].items() if k != "dtype"}
         return dict(m, dtype=None)
@@ -123,10 +124,8 @@ def _check_pair(query, train) -> None:
 
 
 def _query_features(query) -> Features:
-    if isinstance(query, FeatureStore):
+    if isinstance(query, FeatureSource):
         return query.to_features()
-    if isinstance(query, Features):
-        return query
     raise TypeError(f"query must be Features or a FeatureStore, got {type(query).__name__}")
 
 
@@ -155,7 +154,7 @@ def _rank_rows(train) -> tuple[int, int]:
     n = len(train)
     if world == 1:
         return 0, n
-    bounds = [s["first"] for s in train.shards] + [n] if isinstance(train, FeatureStore) else list(range(n + 1))
+    bounds = train.row_bounds()
 
     def cut(r):
         return min(bounds, key=lambda b: (abs(b * world - r * n), b))
@@ -222,8 +221,8 @@ def _check_store_complete(source, allow_incomplete: bool, side: str) -> None:
 
 
 def score(
-    query: Features | FeatureStore,
-    train: Features | FeatureStore,
+    query: FeatureSource,
+    train: FeatureSource,
     metric: str = "dot",
     precondition: str | Preconditioner | None = None,
     topk: int | None = 10,
@@ -283,14 +282,23 @@ def score(
     _check_pair(query, train)
     qf = _query_features(query)
     layout = dict(train.layout)
-    dtype = torch.float64 if torch.float64 in (qf.data.dtype, train.dtype if isinstance(train, FeatureStore) else train.data.dtype) else torch.float32
+    dtype = torch.float64 if torch.float64 in (qf.data.dtype, train.dtype) else torch.float32
     pre = _preconditioner(precondition, train, damping, chunk_rows)
     if index is not None:
-        from .index import indexed_result
-
         if matrix or matrix_path is not None or per_layer:
             raise ValueError("matrix, matrix_path and per_layer need a streaming pass: score without index= for them")
-        return indexed_result(index, qf, train, metric, pre, topk, layer_normalize)
+        values, rows = index_topk(index, qf, train, metric, pre, topk, layer_normalize)
+        train_ids = list(train.ids)
+        return ScoreResult(
+            topk_values=values,
+            topk_indices=rows,
+            topk_ids=[[train_ids[i] for i in row] for row in rows.tolist()],
+            aggregates={},
+            query_ids=list(qf.ids),
+            train_ids=train_ids,
+            metric=metric,
+            precondition=pre.kind if pre is not None else "identity",
+        )
     scoring = _Scoring(layout, metric, layer_normalize, dtype)
     q, q_scale = scoring.query(qf.data, pre)
     device = torch.device(device) if device is not None else dist.default_device()
@@ -339,7 +347,7 @@ def _stream(scoring: _Scoring, q, q_scale, train, topk, chunk_rows, rows, matrix
     agg = torch.zeros(3, len(train), dtype=torch.float32)
     top = None
     bar = tqdm(total=rows[1] - rows[0], unit="row", desc="score", disable=not (progress and dist.rank_world()[0] == 0))
-    for c in iter_chunks(train, chunk_rows, *rows):
+    for c in train.iter_chunks(chunk_rows, *rows):
         x, t_scale = scoring.train(c.data.to(q.device, non_blocking=True), c.norms.to(q.device))
         qx, qs = _half_query(q, q_scale, x)
         if matrix is None:
@@ -360,10 +368,8 @@ def _stream(scoring: _Scoring, q, q_scale, train, topk, chunk_rows, rows, matrix
     return (TopK(top.values.cpu(), top.indices.cpu()) if top is not None else None), agg
 
 
-def _train_rows(train, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    if isinstance(train, FeatureStore):
-        return train.rows(indices), train.norms[indices]
-    return train.data[indices], train.norms[indices]
+def _train_rows(train: FeatureSource, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    return train.rows(indices), train.norms[indices]
 
 
 def _layer_scores(scoring: _Scoring, q, q_scale, train, indices: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -382,7 +388,7 @@ def _layer_scores(scoring: _Scoring, q, q_scale, train, indices: torch.Tensor) -
 
 
 def self_influence(
-    train: Features | FeatureStore,
+    train: FeatureSource,
     precondition: str | Preconditioner | None = None,
     damping: float | None = None,
     chunk_rows: int = 8192,
@@ -391,7 +397,7 @@ def self_influence(
     _check_store_complete(train, False, "train")
     pre = _preconditioner(precondition, train, damping, chunk_rows)
     out = torch.empty(len(train), dtype=torch.float32)
-    for c in iter_chunks(train, chunk_rows):
+    for c in train.iter_chunks(chunk_rows):
         x = c.data.to(torch.float64)
         hx = pre.apply(x) if pre is not None else x
         out[c.offset : c.offset + len(x)] = (hx * x).sum(1).float()
@@ -399,8 +405,8 @@ def self_influence(
 
 
 def token_scores(
-    query: Features | FeatureStore,
-    train: Features | FeatureStore,
+    query: FeatureSource,
+    train: FeatureSource,
     rows: Sequence[int],
     metric: str = "dot",
     precondition: str | Preconditioner | None = None,
@@ -444,11 +450,5 @@ def token_scores(
     return out
 
 
-def _token_factors(train, row: int):
-    if isinstance(train, FeatureStore):
-        return train.token_factors(row)
-    if train.tokens is None:
-        raise ValueError("these train Features have no per-token factors: extract them with tokens=True")
-    o = train.tokens.offsets
-    span = slice(int(o[row]), int(o[row + 1]))
-    return {n: t[span] for n, t in train.tokens.a.items()}, {n: t[span] for n, t in train.tokens.g.items()}
+def _token_factors(train: FeatureSource, row: int):
+    return train.token_factors(row)

@@ -30,7 +30,9 @@ from transformers import Trainer, TrainerCallback
 
 from . import losses
 from .data import pad
-from .weights import loss_reweight, mlp_blocks
+from .lm import IGNORE_INDEX
+from .model import mlp_blocks
+from .weights import loss_reweight
 
 METHODS = ("ga", "graddiff", "npo", "simnpo", "rapidun")
 _USES_RETAIN = ("graddiff", "npo", "simnpo", "rapidun")
@@ -54,7 +56,7 @@ def _as_example(e) -> dict:
     out = {"input_ids": list(map(int, e["input_ids"])), "labels": list(map(int, e["labels"]))}
     if len(out["input_ids"]) != len(out["labels"]):
         raise ValueError(f"an example has {len(out['input_ids'])} input_ids but {len(out['labels'])} labels")
-    if all(label == losses.IGNORE_INDEX for label in out["labels"][1:]):
+    if all(label == IGNORE_INDEX for label in out["labels"][1:]):
         raise ValueError("an example has no answer tokens (labels all -100 after the first); label its answer")
     return out
 

@@ -17,6 +17,10 @@ from typing import Iterable, NamedTuple
 import numpy as np
 import torch
 
+from .capture import forward_losses, model_device, prepare_batch
+from .lm import fused_head
+from .model import mlp_blocks
+
 AGGREGATES = ("mean", "topk_median")
 
 
@@ -300,25 +304,10 @@ def loss_reweight(losses: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
 
 # -- SIMU: neuron masks --------------------------------------------------------------------
 
-# (up-projection names, down-projection name) of the MLP blocks we know: Llama-style
-# (gate/up/down), GPT-2 (c_fc/c_proj, Conv1D), and fc1/fc2 (OPT, Phi).
-_MLP_KINDS = ((("gate_proj", "up_proj"), "down_proj"), (("c_fc",), "c_proj"), (("fc1",), "fc2"))
 
-
-def mlp_blocks(model: torch.nn.Module) -> dict[str, tuple[list[torch.nn.Module], torch.nn.Module]]:
-    """MLP blocks by module name: ([up-projections], down-projection). The down-projection's
-    input units are the neurons."""
-    blocks = {}
-    for name, module in model.named_modules():
-        for ups, down in _MLP_KINDS:
-            if hasattr(module, down) and any(hasattr(module, u) for u in ups):
-                blocks[name] = ([getattr(module, u) for u in ups if hasattr(module, u)], getattr(module, down))
-    if not blocks:
-        raise ValueError(
-            f"simu_mask: found no MLP block in {type(model).__name__} (looked for modules with "
-            "gate_proj/up_proj + down_proj, c_fc + c_proj, or fc1 + fc2)"
-        )
-    return blocks
+def _answer_nll(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+    """(B,) mean NLL over each example's answer tokens, with autograd (SIMU's default loss)."""
+    return forward_losses(model, prepare_batch(batch, model_device(model), 0), fused_head(model))
 
 
 def neuron_attribution(model, batches: Iterable[dict], loss_fn) -> dict[str, torch.Tensor]:
@@ -377,11 +366,9 @@ def simu_mask(
         {block name: (d_ff,) bool}, True = neuron is updated. Apply with
         :func:`fastinfluence.unlearn.apply_neuron_masks` (``UnlearnTrainer(simu_masks=...)``).
     """
-    from .losses import sequence_nll
-
     if not 0 < forget_fraction <= 1 or not 0 <= retain_fraction <= 1:
         raise ValueError(f"simu_mask: fractions must lie in (0, 1], got {forget_fraction}, {retain_fraction}")
-    loss_fn = loss_fn or (lambda m, b: sequence_nll(m, b).mean)
+    loss_fn = loss_fn or _answer_nll
     forget = neuron_attribution(model, forget_batches, loss_fn)
     retain = neuron_attribution(model, retain_batches, loss_fn)
     masks = {}

@@ -6,7 +6,7 @@ import fastinfluence as fi
 from fastinfluence import capture
 from fastinfluence.capture import backward_start, frozen_for_capture, select_layers
 
-from tiny_models import batches_of, make_examples, rel_err, slow_gradients, tiny_model
+from helpers import batches_of, make_examples, rel_err, slow_gradients, tiny_model
 
 # (include regexes, where the graph must start)
 CASES = {

@@ -333,7 +333,7 @@ def _score(api, **kw):
 
 
 def _lock_second_writer(w):
-    from fastinfluence.store_lock import writing
+    from fastinfluence.store.lock import writing
 
     with writing(w / "lockstore"):  # this run holds it; an independent writer is refused
         import multiprocessing as mp
@@ -347,7 +347,7 @@ def _lock_second_writer(w):
 
 
 def _try_write(path, q):
-    from fastinfluence.store_lock import writing
+    from fastinfluence.store.lock import writing
 
     try:
         with writing(path):

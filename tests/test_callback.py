@@ -9,7 +9,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from fastinfluence import FeatureStore, GradientExtractor, InfluenceCallback, ProjectionConfig
 from fastinfluence.callback import interval_stores
-from tiny_models import collate, make_examples, rel_err, tiny_model
+from helpers import collate, make_examples, rel_err, tiny_model
 
 EXAMPLES = make_examples(12, seed=3)
 

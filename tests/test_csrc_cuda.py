@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from helpers import rel_err
 from fastinfluence.ops.jl_project import jl_entries, jl_project_reference, jl_scale
 from fastinfluence.ops.score_topk import TopK, score_topk_reference
 
@@ -31,10 +32,6 @@ def cpu():
     if cpu._ext is None:
         pytest.skip("the C++ host kernels are not built")
     return cpu
-
-
-def rel_err(out, ref):
-    return ((out.double().cpu() - ref.double().cpu()).norm() / ref.double().cpu().norm()).item()
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -51,9 +51,9 @@ def test_two_gloo_processes_give_the_same_store_and_topk_as_one(tmp_path):
     assert [s["first"] for s in two.shards] == [0, 6, 12, 15, 21, 27]  # rank 1 started at example 15
     a, b = one.to_features(), two.to_features()
     assert b.ids == a.ids and torch.equal(b.data, a.data) and torch.equal(b.norms, a.norms)
-    for n, (A, G, c) in one.stats().items():
-        torch.testing.assert_close(two.stats()[n][0], A, rtol=1e-12, atol=0)
-        assert two.stats()[n][2] == c
+    for n, (A, G, c) in one.stats.items():
+        torch.testing.assert_close(two.stats[n][0], A, rtol=1e-12, atol=0)
+        assert two.stats[n][2] == c
     for row in (0, 29):
         assert all(torch.equal(x, y) for x, y in zip(one.token_factors(row)[0].values(), two.token_factors(row)[0].values()))
 

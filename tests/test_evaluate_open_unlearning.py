@@ -8,7 +8,7 @@ import torch.nn.functional as F
 import open_unlearning_rendition as ou
 from fastinfluence import evaluate as ev
 from test_unlearn_data import one_thread
-from tiny_models import VOCAB, tiny_model
+from helpers import VOCAB, tiny_model
 
 
 @pytest.fixture(autouse=True)

@@ -6,7 +6,7 @@ import torch
 
 from fastinfluence import GradientExtractor, ProjectionConfig
 from fastinfluence.projection import layer_projections, random_matrix
-from tiny_models import batches_of, collate, make_examples, rel_err, slow_gradients, tiny_model
+from helpers import batches_of, collate, make_examples, rel_err, slow_gradients, tiny_model
 
 
 def projected_reference(extractor, slow):

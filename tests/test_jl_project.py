@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from helpers import rel_err
 from fastinfluence import ops
 from fastinfluence.ops.jl_project import jl_entries, jl_project_reference, jl_scale, philox4x32_10
 
@@ -15,10 +16,6 @@ host_built = pytest.mark.skipif(cpu._ext is None, reason="the C++ host kernels a
 KINDS = ["rademacher", "gaussian"]
 # float32 sums of a few thousand products: relative error a few 1e-7; 1e-5 leaves margin.
 RTOL = 1e-5
-
-
-def rel_err(out, ref):
-    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
 @pytest.fixture(autouse=True)

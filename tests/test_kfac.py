@@ -13,7 +13,7 @@ import transformers as tf
 
 from fastinfluence import KFACFactors, ProjectionConfig, exact_scores, fit_kfac, kfac_scores
 from fastinfluence.capture import IGNORE_INDEX
-from tiny_models import batches_of, make_examples, rel_err, slow_gradients
+from helpers import batches_of, make_examples, rel_err, slow_gradients
 
 # float64: the fast path and the dense solve differ only in summation order and in
 # eigh versus solve (measured <= 2e-14); the bound asked of this path is 1e-8.

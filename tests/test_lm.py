@@ -5,7 +5,7 @@ import torch
 from fastinfluence import losses
 from fastinfluence.lm import model_inputs, position_ids
 from test_unlearn_data import one_thread
-from tiny_models import VOCAB, tiny_model
+from helpers import VOCAB, tiny_model
 
 
 @pytest.fixture(autouse=True)

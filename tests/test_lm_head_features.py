@@ -5,7 +5,7 @@ import torch
 import fastinfluence as fi
 from fastinfluence.ops.lm_head_grad import lm_head_grad_projected
 
-from tiny_models import batches_of, make_examples, rel_err, tiny_model
+from helpers import batches_of, make_examples, rel_err, tiny_model
 
 
 @pytest.mark.parametrize("softcap,bias", [(None, False), (3.0, True)])

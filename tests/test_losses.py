@@ -3,6 +3,7 @@ import pytest
 import torch
 import transformers as tf
 
+from helpers import rel_err
 from fastinfluence import losses
 from test_unlearn_data import VOCAB, answer_batches, tiny_gpt2, tiny_llama
 
@@ -52,10 +53,6 @@ def grads(model, loss):
     return [p.grad.clone() for p in model.parameters() if p.grad is not None]
 
 
-def relerr(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
-
-
 @pytest.mark.parametrize("make_model", [tiny_llama, tiny_gpt2], ids=["llama", "gpt2_tied"])
 @pytest.mark.parametrize("method", ["ga", "graddiff", "npo", "simnpo", "rapidun_forget"])
 def test_loss_value_and_gradient_match_naive_formula(make_model, method):
@@ -71,7 +68,7 @@ def test_loss_value_and_gradient_match_naive_formula(make_model, method):
     exp_grads = grads(model, expected)
     # float32 through two different reduction orders: agreement to ~1e-6.
     assert abs(out.item() - expected.item()) <= 1e-5 * max(1.0, abs(expected.item()))
-    assert len(out_grads) == len(exp_grads) and all(relerr(a, b) < 1e-4 for a, b in zip(out_grads, exp_grads))
+    assert len(out_grads) == len(exp_grads) and all(rel_err(a, b) < 1e-4 for a, b in zip(out_grads, exp_grads))
 
 
 def test_fused_path_is_used_and_matches_logits_with_head_bias():
@@ -81,7 +78,7 @@ def test_fused_path_is_used_and_matches_logits_with_head_bias():
     assert losses.fused_head(model) is not None
     fused = losses.sequence_nll(model, batch, fused=True)
     plain = losses.sequence_nll(model, batch, fused=False)
-    assert relerr(fused.sum, plain.sum) < 1e-6 and fused.count.equal(plain.count)
+    assert rel_err(fused.sum, plain.sum) < 1e-6 and fused.count.equal(plain.count)
 
 
 def test_final_logit_softcapping_is_applied():
@@ -94,7 +91,7 @@ def test_final_logit_softcapping_is_applied():
     batch = answer_batches(model, 4, seed=6)[0]
     assert losses.fused_head(model)[2] == 2.0
     fused, plain = losses.sequence_nll(model, batch, fused=True), losses.sequence_nll(model, batch, fused=False)
-    assert relerr(fused.sum, plain.sum) < 1e-6
+    assert rel_err(fused.sum, plain.sum) < 1e-6
 
 
 def test_models_that_scale_logits_fall_back_to_their_own_logits():
@@ -102,7 +99,7 @@ def test_models_that_scale_logits_fall_back_to_their_own_logits():
     model.config.logit_scale = 0.5  # as Cohere: the head output is scaled, so fusing would be wrong
     assert losses.fused_head(model) is None
     batch = answer_batches(model, 4, seed=7)[0]
-    assert relerr(losses.sequence_nll(model, batch).sum, naive_nll(model, batch)[0]) < 1e-6
+    assert rel_err(losses.sequence_nll(model, batch).sum, naive_nll(model, batch)[0]) < 1e-6
     with pytest.raises(ValueError, match="no plain Linear LM head"):
         losses.sequence_nll(model, batch, fused=True)
 
@@ -115,7 +112,7 @@ def test_bfloat16_autocast_matches_the_models_own_autocast_logits():
         plain = losses.sequence_nll(model, batch, fused=False)
     exact = naive_nll(model, batch)[0]
     # Both round the logits to bfloat16 (2^-8 relative): ~1e-2 of a loss of ~4 per token.
-    assert relerr(fused.sum, exact) < 2e-2 and relerr(fused.sum, plain.sum) < 2e-2
+    assert rel_err(fused.sum, exact) < 2e-2 and rel_err(fused.sum, plain.sum) < 2e-2
 
 
 def test_reference_nll_is_cached_without_gradient():
@@ -123,7 +120,7 @@ def test_reference_nll_is_cached_without_gradient():
     batches = answer_batches(model, 6, seed=9, batch_size=4)
     ref = losses.reference_nll(model, batches)
     assert ref.shape == (6,) and not ref.requires_grad
-    assert relerr(ref, torch.cat([naive_nll(model, b)[0] for b in batches]).detach()) < 1e-6
+    assert rel_err(ref, torch.cat([naive_nll(model, b)[0] for b in batches]).detach()) < 1e-6
 
 
 def test_examples_without_answer_tokens_are_rejected():
@@ -149,7 +146,7 @@ def test_bad_weights_are_rejected(w, match):
 def test_left_padding_gives_each_example_its_unpadded_nll(fused):
     """Position ids come from the attention mask, as in extraction: GPT-2's absolute positions
     must not shift with left padding."""
-    from tiny_models import collate, make_examples, tiny_model
+    from helpers import collate, make_examples, tiny_model
 
     model = tiny_model("gpt2", torch.float64)
     examples = make_examples(3, seed=21, min_len=4, max_len=12)
@@ -205,7 +202,7 @@ def test_rapidun_forget_on_differing_tokens_matches_the_naive_formula():
     expected = (w * (0.5 * value_nll(cb) - 1.0 * value_nll(pb))).mean()
     exp_grads = grads(model, expected)
     assert abs(out.item() - expected.item()) <= 1e-5 * max(1.0, abs(expected.item()))
-    assert all(relerr(a, b) < 1e-4 for a, b in zip(out_grads, exp_grads))
+    assert all(rel_err(a, b) < 1e-4 for a, b in zip(out_grads, exp_grads))
     # all tokens: the shared ones count too, so the value differs
     full = losses.rapidun_forget(losses.sequence_nll(model, pb), losses.sequence_nll(model, cb), w)
     assert abs(full.item() - expected.item()) > 1e-3

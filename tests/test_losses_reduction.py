@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from fastinfluence import losses
 from test_unlearn_data import one_thread
-from tiny_models import VOCAB, tiny_model
+from helpers import VOCAB, tiny_model
 
 
 @pytest.fixture(autouse=True)

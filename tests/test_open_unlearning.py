@@ -10,7 +10,7 @@ from transformers import TrainingArguments
 import open_unlearning_rendition as ou
 from fastinfluence.integrations import open_unlearning as oul
 from test_unlearn_data import one_thread
-from tiny_models import VOCAB, tiny_model
+from helpers import VOCAB, tiny_model
 
 
 @pytest.fixture(autouse=True)

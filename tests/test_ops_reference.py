@@ -4,7 +4,7 @@ import torch
 
 from fastinfluence import ops
 from fastinfluence.ops import _backend
-from tiny_models import rel_err
+from helpers import rel_err
 
 
 def _factors(B=3, T=7, d_in=5, d_out=6, dtype=torch.float64, seed=0):

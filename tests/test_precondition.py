@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from helpers import rel_err
 from fastinfluence.precondition import fit, load_or_fit
 from fastinfluence.scoring import score, self_influence
 from fastinfluence.store import write_store
@@ -50,33 +51,29 @@ def dense_H(kind, mem, stats, damping=None, ratio=0.1):
     return torch.block_diag(*blocks)
 
 
-def rel(a, b):
-    return float((a.double() - b.double()).norm() / b.double().norm())
-
-
 @pytest.mark.parametrize("kind", ["diagonal", "kfac", "ekfac", "full"])
 @pytest.mark.parametrize("damping", [None, 0.3])
 def test_preconditioned_scores_equal_the_dense_formula(train, query, tmp_path, kind, damping):
     mem = train.to_features()
-    H = dense_H(kind, mem, train.stats(), damping)
+    H = dense_H(kind, mem, train.stats, damping)
     S_ref = query.data.double() @ torch.linalg.solve(H, mem.data.double().T)
     res = score(query, train, precondition=kind, damping=damping, topk=3, chunk_rows=4, matrix_path=tmp_path / "S.npy")
-    assert rel(torch.from_numpy(res.matrix[:]), S_ref) < 1e-4  # float32 scoring of a damped, well-conditioned solve
+    assert rel_err(torch.from_numpy(res.matrix[:]), S_ref) < 1e-4  # float32 scoring of a damped, well-conditioned solve
     assert res.precondition == kind
 
 
 def test_preconditioned_self_influence_is_the_dense_quadratic_form(train):
     mem = train.to_features()
     X = mem.data.double()
-    ref = (X * torch.linalg.solve(dense_H("kfac", mem, train.stats()), X.T).T).sum(1)
-    assert rel(self_influence(train, precondition="kfac", chunk_rows=5), ref) < 1e-6
+    ref = (X * torch.linalg.solve(dense_H("kfac", mem, train.stats), X.T).T).sum(1)
+    assert rel_err(self_influence(train, precondition="kfac", chunk_rows=5), ref) < 1e-6
 
 
 def test_in_memory_features_fit_the_same_preconditioner(train, query):
     mem = TokenTableExtractor().extract(make_batches(9, with_ids=True), covariances=True)
     for kind in ("diagonal", "ekfac"):
         a, b = fit(mem, kind).apply(query.data), fit(train, kind).apply(query.data)
-        assert rel(a, b) < 1e-12
+        assert rel_err(a, b) < 1e-12
 
 
 def test_fitted_statistics_are_saved_beside_the_store_and_refitted_after_append(tmp_path, query):
@@ -88,7 +85,7 @@ def test_fitted_statistics_are_saved_beside_the_store_and_refitted_after_append(
     assert torch.equal(load_or_fit(store, "ekfac").apply(query.data), first.apply(query.data))
     assert saved.stat().st_mtime_ns == stamp
     store = write_store(tmp_path / "s", ext, batches, covariances=True, shard_rows=6)
-    assert rel(load_or_fit(store, "ekfac").apply(query.data), fit(store, "ekfac").apply(query.data)) < 1e-12
+    assert rel_err(load_or_fit(store, "ekfac").apply(query.data), fit(store, "ekfac").apply(query.data)) < 1e-12
     assert saved.stat().st_mtime_ns != stamp
 
 

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import rel_err
 from fastinfluence.features import Features
 from fastinfluence.scoring import score, self_influence, token_scores
 from fastinfluence.store import MismatchError, write_store
@@ -34,10 +35,6 @@ def dense_topk(S, k):
     return S.gather(1, order), order
 
 
-def rel(a, b):
-    return float((a.double() - b.double()).norm() / b.double().norm())
-
-
 @pytest.fixture(scope="module")
 def train_store(tmp_path_factory):
     ext = TokenTableExtractor()
@@ -60,10 +57,10 @@ def test_streaming_over_many_shards_and_chunks_equals_dense_matrix(train_store, 
     S = dense_scores(query.data, mem.data, mem.layout, metric, layer_normalize)
     vals, idx = dense_topk(S, 7)
     assert torch.equal(res.topk_indices, idx)
-    assert rel(res.topk_values, vals) < 1e-5  # float32 accumulation of O(10)-term dots
+    assert rel_err(res.topk_values, vals) < 1e-5  # float32 accumulation of O(10)-term dots
     assert res.topk_ids == [[mem.ids[i] for i in row] for row in idx.tolist()]
     for name, ref in [("mean", S.mean(0)), ("max", S.amax(0)), ("sum", S.sum(0)), ("sumsq", (S * S).sum(0))]:
-        assert rel(res.aggregates[name], ref) < 1e-5, name
+        assert rel_err(res.aggregates[name], ref) < 1e-5, name
 
 
 def test_store_and_in_memory_features_give_identical_results(train_store, query):
@@ -78,19 +75,19 @@ def test_full_matrix_is_written_to_a_memory_mapped_file(train_store, query, tmp_
     res = score(query, train_store, metric="cosine", topk=3, chunk_rows=5, matrix_path=tmp_path / "S.npy")
     S = dense_scores(query.data, train_store.to_features().data, train_store.layout, "cosine")
     assert isinstance(res.matrix, np.memmap) and res.matrix.shape == (len(query), len(train_store))
-    assert rel(torch.from_numpy(np.load(tmp_path / "S.npy")), S) < 1e-5
+    assert rel_err(torch.from_numpy(np.load(tmp_path / "S.npy")), S) < 1e-5
 
 
 def test_per_layer_scores_sum_to_the_topk_scores_and_match_each_layer(train_store, query):
     res = score(query, train_store, metric="cosine", topk=4, per_layer=True)
     mem = train_store.to_features()
     total = sum(res.layer_scores.values())
-    assert rel(total, res.topk_values) < 1e-5
+    assert rel_err(total, res.topk_values) < 1e-5
     for name, sl in mem.layout.items():
         x = mem.data[res.topk_indices][..., sl.start : sl.stop].double()
         ref = torch.einsum("qd,qkd->qk", query.data[:, sl.start : sl.stop].double(), x)
         ref = ref / query.data.double().norm(dim=1)[:, None] / mem.data.double().norm(dim=1)[res.topk_indices]
-        assert rel(res.layer_scores[name], ref) < 1e-5
+        assert rel_err(res.layer_scores[name], ref) < 1e-5
 
 
 def test_topk_larger_than_the_train_set_returns_every_row(query):
@@ -119,7 +116,7 @@ def test_bad_arguments_are_rejected_early(train_store, query):
 
 def test_self_influence_is_the_squared_norm_of_each_row(train_store):
     x = train_store.to_features().data.double()
-    assert rel(self_influence(train_store, chunk_rows=4), (x * x).sum(1)) < 1e-6
+    assert rel_err(self_influence(train_store, chunk_rows=4), (x * x).sum(1)) < 1e-6
 
 
 @pytest.mark.parametrize("metric, layer_normalize, precondition", [("dot", False, None), ("cosine", False, None), ("dot", True, None), ("dot", False, "kfac")])
@@ -133,7 +130,7 @@ def test_token_scores_sum_to_the_example_score(train_store, query, metric, layer
     for r, s in zip(rows, ts):
         a, _ = train_store.token_factors(r)
         assert s.shape == (len(query), next(iter(a.values())).shape[0])
-        assert rel(s.sum(1), full[:, r]) < 1e-5
+        assert rel_err(s.sum(1), full[:, r]) < 1e-5
 
 
 def test_token_scores_from_in_memory_features_equal_those_from_the_store(train_store, query):

@@ -41,7 +41,7 @@ def test_roundtrip_holds_features_norms_ids_tokens_and_covariances(tmp_path):
         for n in LAYERS:
             assert torch.equal(a[n], ref.tokens.a[n][o[row] : o[row + 1]])
             assert torch.equal(g[n], ref.tokens.g[n][o[row] : o[row + 1]])
-    for n, (A, G, c) in store.stats().items():
+    for n, (A, G, c) in store.stats.items():
         torch.testing.assert_close(A, ref.stats[n][0], rtol=1e-12, atol=0)
         torch.testing.assert_close(G, ref.stats[n][1], rtol=1e-12, atol=0)
         assert c == ref.stats[n][2]
@@ -196,7 +196,7 @@ def test_sigkill_at_random_points_then_resume_equals_uninterrupted_run(tmp_path)
     assert_same_features(store, ref)
     assert len(set(store.ids)) == store.num_rows == 120
     assert not list(path.rglob("*.tmp-*"))
-    for n, (A, G, c) in store.stats().items():
+    for n, (A, G, c) in store.stats.items():
         torch.testing.assert_close(A, ref.stats[n][0], rtol=1e-12, atol=0)
         assert c == ref.stats[n][2]
     uninterrupted = write_store(tmp_path / "u", ext, batches, tokens=True, covariances=True, shard_rows=5)
@@ -246,3 +246,38 @@ def test_appending_to_a_store_of_another_format_version_is_refused(tmp_path):
     manifest.write_text(json.dumps(dict(m, version=99)))
     with pytest.raises(StoreError, match="version 99"):
         write_store(tmp_path / "s", TokenTableExtractor(), make_batches(3), shard_rows=3)
+
+
+def test_features_and_store_implement_the_source_protocol_with_the_same_member_kinds(tmp_path):
+    import inspect
+
+    from fastinfluence.features import FeatureProducer, FeatureSource
+
+    ext = TokenTableExtractor()
+    batches = make_batches(3)
+    mem = ext.extract(batches, covariances=True)
+    store = write_store(tmp_path / "s", ext, batches, covariances=True)
+    assert isinstance(ext, FeatureProducer)
+    for src in (mem, store):
+        assert isinstance(src, FeatureSource)
+    methods = [n for n, v in vars(FeatureSource).items() if inspect.isfunction(v) and not n.startswith("_")]
+    for name in methods:
+        assert callable(getattr(mem, name)) and callable(getattr(store, name)), name
+    for name in ("stats", "norms", "dim", "dtype", "num_rows", "layout", "ids"):
+        assert not callable(getattr(mem, name)) and not callable(getattr(store, name)), name
+    assert store.stats.keys() == mem.stats.keys()
+    assert [c.offset for c in mem.iter_chunks(4, 2, 9)] == [c.offset for c in store.iter_chunks(4, 2, 9)] == [2, 6]
+
+
+def test_writer_plans_only_the_missing_examples_and_the_producer_starts_there(tmp_path):
+    from fastinfluence.store import StoreWriter
+
+    ext = TokenTableExtractor()
+    batches = make_batches(5)  # 3 examples per batch
+    write_store(tmp_path / "s", ext, batches[:2], shard_rows=3)
+    writer = StoreWriter(tmp_path / "s", ext.metadata(), shard_rows=3)
+    runs = writer.plan(batches)
+    assert [(r.first, r.stop, r.skip, len(r.batches)) for r in runs] == [(6, 15, 0, 3)]
+    for run in runs:
+        writer.write(run, ext.iter_features(run.batches, skip_examples=run.skip))
+    assert_same_features(writer.close(), ext.extract(batches))

@@ -4,17 +4,14 @@ from __future__ import annotations
 import pytest
 import torch
 
+from helpers import tiny_model
 from fastinfluence import GradientExtractor, ProjectionConfig
 from fastinfluence.scoring import score, token_scores
 from fastinfluence.store import FeatureStore, MismatchError
 
 
 def tiny_llama(seed):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2)
-    return LlamaForCausalLM(cfg)
+    return tiny_model("llama", seed=seed, layers=1)
 
 
 def batches(n, seed=0):

@@ -5,7 +5,7 @@ import torch
 import fastinfluence as fi
 from fastinfluence.storeless import score_batches
 
-from tiny_models import batches_of, make_examples, tiny_model
+from helpers import batches_of, make_examples, tiny_model
 
 
 @pytest.mark.parametrize("metric,layer_normalize", [("dot", False), ("cosine", True)])

@@ -7,7 +7,7 @@ import torch
 from fastinfluence import GradientExtractor, ProjectionConfig
 from fastinfluence.trajectory import tracin
 from test_callback import EXAMPLES, _exact, _train
-from tiny_models import collate, make_examples, slow_gradients, tiny_model
+from helpers import collate, make_examples, slow_gradients, tiny_model
 
 TRAIN = EXAMPLES[:6]
 QUERIES = make_examples(3, seed=11)

@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from test_triton_support import DEVICES, DTYPES, TOL, randn, rel_err
+from helpers import rel_err
+from test_triton_support import DEVICES, DTYPES, TOL, on_backend, randn
 
 from fastinfluence.ops.ghost import ghost_dot_reference, ghost_norm_reference
 from fastinfluence.triton_kernels import ghost_dot, ghost_norm
@@ -71,7 +72,11 @@ def test_ghost_dot_llama_widths_on_gpu(poisoned):
 
 
 def test_float64_and_mixed_dtypes_run_on_the_reference():
+    from fastinfluence import ops
+
     A, G, mask = _factors("cpu", torch.float64, B=2, T=5, d_in=6, d_out=4, seed=8)
-    assert torch.equal(ghost_norm(A, G, mask), ghost_norm_reference(A, G, mask))
+    out, ran = on_backend("triton", ops.ghost_norm, A, G, mask)
+    assert torch.equal(out, ghost_norm_reference(A, G, mask)) and ran == ["torch"]
     ref = ghost_dot_reference(A.float(), G.float(), A, G, mask, mask)
-    assert torch.equal(ghost_dot(A.float(), G.float(), A, G, mask, mask), ref)
+    out, ran = on_backend("triton", ops.ghost_dot, A.float(), G.float(), A, G, mask, mask)
+    assert torch.equal(out, ref) and ran == ["torch"]

@@ -3,7 +3,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from test_triton_support import DEVICES, randn, rel_err
+from helpers import rel_err
+from test_triton_support import DEVICES, randn
 
 from fastinfluence.triton_kernels import linear_cross_entropy_backward, linear_cross_entropy_forward
 
@@ -94,8 +95,14 @@ def test_large_vocabulary_default_chunks_on_gpu(poisoned):
 
 
 def test_float64_runs_on_the_torch_path():
-    inputs = _inputs("cpu", torch.float64, N=9, H=8, V=20, bias=True, seed=5)
-    loss, _, grads = _fused(*inputs, 2.0)
-    ref_loss, ref_grads = _materialised(*inputs, 2.0)
-    assert loss.dtype == torch.float64 and rel_err(loss, ref_loss) <= 1e-12
-    assert all(rel_err(g, r) <= 1e-12 for g, r in zip(grads, ref_grads))
+    from fastinfluence import ops
+
+    hidden, weight, bias, labels, grad_loss = _inputs("cpu", torch.float64, N=9, H=8, V=20, bias=True, seed=5)
+    leaves = [t.detach().clone().requires_grad_() for t in (hidden, weight, bias)]
+    with ops.use_backend("triton"), ops.trace() as ran:
+        loss = ops.linear_cross_entropy(leaves[0], leaves[1], labels, bias=leaves[2], ignore_index=IGNORE, softcap=2.0)
+        (loss * grad_loss).sum().backward()
+    ref_loss, ref_grads = _materialised(hidden, weight, bias, labels, grad_loss, 2.0)
+    assert [d.backend for d in ran] == ["torch", "torch"]  # forward and backward
+    assert loss.dtype == torch.float64 and rel_err(loss.detach(), ref_loss) <= 1e-12
+    assert all(rel_err(t.grad, r) <= 1e-12 for t, r in zip(leaves, ref_grads))

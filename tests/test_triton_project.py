@@ -2,7 +2,10 @@
 import pytest
 import torch
 
-from test_triton_support import DEVICES, DTYPES, TOL, randn, rel_err
+from helpers import rel_err
+from test_triton_support import DEVICES, DTYPES, TOL, on_backend, randn
+
+from fastinfluence import ops
 
 from fastinfluence.ops.project import project_reference, project_tokens_reference
 from fastinfluence.triton_kernels import project, project_tokens
@@ -77,11 +80,14 @@ def test_project_llama_layer_shapes_on_gpu(dtype, poisoned):
 
 def test_identity_projection_and_float64_run_on_the_reference():
     A, G, P_in, P_out, mask = _inputs("cpu", torch.float64, B=2, T=5, d_in=6, d_out=4, k_in=3, k_out=2, bias=True)
-    assert torch.equal(project(A, G, P_in, None, mask), project_reference(A, G, P_in, None, mask))
-    assert torch.equal(project(A, G, P_in, P_out, mask), project_reference(A, G, P_in, P_out, mask))
-    assert project(A.float(), G.float(), None, P_out, mask).shape == (2, 2, 6)
+    for args in ((A, G, P_in, None, mask), (A, G, P_in, P_out, mask)):
+        out, ran = on_backend("triton", ops.project, *args)
+        assert torch.equal(out, project_reference(*args)) and ran == ["torch"]
+    out, ran = on_backend("triton", ops.project, A.float(), G.float(), None, P_out, mask)
+    assert out.shape == (2, 2, 6) and ran == ["torch"]
 
 
 def test_ranks_above_128_run_on_the_reference():
     A, G, P_in, P_out, mask = _inputs("cpu", torch.float32, B=2, T=5, d_in=6, d_out=4, k_in=3, k_out=130, bias=False)
-    assert torch.equal(project(A, G, P_in, P_out, mask), project_reference(A, G, P_in, P_out, mask))
+    out, ran = on_backend("triton", ops.project, A, G, P_in, P_out, mask)
+    assert torch.equal(out, project_reference(A, G, P_in, P_out, mask)) and ran == ["torch"]

@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from test_triton_support import DEVICES, DTYPES, TOL, randn, rel_err
+from helpers import rel_err
+from test_triton_support import DEVICES, DTYPES, TOL, on_backend, randn
 
 from fastinfluence.ops.score_topk import score_topk_reference
 from fastinfluence.triton_kernels import score_topk
@@ -97,6 +98,9 @@ def test_store_sized_chunk_on_gpu(Q, poisoned):
 
 def test_mixed_dtypes_run_on_the_reference():
     query, train = torch.randn(3, 8, dtype=torch.float64), torch.randn(9, 8)
-    top, agg = score_topk(query, train, 4)
+    from fastinfluence import ops
+
+    (top, agg), ran = on_backend("triton", ops.score_topk, query, train, 4)
     ref_top, ref_agg = score_topk_reference(query, train, 4)
+    assert ran == ["torch"]
     assert torch.equal(top.indices, ref_top.indices) and torch.equal(agg, ref_agg)

@@ -10,7 +10,7 @@ import open_unlearning_rendition as ou
 from fastinfluence import losses
 from fastinfluence.unlearn import UnlearnCollator, UnlearnDataset, UnlearnTrainer
 from test_unlearn_data import one_thread
-from tiny_models import VOCAB, tiny_model
+from helpers import VOCAB, tiny_model
 
 
 @pytest.fixture(autouse=True)

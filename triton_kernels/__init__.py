@@ -1,7 +1,8 @@
 """Triton kernels, installed as ``fastinfluence.triton_kernels``.
 
 Each op lives in a module of the same name as its ``fastinfluence.ops`` function and is
-re-exported here under that name, which is how the backend registry finds it. Importing
+re-exported here under that name, with ``supports_<op>`` saying which inputs it covers
+(the registry runs the others on torch); that is how the backend registry finds them. Importing
 this package needs ``triton``; the registry reports a missing one when the backend is asked for.
 """
 from __future__ import annotations
@@ -10,11 +11,15 @@ import os
 
 import torch
 
-from .ghost import ghost_dot, ghost_norm
-from .linear_cross_entropy import linear_cross_entropy_backward, linear_cross_entropy_forward
-from .project import project, project_tokens
-from .project_layers import project_layers
-from .score_topk import score_topk
+from .ghost import ghost_dot, ghost_norm, supports_ghost_dot, supports_ghost_norm
+from .linear_cross_entropy import (
+    linear_cross_entropy_backward,
+    linear_cross_entropy_forward,
+    supports_linear_cross_entropy_backward,
+    supports_linear_cross_entropy_forward,
+)
+from .project import project, project_tokens, supports_project, supports_project_tokens
+from .score_topk import score_topk, supports_score_topk
 
 __all__ = [
     "ghost_dot",
@@ -23,9 +28,15 @@ __all__ = [
     "linear_cross_entropy_backward",
     "linear_cross_entropy_forward",
     "project",
-    "project_layers",
     "project_tokens",
     "score_topk",
+    "supports_ghost_dot",
+    "supports_ghost_norm",
+    "supports_linear_cross_entropy_backward",
+    "supports_linear_cross_entropy_forward",
+    "supports_project",
+    "supports_project_tokens",
+    "supports_score_topk",
 ]
 
 

@@ -13,8 +13,6 @@ import torch
 import triton
 import triton.language as tl
 
-from fastinfluence.ops.ghost import ghost_dot_reference, ghost_norm_reference
-
 from ._common import INTERPRET, KERNEL_DTYPES, autotune, dot, mask_arg, token_splits
 
 _TOKEN_QUANTUM = 16 if INTERPRET.value else 64  # the largest BT of the configs
@@ -111,15 +109,23 @@ def _runs_on_kernel(A1, G1, A2, G2) -> bool:
     return A1.dtype == A2.dtype and G1.dtype == G2.dtype and {A1.dtype, G1.dtype} <= set(KERNEL_DTYPES)
 
 
+def _supports(A1, G1, A2, G2) -> bool | str:
+    return True if _runs_on_kernel(A1, G1, A2, G2) else "float64 or mixed input dtypes"
+
+
+def supports_ghost_dot(A1, G1, A2, G2, **_) -> bool | str:
+    return _supports(A1, G1, A2, G2)
+
+
+def supports_ghost_norm(A, G, **_) -> bool | str:
+    return _supports(A, G, A, G)
+
+
 def ghost_dot(A1, G1, A2, G2, mask1=None, mask2=None, bias=False):
     """(B1, B2) float32 <grad W_i, grad W_j>_F; see ``fastinfluence.ops.ghost_dot``."""
-    if not _runs_on_kernel(A1, G1, A2, G2):
-        return ghost_dot_reference(A1, G1, A2, G2, mask1, mask2, bias)
     return _launch(A1, G1, mask1, A2, G2, mask2, bias, diag=False)
 
 
 def ghost_norm(A, G, mask=None, bias=False):
     """(B,) float32 ||grad W_i||_F^2; see ``fastinfluence.ops.ghost_norm``."""
-    if not _runs_on_kernel(A, G, A, G):
-        return ghost_norm_reference(A, G, mask, bias)
     return _launch(A, G, mask, A, G, mask, bias, diag=True)[:, 0]

@@ -20,10 +20,6 @@ import torch
 import triton
 import triton.language as tl
 
-from fastinfluence.ops.linear_cross_entropy import (
-    linear_cross_entropy_backward as torch_backward,
-    linear_cross_entropy_forward as torch_forward,
-)
 
 from ._common import INTERPRET, KERNEL_DTYPES
 
@@ -103,14 +99,24 @@ def _common_args(weight, bias, softcap):
     )
 
 
+def _supports(hidden) -> bool | str:
+    return True if hidden.dtype in KERNEL_DTYPES else f"{hidden.dtype} inputs"
+
+
+def supports_linear_cross_entropy_forward(hidden, **_) -> bool | str:
+    return _supports(hidden)
+
+
+def supports_linear_cross_entropy_backward(hidden, **_) -> bool | str:
+    return _supports(hidden)
+
+
 def linear_cross_entropy_forward(hidden, weight, bias, labels, ignore_index, softcap, chunk_rows=None):
     """loss (N,) float32 (0 at ignored tokens) and lse (N,) float32.
 
     hidden: (N, H), weight: (V, H), bias: (V,) or None, one dtype; labels: (N,) int64.
     ``chunk_rows`` overrides the tokens per chunk (default: a 512 MiB logits block).
     """
-    if hidden.dtype not in KERNEL_DTYPES:
-        return torch_forward(hidden, weight, bias, labels, ignore_index, softcap)
     n = hidden.shape[0]
     loss = torch.empty(n, device=hidden.device, dtype=torch.float32)
     lse = torch.empty(n, device=hidden.device, dtype=torch.float32)
@@ -134,10 +140,6 @@ def linear_cross_entropy_backward(
 
     Gradients of sum_n grad_loss_n * loss_n for any signed float32 ``grad_loss`` (N,).
     """
-    if hidden.dtype not in KERNEL_DTYPES:
-        return torch_backward(
-            hidden, weight, bias, labels, lse, grad_loss, ignore_index, softcap, need_grad_weight, need_grad_bias
-        )
     n = hidden.shape[0]
     grad_hidden = torch.empty(hidden.shape, device=hidden.device, dtype=hidden.dtype)
     grad_weight = torch.zeros_like(weight) if need_grad_weight else None

@@ -17,8 +17,6 @@ import torch
 import triton
 import triton.language as tl
 
-from fastinfluence.ops.project import project_reference, project_tokens_reference
-
 from ._common import INTERPRET, KERNEL_DTYPES, autotune, block, dot, dot_f32, mask_arg, token_splits
 
 # Token ranges per program are multiples of this: 64 tokens keep B*T/64 programs in
@@ -124,6 +122,18 @@ def _runs_on_kernel(A, G, P_in, P_out) -> bool:
     )
 
 
+def supports_project(A, G, P_in, P_out, **_) -> bool | str:
+    if _runs_on_kernel(A, G, P_in, P_out):
+        return True
+    return f"identity projections, ranks above {MAX_RANK} or float64 inputs"
+
+
+def supports_project_tokens(A, G, P_in, P_out, out_dtype=None, **_) -> bool | str:
+    if out_dtype is not None and out_dtype not in KERNEL_DTYPES:
+        return f"out_dtype {out_dtype}"
+    return supports_project(A, G, P_in, P_out)
+
+
 def project(
     A: torch.Tensor,
     G: torch.Tensor,
@@ -132,8 +142,6 @@ def project(
     mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """phi (B, k_out, k_in) float32; see ``fastinfluence.ops.project``."""
-    if not _runs_on_kernel(A, G, P_in, P_out):
-        return project_reference(A, G, P_in, P_out, mask)
     B, T, d_in = A.shape
     d_out = G.shape[-1]
     k_in, k_out = P_in.shape[1], P_out.shape[1]
@@ -180,8 +188,6 @@ def project_tokens(
     out_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A~ (B, T, k_in), G~ (B, T, k_out) in ``out_dtype`` (float32 when None); see ``fastinfluence.ops.project_tokens``."""
-    if not _runs_on_kernel(A, G, P_in, P_out) or (out_dtype is not None and out_dtype not in KERNEL_DTYPES):
-        return project_tokens_reference(A, G, P_in, P_out, mask, out_dtype)
     out_dtype = out_dtype or torch.float32
     return (
         _project_side(A, P_in, mask, out_dtype, A.shape[-1]),

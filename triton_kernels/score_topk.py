@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastinfluence.ops.score_topk import TopK, score_topk_reference
+from fastinfluence.ops.score_topk import TopK
 
 from ._common import INTERPRET, KERNEL_DTYPES, autotune, block, dot
 
@@ -137,16 +137,20 @@ def decode_keys(keys: torch.Tensor) -> TopK:
     return TopK(values, _LOW - (keys & _LOW))
 
 
+def supports_score_topk(query, train, **_) -> bool | str:
+    if query.dtype != train.dtype or query.dtype not in KERNEL_DTYPES:
+        return f"query {query.dtype} and train {train.dtype} (one float32/float16/bfloat16 dtype needed)"
+    if query.shape[0] == 0 or train.shape[0] == 0:
+        return "no query or no train rows"
+    return True
+
+
 def score_topk(query, train, k, query_scale=None, train_scale=None, index_offset=0, prev=None):
     """(TopK (Q, k'), aggregates (3, n) float32); see ``fastinfluence.ops.score_topk``."""
-    if query.dtype != train.dtype or query.dtype not in KERNEL_DTYPES:
-        return score_topk_reference(query, train, k, query_scale, train_scale, index_offset, prev)
     Q, D = query.shape
     n = train.shape[0]
     if index_offset < 0 or index_offset + n > _LOW:
         raise ValueError(f"score_topk: train rows {index_offset}..{index_offset + n} must lie in [0, 2^32) for the Triton kernel")
-    if Q == 0 or n == 0:
-        return score_topk_reference(query, train, k, query_scale, train_scale, index_offset, prev)
     BQ = _query_block(Q)
     keys = torch.empty(Q, n, device=query.device, dtype=torch.int64)
     words = keys.view(torch.int32)  # (Q, 2n): low and high word of each key

@@ -1,10 +1,12 @@
 """Backend registry for the fused ops.
 
-Every op in ``fastinfluence.ops`` has a plain-torch reference. Faster implementations
-live in backend modules that expose functions with the op's name and signature:
+Every op in ``fastinfluence.ops`` has a plain-torch reference, registered with the op's
+dispatch name by its module (``register_op``). Faster implementations live in backends:
+modules or objects registered by name (``register_backend``) that expose functions with the
+op's name and signature:
 
 =========  =====================================  ======================================
-name       module                                 devices
+name       implementation                         devices
 =========  =====================================  ======================================
 torch      ``fastinfluence.ops.<op>`` (reference)  any
 triton     ``fastinfluence.triton_kernels``        CUDA (CPU only under TRITON_INTERPRET=1)
@@ -12,58 +14,114 @@ cuda       ``fastinfluence.ops.backends.cuda``     CUDA
 cpu        ``fastinfluence.ops.backends.cpu``      CPU (C++/OpenMP host twins of the CUDA kernels)
 =========  =====================================  ======================================
 
-A backend module defines ``is_available(device: torch.device) -> tuple[bool, str]``
-(the string says why not) and one function per op it implements.
+A backend defines ``is_available(device) -> (bool, why_not)`` (optional: always available
+without it), one function per op it implements, and optionally ``supports_<op>(**args)``
+returning True or a string saying why these arguments are not covered (float64, a rank
+above the kernel's tile, ...). The registry owns fallback, in ``dispatch`` alone: an op
+the backend lacks, or arguments it does not support, run on the torch reference.
 
-Selection: ``set_backend(name)`` or the environment variable ``FASTINFLUENCE_BACKEND``.
-A backend asked for by name that cannot run raises an error saying why; an op that the
-named backend does not implement runs on torch. ``auto`` (the default) picks, per op and
-device, the first available backend in ``AUTO_ORDER`` and falls back to torch quietly.
+Selection: ``set_backend(name)``, ``with use_backend(name):`` or the environment variable
+``FASTINFLUENCE_BACKEND``. A backend asked for by name that cannot load or run on the
+inputs' device raises an error saying why. ``auto`` (the default) tries, per op and device,
+the backends registered for that device type in registration order and falls back to
+torch quietly. ``trace()`` records which backend ran each dispatched op.
 """
+
 from __future__ import annotations
 
+import contextlib
 import importlib
+import logging
 import os
-from types import ModuleType
-from typing import Callable
+import re
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import torch
 
-BACKENDS = ("torch", "triton", "cuda", "cpu", "auto")
-
-_MODULES = {
-    "triton": "fastinfluence.triton_kernels",
-    "cuda": "fastinfluence.ops.backends.cuda",
-    "cpu": "fastinfluence.ops.backends.cpu",
-}
-
-# Preference of ``auto`` per device type. Ops a backend does not implement are skipped,
-# so a backend only needs to list what it is fastest at by implementing it.
-AUTO_ORDER = {
-    "cuda": ("triton", "cuda"),
-    "cpu": ("cpu",),
-}
-
-_selected: str | None = None
-_loaded: dict[str, ModuleType | Exception] = {}
+log = logging.getLogger(__name__)
 
 
 class BackendUnavailableError(RuntimeError):
     """A backend was asked for by name and cannot run here."""
 
 
+@dataclass
+class _Backend:
+    name: str
+    target: Any  # a module path imported on first use, or the module / object itself
+    auto: tuple[str, ...]  # device types on which ``auto`` tries it
+
+
+class Dispatch(NamedTuple):
+    """One dispatched op: the backend that ran it, and why the selected one did not (or None)."""
+
+    op: str
+    backend: str
+    fallback: str | None
+
+
+_ops: dict[str, Callable] = {}  # dispatch name -> torch reference
+_backends: dict[str, _Backend] = {}  # in registration order (auto's preference)
+_loaded: dict[str, Any] = {}  # name -> loaded module / object, or the Exception that stopped it
+_selected: str | None = None
+_traces: list[list[Dispatch]] = []
+
+
+def register_op(name: str, reference: Callable) -> Callable:
+    """Declare op ``name`` with its torch ``reference`` (done by each op module); returns the reference."""
+    _ops[name] = reference
+    return reference
+
+
+def registered_ops() -> list[str]:
+    """Dispatch names of every op, in registration order."""
+    return list(_ops)
+
+
+def register_backend(name: str, backend: Any, *, auto: Sequence[str] = (), replace: bool = False) -> None:
+    """Register ``backend`` (a module, an object, or a module path imported on first use) as ``name``.
+
+    Args:
+        auto: device types (``"cuda"``, ``"cpu"``) on which ``auto`` tries this backend, after
+            the ones registered before it.
+        replace: allow re-registering an existing name.
+    """
+    if not isinstance(name, str) or not re.fullmatch(r"[a-z][a-z0-9_]*", name) or name in ("torch", "auto"):
+        raise ValueError(f"backend name must be a lower-case identifier other than 'torch' and 'auto', got {name!r}")
+    if name in _backends and not replace:
+        raise ValueError(f"a fastinfluence backend named {name!r} is registered already; pass replace=True")
+    _backends[name] = _Backend(name, backend, tuple(auto))
+    _loaded.pop(name, None)
+
+
+def unregister_backend(name: str) -> None:
+    """Remove a registered backend (a selection of it falls back to ``auto``)."""
+    global _selected
+    _backends.pop(name)
+    _loaded.pop(name, None)
+    if _selected == name:
+        _selected = None
+
+
+def backend_names() -> list[str]:
+    """Every name ``set_backend`` accepts: ``torch``, the registered backends, ``auto``."""
+    return ["torch", *_backends, "auto"]
+
+
 def _validate(name: str) -> str:
     name = name.strip().lower()
-    if name not in BACKENDS:
+    if name not in backend_names():
         raise ValueError(
-            f"unknown fastinfluence backend {name!r}; choose one of {', '.join(BACKENDS)} "
+            f"unknown fastinfluence backend {name!r}; choose one of {', '.join(backend_names())} "
             "(set with fastinfluence.ops.set_backend or FASTINFLUENCE_BACKEND)"
         )
     return name
 
 
 def set_backend(name: str) -> None:
-    """Select the backend for every op: ``torch``, ``triton``, ``cuda``, ``cpu`` or ``auto``.
+    """Select the backend for every op: ``torch``, a registered backend (``triton``, ``cuda``, ``cpu``) or ``auto``.
 
     Overrides ``FASTINFLUENCE_BACKEND``. Named backends are checked when an op runs,
     because availability depends on the device of the inputs.
@@ -79,10 +137,33 @@ def get_backend() -> str:
     return _validate(os.environ.get("FASTINFLUENCE_BACKEND", "auto") or "auto")
 
 
-def _module(name: str) -> ModuleType:
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Select ``name`` inside the block and restore the previous selection after it."""
+    global _selected
+    previous, _selected = _selected, _validate(name)
+    try:
+        yield
+    finally:
+        _selected = previous
+
+
+@contextlib.contextmanager
+def trace() -> Iterator[list[Dispatch]]:
+    """Collect a ``Dispatch`` for every op dispatched inside the block."""
+    events: list[Dispatch] = []
+    _traces.append(events)
+    try:
+        yield events
+    finally:
+        _traces.remove(events)
+
+
+def _module(name: str) -> Any:
     if name not in _loaded:
+        target = _backends[name].target
         try:
-            _loaded[name] = importlib.import_module(_MODULES[name])
+            _loaded[name] = importlib.import_module(target) if isinstance(target, str) else target
         except Exception as exc:  # an optional dependency (triton, compiled parts) is missing
             _loaded[name] = exc
     mod = _loaded[name]
@@ -94,41 +175,66 @@ def _module(name: str) -> ModuleType:
     return mod
 
 
-def _availability(name: str, device: torch.device) -> tuple[ModuleType | None, str]:
+def _availability(name: str, device: torch.device) -> tuple[Any, str]:
     try:
         mod = _module(name)
     except BackendUnavailableError as exc:
         return None, str(exc)
-    ok, why = mod.is_available(device)
+    is_available = getattr(mod, "is_available", None)
+    ok, why = is_available(device) if is_available is not None else (True, "")
     return (mod, "") if ok else (None, why)
 
 
-def resolve(op: str, reference: Callable, device: torch.device | str) -> Callable:
-    """The implementation of ``op`` for inputs on ``device`` under the selected backend."""
+def _covers(mod: Any, name: str, op: str, args: dict) -> Callable | str:
+    """The backend's function for ``op`` when it covers ``args``, else why not."""
+    fn = getattr(mod, op, None)
+    if fn is None:
+        return f"backend {name!r} does not implement {op}"
+    supports = getattr(mod, f"supports_{op}", None)
+    verdict = True if supports is None else supports(**args)
+    return fn if verdict is True else f"backend {name!r} does not cover these inputs: {verdict}"
+
+
+def resolve(op: str, device: torch.device | str, args: dict) -> tuple[Callable, str, str | None]:
+    """(implementation, backend name, why the selected backend is not used or None) for ``op`` on ``args``."""
     device = torch.device(device)
+    reference = _ops[op]
     name = get_backend()
     if name == "torch":
-        return reference
+        return reference, "torch", None
     if name == "auto":
-        for candidate in AUTO_ORDER.get(device.type, ()):
-            mod, _ = _availability(candidate, device)
-            fn = getattr(mod, op, None) if mod is not None else None
-            if fn is not None:
-                return fn
-        return reference
+        reasons = []
+        for candidate in (b.name for b in _backends.values() if device.type in b.auto):
+            mod, why = _availability(candidate, device)
+            fn = _covers(mod, candidate, op, args) if mod is not None else why
+            if callable(fn):
+                return fn, candidate, None
+            reasons.append(fn)
+        return reference, "torch", "; ".join(reasons) or None
     mod, why = _availability(name, device)
     if mod is None:
         raise BackendUnavailableError(
             f"op {op!r}: backend {name!r} cannot run on device {device}: {why}. "
             "Use set_backend('auto') to fall back to torch."
         )
-    return getattr(mod, op, None) or reference
+    fn = _covers(mod, name, op, args)
+    return (fn, name, None) if callable(fn) else (reference, "torch", fn)
+
+
+def dispatch(op: str, device: torch.device | str, **args: Any) -> Any:
+    """Run ``op`` on ``args`` (keyword arguments named as in the reference) with the selected backend."""
+    fn, backend, fallback = resolve(op, device, args)
+    if fallback is not None and get_backend() != "auto":
+        log.debug("%s runs on torch: %s", op, fallback)
+    for events in _traces:
+        events.append(Dispatch(op, backend, fallback))
+    return fn(**args)
 
 
 def available_backends(device: torch.device | str = "cpu") -> list[str]:
     """Backends that can run on ``device`` (``torch`` always)."""
     device = torch.device(device)
-    return ["torch"] + [n for n in _MODULES if _availability(n, device)[0] is not None]
+    return ["torch"] + [n for n in _backends if _availability(n, device)[0] is not None]
 
 
 def implements(backend: str, op: str, device: torch.device | str) -> bool:
@@ -137,3 +243,8 @@ def implements(backend: str, op: str, device: torch.device | str) -> bool:
         return True
     mod, _ = _availability(_validate(backend), torch.device(device))
     return mod is not None and getattr(mod, op, None) is not None
+
+
+register_backend("triton", "fastinfluence.triton_kernels", auto=("cuda",))
+register_backend("cuda", "fastinfluence.ops.backends.cuda", auto=("cuda",))
+register_backend("cpu", "fastinfluence.ops.backends.cpu", auto=("cpu",))

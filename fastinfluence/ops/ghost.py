@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ._backend import resolve
+from ._backend import dispatch, register_op
 from ._common import acc_dtype, check_tokens, masked
 
 # Rows of the first operand per step of the reference, so its (b, B2, T1, T2) temporaries
@@ -30,6 +30,9 @@ def ghost_dot_reference(A1, G1, A2, G2, mask1=None, mask2=None, bias=False):
         KG = torch.einsum("btd,csd->bcts", G1[s : s + _REF_ROWS], G2)
         out[s : s + _REF_ROWS] = (KA * KG).sum(dim=(-1, -2))
     return out
+
+
+register_op("ghost_dot", ghost_dot_reference)
 
 
 def ghost_dot(
@@ -60,8 +63,7 @@ def ghost_dot(
             f"ghost_dot: feature widths differ: A1 {tuple(A1.shape)}, A2 {tuple(A2.shape)}, "
             f"G1 {tuple(G1.shape)}, G2 {tuple(G2.shape)}"
         )
-    fn = resolve("ghost_dot", ghost_dot_reference, A1.device)
-    return fn(A1, G1, A2, G2, mask1, mask2, bias)
+    return dispatch("ghost_dot", A1.device, A1=A1, G1=G1, A2=A2, G2=G2, mask1=mask1, mask2=mask2, bias=bias)
 
 
 def ghost_norm_reference(A, G, mask=None, bias=False):
@@ -73,6 +75,9 @@ def ghost_norm_reference(A, G, mask=None, bias=False):
     return (KA * (G @ G.transpose(1, 2))).sum(dim=(-1, -2))
 
 
+register_op("ghost_norm", ghost_norm_reference)
+
+
 def ghost_norm(
     A: torch.Tensor, G: torch.Tensor, mask: torch.Tensor | None = None, bias: bool = False
 ) -> torch.Tensor:
@@ -82,4 +87,4 @@ def ghost_norm(
     """
     check_tokens("A", A, mask)
     check_tokens("G", G, mask)
-    return resolve("ghost_norm", ghost_norm_reference, A.device)(A, G, mask, bias)
+    return dispatch("ghost_norm", A.device, A=A, G=G, mask=mask, bias=bias)

@@ -19,7 +19,7 @@ import math
 
 import torch
 
-from ._backend import resolve
+from ._backend import dispatch, register_op
 from ._common import acc_dtype
 
 KINDS = {"rademacher": 0, "gaussian": 1}
@@ -166,6 +166,9 @@ def jl_project_reference(x: torch.Tensor, k: int, seed: int = 0, kind: str = "ra
     return out * torch.tensor(scale, dtype=dtype, device=x.device)
 
 
+register_op("jl_project", jl_project_reference)
+
+
 def _check(x, k, seed, kind, offset):
     if not isinstance(x, torch.Tensor) or x.dim() != 2:
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
@@ -198,5 +201,4 @@ def jl_project(x: torch.Tensor, k: int, seed: int = 0, kind: str = "rademacher",
     _check(x, k, seed, kind, offset)
     if x.numel() == 0:
         return torch.zeros(x.shape[0], k, dtype=acc_dtype(x), device=x.device)
-    fn = resolve("jl_project", jl_project_reference, x.device)
-    return fn(x, k, seed, kind, offset)
+    return dispatch("jl_project", x.device, x=x, k=k, seed=seed, kind=kind, offset=offset)

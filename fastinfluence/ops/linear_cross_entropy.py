@@ -21,7 +21,7 @@ import math
 
 import torch
 
-from ._backend import resolve
+from ._backend import dispatch, register_op
 from ._common import acc_dtype
 
 REDUCTIONS = ("none", "sum", "mean")
@@ -124,13 +124,19 @@ def linear_cross_entropy_backward(
     return grad_hidden, grad_weight, grad_bias
 
 
+register_op("linear_cross_entropy_forward", linear_cross_entropy_forward)
+register_op("linear_cross_entropy_backward", linear_cross_entropy_backward)
+
+
 class LinearCrossEntropyFunction(torch.autograd.Function):
     """Autograd wrapper; forward and backward each dispatch through the backend registry."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, ignore_index, softcap):
-        fwd = resolve("linear_cross_entropy_forward", linear_cross_entropy_forward, hidden.device)
-        loss, lse = fwd(hidden, weight, bias, labels, ignore_index, softcap)
+        loss, lse = dispatch(
+            "linear_cross_entropy_forward", hidden.device, hidden=hidden, weight=weight, bias=bias, labels=labels,
+            ignore_index=ignore_index, softcap=softcap,
+        )
         ctx.save_for_backward(hidden, weight, bias, labels, lse)
         ctx.ignore_index, ctx.softcap = ignore_index, softcap
         return loss
@@ -138,18 +144,19 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         hidden, weight, bias, labels, lse = ctx.saved_tensors
-        bwd = resolve("linear_cross_entropy_backward", linear_cross_entropy_backward, hidden.device)
-        grad_hidden, grad_weight, grad_bias = bwd(
-            hidden,
-            weight,
-            bias,
-            labels,
-            lse,
-            grad_loss.contiguous().to(lse.dtype),
-            ctx.ignore_index,
-            ctx.softcap,
-            ctx.needs_input_grad[1],
-            bias is not None and ctx.needs_input_grad[2],
+        grad_hidden, grad_weight, grad_bias = dispatch(
+            "linear_cross_entropy_backward",
+            hidden.device,
+            hidden=hidden,
+            weight=weight,
+            bias=bias,
+            labels=labels,
+            lse=lse,
+            grad_loss=grad_loss.contiguous().to(lse.dtype),
+            ignore_index=ctx.ignore_index,
+            softcap=ctx.softcap,
+            need_grad_weight=ctx.needs_input_grad[1],
+            need_grad_bias=bias is not None and ctx.needs_input_grad[2],
         )
         return grad_hidden, grad_weight, grad_bias, None, None, None
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from ._backend import resolve
+from ._backend import dispatch, register_op
 from ._common import acc_dtype, check_tokens, masked
 
 
@@ -47,6 +47,9 @@ def project_reference(A, G, P_in, P_out, mask=None):
     return Gt.transpose(1, 2) @ At
 
 
+register_op("project", project_reference)
+
+
 def project(
     A: torch.Tensor,
     G: torch.Tensor,
@@ -67,7 +70,7 @@ def project(
         phi: (B, k_out, k_in) in float32 (float64 when an input is float64).
     """
     _check(A, G, P_in, P_out, mask)
-    return resolve("project", project_reference, A.device)(A, G, P_in, P_out, mask)
+    return dispatch("project", A.device, A=A, G=G, P_in=P_in, P_out=P_out, mask=mask)
 
 
 def project_tokens_reference(A, G, P_in, P_out, mask=None, out_dtype=None):
@@ -77,6 +80,9 @@ def project_tokens_reference(A, G, P_in, P_out, mask=None, out_dtype=None):
     if out_dtype is not None:
         At, Gt = At.to(out_dtype), Gt.to(out_dtype)
     return At, Gt
+
+
+register_op("project_tokens", project_tokens_reference)
 
 
 def project_tokens(
@@ -93,4 +99,4 @@ def project_tokens(
     ``out_dtype`` when given. sum_t G~_t^T A~_t equals ``project``'s phi.
     """
     _check(A, G, P_in, P_out, mask)
-    return resolve("project_tokens", project_tokens_reference, A.device)(A, G, P_in, P_out, mask, out_dtype)
+    return dispatch("project_tokens", A.device, A=A, G=G, P_in=P_in, P_out=P_out, mask=mask, out_dtype=out_dtype)

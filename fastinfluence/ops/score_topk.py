@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 import torch
 
-from ._backend import resolve
+from ._backend import dispatch, register_op
 from ._common import acc_dtype
 
 
@@ -60,6 +60,9 @@ def score_topk_reference(query, train, k, query_scale=None, train_scale=None, in
     return merge_topk(S, idx.expand(S.shape[0], -1), k, prev), aggregates
 
 
+register_op("score_topk", score_topk_reference)
+
+
 def score_topk(
     query: torch.Tensor,
     train: torch.Tensor,
@@ -91,5 +94,7 @@ def score_topk(
         raise ValueError(f"query_scale must have shape ({query.shape[0]},), got {tuple(query_scale.shape)}")
     if train_scale is not None and tuple(train_scale.shape) != (train.shape[0],):
         raise ValueError(f"train_scale must have shape ({train.shape[0]},), got {tuple(train_scale.shape)}")
-    fn = resolve("score_topk", score_topk_reference, query.device)
-    return fn(query, train, k, query_scale, train_scale, index_offset, prev)
+    return dispatch(
+        "score_topk", query.device, query=query, train=train, k=k, query_scale=query_scale, train_scale=train_scale,
+        index_offset=index_offset, prev=prev,
+    )

@@ -22,11 +22,9 @@ from types import ModuleType
 
 import torch
 
-from ..jl_project import KINDS, jl_project_reference, jl_scale
-from ..project import project_reference
-from ..score_topk import score_topk_reference
+from ..jl_project import KINDS, jl_scale
 from ..score_topk import scores_and_aggregates
-from .cpu import DTYPE_CODES, jl_output, select_topk
+from ._marshal import DTYPE_CODES, jl_output, select_topk
 
 # Sources: FASTINFLUENCE_CSRC, else csrc/ beside the package in a source checkout, else the
 # copy an installed package carries (fastinfluence/csrc).
@@ -116,10 +114,12 @@ def _stream(device: torch.device) -> int:
     return torch.cuda.current_stream(device).cuda_stream
 
 
+def supports_jl_project(x: torch.Tensor, **_) -> bool | str:
+    return True if x.dtype != torch.float64 else "float64 inputs (the kernel accumulates in float32)"
+
+
 def jl_project(x: torch.Tensor, k: int, seed: int = 0, kind: str = "rademacher", offset: int = 0) -> torch.Tensor:
-    """CUDA ``ops.jl_project``: bit-identical to the host twin (float64 inputs run on torch)."""
-    if x.dtype == torch.float64:
-        return jl_project_reference(x, k, seed, kind, offset)
+    """CUDA ``ops.jl_project``: bit-identical to the host twin (float32/float16/bfloat16 inputs)."""
     if x.shape[0] > _MAX_ROWS:  # the grid's y dimension; rows are independent, so slicing changes no bit
         return torch.cat([jl_project(part, k, seed, kind, offset) for part in x.split(_MAX_ROWS)])
     x, out = jl_output(x, k)
@@ -179,18 +179,25 @@ def _project_on_kernel(A, G, P_in, P_out) -> bool:
     )
 
 
+def supports_project(A, G, P_in, P_out, **_) -> bool | str:
+    if _project_on_kernel(A, G, P_in, P_out):
+        return True
+    return (
+        "the CUDA project kernel needs both projections, one float32/float16/bfloat16 dtype for A and G, "
+        "ranks <= 128, nonempty widths and compute capability >= 8.0"
+    )
+
+
 def project(A, G, P_in, P_out, mask=None):
     """CUDA ``ops.project``: phi (B, k_out, k_in) float32 on the tensor cores.
 
     A (B, T, d_in) and G (B, T, d_out) in one dtype, float32 (TF32 products, ~1e-3
     relative), float16 or bfloat16 (P rounded to that dtype, as the Triton kernel does);
     P_in (d_in[+1], k_in), P_out (d_out, k_out) with k_in, k_out <= 128; mask (B, T) bool.
-    Runs on the torch reference instead for: a None (identity) projection, float64 or
-    mixed input dtypes, ranks above 128, empty widths, and GPUs older than compute
-    capability 8.0. Token splits are summed afterwards in split order (deterministic).
+    ``supports_project`` leaves to the registry's torch fallback: a None (identity)
+    projection, float64 or mixed input dtypes, ranks above 128, empty widths, and GPUs older
+    than compute capability 8.0. Token splits are summed afterwards in split order (deterministic).
     """
-    if not _project_on_kernel(A, G, P_in, P_out):
-        return project_reference(A, G, P_in, P_out, mask)
     B, T, d_in = A.shape
     d_out = G.shape[2]
     k_in, k_out = P_in.shape[1], P_out.shape[1]
@@ -216,10 +223,12 @@ def project(A, G, P_in, P_out, mask=None):
     return partial[0] if splits == 1 else partial.sum(0)
 
 
+def supports_score_topk(k: int, **_) -> bool | str:
+    return True if k <= MAX_TOPK else f"k = {k} > {MAX_TOPK} (the selection keeps k pairs in shared memory)"
+
+
 def score_topk(query, train, k, query_scale=None, train_scale=None, index_offset=0, prev=None):
-    """``ops.score_topk`` with the top-k selected by a warp per query row (k <= 1024; larger k on torch)."""
-    if k > MAX_TOPK:
-        return score_topk_reference(query, train, k, query_scale, train_scale, index_offset, prev)
+    """``ops.score_topk`` with the top-k selected by a warp per query row (k <= 1024)."""
     S, aggregates = scores_and_aggregates(query, train, query_scale, train_scale)
     with torch.cuda.device(S.device):
         top = select_topk(S, k, index_offset, prev, lambda *args: _extension().topk_merge(*args, _stream(S.device)))

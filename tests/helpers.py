@@ -1,22 +1,24 @@
-"""Tiny models built from configs (nothing is downloaded) and helpers shared by tests."""
+"""Helpers shared by tests: tiny models built from configs (nothing is downloaded), example
+batches, slow per-example gradients, relative error."""
 from __future__ import annotations
 
 import torch
 import transformers as tf
 
-from fastinfluence.capture import IGNORE_INDEX, select_layers
+from fastinfluence.capture import select_layers
+from fastinfluence.lm import IGNORE_INDEX
 
 VOCAB = 64
 
 
-def _config(arch: str):
-    common = dict(vocab_size=VOCAB, num_hidden_layers=2, num_attention_heads=4)
+def _config(arch: str, layers: int = 2):
+    common = dict(vocab_size=VOCAB, num_hidden_layers=layers, num_attention_heads=4)
     if arch == "llama":
         return tf.LlamaConfig(hidden_size=32, intermediate_size=48, num_key_value_heads=2, **common)
     if arch == "qwen2":
         return tf.Qwen2Config(hidden_size=32, intermediate_size=48, num_key_value_heads=2, **common)
     if arch == "gpt2":
-        return tf.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0)
+        return tf.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=layers, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0)
     if arch == "gpt_neox":
         return tf.GPTNeoXConfig(hidden_size=32, intermediate_size=48, max_position_embeddings=64, **common)
     if arch == "opt":
@@ -27,11 +29,11 @@ def _config(arch: str):
 ARCHS = ("llama", "gpt2", "gpt_neox", "opt", "qwen2")
 
 
-def tiny_model(arch: str = "llama", dtype=torch.float32, seed: int = 0, lora: bool = False):
+def tiny_model(arch: str = "llama", dtype=torch.float32, seed: int = 0, lora: bool = False, layers: int = 2):
     torch.manual_seed(seed)
     # SDPA: transformers' eager attention turns fully masked (left-padding) rows into NaN
     # in float64, which then reaches every row through 0 * NaN.
-    model = tf.AutoModelForCausalLM.from_config(_config(arch), attn_implementation="sdpa").to(dtype)
+    model = tf.AutoModelForCausalLM.from_config(_config(arch, layers), attn_implementation="sdpa").to(dtype)
     if lora:
         from peft import LoraConfig, get_peft_model
 
@@ -119,4 +121,6 @@ def slow_gradients(model, examples, include=None, exclude=None, include_bias=Tru
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((out.double() - ref.double()).norm() / ref.double().norm())
+    """||out - ref|| / ||ref|| in float64 on the CPU (NaN anywhere in ``out`` gives NaN, which fails any bound)."""
+    out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
+    return float((out - ref).norm() / ref.norm())

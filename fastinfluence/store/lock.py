@@ -19,8 +19,8 @@ import uuid
 from pathlib import Path
 from typing import Iterator
 
-from . import distributed as dist
-from .store import StoreError
+from .. import distributed as dist
+from .format import StoreError
 
 LOCK = ".lock"
 log = logging.getLogger(__name__)

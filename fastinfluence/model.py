@@ -1,0 +1,24 @@
+"""What the package knows about model architectures beyond the Linear layers it captures."""
+from __future__ import annotations
+
+import torch
+
+# (up-projection names, down-projection name) of the MLP blocks we know: Llama-style
+# (gate/up/down), GPT-2 (c_fc/c_proj, Conv1D), and fc1/fc2 (OPT, Phi).
+_MLP_KINDS = ((("gate_proj", "up_proj"), "down_proj"), (("c_fc",), "c_proj"), (("fc1",), "fc2"))
+
+
+def mlp_blocks(model: torch.nn.Module) -> dict[str, tuple[list[torch.nn.Module], torch.nn.Module]]:
+    """MLP blocks by module name: ([up-projections], down-projection). The down-projection's
+    input units are the neurons."""
+    blocks = {}
+    for name, module in model.named_modules():
+        for ups, down in _MLP_KINDS:
+            if hasattr(module, down) and any(hasattr(module, u) for u in ups):
+                blocks[name] = ([getattr(module, u) for u in ups if hasattr(module, u)], getattr(module, down))
+    if not blocks:
+        raise ValueError(
+            f"simu_mask: found no MLP block in {type(model).__name__} (looked for modules with "
+            "gate_proj/up_proj + down_proj, c_fc + c_proj, or fc1 + fc2)"
+        )
+    return blocks

@@ -1,0 +1,351 @@
+"""Writing a feature store: :class:`StoreWriter` consumes feature batches, shard by shard.
+
+The writer never computes features. It tells its caller which examples are still missing
+(``plan``: resume and, under ``torch.distributed``, this rank's share), and writes the
+feature batches the caller produces for them (``write``)::
+
+    writer = StoreWriter(path, producer.metadata(), tokens=True)
+    for run in writer.plan(batches):
+        writer.write(run, producer.iter_features(run.batches, skip_examples=run.skip, tokens=True))
+    store = writer.close()
+
+:func:`write_store` is that loop for any :class:`~fastinfluence.features.FeatureProducer`.
+Resuming scans the shard files, so a run killed at any point continues where it stopped.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+
+from .. import distributed as dist
+from ..batching import batch_ids
+from ..features import FeatureProducer, Features, cat_features, slice_rows
+from .format import (
+    MANIFEST,
+    MismatchError,
+    StoreError,
+    _check_format,
+    _jsonable,
+    _manifest,
+    _read_header,
+    _save,
+    atomic_write,
+    check_same_origin,
+    normalize_metadata,
+    read_manifest,
+    save_tensors,
+)
+from .reader import FeatureStore
+
+log = logging.getLogger("fastinfluence.store")
+
+
+def _row_digests(stream: list[Mapping]) -> list[bytes]:
+    """One digest per example of what it is made of (its tokens, mask and labels), so that
+    resuming with other examples at the same positions is refused even without ids."""
+    out = []
+    for b in stream:
+        fields = [torch.as_tensor(b[k]) for k in ("input_ids", "attention_mask", "labels") if b.get(k) is not None]
+        for i in range(len(fields[0])):
+            h = hashlib.sha256()
+            for t in fields:
+                h.update(t[i].to(torch.int64).numpy().tobytes())
+            out.append(h.digest()[:16])
+    return out
+
+
+def _content(digests: list[bytes], first: int, rows: int) -> str:
+    return hashlib.sha256(b"".join(digests[first : first + rows])).hexdigest()
+
+
+def _write_shard(root: Path, first: int, f: Features, layers: list[str], content: str) -> dict:
+    """Write one shard (token file first: the feature shard is the commit record). Returns its entry."""
+    entry: dict[str, Any] = {"first": first, "rows": len(f), "ids": _jsonable(f.ids), "content": content, "tokens": None}
+    if f.tokens is not None:
+        t = {"offsets": f.tokens.offsets.to(torch.int64)}
+        t.update({f"a.{n}": f.tokens.a[n] for n in layers})
+        t.update({f"g.{n}": f.tokens.g[n] for n in layers})
+        entry["tokens"] = _save(root / f"tokens-{first:012d}.safetensors", t)
+    tensors = {"features": f.data, "norms": f.norms.float()}
+    for n, (A, G, c) in (f.stats or {}).items():
+        tensors.update({f"stats.{n}.a": A.double(), f"stats.{n}.g": G.double(), f"stats.{n}.count": torch.tensor([int(c)])})
+    entry.update(_save(root / f"shard-{first:012d}.safetensors", tensors, entry))
+    return entry
+
+
+def _scan_shards(root: Path) -> list[dict]:
+    """Entries of every committed shard file (read from their headers), in stream order."""
+    entries = []
+    for p in sorted(root.glob("shard-*.safetensors")):
+        header, _ = _read_header(p)
+        entry = json.loads(header["__metadata__"]["entry"])
+        entry.update(file=p.name, bytes=p.stat().st_size)
+        entries.append(entry)
+    entries.sort(key=lambda e: e["first"])
+    for a, b in zip(entries, entries[1:]):
+        if a["first"] + a["rows"] > b["first"]:
+            raise StoreError(f"shards {a['file']} and {b['file']} overlap in {root}: the store was written by two different runs")
+    return entries
+
+
+def _contiguous(entries: list[dict]) -> list[dict]:
+    """The shards that cover examples 0..n without a gap (what a reader may use)."""
+    out, expected = [], 0
+    for e in entries:
+        if e["first"] != expected:
+            break
+        out.append(e)
+        expected += e["rows"]
+    return out
+
+
+
+def _pieces(sizes: list[int], done: list[dict]) -> list[tuple[int, int, int]]:
+    """Uncovered example ranges as (batch index, first, stop) pieces in stream order."""
+    covered = [(e["first"], e["first"] + e["rows"]) for e in done]
+    pieces, pos, c = [], 0, 0
+    for b, n in enumerate(sizes):
+        lo, hi = pos, pos + n
+        while lo < hi:
+            while c < len(covered) and covered[c][1] <= lo:
+                c += 1
+            if c < len(covered) and covered[c][0] <= lo:
+                lo = min(hi, covered[c][1])
+                continue
+            end = min(hi, covered[c][0]) if c < len(covered) else hi
+            pieces.append((b, lo, end))
+            lo = end
+        pos += n
+    return pieces
+
+
+def _runs_for_rank(pieces: list[tuple[int, int, int]], rank: int, world: int) -> list[list[tuple[int, int, int]]]:
+    """This rank's share of the pieces (contiguous, by example count), grouped into consecutive runs."""
+    total = sum(hi - lo for _, lo, hi in pieces)
+    mine, seen = [], 0
+    for p in pieces:
+        if rank * total <= seen * world < (rank + 1) * total:
+            mine.append(p)
+        seen += p[2] - p[1]
+    runs: list[list] = []
+    for p in mine:
+        if runs and runs[-1][-1][0] + 1 == p[0] and runs[-1][-1][2] == p[1]:
+            runs[-1].append(p)
+        else:
+            runs.append([p])
+    return runs
+
+
+class Run(NamedTuple):
+    """Consecutive missing examples ``first .. stop`` of the stream: the caller produces the
+    features of ``batches`` after their first ``skip`` examples and hands them to ``write``."""
+
+    batches: list[dict]
+    skip: int
+    first: int
+    stop: int
+
+
+class StoreWriter:
+    """Creates, resumes or extends the store at ``path`` with features made as ``metadata`` says.
+
+    The store holds the examples of the batch stream in order. Examples already in the
+    store (the same stream positions) are left out of the plan, so writing again after a
+    crash resumes, and writing the old batches followed by new ones appends. Shards hold
+    whole batches, about ``shard_rows`` rows each. Under ``torch.distributed`` the ranks
+    split the remaining examples (whole batches), each writes its own shards and rank 0
+    writes the manifest; every rank must plan the same batches.
+
+    Args:
+        metadata: config / fingerprint / layout / dtype of the producer (``extractor.metadata()``).
+        tokens, covariances: what the feature batches carry (must match an existing store).
+        meta: free-form JSON-able dict stored in the manifest (e.g. the data file).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        metadata: Mapping,
+        *,
+        tokens: bool = False,
+        covariances: bool = False,
+        shard_rows: int = 4096,
+        meta: dict | None = None,
+        progress: bool = False,
+    ):
+        if shard_rows < 1:
+            raise ValueError(f"shard_rows must be >= 1, got {shard_rows}")
+        self.root, self.shard_dir = Path(path), Path(path) / "shards"
+        self.tokens, self.covariances, self.shard_rows, self.progress = tokens, covariances, shard_rows, progress
+        root = self.root
+        meta_now = normalize_metadata(metadata)
+        self.rank, self.world = dist.rank_world()
+        if (root / MANIFEST).exists():
+            old = read_manifest(root)
+            _check_format(root, old)
+            check_same_origin(old, meta_now, f"store {root}", "this extractor")
+            if (old["tokens"], old["covariances"]) != (tokens, covariances):
+                raise MismatchError(
+                    f"store {root} was extracted with tokens={old['tokens']}, covariances={old['covariances']}; "
+                    f"pass the same flags to resume or extend it (got tokens={tokens}, covariances={covariances})"
+                )
+            meta = old.get("meta", {}) if meta is None else meta
+        self.meta_now = meta_now
+        self.layers = list(meta_now["layout"])
+        self.dim = max((sl[1] for sl in meta_now["layout"].values()), default=0)
+        self.meta = meta or {}
+        self._digests: list[bytes] = []
+        self._expected: int | None = None
+        self._bar = None
+
+    def plan(self, batches: Iterable[Mapping]) -> list[Run]:
+        """The runs of examples of ``batches`` that this rank still has to write, in stream order.
+
+        Args:
+            batches: dicts with ``input_ids`` (B, T) and optional ``ids`` / ``id``; a batch
+                without ids gets its stream positions as ids.
+        """
+        root, shard_dir, rank, world = self.root, self.shard_dir, self.rank, self.world
+        batches = list(batches)
+        for i, b in enumerate(batches):
+            if not isinstance(b, Mapping) or "input_ids" not in b:
+                raise TypeError(f"batch {i} must be a dict with 'input_ids' (got {type(b).__name__}); build batches as the tokenizer returns them")
+        sizes = [len(b["input_ids"]) for b in batches]
+        stream, pos = [], 0
+        for b, n in zip(batches, sizes):
+            ids = batch_ids(b, n, pos)
+            stream.append(dict(b, ids=ids) if "ids" not in b else b)
+            pos += n
+        dist.barrier()  # every rank has read the old manifest before rank 0 rewrites it
+        if rank == 0:
+            shard_dir.mkdir(parents=True, exist_ok=True)
+            for p in [*root.glob("*.tmp-*"), *shard_dir.glob("*.tmp-*")]:  # left by a killed run; removed before any rank writes
+                p.unlink()
+        dist.barrier()
+        done = _scan_shards(shard_dir)
+        flat_ids = [i for s in stream for i in s["ids"]]
+        digests = self._digests = _row_digests(stream)
+        self._expected = len(flat_ids)
+        for e in done:
+            past_end = e["first"] + e["rows"] > len(flat_ids)
+            if past_end or _jsonable(flat_ids[e["first"] : e["first"] + e["rows"]]) != e["ids"] or (
+                "content" in e and _content(digests, e["first"], e["rows"]) != e["content"]
+            ):
+                raise MismatchError(
+                    f"store {root} holds examples {e['first']}..{e['first'] + e['rows']} (shard {e.get('file')}) whose ids or "
+                    "tokens differ from these batches at the same positions (or lie past their end): pass the same batches "
+                    "to resume, or the old batches followed by new ones to append"
+                )
+        if rank == 0:  # a manifest from the start, so that a killed first run can be checked on resume
+            atomic_write(root / MANIFEST, json.dumps(self._manifest(_contiguous(done), len(flat_ids))).encode())
+        pieces = _pieces(sizes, done)
+        if rank == 0 and done:
+            log.info("store %s: %d of %d examples already extracted, %d to go", root, len(flat_ids) - sum(p[2] - p[1] for p in pieces), len(flat_ids), sum(p[2] - p[1] for p in pieces))
+        runs = [self._run(stream, sizes, r) for r in _runs_for_rank(pieces, rank, world)]
+        self._bar = _progress(sum(r.stop - r.first for r in runs), self.progress and rank == 0)
+        return runs
+
+    def _run(self, stream, sizes, run) -> Run:
+        b0, first, _ = run[0]
+        b_last, _, stop = run[-1]
+        start_of = sum(sizes[:b0])
+        skip = first - start_of
+        if self.covariances and (skip or stop != sum(sizes[: b_last + 1])):
+            raise StoreError(
+                f"store {self.root} ends inside a batch (examples {first}..{stop}): covariance sums are per batch, "
+                "so resume with the same batch size as the interrupted run"
+            )
+        return Run(stream[b0 : b_last + 1], skip, first, stop)
+
+    def write(self, run: Run, features: Iterable[Features]) -> None:
+        """Write the features of ``run`` (one ``Features`` per batch, the skipped examples left
+        out, as ``FeatureProducer.iter_features`` yields them) as shards of whole batches."""
+        first, stop = run.first, run.stop
+        parts: list[Features] = []
+        pos = shard_first = first
+        for f in features:
+            if pos + len(f) > stop:
+                f = slice_rows(f, 0, stop - pos)
+            parts.append(f)
+            pos += len(f)
+            self._bar.update(len(f))
+            if pos - shard_first >= self.shard_rows or pos == stop:
+                _write_shard(self.shard_dir, shard_first, cat_features(parts), self.layers, _content(self._digests, shard_first, pos - shard_first))
+                parts, shard_first = [], pos
+            if pos >= stop:
+                break
+        if pos != stop:
+            raise StoreError(f"the extractor yielded {pos - first} rows for examples {first}..{stop}; expected {stop - first}")
+
+    def close(self) -> FeatureStore:
+        """Write the manifest of every shard written so far (rank 0) and open the store."""
+        if self._bar is not None:
+            self._bar.close()
+        dist.barrier()
+        if self.rank == 0:
+            atomic_write(self.root / MANIFEST, json.dumps(self._manifest(_scan_shards(self.shard_dir), self._expected)).encode())
+        dist.barrier()
+        return FeatureStore.open(self.root)
+
+    def _manifest(self, shards: list[dict], expected: int | None) -> dict:
+        return _manifest(self.meta_now, self.dim, self.tokens, self.covariances, self.meta, shards, expected)
+
+
+def write_store(path: str | os.PathLike, extractor: FeatureProducer, batches: Iterable[Mapping], **kwargs) -> FeatureStore:
+    """``_write_store`` under the store's lock: a second, independent writer is refused (``store_lock``)."""
+    from .lock import writing
+
+    with writing(path):
+        return _write_store(path, extractor, batches, **kwargs)
+
+
+def _write_store(
+    path: str | os.PathLike,
+    extractor: FeatureProducer,
+    batches: Iterable[Mapping],
+    *,
+    tokens: bool = False,
+    covariances: bool = False,
+    shard_rows: int = 4096,
+    meta: dict | None = None,
+    progress: bool = False,
+) -> FeatureStore:
+    """Features of ``batches`` from ``extractor`` into the store at ``path`` (created, resumed or
+    extended; see :class:`StoreWriter`). Every rank of a ``torch.distributed`` program passes
+    the same batches."""
+    writer = StoreWriter(
+        path, extractor.metadata(), tokens=tokens, covariances=covariances, shard_rows=shard_rows, meta=meta,
+        progress=progress,
+    )
+    for run in writer.plan(batches):
+        features = extractor.iter_features(run.batches, skip_examples=run.skip, tokens=tokens, covariances=covariances)
+        writer.write(run, features)
+    return writer.close()
+
+
+def write_cache(
+    store: FeatureStore, group: str, name: str, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]
+) -> Path:
+    """Save tensors derived from the store's rows (a fitted preconditioner) as
+    ``<group>/<name>.safetensors`` beside its shards, atomically; returns the file's path.
+
+    A cache is valid while ``metadata`` still matches (compare it with ``store.read_cache``);
+    raises OSError when the store directory is read-only.
+    """
+    path = store.path / group / f"{name}.safetensors"
+    path.parent.mkdir(exist_ok=True)
+    save_tensors(path, tensors, metadata)
+    return path
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="ex", desc="extract", disable=not enabled)

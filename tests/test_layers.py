@@ -1,0 +1,107 @@
+"""The package's modules import one way: each only from modules on a lower level of ``LAYERS``.
+
+The levels follow the data flow (see docs/architecture.md): capture -> project -> features ->
+store -> precondition -> score -> weights -> unlearn -> evaluate, with the helpers every stage
+uses below and the command line on top. Imports are read with ``ast`` (those inside functions
+too); a package (``ops``, ``store``, ``triton_kernels``) is one unit, free inside itself.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Lowest first. A new module must be placed here; a module may import only from lower levels.
+LAYERS = [
+    ("config", "lm", "batching", "distributed", "model", "data", "outputs"),  # below the flow
+    ("ops",),  # torch references and the backend registry
+    ("triton_kernels",),  # kernels of the ops (installed as fastinfluence.triton_kernels)
+    ("capture",),
+    ("projection", "exact", "kfac"),  # project (kfac: full-dimension K-FAC from captured factors)
+    ("features",),
+    ("store",),
+    ("extract", "index"),  # GradientExtractor: capture + project, and the store writer; FAISS index of a store
+    ("callback",),  # InfluenceCallback: the extractor's projection inside a Trainer's own step
+    ("precondition",),
+    ("scoring",),  # score
+    ("storeless", "trajectory"),  # scoring without a store; TracIn-CP over the callback's interval stores
+    ("weights",),
+    ("losses",),  # the unlearning losses (also what evaluate measures)
+    ("unlearn",),
+    ("evaluate",),
+    ("__init__",),  # the public API (fastinfluence/__init__.py)
+    ("integrations",),  # trainers for other frameworks (open-unlearning)
+    ("cli", "bench_cli", "demo"),  # cli loads the other command modules as plug-ins, by name only
+    ("unlearn_cli",),  # imports cli's helpers (one direction: cli never imports it)
+    ("__main__",),
+]
+LEVEL = {unit: i for i, units in enumerate(LAYERS) for unit in units}
+
+
+def _sources() -> dict[str, Path]:
+    """Dotted module name -> file, for the package and its Triton kernels."""
+    out = {}
+    roots = ((ROOT / "fastinfluence", "fastinfluence"), (ROOT / "triton_kernels", "fastinfluence.triton_kernels"))
+    for base, prefix in roots:
+        for path in base.rglob("*.py"):
+            parts = list(path.relative_to(base).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            out[".".join([prefix, *parts])] = path
+    return out
+
+
+SOURCES = _sources()
+
+
+def _unit(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "__init__"
+
+
+def _imports(module: str, path: Path) -> list[tuple[int, str]]:
+    """(line, imported module) of every import of a fastinfluence module in ``path``."""
+    package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, a.name) for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - node.level + 1]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module
+            # ``from . import ops`` names a submodule; ``from . import score`` an attribute of the package
+            subs = [f"{target}.{a.name}" for a in node.names if f"{target}.{a.name}" in SOURCES]
+            found += [(node.lineno, s) for s in subs] or [(node.lineno, target)]
+    return [(line, name) for line, name in found if name == "fastinfluence" or name.startswith("fastinfluence.")]
+
+
+def test_every_module_has_a_level():
+    missing = sorted({_unit(m) for m in SOURCES} - set(LEVEL))
+    assert not missing, f"place these modules in tests/test_layers.py LAYERS: {missing}"
+
+
+@pytest.mark.parametrize("module", sorted(SOURCES))
+def test_module_imports_only_from_lower_levels(module):
+    unit = _unit(module)
+    where = SOURCES[module].relative_to(ROOT)
+    wrong = [
+        f"{where}:{line} imports {name} (level {LEVEL[_unit(name)]}, not below {LEVEL[unit]})"
+        for line, name in _imports(module, SOURCES[module])
+        if _unit(name) != unit and LEVEL[_unit(name)] >= LEVEL[unit]
+    ]
+    assert not wrong, "\n".join(wrong)
+
+
+def test_the_checker_sees_an_upward_import(tmp_path):
+    bad = tmp_path / "store.py"
+    bad.write_text("def f():\n    from .scoring import score\n")
+    assert _imports("fastinfluence.store", bad) == [(2, "fastinfluence.scoring")]
+    assert LEVEL["scoring"] > LEVEL["store"]
