@@ -106,14 +106,21 @@ def metrics(model, tokenizer, scenario: Scenario) -> dict:
     }
 
 
-LR, EPOCHS, BATCH = 2e-4, 4, 16
+# Learning rate per scenario. In ``stealthy`` the poisoned and clean answers share every token but the
+# value, so the default (differing-token) forget loss acts on one token per example and needs a larger step
+# to reach the behaviours the forget set misses; ``backdoor`` answers differ in every token, and 5e-4
+# there costs clean accuracy (0.88) for no ASR gain (0.00 at both rates, seed 0).
+LR = {"backdoor": 2e-4, "stealthy": 5e-4}
+EPOCHS, BATCH = 4, 16
 
 
 def run(name: str, model, tokenizer, scenario: Scenario, s: Setup, seed: int, quick: bool, device: str,
-            default: str = DEFAULT, lr: float = LR, epochs: int = EPOCHS, batch_size: int = BATCH) -> dict:
-    """One unlearning run on a copy of ``model``: its metrics, time and forget-set size."""
+            default: str = DEFAULT, lr: float | None = None, epochs: int = EPOCHS, batch_size: int = BATCH) -> dict:
+    """One unlearning run on a copy of ``model``: its metrics, time and forget-set size
+    (``lr`` None: the scenario's rate, :data:`LR`)."""
     from transformers import PrinterCallback, TrainingArguments
 
+    lr = LR[scenario.name] if lr is None else lr
     method, weights, tokens, subset = METHODS[name]
     keep = list(range(len(s.forget)))
     if subset is not None:
@@ -142,7 +149,7 @@ def run(name: str, model, tokenizer, scenario: Scenario, s: Setup, seed: int, qu
             trainer.train()
     unlearned.eval()
     return metrics(unlearned, tokenizer, scenario) | {
-        "seconds": t.wall, "cpu_seconds": t.cpu, "n_forget": len(keep),
+        "seconds": t.wall, "cpu_seconds": t.cpu, "n_forget": len(keep), "lr": lr,
         "n_forget_poisoned": sum(scenario.train[s.forget[i]].poisoned for i in keep),
     }
 
