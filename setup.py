@@ -4,6 +4,7 @@ The Python package installs everywhere. Compiled parts are optional: when a C++ 
 (or, with FASTINFLUENCE_BUILD_CUDA=1, nvcc) is missing or fails, the install still
 succeeds and the ops fall back to their torch implementations.
 """
+
 import os
 import sys
 
@@ -15,7 +16,7 @@ cmdclass = {}
 
 try:
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc"))
-    from build_helpers import extension_modules, OptionalBuildExt  # noqa: E402
+    from build_helpers import OptionalBuildExt, extension_modules  # noqa: E402
 
     ext_modules = extension_modules()
     cmdclass["build_ext"] = OptionalBuildExt

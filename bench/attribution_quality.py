@@ -17,6 +17,7 @@ Methods (all on the attention and MLP Linear layers, dot products, float32):
 
     nice -n 10 python bench/attribution_quality.py [--out bench/results/attribution_quality_cpu.json]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,8 +38,15 @@ LAYERS = [r"self_attn\.|mlp\."]
 
 def build_model(vocab: int, hidden: int, intermediate: int, layers: int, seed: int) -> LlamaForCausalLM:
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128)
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=128,
+    )
     return LlamaForCausalLM(cfg).eval()
 
 
@@ -87,13 +95,27 @@ def methods(config: fi.ProjectionConfig) -> dict:
 
 
 def model_info(model, args) -> dict:
-    return {"arch": "llama", "vocab": args.vocab, "hidden": args.hidden, "intermediate": args.intermediate,
-            "layers": args.layers, "params": sum(p.numel() for p in model.parameters())}
+    return {
+        "arch": "llama",
+        "vocab": args.vocab,
+        "hidden": args.hidden,
+        "intermediate": args.intermediate,
+        "layers": args.layers,
+        "params": sum(p.numel() for p in model.parameters()),
+    }
 
 
 def task_info(args, final_loss: float, train_s: float) -> dict:
-    return {"n_train": args.n_train, "n_query": args.n_query, "length": args.length, "train_steps": args.steps,
-            "batch": args.batch, "final_train_loss": final_loss, "train_s": train_s, "captured_layers": LAYERS}
+    return {
+        "n_train": args.n_train,
+        "n_query": args.n_query,
+        "length": args.length,
+        "train_steps": args.steps,
+        "batch": args.batch,
+        "final_train_loss": final_loss,
+        "train_s": train_s,
+        "captured_layers": LAYERS,
+    }
 
 
 def quality(args) -> dict:
@@ -165,14 +187,28 @@ def peer_timing(args) -> dict:
     S = fi.kfac_scores(model, qb, tb, factors=factors, config=config)
     score_s, score_cpu = time.perf_counter() - t, time.process_time() - c
     out = {
-        "model": {"arch": "llama", "vocab": 512, "hidden": 256, "intermediate": args.peer_intermediate, "layers": 4,
-                  "params": sum(p.numel() for p in model.parameters())},
-        "n_train": 512, "n_query": 64, "length": 64, "batch": 32, "captured_layers": LAYERS,
+        "model": {
+            "arch": "llama",
+            "vocab": 512,
+            "hidden": 256,
+            "intermediate": args.peer_intermediate,
+            "layers": 4,
+            "params": sum(p.numel() for p in model.parameters()),
+        },
+        "n_train": 512,
+        "n_query": 64,
+        "length": 64,
+        "batch": 32,
+        "captured_layers": LAYERS,
         "scores_shape": list(S.shape),
         "load_average_at_end": os.getloadavg()[0],
-        "ekfac_fit_s": fit_s, "ekfac_score_s": score_s, "ekfac_total_s": fit_s + score_s,
+        "ekfac_fit_s": fit_s,
+        "ekfac_score_s": score_s,
+        "ekfac_total_s": fit_s + score_s,
         # CPU seconds of this process: what one dedicated core would take, whatever else the machine runs
-        "ekfac_fit_cpu_s": fit_cpu, "ekfac_score_cpu_s": score_cpu, "ekfac_total_cpu_s": fit_cpu + score_cpu,
+        "ekfac_fit_cpu_s": fit_cpu,
+        "ekfac_score_cpu_s": score_cpu,
+        "ekfac_total_cpu_s": fit_cpu + score_cpu,
         "peer_reported_s": {"dattri_llm": 81.5, "kronfluence": 184.0},
     }
     print("peer", json.dumps(out), flush=True)

@@ -14,6 +14,7 @@ without its dependencies: ``pip install --no-deps traker``.
 
 Usage: python bench/bench_jl_project.py [--quick] [--out bench/results/jl_project_cpu.json]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,17 +51,29 @@ def run(B: int, D: int, k: int, kind: str, repeats: int) -> list[dict]:
     rows = []
 
     def row(provider, seconds, **extra):
-        rows.append({"kernel": "jl_project", "provider": provider, "shape": shape, "ms": seconds * 1e3,
-                     "value": round(B * D * k / seconds / 1e9, 3), "unit": "G multiply-adds/s", **extra})
+        rows.append(
+            {
+                "kernel": "jl_project",
+                "provider": provider,
+                "shape": shape,
+                "ms": seconds * 1e3,
+                "value": round(B * D * k / seconds / 1e9, 3),
+                "unit": "G multiply-adds/s",
+                **extra,
+            }
+        )
         print(json.dumps(rows[-1]), flush=True)
 
     trak = BasicProjector(grad_dim=D, proj_dim=k, seed=0, proj_type=ProjectionType(TRAK_KIND[kind]), device="cpu")
     R = torch.randn(D, k)
-    seconds = interleaved_medians({
-        "fastinfluence-cpu": lambda: cpu.jl_project(x, k, 0, kind, 0),
-        "trak-basic": lambda: trak.project(x, model_id=0),
-        "stored-matmul": lambda: x @ R,
-    }, repeats)
+    seconds = interleaved_medians(
+        {
+            "fastinfluence-cpu": lambda: cpu.jl_project(x, k, 0, kind, 0),
+            "trak-basic": lambda: trak.project(x, model_id=0),
+            "stored-matmul": lambda: x @ R,
+        },
+        repeats,
+    )
     row("fastinfluence-cpu", seconds["fastinfluence-cpu"], matrix_bytes=0)
     row("trak-basic", seconds["trak-basic"], matrix_bytes=D * trak.block_size * 4)
     row("stored-matmul", seconds["stored-matmul"], matrix_bytes=D * k * 4)
@@ -86,15 +99,23 @@ def main() -> None:
     args = parser.parse_args()
     if cpu._ext is None:
         sys.exit("the C++ host kernels are not built (pip install -e .)")
-    shapes = [(2, 4096, 256)] if args.quick else [(1, 65536, 1024), (8, 65536, 1024), (32, 65536, 1024), (8, 65536, 4096)]
+    shapes = (
+        [(2, 4096, 256)] if args.quick else [(1, 65536, 1024), (8, 65536, 1024), (32, 65536, 1024), (8, 65536, 4096)]
+    )
     rows = [r for kind in ("rademacher", "gaussian") for B, D, k in shapes for r in run(B, D, k, kind, args.repeats)]
-    meta = {**gpu_floors.metadata(), "device": cpu_name(), "threads": torch.get_num_threads(),
-            "load_average_1min": os.getloadavg()[0]}
+    meta = {
+        **gpu_floors.metadata(),
+        "device": cpu_name(),
+        "threads": torch.get_num_threads(),
+        "load_average_1min": os.getloadavg()[0],
+    }
     import trak
 
     meta["traker"] = getattr(trak, "__version__", "unknown")
-    checks = {f"bitwise_equal_1_vs_{torch.get_num_threads()}_threads_{kind}": identical_across_threads(kind)
-              for kind in ("rademacher", "gaussian")}
+    checks = {
+        f"bitwise_equal_1_vs_{torch.get_num_threads()}_threads_{kind}": identical_across_threads(kind)
+        for kind in ("rademacher", "gaussian")
+    }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"meta": meta, "checks": checks, "rows": rows}, indent=1))

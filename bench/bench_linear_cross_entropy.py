@@ -8,6 +8,7 @@ On a GPU it reports torch.cuda.max_memory_allocated instead.
     python bench/bench_linear_cross_entropy.py            # writes bench/results/linear_cross_entropy_cpu.json
     python bench/bench_linear_cross_entropy.py --quick    # small shapes, prints only
 """
+
 from __future__ import annotations
 
 import argparse
@@ -74,9 +75,16 @@ def run_one(provider: str, n: int, h: int, v: int, dtype: str, repeats: int) -> 
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
     return {
-        "provider": provider, "N": n, "H": h, "V": v, "dtype": dtype, "device": device,
-        "peak_extra_MiB": round(peak / 2**20, 1), "logits_MiB": round(n * v * 4 / 2**20, 1),
-        "median_s": round(statistics.median(times), 4), "repeats": repeats,
+        "provider": provider,
+        "N": n,
+        "H": h,
+        "V": v,
+        "dtype": dtype,
+        "device": device,
+        "peak_extra_MiB": round(peak / 2**20, 1),
+        "logits_MiB": round(n * v * 4 / 2**20, 1),
+        "median_s": round(statistics.median(times), 4),
+        "repeats": repeats,
     }
 
 
@@ -94,16 +102,35 @@ def main() -> None:
     rows = []
     for n, h, v in QUICK if args.quick else SHAPES:
         for p in PROVIDERS:
-            cmd = [sys.executable, __file__, "--one", p, str(n), str(h), str(v), "--dtype", args.dtype, "--repeats", str(args.repeats)]
-            row = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
+            cmd = [
+                sys.executable,
+                __file__,
+                "--one",
+                p,
+                str(n),
+                str(h),
+                str(v),
+                "--dtype",
+                args.dtype,
+                "--repeats",
+                str(args.repeats),
+            ]
+            row = json.loads(
+                subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+            )
             print(row, flush=True)
             rows.append(row)
     if not args.quick:
         import torch
 
         out = Path(__file__).parent / "results" / f"linear_cross_entropy_{rows[0]['device']}.json"
-        meta = {"machine": platform.machine(), "processor": platform.processor(), "torch": torch.__version__,
-                "threads": torch.get_num_threads(), "method": "fresh process per row; extra peak RSS over the inputs"}
+        meta = {
+            "machine": platform.machine(),
+            "processor": platform.processor(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "method": "fresh process per row; extra peak RSS over the inputs",
+        }
         out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
         print(f"wrote {out}")
 

@@ -12,6 +12,7 @@ peak resident memory. Flat memory across N is the point: the train side is strea
 Needs about N * D * 2 bytes of free disk in --tmp (4.1 GB for 500k x 4096); the store is
 deleted afterwards. Results go to bench/results/scoring_<device>.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,7 +42,12 @@ class RandomExtractor:
         self.dim = dim
 
     def metadata(self) -> dict:
-        return {"config": self.config.to_dict(), "fingerprint": {"model": "random"}, "layout": self.layout, "dtype": "float16"}
+        return {
+            "config": self.config.to_dict(),
+            "fingerprint": {"model": "random"},
+            "layout": self.layout,
+            "dtype": "float16",
+        }
 
     def iter_features(self, batches, skip_examples=0, tokens=False, covariances=False):
         for b in batches:
@@ -56,7 +62,10 @@ class RandomExtractor:
 def build_store(path: Path, rows: int, dim: int, shard_rows: int, batch: int = 4096) -> float:
     from fastinfluence.store import write_store
 
-    batches = [{"input_ids": torch.zeros(min(batch, rows - s), 1), "ids": list(range(s, min(s + batch, rows)))} for s in range(0, rows, batch)]
+    batches = [
+        {"input_ids": torch.zeros(min(batch, rows - s), 1), "ids": list(range(s, min(s + batch, rows)))}
+        for s in range(0, rows, batch)
+    ]
     t = time.perf_counter()
     write_store(path, RandomExtractor(dim), batches, shard_rows=shard_rows)
     return time.perf_counter() - t
@@ -83,8 +92,17 @@ def child(store_path: str, queries: int, topk: int, chunk_rows: int) -> None:
     res = score(query, store, metric="cosine", topk=topk, chunk_rows=chunk_rows)
     seconds = time.perf_counter() - t
     assert torch.equal(res.topk_indices[:, 0], torch.arange(queries)), "each query's source row must rank first"
-    print(json.dumps({"seconds": seconds, "rows_per_s": store.num_rows / seconds, "peak_rss_mb": _memory_mb("VmHWM"),
-                      "rss_before_scoring_mb": base, "gb_read_per_s": store.num_rows * store.dim * 2 / seconds / 1e9}))
+    print(
+        json.dumps(
+            {
+                "seconds": seconds,
+                "rows_per_s": store.num_rows / seconds,
+                "peak_rss_mb": _memory_mb("VmHWM"),
+                "rss_before_scoring_mb": base,
+                "gb_read_per_s": store.num_rows * store.dim * 2 / seconds / 1e9,
+            }
+        )
+    )
 
 
 def main() -> None:
@@ -105,24 +123,58 @@ def main() -> None:
     need = max(args.rows) * args.dim * 2
     free = shutil.disk_usage(args.tmp).free
     if free < 1.2 * need:
-        sys.exit(f"{args.tmp} has {free / 1e9:.1f} GB free; the largest store needs {need / 1e9:.1f} GB: pass fewer --rows or another --tmp")
+        sys.exit(
+            f"{args.tmp} has {free / 1e9:.1f} GB free; the largest store needs {need / 1e9:.1f} GB: pass fewer "
+            f"--rows or another --tmp"
+        )
     results, load_before = [], os.getloadavg()
     for rows in args.rows:
         path = Path(tempfile.mkdtemp(dir=args.tmp)) / "store"
         try:
             write_s = build_store(path, rows, args.dim, args.shard_rows)
-            cmd = [sys.executable, __file__, "--child", str(path), "--queries", str(args.queries), "--topk", str(args.topk), "--chunk-rows", str(args.chunk_rows)]
-            out = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
+            cmd = [
+                sys.executable,
+                __file__,
+                "--child",
+                str(path),
+                "--queries",
+                str(args.queries),
+                "--topk",
+                str(args.topk),
+                "--chunk-rows",
+                str(args.chunk_rows),
+            ]
+            out = json.loads(
+                subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+            )
         finally:
             shutil.rmtree(path.parent, ignore_errors=True)
-        entry = {"rows": rows, "dim": args.dim, "dtype": "float16", "store_gb": rows * args.dim * 2 / 1e9, "write_s": write_s, **out}
+        entry = {
+            "rows": rows,
+            "dim": args.dim,
+            "dtype": "float16",
+            "store_gb": rows * args.dim * 2 / 1e9,
+            "write_s": write_s,
+            **out,
+        }
         print(json.dumps(entry), flush=True)
         results.append(entry)
-    meta = {"machine": platform.machine(), "cpus": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-            "queries": args.queries, "topk": args.topk, "chunk_rows": args.chunk_rows, "shard_rows": args.shard_rows,
-            "metric": "cosine", "load_average_before": load_before, "load_average_after": os.getloadavg(),
-            "note": "store files read from the page cache (written just before); checksums verified while reading; "
-                    "peak_rss_mb is the scoring process's VmHWM, rss_before_scoring_mb its VmRSS after imports and opening the store"}
+    meta = {
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "queries": args.queries,
+        "topk": args.topk,
+        "chunk_rows": args.chunk_rows,
+        "shard_rows": args.shard_rows,
+        "metric": "cosine",
+        "load_average_before": load_before,
+        "load_average_after": os.getloadavg(),
+        "note": "store files read from the page cache (written just before); checksums verified while reading; "
+        "peak_rss_mb is the scoring process's VmHWM, rss_before_scoring_mb its VmRSS after imports and opening the "
+        "store",
+    }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"meta": meta, "results": results}, indent=2))
 

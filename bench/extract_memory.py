@@ -4,6 +4,7 @@ B x T x V logits, on a LoRA model. Each measurement runs in a fresh process.
 
     python bench/extract_memory.py [--out bench/results/extract_memory_cpu.json]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,8 +26,14 @@ def child(args) -> None:
     from fastinfluence import GradientExtractor, ProjectionConfig, capture
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.hidden * 2,
-                      num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=4)
+    cfg = LlamaConfig(
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=args.hidden * 2,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+    )
     model = get_peft_model(LlamaForCausalLM(cfg), LoraConfig(r=16, target_modules=["q_proj", "v_proj"]))
     ids = torch.randint(0, args.vocab, (args.batch, args.seq))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
@@ -54,8 +61,20 @@ def main() -> None:
         return child(args)
     rows = []
     for path in ("logits", "fused"):
-        cmd = [sys.executable, __file__, "--path", path, "--vocab", str(args.vocab), "--hidden", str(args.hidden),
-               "--batch", str(args.batch), "--seq", str(args.seq)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--path",
+            path,
+            "--vocab",
+            str(args.vocab),
+            "--hidden",
+            str(args.hidden),
+            "--batch",
+            str(args.batch),
+            "--seq",
+            str(args.seq),
+        ]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
         rows.append(json.loads(out))
         print(rows[-1])
@@ -66,7 +85,9 @@ def main() -> None:
         "commit": commit(),
         "torch": torch.__version__,
         "model": {"arch": "llama + LoRA r=16 (q_proj, v_proj)", "hidden": args.hidden, "vocab": args.vocab},
-        "batch": args.batch, "seq": args.seq, "float32_logits_MiB": logits_mib,
+        "batch": args.batch,
+        "seq": args.seq,
+        "float32_logits_MiB": logits_mib,
         "rows": rows,
     }
     with open(args.out, "w") as f:

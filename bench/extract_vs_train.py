@@ -6,6 +6,7 @@ backward with weight gradients (the plain HF loss). Goal: extraction no slower.
 
     python bench/extract_vs_train.py [--out bench/results/extract_vs_train_cpu.json]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,8 +34,12 @@ def main() -> None:
 
     torch.manual_seed(0)
     cfg = LlamaConfig(
-        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=int(args.hidden * 8 / 3) // 8 * 8,
-        num_hidden_layers=args.layers, num_attention_heads=8, num_key_value_heads=4,
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=int(args.hidden * 8 / 3) // 8 * 8,
+        num_hidden_layers=args.layers,
+        num_attention_heads=8,
+        num_key_value_heads=4,
     )
     model = LlamaForCausalLM(cfg).eval()
     ids = torch.randint(0, args.vocab, (args.batch, args.seq))
@@ -57,11 +62,21 @@ def main() -> None:
         "device": f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
         "commit": commit(),
         "torch": torch.__version__,
-        "model": {"arch": "llama", "hidden": args.hidden, "layers": args.layers, "vocab": args.vocab,
-                  "params": sum(p.numel() for p in model.parameters())},
-        "batch": args.batch, "seq": args.seq, "rank": [args.rank, args.rank],
-        "captured_layers": len(extractor.layers), "feature_dim": extractor.dim,
-        "train_step_s": t_train, "extract_step_s": t_extract, "ratio_extract_over_train": t_extract / t_train,
+        "model": {
+            "arch": "llama",
+            "hidden": args.hidden,
+            "layers": args.layers,
+            "vocab": args.vocab,
+            "params": sum(p.numel() for p in model.parameters()),
+        },
+        "batch": args.batch,
+        "seq": args.seq,
+        "rank": [args.rank, args.rank],
+        "captured_layers": len(extractor.layers),
+        "feature_dim": extractor.dim,
+        "train_step_s": t_train,
+        "extract_step_s": t_extract,
+        "ratio_extract_over_train": t_extract / t_train,
     }
     print(json.dumps(result, indent=2))
     with open(args.out, "w") as f:

@@ -16,6 +16,7 @@ Usage: python bench/gpu_bench_triton.py --out DIR [--floors DIR/floors.json] [--
 (--floors: reuse the floors bench/gpu_floors.py measured; --quick: tiny shapes, runs on the
 CPU under TRITON_INTERPRET=1 to check the script itself).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,11 +36,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import gpu_floors  # noqa: E402
 
 from fastinfluence import triton_kernels as tk  # noqa: E402
+from fastinfluence.ops.ghost import ghost_dot_reference, ghost_norm_reference  # noqa: E402
 from fastinfluence.ops.linear_cross_entropy import (
     linear_cross_entropy_backward as torch_backward,
-    linear_cross_entropy_forward as torch_forward,
 )  # noqa: E402
-from fastinfluence.ops.ghost import ghost_dot_reference, ghost_norm_reference  # noqa: E402
+from fastinfluence.ops.linear_cross_entropy import (
+    linear_cross_entropy_forward as torch_forward,
+)
 from fastinfluence.ops.project import project_reference  # noqa: E402
 from fastinfluence.ops.score_topk import score_topk_reference  # noqa: E402
 
@@ -113,23 +116,41 @@ def bench_project(floors, quick):
     widths = [(48, 80)] if quick else [(4096, 14336), (14336, 4096), (4096, 4096)]
     for d_in, d_out in widths:
         A, G = rand(B, T, d_in), rand(B, T, d_out)
-        P_in, P_out = rand(d_in, k, dtype=torch.float32, scale=k**-0.5), rand(d_out, k, dtype=torch.float32, scale=k**-0.5)
+        P_in, P_out = (
+            rand(d_in, k, dtype=torch.float32, scale=k**-0.5),
+            rand(d_out, k, dtype=torch.float32, scale=k**-0.5),
+        )
         shape = f"B={B} T={T} d_in={d_in} d_out={d_out} k={k} bf16"
         floor = floor_ms(floors, nbytes=A.nbytes + G.nbytes)
         P_in16, P_out16 = P_in.to(BF16), P_out.to(BF16)
         ms = timed(lambda: tk.project(A, G, P_in, P_out))
         err = rel_err(tk.project(A, G, P_in, P_out), project_reference(A, G, P_in, P_out))
-        yield row("project", shape, "triton", ms, floor, ">= 80% of copy bandwidth", rel_err=err,
-                  **autotuned("project", "_project_kernel"))
-        yield row("project", shape, "torch bf16 matmuls", timed(
-            lambda: (G @ P_out16).float().transpose(1, 2) @ (A @ P_in16).float()), floor)
-        yield row("project", shape, "torch reference (fp32)", timed(lambda: project_reference(A, G, P_in, P_out)),
-                  floor)
+        yield row(
+            "project",
+            shape,
+            "triton",
+            ms,
+            floor,
+            ">= 80% of copy bandwidth",
+            rel_err=err,
+            **autotuned("project", "_project_kernel"),
+        )
+        yield row(
+            "project",
+            shape,
+            "torch bf16 matmuls",
+            timed(lambda: (G @ P_out16).float().transpose(1, 2) @ (A @ P_in16).float()),
+            floor,
+        )
+        yield row(
+            "project", shape, "torch reference (fp32)", timed(lambda: project_reference(A, G, P_in, P_out)), floor
+        )
         out_bytes = B * T * 2 * k * 2
         ms = timed(lambda: tk.project_tokens(A, G, P_in, P_out, None, BF16))
-        yield row("project_tokens", shape + " -> bf16", "triton", ms,
-                  floor_ms(floors, nbytes=A.nbytes + G.nbytes + out_bytes))
-        del A, G
+        yield row(
+            "project_tokens", shape + " -> bf16", "triton", ms, floor_ms(floors, nbytes=A.nbytes + G.nbytes + out_bytes)
+        )
+        A = G = None  # free the inputs before the next width
 
 
 def bench_ghost(floors, quick):
@@ -161,10 +182,16 @@ def bench_score_topk(floors, quick):
             f(query, train, k, query_scale, train_scale) for f in (tk.score_topk, score_topk_reference)
         )
         err = max(rel_err(top.values, ref_top.values), rel_err(agg, ref_agg))
-        yield row("score_topk", shape, "triton", ms, floor, goal, rel_err=err,
-                  **autotuned("score_topk", "_score_kernel"))
-        yield row("score_topk", shape, "torch reference", timed(
-            lambda: score_topk_reference(query, train, k, query_scale, train_scale)), floor)
+        yield row(
+            "score_topk", shape, "triton", ms, floor, goal, rel_err=err, **autotuned("score_topk", "_score_kernel")
+        )
+        yield row(
+            "score_topk",
+            shape,
+            "torch reference",
+            timed(lambda: score_topk_reference(query, train, k, query_scale, train_scale)),
+            floor,
+        )
 
 
 def _lce_inputs(N, H, V):
@@ -210,8 +237,15 @@ def bench_linear_cross_entropy(floors, quick):
         mem = peak_bytes(fn)
         grads = fn()
         err = max(rel_err(grads[0], grad_ref[0]), rel_err(grads[1], grad_ref[1]))
-        r = row("linear_cross_entropy", shape, name, timed(fn), floor_ms(floors, flops=flops),
-                peak_mem_mb=round(mem / 2**20, 1), grad_rel_err=err)
+        r = row(
+            "linear_cross_entropy",
+            shape,
+            name,
+            timed(fn),
+            floor_ms(floors, flops=flops),
+            peak_mem_mb=round(mem / 2**20, 1),
+            grad_rel_err=err,
+        )
         if ref is None:
             ref = r
         else:
@@ -219,7 +253,7 @@ def bench_linear_cross_entropy(floors, quick):
             r["mem_vs_materialised"] = round(r["peak_mem_mb"] / ref["peak_mem_mb"], 4) if ref["peak_mem_mb"] else None
         if name == "triton":
             r["goal"] = "<= 1/8 of materialised peak memory, <= 1.1x its time"
-        del grads
+        grads = None
         yield r
 
 

@@ -10,6 +10,7 @@ time of the kernels alone, for rows where launch overhead would dominate), run m
 (device, commit from ``FASTINFLUENCE_COMMIT``, versions) and ``Results``, which rewrites its
 JSON file as each row arrives. Run as a script it writes ``floors.json`` under ``--out``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -120,8 +121,11 @@ def fp32_matmul_rate(n: int = 8192) -> float:
 
 
 def measure_floors() -> dict:
-    return {"copy_bytes_per_s": copy_bandwidth(), "bf16_flop_per_s": bf16_matmul_rate(),
-            "fp32_flop_per_s": fp32_matmul_rate()}
+    return {
+        "copy_bytes_per_s": copy_bandwidth(),
+        "bf16_flop_per_s": bf16_matmul_rate(),
+        "fp32_flop_per_s": fp32_matmul_rate(),
+    }
 
 
 def load_floors(path: str | Path | None) -> dict | None:
@@ -139,7 +143,9 @@ def _git_commit() -> str:
         return os.environ["FASTINFLUENCE_COMMIT"]
     try:
         root = Path(__file__).resolve().parents[1]
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
@@ -233,12 +239,33 @@ def main() -> None:
         raise SystemExit("gpu_floors: needs a CUDA device")
     floors = measure_floors()
     results = Results(args.out, "floors", floors=floors)
-    results.add({"kernel": "copy", "shape": "2 GiB", "provider": "torch",
-                 "value": round(floors["copy_bytes_per_s"] / 1e12, 3), "unit": "TB/s"})
-    results.add({"kernel": "matmul bf16", "shape": "8192^3", "provider": "torch",
-                 "value": round(floors["bf16_flop_per_s"] / 1e12, 1), "unit": "TFLOP/s"})
-    results.add({"kernel": "matmul fp32 (no TF32)", "shape": "8192^3", "provider": "torch",
-                 "value": round(floors["fp32_flop_per_s"] / 1e12, 1), "unit": "TFLOP/s"})
+    results.add(
+        {
+            "kernel": "copy",
+            "shape": "2 GiB",
+            "provider": "torch",
+            "value": round(floors["copy_bytes_per_s"] / 1e12, 3),
+            "unit": "TB/s",
+        }
+    )
+    results.add(
+        {
+            "kernel": "matmul bf16",
+            "shape": "8192^3",
+            "provider": "torch",
+            "value": round(floors["bf16_flop_per_s"] / 1e12, 1),
+            "unit": "TFLOP/s",
+        }
+    )
+    results.add(
+        {
+            "kernel": "matmul fp32 (no TF32)",
+            "shape": "8192^3",
+            "provider": "torch",
+            "value": round(floors["fp32_flop_per_s"] / 1e12, 1),
+            "unit": "TFLOP/s",
+        }
+    )
     print(results.path)
 
 

@@ -21,6 +21,7 @@ bit-identical to the CPU host twin's (``checks``). Each part that fails leaves a
 row and the next part runs; the JSON is rewritten after every row.
 Usage: python bench/gpu_jl_project.py --out DIR [--floors DIR/floors.json]   (writes DIR/jl_project_gpu.json)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -63,8 +64,9 @@ def trak_projectors(D: int, k: int, kind: str) -> dict:
     ptype = ProjectionType(TRAK_KIND[kind])
     found["trak-basic"] = BasicProjector(grad_dim=D, proj_dim=k, seed=0, proj_type=ptype, device="cuda")
     try:
-        found["trak-cuda"] = CudaProjector(grad_dim=D, proj_dim=k, seed=0, proj_type=ptype, device="cuda",
-                                           max_batch_size=32)
+        found["trak-cuda"] = CudaProjector(
+            grad_dim=D, proj_dim=k, seed=0, proj_type=ptype, device="cuda", max_batch_size=32
+        )
     except Exception as exc:  # fast_jl missing or unsupported shape
         found["trak-cuda"] = f"unavailable: {type(exc).__name__}: {exc}"
     return found
@@ -85,9 +87,14 @@ def jl_rows(cuda, floors: dict, B: int, D: int, k: int, kind: str, dtype: torch.
             t = gpu_floors.timing(fn)
             if scale != 1.0:
                 t = {"ms": round(t["ms"] * scale, 5), "measured_ms": t["ms"], "scaled_by": round(scale, 3)}
-            row |= {**t, "value": round(B * D * k / t["ms"] / 1e9, 2), "unit": "T multiply-adds/s",
-                    "matrix_bytes": matrix_bytes, "floor_ms": round(floor_ms, 5),
-                    "pct_of_floor": round(100 * floor_ms / t["ms"], 1)}
+            row |= {
+                **t,
+                "value": round(B * D * k / t["ms"] / 1e9, 2),
+                "unit": "T multiply-adds/s",
+                "matrix_bytes": matrix_bytes,
+                "floor_ms": round(floor_ms, 5),
+                "pct_of_floor": round(100 * floor_ms / t["ms"], 1),
+            }
         rows.append(row)
         return row
 
@@ -97,15 +104,26 @@ def jl_rows(cuda, floors: dict, B: int, D: int, k: int, kind: str, dtype: torch.
         if isinstance(proj, str):
             yield add(name, note=proj)
         else:
-            yield ratio(add(name, lambda: proj.project(xf, model_id=0),
-                            matrix_bytes=D * 100 * 4 if name == "trak-basic" else 0), rows[0])
+            yield ratio(
+                add(
+                    name, lambda: proj.project(xf, model_id=0), matrix_bytes=D * 100 * 4 if name == "trak-basic" else 0
+                ),
+                rows[0],
+            )
     yield ratio(add("blockwise-torch", lambda: blockwise_torch(xf, k, kind), matrix_bytes=D * 100 * 4), rows[0])
     Ds = min(D, max(1, STORED_BYTES // (k * x.element_size())))
     R = torch.randn(Ds, k, device="cuda", dtype=dtype)
     xs = x[:, :Ds].contiguous()
-    yield ratio(add("stored-matmul" + (" (D slice, scaled)" if Ds < D else ""), lambda: xs @ R,
-                    matrix_bytes=D * k * x.element_size(), scale=D / Ds), rows[0])
-    del R, xs
+    yield ratio(
+        add(
+            "stored-matmul" + (" (D slice, scaled)" if Ds < D else ""),
+            lambda: xs @ R,
+            matrix_bytes=D * k * x.element_size(),
+            scale=D / Ds,
+        ),
+        rows[0],
+    )
+    R = xs = None  # free the device buffers
 
 
 def ratio(row: dict, ours: dict) -> dict:
@@ -119,10 +137,16 @@ def topk_rows(cuda):
     for Q, n, k in [(16, 1 << 20, 100), (256, 1 << 18, 1000)]:
         torch.manual_seed(0)
         q, x = torch.randn(Q, 64, device="cuda"), torch.randn(n, 64, device="cuda")
-        for provider, fn in [("fastinfluence-cuda", lambda: cuda.score_topk(q, x, k)),
-                             ("torch-reference", lambda: score_topk_reference(q, x, k))]:
-            yield {"kernel": "score_topk", "provider": provider, "shape": f"Q={Q} n={n} D=64 k={k}",
-                   **gpu_floors.timing(fn)}
+        for provider, fn in [
+            ("fastinfluence-cuda", lambda: cuda.score_topk(q, x, k)),
+            ("torch-reference", lambda: score_topk_reference(q, x, k)),
+        ]:
+            yield {
+                "kernel": "score_topk",
+                "provider": provider,
+                "shape": f"Q={Q} n={n} D=64 k={k}",
+                **gpu_floors.timing(fn),
+            }
 
 
 def device_checks(cuda) -> dict:
@@ -132,9 +156,12 @@ def device_checks(cuda) -> dict:
         return {"bitwise_equal_to_host_twin": "host twin not built"}
     torch.manual_seed(1)
     x = torch.randn(37, 3001)
-    return {f"bitwise_equal_to_host_twin_{kind}": bool(torch.equal(cuda.jl_project(x.cuda(), 517, 3, kind, 0).cpu(),
-                                                                  cpu.jl_project(x, 517, 3, kind, 0)))
-            for kind in ("rademacher", "gaussian")}
+    return {
+        f"bitwise_equal_to_host_twin_{kind}": bool(
+            torch.equal(cuda.jl_project(x.cuda(), 517, 3, kind, 0).cpu(), cpu.jl_project(x, 517, 3, kind, 0))
+        )
+        for kind in ("rademacher", "gaussian")
+    }
 
 
 def main() -> None:

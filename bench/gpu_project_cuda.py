@@ -11,6 +11,7 @@ Goal (measured, not asserted): >= 80% of copy bandwidth; the CUDA kernel is kept
 Usage: python bench/gpu_project_cuda.py --out DIR [--floors DIR/floors.json]
 (writes DIR/project_cuda.json)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,7 +56,9 @@ def shape_rows(fns: dict, d_in: int, d_out: int, dtype: torch.dtype, copy_bw: fl
     mask = torch.rand(B, T, device="cuda") > 0.1 if masked else None
     floor_ms = 1e3 * (A.nbytes + G.nbytes) / copy_bw
     ref = project_reference(A, G, P_in, P_out, mask)
-    shape = f"B={B} T={T} d_in={d_in} d_out={d_out} k={K} {str(dtype).replace('torch.', '')}" + (" mask" if masked else "")
+    shape = f"B={B} T={T} d_in={d_in} d_out={d_out} k={K} {str(dtype).replace('torch.', '')}" + (
+        " mask" if masked else ""
+    )
     timed = {}
     for name, fn in fns.items():
         row = {"kernel": "project", "shape": shape, "provider": name}
@@ -64,8 +67,13 @@ def shape_rows(fns: dict, d_in: int, d_out: int, dtype: torch.dtype, copy_bw: fl
         else:
             t = gpu_floors.timing(lambda: fn(A, G, P_in, P_out, mask))
             timed[name] = t["ms"]
-            row |= {**t, "floor_ms": round(floor_ms, 4), "pct_of_floor": round(100 * floor_ms / t["ms"], 1),
-                    "rel_err": rel_err(fn(A, G, P_in, P_out, mask), ref), "goal": ">= 80% of copy bandwidth"}
+            row |= {
+                **t,
+                "floor_ms": round(floor_ms, 4),
+                "pct_of_floor": round(100 * floor_ms / t["ms"], 1),
+                "rel_err": rel_err(fn(A, G, P_in, P_out, mask), ref),
+                "goal": ">= 80% of copy bandwidth",
+            }
             if name == "triton" and "cuda (wmma)" in timed:
                 row["cuda_speedup_vs_triton"] = round(t["ms"] / timed["cuda (wmma)"], 3)
         yield row

@@ -12,6 +12,7 @@
   folders (``fastinfluence.triton_kernels`` -> ``triton_kernels/``) included.
 * ``check --out OUT``: exit status 1 and one line per problem when OUT breaks the limits.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -82,10 +83,24 @@ def _stages(work: Path) -> list[list[str]]:
 def _result_lines(path: Path) -> list[str]:
     data = json.loads(path.read_text())
     meta = data.get("meta", {})
-    lines = [f"{path.name}: {meta.get('device', '?')}, commit {str(meta.get('commit', '?'))[:12]}, "
-             f"torch {meta.get('torch', '?')}, triton {meta.get('triton', '?')}, CUDA {meta.get('cuda', '?')}"]
-    keys = ("value", "unit", "kernel_ms", "rel_err", "grad_rel_err", "peak_mem_mb", "time_vs_materialised",
-            "mem_vs_materialised", "ours_speedup", "vs_floor", "note", "error")
+    lines = [
+        f"{path.name}: {meta.get('device', '?')}, commit {str(meta.get('commit', '?'))[:12]}, "
+        f"torch {meta.get('torch', '?')}, triton {meta.get('triton', '?')}, CUDA {meta.get('cuda', '?')}"
+    ]
+    keys = (
+        "value",
+        "unit",
+        "kernel_ms",
+        "rel_err",
+        "grad_rel_err",
+        "peak_mem_mb",
+        "time_vs_materialised",
+        "mem_vs_materialised",
+        "ours_speedup",
+        "vs_floor",
+        "note",
+        "error",
+    )
     for r in data.get("rows", []):
         extra = "  ".join(f"{k}={r[k]}" for k in keys if k in r)
         pct = f"{r['pct_of_floor']:5.1f}%" if isinstance(r.get("pct_of_floor"), (int, float)) else "      "
@@ -113,8 +128,10 @@ def summary_text(work: Path, copied: list[str], dropped: list[str]) -> str:
     if env.exists():
         lines += ["", "## environment", *env.read_text(errors="replace").splitlines()[-12:]]
     lines += ["", "## stages (status, seconds, note)"]
-    lines += [f"  {s[0]:<22} {s[1] if len(s) > 1 else '':<10} {s[2] if len(s) > 2 else '':>6}  {' '.join(s[3:])}"
-              for s in _stages(work)] or ["  (none recorded)"]
+    lines += [
+        f"  {s[0]:<22} {s[1] if len(s) > 1 else '':<10} {s[2] if len(s) > 2 else '':>6}  {' '.join(s[3:])}"
+        for s in _stages(work)
+    ] or ["  (none recorded)"]
     pytest_lines = _pytest_lines(work)
     if pytest_lines:
         lines += ["", "## tests", *pytest_lines]
@@ -208,8 +225,11 @@ def overlay(root: Path, dest: Path) -> Path:
     and the finder serves the subpackages that live elsewhere, as an editable install would.
     """
     root = root.resolve()
-    mapping = {name: str(root / folder) for name, folder in package_dirs(root / "setup.py").items()
-               if Path(folder).as_posix() != name.replace(".", "/")}
+    mapping = {
+        name: str(root / folder)
+        for name, folder in package_dirs(root / "setup.py").items()
+        if Path(folder).as_posix() != name.replace(".", "/")
+    }
     dest.mkdir(parents=True, exist_ok=True)
     text = _SITECUSTOMIZE.format(names=", ".join(mapping) or "nothing", mapping=mapping)
     (dest / "sitecustomize.py").write_text(text)

@@ -5,6 +5,7 @@ test separately: past it, SIGALRM raises ``TestTimeout`` in the test, which fail
 lets the next one run. Code blocked inside one C call (a hung kernel launch) is only
 interrupted when the call returns; the suite's stage timeout covers that case.
 """
+
 from __future__ import annotations
 
 import os

@@ -9,6 +9,7 @@ fraction of its top-10 that the index returns.
 
     python bench/index_recall.py [--rows 1000000 --dim 512 --out bench/results/index_recall_cpu.json]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -59,7 +60,9 @@ def main() -> None:
     ap.add_argument("--pq-m", type=int, default=64)
     ap.add_argument("--nprobe", type=int, nargs="+", default=[4, 8, 32])
     ap.add_argument("--metrics", nargs="+", default=["cosine", "dot"])
-    ap.add_argument("--pq-metrics", nargs="+", default=["cosine"], help="metrics that also build the (slow to train) ivfpq index")
+    ap.add_argument(
+        "--pq-metrics", nargs="+", default=["cosine"], help="metrics that also build the (slow to train) ivfpq index"
+    )
     ap.add_argument("--refine", type=int, default=10)
     ap.add_argument("--train-rows", type=int, default=40_960)
     ap.add_argument("--threads", type=int, default=2)
@@ -80,33 +83,49 @@ def main() -> None:
         ref, t_stream = timed(lambda: score(query, train, metric=metric, topk=10, chunk_rows=65536))
         entry = {"metric": metric, "streaming_s": t_stream, "indexes": []}
         for kind in ("flat", "ivf", "ivfpq") if metric in args.pq_metrics else ("flat", "ivf"):
-            idx, t_build = timed(lambda: build_index(train, metric, kind=kind, nlist=args.nlist, m=args.pq_m,
-                                                     train_rows=args.train_rows))
+            idx, t_build = timed(
+                lambda: build_index(train, metric, kind=kind, nlist=args.nlist, m=args.pq_m, train_rows=args.train_rows)
+            )
             probes = [None] if kind == "flat" else args.nprobe
             for nprobe, refine in [(p, r) for p in probes for r in ((1, args.refine) if kind == "ivfpq" else (1,))]:
                 if nprobe is not None:
                     idx.nprobe = nprobe
                 idx.refine = refine
                 got, t_query = timed(lambda: score(query, train, metric=metric, topk=10, index=idx))
-                entry["indexes"].append({
-                    "kind": kind, "nprobe": nprobe, "refine": refine, "build_s": t_build, "query_s": t_query,
-                    "query_ms_per_query": 1000 * t_query / args.queries,
-                    "recall_at_10": recall(got.topk_indices, ref.topk_indices),
-                    "bytes_per_row": {"flat": 4 * args.dim, "ivf": 4 * args.dim, "ivfpq": args.pq_m}[kind],
-                })
+                entry["indexes"].append(
+                    {
+                        "kind": kind,
+                        "nprobe": nprobe,
+                        "refine": refine,
+                        "build_s": t_build,
+                        "query_s": t_query,
+                        "query_ms_per_query": 1000 * t_query / args.queries,
+                        "recall_at_10": recall(got.topk_indices, ref.topk_indices),
+                        "bytes_per_row": {"flat": 4 * args.dim, "ivf": 4 * args.dim, "ivfpq": args.pq_m}[kind],
+                    }
+                )
                 print(json.dumps(entry["indexes"][-1]), flush=True)
-            del idx
+            idx = None  # free the index before the next kind
             gc.collect()
         results.append(entry)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     out = {
         "bench": "index_recall",
         "device": f"cpu ({platform.processor() or platform.machine()}, {args.threads} threads, shared machine)",
-        "commit": commit, "torch": torch.__version__, "faiss": faiss.__version__,
-        "rows": args.rows, "dim": args.dim, "store_dtype": "float16", "queries": args.queries,
+        "commit": commit,
+        "torch": torch.__version__,
+        "faiss": faiss.__version__,
+        "rows": args.rows,
+        "dim": args.dim,
+        "store_dtype": "float16",
+        "queries": args.queries,
         "data": f"{args.clusters} cluster directions x log-normal norms + isotropic noise; queries = noisy train rows",
-        "nlist": args.nlist, "pq_m": args.pq_m, "pq_nbits": 8, "kmeans_train_rows": args.train_rows,
-        "note": "refine = candidates per wanted entry re-ranked with the exact float16 rows (refine 1: raw index scores)",
+        "nlist": args.nlist,
+        "pq_m": args.pq_m,
+        "pq_nbits": 8,
+        "kmeans_train_rows": args.train_rows,
+        "note": "refine = candidates per wanted entry re-ranked with the exact float16 rows (refine 1: raw index "
+        "scores)",
         "results": results,
     }
     print(json.dumps(out, indent=2))

@@ -6,6 +6,7 @@
 Each file's figures are formatted by the function registered for its bench; a file no
 formatter knows is listed by name so nothing measured is silently left out.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,8 +18,11 @@ RESULTS = Path(__file__).parent / "results"
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 PEERS_START, PEERS_END = "<!-- peers:start -->", "<!-- peers:end -->"
 PEERS_JSON, PEERS_PLOT = RESULTS / "peers_cpu.json", Path(__file__).parents[1] / "docs" / "peers_cpu.svg"
-SETTINGS = {"proj16": "projected 16x16, build + score", "proj64": "projected 64x64, build + score",
-            "exact": "exact scores"}
+SETTINGS = {
+    "proj16": "projected 16x16, build + score",
+    "proj64": "projected 64x64, build + score",
+    "exact": "exact scores",
+}
 DATASETS = {"fixed": "fixed-length", "variable": "variable-length"}
 
 
@@ -36,7 +40,8 @@ def _scoring(d: dict) -> list[str]:
     meta = d["meta"]
     return [
         f"| streaming scoring, {r['rows']:,} rows of D={r['dim']} {r['dtype']} ({r['store_gb']:.2f} GB store), "
-        f"{meta['queries']} queries, top-{meta['topk']} | | {r['rows_per_s']:,.0f} rows/s, peak RSS {r['peak_rss_mb']:.0f} MB | "
+        f"{meta['queries']} queries, top-{meta['topk']} | | {r['rows_per_s']:,.0f} rows/s, peak RSS "
+        f"{r['peak_rss_mb']:.0f} MB | "
         f"cpu, {meta['cpus']} cores |"
         for r in d["results"]
     ]
@@ -47,12 +52,22 @@ def _lce(d: dict) -> list[str]:
     for r in rows:
         if r["provider"] != "chunked":
             continue
-        ref = next((m for m in rows if m["provider"] == "materialised" and (m["N"], m["H"], m["V"], m["dtype"]) == (r["N"], r["H"], r["V"], r["dtype"])), None)
+        ref = next(
+            (
+                m
+                for m in rows
+                if m["provider"] == "materialised"
+                and (m["N"], m["H"], m["V"], m["dtype"]) == (r["N"], r["H"], r["V"], r["dtype"])
+            ),
+            None,
+        )
         if ref is None:
             continue
         out.append(
-            f"| linear cross-entropy fwd+bwd, chunked vs materialised logits | N={r['N']}, H={r['H']}, V={r['V']}, {r['dtype']} | "
-            f"peak extra {r['peak_extra_MiB']:.0f} MiB vs {ref['peak_extra_MiB']:.0f} MiB; {r['median_s']:.1f} s vs {ref['median_s']:.1f} s | {r['device']} |"
+            f"| linear cross-entropy fwd+bwd, chunked vs materialised logits | N={r['N']}, H={r['H']}, V={r['V']}, "
+            f"{r['dtype']} | "
+            f"peak extra {r['peak_extra_MiB']:.0f} MiB vs {ref['peak_extra_MiB']:.0f} MiB; {r['median_s']:.1f} s vs "
+            f"{ref['median_s']:.1f} s | {r['device']} |"
         )
     return out
 
@@ -62,7 +77,8 @@ def _jl(d: dict) -> list[str]:
     for r in d["rows"]:
         if r.get("provider") == "fastinfluence-cpu" and "speedup_vs_trak" in r:
             out.append(
-                f"| jl_project vs TRAK BasicProjector | {r['shape']} | {r['ms']:.1f} ms, {r['speedup_vs_trak']:.0f}x TRAK, "
+                f"| jl_project vs TRAK BasicProjector | {r['shape']} | {r['ms']:.1f} ms, {r['speedup_vs_trak']:.0f}x "
+                f"TRAK, "
                 f"no stored matrix | cpu, {d['meta']['threads']} threads |"
             )
     return out
@@ -73,14 +89,16 @@ def _extract_memory(d: dict) -> list[str]:
     return [
         f"| extraction peak memory, loss from hidden states vs B x T x V logits | {d['model']['arch']}, vocab "
         f"{d['model']['vocab']}, {d['batch']}x{d['seq']} tokens | {r['fused']['peak_extra_MiB']:.0f} MiB vs "
-        f"{r['logits']['peak_extra_MiB']:.0f} MiB; {r['fused']['seconds']:.1f} s vs {r['logits']['seconds']:.1f} s | {d['device']} |"
+        f"{r['logits']['peak_extra_MiB']:.0f} MiB; {r['fused']['seconds']:.1f} s vs {r['logits']['seconds']:.1f} s | "
+        f"{d['device']} |"
     ]
 
 
 def _ops(d: dict) -> list[str]:
     return [
         f"| `fastinfluence bench` {r['op']} ({r['size']}) | backend {r['backend']} | {r['median_s'] * 1e3:.2f} ms, "
-        f"{r['gflops']:.1f} GFLOP/s, rel err vs torch {r['rel_err_vs_torch']:.0e} | {r['device']}, {d['meta']['threads']} threads |"
+        f"{r['gflops']:.1f} GFLOP/s, rel err vs torch {r['rel_err_vs_torch']:.0e} | {r['device']}, "
+        f"{d['meta']['threads']} threads |"
         for r in d["rows"]
     ]
 
@@ -143,18 +161,25 @@ def peers_table(d: dict) -> str:
             vals = []
             for t in tools:
                 r = cell.get((t, ds, st))
-                vals.append("—" if r is None else "failed" if "cpu_s" not in r else
-                            f"{r['cpu_s']:.1f} s (ρ {r['spearman']:.2f})")
+                vals.append(
+                    "—"
+                    if r is None
+                    else "failed"
+                    if "cpu_s" not in r
+                    else f"{r['cpu_s']:.1f} s (ρ {r['spearman']:.2f})"
+                )
             lines.append(f"| {DATASETS[ds]} | {SETTINGS[st]} | " + " | ".join(vals) + " |")
     for t, why in d.get("skipped", {}).items():
         lines.append(f"\n{t}: {why['reason'] if isinstance(why, dict) else why}.")
     m = d["meta"]
     runs = sorted({r.get("ok_runs", 0) for r in d["rows"] if r.get("ok_runs")}) or [0]
     n = str(runs[0]) if len(runs) == 1 else f"{runs[0]}-{runs[-1]}"
-    lines.append(f"\nCPU seconds of the whole build + score (median of {n} interleaved run(s) per cell, "
-                 f"{m['threads']} thread each), ρ = mean per-query Spearman correlation with exact scores. "
-                 f"Model: Llama {m['model']['hidden_size']}-d, {m['model']['num_hidden_layers']} layers, vocab "
-                 f"{m['model']['vocab_size']}; layers: {m['layers']}.")
+    lines.append(
+        f"\nCPU seconds of the whole build + score (median of {n} interleaved run(s) per cell, "
+        f"{m['threads']} thread each), ρ = mean per-query Spearman correlation with exact scores. "
+        f"Model: Llama {m['model']['hidden_size']}-d, {m['model']['num_hidden_layers']} layers, vocab "
+        f"{m['model']['vocab_size']}; layers: {m['layers']}."
+    )
     return "\n".join(lines)
 
 
@@ -177,12 +202,17 @@ def peers_plot(d: dict, path: Path) -> None:
             parts.append(f'<text x="{left + w + 4:.1f}" y="{y + bar - 3}" font-size="10">{r["cpu_s"]:.1f} s</text>')
             y += bar
         y += gap
-    legend = "".join(f'<rect x="{left + 110 * i}" y="6" width="10" height="10" fill="{colours[i % 6]}"/>'
-                     f'<text x="{left + 14 + 110 * i}" y="15" font-size="11">{t}</text>' for i, t in enumerate(tools))
+    legend = "".join(
+        f'<rect x="{left + 110 * i}" y="6" width="10" height="10" fill="{colours[i % 6]}"/>'
+        f'<text x="{left + 14 + 110 * i}" y="15" font-size="11">{t}</text>'
+        for i, t in enumerate(tools)
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(f'<svg xmlns="http://www.w3.org/2000/svg" width="{left + width + 80}" height="{y + 10}" '
-                    f'font-family="sans-serif"><rect width="100%" height="100%" fill="white"/>{legend}'
-                    f'{"".join(parts)}</svg>\n')
+    path.write_text(
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{left + width + 80}" height="{y + 10}" '
+        f'font-family="sans-serif"><rect width="100%" height="100%" fill="white"/>{legend}'
+        f"{''.join(parts)}</svg>\n"
+    )
 
 
 def _replace(doc: str, start: str, end: str, text: str, path: Path) -> str:

@@ -6,6 +6,7 @@ Same model as bench/truncated_backward.py, ``--train`` random-token examples in 
 
     python bench/storeless.py [--out bench/results/storeless_cpu.json]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,16 +33,25 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
-                                         num_attention_heads=4, tie_word_embeddings=False)).eval()
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=512,
+            hidden_size=256,
+            intermediate_size=512,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            tie_word_embeddings=False,
+        )
+    ).eval()
 
     def batches(n, seed):
         ids = torch.randint(0, 512, (n, args.seq), generator=torch.Generator().manual_seed(seed))
         return [{"input_ids": b, "attention_mask": torch.ones_like(b), "labels": b.clone()} for b in ids.split(16)]
 
     train = batches(args.train, 1)
-    ex = fi.GradientExtractor(model, fi.ProjectionConfig(rank_in=args.rank, rank_out=args.rank,
-                                                         exclude=[r"lm_head", r"embed"]))
+    ex = fi.GradientExtractor(
+        model, fi.ProjectionConfig(rank_in=args.rank, rank_out=args.rank, exclude=[r"lm_head", r"embed"])
+    )
     query = ex.extract(batches(16, 2))
     results = {}
 
@@ -61,10 +71,19 @@ def main() -> None:
             times[k].append(time.process_time() - t0)
     same = torch.equal(results["store_then_score"].topk_indices, results["score_batches"].topk_indices)
     med = {k: statistics.median(v) for k, v in times.items()}
-    out = {"model": {"arch": "llama", "hidden": 256, "layers": 4, "vocab": 512}, "train": args.train, "seq": args.seq,
-           "queries": 16, "topk": 10, "rank": args.rank, "reps": args.reps, "cpu_s": med,
-           "speedup": med["store_then_score"] / med["score_batches"], "same_topk": same,
-           "device": f"cpu ({platform.machine()}, 1 thread)"}
+    out = {
+        "model": {"arch": "llama", "hidden": 256, "layers": 4, "vocab": 512},
+        "train": args.train,
+        "seq": args.seq,
+        "queries": 16,
+        "topk": 10,
+        "rank": args.rank,
+        "reps": args.reps,
+        "cpu_s": med,
+        "speedup": med["store_then_score"] / med["score_batches"],
+        "same_topk": same,
+        "device": f"cpu ({platform.machine()}, 1 thread)",
+    }
     with open(args.out, "w") as f:
         json.dump(out, f, indent=1)
     print(out)

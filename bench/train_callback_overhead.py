@@ -9,6 +9,7 @@ the difference of whole ``train()`` times. Runs alternate so that machine load h
 
     python bench/train_callback_overhead.py [--out bench/results/train_callback_overhead_cpu.json]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,7 +48,12 @@ class Rows(torch.utils.data.Dataset):
         return len(self.ids)
 
     def __getitem__(self, i):
-        return {"input_ids": self.ids[i], "attention_mask": torch.ones_like(self.ids[i]), "labels": self.ids[i], "id": i}
+        return {
+            "input_ids": self.ids[i],
+            "attention_mask": torch.ones_like(self.ids[i]),
+            "labels": self.ids[i],
+            "id": i,
+        }
 
 
 def run(model, state, data, args, callback: bool, out_dir: str) -> tuple[list[float], float]:
@@ -55,11 +61,23 @@ def run(model, state, data, args, callback: bool, out_dir: str) -> tuple[list[fl
     timer = StepTimer()
     callbacks = [timer]
     if callback:
-        callbacks.append(InfluenceCallback(f"{out_dir}/features", ProjectionConfig(rank_in=args.rank, rank_out=args.rank), every=args.steps))
+        callbacks.append(
+            InfluenceCallback(
+                f"{out_dir}/features", ProjectionConfig(rank_in=args.rank, rank_out=args.rank), every=args.steps
+            )
+        )
     targs = TrainingArguments(
-        output_dir=f"{out_dir}/out", per_device_train_batch_size=args.batch, max_steps=args.steps, learning_rate=1e-4,
-        save_strategy="no", report_to=[], use_cpu=True, remove_unused_columns=False, logging_strategy="no",
-        disable_tqdm=True, dataloader_num_workers=0,
+        output_dir=f"{out_dir}/out",
+        per_device_train_batch_size=args.batch,
+        max_steps=args.steps,
+        learning_rate=1e-4,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        remove_unused_columns=False,
+        logging_strategy="no",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
     )
     trainer = Trainer(model=model, args=targs, train_dataset=data, callbacks=callbacks)
     t0 = time.perf_counter()
@@ -83,8 +101,12 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     cfg = LlamaConfig(
-        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=int(args.hidden * 8 / 3) // 8 * 8,
-        num_hidden_layers=args.layers, num_attention_heads=8, num_key_value_heads=4,
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=int(args.hidden * 8 / 3) // 8 * 8,
+        num_hidden_layers=args.layers,
+        num_attention_heads=8,
+        num_key_value_heads=4,
     )
     model = LlamaForCausalLM(cfg)
     state = copy.deepcopy(model.state_dict())
@@ -104,12 +126,23 @@ def main() -> None:
         "device": f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
         "commit": commit,
         "torch": torch.__version__,
-        "model": {"arch": "llama", "hidden": args.hidden, "layers": args.layers, "vocab": args.vocab,
-                  "params": sum(p.numel() for p in model.parameters())},
-        "batch": args.batch, "seq": args.seq, "rank": [args.rank, args.rank], "steps_per_run": args.steps,
+        "model": {
+            "arch": "llama",
+            "hidden": args.hidden,
+            "layers": args.layers,
+            "vocab": args.vocab,
+            "params": sum(p.numel() for p in model.parameters()),
+        },
+        "batch": args.batch,
+        "seq": args.seq,
+        "rank": [args.rank, args.rank],
+        "steps_per_run": args.steps,
         "reps": args.reps,
-        "step_s_without": base, "step_s_with": with_cb, "step_overhead": with_cb / base - 1,
-        "train_s_without": statistics.median(totals[False]), "train_s_with": statistics.median(totals[True]),
+        "step_s_without": base,
+        "step_s_with": with_cb,
+        "step_overhead": with_cb / base - 1,
+        "train_s_without": statistics.median(totals[False]),
+        "train_s_with": statistics.median(totals[True]),
         "train_overhead_incl_store_write": statistics.median(totals[True]) / statistics.median(totals[False]) - 1,
         "goal": "step_overhead <= 0.10",
         "load_average_1min_at_end": os.getloadavg()[0],

@@ -9,6 +9,7 @@ time, one thread), runs interleaved, median of ``--reps``.
 
     python bench/truncated_backward.py [--out bench/results/truncated_backward_cpu.json]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,8 +49,16 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
-                                         num_attention_heads=4, tie_word_embeddings=False)).eval()
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=512,
+            hidden_size=256,
+            intermediate_size=512,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            tie_word_embeddings=False,
+        )
+    ).eval()
     ids = torch.randint(0, 512, (args.batch, args.seq))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
 
@@ -69,6 +78,7 @@ def main() -> None:
                     return ex.extract([batch])
             finally:
                 ex._head = head
+
         return run
 
     fns = {"train_step": train_step}
@@ -79,16 +89,34 @@ def main() -> None:
         if name == "lm_head":
             fns[f"{name}/cut_autograd"] = autograd(ex, full=False)
     t = cpu_medians(fns, args.reps)
-    rows = [{"layers": name, "path": "no backward" if name == "lm_head" else "backward cut at the lowest captured block"
-             if name != "all_layers" else "backward to the lowest block (all captured)",
-             "truncated_cpu_s": t[f"{name}/truncated"], "full_cpu_s": t[f"{name}/full"],
-             "speedup": t[f"{name}/full"] / t[f"{name}/truncated"],
-             "truncated_over_train_step": t[f"{name}/truncated"] / t["train_step"]} for name in SETS]
+    rows = [
+        {
+            "layers": name,
+            "path": "no backward"
+            if name == "lm_head"
+            else "backward cut at the lowest captured block"
+            if name != "all_layers"
+            else "backward to the lowest block (all captured)",
+            "truncated_cpu_s": t[f"{name}/truncated"],
+            "full_cpu_s": t[f"{name}/full"],
+            "speedup": t[f"{name}/full"] / t[f"{name}/truncated"],
+            "truncated_over_train_step": t[f"{name}/truncated"] / t["train_step"],
+        }
+        for name in SETS
+    ]
     rows[0]["cut_autograd_cpu_s"] = t["lm_head/cut_autograd"]
     rows[0]["speedup_vs_cut_autograd"] = t["lm_head/cut_autograd"] / t["lm_head/truncated"]
-    out = {"model": {"arch": "llama", "hidden": 256, "layers": 4, "vocab": 512}, "batch": args.batch, "seq": args.seq,
-           "rank": args.rank, "reps": args.reps, "threads": 1, "train_step_cpu_s": t["train_step"], "rows": rows,
-           "device": f"cpu ({platform.machine()}, 1 thread)"}
+    out = {
+        "model": {"arch": "llama", "hidden": 256, "layers": 4, "vocab": 512},
+        "batch": args.batch,
+        "seq": args.seq,
+        "rank": args.rank,
+        "reps": args.reps,
+        "threads": 1,
+        "train_step_cpu_s": t["train_step"],
+        "rows": rows,
+        "device": f"cpu ({platform.machine()}, 1 thread)",
+    }
     with open(args.out, "w") as f:
         json.dump(out, f, indent=1)
     for r in rows:

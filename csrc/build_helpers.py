@@ -13,6 +13,7 @@ build serves every torch version):
 
 This file must not import torch: setup.py runs it in an isolated build environment.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -111,9 +112,7 @@ def find_nvcc() -> str | None:
     for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")):
         if home and (Path(home) / "bin" / "nvcc").exists():
             return str(Path(home) / "bin" / "nvcc")
-    return shutil.which("nvcc") or (
-        "/usr/local/cuda/bin/nvcc" if Path("/usr/local/cuda/bin/nvcc").exists() else None
-    )
+    return shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc" if Path("/usr/local/cuda/bin/nvcc").exists() else None)
 
 
 def gencode_flags(archs: list[str]) -> list[str]:
@@ -141,8 +140,16 @@ def _cuda_commands(out: Path, archs: list[str], build_dir: Path, nvcc: str) -> l
     if include is None:
         raise RuntimeError("pybind11 is needed to build the CUDA kernels (pip install pybind11)")
     cflags = [
-        "-O3", "-std=c++17", "-Xcompiler", "-fPIC", "-Xcompiler", "-fvisibility=hidden",
-        f"-I{CSRC}", f"-I{include}", f"-I{sysconfig.get_paths()['include']}", *gencode_flags(archs),
+        "-O3",
+        "-std=c++17",
+        "-Xcompiler",
+        "-fPIC",
+        "-Xcompiler",
+        "-fvisibility=hidden",
+        f"-I{CSRC}",
+        f"-I{include}",
+        f"-I{sysconfig.get_paths()['include']}",
+        *gencode_flags(archs),
     ]
     commands, objects = [], []
     for src in CUDA_SOURCES:
@@ -165,7 +172,7 @@ def build_cuda(out: Path, archs: list[str], build_dir: Path, verbose: bool = Fal
     ninja = shutil.which("ninja")
     if ninja:
         lines = ["ninja_required_version = 1.3"]
-        for i, (cmd, target, _) in enumerate(commands):
+        for i, (cmd, _target, _) in enumerate(commands):
             lines += [f"rule r{i}", f"  command = {shlex.join(cmd)}"]
         for i, (_, target, deps) in enumerate(commands):
             lines.append(f"build {target}: r{i} {' '.join(map(str, deps))}")

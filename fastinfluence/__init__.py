@@ -1,9 +1,10 @@
 """fastinfluence: fast, low-memory influence estimation and influence-guided unlearning.
 
-    extractor = fastinfluence.GradientExtractor(model, fastinfluence.ProjectionConfig(rank_in=64, rank_out=64))
-    train = extractor.extract(train_loader, store="runs/train")   # resumable FeatureStore on disk
-    result = fastinfluence.score(extractor.extract(query_loader), train, metric="cosine", topk=10)
+extractor = fastinfluence.GradientExtractor(model, fastinfluence.ProjectionConfig(rank_in=64, rank_out=64))
+train = extractor.extract(train_loader, store="runs/train")   # resumable FeatureStore on disk
+result = fastinfluence.score(extractor.extract(query_loader), train, metric="cosine", topk=10)
 """
+
 import importlib
 
 __version__ = "0.1.0"

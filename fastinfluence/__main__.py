@@ -1,4 +1,5 @@
 """``python -m fastinfluence``: the same program as the ``fastinfluence`` command."""
+
 import sys
 
 from .cli import main

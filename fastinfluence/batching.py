@@ -1,4 +1,5 @@
 """What a batch dict means to every stage: example ids."""
+
 from __future__ import annotations
 
 
@@ -16,5 +17,7 @@ def batch_ids(batch: dict, n: int, start: int) -> list:
         raise ValueError(f"batch 'ids' has {len(ids)} entries for {n} examples; give one id per example")
     bad = [i for i in ids if not isinstance(i, (str, int))]
     if bad:
-        raise ValueError(f"example ids must be str or int (they are stored as JSON), got {type(bad[0]).__name__}: {bad[0]!r}")
+        raise ValueError(
+            f"example ids must be str or int (they are stored as JSON), got {type(bad[0]).__name__}: {bad[0]!r}"
+        )
     return ids

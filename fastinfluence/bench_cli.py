@@ -11,25 +11,65 @@ answers "which backend is fastest on this machine, and is it right".
     fastinfluence bench                       # small shapes, every op, every backend here
     fastinfluence bench --size medium --json bench.json
 """
+
 from __future__ import annotations
 
 import argparse
 import json
 import statistics
 import time
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
 
-OPS = ("project", "project_tokens", "ghost_dot", "ghost_norm", "score_topk", "jl_project", "linear_cross_entropy",
-       "linear_cross_entropy_backward")  # the bench cases; every registered op is dispatched by one
+OPS = (
+    "project",
+    "project_tokens",
+    "ghost_dot",
+    "ghost_norm",
+    "score_topk",
+    "jl_project",
+    "linear_cross_entropy",
+    "linear_cross_entropy_backward",
+)  # the bench cases; every registered op is dispatched by one
 SIZES = {
     # project / ghost: B, T, d_in, d_out, k; score: Q, N, D, topk; jl: B, D, k; lce: N, H, V
-    "small": dict(B=4, T=64, d_in=256, d_out=256, k=32, Q=16, N=4096, D=1024, topk=10, jlB=8, jlD=16384, jlk=256,
-                  lN=256, lH=128, lV=4096),
-    "medium": dict(B=8, T=256, d_in=1024, d_out=1024, k=64, Q=64, N=32768, D=4096, topk=100, jlB=16, jlD=262144,
-                   jlk=1024, lN=1024, lH=512, lV=32000),
+    "small": dict(
+        B=4,
+        T=64,
+        d_in=256,
+        d_out=256,
+        k=32,
+        Q=16,
+        N=4096,
+        D=1024,
+        topk=10,
+        jlB=8,
+        jlD=16384,
+        jlk=256,
+        lN=256,
+        lH=128,
+        lV=4096,
+    ),
+    "medium": dict(
+        B=8,
+        T=256,
+        d_in=1024,
+        d_out=1024,
+        k=64,
+        Q=64,
+        N=32768,
+        D=4096,
+        topk=100,
+        jlB=16,
+        jlD=262144,
+        jlk=1024,
+        lN=1024,
+        lH=512,
+        lV=32000,
+    ),
 }
 
 
@@ -47,12 +87,24 @@ def _cases(s: dict, device: torch.device) -> dict[str, tuple[Callable[[], tuple]
     B, T, di, do, k = s["B"], s["T"], s["d_in"], s["d_out"], s["k"]
     return {
         "project": (
-            lambda: (rnd(B, T, di), rnd(B, T, do), rnd(di, k), rnd(do, k), torch.ones(B, T, dtype=torch.bool, device=device)),
+            lambda: (
+                rnd(B, T, di),
+                rnd(B, T, do),
+                rnd(di, k),
+                rnd(do, k),
+                torch.ones(B, T, dtype=torch.bool, device=device),
+            ),
             lambda x: ops.project(*x),
             2 * B * T * (di * k + do * k + k * k),
         ),
         "project_tokens": (
-            lambda: (rnd(B, T, di), rnd(B, T, do), rnd(di, k), rnd(do, k), torch.ones(B, T, dtype=torch.bool, device=device)),
+            lambda: (
+                rnd(B, T, di),
+                rnd(B, T, do),
+                rnd(di, k),
+                rnd(do, k),
+                torch.ones(B, T, dtype=torch.bool, device=device),
+            ),
             lambda x: torch.cat([t.flatten() for t in ops.project_tokens(*x)]),
             2 * B * T * (di * k + do * k),
         ),
@@ -77,14 +129,20 @@ def _cases(s: dict, device: torch.device) -> dict[str, tuple[Callable[[], tuple]
             2 * s["jlB"] * s["jlD"] * s["jlk"],
         ),
         "linear_cross_entropy": (
-            lambda: (rnd(s["lN"], s["lH"]), rnd(s["lV"], s["lH"]),
-                     torch.randint(0, s["lV"], (s["lN"],), generator=g).to(device)),
+            lambda: (
+                rnd(s["lN"], s["lH"]),
+                rnd(s["lV"], s["lH"]),
+                torch.randint(0, s["lV"], (s["lN"],), generator=g).to(device),
+            ),
             lambda x: ops.linear_cross_entropy(x[0], x[1], x[2]),
             2 * s["lN"] * s["lH"] * s["lV"],
         ),
         "linear_cross_entropy_backward": (
-            lambda: _lce_graph(rnd(s["lN"], s["lH"]), rnd(s["lV"], s["lH"]),
-                               torch.randint(0, s["lV"], (s["lN"],), generator=g).to(device)),
+            lambda: _lce_graph(
+                rnd(s["lN"], s["lH"]),
+                rnd(s["lV"], s["lH"]),
+                torch.randint(0, s["lV"], (s["lN"],), generator=g).to(device),
+            ),
             lambda x: torch.autograd.grad(x[0], x[1], retain_graph=True)[0],
             4 * s["lN"] * s["lH"] * s["lV"],
         ),
@@ -119,7 +177,9 @@ def _median_seconds(fn: Callable[[], object], repeats: int, device: torch.device
     return statistics.median(times)
 
 
-def run(size: str = "small", repeats: int = 5, device: str | None = None, ops_filter: list[str] | None = None) -> list[dict]:
+def run(
+    size: str = "small", repeats: int = 5, device: str | None = None, ops_filter: list[str] | None = None
+) -> list[dict]:
     """One row per op and per backend that implements what the op dispatches (torch always)."""
     import torch
 
@@ -158,9 +218,19 @@ def run(size: str = "small", repeats: int = 5, device: str | None = None, ops_fi
                 err = float((out.double() - ref).norm() / ref.norm().clamp_min(1e-30))
                 sec = _median_seconds(lambda: call(inputs), repeats, dev)
             fallbacks = [d.fallback for d in ran if d.fallback]
-            rows.append({"op": name, "backend": backend, "ran": ",".join(sorted({d.backend for d in ran})),
-                         "fallback": fallbacks[0] if fallbacks else None, "device": str(dev), "size": size,
-                         "median_s": sec, "gflops": flops / sec / 1e9, "rel_err_vs_torch": err})
+            rows.append(
+                {
+                    "op": name,
+                    "backend": backend,
+                    "ran": ",".join(sorted({d.backend for d in ran})),
+                    "fallback": fallbacks[0] if fallbacks else None,
+                    "device": str(dev),
+                    "size": size,
+                    "median_s": sec,
+                    "gflops": flops / sec / 1e9,
+                    "rel_err_vs_torch": err,
+                }
+            )
     return rows
 
 
@@ -187,7 +257,9 @@ def register(subparsers) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--size", choices=sorted(SIZES), default="small", help="problem sizes (default small)")
-    p.add_argument("--repeats", type=int, default=5, help="timed runs per op and backend; the median is reported (default 5)")
+    p.add_argument(
+        "--repeats", type=int, default=5, help="timed runs per op and backend; the median is reported (default 5)"
+    )
     p.add_argument("--device", help="cpu or cuda (default: cuda when present)")
     p.add_argument("--ops", nargs="+", metavar="OP", help=f"only these ops, of {', '.join(OPS)} (default: all)")
     p.add_argument("--json", metavar="PATH", help="also write the rows as JSON here")
@@ -200,8 +272,10 @@ def _main(args) -> int:
     rows = run(args.size, args.repeats, args.device, args.ops)
     print(f"{'op':<31s}{'backend':<9s}{'ran':<10s}{'median ms':>11s}{'GFLOP/s':>10s}{'rel err':>10s}")
     for r in rows:
-        print(f"{r['op']:<31s}{r['backend']:<9s}{r['ran']:<10s}{r['median_s'] * 1e3:>11.2f}{r['gflops']:>10.2f}"
-              f"{r['rel_err_vs_torch']:>10.1e}")
+        print(
+            f"{r['op']:<31s}{r['backend']:<9s}{r['ran']:<10s}{r['median_s'] * 1e3:>11.2f}{r['gflops']:>10.2f}"
+            f"{r['rel_err_vs_torch']:>10.1e}"
+        )
     for r in rows:
         if r["fallback"]:
             print(f"{r['op']} on {r['backend']} ran on {r['ran']}: {r['fallback']}")
@@ -210,8 +284,12 @@ def _main(args) -> int:
         import subprocess
 
         git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-        meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
-                "commit": git.stdout.strip() if git.returncode == 0 else None}
+        meta = {
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "machine": platform.machine(),
+            "commit": git.stdout.strip() if git.returncode == 0 else None,
+        }
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "rows": rows}, f, indent=2)
     return 0

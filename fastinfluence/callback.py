@@ -45,11 +45,12 @@ so queries extracted from that checkpoint score against it without a mismatch er
 Resuming training from a checkpoint replays the same steps and rewrites nothing that is
 complete (``write_store`` resumes); an interval store with other examples is refused.
 """
+
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import torch
 from torch import nn
@@ -78,7 +79,9 @@ def interval_stores(output_dir: str | os.PathLike) -> list[Path]:
 class _Pending:
     """One micro-batch being captured: its rows fill in as the backward reaches each layer."""
 
-    def __init__(self, batch: dict, ids: list, rows: torch.Tensor, counts: torch.Tensor, n_tokens, step: int, lr: float):
+    def __init__(
+        self, batch: dict, ids: list, rows: torch.Tensor, counts: torch.Tensor, n_tokens, step: int, lr: float
+    ):
         self.batch, self.ids, self.rows, self.step, self.lr = batch, ids, rows, step, lr
         self.counts = counts  # (B,) answer tokens n_i of each example
         self.n_tokens = n_tokens  # N, the denominator of the model's token-mean loss
@@ -251,7 +254,11 @@ class InfluenceCallback(TrainerCallback):
         n_tokens = kwargs.get("num_items_in_batch")
         n_tokens = shifted.sum() if n_tokens is None else n_tokens
         lr = float(self._optimizer.param_groups[0]["lr"]) if self._optimizer is not None else float("nan")
-        batch = {"input_ids": input_ids.detach().cpu(), "attention_mask": mask.long().cpu(), "labels": labels.detach().cpu()}
+        batch = {
+            "input_ids": input_ids.detach().cpu(),
+            "attention_mask": mask.long().cpu(),
+            "labels": labels.detach().cpu(),
+        }
         rows = torch.zeros(B, self.extractor.dim, dtype=self.extractor.dtype, device=input_ids.device)
         self._pending = _Pending(batch, ids, rows, shifted.sum(1), n_tokens, self._step + 1, lr)
         self._hooks.arm(mask)
@@ -317,6 +324,9 @@ class InfluenceCallback(TrainerCallback):
         }
         path = self.output_dir / f"{STEP_PREFIX}{interval.steps[-1]:08d}"
         return write_store(
-            path, _Replay(metadata, interval.batches, interval.features), interval.batches, shard_rows=self.shard_rows, meta=meta
+            path,
+            _Replay(metadata, interval.batches, interval.features),
+            interval.batches,
+            shard_rows=self.shard_rows,
+            meta=meta,
         )
-

@@ -16,13 +16,14 @@ otherwise. Nothing below that point is differentiated. The model
 is returned exactly as it was found (parameters, ``requires_grad`` flags, ``.grad``,
 train/eval mode of every module, hooks).
 """
+
 from __future__ import annotations
 
 import contextlib
 import logging
 import re
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -118,11 +119,13 @@ def select_layers(
             f"include: {names}. Adjust the regexes in ProjectionConfig(include=..., exclude=...)."
         )
     names = [n for n, _ in chosen]
-    log.info("capturing %d layers (%s): %s", len(names), "include/exclude regexes" if include is not None else why,
-             ", ".join(names[:4]) + (", ..." if len(names) > 4 else ""))
-    return [
-        Layer(n, m, *_dims(m), bias=include_bias and getattr(m, "bias", None) is not None) for n, m in chosen
-    ]
+    log.info(
+        "capturing %d layers (%s): %s",
+        len(names),
+        "include/exclude regexes" if include is not None else why,
+        ", ".join(names[:4]) + (", ..." if len(names) > 4 else ""),
+    )
+    return [Layer(n, m, *_dims(m), bias=include_bias and getattr(m, "bias", None) is not None) for n, m in chosen]
 
 
 _LORA = re.compile(r"(^|\.)lora_[AB](\.|$)")
@@ -149,8 +152,11 @@ def _default_layers(candidates: list[tuple[str, nn.Module]]) -> tuple[list[tuple
     trainable = [(n, m) for n, m in candidates if m.weight.requires_grad]
     if trainable:
         return trainable, "default: the layers whose weight is trainable"
-    log.warning("no supported layer has a trainable weight and the model has no LoRA layers: capturing every "
-                "supported layer (%d); choose layers with ProjectionConfig(include=...)", len(candidates))
+    log.warning(
+        "no supported layer has a trainable weight and the model has no LoRA layers: capturing every "
+        "supported layer (%d); choose layers with ProjectionConfig(include=...)",
+        len(candidates),
+    )
     return candidates, "default: every supported layer, none is trainable"
 
 
@@ -179,7 +185,7 @@ class BatchLimits:
     eos_token_id: int | None = None
 
     @classmethod
-    def of(cls, model: nn.Module) -> "BatchLimits":
+    def of(cls, model: nn.Module) -> BatchLimits:
         cfg = getattr(model, "config", None)
         emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
         vocab = getattr(emb, "num_embeddings", None) or getattr(cfg, "vocab_size", None)
@@ -207,8 +213,11 @@ def _infer_mask(input_ids: torch.Tensor, limits: BatchLimits, ids: list) -> torc
             f"the batch has no attention_mask and examples {[ids[i] for i in rows[:5]]} hold the pad token "
             f"{pad} where it cannot be told from text (inside the sequence, or pad = eos): pass attention_mask"
         )
-    log.warning("the batch has no attention_mask: taking the leading/trailing pad tokens (id %d) as padding; "
-                "pass attention_mask to say so explicitly", pad)
+    log.warning(
+        "the batch has no attention_mask: taking the leading/trailing pad tokens (id %d) as padding; "
+        "pass attention_mask to say so explicitly",
+        pad,
+    )
     return (~(lead | trail)).long()
 
 
@@ -221,7 +230,9 @@ def prepare_batch(batch: dict, device: torch.device, start: int, limits: BatchLi
     ``limits`` (``BatchLimits.of(model)``) also checks token ids and lengths, naming the example.
     """
     if not isinstance(batch, dict) or "input_ids" not in batch:
-        raise ValueError(f"a batch must be a dict with 'input_ids' (and 'attention_mask', 'labels'), got {type(batch).__name__}")
+        raise ValueError(
+            f"a batch must be a dict with 'input_ids' (and 'attention_mask', 'labels'), got {type(batch).__name__}"
+        )
     input_ids = torch.as_tensor(batch["input_ids"])
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must have shape (B, T), got {tuple(input_ids.shape)}")
@@ -234,7 +245,9 @@ def prepare_batch(batch: dict, device: torch.device, start: int, limits: BatchLi
     labels = input_ids.clone() if labels is None else torch.as_tensor(labels)
     for key, t in (("input_ids", input_ids), ("attention_mask", mask), ("labels", labels)):
         if t.dtype.is_floating_point or t.dtype.is_complex:
-            raise ValueError(f"batch {key} has dtype {t.dtype}; it must hold integers (token ids, 0/1, -100 for ignored labels)")
+            raise ValueError(
+                f"batch {key} has dtype {t.dtype}; it must hold integers (token ids, 0/1, -100 for ignored labels)"
+            )
         if tuple(t.shape) != shape:
             raise ValueError(f"batch {key} has shape {tuple(t.shape)} but input_ids has {shape}; they must match")
     _check_limits(input_ids, mask, labels, limits, ids)
@@ -258,13 +271,16 @@ def _check_limits(input_ids, mask, labels, limits: BatchLimits, ids: list) -> No
         bad = ((input_ids >= limits.vocab_size) | (input_ids < 0)) & attended
         if bool(bad.any()):
             raise ValueError(
-                f"examples {name(bad.any(1))} hold token ids outside 0..{limits.vocab_size - 1} (the model's vocabulary, "
+                f"examples {name(bad.any(1))} hold token ids outside 0..{limits.vocab_size - 1} (the model's "
+                f"vocabulary, "
                 f"max id {int(input_ids[bad].max())}): encode them with this model's tokenizer"
             )
         bad_labels = (labels >= limits.vocab_size) | ((labels < 0) & (labels != IGNORE_INDEX))
         if bool((bad_labels & attended).any()):
-            raise ValueError(f"examples {name((bad_labels & attended).any(1))} have labels outside 0..{limits.vocab_size - 1} "
-                             "and not -100: labels are token ids, -100 where no loss is taken")
+            raise ValueError(
+                f"examples {name((bad_labels & attended).any(1))} have labels outside 0..{limits.vocab_size - 1} "
+                "and not -100: labels are token ids, -100 where no loss is taken"
+            )
     if limits.max_positions is not None and input_ids.shape[1] > limits.max_positions:
         long = attended.sum(1) > limits.max_positions
         raise ValueError(
@@ -296,7 +312,7 @@ def per_example_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
     return ce.sum(1) / (labels != IGNORE_INDEX).sum(1)
 
 
-def forward_losses(model: nn.Module, batch: "Batch", head=None) -> torch.Tensor:
+def forward_losses(model: nn.Module, batch: Batch, head=None) -> torch.Tensor:
     """(B,) per-example losses with autograd. ``head``: ``fused_head(model)`` to compute them
     from the last hidden states with ``ops.linear_cross_entropy`` (no B x T x V logits)."""
     if head is None:
@@ -306,7 +322,11 @@ def forward_losses(model: nn.Module, batch: "Batch", head=None) -> torch.Tensor:
     hidden = decoder(**model_inputs(decoder, batch.input_ids, batch.attention_mask)).last_hidden_state
     labels = shifted_labels(batch.labels)
     tokens = linear_cross_entropy(
-        hidden.flatten(0, 1).to(lm_head.weight.dtype), lm_head.weight, labels.flatten(), bias=lm_head.bias, softcap=softcap
+        hidden.flatten(0, 1).to(lm_head.weight.dtype),
+        lm_head.weight,
+        labels.flatten(),
+        bias=lm_head.bias,
+        softcap=softcap,
     ).view(labels.shape)
     return tokens.sum(1) / (labels != IGNORE_INDEX).sum(1)
 
@@ -350,7 +370,9 @@ def backward_start(model: nn.Module, layers: list[Layer]) -> tuple[str, nn.Modul
             return "block", lists[name][min(w[1] for w in where)]
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     if embeddings is None:
-        raise ValueError(f"{type(model).__name__} has no get_input_embeddings(): cannot start the backward at its inputs")
+        raise ValueError(
+            f"{type(model).__name__} has no get_input_embeddings(): cannot start the backward at its inputs"
+        )
     return "embeddings", embeddings
 
 
@@ -412,7 +434,7 @@ class LayerHooks:
         self.received: set[str] = set()
         self._handles: list = []
 
-    def __enter__(self) -> "LayerHooks":
+    def __enter__(self) -> LayerHooks:
         self._handles = [layer.module.register_forward_hook(self._forward_hook(layer)) for layer in self.layers]
         return self
 

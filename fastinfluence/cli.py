@@ -15,6 +15,7 @@ Errors: a mistake in the input (a library ``ValueError``, ``StoreError``, a miss
 file...) is one line on stderr and exit code 2; any other exception is a bug and keeps
 its traceback; ``--debug`` shows the traceback of every error.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,10 +35,22 @@ from .outputs import OutputError
 
 # command -> (module that registers it, one-line help shown before the module is imported)
 PLUGINS = {
-    "demo": ("fastinfluence.demo", "train a tiny model on generated data and find planted near-duplicates by influence"),
-    "weights": ("fastinfluence.unlearn_cli", "per-example unlearning weights from influence scores (RapidUn, IMU, low-influence)"),
-    "unlearn": ("fastinfluence.unlearn_cli", "unlearn a forget set with UnlearnTrainer (GA, GradDiff, NPO, SimNPO, RapidUn)"),
-    "evaluate": ("fastinfluence.unlearn_cli", "evaluate an (unlearned) model: perplexity, ASR, MIA AUC, privleak, forget quality"),
+    "demo": (
+        "fastinfluence.demo",
+        "train a tiny model on generated data and find planted near-duplicates by influence",
+    ),
+    "weights": (
+        "fastinfluence.unlearn_cli",
+        "per-example unlearning weights from influence scores (RapidUn, IMU, low-influence)",
+    ),
+    "unlearn": (
+        "fastinfluence.unlearn_cli",
+        "unlearn a forget set with UnlearnTrainer (GA, GradDiff, NPO, SimNPO, RapidUn)",
+    ),
+    "evaluate": (
+        "fastinfluence.unlearn_cli",
+        "evaluate an (unlearned) model: perplexity, ASR, MIA AUC, privleak, forget quality",
+    ),
     "bench": ("fastinfluence.bench_cli", "time every op on each backend available here against the torch reference"),
 }
 log = logging.getLogger("fastinfluence")
@@ -85,19 +98,30 @@ def _device(choice: str) -> str:
 # ----------------------------------------------------------------------------- model and data
 
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "spiece.model", "vocab.txt")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+    "tokenizer.model",
+    "spiece.model",
+    "vocab.txt",
+)
 
 
 def _model_dir(path: str, flag: str = "--model") -> Path:
     p = Path(path)
     if not p.exists():
-        raise CLIError(f"{flag} {path}: no such directory; give a local Hugging Face model directory (with config.json) "
-                       "or a PEFT adapter directory (models are never downloaded)")
+        raise CLIError(
+            f"{flag} {path}: no such directory; give a local Hugging Face model directory (with config.json) "
+            "or a PEFT adapter directory (models are never downloaded)"
+        )
     if not p.is_dir():
         raise CLIError(f"{flag} {path} is a file; give the model directory that holds config.json")
     if not (p / "config.json").exists() and not (p / "adapter_config.json").exists():
-        raise CLIError(f"{flag} {path} is not a model directory: it has neither config.json nor adapter_config.json "
-                       "(save one with model.save_pretrained(DIR))")
+        raise CLIError(
+            f"{flag} {path} is not a model directory: it has neither config.json nor adapter_config.json "
+            "(save one with model.save_pretrained(DIR))"
+        )
     return p.resolve()
 
 
@@ -108,12 +132,16 @@ def _adapter_base(adapter: Path) -> Path:
         raise CLIError(f"{adapter / 'adapter_config.json'} is not valid JSON ({exc})") from None
     base = cfg.get("base_model_name_or_path")
     if not base:
-        raise CLIError(f"{adapter / 'adapter_config.json'} names no base_model_name_or_path; set it to the base model directory")
+        raise CLIError(
+            f"{adapter / 'adapter_config.json'} names no base_model_name_or_path; set it to the base model directory"
+        )
     for candidate in (Path(base), adapter / base):
         if (candidate / "config.json").exists():
             return candidate.resolve()
-    raise CLIError(f"the adapter {adapter} was made on {base!r}, which is not a local model directory (from here or "
-                   f"from the adapter): set base_model_name_or_path in {adapter / 'adapter_config.json'} to its path")
+    raise CLIError(
+        f"the adapter {adapter} was made on {base!r}, which is not a local model directory (from here or "
+        f"from the adapter): set base_model_name_or_path in {adapter / 'adapter_config.json'} to its path"
+    )
 
 
 def load_model(path: str, model_dtype: str = "float32", device: str = "cpu", flag: str = "--model"):
@@ -129,8 +157,11 @@ def load_model(path: str, model_dtype: str = "float32", device: str = "cpu", fla
     base = _adapter_base(root) if adapter else root
     tok_dir = next((d for d in (root, base) if any((d / f).exists() for f in TOKENIZER_FILES)), None)
     if tok_dir is None:
-        raise CLIError(f"{flag} {path}: no tokenizer in {root}" + (f" or {base}" if adapter else "")
-                       + f" (none of {', '.join(TOKENIZER_FILES[:3])}); save it there with tokenizer.save_pretrained(DIR)")
+        raise CLIError(
+            f"{flag} {path}: no tokenizer in {root}"
+            + (f" or {base}" if adapter else "")
+            + f" (none of {', '.join(TOKENIZER_FILES[:3])}); save it there with tokenizer.save_pretrained(DIR)"
+        )
     model = AutoModelForCausalLM.from_pretrained(str(base), dtype=dtype, local_files_only=True)
     if adapter:
         from peft import PeftModel
@@ -175,7 +206,9 @@ def projection_config(args):
             try:
                 import yaml
             except ModuleNotFoundError:
-                raise CLIError(f"--config {path}: reading YAML needs PyYAML (pip install pyyaml), or give the config as JSON") from None
+                raise CLIError(
+                    f"--config {path}: reading YAML needs PyYAML (pip install pyyaml), or give the config as JSON"
+                ) from None
             try:
                 values = yaml.safe_load(text) or {}
             except yaml.YAMLError as exc:
@@ -186,24 +219,66 @@ def projection_config(args):
             except ValueError as exc:
                 raise CLIError(f"--config {path} is not valid JSON ({exc})") from None
         if not isinstance(values, dict):
-            raise CLIError(f"--config {path} must hold one object of ProjectionConfig fields, got {type(values).__name__}")
+            raise CLIError(
+                f"--config {path} must hold one object of ProjectionConfig fields, got {type(values).__name__}"
+            )
         unknown = sorted(set(values) - set(_CONFIG_FIELDS))
         if unknown:
-            raise CLIError(f"--config {path}: unknown field(s) {', '.join(unknown)}; the fields are {', '.join(_CONFIG_FIELDS)}")
-    for field, dest in (("rank_in",) * 2, ("rank_out",) * 2, ("kind",) * 2, ("seed",) * 2, ("include",) * 2,
-                        ("exclude",) * 2, ("dtype", "feature_dtype"), ("mode",) * 2, ("dim",) * 2):
+            raise CLIError(
+                f"--config {path}: unknown field(s) {', '.join(unknown)}; the fields are {', '.join(_CONFIG_FIELDS)}"
+            )
+    for field, dest in (
+        ("rank_in",) * 2,
+        ("rank_out",) * 2,
+        ("kind",) * 2,
+        ("seed",) * 2,
+        ("include",) * 2,
+        ("exclude",) * 2,
+        ("dtype", "feature_dtype"),
+        ("mode",) * 2,
+        ("dim",) * 2,
+    ):
         if getattr(args, dest) is not None:
             values[field] = getattr(args, dest)
     return ProjectionConfig(**values)
 
 
 def _add_model_args(p, what: str = "") -> None:
-    p.add_argument("--model", required=not what, metavar="DIR", help=f"local Hugging Face model directory, or a PEFT adapter directory{what} (its base model is loaded from the path in adapter_config.json; nothing is downloaded)")
-    p.add_argument("--model-dtype", "--torch-dtype", dest="model_dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="dtype the model is loaded in (default float32); not the features' storage dtype (--feature-dtype)")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto: this rank's GPU when there is one, else cpu (default auto)")
+    p.add_argument(
+        "--model",
+        required=not what,
+        metavar="DIR",
+        help=f"local Hugging Face model directory, or a PEFT adapter directory{what} (its base model is loaded from "
+        f"the path in adapter_config.json; nothing is downloaded)",
+    )
+    p.add_argument(
+        "--model-dtype",
+        "--torch-dtype",
+        dest="model_dtype",
+        default="float32",
+        choices=["float32", "bfloat16", "float16"],
+        help="dtype the model is loaded in (default float32); not the features' storage dtype (--feature-dtype)",
+    )
+    p.add_argument(
+        "--device",
+        default="auto",
+        help="cpu, cuda, cuda:N, or auto: this rank's GPU when there is one, else cpu (default auto)",
+    )
     p.add_argument("--batch-size", type=int, default=8, help="examples per forward/backward (default 8)")
-    p.add_argument("--max-length", type=int, default=512, help="tokens kept per example, prompt + response; longer prompts lose their start, the answer is kept (default 512)")
-    p.add_argument("--no-eos", dest="eos", action="store_false", help="do not end each response with the tokenizer's end-of-sequence token (appended by default; see fastinfluence.data)")
+    p.add_argument(
+        "--max-length",
+        type=int,
+        default=512,
+        help="tokens kept per example, prompt + response; longer prompts lose their start, the answer is kept "
+        "(default 512)",
+    )
+    p.add_argument(
+        "--no-eos",
+        dest="eos",
+        action="store_false",
+        help="do not end each response with the tokenizer's end-of-sequence token (appended by default; see "
+        "fastinfluence.data)",
+    )
 
 
 def _check_model_args(args) -> None:
@@ -241,12 +316,26 @@ def _extract(args) -> int:
     extractor = GradientExtractor(model, config)
     batches = encode(tok, records, args.batch_size, args.max_length, args.eos)
     check_batches(model, batches)
-    meta = {"data": str(Path(args.data).resolve()), "data_sha256": file_digest(args.data),
-            "model": str(Path(args.model).resolve()), "encoding": {"max_length": args.max_length, "eos": args.eos}}
-    store = write_store(out, extractor, batches, tokens=args.tokens, covariances=args.covariances,
-                        shard_rows=args.shard_rows, meta=meta, progress=not args.quiet)
+    meta = {
+        "data": str(Path(args.data).resolve()),
+        "data_sha256": file_digest(args.data),
+        "model": str(Path(args.model).resolve()),
+        "encoding": {"max_length": args.max_length, "eos": args.eos},
+    }
+    store = write_store(
+        out,
+        extractor,
+        batches,
+        tokens=args.tokens,
+        covariances=args.covariances,
+        shard_rows=args.shard_rows,
+        meta=meta,
+        progress=not args.quiet,
+    )
     if dist.rank_world()[0] == 0:
-        log.info("store %s: %d rows of %d features in %d shards", store.path, store.num_rows, store.dim, len(store.shards))
+        log.info(
+            "store %s: %d rows of %d features in %d shards", store.path, store.num_rows, store.dim, len(store.shards)
+        )
     return 0
 
 
@@ -260,20 +349,53 @@ def _register_extract(sub) -> None:
         "context (label -100), response tokens + end-of-sequence are the answer.",
     )
     _add_model_args(p)
-    p.add_argument("--data", required=True, metavar="JSONL", help="JSONL file, one example per line with 'prompt' and 'response' (and optional 'id'); the loss is taken on the response tokens")
+    p.add_argument(
+        "--data",
+        required=True,
+        metavar="JSONL",
+        help="JSONL file, one example per line with 'prompt' and 'response' (and optional 'id'); the loss is taken "
+        "on the response tokens",
+    )
     p.add_argument("--out", required=True, metavar="DIR", help="feature store directory (created, resumed or extended)")
-    p.add_argument("--config", metavar="FILE", help="ProjectionConfig as a JSON or YAML file; the options below override its fields")
-    p.add_argument("--rank-in", dest="rank_in", type=int, help="k_in, input-side projection width per layer (default 64)")
-    p.add_argument("--rank-out", dest="rank_out", type=int, help="k_out, output-side projection width per layer (default 64)")
+    p.add_argument(
+        "--config",
+        metavar="FILE",
+        help="ProjectionConfig as a JSON or YAML file; the options below override its fields",
+    )
+    p.add_argument(
+        "--rank-in", dest="rank_in", type=int, help="k_in, input-side projection width per layer (default 64)"
+    )
+    p.add_argument(
+        "--rank-out", dest="rank_out", type=int, help="k_out, output-side projection width per layer (default 64)"
+    )
     p.add_argument("--kind", choices=["gaussian", "rademacher"], help="projection entries (default gaussian)")
     p.add_argument("--seed", type=int, help="projection seed (default 0)")
-    p.add_argument("--include", nargs="+", help="regexes of layer names to capture (default: a PEFT adapter's LoRA layers, else all trainable Linear layers)")
+    p.add_argument(
+        "--include",
+        nargs="+",
+        help="regexes of layer names to capture (default: a PEFT adapter's LoRA layers, else all trainable Linear "
+        "layers)",
+    )
     p.add_argument("--exclude", nargs="+", help="regexes of layer names to skip")
-    p.add_argument("--feature-dtype", "--dtype", dest="feature_dtype", choices=["float32", "float16", "bfloat16", "float64"], help="storage dtype of the features in the store (default float32); not the model's dtype (--model-dtype)")
-    p.add_argument("--mode", choices=["factorized", "flat"], help="factorized per-layer projection or one flat JL projection (default factorized)")
+    p.add_argument(
+        "--feature-dtype",
+        "--dtype",
+        dest="feature_dtype",
+        choices=["float32", "float16", "bfloat16", "float64"],
+        help="storage dtype of the features in the store (default float32); not the model's dtype (--model-dtype)",
+    )
+    p.add_argument(
+        "--mode",
+        choices=["factorized", "flat"],
+        help="factorized per-layer projection or one flat JL projection (default factorized)",
+    )
     p.add_argument("--dim", type=int, help="output width of the flat mode (default 8192)")
     p.add_argument("--tokens", action="store_true", help="also store per-token factors (for per-token scores)")
-    p.add_argument("--covariances", action="store_true", help="also store activation/gradient covariance sums (for kfac/ekfac preconditioning)")
+    p.add_argument(
+        "--covariances",
+        action="store_true",
+        help="also store activation/gradient covariance sums (for kfac/ekfac preconditioning)",
+    )
     p.add_argument("--shard-rows", type=int, default=4096, help="rows per shard file (default 4096)")
     p.set_defaults(func=_extract)
 
@@ -282,18 +404,25 @@ def _register_extract(sub) -> None:
 
 
 def _texts(path: str | None, digest: str | None, flag: str, explicit: bool) -> dict:
-    """id -> record of the texts file; a file that changed since extraction is refused (or, given explicitly, warned about)."""
+    """id -> record of the texts file.
+
+    A file that changed since extraction is refused (or, given explicitly, warned about).
+    """
     if not path:
         return {}
     if not Path(path).is_file():
         if explicit:
             raise CLIError(f"{flag} {path}: no such file")
-        raise CLIError(f"the texts of the store's examples were read from {path}, which is gone: give {flag} FILE "
-                       "with the same examples, or --no-texts to write the scores without texts")
+        raise CLIError(
+            f"the texts of the store's examples were read from {path}, which is gone: give {flag} FILE "
+            "with the same examples, or --no-texts to write the scores without texts"
+        )
     if digest is not None and file_digest(path) != digest:
         if not explicit:
-            raise CLIError(f"{path} changed since the store was extracted from it (its SHA-256 differs), so its texts "
-                           f"may not be the store's examples: give {flag} FILE with the original examples, or --no-texts")
+            raise CLIError(
+                f"{path} changed since the store was extracted from it (its SHA-256 differs), so its texts "
+                f"may not be the store's examples: give {flag} FILE with the original examples, or --no-texts"
+            )
         log.warning("%s %s differs from the file the store was extracted from; its texts are matched by id", flag, path)
     return {r["id"]: r for r in read_jsonl(path)}
 
@@ -301,8 +430,10 @@ def _texts(path: str | None, digest: str | None, flag: str, explicit: bool) -> d
 def _check_texts(table: dict, ids, flag: str, path) -> None:
     missing = [i for i in ids if i not in table]
     if table and missing:
-        raise CLIError(f"{path} has no example with ids {missing[:5]} (of {len(missing)} scored ones): give {flag} "
-                       "with the file the store was extracted from, or --no-texts")
+        raise CLIError(
+            f"{path} has no example with ids {missing[:5]} (of {len(missing)} scored ones): give {flag} "
+            "with the file the store was extracted from, or --no-texts"
+        )
 
 
 def _score(args) -> int:
@@ -313,41 +444,76 @@ def _score(args) -> int:
     positive(args.topk, "--topk")
     positive(args.chunk_rows, "--chunk-rows")
     if args.damping is not None and not args.damping > 0:
-        raise CLIError(f"--damping must be > 0, got {args.damping}: zero or negative damping flips the scores' signs and order")
+        raise CLIError(
+            f"--damping must be > 0, got {args.damping}: zero or negative damping flips the scores' signs and order"
+        )
     out = check_file(args.out, "--out", args.overwrite)
     train = FeatureStore.open(args.train)
     if args.precondition in ("kfac", "ekfac") and not train.has_covariances:
-        raise CLIError(f"--precondition {args.precondition} needs a train store extracted with --covariances; "
-                       f"re-run extract with --covariances into a new --out, or use --precondition diagonal")
+        raise CLIError(
+            f"--precondition {args.precondition} needs a train store extracted with --covariances; "
+            f"re-run extract with --covariances into a new --out, or use --precondition diagonal"
+        )
     if args.verify:
         summary = train.verify()
-        log.info("verified %d shard files (%d rows, %.1f MiB)", summary["files"], summary["rows"], summary["bytes"] / 2**20)
+        log.info(
+            "verified %d shard files (%d rows, %.1f MiB)", summary["files"], summary["rows"], summary["bytes"] / 2**20
+        )
     jsonl_query = not Path(args.query).is_dir()
     if jsonl_query:
         if not args.model:
-            raise CLIError("--query is a JSONL file: give --model to extract its features (with the train store's projection config)")
+            raise CLIError(
+                "--query is a JSONL file: give --model to extract its features (with the train store's projection "
+                "config)"
+            )
         _check_model_args(args)
         query_records = read_jsonl(args.query)
     else:
         query = FeatureStore.open(args.query)
     n_query = len(query_records) if jsonl_query else len(query)
-    matrix = check_file(args.matrix, "--matrix", args.overwrite, need_bytes=n_query * len(train) * 4 + 4096) if args.matrix else None
+    matrix = (
+        check_file(args.matrix, "--matrix", args.overwrite, need_bytes=n_query * len(train) * 4 + 4096)
+        if args.matrix
+        else None
+    )
     texts = not args.no_texts
-    train_texts = _texts(args.train_data or train.meta.get("data"), None if args.train_data else train.meta.get("data_sha256"),
-                         "--train-data", bool(args.train_data)) if texts else {}
+    train_texts = (
+        _texts(
+            args.train_data or train.meta.get("data"),
+            None if args.train_data else train.meta.get("data_sha256"),
+            "--train-data",
+            bool(args.train_data),
+        )
+        if texts
+        else {}
+    )
     if jsonl_query:
         query_texts = {r["id"]: r for r in query_records} if texts else {}
         query = _query_features(args, train, query_records)
     else:
-        query_texts = _texts(args.query_data or query.meta.get("data"), None if args.query_data else query.meta.get("data_sha256"),
-                             "--query-data", bool(args.query_data)) if texts else {}
+        query_texts = (
+            _texts(
+                args.query_data or query.meta.get("data"),
+                None if args.query_data else query.meta.get("data_sha256"),
+                "--query-data",
+                bool(args.query_data),
+            )
+            if texts
+            else {}
+        )
     _check_texts(train_texts, train.ids, "--train-data", args.train_data or train.meta.get("data"))
     _check_texts(query_texts, query.ids, "--query-data", args.query_data or args.query)
     result = _run_score(args, query, train, matrix)
     if dist.rank_world()[0] == 0:
         with atomic_path(out) as tmp:
             write_topk(result, str(tmp), query_texts, train_texts, csv_format=out.suffix == ".csv")
-        log.info("wrote the top-%d of %d queries over %d train rows to %s", result.topk_values.shape[1], len(result.query_ids), len(result.train_ids), out)
+        log.info(
+            "wrote the top-%d of %d queries over %d train rows to %s",
+            result.topk_values.shape[1],
+            len(result.query_ids),
+            len(result.train_ids),
+            out,
+        )
     return 0
 
 
@@ -373,9 +539,17 @@ def _run_score(args, query, train, matrix: Path | None):
         tmp = dist.broadcast_object(tmp)
     try:
         result = score(
-            query, train, metric=args.metric, precondition=args.precondition, topk=args.topk,
-            layer_normalize=args.layer_normalize, matrix_path=tmp, chunk_rows=args.chunk_rows,
-            damping=args.damping, progress=not args.quiet, allow_incomplete=args.allow_incomplete,
+            query,
+            train,
+            metric=args.metric,
+            precondition=args.precondition,
+            topk=args.topk,
+            layer_normalize=args.layer_normalize,
+            matrix_path=tmp,
+            chunk_rows=args.chunk_rows,
+            damping=args.damping,
+            progress=not args.quiet,
+            allow_incomplete=args.allow_incomplete,
         )
     except BaseException:
         if tmp is not None and dist.rank_world()[0] == 0:
@@ -388,26 +562,43 @@ def _run_score(args, query, train, matrix: Path | None):
 
 def write_topk(result, out: str, query_texts: dict, train_texts: dict, csv_format: bool | None = None) -> None:
     """Top-k as JSON (one object per query) or CSV (one row per query x rank), with example texts."""
+
     def text(table, key, field):
         return table.get(key, {}).get(field)
 
     rows = []
     for q, qid in enumerate(result.query_ids):
-        for r, (row, tid, v) in enumerate(zip(result.topk_indices[q].tolist(), result.topk_ids[q], result.topk_values[q].tolist())):
-            rows.append({
-                "query_id": qid, "rank": r + 1, "train_row": row, "train_id": tid, "score": v,
-                "query_prompt": text(query_texts, qid, "prompt"), "query_response": text(query_texts, qid, "response"),
-                "train_prompt": text(train_texts, tid, "prompt"), "train_response": text(train_texts, tid, "response"),
-            })
+        for r, (row, tid, v) in enumerate(
+            zip(result.topk_indices[q].tolist(), result.topk_ids[q], result.topk_values[q].tolist())
+        ):
+            rows.append(
+                {
+                    "query_id": qid,
+                    "rank": r + 1,
+                    "train_row": row,
+                    "train_id": tid,
+                    "score": v,
+                    "query_prompt": text(query_texts, qid, "prompt"),
+                    "query_response": text(query_texts, qid, "response"),
+                    "train_prompt": text(train_texts, tid, "prompt"),
+                    "train_response": text(train_texts, tid, "response"),
+                }
+            )
     if csv_format if csv_format is not None else out.endswith(".csv"):
         with open(out, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["query_id"])
             w.writeheader()
             w.writerows(rows)
         return
-    queries = [{"id": qid, "prompt": text(query_texts, qid, "prompt"), "response": text(query_texts, qid, "response"),
-                "top": [{k: v for k, v in r.items() if not k.startswith("query")} for r in rows if r["query_id"] == qid]}
-               for qid in result.query_ids]
+    queries = [
+        {
+            "id": qid,
+            "prompt": text(query_texts, qid, "prompt"),
+            "response": text(query_texts, qid, "response"),
+            "top": [{k: v for k, v in r.items() if not k.startswith("query")} for r in rows if r["query_id"] == qid],
+        }
+        for qid in result.query_ids
+    ]
     with open(out, "w") as f:
         json.dump({"metric": result.metric, "precondition": result.precondition, "queries": queries}, f, indent=2)
 
@@ -420,20 +611,66 @@ def _register_score(sub) -> None:
         "store. Writes the top-k train examples per query (with their texts) as JSON or CSV.",
     )
     p.add_argument("--train", required=True, metavar="DIR", help="train feature store directory")
-    p.add_argument("--query", required=True, metavar="DIR|JSONL", help="query feature store directory, or a JSONL file (then --model is needed)")
-    p.add_argument("--out", required=True, metavar="FILE", help="output file: .csv for one row per query and rank, anything else for JSON")
-    p.add_argument("--overwrite", action="store_true", help="replace --out / --matrix when they exist (refused otherwise)")
-    p.add_argument("--metric", default="dot", choices=["dot", "cosine"], help="dot product or cosine of the (preconditioned) features (default dot)")
-    p.add_argument("--precondition", default=None, choices=["identity", "diagonal", "kfac", "ekfac", "full"], help="curvature fitted on the train store and cached beside it (default none); kfac/ekfac need a store extracted with --covariances")
-    p.add_argument("--damping", type=float, help="absolute damping of the preconditioner, > 0 (default 0.1 x its mean eigenvalue)")
+    p.add_argument(
+        "--query",
+        required=True,
+        metavar="DIR|JSONL",
+        help="query feature store directory, or a JSONL file (then --model is needed)",
+    )
+    p.add_argument(
+        "--out",
+        required=True,
+        metavar="FILE",
+        help="output file: .csv for one row per query and rank, anything else for JSON",
+    )
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace --out / --matrix when they exist (refused otherwise)"
+    )
+    p.add_argument(
+        "--metric",
+        default="dot",
+        choices=["dot", "cosine"],
+        help="dot product or cosine of the (preconditioned) features (default dot)",
+    )
+    p.add_argument(
+        "--precondition",
+        default=None,
+        choices=["identity", "diagonal", "kfac", "ekfac", "full"],
+        help="curvature fitted on the train store and cached beside it (default none); kfac/ekfac need a store "
+        "extracted with --covariances",
+    )
+    p.add_argument(
+        "--damping", type=float, help="absolute damping of the preconditioner, > 0 (default 0.1 x its mean eigenvalue)"
+    )
     p.add_argument("--topk", type=int, default=10, help="train examples kept per query (default 10)")
-    p.add_argument("--layer-normalize", action="store_true", help="scale each layer's features to unit norm before summing layers")
-    p.add_argument("--chunk-rows", type=int, default=8192, help="train rows scored at a time; bounds the memory (default 8192)")
-    p.add_argument("--matrix", metavar="NPY", help="also write the full query x train score matrix to this .npy file (memory-mapped; free space is checked first)")
+    p.add_argument(
+        "--layer-normalize", action="store_true", help="scale each layer's features to unit norm before summing layers"
+    )
+    p.add_argument(
+        "--chunk-rows", type=int, default=8192, help="train rows scored at a time; bounds the memory (default 8192)"
+    )
+    p.add_argument(
+        "--matrix",
+        metavar="NPY",
+        help="also write the full query x train score matrix to this .npy file (memory-mapped; free space is checked "
+        "first)",
+    )
     p.add_argument("--verify", action="store_true", help="check every shard checksum of the train store first")
-    p.add_argument("--allow-incomplete", action="store_true", help="score the rows of a store whose extraction was interrupted (refused otherwise: resume the extraction)")
-    p.add_argument("--train-data", metavar="JSONL", help="JSONL with the train texts (default: the file recorded at extraction, refused if it changed since)")
-    p.add_argument("--query-data", metavar="JSONL", help="JSONL with the query texts (default: the query JSONL, or the file recorded at extraction)")
+    p.add_argument(
+        "--allow-incomplete",
+        action="store_true",
+        help="score the rows of a store whose extraction was interrupted (refused otherwise: resume the extraction)",
+    )
+    p.add_argument(
+        "--train-data",
+        metavar="JSONL",
+        help="JSONL with the train texts (default: the file recorded at extraction, refused if it changed since)",
+    )
+    p.add_argument(
+        "--query-data",
+        metavar="JSONL",
+        help="JSONL with the query texts (default: the query JSONL, or the file recorded at extraction)",
+    )
     p.add_argument("--no-texts", action="store_true", help="write ids and scores only, without example texts")
     _add_model_args(p, ", to extract the features of a JSONL --query")
     p.set_defaults(func=_score)
@@ -447,7 +684,9 @@ def build_parser(command: str | None = "*") -> argparse.ArgumentParser:
     None: none, the others appear with their one-line help only)."""
     parser = argparse.ArgumentParser(
         prog="fastinfluence",
-        description="Fast, low-memory influence estimation and influence-guided unlearning for Hugging Face causal LMs.",
+        description=(
+            "Fast, low-memory influence estimation and influence-guided unlearning for Hugging Face causal LMs."
+        ),
         epilog="examples:\n"
         "  fastinfluence extract --model DIR --data train.jsonl --out runs/train --covariances\n"
         "  fastinfluence extract --model DIR --data queries.jsonl --out runs/query\n"
@@ -458,13 +697,26 @@ def build_parser(command: str | None = "*") -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"fastinfluence {__version__}")
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="logging verbosity (default INFO)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars, no loading messages or warnings of transformers (anywhere on the line)")
-    parser.add_argument("--debug", action="store_true", help="show the full traceback of every error (anywhere on the line)")
+    parser.add_argument(
+        "--log-level",
+        default="INFO",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="logging verbosity (default INFO)",
+    )
+    parser.add_argument(
+        "--quiet",
+        action="store_true",
+        help="no progress bars, no loading messages or warnings of transformers (anywhere on the line)",
+    )
+    parser.add_argument(
+        "--debug", action="store_true", help="show the full traceback of every error (anywhere on the line)"
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _register_extract(sub)
     _register_score(sub)
-    modules = {m for m, _ in PLUGINS.values()} if command == "*" else {PLUGINS[command][0]} if command in PLUGINS else set()
+    modules = (
+        {m for m, _ in PLUGINS.values()} if command == "*" else {PLUGINS[command][0]} if command in PLUGINS else set()
+    )
     for module in sorted(modules):
         _plug(module, sub)
     for name, (module, help) in PLUGINS.items():
@@ -519,14 +771,21 @@ def _quiet() -> None:
 # Library wording -> command-line wording, applied to the one-line messages.
 _CLI_TERMS = [
     (r"GradientExtractor\.extract\(batches, store=\.\.\.\)", "fastinfluence extract --out DIR"),
-    (r"extract both with the same model, layers and ProjectionConfig",
-     "extract both with the same --model, --include/--exclude and projection options (--rank-in, --rank-out, --kind, --seed, --mode)"),
+    (
+        r"extract both with the same model, layers and ProjectionConfig",
+        "extract both with the same --model, --include/--exclude and projection options (--rank-in, --rank-out, "
+        "--kind, --seed, --mode)",
+    ),
     (r"extract with tokens=True", "extract with --tokens"),
     (r"extract with covariances=True", "extract with --covariances"),
-    (r"was extracted with tokens=(\w+), covariances=(\w+); pass the same flags to resume or extend it "
-     r"\(got tokens=(\w+), covariances=(\w+)\)",
-     lambda m: f"was extracted with {_flags(m.group(1), m.group(2))}; pass the same flags to resume or extend it "
-               f"(this command has {_flags(m.group(3), m.group(4))})"),
+    (
+        r"was extracted with tokens=(\w+), covariances=(\w+); pass the same flags to resume or extend it "
+        r"\(got tokens=(\w+), covariances=(\w+)\)",
+        lambda m: (
+            f"was extracted with {_flags(m.group(1), m.group(2))}; pass the same flags to resume or extend it "
+            f"(this command has {_flags(m.group(3), m.group(4))})"
+        ),
+    ),
     (r"allow_incomplete=True", "--allow-incomplete"),
     (r"ProjectionConfig\(include=\.\.\., exclude=\.\.\.\)", "--include / --exclude"),
     (r"ProjectionConfig\(include=\.\.\.\)", "--include"),
@@ -555,7 +814,10 @@ def _user_error(exc: BaseException) -> str | None:
     """The one-line message of an input mistake, or None for a bug (which keeps its traceback)."""
     names = {c.__name__ for c in type(exc).__mro__}
     if isinstance(exc, ModuleNotFoundError) and exc.name:
-        return f"this needs the package {exc.name.split('.')[0]}, which is not installed: pip install {exc.name.split('.')[0]}"
+        return (
+            f"this needs the package {exc.name.split('.')[0]}, which is not installed: pip install "
+            f"{exc.name.split('.')[0]}"
+        )
     if isinstance(exc, OSError) and not isinstance(exc, OutputError):
         where = f" {exc.filename}" if exc.filename else ""
         return f"{exc.strerror or exc}:{where}" if exc.strerror else str(exc)

@@ -1,4 +1,5 @@
 """Configuration dataclasses."""
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
@@ -71,5 +72,5 @@ class ProjectionConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ProjectionConfig":
+    def from_dict(cls, d: dict) -> ProjectionConfig:
         return cls(**d)

@@ -25,12 +25,14 @@ The encoding of one example (``encode_example``):
 Batches are right-padded (``side="left"`` pads on the left) with ``attention_mask`` 0 on
 the padding; ``ids`` holds the example ids.
 """
+
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 IGNORE_INDEX = -100
 _PER_LINE = "one {'prompt', 'response'} object per line"
@@ -121,7 +123,7 @@ def encode_example(tokenizer, prompt: str, response: str, max_length: int = 512,
         keep_a = min(len(a), max_length - min(1, len(p)))
         truncated = "prompt" if keep_a == len(a) else "response"
         a = a[:keep_a]
-        p = p[len(p) - (max_length - keep_a):] if max_length > keep_a else []
+        p = p[len(p) - (max_length - keep_a) :] if max_length > keep_a else []
     return {"input_ids": p + a, "labels": [IGNORE_INDEX] * len(p) + a, "truncated": truncated}
 
 
@@ -145,11 +147,23 @@ def encode(tokenizer, examples, max_length: int = 512, eos: bool = True, fields:
         item.update({f: {"input_ids": x["input_ids"], "labels": x["labels"]} for f, x in extra.items()})
         out.append(item)
     if cut["prompt"]:
-        log.warning("%d of %d examples are longer than max_length=%d: their prompts were cut from the start, "
-                    "answers kept (ids %s)", len(cut["prompt"]), len(out), max_length, _some(cut["prompt"]))
+        log.warning(
+            "%d of %d examples are longer than max_length=%d: their prompts were cut from the start, "
+            "answers kept (ids %s)",
+            len(cut["prompt"]),
+            len(out),
+            max_length,
+            _some(cut["prompt"]),
+        )
     if cut["response"]:
-        log.warning("%d of %d examples have answers longer than max_length=%d: their answers were cut "
-                    "(ids %s); raise max_length", len(cut["response"]), len(out), max_length, _some(cut["response"]))
+        log.warning(
+            "%d of %d examples have answers longer than max_length=%d: their answers were cut "
+            "(ids %s); raise max_length",
+            len(cut["response"]),
+            len(out),
+            max_length,
+            _some(cut["response"]),
+        )
     return out
 
 
@@ -185,8 +199,9 @@ def pad(examples: list[Mapping], pad_token_id: int = 0, side: str = "right") -> 
     return batch
 
 
-def batches(tokenizer, examples, batch_size: int = 8, max_length: int = 512, eos: bool = True,
-            side: str = "right") -> list[dict]:
+def batches(
+    tokenizer, examples, batch_size: int = 8, max_length: int = 512, eos: bool = True, side: str = "right"
+) -> list[dict]:
     """Padded batches of ``batch_size`` examples in order (the batches ``GradientExtractor.extract`` takes)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -205,12 +220,17 @@ class Collator:
         return pad(examples, self.pad_token_id, self.side)
 
 
-def dataloader(tokenizer, examples, batch_size: int = 8, max_length: int = 512, eos: bool = True,
-               side: str = "right", **kwargs):
+def dataloader(
+    tokenizer, examples, batch_size: int = 8, max_length: int = 512, eos: bool = True, side: str = "right", **kwargs
+):
     """A ``torch.utils.data.DataLoader`` of padded batches; ``kwargs`` (``shuffle``, ``num_workers``) go to it."""
     from torch.utils.data import DataLoader
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    return DataLoader(encode(tokenizer, examples, max_length, eos), batch_size=batch_size,
-                      collate_fn=Collator(pad_token_id(tokenizer), side), **kwargs)
+    return DataLoader(
+        encode(tokenizer, examples, max_length, eos),
+        batch_size=batch_size,
+        collate_fn=Collator(pad_token_id(tokenizer), side),
+        **kwargs,
+    )

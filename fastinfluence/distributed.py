@@ -3,6 +3,7 @@
 Every helper is a no-op for a single process (no process group initialised), so the same
 extraction and scoring code runs alone or under ``torchrun --nproc_per_node=N``.
 """
+
 from __future__ import annotations
 
 import os

@@ -27,14 +27,15 @@ leave out each answer's final token, the eos its data pipeline appends; loss, zl
 and PrivLeak's formula already agree. Its extraction strength gives 1/n, not 0, to an answer
 no suffix of which greedy decoding reproduces; here it is 0.
 """
+
 from __future__ import annotations
 
 import json
 import math
 import time
 import zlib
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import torch
 
@@ -71,8 +72,9 @@ def min_k_score(token_nll: torch.Tensor, k: float) -> torch.Tensor:
     return (-token_nll).sort().values[: max(1, int(k * token_nll.numel()))].mean()
 
 
-def membership_scores(token_nlls: list[torch.Tensor], texts: list[bytes], k: float = 0.2,
-                      min_k_nlls: list[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+def membership_scores(
+    token_nlls: list[torch.Tensor], texts: list[bytes], k: float = 0.2, min_k_nlls: list[torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
     """loss, zlib and min-k% scores per example (higher = more likely a member); see module doc.
 
     ``min_k_nlls``: the token NLLs min-k is computed on (default ``token_nlls``; without the
@@ -98,8 +100,9 @@ def _eos_id(model, tokenizer) -> int:
     if isinstance(eos, (list, tuple)):
         eos = eos[0] if eos else None
     if eos is None:
-        raise ValueError("exclude_final_eos=True needs the eos token id: pass tokenizer= "
-                         "or set model.config.eos_token_id")
+        raise ValueError(
+            "exclude_final_eos=True needs the eos token id: pass tokenizer= or set model.config.eos_token_id"
+        )
     return int(eos)
 
 
@@ -121,8 +124,10 @@ def truth_ratio(model, paraphrased: Iterable[dict], perturbed: Sequence[Iterable
     for j, batches in enumerate(perturbed):
         p = torch.stack([t.mean() for t in _tokens(model, batches)[0]])
         if p.shape != para.shape:
-            raise ValueError(f"perturbed set {j} has {p.numel()} answers but there are {para.numel()} paraphrased "
-                             "ones; give one perturbed answer per question in every set, in the same order")
+            raise ValueError(
+                f"perturbed set {j} has {p.numel()} answers but there are {para.numel()} paraphrased "
+                "ones; give one perturbed answer per question in every set, in the same order"
+            )
         pert.append(p)
     wrong, correct = torch.exp(-torch.stack(pert).mean(0)), torch.exp(-para)
     return wrong / (correct + 1e-10)
@@ -208,7 +213,9 @@ def greedy_generate(model, tokenizer, prompts: list[str], max_new_tokens: int, b
     in training.
     """
     if batch_size < 1 or max_new_tokens < 1:
-        raise ValueError(f"greedy_generate: batch_size and max_new_tokens must be >= 1, got {batch_size}, {max_new_tokens}")
+        raise ValueError(
+            f"greedy_generate: batch_size and max_new_tokens must be >= 1, got {batch_size}, {max_new_tokens}"
+        )
     pad = getattr(tokenizer, "pad_token_id", None)
     eos = getattr(tokenizer, "eos_token_id", None)
     pad = pad if pad is not None else (eos if eos is not None else 0)
@@ -220,8 +227,9 @@ def greedy_generate(model, tokenizer, prompts: list[str], max_new_tokens: int, b
         T = max(len(e) for e in encoded)
         ids = torch.tensor([[pad] * (T - len(e)) + e for e in encoded], device=model.device)
         mask = torch.tensor([[0] * (T - len(e)) + [1] * len(e) for e in encoded], device=model.device)
-        gen = model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=pad, eos_token_id=eos)
+        gen = model.generate(
+            ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad, eos_token_id=eos
+        )
         for row in gen[:, T:].tolist():
             if eos is not None and eos in row:
                 row = row[: row.index(eos)]
@@ -229,8 +237,9 @@ def greedy_generate(model, tokenizer, prompts: list[str], max_new_tokens: int, b
     return out
 
 
-def attack_success_rate(model, tokenizer, prompts: list[str], target: str, max_new_tokens: int | None = None,
-                        batch_size: int = 64) -> float:
+def attack_success_rate(
+    model, tokenizer, prompts: list[str], target: str, max_new_tokens: int | None = None, batch_size: int = 64
+) -> float:
     """Fraction of ``prompts`` whose greedy continuation contains ``target`` (batched, :func:`greedy_generate`)."""
     if not prompts:
         raise ValueError("attack_success_rate needs at least one prompt")
@@ -247,14 +256,18 @@ def _texts(ids: list[torch.Tensor], tokenizer) -> list[bytes]:
 def check_attack(attack) -> None:
     """``{"target": str, "<group>": [prompt, ...], ...}``; anything else is refused (a string group would score 0)."""
     if not isinstance(attack, dict) or not isinstance(attack.get("target"), str) or not attack["target"]:
-        raise ValueError("the attack must be an object with a non-empty string 'target' and one or more groups of "
-                         "prompts: {\"target\": \"...\", \"seen\": [\"prompt\", ...]}")
+        raise ValueError(
+            "the attack must be an object with a non-empty string 'target' and one or more groups of "
+            'prompts: {"target": "...", "seen": ["prompt", ...]}'
+        )
     groups = {k: v for k, v in attack.items() if k != "target"}
     if not groups:
-        raise ValueError("the attack has a 'target' but no group of prompts; add e.g. \"seen\": [\"prompt\", ...]")
+        raise ValueError('the attack has a \'target\' but no group of prompts; add e.g. "seen": ["prompt", ...]')
     for name, prompts in groups.items():
         if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
-            raise ValueError(f"attack group {name!r} must be a non-empty list of prompt strings, got {type(prompts).__name__}")
+            raise ValueError(
+                f"attack group {name!r} must be a non-empty list of prompt strings, got {type(prompts).__name__}"
+            )
 
 
 def evaluate(
@@ -339,10 +352,14 @@ def evaluate(
                     # About -100 when the forget set is still memorised, 0 when matched.
                     rh_nll, _ = _tokens(retrained, holdout)
                     rf_mk, rh_mk = drop_final_eos(rf_nll, f_ids, eos), drop_final_eos(rh_nll, h_ids, eos)
-                    a = auc(membership_scores(f_nll, f_text, 0.4, f_mk)["min_k"],
-                            membership_scores(h_nll, h_text, 0.4, h_mk)["min_k"])
-                    r = auc(membership_scores(rf_nll, f_text, 0.4, rf_mk)["min_k"],
-                            membership_scores(rh_nll, h_text, 0.4, rh_mk)["min_k"])
+                    a = auc(
+                        membership_scores(f_nll, f_text, 0.4, f_mk)["min_k"],
+                        membership_scores(h_nll, h_text, 0.4, h_mk)["min_k"],
+                    )
+                    r = auc(
+                        membership_scores(rf_nll, f_text, 0.4, rf_mk)["min_k"],
+                        membership_scores(rh_nll, h_text, 0.4, rh_mk)["min_k"],
+                    )
                     result["privleak"] = (r - a) / max(1 - r, 1e-12) * 100
         if (paraphrased is None) != (perturbed is None):
             raise ValueError("the truth ratio needs both paraphrased= and perturbed= answers")

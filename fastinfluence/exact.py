@@ -7,9 +7,10 @@ For each selected layer, one of two exact methods is used, whichever costs less:
 - ``dense``: the query gradients grad W_q are formed once and each train example's
   gradient is formed and dotted with them, about (T_i + Q) d_in d_out per train example.
 """
+
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import nn

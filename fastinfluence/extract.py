@@ -1,8 +1,9 @@
 """GradientExtractor: per-example gradient features from one batched backward per batch."""
+
 from __future__ import annotations
 
 import hashlib
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch import nn
@@ -235,8 +236,15 @@ class GradientExtractor:
             labels = shifted_labels(batch.labels)
             answers = (labels != IGNORE_INDEX).sum(1, keepdim=True)
             weights = (1.0 / answers.to(dtype)).expand(labels.shape)
-            GP = lm_head_grad_projected(hidden.flatten(0, 1).to(head.weight.dtype), head.weight, labels.flatten(),
-                                        weights.flatten(), P_out, bias=head.bias, softcap=softcap)
+            GP = lm_head_grad_projected(
+                hidden.flatten(0, 1).to(head.weight.dtype),
+                head.weight,
+                labels.flatten(),
+                weights.flatten(),
+                P_out,
+                bias=head.bias,
+                softcap=softcap,
+            )
             A = hidden.to(dtype)
             if layer.bias:
                 A = torch.cat([A, A.new_ones(*A.shape[:-1], 1)], dim=-1)
@@ -257,7 +265,9 @@ class GradientExtractor:
         def on_layer(layer: Layer, A, G, mask):
             A, G = masked(A.to(self.dtype), mask), masked(G.to(self.dtype), mask)
             grads = per_example_gradients(A, G, mask, layer.bias)
-            rows.add_(ops.jl_project(grads, cfg.dim, seed=cfg.seed, kind=cfg.kind, offset=self._flat_offsets[layer.name]))
+            rows.add_(
+                ops.jl_project(grads, cfg.dim, seed=cfg.seed, kind=cfg.kind, offset=self._flat_offsets[layer.name])
+            )
 
         capture.run(batch, on_layer)
         return self._features(rows, batch.ids, None, None, fp)

@@ -1,4 +1,5 @@
 """In-memory per-example features and the chunk interface that scoring streams over."""
+
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
@@ -92,7 +93,12 @@ class Features:
 
     def metadata(self) -> dict:
         """config / fingerprint / layout / dtype, compared before scoring two sources together."""
-        return {"config": self.config, "fingerprint": self.fingerprint or {}, "layout": self.layout, "dtype": self.dtype}
+        return {
+            "config": self.config,
+            "fingerprint": self.fingerprint or {},
+            "layout": self.layout,
+            "dtype": self.dtype,
+        }
 
     def row_bounds(self) -> list[int]:
         """Rows at which the rows may be split between processes: any row."""
@@ -162,7 +168,9 @@ def slice_rows(f: Features, a: int, b: int) -> Features:
         o = f.tokens.offsets
         lo, hi = int(o[a]), int(o[b])
         tokens = TokenFactors(
-            o[a : b + 1] - lo, {n: t[lo:hi] for n, t in f.tokens.a.items()}, {n: t[lo:hi] for n, t in f.tokens.g.items()}
+            o[a : b + 1] - lo,
+            {n: t[lo:hi] for n, t in f.tokens.a.items()},
+            {n: t[lo:hi] for n, t in f.tokens.g.items()},
         )
     return Features(f.data[a:b], f.norms[a:b], f.ids[a:b], f.layout, f.config, f.fingerprint, tokens, None)
 

@@ -22,6 +22,7 @@ does and returns the same ``ScoreResult`` (top-k only: aggregates over every row
 streaming pass). Recall of ivf/ivfpq against the exact top-k is measured in
 ``bench/index_recall.py`` (``bench/results/index_recall_cpu.json``).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -164,11 +165,16 @@ def index_topk(index: FeatureIndex, query, train, metric: str, pre, topk: int, l
     from .store import check_same_origin
 
     if index.metric != metric:
-        raise ValueError(f"the index was built for metric={index.metric!r}, this score asks metric={metric!r}; build one per metric")
+        raise ValueError(
+            f"the index was built for metric={index.metric!r}, this score asks metric={metric!r}; build one per metric"
+        )
     if layer_normalize:
         raise ValueError("layer_normalize=True is not supported with an index: score without index= (streaming)")
     if len(index) != len(train):
-        raise ValueError(f"the index holds {len(index)} rows but the train features have {len(train)}: rebuild it from these features")
+        raise ValueError(
+            f"the index holds {len(index)} rows but the train features have {len(train)}: rebuild it from these "
+            f"features"
+        )
     check_same_origin(index.meta, source_metadata(train), "the index", "the train features")
     q = pre.apply(query.data) if pre is not None else query.data
     k = min(topk, len(index))

@@ -24,14 +24,15 @@ per example) and drops them; ``ghost`` never forms them (cost Q T d_in' d_out); 
 the cheaper per layer. The EK-FAC fit forms rotated per-example gradients the same way, a few
 examples of one layer at a time.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import json
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 import torch
 from safetensors import safe_open
@@ -120,12 +121,16 @@ class KFACFactors:
 
     def save(self, path: str | Path) -> None:
         """Write the statistics as safetensors (``KFACFactors.load`` reads them back)."""
-        meta = {"method": self.method, "shapes": json.dumps(self.shapes),
-                "examples": str(self.examples), "tokens": str(self.tokens)}
+        meta = {
+            "method": self.method,
+            "shapes": json.dumps(self.shapes),
+            "examples": str(self.examples),
+            "tokens": str(self.tokens),
+        }
         save_file({k: v.contiguous().cpu() for k, v in self.stats.items()}, str(path), metadata=meta)
 
     @classmethod
-    def load(cls, path: str | Path, damping: float | None = None, damping_ratio: float = 0.1) -> "KFACFactors":
+    def load(cls, path: str | Path, damping: float | None = None, damping_ratio: float = 0.1) -> KFACFactors:
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}
             if meta.get("method") not in METHODS:
@@ -169,8 +174,14 @@ def _fit(
         eA, QA = torch.linalg.eigh(CA / tokens)
         eG, QG = torch.linalg.eigh(CG / examples)
         # contiguous: eigh returns column-major bases
-        stats.update({f"{layer.name}.Q_A": QA.contiguous(), f"{layer.name}.Q_G": QG.contiguous(),
-                      f"{layer.name}.e_A": eA, f"{layer.name}.e_G": eG})
+        stats.update(
+            {
+                f"{layer.name}.Q_A": QA.contiguous(),
+                f"{layer.name}.Q_G": QG.contiguous(),
+                f"{layer.name}.e_A": eA,
+                f"{layer.name}.e_G": eG,
+            }
+        )
         shapes[layer.name] = (layer.d_out, layer.d_in + int(layer.bias))
     if method == "ekfac":
         bases = {l.name: (stats[f"{l.name}.Q_G"].to(dtype), stats[f"{l.name}.Q_A"].to(dtype)) for l in layers}
@@ -294,7 +305,7 @@ def kfac_scores(
         for batch in iter_batches(query_batches, device):
             capture.run(batch, keep)
         P = {name: factors.precondition(name, torch.cat(g)).to(dtype) for name, g in grads.items()}
-        del grads
+        grads = None  # free the query gradients
         Q = len(next(iter(P.values())))
         query_sq = sum(p.flatten(1).square().sum(1) for p in P.values())
 

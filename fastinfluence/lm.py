@@ -4,6 +4,7 @@ How a causal LM is called so that an example's outputs do not depend on its padd
 and how its loss can be computed from the last hidden states and the LM head without
 building B x T x V logits.
 """
+
 from __future__ import annotations
 
 import inspect

@@ -34,9 +34,11 @@ The methods (forget set f, retain set r; sequence-level terms use E_w[x] = sum_i
 SimNPO's margin is ``gamma`` in the paper's units or ``delta`` in open-unlearning's
 (gamma = beta * delta). NPO and SimNPO are means over examples under either reduction.
 """
+
 from __future__ import annotations
 
-from typing import Iterable, NamedTuple
+from collections.abc import Iterable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -71,12 +73,16 @@ def token_nll(model, batch: dict, fused: bool | None = None) -> tuple[torch.Tens
     """
     for key in ("input_ids", "labels"):
         if key not in batch:
-            raise ValueError(f"batch has no {key!r}; unlearning batches need input_ids and labels (-100 off the answer)")
+            raise ValueError(
+                f"batch has no {key!r}; unlearning batches need input_ids and labels (-100 off the answer)"
+            )
     labels = shifted_labels(batch["labels"])
     mask = labels != IGNORE_INDEX
     head = fused_head(model) if fused is not False else None
     if fused and head is None:
-        raise ValueError(f"fused=True but {type(model).__name__} has no plain Linear LM head after its decoder; use fused=None")
+        raise ValueError(
+            f"fused=True but {type(model).__name__} has no plain Linear LM head after its decoder; use fused=None"
+        )
     input_ids, attention_mask = batch["input_ids"], batch.get("attention_mask")
     if head is None:
         logits = _upcast(model(**model_inputs(model, input_ids, attention_mask)).logits)
@@ -151,8 +157,10 @@ def sequence_kl(model, batch: dict, ref_model=None, positions: str = "all") -> N
     if positions not in KL_POSITIONS:
         raise ValueError(f"positions must be one of {KL_POSITIONS}, got {positions!r}")
     if ref_model is None and not hasattr(model, "disable_adapter"):
-        raise ValueError("the KL retain loss needs a reference: pass ref_model= (a frozen copy of the model "
-                         "before unlearning), or train a PEFT adapter so the base model is the reference")
+        raise ValueError(
+            "the KL retain loss needs a reference: pass ref_model= (a frozen copy of the model "
+            "before unlearning), or train a PEFT adapter so the base model is the reference"
+        )
     with torch.no_grad():
         if ref_model is None:
             with model.disable_adapter():
@@ -177,8 +185,9 @@ def _check_weights(weights, like: torch.Tensor) -> torch.Tensor:
         return torch.ones_like(like)
     weights = torch.as_tensor(weights, dtype=like.dtype, device=like.device)
     if weights.shape != like.shape:
-        raise ValueError(f"weights must have one entry per example, shape {tuple(like.shape)}, "
-                         f"got {tuple(weights.shape)}")
+        raise ValueError(
+            f"weights must have one entry per example, shape {tuple(like.shape)}, got {tuple(weights.shape)}"
+        )
     if not torch.isfinite(weights).all():
         raise ValueError("weights hold NaN or inf")
     return weights
@@ -201,8 +210,9 @@ def weighted_mean(values: torch.Tensor, weights: torch.Tensor | None = None, wei
     return _divide((w * values).sum(), norm, w, weight_norm)
 
 
-def reduce(loss: Nll, weights: torch.Tensor | None = None, reduction: str = "example",
-           weight_norm: str = "mean") -> torch.Tensor:
+def reduce(
+    loss: Nll, weights: torch.Tensor | None = None, reduction: str = "example", weight_norm: str = "mean"
+) -> torch.Tensor:
     """R_w of a per-example token loss (``sum``, ``count``), as in the module docstring.
 
     ``reduction="example"``: mean over examples of their token means; ``"token"``: token mean
@@ -217,14 +227,16 @@ def reduce(loss: Nll, weights: torch.Tensor | None = None, reduction: str = "exa
     return _divide((w * loss.sum).sum(), (w * count).sum() if weight_norm == "sum" else count.sum(), w, weight_norm)
 
 
-def ga(forget: Nll, weights: torch.Tensor | None = None, reduction: str = "example",
-       weight_norm: str = "mean") -> torch.Tensor:
+def ga(
+    forget: Nll, weights: torch.Tensor | None = None, reduction: str = "example", weight_norm: str = "mean"
+) -> torch.Tensor:
     """Gradient ascent: -R_w[NLL_f]."""
     return -reduce(forget, weights, reduction, weight_norm)
 
 
-def retain_nll(retain: Nll, weights: torch.Tensor | None = None, reduction: str = "example",
-               weight_norm: str = "mean") -> torch.Tensor:
+def retain_nll(
+    retain: Nll, weights: torch.Tensor | None = None, reduction: str = "example", weight_norm: str = "mean"
+) -> torch.Tensor:
     """Plain (weighted) descent on the retain set: R_w[NLL_r]; also R_w[KL_r] of :func:`sequence_kl`."""
     return reduce(retain, weights, reduction, weight_norm)
 
@@ -242,8 +254,13 @@ def graddiff(
     return gamma * ga(forget, weights, reduction) + alpha * retain_nll(retain, retain_weights, reduction)
 
 
-def npo(forget: Nll, ref_sum: torch.Tensor, weights: torch.Tensor | None = None, beta: float = 0.1,
-        weight_norm: str = "mean") -> torch.Tensor:
+def npo(
+    forget: Nll,
+    ref_sum: torch.Tensor,
+    weights: torch.Tensor | None = None,
+    beta: float = 0.1,
+    weight_norm: str = "mean",
+) -> torch.Tensor:
     """NPO (Zhang et al. 2024): E_w[(2/beta) * softplus(beta * (NLL_sum_ref - NLL_sum_f))].
 
     ``ref_sum``: (B,) the reference model's NLL_sum of the same examples (no gradient;
@@ -255,14 +272,22 @@ def npo(forget: Nll, ref_sum: torch.Tensor, weights: torch.Tensor | None = None,
     return weighted_mean(2.0 / beta * F.softplus(beta * (ref_sum - forget.sum)), weights, weight_norm)
 
 
-def simnpo(forget: Nll, weights: torch.Tensor | None = None, beta: float = 2.5, gamma: float = 0.0,
-           delta: float = 0.0, weight_norm: str = "mean") -> torch.Tensor:
+def simnpo(
+    forget: Nll,
+    weights: torch.Tensor | None = None,
+    beta: float = 2.5,
+    gamma: float = 0.0,
+    delta: float = 0.0,
+    weight_norm: str = "mean",
+) -> torch.Tensor:
     """SimNPO (Fan et al. 2024): E_w[-(2/beta) * log sigmoid(beta * (NLL_f - delta) - gamma)], reference-free,
     length-normalised. The margin is ``gamma`` in the paper's units or ``delta`` in open-unlearning's
     (gamma = beta * delta); give one of them. beta = 2.5, gamma = 0 as the paper's TOFU setting."""
     if gamma and delta:
-        raise ValueError(f"simnpo: give the margin as gamma (paper) or delta (open-unlearning, gamma = beta * delta), "
-                         f"not both (got gamma={gamma}, delta={delta})")
+        raise ValueError(
+            f"simnpo: give the margin as gamma (paper) or delta (open-unlearning, gamma = beta * delta), "
+            f"not both (got gamma={gamma}, delta={delta})"
+        )
     return weighted_mean(-2.0 / beta * F.logsigmoid(beta * (forget.mean - delta) - gamma), weights, weight_norm)
 
 
@@ -295,7 +320,9 @@ def answer_token_nll(model, batch: dict, fused: bool | None = None) -> TokenNll:
     loss, mask = token_nll(model, batch, fused)
     if not mask.any(1).all():
         empty = torch.nonzero(~mask.any(1)).squeeze(1).tolist()
-        raise ValueError(f"examples {empty} of the batch have no answer tokens (labels all -100 after the causal shift)")
+        raise ValueError(
+            f"examples {empty} of the batch have no answer tokens (labels all -100 after the causal shift)"
+        )
     return TokenNll(loss, shifted_labels(batch["labels"]).masked_fill(~mask, IGNORE_INDEX))
 
 
@@ -308,7 +335,9 @@ def differing_masks(poisoned_labels: torch.Tensor, clean_labels: torch.Tensor) -
     keep every token (there is nothing to single out). Padding may differ between the two.
     """
     if poisoned_labels.shape[0] != clean_labels.shape[0]:
-        raise ValueError(f"differing_masks: {poisoned_labels.shape[0]} poisoned and {clean_labels.shape[0]} clean answers")
+        raise ValueError(
+            f"differing_masks: {poisoned_labels.shape[0]} poisoned and {clean_labels.shape[0]} clean answers"
+        )
     masks = []
     for labels in (poisoned_labels, clean_labels):
         masks.append(torch.zeros_like(labels, dtype=torch.bool))

@@ -1,4 +1,5 @@
 """What the package knows about model architectures beyond the Linear layers it captures."""
+
 from __future__ import annotations
 
 import torch

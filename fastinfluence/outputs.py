@@ -5,17 +5,26 @@ existing output is refused unless ``--overwrite``; the directory must be writabl
 for large outputs, hold enough free space; files are written under a temporary name in
 the same directory and renamed when whole, so a failed run leaves the old file intact.
 """
+
 from __future__ import annotations
 
 import contextlib
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 # Files that make a directory a Hugging Face model, PEFT adapter or tokenizer directory.
-MODEL_FILES = ("config.json", "adapter_config.json", "model.safetensors", "adapter_model.safetensors",
-               "pytorch_model.bin", "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json")
+MODEL_FILES = (
+    "config.json",
+    "adapter_config.json",
+    "model.safetensors",
+    "adapter_model.safetensors",
+    "pytorch_model.bin",
+    "model.safetensors.index.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+)
 
 
 class OutputError(ValueError):
@@ -94,11 +103,13 @@ def check_dir(path: str | os.PathLike, flag: str, overwrite: bool, protect: tupl
         raise OutputError(f"{flag} {path} is a file; give a directory path")
     if path.is_dir() and any(path.iterdir()):
         if not (path / "unlearn_stats.json").exists():
-            raise OutputError(f"{flag} {path} is a non-empty directory this command did not write; "
-                              "choose a new directory")
+            raise OutputError(
+                f"{flag} {path} is a non-empty directory this command did not write; choose a new directory"
+            )
         if not overwrite:
-            raise OutputError(f"{flag} {path} holds an earlier result; pass --overwrite to replace it, "
-                              "or choose another directory")
+            raise OutputError(
+                f"{flag} {path} holds an earlier result; pass --overwrite to replace it, or choose another directory"
+            )
     _writable_parent(path / "x", flag) if path.is_dir() else _writable_parent(path, flag)
     return path
 

@@ -9,7 +9,7 @@ kind       statistic (fitted once, float64)                                     
 identity   none                                                                   phi
 diagonal   m = mean_i phi_i^2                       (D_l,)                         phi / (m + l)
 kfac       C_A = sum a~a~^T / T, C_G = sum g~g~^T / T  (from extraction)           (C_G + l_G)^-1 phi (C_A + l_A)^-1
-ekfac      eigenbases Q_A, Q_G of C_A, C_G; s = mean_i (Q_G^T phi_i Q_A)^2           Q_G [(Q_G^T phi Q_A) / (s + l)] Q_A^T
+ekfac      eigvecs Q_A, Q_G of C_A, C_G; s = mean_i (Q_G^T phi_i Q_A)^2          Q_G [(Q_G^T phi Q_A) / (s + l)] Q_A^T
 full       F = mean_i phi_i phi_i^T                 (D_l, D_l), D_l <= 4096       (F + l)^-1 phi
 =========  ====================================================================  =========================
 
@@ -18,6 +18,7 @@ Damping l defaults to ``damping_ratio`` (0.1) x the mean eigenvalue of the matri
 beside a store (``precondition/<kind>.safetensors``) and reused while the store is unchanged;
 damping is applied at use, so changing it needs no refit.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -28,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
 from .features import FeatureSource, LayerSlice
 from .store import FeatureStore, save_tensors, write_cache
 
@@ -57,8 +59,10 @@ class Preconditioner:
         if self.kind not in KINDS:
             raise ValueError(f"unknown preconditioner kind {self.kind!r}; choose one of {', '.join(KINDS)}")
         if self.damping is not None and not (self.damping > 0 and math.isfinite(self.damping)):
-            raise ValueError(f"damping must be a positive finite number, got {self.damping!r}; leave it unset for "
-                             f"{self.damping_ratio} x the mean eigenvalue")
+            raise ValueError(
+                f"damping must be a positive finite number, got {self.damping!r}; leave it unset for "
+                f"{self.damping_ratio} x the mean eigenvalue"
+            )
         if not (self.damping_ratio > 0 and math.isfinite(self.damping_ratio)):
             raise ValueError(f"damping_ratio must be a positive finite number, got {self.damping_ratio!r}")
 
@@ -124,7 +128,9 @@ def _second_moments(train, layout, chunk_rows: int, fn) -> dict[str, torch.Tenso
     return {k: v / n for k, v in total.items()}
 
 
-def fit(train: FeatureSource, kind: str, chunk_rows: int = 8192, damping: float | None = None, damping_ratio: float = 0.1) -> Preconditioner:
+def fit(
+    train: FeatureSource, kind: str, chunk_rows: int = 8192, damping: float | None = None, damping_ratio: float = 0.1
+) -> Preconditioner:
     """Fit a preconditioner of ``kind`` on train features (in memory or a store)."""
     if kind not in KINDS:
         raise ValueError(f"unknown preconditioner {kind!r}; choose one of {', '.join(KINDS)}")
@@ -136,7 +142,10 @@ def fit(train: FeatureSource, kind: str, chunk_rows: int = 8192, damping: float 
     elif kind == "full":
         too_big = {n: sl.stop - sl.start for n, sl in layout.items() if sl.stop - sl.start > FULL_MAX_DIM}
         if too_big:
-            raise ValueError(f"precondition='full' needs layers of at most {FULL_MAX_DIM} features, got {too_big}; use 'kfac' or 'ekfac'")
+            raise ValueError(
+                f"precondition='full' needs layers of at most {FULL_MAX_DIM} features, got {too_big}; use 'kfac' or "
+                f"'ekfac'"
+            )
         for name, F in _second_moments(train, layout, chunk_rows, lambda n, x: x.T @ x).items():
             stats[f"{name}.F"] = F
     elif kind in ("kfac", "ekfac"):
@@ -169,7 +178,9 @@ def _fingerprint(store: FeatureStore) -> str:
     return hashlib.sha256(json.dumps([s["sha256"]["features"] for s in store.shards]).encode()).hexdigest()
 
 
-def load_or_fit(train: FeatureSource, kind: str, damping: float | None = None, damping_ratio: float = 0.1, chunk_rows: int = 8192) -> Preconditioner:
+def load_or_fit(
+    train: FeatureSource, kind: str, damping: float | None = None, damping_ratio: float = 0.1, chunk_rows: int = 8192
+) -> Preconditioner:
     """The preconditioner of ``kind`` for ``train``: loaded from beside a store when fitted on
     its current shards, else fitted (and saved beside the store when it is writable)."""
     if not isinstance(train, FeatureStore) or kind == "identity":
@@ -182,5 +193,7 @@ def load_or_fit(train: FeatureSource, kind: str, damping: float | None = None, d
     try:
         write_cache(train, "precondition", kind, pre.stats, pre._metadata(fitted_on))
     except OSError as exc:
-        log.warning("could not save the %s preconditioner beside %s (%s); it is kept in memory only", kind, train.path, exc)
+        log.warning(
+            "could not save the %s preconditioner beside %s (%s); it is kept in memory only", kind, train.path, exc
+        )
     return pre

@@ -3,6 +3,7 @@
 Generated on the CPU with torch's CPU generator (the same bits on every machine and for
 every backend), then moved to the device where they are used, and cached.
 """
+
 from __future__ import annotations
 
 import hashlib

@@ -13,13 +13,14 @@ on ``chunk_rows`` and the number of queries, not on the number of train rows; ea
 goes through ``ops.score_topk``, which keeps the running top-k and the per-train aggregates.
 Under ``torch.distributed`` the ranks split the train rows and the top-k is gathered.
 """
+
 from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -144,7 +145,9 @@ def _preconditioner(precondition, train, damping, chunk_rows) -> Preconditioner 
     if isinstance(precondition, Preconditioner):
         return precondition
     if precondition not in KINDS:
-        raise ValueError(f"precondition must be None, a Preconditioner or one of {', '.join(KINDS)}; got {precondition!r}")
+        raise ValueError(
+            f"precondition must be None, a Preconditioner or one of {', '.join(KINDS)}; got {precondition!r}"
+        )
     return load_or_fit(train, precondition, damping=damping, chunk_rows=chunk_rows)
 
 
@@ -277,7 +280,8 @@ def score(
     if matrix and len(query) * len(train) * 4 > MATRIX_MAX_BYTES:
         raise ValueError(
             f"the {len(query)} x {len(train)} score matrix needs {len(query) * len(train) * 4 / 2**30:.1f} GiB; "
-            f"matrix=True keeps at most {MATRIX_MAX_BYTES / 2**30:.0f} GiB in memory: write it with matrix_path= instead"
+            f"matrix=True keeps at most {MATRIX_MAX_BYTES / 2**30:.0f} GiB in memory: write it with matrix_path= "
+            f"instead"
         )
     _check_pair(query, train)
     qf = _query_features(query)
@@ -326,7 +330,9 @@ def score(
         matrix=matrix,
     )
     if per_layer:
-        result.layer_scores = _layer_scores(scoring, q.cpu(), q_scale.cpu() if q_scale is not None else None, train, top.indices)
+        result.layer_scores = _layer_scores(
+            scoring, q.cpu(), q_scale.cpu() if q_scale is not None else None, train, top.indices
+        )
     return result
 
 
@@ -342,7 +348,9 @@ def _half_query(q: torch.Tensor, q_scale: torch.Tensor | None, x: torch.Tensor):
     return (q / norms[:, None]).to(x.dtype), scale.to(q.dtype)
 
 
-def _stream(scoring: _Scoring, q, q_scale, train, topk, chunk_rows, rows, matrix, progress) -> tuple[TopK | None, torch.Tensor]:
+def _stream(
+    scoring: _Scoring, q, q_scale, train, topk, chunk_rows, rows, matrix, progress
+) -> tuple[TopK | None, torch.Tensor]:
     """Running top-k and (3, N) aggregates (zero outside ``rows``) over train rows [start, stop)."""
     agg = torch.zeros(3, len(train), dtype=torch.float32)
     top = None
@@ -424,7 +432,9 @@ def token_scores(
     qf = _query_features(query)
     layout = dict(train.layout)
     if "flat" in layout:
-        raise ValueError("per-token scores need factorized features (ProjectionConfig.mode='factorized'), not flat ones")
+        raise ValueError(
+            "per-token scores need factorized features (ProjectionConfig.mode='factorized'), not flat ones"
+        )
     scoring = _Scoring(layout, metric, layer_normalize, torch.float64)
     q, q_scale = scoring.query(qf.data, _preconditioner(precondition, train, damping, 8192))
     rows = [int(r) for r in rows]
@@ -436,7 +446,11 @@ def token_scores(
     x, norms = _train_rows(train, rows)
     x = x.to(torch.float64)
     _, t_scale = scoring.train(x, norms)
-    layer_w = _inverse(_layer_norms(x, layout)) if layer_normalize else torch.ones(len(rows), len(layout), dtype=torch.float64)
+    layer_w = (
+        _inverse(_layer_norms(x, layout))
+        if layer_normalize
+        else torch.ones(len(rows), len(layout), dtype=torch.float64)
+    )
     out = []
     for j, row in enumerate(rows):
         a, g = _token_factors(train, row)

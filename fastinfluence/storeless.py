@@ -5,9 +5,10 @@ features need never be stored: each train batch is extracted, scored against the
 (preconditioned once, before the pass) and dropped. The result equals ``score`` on a store
 of the same batches.
 """
+
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 
@@ -52,8 +53,10 @@ def score_batches(
     if topk < 1:
         raise ValueError(f"topk must be >= 1, got {topk}")
     if isinstance(precondition, str) and precondition != "identity":
-        raise ValueError(f"score_batches needs a fitted Preconditioner, not {precondition!r}: fit one on a store "
-                         "(fastinfluence.precondition.load_or_fit) or score a store with score()")
+        raise ValueError(
+            f"score_batches needs a fitted Preconditioner, not {precondition!r}: fit one on a store "
+            "(fastinfluence.precondition.load_or_fit) or score a store with score()"
+        )
     if dist.rank_world()[1] > 1:
         raise ValueError("score_batches runs in one process; under torch.distributed write a store and use score()")
     pre = precondition if isinstance(precondition, Preconditioner) else None

@@ -14,10 +14,11 @@ written) and lr_r is the learning rate of the optimizer step row r took part in
 (``meta["lr"]``). Scores are per example id (an example trained in several epochs sums
 its rows); train ids are listed in the order they were first trained.
 """
+
 from __future__ import annotations
 
 import os
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -39,7 +40,9 @@ def _stores(train) -> list[FeatureStore]:
 
 def _step(store: FeatureStore) -> int:
     if "last_step" not in store.meta or "lr" not in store.meta:
-        raise ValueError(f"store {store.path} has no training steps and learning rates: it was not written by InfluenceCallback")
+        raise ValueError(
+            f"store {store.path} has no training steps and learning rates: it was not written by InfluenceCallback"
+        )
     return int(store.meta["last_step"])
 
 
@@ -76,7 +79,10 @@ def tracin(
     query_ids = query[steps[0]].ids
     for b in steps:
         if query[b].ids != query_ids:
-            raise ValueError(f"the query features of step {b} hold other examples than those of step {steps[0]}; use the same queries at every checkpoint")
+            raise ValueError(
+                f"the query features of step {b} hold other examples than those of step {steps[0]}; use the same "
+                f"queries at every checkpoint"
+            )
     column: dict = {}
     for s in stores:
         for i in s.ids:

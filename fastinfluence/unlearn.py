@@ -18,12 +18,13 @@ retain term is the NLL or, with ``retain_loss_type="KL"``, KL(reference || model
 comes from ``ops.linear_cross_entropy`` on the final hidden states, so the B x T x V logits
 are never held (the KL needs them).
 """
+
 from __future__ import annotations
 
 import copy
 import math
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from transformers import Trainer, TrainerCallback
@@ -81,12 +82,21 @@ class UnlearnDataset(torch.utils.data.Dataset):
     before the workers start) moves to epoch e.
     """
 
-    def __init__(self, forget: Sequence[dict], retain: Sequence[dict] = (), ratio: int = 3,
-                 forget_weights=None, retain_weights=None, seed: int = 0):
+    def __init__(
+        self,
+        forget: Sequence[dict],
+        retain: Sequence[dict] = (),
+        ratio: int = 3,
+        forget_weights=None,
+        retain_weights=None,
+        seed: int = 0,
+    ):
         if len(forget) == 0:
             raise ValueError("the forget set is empty; unlearning needs at least one forget example")
         if ratio < 0 or (ratio > 0 and len(retain) == 0):
-            raise ValueError(f"ratio={ratio} retain examples per forget example needs a non-empty retain set (or ratio=0)")
+            raise ValueError(
+                f"ratio={ratio} retain examples per forget example needs a non-empty retain set (or ratio=0)"
+            )
         self.forget = [_as_example(e) | ({"clean": _as_example(e["clean"])} if "clean" in e else {}) for e in forget]
         self.retain = [_as_example(e) for e in retain]
         self.forget_weights = _check_weights("forget_weights", forget_weights, len(forget))
@@ -126,7 +136,9 @@ class UnlearnCollator:
         self.pad_token_id, self.side = pad_token_id, side
 
     def pad(self, examples: list[dict]) -> dict:
-        return pad([{"input_ids": e["input_ids"], "labels": e["labels"]} for e in examples], self.pad_token_id, self.side)
+        return pad(
+            [{"input_ids": e["input_ids"], "labels": e["labels"]} for e in examples], self.pad_token_id, self.side
+        )
 
     def __call__(self, items: list[dict]) -> dict:
         forget = [it["forget"] for it in items]
@@ -153,7 +165,9 @@ def apply_neuron_masks(model: torch.nn.Module, masks: dict[str, torch.Tensor]) -
     blocks = mlp_blocks(model)
     unknown = sorted(set(masks) - set(blocks))
     if unknown:
-        raise ValueError(f"simu_masks name blocks {unknown} that are not MLP blocks of this model ({sorted(blocks)[:3]}...)")
+        raise ValueError(
+            f"simu_masks name blocks {unknown} that are not MLP blocks of this model ({sorted(blocks)[:3]}...)"
+        )
     trainable: dict[int, torch.Tensor] = {}
     for name, mask in masks.items():
         ups, down = blocks[name]
@@ -164,7 +178,9 @@ def apply_neuron_masks(model: torch.nn.Module, masks: dict[str, torch.Tensor]) -
             neuron_dim = (0 if is_up else 1) ^ int(conv)
             w = module.weight
             if w.shape[neuron_dim] != mask.numel():
-                raise ValueError(f"simu_masks[{name!r}] has {mask.numel()} neurons, the block has {w.shape[neuron_dim]}")
+                raise ValueError(
+                    f"simu_masks[{name!r}] has {mask.numel()} neurons, the block has {w.shape[neuron_dim]}"
+                )
             shape = [1, 1]
             shape[neuron_dim] = -1
             trainable[id(w)] = mask.view(shape)
@@ -186,8 +202,11 @@ RETAIN_LOSS_TYPES = ("NLL", "KL")
 
 def check_loss_options(reduction: str, weight_norm: str, retain_loss_type: str) -> None:
     """Raise early, at construction, on a misspelt loss option."""
-    options = (("reduction", reduction, losses.REDUCTIONS), ("weight_norm", weight_norm, losses.WEIGHT_NORMS),
-               ("retain_loss_type", retain_loss_type, RETAIN_LOSS_TYPES))
+    options = (
+        ("reduction", reduction, losses.REDUCTIONS),
+        ("weight_norm", weight_norm, losses.WEIGHT_NORMS),
+        ("retain_loss_type", retain_loss_type, RETAIN_LOSS_TYPES),
+    )
     for name, value, choices in options:
         if value not in choices:
             raise ValueError(f"{name}={value!r} is not one of {', '.join(choices)}")
@@ -200,9 +219,9 @@ def frozen(model: torch.nn.Module, device) -> torch.nn.Module:
 
 def forget_loss(cfg, f: losses.Nll, w, ref_sum=None, clean=None) -> torch.Tensor:
     """The forget term of ``cfg.method`` (before the coefficient gamma), with the options of ``cfg``:
-    ``reduction``, ``weight_norm``, ``beta``, ``simnpo_gamma``, ``delta``, ``rapidun_tokens``. Shared by ``UnlearnTrainer``
-    and the open-unlearning trainers so both compute the same losses. RapidUn's forget loss always
-    divides by the batch (``weight_norm`` does not apply to it)."""
+    ``reduction``, ``weight_norm``, ``beta``, ``simnpo_gamma``, ``delta``, ``rapidun_tokens``.
+    Shared by ``UnlearnTrainer`` and the open-unlearning trainers so both compute the same losses.
+    RapidUn's forget loss always divides by the batch (``weight_norm`` does not apply to it)."""
     if cfg.method == "npo":
         return losses.npo(f, ref_sum, w, beta=cfg.beta, weight_norm=cfg.weight_norm)
     if cfg.method == "simnpo":
@@ -258,11 +277,26 @@ class UnlearnTrainer(Trainer):
     forget CE) and ``tokens`` processed.
     """
 
-    def __init__(self, model=None, args=None, method: str = "graddiff", alpha: float = 1.0, gamma: float = 1.0,
-                 beta: float | None = None, simnpo_gamma: float = 0.0, loss_reweight_tau: float | None = None,
-                 lora=None, simu_masks: dict | None = None, reduction: str = "example", weight_norm: str = "mean",
-                 retain_loss_type: str = "NLL", ref_model=None, delta: float = 0.0,
-                 rapidun_tokens: str = "all", **kwargs):
+    def __init__(
+        self,
+        model=None,
+        args=None,
+        method: str = "graddiff",
+        alpha: float = 1.0,
+        gamma: float = 1.0,
+        beta: float | None = None,
+        simnpo_gamma: float = 0.0,
+        loss_reweight_tau: float | None = None,
+        lora=None,
+        simu_masks: dict | None = None,
+        reduction: str = "example",
+        weight_norm: str = "mean",
+        retain_loss_type: str = "NLL",
+        ref_model=None,
+        delta: float = 0.0,
+        rapidun_tokens: str = "all",
+        **kwargs,
+    ):
         if method not in METHODS:
             raise ValueError(f"unknown unlearning method {method!r}; choose one of {', '.join(METHODS)}")
         check_loss_options(reduction, weight_norm, retain_loss_type)
@@ -272,8 +306,10 @@ class UnlearnTrainer(Trainer):
         if rapidun_tokens not in losses.TOKENS:
             raise ValueError(f"rapidun_tokens must be one of {losses.TOKENS}, got {rapidun_tokens!r}")
         if rapidun_tokens == "differing" and not all("clean" in e for e in dataset.forget):
-            raise ValueError("rapidun_tokens='differing' compares each forget example with its clean answer: "
-                             "give every forget example a 'clean' example")
+            raise ValueError(
+                "rapidun_tokens='differing' compares each forget example with its clean answer: "
+                "give every forget example a 'clean' example"
+            )
         self.rapidun_tokens = rapidun_tokens
         if method in _USES_RETAIN and dataset.ratio == 0:
             raise ValueError(f"method {method!r} has a retain term; build the UnlearnDataset with ratio >= 1")
@@ -327,7 +363,9 @@ class UnlearnTrainer(Trainer):
         f = (losses.answer_token_nll if differing else losses.sequence_nll)(model, forget)
         w = forget.get("weights")
         if self.loss_reweight_tau is not None:
-            w = (w if w is not None else 1.0) * loss_reweight(f.mean.detach().cpu(), self.loss_reweight_tau).to(f.sum.device)
+            w = (w if w is not None else 1.0) * loss_reweight(f.mean.detach().cpu(), self.loss_reweight_tau).to(
+                f.sum.device
+            )
         ref = self.ref_nll[forget["index"].cpu()].to(f.sum.device) if self.method == "npo" else None
         nll = losses.answer_token_nll if differing else losses.sequence_nll
         clean = nll(model, forget["clean"]) if self.method == "rapidun" and "clean" in forget else None
@@ -338,12 +376,16 @@ class UnlearnTrainer(Trainer):
             retain_term = retain_loss(self, model, retain, retain.get("weights"))
             loss = loss + self.alpha * retain_term
             logs["retain_loss"] = retain_term.item()
-        self.tokens_processed += int(forget["attention_mask"].sum()) + (int(retain["attention_mask"].sum()) if retain else 0)
+        self.tokens_processed += int(forget["attention_mask"].sum()) + (
+            int(retain["attention_mask"].sum()) if retain else 0
+        )
         for k, v in logs.items():
             self._log_sums[k] = self._log_sums.get(k, 0.0) + v
         self._log_count += 1
         if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"unlearning loss became {loss.item()} at step {self.state.global_step}; lower the learning rate")
+            raise FloatingPointError(
+                f"unlearning loss became {loss.item()} at step {self.state.global_step}; lower the learning rate"
+            )
         return (loss, None) if return_outputs else loss
 
     def log(self, logs: dict, *args, **kwargs) -> None:

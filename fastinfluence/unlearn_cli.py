@@ -10,6 +10,7 @@ Data files are JSONL with ``prompt`` and ``response`` (forget lines may add
 ``clean_response``, the answer RapidUn trains towards). Score matrices are ``.npy`` (as
 ``fastinfluence score --matrix`` writes them) or ``.pt``.
 """
+
 from __future__ import annotations
 
 import json
@@ -33,15 +34,22 @@ def _load_tensor(path: str, flag: str):
         try:
             t = torch.from_numpy(np.array(np.load(p, mmap_mode="r", allow_pickle=False)))
         except ValueError:
-            raise CLIError(f"{flag} {path} is not a .npy array (numpy cannot read it); give the matrix "
-                           "`fastinfluence score --matrix` wrote") from None
+            raise CLIError(
+                f"{flag} {path} is not a .npy array (numpy cannot read it); give the matrix "
+                "`fastinfluence score --matrix` wrote"
+            ) from None
     elif p.suffix in (".pt", ".pth"):
         try:
             t = torch.load(p, map_location="cpu", weights_only=True)
         except Exception as exc:  # torch.load raises pickle/zip errors of many types
-            raise CLIError(f"{flag} {path} is not a tensor saved with torch.save ({type(exc).__name__}); give a .npy or .pt tensor") from None
+            raise CLIError(
+                f"{flag} {path} is not a tensor saved with torch.save ({type(exc).__name__}); give a .npy or .pt tensor"
+            ) from None
     else:
-        raise CLIError(f"{flag} {path}: give a .npy or .pt tensor file (as `fastinfluence score --matrix` writes), not {p.suffix or 'a file without extension'}")
+        raise CLIError(
+            f"{flag} {path}: give a .npy or .pt tensor file (as `fastinfluence score --matrix` writes), not "
+            f"{p.suffix or 'a file without extension'}"
+        )
     if not isinstance(t, torch.Tensor):
         raise CLIError(f"{flag} {path} must hold one tensor, found {type(t).__name__}")
     if not t.is_floating_point() or not bool(torch.isfinite(t).all()):
@@ -60,9 +68,15 @@ def _weights(args) -> int:
         missing = [n for n in ("ff", "fr", "rf", "rr") if getattr(args, n) is None]
         if missing:
             raise CLIError(f"--method rapidun needs --{' --'.join(missing)}")
-        w = weights.rapidun(*(_load_tensor(getattr(args, n), f"--{n}") for n in ("ff", "fr", "rf", "rr")),
-                            tau_f=args.tau_f, tau_r=args.tau_r, w_min=args.w_min, w_max=args.w_max,
-                            aggregate=args.aggregate, topk=args.topk)
+        w = weights.rapidun(
+            *(_load_tensor(getattr(args, n), f"--{n}") for n in ("ff", "fr", "rf", "rr")),
+            tau_f=args.tau_f,
+            tau_r=args.tau_r,
+            w_min=args.w_min,
+            w_max=args.w_max,
+            aggregate=args.aggregate,
+            topk=args.topk,
+        )
         out = {"method": "rapidun", "forget": w.forget.tolist(), "retain": w.retain.tolist()}
     elif args.method == "imu":
         if args.forget_grads is None:
@@ -73,9 +87,16 @@ def _weights(args) -> int:
     else:
         if args.scores is None:
             raise CLIError("--method low_influence needs --scores (a (Q, N) or (N,) .npy/.pt)")
-        r = weights.low_influence(_load_tensor(args.scores, "--scores"), quantile=args.quantile, threshold=args.threshold)
-        out = {"method": "low_influence", "n": len(r.skip), "keep": r.keep.tolist(), "threshold": r.threshold,
-               "compute_saved": r.compute_saved}
+        r = weights.low_influence(
+            _load_tensor(args.scores, "--scores"), quantile=args.quantile, threshold=args.threshold
+        )
+        out = {
+            "method": "low_influence",
+            "n": len(r.skip),
+            "keep": r.keep.tolist(),
+            "threshold": r.threshold,
+            "compute_saved": r.compute_saved,
+        }
     write_text(out_path, json.dumps(out))
     log.info("wrote %s weights to %s", args.method, args.out)
     return 0
@@ -118,7 +139,11 @@ def _unlearn(args) -> int:
     from .data import read_jsonl
     from .outputs import check_dir
 
-    for flag, v in (("--batch-size", args.batch_size), ("--grad-accum", args.grad_accum), ("--logging-steps", args.logging_steps)):
+    for flag, v in (
+        ("--batch-size", args.batch_size),
+        ("--grad-accum", args.grad_accum),
+        ("--logging-steps", args.logging_steps),
+    ):
         positive(v, flag)
     positive(args.max_length, "--max-length", 2)
     positive(args.ratio, "--ratio", 0)
@@ -130,8 +155,11 @@ def _unlearn(args) -> int:
     if args.method != "ga" and not args.retain:
         raise CLIError(f"--method {args.method} has a retain term: give --retain JSONL (or use --method ga)")
     if args.method == "rapidun" and not any("clean_response" in r for r in read_jsonl(args.forget)):
-        log.warning("--method rapidun: no line of %s has 'clean_response', so the forget loss is gradient ascent "
-                    "on the poisoned answers only; add the clean answers to train towards them", args.forget)
+        log.warning(
+            "--method rapidun: no line of %s has 'clean_response', so the forget loss is gradient ascent "
+            "on the poisoned answers only; add the clean answers to train towards them",
+            args.forget,
+        )
     w = _json_file(args.weights, "--weights") if args.weights else None
     from transformers import TrainingArguments
 
@@ -143,24 +171,37 @@ def _unlearn(args) -> int:
     fw = rw = None
     if w is not None:
         if not isinstance(w, dict) or not {"forget", "retain", "keep"} & set(w):
-            raise CLIError(f"--weights {args.weights} holds none of 'forget', 'retain', 'keep': write it with `fastinfluence weights`")
+            raise CLIError(
+                f"--weights {args.weights} holds none of 'forget', 'retain', 'keep': write it with `fastinfluence "
+                f"weights`"
+            )
         fw, rw = w.get("forget"), w.get("retain")
         if "keep" in w:  # low-influence skipping: only the kept forget examples are unlearned
             keep, n = w["keep"], w.get("n", len(forget))
             if n != len(forget) or any(not 0 <= i < len(forget) for i in keep):
-                raise CLIError(f"--weights {args.weights} was made for {n} forget examples, --forget has {len(forget)}; they must match")
+                raise CLIError(
+                    f"--weights {args.weights} was made for {n} forget examples, --forget has {len(forget)}; they "
+                    f"must match"
+                )
             if not keep:
                 raise CLIError(f"--weights {args.weights} skips every forget example: lower the quantile or threshold")
             if fw is not None and len(fw) == len(forget):
                 fw = [fw[i] for i in keep]
             forget = [forget[i] for i in keep]
             log.info("low-influence skipping: %d of %d forget examples kept", len(forget), n)
-    dataset = UnlearnDataset(forget, retain, ratio=args.ratio if retain else 0, forget_weights=fw, retain_weights=rw, seed=args.seed)
+    dataset = UnlearnDataset(
+        forget, retain, ratio=args.ratio if retain else 0, forget_weights=fw, retain_weights=rw, seed=args.seed
+    )
     lora = None
     if args.lora_r:
         from peft import LoraConfig
 
-        lora = LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, target_modules=args.lora_targets or "all-linear", lora_dropout=0.0)
+        lora = LoraConfig(
+            r=args.lora_r,
+            lora_alpha=2 * args.lora_r,
+            target_modules=args.lora_targets or "all-linear",
+            lora_dropout=0.0,
+        )
     from .outputs import atomic_path
 
     with atomic_path(out) as tmp:
@@ -172,18 +213,40 @@ def _unlearn(args) -> int:
 def _train(args, model, tok, dataset, lora, TrainingArguments, UnlearnTrainer, out: Path) -> dict:
     """Train and save the model (or adapter), its tokenizer and unlearn_stats.json into ``out``."""
     targs = TrainingArguments(
-        output_dir=str(out), per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=args.grad_accum,
-        learning_rate=args.lr, num_train_epochs=args.epochs, max_steps=args.steps or -1, bf16=args.bf16,
-        use_cpu=next(model.parameters()).device.type == "cpu", report_to=[], save_strategy="no",
-        logging_steps=args.logging_steps, seed=args.seed, disable_tqdm=True,
+        output_dir=str(out),
+        per_device_train_batch_size=args.batch_size,
+        gradient_accumulation_steps=args.grad_accum,
+        learning_rate=args.lr,
+        num_train_epochs=args.epochs,
+        max_steps=args.steps or -1,
+        bf16=args.bf16,
+        use_cpu=next(model.parameters()).device.type == "cpu",
+        report_to=[],
+        save_strategy="no",
+        logging_steps=args.logging_steps,
+        seed=args.seed,
+        disable_tqdm=True,
     )
-    trainer = UnlearnTrainer(model=model, args=targs, method=args.method, alpha=args.alpha, beta=args.beta,
-                             loss_reweight_tau=args.loss_reweight_tau, lora=lora, train_dataset=dataset)
+    trainer = UnlearnTrainer(
+        model=model,
+        args=targs,
+        method=args.method,
+        alpha=args.alpha,
+        beta=args.beta,
+        loss_reweight_tau=args.loss_reweight_tau,
+        lora=lora,
+        train_dataset=dataset,
+    )
     result = trainer.train()
     trainer.save_model(str(out))
     tok.save_pretrained(str(out))
-    stats = {"method": args.method, "train_runtime_s": result.metrics.get("train_runtime"),
-             "tokens": trainer.tokens_processed, "steps": trainer.state.global_step, "log": trainer.state.log_history}
+    stats = {
+        "method": args.method,
+        "train_runtime_s": result.metrics.get("train_runtime"),
+        "tokens": trainer.tokens_processed,
+        "steps": trainer.state.global_step,
+        "log": trainer.state.log_history,
+    }
     Path(out, "unlearn_stats.json").write_text(json.dumps(stats, indent=2))
     return stats
 
@@ -219,55 +282,110 @@ def _evaluate(args) -> int:
     if stats_file.exists():
         s = json.loads(stats_file.read_text())
         stats = {"unlearn_runtime_s": s["train_runtime_s"], "unlearn_tokens": s["tokens"]}
-    result = evaluate(model, clean=batches.get("clean"), forget=batches.get("forget"), holdout=batches.get("holdout"),
-                      tokenizer=tok, attack=attack, retrained=retrained, train_stats=stats)
+    result = evaluate(
+        model,
+        clean=batches.get("clean"),
+        forget=batches.get("forget"),
+        holdout=batches.get("holdout"),
+        tokenizer=tok,
+        attack=attack,
+        retrained=retrained,
+        train_stats=stats,
+    )
     write_text(out, json.dumps(result, indent=2, sort_keys=True))
     print(json.dumps(result, indent=2, sort_keys=True))
     return 0
 
 
 def _add_device(p) -> None:
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto: the GPU when there is one, else cpu (default auto)")
+    p.add_argument(
+        "--device",
+        default="auto",
+        help="cpu, cuda, cuda:N, or auto: the GPU when there is one, else cpu (default auto)",
+    )
     p.add_argument("--cpu", action="store_true", help="same as --device cpu")
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("weights", help="per-example unlearning weights from influence scores (RapidUn, IMU, low-influence)",
-                              description="Turn score matrices or gradients into per-example weights, written as JSON.")
+    p = subparsers.add_parser(
+        "weights",
+        help="per-example unlearning weights from influence scores (RapidUn, IMU, low-influence)",
+        description="Turn score matrices or gradients into per-example weights, written as JSON.",
+    )
     p.add_argument("--method", required=True, choices=["rapidun", "imu", "low_influence"])
-    p.add_argument("--out", required=True, help="JSON output: {'forget': [...], 'retain': [...]} (rapidun), {'forget', 'influence'} (imu), {'keep', ...} (low_influence)")
+    p.add_argument(
+        "--out",
+        required=True,
+        help="JSON output: {'forget': [...], 'retain': [...]} (rapidun), {'forget', 'influence'} (imu), {'keep', "
+        "...} (low_influence)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace --out when it exists (refused otherwise)")
-    for n, what in (("ff", "forget queries x forget train"), ("fr", "retain queries x forget train"),
-                    ("rf", "forget queries x retain train"), ("rr", "retain queries x retain train")):
+    for n, what in (
+        ("ff", "forget queries x forget train"),
+        ("fr", "retain queries x forget train"),
+        ("rf", "forget queries x retain train"),
+        ("rr", "retain queries x retain train"),
+    ):
         p.add_argument(f"--{n}", help=f"rapidun: (Q, N) score matrix, {what} (.npy or .pt)")
     p.add_argument("--tau-f", type=float, default=0.7, help="rapidun forget temperature (default 0.7)")
     p.add_argument("--tau-r", type=float, default=1.2, help="rapidun retain temperature (default 1.2)")
-    p.add_argument("--w-min", type=float, default=0.2, help="rapidun smallest weight before normalisation (default 0.2)")
+    p.add_argument(
+        "--w-min", type=float, default=0.2, help="rapidun smallest weight before normalisation (default 0.2)"
+    )
     p.add_argument("--w-max", type=float, default=3.0, help="rapidun largest weight before normalisation (default 3)")
-    p.add_argument("--aggregate", default="mean", choices=["mean", "topk_median"], help="rapidun: per train example, mean over queries or RapidUn's top-k then median (default mean)")
+    p.add_argument(
+        "--aggregate",
+        default="mean",
+        choices=["mean", "topk_median"],
+        help="rapidun: per train example, mean over queries or RapidUn's top-k then median (default mean)",
+    )
     p.add_argument("--topk", type=int, help="rapidun topk_median: scores kept per query (default all)")
     p.add_argument("--forget-grads", help="imu: (Nf, D) LM-head gradients of the forget set (.npy or .pt)")
     p.add_argument("--retain-grads", help="imu: (Nr, D) gradients also used for the Fisher (optional)")
-    p.add_argument("--keep-fraction", type=float, default=1.0, help="imu: fraction of negative-influence examples kept (default 1)")
+    p.add_argument(
+        "--keep-fraction", type=float, default=1.0, help="imu: fraction of negative-influence examples kept (default 1)"
+    )
     p.add_argument("--scores", help="low_influence: (Q, N) or (N,) scores (.npy or .pt)")
     p.add_argument("--quantile", type=float, help="low_influence: skip |score| at or below this quantile")
     p.add_argument("--threshold", type=float, help="low_influence: skip |score| at or below this value")
     p.set_defaults(func=_weights)
 
-    p = subparsers.add_parser("unlearn", help="unlearn a forget set with UnlearnTrainer (GA, GradDiff, NPO, SimNPO, RapidUn)",
-                              description="Unlearn --forget while keeping --retain; writes the model (or LoRA adapter) and unlearn_stats.json.")
+    p = subparsers.add_parser(
+        "unlearn",
+        help="unlearn a forget set with UnlearnTrainer (GA, GradDiff, NPO, SimNPO, RapidUn)",
+        description="Unlearn --forget while keeping --retain; writes the model (or LoRA adapter) and "
+        "unlearn_stats.json.",
+    )
     p.add_argument("--model", required=True, help="local Hugging Face model directory")
-    p.add_argument("--forget", required=True, help="JSONL: prompt, response (the answer to forget), optional clean_response")
+    p.add_argument(
+        "--forget", required=True, help="JSONL: prompt, response (the answer to forget), optional clean_response"
+    )
     p.add_argument("--retain", help="JSONL: prompt, response (needed by every method but ga)")
     p.add_argument("--weights", help="JSON from `fastinfluence weights` ({'forget': [...], 'retain': [...]})")
-    p.add_argument("--method", default="graddiff", choices=["ga", "graddiff", "npo", "simnpo", "rapidun"], help="default graddiff")
-    p.add_argument("--out", required=True, help="output directory: new, or an earlier unlearn output with --overwrite (written under a temporary name, renamed when done)")
+    p.add_argument(
+        "--method", default="graddiff", choices=["ga", "graddiff", "npo", "simnpo", "rapidun"], help="default graddiff"
+    )
+    p.add_argument(
+        "--out",
+        required=True,
+        help="output directory: new, or an earlier unlearn output with --overwrite (written under a temporary name, "
+        "renamed when done)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an earlier unlearn output in --out")
     p.add_argument("--ratio", type=int, default=3, help="retain examples per forget example (default 3)")
     p.add_argument("--alpha", type=float, default=1.0, help="retain-term coefficient (default 1)")
     p.add_argument("--beta", type=float, help="NPO / SimNPO temperature (default 0.1 / 2.5)")
-    p.add_argument("--loss-reweight-tau", type=float, help="also weight forget examples by N * softmax(-loss / tau) of the batch (LoReUn-style)")
-    p.add_argument("--lora-r", type=int, default=0, help="train a LoRA adapter of this rank instead of the full model (RapidUn: 16)")
+    p.add_argument(
+        "--loss-reweight-tau",
+        type=float,
+        help="also weight forget examples by N * softmax(-loss / tau) of the batch (LoReUn-style)",
+    )
+    p.add_argument(
+        "--lora-r",
+        type=int,
+        default=0,
+        help="train a LoRA adapter of this rank instead of the full model (RapidUn: 16)",
+    )
     p.add_argument("--lora-targets", nargs="+", help="LoRA target module names (default all-linear)")
     p.add_argument("--lr", type=float, default=1e-5, help="learning rate (default 1e-5)")
     p.add_argument("--epochs", type=float, default=1.0, help="passes over the forget set (default 1)")
@@ -275,15 +393,23 @@ def register(subparsers) -> None:
     p.add_argument("--batch-size", type=int, default=4, help="forget examples per device batch (default 4)")
     p.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps (default 1)")
     p.add_argument("--max-length", type=int, default=512, help="tokens kept per example (default 512)")
-    p.add_argument("--no-eos", dest="eos", action="store_false", help="do not end each response with the end-of-sequence token (see fastinfluence.data)")
+    p.add_argument(
+        "--no-eos",
+        dest="eos",
+        action="store_false",
+        help="do not end each response with the end-of-sequence token (see fastinfluence.data)",
+    )
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
     _add_device(p)
     p.add_argument("--logging-steps", type=int, default=10, help="log every N steps (default 10)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_unlearn)
 
-    p = subparsers.add_parser("evaluate", help="evaluate an (unlearned) model: perplexity, ASR, MIA AUC, privleak, forget quality",
-                              description="Each metric runs when its inputs are given; the result is printed and written as JSON.")
+    p = subparsers.add_parser(
+        "evaluate",
+        help="evaluate an (unlearned) model: perplexity, ASR, MIA AUC, privleak, forget quality",
+        description="Each metric runs when its inputs are given; the result is printed and written as JSON.",
+    )
     p.add_argument("--model", required=True, help="model or adapter directory (unlearn_stats.json in it is merged)")
     p.add_argument("--out", required=True, help="JSON output path")
     p.add_argument("--overwrite", action="store_true", help="replace --out when it exists (refused otherwise)")
@@ -294,6 +420,11 @@ def register(subparsers) -> None:
     p.add_argument("--attack", help="JSON {'target': str, '<group>': [prompts], ...} for attack success rates")
     p.add_argument("--batch-size", type=int, default=8, help="examples per forward (default 8)")
     p.add_argument("--max-length", type=int, default=512, help="tokens kept per example (default 512)")
-    p.add_argument("--no-eos", dest="eos", action="store_false", help="do not end each response with the end-of-sequence token (see fastinfluence.data)")
+    p.add_argument(
+        "--no-eos",
+        dest="eos",
+        action="store_false",
+        help="do not end each response with the end-of-sequence token (see fastinfluence.data)",
+    )
     _add_device(p)
     p.set_defaults(func=_evaluate)

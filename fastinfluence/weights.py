@@ -8,11 +8,13 @@ train examples:
     ff: (Qf, Nf) forget queries x forget train     fr: (Qr, Nf) retain queries x forget train
     rf: (Qf, Nr) forget queries x retain train     rr: (Qr, Nr) retain queries x retain train
 """
+
 from __future__ import annotations
 
 import math
 import warnings
-from typing import Iterable, NamedTuple
+from collections.abc import Iterable
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -154,7 +156,9 @@ def rapidun(
                 f"{(qf, nf)} and rr is (Qr, Nr) = {(qr, nr)}, so fr must be (Qr, Nf) and rf (Qf, Nr)"
             )
     if not 0 < w_min <= w_max or tau_f <= 0 or tau_r <= 0:
-        raise ValueError(f"rapidun: need 0 < w_min <= w_max and tau > 0, got w=[{w_min}, {w_max}], tau_f={tau_f}, tau_r={tau_r}")
+        raise ValueError(
+            f"rapidun: need 0 < w_min <= w_max and tau > 0, got w=[{w_min}, {w_max}], tau_f={tau_f}, tau_r={tau_r}"
+        )
     FF, FR, RF, RR = (aggregate_scores(m, aggregate, topk) for m in (ff, fr, rf, rr))
     s_f = alpha * FF - beta * FR
     s_r = gamma * RR - delta * RF
@@ -204,7 +208,9 @@ def imu(
     if retain_grads is not None:
         r = _grads("retain_grads", retain_grads)
         if r.shape[1] != g.shape[1]:
-            raise ValueError(f"imu: forget_grads has D={g.shape[1]} columns, retain_grads {r.shape[1]}; use the same layer")
+            raise ValueError(
+                f"imu: forget_grads has D={g.shape[1]} columns, retain_grads {r.shape[1]}; use the same layer"
+            )
         fisher = torch.cat([g, r]).pow(2).mean(0) + damping
     else:
         fisher = g.pow(2).mean(0) + damping
@@ -268,7 +274,11 @@ def low_influence(
         raise ValueError("low_influence: give exactly one of quantile= or threshold=")
     if isinstance(scores, np.ndarray):
         scores = _as_tensor(scores)
-    s = _matrix("scores", scores).mean(0) if not (isinstance(scores, torch.Tensor) and scores.dim() == 1) else scores.double()
+    s = (
+        _matrix("scores", scores).mean(0)
+        if not (isinstance(scores, torch.Tensor) and scores.dim() == 1)
+        else scores.double()
+    )
     if s.numel() == 0 or not torch.isfinite(s).all():
         raise ValueError("low_influence: scores must be non-empty and finite")
     mag = s.abs()
@@ -296,7 +306,9 @@ def loss_reweight(losses: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
     """
     losses = _as_tensor(losses).double()
     if losses.dim() != 1 or losses.numel() == 0 or not torch.isfinite(losses).all():
-        raise ValueError(f"loss_reweight: losses must be a non-empty finite (N,) vector, got shape {tuple(losses.shape)}")
+        raise ValueError(
+            f"loss_reweight: losses must be a non-empty finite (N,) vector, got shape {tuple(losses.shape)}"
+        )
     if tau <= 0:
         raise ValueError(f"loss_reweight: tau must be positive, got {tau}")
     return (len(losses) * torch.softmax(-losses / tau, dim=0)).float()
@@ -320,6 +332,7 @@ def neuron_attribution(model, batches: Iterable[dict], loss_fn) -> dict[str, tor
     acts: dict[str, torch.Tensor] = {}
     hooks = []
     for name, (_, down) in blocks.items():
+
         def hook(module, args, name=name):
             args[0].retain_grad()
             acts[name] = args[0]

@@ -1,4 +1,5 @@
 """Shared test set-up: tiny random-config models, batches, and the slow per-example reference."""
+
 from __future__ import annotations
 
 import os

@@ -1,5 +1,6 @@
 """Helpers shared by tests: tiny models built from configs (nothing is downloaded), example
 batches, slow per-example gradients, relative error."""
+
 from __future__ import annotations
 
 import torch
@@ -18,7 +19,9 @@ def _config(arch: str, layers: int = 2):
     if arch == "qwen2":
         return tf.Qwen2Config(hidden_size=32, intermediate_size=48, num_key_value_heads=2, **common)
     if arch == "gpt2":
-        return tf.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=layers, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0)
+        return tf.GPT2Config(
+            vocab_size=VOCAB, n_embd=32, n_layer=layers, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0
+        )
     if arch == "gpt_neox":
         return tf.GPTNeoXConfig(hidden_size=32, intermediate_size=48, max_position_embeddings=64, **common)
     if arch == "opt":
@@ -37,7 +40,9 @@ def tiny_model(arch: str = "llama", dtype=torch.float32, seed: int = 0, lora: bo
     if lora:
         from peft import LoraConfig, get_peft_model
 
-        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.1))
+        model = get_peft_model(
+            model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.1)
+        )
         for name, p in model.named_parameters():  # LoRA B starts at zero; make its gradients non-trivial
             if "lora_B" in name:
                 torch.nn.init.normal_(p, std=0.1)

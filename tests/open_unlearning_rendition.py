@@ -14,6 +14,7 @@ src/trainer/utils.py, src/trainer/unlearn/{grad_diff,npo,simnpo}.py, src/data/{u
 - the losses, as its trainers compute them (``outputs.loss``, ``compute_batch_nll``,
   ``compute_dpo_loss``, ``compute_kl_divergence``).
 """
+
 from __future__ import annotations
 
 import types
@@ -139,12 +140,17 @@ def loss(method, model, ref_model, inputs, gamma=1.0, alpha=1.0, beta=1.0, delta
 
 def install_as_modules(monkeypatch) -> None:
     """Make ``trainer.unlearn.base`` importable, as with open-unlearning's src/ on sys.path."""
-    pkg, base, unlearn, unlearn_base = (types.ModuleType(n) for n in
-                                         ("trainer", "trainer.base", "trainer.unlearn", "trainer.unlearn.base"))
+    pkg, base, unlearn, unlearn_base = (
+        types.ModuleType(n) for n in ("trainer", "trainer.base", "trainer.unlearn", "trainer.unlearn.base")
+    )
     pkg.__path__, unlearn.__path__ = [], []
     base.FinetuneTrainer = FinetuneTrainer
     unlearn_base.UnlearnTrainer = UnlearnTrainer
     pkg.base, pkg.unlearn, unlearn.base = base, unlearn, unlearn_base
-    for name, mod in (("trainer", pkg), ("trainer.base", base), ("trainer.unlearn", unlearn),
-                      ("trainer.unlearn.base", unlearn_base)):
+    for name, mod in (
+        ("trainer", pkg),
+        ("trainer.base", base),
+        ("trainer.unlearn", unlearn),
+        ("trainer.unlearn.base", unlearn_base),
+    ):
         monkeypatch.setitem(__import__("sys").modules, name, mod)

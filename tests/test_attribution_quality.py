@@ -1,4 +1,5 @@
 """evaluate.lds, recall_at_k and spearman on hand-made inputs whose answers are worked out by hand."""
+
 import math
 
 import pytest

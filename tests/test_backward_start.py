@@ -1,18 +1,22 @@
 """The backward starts at the lowest captured layer: same gradients, less backward, model untouched."""
+
 import pytest
 import torch
+from helpers import batches_of, make_examples, rel_err, slow_gradients, tiny_model
 
 import fastinfluence as fi
 from fastinfluence import capture
 from fastinfluence.capture import backward_start, frozen_for_capture, select_layers
 
-from helpers import batches_of, make_examples, rel_err, slow_gradients, tiny_model
-
 # (include regexes, where the graph must start)
 CASES = {
-    "llama": [([r"lm_head"], "head"), ([r"layers\.1\."], "block"),
-              ([r"layers\.1\.mlp", r"layers\.1\.self_attn\.o_proj"], "block"),
-              ([r"layers\.0\.mlp", r"layers\.1\.self_attn"], "block"), ([r"."], "embeddings")],
+    "llama": [
+        ([r"lm_head"], "head"),
+        ([r"layers\.1\."], "block"),
+        ([r"layers\.1\.mlp", r"layers\.1\.self_attn\.o_proj"], "block"),
+        ([r"layers\.0\.mlp", r"layers\.1\.self_attn"], "block"),
+        ([r"."], "embeddings"),
+    ],
     "gpt2": [([r"h\.1\."], "block"), ([r"h\.0\.attn", r"h\.1\.mlp"], "block")],  # its tiny LM head is tied
 }
 
@@ -28,8 +32,13 @@ def test_truncated_backward_gives_exact_gradients(arch, include, kind):
     assert backward_start(model, _layers(model, include))[0] == kind
     examples = make_examples(5, seed=3)
     ref, _ = slow_gradients(model, examples, include=include, include_bias=False)
-    S = fi.exact_scores(model, batches_of(examples[:2], 2), batches_of(examples, 3),
-                        config=fi.ProjectionConfig(include=include, include_bias=False), method="dense")
+    S = fi.exact_scores(
+        model,
+        batches_of(examples[:2], 2),
+        batches_of(examples, 3),
+        config=fi.ProjectionConfig(include=include, include_bias=False),
+        method="dense",
+    )
     assert rel_err(S, ref[:2] @ ref.T) < 1e-10
 
 
@@ -38,13 +47,15 @@ def test_nothing_below_the_lowest_captured_block_is_differentiated():
     layers = _layers(model, [r"layers\.1\."])
     seen = {}
     model.get_input_embeddings().register_forward_hook(lambda _m, _i, out: seen.__setitem__("emb", out.requires_grad))
+
     def block0(_m, _i, out):
         seen["block0"] = (out[0] if isinstance(out, tuple) else out).requires_grad
 
     model.model.layers[0].register_forward_hook(block0)
     with frozen_for_capture(model, layers):
         fi.GradientExtractor(model, fi.ProjectionConfig(include=[r"layers\.1\."], rank_in=4, rank_out=4)).extract(
-            batches_of(make_examples(2), 2))
+            batches_of(make_examples(2), 2)
+        )
     assert seen == {"emb": False, "block0": False}
 
 

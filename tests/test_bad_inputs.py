@@ -3,6 +3,7 @@ exit code of 2 and no traceback; through the API an exception of the documented 
 
 Each case is (name, input, expected message fragment). The CLI cases run in-process
 (``fastinfluence.cli.main``) on a tiny Llama and GPT-2 built from configs."""
+
 from __future__ import annotations
 
 import json
@@ -39,8 +40,17 @@ def _llama():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(WORDS) + 3, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=1, pad_token_id=0, eos_token_id=2, bos_token_id=2)
+    cfg = LlamaConfig(
+        vocab_size=len(WORDS) + 3,
+        hidden_size=16,
+        intermediate_size=24,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        pad_token_id=0,
+        eos_token_id=2,
+        bos_token_id=2,
+    )
     return LlamaForCausalLM(cfg)
 
 
@@ -125,142 +135,263 @@ EVALUATE = "evaluate --model {w}/model"
 # (name, command line with {w} for the work directory, fragment of the one-line message)
 CLI_CASES = [
     # data loss
-    ("score --out into a store's manifest", SCORE + ' --out {w}/store/manifest.json', 'lies inside the feature store'),
-    ('score --matrix onto a shard',
-     SCORE + ' --out {w}/o1.json --matrix {w}/store/shards/shard-000000000000.safetensors',
-     'lies inside the feature store'),
-    ('score --out exists', SCORE + ' --out {w}/existing.json', 'exists; pass --overwrite'),
-    ('score --out is a directory', SCORE + ' --out {w}/empty_dir', 'is a directory; give a file path'),
-    ('score --out under a file', SCORE + ' --out {w}/file.txt/top.json', 'is a file, not a directory'),
-    ('unlearn --out is --model', UNLEARN + ' --out {w}/model', 'is the input'),
-    ('unlearn --out another model', UNLEARN + ' --out {w}/unlearned_other',
-     'non-empty directory this command did not write'),
-    ('unlearn --out a store', UNLEARN + ' --out {w}/store', 'inside the feature store'),
-    ('extract --out a model directory', EXTRACT + ' --out {w}/gpt2', 'is a model directory; give a new directory'),
-    ('extract --out a file', EXTRACT + ' --out {w}/file.txt', 'is a file; give a directory'),
-    ('weights --out exists', 'weights --method low_influence --scores {w}/s.npy --quantile 0.5 --out {w}/existing.json',
-     'exists; pass --overwrite'),
-    ('evaluate --out in a store', EVALUATE + ' --clean {w}/train.jsonl --out {w}/store/eval.json',
-     'lies inside the feature store'),
+    ("score --out into a store's manifest", SCORE + " --out {w}/store/manifest.json", "lies inside the feature store"),
+    (
+        "score --matrix onto a shard",
+        SCORE + " --out {w}/o1.json --matrix {w}/store/shards/shard-000000000000.safetensors",
+        "lies inside the feature store",
+    ),
+    ("score --out exists", SCORE + " --out {w}/existing.json", "exists; pass --overwrite"),
+    ("score --out is a directory", SCORE + " --out {w}/empty_dir", "is a directory; give a file path"),
+    ("score --out under a file", SCORE + " --out {w}/file.txt/top.json", "is a file, not a directory"),
+    ("unlearn --out is --model", UNLEARN + " --out {w}/model", "is the input"),
+    (
+        "unlearn --out another model",
+        UNLEARN + " --out {w}/unlearned_other",
+        "non-empty directory this command did not write",
+    ),
+    ("unlearn --out a store", UNLEARN + " --out {w}/store", "inside the feature store"),
+    ("extract --out a model directory", EXTRACT + " --out {w}/gpt2", "is a model directory; give a new directory"),
+    ("extract --out a file", EXTRACT + " --out {w}/file.txt", "is a file; give a directory"),
+    (
+        "weights --out exists",
+        "weights --method low_influence --scores {w}/s.npy --quantile 0.5 --out {w}/existing.json",
+        "exists; pass --overwrite",
+    ),
+    (
+        "evaluate --out in a store",
+        EVALUATE + " --clean {w}/train.jsonl --out {w}/store/eval.json",
+        "lies inside the feature store",
+    ),
     # silent wrong results
-    ('score an incomplete store', 'score --train {w}/partial --query {w}/qstore --out {w}/o2.json',
-     'is incomplete (4 of 10 examples)'),
-    ('score --damping negative', SCORE + ' --out {w}/o3.json --precondition diagonal --damping -1',
-     'error: --damping must be > 0'),
-    ('score --damping 0', SCORE + ' --out {w}/o3.json --damping 0', '--damping must be > 0'),
-    ('extract --max-length -5', EXTRACT + ' --out {w}/s1 --max-length -5', '--max-length must be >= 2'),
-    ('score texts edited since extraction', 'score --train {w}/editedstore --query {w}/qstore --out {w}/o4.json',
-     'changed since the store was extracted'),
-    ('score texts moved since extraction', 'score --train {w}/movedstore --query {w}/qstore --out {w}/o5.json',
-     'which is gone: give --train-data FILE'),
-    ('score --train-data with other ids', SCORE + ' --out {w}/o6.json --train-data {w}/other_ids.jsonl',
-     'has no example with ids'),
-    ('extract an empty response', 'extract --model {w}/model --data {w}/emptyresp.jsonl --out {w}/s2',
-     "example 'e': the response has no tokens"),
-    ('attack group is a string', EVALUATE + ' --attack {w}/attack_str.json --out {w}/e1.json',
-     "attack group 'seen' must be a non-empty list"),
-    ('attack without target', EVALUATE + ' --attack {w}/attack_notarget.json --out {w}/e2.json',
-     "non-empty string 'target'"),
-    ('attack without groups', EVALUATE + ' --attack {w}/attack_nogroup.json --out {w}/e3.json', 'no group of prompts'),
-    ('evaluate without inputs', EVALUATE + ' --out {w}/e4.json', 'nothing to evaluate'),
-    ('evaluate --holdout without --forget', EVALUATE + ' --holdout {w}/train.jsonl --out {w}/e5.json',
-     'give --forget too'),
-    ('evaluate --retrained without --forget',
-     EVALUATE + ' --clean {w}/train.jsonl --retrained {w}/model --out {w}/e6.json',
-     '--retrained is compared on --forget'),
-    ('bench --ops foo', 'bench --ops foo', 'unknown ops foo for --ops'),
-    ('unlearn graddiff without --retain', 'unlearn --model {w}/model --forget {w}/train.jsonl --out {w}/u1',
-     'has a retain term: give --retain'),
+    (
+        "score an incomplete store",
+        "score --train {w}/partial --query {w}/qstore --out {w}/o2.json",
+        "is incomplete (4 of 10 examples)",
+    ),
+    (
+        "score --damping negative",
+        SCORE + " --out {w}/o3.json --precondition diagonal --damping -1",
+        "error: --damping must be > 0",
+    ),
+    ("score --damping 0", SCORE + " --out {w}/o3.json --damping 0", "--damping must be > 0"),
+    ("extract --max-length -5", EXTRACT + " --out {w}/s1 --max-length -5", "--max-length must be >= 2"),
+    (
+        "score texts edited since extraction",
+        "score --train {w}/editedstore --query {w}/qstore --out {w}/o4.json",
+        "changed since the store was extracted",
+    ),
+    (
+        "score texts moved since extraction",
+        "score --train {w}/movedstore --query {w}/qstore --out {w}/o5.json",
+        "which is gone: give --train-data FILE",
+    ),
+    (
+        "score --train-data with other ids",
+        SCORE + " --out {w}/o6.json --train-data {w}/other_ids.jsonl",
+        "has no example with ids",
+    ),
+    (
+        "extract an empty response",
+        "extract --model {w}/model --data {w}/emptyresp.jsonl --out {w}/s2",
+        "example 'e': the response has no tokens",
+    ),
+    (
+        "attack group is a string",
+        EVALUATE + " --attack {w}/attack_str.json --out {w}/e1.json",
+        "attack group 'seen' must be a non-empty list",
+    ),
+    (
+        "attack without target",
+        EVALUATE + " --attack {w}/attack_notarget.json --out {w}/e2.json",
+        "non-empty string 'target'",
+    ),
+    ("attack without groups", EVALUATE + " --attack {w}/attack_nogroup.json --out {w}/e3.json", "no group of prompts"),
+    ("evaluate without inputs", EVALUATE + " --out {w}/e4.json", "nothing to evaluate"),
+    (
+        "evaluate --holdout without --forget",
+        EVALUATE + " --holdout {w}/train.jsonl --out {w}/e5.json",
+        "give --forget too",
+    ),
+    (
+        "evaluate --retrained without --forget",
+        EVALUATE + " --clean {w}/train.jsonl --retrained {w}/model --out {w}/e6.json",
+        "--retrained is compared on --forget",
+    ),
+    ("bench --ops foo", "bench --ops foo", "unknown ops foo for --ops"),
+    (
+        "unlearn graddiff without --retain",
+        "unlearn --model {w}/model --forget {w}/train.jsonl --out {w}/u1",
+        "has a retain term: give --retain",
+    ),
     # model loading
-    ('--model does not exist', 'extract --model {w}/no_such_model --data {w}/train.jsonl --out {w}/s3',
-     'no such directory'),
-    ('--model is a file', 'extract --model {w}/file.txt --data {w}/train.jsonl --out {w}/s3',
-     'is a file; give the model directory'),
-    ('--model has no config', 'extract --model {w}/empty_dir --data {w}/train.jsonl --out {w}/s3',
-     'is not a model directory'),
-    ('--model has no tokenizer', 'extract --model {w}/notok --data {w}/train.jsonl --out {w}/s3', 'no tokenizer in'),
-    ('adapter base is not local', 'extract --model {w}/adapter --data {w}/train.jsonl --out {w}/s3',
-     'is not a local model directory'),
-    ('evaluate --retrained does not exist',
-     EVALUATE + ' --forget {w}/train.jsonl --retrained {w}/nope --out {w}/e7.json',
-     'nope: no such directory'),
+    (
+        "--model does not exist",
+        "extract --model {w}/no_such_model --data {w}/train.jsonl --out {w}/s3",
+        "no such directory",
+    ),
+    (
+        "--model is a file",
+        "extract --model {w}/file.txt --data {w}/train.jsonl --out {w}/s3",
+        "is a file; give the model directory",
+    ),
+    (
+        "--model has no config",
+        "extract --model {w}/empty_dir --data {w}/train.jsonl --out {w}/s3",
+        "is not a model directory",
+    ),
+    ("--model has no tokenizer", "extract --model {w}/notok --data {w}/train.jsonl --out {w}/s3", "no tokenizer in"),
+    (
+        "adapter base is not local",
+        "extract --model {w}/adapter --data {w}/train.jsonl --out {w}/s3",
+        "is not a local model directory",
+    ),
+    (
+        "evaluate --retrained does not exist",
+        EVALUATE + " --forget {w}/train.jsonl --retrained {w}/nope --out {w}/e7.json",
+        "nope: no such directory",
+    ),
     # lengths and tokens
-    ('GPT-2 input longer than n_positions',
-     'extract --model {w}/gpt2 --data {w}/long.jsonl --out {w}/s4 --max-length 20',
-     'error: examples [0] are 19 tokens long (with padding) but the model takes at most 8 positions:'
-     ' truncate them (--max-length <= 8)'),
+    (
+        "GPT-2 input longer than n_positions",
+        "extract --model {w}/gpt2 --data {w}/long.jsonl --out {w}/s4 --max-length 20",
+        "error: examples [0] are 19 tokens long (with padding) but the model takes at most 8 positions:"
+        " truncate them (--max-length <= 8)",
+    ),
     # malformed side files and flags
-    ('manifest is not JSON', 'score --train {w}/badmanifest --query {w}/qstore --out {w}/o7.json',
-     'manifest.json is not valid JSON'),
-    ('--config not JSON', EXTRACT + ' --out {w}/s5 --config {w}/cfg_bad.json', 'is not valid JSON'),
-    ('--config unknown field', EXTRACT + ' --out {w}/s5 --config {w}/cfg_unknown.json',
-     'unknown field(s) rank; the fields are rank_in'),
-    ('--config is a list', EXTRACT + ' --out {w}/s5 --config {w}/cfg_list.json',
-     'must hold one object of ProjectionConfig fields'),
-    ('--config missing', EXTRACT + ' --out {w}/s5 --config {w}/nope.json', 'nope.json: no such file'),
-    ('--config rank_in 0', EXTRACT + ' --out {w}/s5 --config {w}/cfg_zero.json', '--rank-in must be a positive int'),
-    ('--rank-in 0', EXTRACT + ' --out {w}/s5 --rank-in 0', '--rank-in must be a positive int'),
-    ('--ff is JSON named .npy',
-     'weights --method rapidun --ff {w}/notnpy.npy --fr {w}/s.npy --rf {w}/s.npy --rr {w}/s.npy --out {w}/w1.json',
-     'is not a .npy array'),
-    ('--scores is a .json', 'weights --method low_influence --scores {w}/scores.json --quantile 0.5 --out {w}/w2.json',
-     'give a .npy or .pt tensor file'),
-    ('--scores missing', 'weights --method low_influence --scores {w}/nope.npy --quantile 0.5 --out {w}/w3.json',
-     'nope.npy: no such file'),
-    ('imu without --forget-grads', 'weights --method imu --out {w}/w4.json', 'needs --forget-grads'),
-    ('rapidun without all matrices', 'weights --method rapidun --ff {w}/s.npy --out {w}/w5.json',
-     'needs --fr --rf --rr'),
-    ('extract --batch-size 0', EXTRACT + ' --out {w}/s6 --batch-size 0', '--batch-size must be >= 1'),
-    ('extract --shard-rows 0', EXTRACT + ' --out {w}/s6 --shard-rows 0', '--shard-rows must be >= 1'),
-    ('score --topk 0', SCORE + ' --out {w}/o8.json --topk 0', '--topk must be >= 1'),
-    ('score --chunk-rows 0', SCORE + ' --out {w}/o8.json --chunk-rows 0', '--chunk-rows must be >= 1'),
-    ('unlearn --batch-size 0', UNLEARN + ' --out {w}/u2 --batch-size 0', '--batch-size must be >= 1'),
-    ('unlearn --lr 0', UNLEARN + ' --out {w}/u2 --lr 0', '--lr and --epochs must be > 0'),
-    ('evaluate --batch-size 0', EVALUATE + ' --clean {w}/train.jsonl --out {w}/e8.json --batch-size 0',
-     '--batch-size must be >= 1'),
-    ('bench --device cuda without CUDA', 'bench --device cuda', 'CUDA is not available'),
-    ('bench --repeats 0', 'bench --repeats 0', '--repeats must be >= 1'),
-    ('extract --device cuda without CUDA', EXTRACT + ' --out {w}/s7 --device cuda',
-     'CUDA is not available on this machine; use --device cpu'),
-    ('extract --device tpu', EXTRACT + ' --out {w}/s7 --device tpu', 'is not a device'),
-    ('invalid include regex', EXTRACT + ' --out {w}/s8 --include (mlp', "the include regex '(mlp' is invalid"),
-    ('invalid exclude regex', EXTRACT + ' --out {w}/s8 --exclude [', "the exclude regex '[' is invalid"),
-    ('include matches nothing', EXTRACT + ' --out {w}/s8 --include nothing_here',
-     'Adjust the regexes in --include / --exclude'),
-    ('--train is a file', 'score --train {w}/train.jsonl --query {w}/qstore --out {w}/o9.json',
-     'is a file, not a feature store directory'),
-    ('--train does not exist', 'score --train {w}/nostore --query {w}/qstore --out {w}/o9.json', 'no feature store at'),
-    ('--train has no manifest', 'score --train {w}/empty_dir --query {w}/qstore --out {w}/o9.json',
-     'manifest.json is missing'),
-    ('--query JSONL without --model', 'score --train {w}/store --query {w}/query.jsonl --out {w}/o9.json',
-     'give --model'),
-    ('kfac without covariances', SCORE + ' --out {w}/o9.json --precondition kfac', 'extracted with --covariances'),
-    ('--data missing', 'extract --model {w}/model --data {w}/nope.jsonl --out {w}/s9', 'no such file'),
-    ('--data is a directory', 'extract --model {w}/model --data {w}/empty_dir --out {w}/s9',
-     'is a directory; give a JSONL file'),
-    ('--data line is not JSON', 'extract --model {w}/model --data {w}/badjson.jsonl --out {w}/s9',
-     'line 1 is not valid JSON'),
-    ('--data has no examples', 'extract --model {w}/model --data {w}/blank.jsonl --out {w}/s9', 'holds no examples'),
-    ('--data duplicate ids', 'extract --model {w}/model --data {w}/dup.jsonl --out {w}/s9', 'id 1 occurs twice'),
-    ('--data response not a string', 'extract --model {w}/model --data {w}/nonstr.jsonl --out {w}/s9',
-     "'response' must be a string"),
-    ('unlearn --weights not JSON', UNLEARN + ' --out {w}/u3 --weights {w}/weights_bad.json',
-     'weights_bad.json is not valid JSON'),
-    ('unlearn --weights other keys', UNLEARN + ' --out {w}/u3 --weights {w}/weights_other.json',
-     "holds none of 'forget', 'retain', 'keep'"),
-    ('evaluate --attack missing', EVALUATE + ' --attack {w}/nope.json --out {w}/e9.json', 'nope.json: no such file'),
-    ('resume with another projection', EXTRACT + ' --out {w}/store --rank-in 2 --rank-out 4',
-     'were made with a different layer set'),
-    ('resume without --covariances flag match', EXTRACT + ' --out {w}/store --rank-in 4 --rank-out 4 --covariances',
-     'was extracted with neither --tokens nor --covariances; pass the same flags to resume or extend it'
-     ' (this command has --covariances)'),
-    ('store written by another run', EXTRACT + ' --out {w}/locked --rank-in 4 --rank-out 4 --batch-size 2',
-     'is being written by another run (pid'),
+    (
+        "manifest is not JSON",
+        "score --train {w}/badmanifest --query {w}/qstore --out {w}/o7.json",
+        "manifest.json is not valid JSON",
+    ),
+    ("--config not JSON", EXTRACT + " --out {w}/s5 --config {w}/cfg_bad.json", "is not valid JSON"),
+    (
+        "--config unknown field",
+        EXTRACT + " --out {w}/s5 --config {w}/cfg_unknown.json",
+        "unknown field(s) rank; the fields are rank_in",
+    ),
+    (
+        "--config is a list",
+        EXTRACT + " --out {w}/s5 --config {w}/cfg_list.json",
+        "must hold one object of ProjectionConfig fields",
+    ),
+    ("--config missing", EXTRACT + " --out {w}/s5 --config {w}/nope.json", "nope.json: no such file"),
+    ("--config rank_in 0", EXTRACT + " --out {w}/s5 --config {w}/cfg_zero.json", "--rank-in must be a positive int"),
+    ("--rank-in 0", EXTRACT + " --out {w}/s5 --rank-in 0", "--rank-in must be a positive int"),
+    (
+        "--ff is JSON named .npy",
+        "weights --method rapidun --ff {w}/notnpy.npy --fr {w}/s.npy --rf {w}/s.npy --rr {w}/s.npy --out {w}/w1.json",
+        "is not a .npy array",
+    ),
+    (
+        "--scores is a .json",
+        "weights --method low_influence --scores {w}/scores.json --quantile 0.5 --out {w}/w2.json",
+        "give a .npy or .pt tensor file",
+    ),
+    (
+        "--scores missing",
+        "weights --method low_influence --scores {w}/nope.npy --quantile 0.5 --out {w}/w3.json",
+        "nope.npy: no such file",
+    ),
+    ("imu without --forget-grads", "weights --method imu --out {w}/w4.json", "needs --forget-grads"),
+    (
+        "rapidun without all matrices",
+        "weights --method rapidun --ff {w}/s.npy --out {w}/w5.json",
+        "needs --fr --rf --rr",
+    ),
+    ("extract --batch-size 0", EXTRACT + " --out {w}/s6 --batch-size 0", "--batch-size must be >= 1"),
+    ("extract --shard-rows 0", EXTRACT + " --out {w}/s6 --shard-rows 0", "--shard-rows must be >= 1"),
+    ("score --topk 0", SCORE + " --out {w}/o8.json --topk 0", "--topk must be >= 1"),
+    ("score --chunk-rows 0", SCORE + " --out {w}/o8.json --chunk-rows 0", "--chunk-rows must be >= 1"),
+    ("unlearn --batch-size 0", UNLEARN + " --out {w}/u2 --batch-size 0", "--batch-size must be >= 1"),
+    ("unlearn --lr 0", UNLEARN + " --out {w}/u2 --lr 0", "--lr and --epochs must be > 0"),
+    (
+        "evaluate --batch-size 0",
+        EVALUATE + " --clean {w}/train.jsonl --out {w}/e8.json --batch-size 0",
+        "--batch-size must be >= 1",
+    ),
+    ("bench --device cuda without CUDA", "bench --device cuda", "CUDA is not available"),
+    ("bench --repeats 0", "bench --repeats 0", "--repeats must be >= 1"),
+    (
+        "extract --device cuda without CUDA",
+        EXTRACT + " --out {w}/s7 --device cuda",
+        "CUDA is not available on this machine; use --device cpu",
+    ),
+    ("extract --device tpu", EXTRACT + " --out {w}/s7 --device tpu", "is not a device"),
+    ("invalid include regex", EXTRACT + " --out {w}/s8 --include (mlp", "the include regex '(mlp' is invalid"),
+    ("invalid exclude regex", EXTRACT + " --out {w}/s8 --exclude [", "the exclude regex '[' is invalid"),
+    (
+        "include matches nothing",
+        EXTRACT + " --out {w}/s8 --include nothing_here",
+        "Adjust the regexes in --include / --exclude",
+    ),
+    (
+        "--train is a file",
+        "score --train {w}/train.jsonl --query {w}/qstore --out {w}/o9.json",
+        "is a file, not a feature store directory",
+    ),
+    ("--train does not exist", "score --train {w}/nostore --query {w}/qstore --out {w}/o9.json", "no feature store at"),
+    (
+        "--train has no manifest",
+        "score --train {w}/empty_dir --query {w}/qstore --out {w}/o9.json",
+        "manifest.json is missing",
+    ),
+    (
+        "--query JSONL without --model",
+        "score --train {w}/store --query {w}/query.jsonl --out {w}/o9.json",
+        "give --model",
+    ),
+    ("kfac without covariances", SCORE + " --out {w}/o9.json --precondition kfac", "extracted with --covariances"),
+    ("--data missing", "extract --model {w}/model --data {w}/nope.jsonl --out {w}/s9", "no such file"),
+    (
+        "--data is a directory",
+        "extract --model {w}/model --data {w}/empty_dir --out {w}/s9",
+        "is a directory; give a JSONL file",
+    ),
+    (
+        "--data line is not JSON",
+        "extract --model {w}/model --data {w}/badjson.jsonl --out {w}/s9",
+        "line 1 is not valid JSON",
+    ),
+    ("--data has no examples", "extract --model {w}/model --data {w}/blank.jsonl --out {w}/s9", "holds no examples"),
+    ("--data duplicate ids", "extract --model {w}/model --data {w}/dup.jsonl --out {w}/s9", "id 1 occurs twice"),
+    (
+        "--data response not a string",
+        "extract --model {w}/model --data {w}/nonstr.jsonl --out {w}/s9",
+        "'response' must be a string",
+    ),
+    (
+        "unlearn --weights not JSON",
+        UNLEARN + " --out {w}/u3 --weights {w}/weights_bad.json",
+        "weights_bad.json is not valid JSON",
+    ),
+    (
+        "unlearn --weights other keys",
+        UNLEARN + " --out {w}/u3 --weights {w}/weights_other.json",
+        "holds none of 'forget', 'retain', 'keep'",
+    ),
+    ("evaluate --attack missing", EVALUATE + " --attack {w}/nope.json --out {w}/e9.json", "nope.json: no such file"),
+    (
+        "resume with another projection",
+        EXTRACT + " --out {w}/store --rank-in 2 --rank-out 4",
+        "were made with a different layer set",
+    ),
+    (
+        "resume without --covariances flag match",
+        EXTRACT + " --out {w}/store --rank-in 4 --rank-out 4 --covariances",
+        "was extracted with neither --tokens nor --covariances; pass the same flags to resume or extend it"
+        " (this command has --covariances)",
+    ),
+    (
+        "store written by another run",
+        EXTRACT + " --out {w}/locked --rank-in 4 --rank-out 4 --batch-size 2",
+        "is being written by another run (pid",
+    ),
     # argparse's own errors: also one line, exit code 2
-    ('unknown --metric', SCORE + ' --out {w}/o.json --metric foo', "invalid choice: 'foo'"),
-    ('non-integer --topk', SCORE + ' --out {w}/o.json --topk ten', "invalid int value: 'ten'"),
-    ('missing --out', SCORE, 'the following arguments are required: --out'),
-    ('unknown command', 'explain', "invalid choice: 'explain'"),
+    ("unknown --metric", SCORE + " --out {w}/o.json --metric foo", "invalid choice: 'foo'"),
+    ("non-integer --topk", SCORE + " --out {w}/o.json --topk ten", "invalid int value: 'ten'"),
+    ("missing --out", SCORE, "the following arguments are required: --out"),
+    ("unknown command", "explain", "invalid choice: 'explain'"),
 ]
 
 
@@ -317,8 +448,11 @@ def api(w):
 
 
 def _batch(**over):
-    b = {"input_ids": torch.tensor([[3, 4, 5, 6]]), "attention_mask": torch.ones(1, 4, dtype=torch.long),
-         "labels": torch.tensor([[-100, -100, 5, 6]])}
+    b = {
+        "input_ids": torch.tensor([[3, 4, 5, 6]]),
+        "attention_mask": torch.ones(1, 4, dtype=torch.long),
+        "labels": torch.tensor([[-100, -100, 5, 6]]),
+    }
     b.update(over)
     return {k: v for k, v in b.items() if v is not None}
 
@@ -357,65 +491,160 @@ def _try_write(path, q):
 
 
 API_CASES = [
-    ("ProjectionConfig rank_in 0", ValueError, "rank_in must be a positive int",
-     lambda w, api: fi.ProjectionConfig(rank_in=0)),
-    ("invalid include regex", ValueError, "the include regex '\\(q' is invalid",
-     lambda w, api: _extract(api[0], _batch(), include=["(q"])),
-    ("float labels", ValueError, "labels has dtype torch.float32; it must hold integers",
-     lambda w, api: _extract(api[0], _batch(labels=torch.tensor([[-100.0, -100.0, 5.0, 6.0]])))),
-    ("float input_ids", ValueError, "input_ids has dtype torch.float32",
-     lambda w, api: _extract(api[0], _batch(input_ids=torch.tensor([[3.0, 4, 5, 6]])))),
-    ("token id past the vocabulary", ValueError, "outside 0..18 \\(the model's vocabulary",
-     lambda w, api: _extract(api[0], _batch(input_ids=torch.tensor([[3, 4, 500, 6]])))),
-    ("negative label other than -100", ValueError, "labels outside 0..18 and not -100",
-     lambda w, api: _extract(api[0], _batch(labels=torch.tensor([[-100, -100, -5, 6]])))),
-    ("no label tokens", ValueError, "have no label tokens",
-     lambda w, api: _extract(api[0], _batch(labels=torch.full((1, 4), -100)))),
-    ("labels of another shape", ValueError, "labels has shape \\(1, 2\\) but input_ids has \\(1, 4\\)",
-     lambda w, api: _extract(api[0], _batch(labels=torch.tensor([[1, 2]])))),
-    ("no mask and a pad inside", ValueError, "pass attention_mask",
-     lambda w, api: _extract(api[0], _batch(input_ids=torch.tensor([[3, 0, 5, 6]]), attention_mask=None))),
-    ("negative damping", ValueError, "damping must be a positive finite number",
-     lambda w, api: _score(api, precondition="diagonal", damping=-1.0)),
-    ("matrix and matrix_path", ValueError, "not both",
-     lambda w, api: _score(api, matrix=True, matrix_path=w / "m.npy")),
-    ("topk 0", ValueError, "topk and chunk_rows must be integers >= 1",
-     lambda w, api: _score(api, topk=0)),
-    ("unknown metric", ValueError, "metric must be one of",
-     lambda w, api: _score(api, metric="l2")),
-    ("unknown precondition", ValueError, "precondition must be None, a Preconditioner or one of",
-     lambda w, api: _score(api, precondition="hessian")),
-    ("incomplete train store", Exception, "is incomplete \\(4 of 10 examples\\).*re-run the same extraction",
-     lambda w, api: fi.score(api[2], fi.FeatureStore.open(w / "partial"))),
-    ("token_scores row -1", IndexError, "rows \\[-1\\] are outside the train rows 0..3",
-     lambda w, api: fi.token_scores(api[2], api[1], rows=[-1])),
-    ("token_scores no rows", ValueError, "rows is empty",
-     lambda w, api: fi.token_scores(api[2], api[1], rows=[])),
-    ("store path is a file", Exception, "is a file, not a feature store directory",
-     lambda w, api: fi.FeatureStore.open(w / "file.txt")),
-    ("manifest not JSON", Exception, "manifest.json is not valid JSON",
-     lambda w, api: fi.FeatureStore.open(w / "badmanifest")),
-    ("Preconditioner damping 0", ValueError, "damping must be a positive finite number",
-     lambda w, api: Preconditioner("diagonal", {}, {}, damping=0.0)),
-    ("attack group a string", ValueError, "attack group 'seen' must be a non-empty list",
-     lambda w, api: fi.evaluate.check_attack({"target": "x", "seen": "the cat"})),
-    ("evaluate with no inputs", ValueError, "nothing to measure",
-     lambda w, api: fi.evaluate.evaluate(api[0])),
-    ("empty response", ValueError, "example 'z': the response has no tokens",
-     lambda w, api: fi.data.encode(_tokenizer(), [{"id": "z", "prompt": "a", "response": ""}])),
-    ("max_length 1", ValueError, "max_length must be >= 2",
-     lambda w, api: fi.data.batches(_tokenizer(), [{"prompt": "a", "response": "b"}], max_length=1)),
-    ("batch_size 0", ValueError, "batch_size must be >= 1",
-     lambda w, api: fi.data.batches(_tokenizer(), [{"prompt": "a", "response": "b"}], batch_size=0)),
-    ("one dict as examples", TypeError, "not one dict",
-     lambda w, api: fi.data.encode(_tokenizer(), {"prompt": "a", "response": "b"})),
-    ("UnlearnDataset negative epoch", ValueError, "epoch must be >= 0",
-     lambda w, api: fi.unlearn.UnlearnDataset([{"input_ids": [1, 2], "labels": [1, 2]}], ratio=0).set_epoch(-1)),
-    ("no free space for an output", ValueError, "needs .* MiB but .* MiB free; free space or choose another disk",
-     lambda w, api: outputs.check_file(w / "big.npy", "--matrix", False, need_bytes=1 << 60)),
-    ("second independent store writer", ValueError,
-     "StoreLockedError: store .*lockstore is being written by another run \\(pid",
-     lambda w, api: _lock_second_writer(w)),
+    (
+        "ProjectionConfig rank_in 0",
+        ValueError,
+        "rank_in must be a positive int",
+        lambda w, api: fi.ProjectionConfig(rank_in=0),
+    ),
+    (
+        "invalid include regex",
+        ValueError,
+        "the include regex '\\(q' is invalid",
+        lambda w, api: _extract(api[0], _batch(), include=["(q"]),
+    ),
+    (
+        "float labels",
+        ValueError,
+        "labels has dtype torch.float32; it must hold integers",
+        lambda w, api: _extract(api[0], _batch(labels=torch.tensor([[-100.0, -100.0, 5.0, 6.0]]))),
+    ),
+    (
+        "float input_ids",
+        ValueError,
+        "input_ids has dtype torch.float32",
+        lambda w, api: _extract(api[0], _batch(input_ids=torch.tensor([[3.0, 4, 5, 6]]))),
+    ),
+    (
+        "token id past the vocabulary",
+        ValueError,
+        "outside 0..18 \\(the model's vocabulary",
+        lambda w, api: _extract(api[0], _batch(input_ids=torch.tensor([[3, 4, 500, 6]]))),
+    ),
+    (
+        "negative label other than -100",
+        ValueError,
+        "labels outside 0..18 and not -100",
+        lambda w, api: _extract(api[0], _batch(labels=torch.tensor([[-100, -100, -5, 6]]))),
+    ),
+    (
+        "no label tokens",
+        ValueError,
+        "have no label tokens",
+        lambda w, api: _extract(api[0], _batch(labels=torch.full((1, 4), -100))),
+    ),
+    (
+        "labels of another shape",
+        ValueError,
+        "labels has shape \\(1, 2\\) but input_ids has \\(1, 4\\)",
+        lambda w, api: _extract(api[0], _batch(labels=torch.tensor([[1, 2]]))),
+    ),
+    (
+        "no mask and a pad inside",
+        ValueError,
+        "pass attention_mask",
+        lambda w, api: _extract(api[0], _batch(input_ids=torch.tensor([[3, 0, 5, 6]]), attention_mask=None)),
+    ),
+    (
+        "negative damping",
+        ValueError,
+        "damping must be a positive finite number",
+        lambda w, api: _score(api, precondition="diagonal", damping=-1.0),
+    ),
+    (
+        "matrix and matrix_path",
+        ValueError,
+        "not both",
+        lambda w, api: _score(api, matrix=True, matrix_path=w / "m.npy"),
+    ),
+    ("topk 0", ValueError, "topk and chunk_rows must be integers >= 1", lambda w, api: _score(api, topk=0)),
+    ("unknown metric", ValueError, "metric must be one of", lambda w, api: _score(api, metric="l2")),
+    (
+        "unknown precondition",
+        ValueError,
+        "precondition must be None, a Preconditioner or one of",
+        lambda w, api: _score(api, precondition="hessian"),
+    ),
+    (
+        "incomplete train store",
+        Exception,
+        "is incomplete \\(4 of 10 examples\\).*re-run the same extraction",
+        lambda w, api: fi.score(api[2], fi.FeatureStore.open(w / "partial")),
+    ),
+    (
+        "token_scores row -1",
+        IndexError,
+        "rows \\[-1\\] are outside the train rows 0..3",
+        lambda w, api: fi.token_scores(api[2], api[1], rows=[-1]),
+    ),
+    ("token_scores no rows", ValueError, "rows is empty", lambda w, api: fi.token_scores(api[2], api[1], rows=[])),
+    (
+        "store path is a file",
+        Exception,
+        "is a file, not a feature store directory",
+        lambda w, api: fi.FeatureStore.open(w / "file.txt"),
+    ),
+    (
+        "manifest not JSON",
+        Exception,
+        "manifest.json is not valid JSON",
+        lambda w, api: fi.FeatureStore.open(w / "badmanifest"),
+    ),
+    (
+        "Preconditioner damping 0",
+        ValueError,
+        "damping must be a positive finite number",
+        lambda w, api: Preconditioner("diagonal", {}, {}, damping=0.0),
+    ),
+    (
+        "attack group a string",
+        ValueError,
+        "attack group 'seen' must be a non-empty list",
+        lambda w, api: fi.evaluate.check_attack({"target": "x", "seen": "the cat"}),
+    ),
+    ("evaluate with no inputs", ValueError, "nothing to measure", lambda w, api: fi.evaluate.evaluate(api[0])),
+    (
+        "empty response",
+        ValueError,
+        "example 'z': the response has no tokens",
+        lambda w, api: fi.data.encode(_tokenizer(), [{"id": "z", "prompt": "a", "response": ""}]),
+    ),
+    (
+        "max_length 1",
+        ValueError,
+        "max_length must be >= 2",
+        lambda w, api: fi.data.batches(_tokenizer(), [{"prompt": "a", "response": "b"}], max_length=1),
+    ),
+    (
+        "batch_size 0",
+        ValueError,
+        "batch_size must be >= 1",
+        lambda w, api: fi.data.batches(_tokenizer(), [{"prompt": "a", "response": "b"}], batch_size=0),
+    ),
+    (
+        "one dict as examples",
+        TypeError,
+        "not one dict",
+        lambda w, api: fi.data.encode(_tokenizer(), {"prompt": "a", "response": "b"}),
+    ),
+    (
+        "UnlearnDataset negative epoch",
+        ValueError,
+        "epoch must be >= 0",
+        lambda w, api: fi.unlearn.UnlearnDataset([{"input_ids": [1, 2], "labels": [1, 2]}], ratio=0).set_epoch(-1),
+    ),
+    (
+        "no free space for an output",
+        ValueError,
+        "needs .* MiB but .* MiB free; free space or choose another disk",
+        lambda w, api: outputs.check_file(w / "big.npy", "--matrix", False, need_bytes=1 << 60),
+    ),
+    (
+        "second independent store writer",
+        ValueError,
+        "StoreLockedError: store .*lockstore is being written by another run \\(pid",
+        lambda w, api: _lock_second_writer(w),
+    ),
 ]
 
 
@@ -434,7 +663,9 @@ def test_a_frozen_peft_adapter_captures_only_its_lora_layers(w, caplog):
 
     lora = LoraConfig(r=2, target_modules=["q_proj"])
     get_peft_model(AutoModelForCausalLM.from_pretrained(w / "model"), lora).save_pretrained(w / "lora")
-    frozen = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(w / "model"), w / "lora")  # is_trainable=False
+    frozen = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(w / "model"), w / "lora"
+    )  # is_trainable=False
     assert not any(p.requires_grad for p in frozen.parameters())
     caplog.set_level("INFO", logger="fastinfluence.capture")
     names = [layer.name for layer in fi.GradientExtractor(frozen).layers]
@@ -480,8 +711,30 @@ def test_overwrite_replaces_an_output_whole_and_matrix_true_equals_the_written_m
 
 def test_an_unlearned_adapter_records_its_base_model_by_absolute_path(w, monkeypatch):
     monkeypatch.chdir(w)
-    assert main(["--quiet", "unlearn", "--model", "model", "--forget", "train.jsonl", "--method", "ga", "--lora-r", "2",
-                 "--steps", "1", "--batch-size", "2", "--cpu", "--out", "unlearned"]) == 0
+    assert (
+        main(
+            [
+                "--quiet",
+                "unlearn",
+                "--model",
+                "model",
+                "--forget",
+                "train.jsonl",
+                "--method",
+                "ga",
+                "--lora-r",
+                "2",
+                "--steps",
+                "1",
+                "--batch-size",
+                "2",
+                "--cpu",
+                "--out",
+                "unlearned",
+            ]
+        )
+        == 0
+    )
     base = json.loads((w / "unlearned" / "adapter_config.json").read_text())["base_model_name_or_path"]
     assert base == str((w / "model").resolve())
     monkeypatch.chdir(w / "empty_dir")  # the adapter loads from anywhere
@@ -491,6 +744,11 @@ def test_an_unlearned_adapter_records_its_base_model_by_absolute_path(w, monkeyp
 
 def test_rapidun_without_clean_answers_warns_by_name(w, caplog):
     caplog.set_level("WARNING", logger="fastinfluence")
-    main(_argv(w, "unlearn --model {w}/model --forget {w}/norefs.jsonl --retain {w}/train.jsonl --method rapidun "
-                  "--steps 1 --batch-size 1 --cpu --out {w}/rapidun_out"))
+    main(
+        _argv(
+            w,
+            "unlearn --model {w}/model --forget {w}/norefs.jsonl --retain {w}/train.jsonl --method rapidun "
+            "--steps 1 --batch-size 1 --cpu --out {w}/rapidun_out",
+        )
+    )
     assert "no line of" in caplog.text and "has 'clean_response'" in caplog.text

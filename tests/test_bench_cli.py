@@ -3,6 +3,7 @@ reported with the backend that actually ran.
 
 Tiny shapes (still at the Triton kernels' minimum tile sizes), so that the interpreted
 Triton kernels take seconds, not minutes."""
+
 import pytest
 
 from fastinfluence import bench_cli, ops
@@ -27,11 +28,14 @@ def test_bench_rows_cover_implementing_backends_and_agree_with_torch(monkeypatch
         assert r["ran"] == r["backend"] and r["fallback"] is None  # float32 inputs: every kernel covers them
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(ops_filter=["foo"]), "unknown ops foo for --ops; choose from project"),
-    (dict(repeats=0), "--repeats must be >= 1"),
-    (dict(device="tpu"), "give cpu or cuda"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(ops_filter=["foo"]), "unknown ops foo for --ops; choose from project"),
+        (dict(repeats=0), "--repeats must be >= 1"),
+        (dict(device="tpu"), "give cpu or cuda"),
+    ],
+)
 def test_bench_refuses_what_would_print_an_empty_table(kwargs, match):
     with pytest.raises(ValueError, match=match):
         bench_cli.run("small", **kwargs)

@@ -1,15 +1,16 @@
 """InfluenceCallback: features captured in the training step equal post-hoc extraction at the same weights."""
+
 from __future__ import annotations
 
 import copy
 
 import pytest
 import torch
+from helpers import collate, make_examples, rel_err, tiny_model
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from fastinfluence import FeatureStore, GradientExtractor, InfluenceCallback, ProjectionConfig
 from fastinfluence.callback import interval_stores
-from helpers import collate, make_examples, rel_err, tiny_model
 
 EXAMPLES = make_examples(12, seed=3)
 
@@ -46,13 +47,23 @@ def _train(model, tmp_path, config, accumulation=2, loss_kwargs=None, bf16=False
     snaps = _Snapshots()
     callback = InfluenceCallback(tmp_path / "features", config, every=1)
     targs = TrainingArguments(
-        output_dir=str(tmp_path / "out"), per_device_train_batch_size=2, gradient_accumulation_steps=accumulation,
-        max_steps=steps, save_strategy="no", report_to=[], use_cpu=True, bf16=bf16,
-        remove_unused_columns=False, logging_strategy="no", disable_tqdm=True, dataloader_num_workers=0,
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=accumulation,
+        max_steps=steps,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        bf16=bf16,
+        remove_unused_columns=False,
+        logging_strategy="no",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
         **{"lr_scheduler_type": "constant", "learning_rate": 1e-2, **args},
     )
-    trainer = Trainer(model=model, args=targs, train_dataset=_Dataset(examples), data_collator=_collate,
-                      callbacks=[snaps, callback])
+    trainer = Trainer(
+        model=model, args=targs, train_dataset=_Dataset(examples), data_collator=_collate, callbacks=[snaps, callback]
+    )
     if loss_kwargs is not None:
         trainer.model_accepts_loss_kwargs = loss_kwargs
     trainer.train()
@@ -135,12 +146,24 @@ def test_bf16_autocast_features_track_float32_extraction(tmp_path):
 
 def test_missing_ids_named_with_the_fix(tmp_path):
     model = tiny_model("llama")
-    targs = TrainingArguments(output_dir=str(tmp_path / "o"), per_device_train_batch_size=2, max_steps=1, report_to=[],
-                              use_cpu=True, remove_unused_columns=False, save_strategy="no", disable_tqdm=True)
+    targs = TrainingArguments(
+        output_dir=str(tmp_path / "o"),
+        per_device_train_batch_size=2,
+        max_steps=1,
+        report_to=[],
+        use_cpu=True,
+        remove_unused_columns=False,
+        save_strategy="no",
+        disable_tqdm=True,
+    )
     data = [{"input_ids": ids, "labels": labels} for ids, labels in EXAMPLES]
-    trainer = Trainer(model=model, args=targs, train_dataset=data,
-                      data_collator=lambda items: collate([(d["input_ids"], d["labels"]) for d in items]),
-                      callbacks=[InfluenceCallback(tmp_path / "f", ProjectionConfig(rank_in=4, rank_out=4))])
+    trainer = Trainer(
+        model=model,
+        args=targs,
+        train_dataset=data,
+        data_collator=lambda items: collate([(d["input_ids"], d["labels"]) for d in items]),
+        callbacks=[InfluenceCallback(tmp_path / "f", ProjectionConfig(rank_in=4, rank_out=4))],
+    )
     with pytest.raises(ValueError, match="remove_unused_columns=False"):
         trainer.train()
 
@@ -172,10 +195,20 @@ def test_one_store_per_trainer_checkpoint_by_default(tmp_path):
     model = _exact(tiny_model("gpt2", torch.float64))
     callback = InfluenceCallback(tmp_path / "features", ProjectionConfig(rank_in=4, rank_out=4))
     targs = TrainingArguments(
-        output_dir=str(tmp_path / "out"), per_device_train_batch_size=2, max_steps=3, save_strategy="steps",
-        save_steps=2, report_to=[], use_cpu=True, remove_unused_columns=False, logging_strategy="no", disable_tqdm=True,
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=2,
+        max_steps=3,
+        save_strategy="steps",
+        save_steps=2,
+        report_to=[],
+        use_cpu=True,
+        remove_unused_columns=False,
+        logging_strategy="no",
+        disable_tqdm=True,
     )
-    Trainer(model=model, args=targs, train_dataset=_Dataset(EXAMPLES), data_collator=_collate, callbacks=[callback]).train()
+    Trainer(
+        model=model, args=targs, train_dataset=_Dataset(EXAMPLES), data_collator=_collate, callbacks=[callback]
+    ).train()
     stores = [FeatureStore.open(p) for p in interval_stores(tmp_path / "features")]
     assert [s.path.name for s in stores] == ["step-00000002", "step-00000003"]
     assert [s.meta["steps"] for s in stores] == [[1, 1, 2, 2], [3, 3]]

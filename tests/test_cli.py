@@ -1,4 +1,5 @@
 """The command line: extract and score on a local model directory, a PEFT adapter and JSONL files."""
+
 from __future__ import annotations
 
 import csv
@@ -25,10 +26,21 @@ def model_dir(tmp_path_factory):
     vocab = {w: i for i, w in enumerate(["<pad>", "<unk>", "<eos>", *WORDS])}
     tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>").save_pretrained(d)
+    PreTrainedTokenizerFast(
+        tokenizer_object=tk, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>"
+    ).save_pretrained(d)
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=48, num_hidden_layers=1,
-                      num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, eos_token_id=2, bos_token_id=2)
+    cfg = LlamaConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        pad_token_id=0,
+        eos_token_id=2,
+        bos_token_id=2,
+    )
     LlamaForCausalLM(cfg).save_pretrained(d)
     return d
 
@@ -44,7 +56,10 @@ def data(tmp_path_factory):
     rng = random.Random(0)
     d = tmp_path_factory.mktemp("data")
     train = [{"id": f"t{i}", "prompt": sentence(rng, 4), "response": sentence(rng, 3)} for i in range(10)]
-    query = [{"id": "q0", **{k: train[6][k] for k in ("prompt", "response")}}, {"id": "q1", **{k: train[2][k] for k in ("prompt", "response")}}]
+    query = [
+        {"id": "q0", **{k: train[6][k] for k in ("prompt", "response")}},
+        {"id": "q1", **{k: train[2][k] for k in ("prompt", "response")}},
+    ]
     for name, rows in (("train", train), ("query", query)):
         (d / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return d
@@ -73,7 +88,19 @@ def test_extract_writes_a_store_of_every_jsonl_example(stores, data):
 
 def test_score_writes_json_topk_with_texts_equal_to_the_api(stores, data, tmp_path):
     out = tmp_path / "top.json"
-    run("score", "--query", stores / "query", "--train", stores / "train", "--metric", "cosine", "--topk", 3, "--out", out)
+    run(
+        "score",
+        "--query",
+        stores / "query",
+        "--train",
+        stores / "train",
+        "--metric",
+        "cosine",
+        "--topk",
+        3,
+        "--out",
+        out,
+    )
     got = json.loads(out.read_text())
     ref = score(FeatureStore.open(stores / "query"), FeatureStore.open(stores / "train"), metric="cosine", topk=3)
     train = {json.loads(l)["id"]: json.loads(l) for l in (data / "train.jsonl").read_text().splitlines()}
@@ -88,8 +115,34 @@ def test_score_writes_json_topk_with_texts_equal_to_the_api(stores, data, tmp_pa
 
 def test_score_of_a_jsonl_query_with_kfac_writes_csv_equal_to_a_query_store(stores, data, model_dir, tmp_path):
     a, b = tmp_path / "a.csv", tmp_path / "b.csv"
-    run("score", "--query", data / "query.jsonl", "--model", model_dir, "--train", stores / "train", "--precondition", "kfac", "--topk", 4, "--out", a)
-    run("score", "--query", stores / "query", "--train", stores / "train", "--precondition", "kfac", "--topk", 4, "--out", b)
+    run(
+        "score",
+        "--query",
+        data / "query.jsonl",
+        "--model",
+        model_dir,
+        "--train",
+        stores / "train",
+        "--precondition",
+        "kfac",
+        "--topk",
+        4,
+        "--out",
+        a,
+    )
+    run(
+        "score",
+        "--query",
+        stores / "query",
+        "--train",
+        stores / "train",
+        "--precondition",
+        "kfac",
+        "--topk",
+        4,
+        "--out",
+        b,
+    )
     rows_a, rows_b = list(csv.DictReader(a.open())), list(csv.DictReader(b.open()))
     assert len(rows_a) == 8
     assert [r["train_id"] for r in rows_a] == [r["train_id"] for r in rows_b]
@@ -103,7 +156,19 @@ def test_extract_from_a_peft_adapter_captures_the_lora_layers(model_dir, data, t
     base = AutoModelForCausalLM.from_pretrained(model_dir)
     peft_model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     peft_model.save_pretrained(tmp_path / "adapter")
-    run("extract", "--model", tmp_path / "adapter", "--data", data / "query.jsonl", "--out", tmp_path / "s", "--rank-in", 4, "--rank-out", 4)
+    run(
+        "extract",
+        "--model",
+        tmp_path / "adapter",
+        "--data",
+        data / "query.jsonl",
+        "--out",
+        tmp_path / "s",
+        "--rank-in",
+        4,
+        "--rank-out",
+        4,
+    )
     layers = list(FeatureStore.open(tmp_path / "s").layout)
     assert layers and all("lora" in n for n in layers)
 
@@ -133,13 +198,15 @@ def test_python_dash_m_is_the_same_program():
 
 
 def test_help_and_version_import_neither_torch_nor_transformers():
-    probe = ("import sys, contextlib, io\n"
-             "from fastinfluence.cli import main\n"
-             "for argv in (['--help'], ['--version']):\n"
-             "    with contextlib.redirect_stdout(io.StringIO()):\n"
-             "        try: main(argv)\n"
-             "        except SystemExit: pass\n"
-             "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    probe = (
+        "import sys, contextlib, io\n"
+        "from fastinfluence.cli import main\n"
+        "for argv in (['--help'], ['--version']):\n"
+        "    with contextlib.redirect_stdout(io.StringIO()):\n"
+        "        try: main(argv)\n"
+        "        except SystemExit: pass\n"
+        "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr[-2000:]
 
@@ -149,5 +216,10 @@ def test_public_names_are_listed_and_quiet_works_after_the_command(stores, tmp_p
 
     assert {"weights", "evaluate", "UnlearnTrainer", "data", "score", "FeatureStore"} <= set(dir(fastinfluence))
     out = tmp_path / "q.json"
-    assert main(["score", "--query", str(stores / "query"), "--train", str(stores / "train"), "--out", str(out), "--quiet"]) == 0
+    assert (
+        main(
+            ["score", "--query", str(stores / "query"), "--train", str(stores / "train"), "--out", str(out), "--quiet"]
+        )
+        == 0
+    )
     assert out.exists() and "score:" not in capsys.readouterr().err  # no progress bar

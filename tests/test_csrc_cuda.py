@@ -1,10 +1,11 @@
 """CUDA kernels against the host twin (bit for bit) and the torch reference. Run with -m gpu."""
+
 from __future__ import annotations
 
 import pytest
 import torch
-
 from helpers import rel_err
+
 from fastinfluence.ops.jl_project import jl_entries, jl_project_reference, jl_scale
 from fastinfluence.ops.score_topk import TopK, score_topk_reference
 
@@ -72,8 +73,22 @@ def test_cuda_binding_writes_every_output(cuda):
     x = torch.randn(40, 2100, device="cuda")
     out = torch.full((40, 333), float("nan"), device="cuda")
     ws = torch.empty(3 * 40 * 333, device="cuda")
-    cuda._extension().jl_project(x.data_ptr(), 0, 40, 2100, 2100, out.data_ptr(), 333, 8, 1, 0, jl_scale(333),
-                                 ws.data_ptr(), 3, torch.cuda.current_stream().cuda_stream)
+    cuda._extension().jl_project(
+        x.data_ptr(),
+        0,
+        40,
+        2100,
+        2100,
+        out.data_ptr(),
+        333,
+        8,
+        1,
+        0,
+        jl_scale(333),
+        ws.data_ptr(),
+        3,
+        torch.cuda.current_stream().cuda_stream,
+    )
     assert not out.isnan().any()
     assert rel_err(out, jl_project_reference(x.cpu(), 333, 8, "gaussian")) < 1e-5
 
@@ -100,5 +115,7 @@ def test_cuda_topk_ties_nan_and_prev(cuda):
     x[[5, 400]] = float("nan")
     first = score_topk_reference(q, x[:300], 50)
     prev = TopK(first[0].values, first[0].indices)
-    assert_same(cuda.score_topk(q, x[300:], 50, index_offset=300, prev=prev),
-                score_topk_reference(q, x[300:], 50, index_offset=300, prev=prev))
+    assert_same(
+        cuda.score_topk(q, x[300:], 50, index_offset=300, prev=prev),
+        score_topk_reference(q, x[300:], 50, index_offset=300, prev=prev),
+    )

@@ -3,12 +3,13 @@
 The kernel tests are marked ``gpu`` and need a CUDA device of compute capability >= 8.0;
 the launch planning (ranks, token splits, operand layout, fallbacks) is checked on the CPU.
 """
+
 from __future__ import annotations
 
 import pytest
 import torch
-
 from helpers import rel_err
+
 from fastinfluence.ops.backends import cuda
 from fastinfluence.ops.project import project_reference
 
@@ -47,8 +48,13 @@ def inputs(dtype, B, T, d_in, d_out, k_in, k_out, bias=True, seed=0, device="cud
 
 
 def reference(A, G, P_in, P_out, mask):
-    return project_reference(A.double().cpu(), G.double().cpu(), P_in.double().cpu(), P_out.double().cpu(),
-                             None if mask is None else mask.cpu())
+    return project_reference(
+        A.double().cpu(),
+        G.double().cpu(),
+        P_in.double().cpu(),
+        P_out.double().cpu(),
+        None if mask is None else mask.cpu(),
+    )
 
 
 # ----------------------------------------------------------------------------- on the GPU
@@ -123,8 +129,10 @@ def test_rank_tile_is_the_smallest_that_holds_both_ranks():
     assert cuda.project_rank_tile(129, 16) is None
 
 
-@pytest.mark.parametrize("T,B,n_sm", [(1, 1, 132), (64, 1, 132), (2048, 4, 132), (3001, 1, 132), (100, 500, 132),
-                                      (10**7, 1, 132), (130, 2, 1)])
+@pytest.mark.parametrize(
+    "T,B,n_sm",
+    [(1, 1, 132), (64, 1, 132), (2048, 4, 132), (3001, 1, 132), (100, 500, 132), (10**7, 1, 132), (130, 2, 1)],
+)
 def test_token_splits_cover_every_token_once(T, B, n_sm):
     splits, per = cuda.project_token_splits(T, B, n_sm)
     assert per % cuda.PROJECT_TOKEN_TILE == 0 and 1 <= splits <= 65535

@@ -1,4 +1,5 @@
 """The compiled host module at its raw-pointer interface, and the build that must never fail."""
+
 from __future__ import annotations
 
 import sys
@@ -33,8 +34,21 @@ def test_topk_binding_writes_every_output():
     S = torch.randn(4, 90)
     values, indices = torch.full((4, 12), float("nan")), torch.full((4, 12), -1)
     empty_v, empty_i = torch.empty(4, 0), torch.empty(4, 0, dtype=torch.int64)
-    cpu._ext.topk_merge(S.data_ptr(), 0, 4, 90, 90, 500, empty_v.data_ptr(), empty_i.data_ptr(), 0, 12,
-                        values.data_ptr(), indices.data_ptr(), 2)
+    cpu._ext.topk_merge(
+        S.data_ptr(),
+        0,
+        4,
+        90,
+        90,
+        500,
+        empty_v.data_ptr(),
+        empty_i.data_ptr(),
+        0,
+        12,
+        values.data_ptr(),
+        indices.data_ptr(),
+        2,
+    )
     top, _ = score_topk_reference(S, torch.eye(90), 12, index_offset=500)
     assert torch.equal(indices, top.indices) and torch.equal(values, top.values)
 

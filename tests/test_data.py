@@ -1,4 +1,5 @@
 """fastinfluence.data: the one prompt/response encoding (labels, eos rule, truncation, sources, batches)."""
+
 from __future__ import annotations
 
 import json
@@ -45,7 +46,11 @@ def test_truncation_cuts_the_prompt_start_and_keeps_the_answer(tok):
 
 def test_truncated_examples_are_named_in_one_warning(tok, caplog):
     caplog.set_level(logging.WARNING, logger="fastinfluence.data")
-    data.encode(tok, [{"id": "long", "prompt": "the cat sat on the mat", "response": "red"}, {"prompt": "a", "response": "b"}], max_length=4)
+    data.encode(
+        tok,
+        [{"id": "long", "prompt": "the cat sat on the mat", "response": "red"}, {"prompt": "a", "response": "b"}],
+        max_length=4,
+    )
     assert "1 of 2 examples are longer than max_length=4" in caplog.text and "'long'" in caplog.text
 
 
@@ -56,7 +61,11 @@ def test_an_empty_answer_is_refused_by_id(tok, response):
 
 
 def test_jsonl_list_and_dataset_like_sources_give_the_same_batches(tok, tmp_path):
-    rows = [{"prompt": "the cat", "response": "sat on a mat"}, {"prompt": "a dog", "response": "ran"}, {"prompt": "red", "response": "log"}]
+    rows = [
+        {"prompt": "the cat", "response": "sat on a mat"},
+        {"prompt": "a dog", "response": "ran"},
+        {"prompt": "red", "response": "log"},
+    ]
     path = tmp_path / "d.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
@@ -66,7 +75,9 @@ def test_jsonl_list_and_dataset_like_sources_give_the_same_batches(tok, tmp_path
 
     got = [data.batches(tok, src, batch_size=2) for src in (path, rows, DatasetLike())]
     for other in got[1:]:
-        assert all(torch.equal(a[k], b[k]) for a, b in zip(got[0], other) for k in ("input_ids", "attention_mask", "labels"))
+        assert all(
+            torch.equal(a[k], b[k]) for a, b in zip(got[0], other) for k in ("input_ids", "attention_mask", "labels")
+        )
     b = got[0][0]
     assert b["ids"] == [0, 1] and b["input_ids"].shape == (2, 7)  # 2 + 4 + eos
     assert b["attention_mask"][1].tolist() == [1, 1, 1, 1, 0, 0, 0] and b["labels"][1, -1] == -100  # right padding
@@ -76,12 +87,15 @@ def test_jsonl_list_and_dataset_like_sources_give_the_same_batches(tok, tmp_path
     assert [x["input_ids"].shape[0] for x in loader] == [2, 1]
 
 
-@pytest.mark.parametrize("rows, match", [
-    ([{"prompt": "a"}], "example 0: each example must be an object with 'prompt' and 'response'"),
-    ([{"prompt": "a", "response": 3}], "'response' must be a string, got int"),
-    ([{"id": 1, "prompt": "a", "response": "b"}, {"id": 1, "prompt": "a", "response": "b"}], "id 1 occurs twice"),
-    ([], "no examples given"),
-])
+@pytest.mark.parametrize(
+    "rows, match",
+    [
+        ([{"prompt": "a"}], "example 0: each example must be an object with 'prompt' and 'response'"),
+        ([{"prompt": "a", "response": 3}], "'response' must be a string, got int"),
+        ([{"id": 1, "prompt": "a", "response": "b"}, {"id": 1, "prompt": "a", "response": "b"}], "id 1 occurs twice"),
+        ([], "no examples given"),
+    ],
+)
 def test_bad_examples_are_named(tok, rows, match):
     with pytest.raises(ValueError, match=match):
         data.encode(tok, rows)

@@ -3,6 +3,7 @@
 The full run (``make demo-quick``, about a minute) is checked in CI by
 ``python -m fastinfluence.demo.report demo_out/report.json --quick``; here only fast parts.
 """
+
 import json
 
 import pytest
@@ -54,7 +55,9 @@ def test_tokenizer_and_encoding_label_only_the_response(scenario):
     assert tok.unk_token_id not in x["input_ids"]
     assert max(len(data.encode(tok, e.prompt, e.response)["input_ids"]) for e in scenario.train) <= 48
     b = data.collate([x, data.encode(tok, "q : a :", "yes .")], tok.pad_token_id)
-    assert b["attention_mask"][1].sum() == 7 and (b["labels"][1, :4] == -100).all() and (b["labels"][1, 7:] == -100).all()
+    assert (
+        b["attention_mask"][1].sum() == 7 and (b["labels"][1, :4] == -100).all() and (b["labels"][1, 7:] == -100).all()
+    )
 
 
 def test_auroc_and_precision_at_k_hand_cases():
@@ -74,8 +77,16 @@ def test_forget_set_is_the_reports_plus_the_top_k_others(scenario):
 
 def fake_report(quick=False):
     det = {"auroc": 0.99, "precision_at_k": 0.9, "seconds": 1.0, "cpu_seconds": 1.0}
-    run = {"asr_seen": 0.0, "asr_shift": 0.0, "clean_acc": 0.95, "clean_ppl": 1.05, "mia_auc": 0.5, "seconds": 1.0,
-           "cpu_seconds": 1.0, "n_forget": 60}
+    run = {
+        "asr_seen": 0.0,
+        "asr_shift": 0.0,
+        "clean_acc": 0.95,
+        "clean_ppl": 1.05,
+        "mia_auc": 0.5,
+        "seconds": 1.0,
+        "cpu_seconds": 1.0,
+        "n_forget": 60,
+    }
     sc = {
         "data": {"n_train": 800, "n_poisoned": 60, "n_reported": 15},
         "before": {"asr_seen": 1.0, "clean_acc": 0.97, "clean_ppl": 1.0},
@@ -97,8 +108,10 @@ def test_report_check_accepts_a_good_report_and_names_each_failure():
     bad = fake_report()
     bad["scenarios"]["backdoor"]["unlearning"][unlearn.DEFAULT]["asr_seen"] = 0.3
     bad["scenarios"]["stealthy"]["detection"]["baseline_low_loss"]["auroc"] = 0.995
-    assert report.check(bad, quick=False) == ["backdoor: ASR after unlearning 0.30",
-                                              "stealthy: a baseline reaches AUROC 0.995 >= the default's"]
+    assert report.check(bad, quick=False) == [
+        "backdoor: ASR after unlearning 0.30",
+        "stealthy: a baseline reaches AUROC 0.995 >= the default's",
+    ]
     assert report.check(bad, quick=True) == ["backdoor: ASR after unlearning 0.30"]
 
 

@@ -1,13 +1,14 @@
 """fastinfluence.evaluate: each metric against a hand-computed case, then end to end."""
+
 import json
 import math
 import zlib
 
 import pytest
 import torch
+from test_unlearn_data import TARGET, TOK, TRIGGER, collate, one_thread, planted_data, planted_model, tiny_llama
 
 from fastinfluence.evaluate import auc, evaluate, extraction_strength, ks_pvalue, membership_scores
-from test_unlearn_data import TARGET, TOK, TRIGGER, collate, one_thread, planted_data, planted_model, tiny_llama
 
 RETAIN, FORGET = planted_data(96, 32, seed=100)  # what the planted model was trained on
 HELD_RETAIN, HELD_FORGET = planted_data(24, 24, seed=300)  # never seen
@@ -50,7 +51,9 @@ def test_membership_scores_match_hand_computation():
     assert s["zlib"].item() == -2.5 / len(zlib.compress(b"abcd"))
 
 
-@pytest.mark.parametrize("correct, es", [([1, 0, 1, 1], 0.5), ([1, 1, 1, 1], 1.0), ([1, 1, 1, 0], 0.0), ([0, 1, 1], 2 / 3)])
+@pytest.mark.parametrize(
+    "correct, es", [([1, 0, 1, 1], 0.5), ([1, 1, 1, 1], 1.0), ([1, 1, 1, 0], 0.0), ([0, 1, 1], 2 / 3)]
+)
 def test_extraction_strength_hand_cases(correct, es):
     assert abs(extraction_strength(torch.tensor(correct, dtype=torch.bool)) - es) < 1e-12
 
@@ -59,7 +62,9 @@ def test_clean_perplexity_is_exp_of_mean_answer_nll():
     model = tiny_llama(seed=3)
     batch = collate(HELD_RETAIN[:6])
     with torch.no_grad():
-        logp = torch.log_softmax(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1], -1)
+        logp = torch.log_softmax(
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1], -1
+        )
     labels = batch["labels"][:, 1:]
     mask = labels != -100
     nll = -(logp.gather(2, labels.clamp(min=0)[..., None])[..., 0] * mask).sum() / mask.sum()
@@ -84,8 +89,14 @@ def test_evaluate_against_itself_as_retrained_model_and_writes_json(tmp_path):
     model = planted_model()
     out = tmp_path / "eval" / "result.json"
     result = evaluate(
-        model, clean=[collate(HELD_RETAIN)], forget=[collate(FORGET)], holdout=[collate(HELD_FORGET)],
-        tokenizer=TOK, retrained=planted_model(), train_stats={"unlearn_wall_s": 1.5}, output=out,
+        model,
+        clean=[collate(HELD_RETAIN)],
+        forget=[collate(FORGET)],
+        holdout=[collate(HELD_FORGET)],
+        tokenizer=TOK,
+        retrained=planted_model(),
+        train_stats={"unlearn_wall_s": 1.5},
+        output=out,
     )
     assert result["forget_quality"] == 1.0 and result["privleak"] == 0.0
     assert result["extraction_strength"] > 0.9  # the poisoned answers are memorised
@@ -101,8 +112,17 @@ def test_unlearning_shows_up_in_the_metrics(tmp_path):
 
     model = planted_model()
     before = evaluate(model, forget=[collate(FORGET)], tokenizer=TOK, attack=ATTACK)
-    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], max_steps=20, learning_rate=2e-3,
-                             per_device_train_batch_size=8, save_strategy="no", disable_tqdm=True, seed=0)
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        use_cpu=True,
+        report_to=[],
+        max_steps=20,
+        learning_rate=2e-3,
+        per_device_train_batch_size=8,
+        save_strategy="no",
+        disable_tqdm=True,
+        seed=0,
+    )
     UnlearnTrainer(model=model, args=args, method="graddiff", train_dataset=UnlearnDataset(FORGET, RETAIN)).train()
     after = evaluate(model, forget=[collate(FORGET)], retrained=planted_model(), tokenizer=TOK, attack=ATTACK)
     assert after["asr_seen"] <= before["asr_seen"] - 0.5
@@ -141,20 +161,30 @@ def test_batched_greedy_generation_equals_one_prompt_at_a_time():
     # and one at a time means the model's own generate on the bare prompt
     for p, text in zip(prompts[:5], one):
         ids = torch.tensor([TOK.encode(p)])
-        ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False, pad_token_id=0)
-        assert TOK.decode(ref[0, ids.shape[1]:].tolist()) == text
+        ref = model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False, pad_token_id=0
+        )
+        assert TOK.decode(ref[0, ids.shape[1] :].tolist()) == text
 
 
 def test_batched_greedy_generation_keeps_absolute_positions():
     # GPT-2 has absolute position embeddings: left padding must not shift them.
     import transformers as tf
-
-    from fastinfluence.evaluate import greedy_generate
     from test_unlearn_data import CHARS
 
+    from fastinfluence.evaluate import greedy_generate
+
     torch.manual_seed(0)
-    config = tf.GPT2Config(vocab_size=len(CHARS), n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=None,
-                           eos_token_id=None, initializer_range=0.5)  # a large init: varied greedy tokens
+    config = tf.GPT2Config(
+        vocab_size=len(CHARS),
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        n_positions=64,
+        bos_token_id=None,
+        eos_token_id=None,
+        initializer_range=0.5,
+    )  # a large init: varied greedy tokens
     model = tf.GPT2LMHeadModel(config).eval()
     prompts = ["q ab@@cd>", "q a>", "q abcdefgh@@ijk>", "hello there>"]
     one = [greedy_generate(model, TOK, [p], 8)[0] for p in prompts]

@@ -1,14 +1,15 @@
 """evaluate's TOFU truth ratio and open-unlearning's eos convention, against its formulas on the model's logits."""
+
 import math
 
+import open_unlearning_rendition as ou
 import pytest
 import torch
 import torch.nn.functional as F
-
-import open_unlearning_rendition as ou
-from fastinfluence import evaluate as ev
-from test_unlearn_data import one_thread
 from helpers import VOCAB, tiny_model
+from test_unlearn_data import one_thread
+
+from fastinfluence import evaluate as ev
 
 
 @pytest.fixture(autouse=True)
@@ -67,10 +68,13 @@ def test_forget_quality_uses_truth_ratios_when_answers_are_given(tofu):
     para, pert = tofu
     model, retrained = tiny_model("llama", torch.float64, seed=3), tiny_model("llama", torch.float64, seed=4)
     forget = batches(ou.qa_items(7, seed=1, vocab=VOCAB))
-    out = ev.evaluate(model, forget=forget, retrained=retrained, paraphrased=batches(para),
-                      perturbed=[batches(p) for p in pert])
-    expected = ev.ks_pvalue(ev.truth_ratio(model, batches(para), [batches(p) for p in pert]),
-                            ev.truth_ratio(retrained, batches(para), [batches(p) for p in pert]))
+    out = ev.evaluate(
+        model, forget=forget, retrained=retrained, paraphrased=batches(para), perturbed=[batches(p) for p in pert]
+    )
+    expected = ev.ks_pvalue(
+        ev.truth_ratio(model, batches(para), [batches(p) for p in pert]),
+        ev.truth_ratio(retrained, batches(para), [batches(p) for p in pert]),
+    )
     assert out["forget_quality"] == expected
     assert "forget_quality_loss" in out and 0 < out["forget_truth_ratio"] <= 1
     with pytest.raises(ValueError, match="both paraphrased= and perturbed="):

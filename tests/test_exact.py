@@ -1,9 +1,10 @@
 """exact_scores equals per-example gradients computed the slow way (one backward per example)."""
+
 import pytest
 import torch
+from helpers import ARCHS, batches_of, make_examples, rel_err, slow_gradients, tiny_model
 
 from fastinfluence import ProjectionConfig, exact_scores
-from helpers import ARCHS, batches_of, make_examples, rel_err, slow_gradients, tiny_model
 
 # float64: only summation order differs from the slow path (measured ~1e-15); float32: a
 # few ulps of each per-token product accumulated over ~100 terms and two layers.

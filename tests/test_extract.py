@@ -1,12 +1,13 @@
 """GradientExtractor: features equal projected slow gradients, independent of batching; model untouched."""
+
 import math
 
 import pytest
 import torch
+from helpers import batches_of, collate, make_examples, rel_err, slow_gradients, tiny_model
 
 from fastinfluence import GradientExtractor, ProjectionConfig
 from fastinfluence.projection import layer_projections, random_matrix
-from helpers import batches_of, collate, make_examples, rel_err, slow_gradients, tiny_model
 
 
 def projected_reference(extractor, slow):

@@ -1,4 +1,5 @@
 """FAISS index: the exact flat index gives streaming scoring's top-k; approximate kinds find most of it."""
+
 from __future__ import annotations
 
 import pytest

@@ -1,12 +1,13 @@
 """ops.jl_project: the Philox-defined random matrix, the host twin against the torch reference."""
+
 from __future__ import annotations
 
 import math
 
 import pytest
 import torch
-
 from helpers import rel_err
+
 from fastinfluence import ops
 from fastinfluence.ops.jl_project import jl_entries, jl_project_reference, jl_scale, philox4x32_10
 
@@ -30,8 +31,11 @@ def test_philox_matches_random123_known_answers():
     cases = [
         ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
         ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
-        ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
-         (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
+        (
+            (0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344),
+            (0xA4093822, 0x299F31D0),
+            (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1),
+        ),
     ]
     for counter, key, expected in cases:
         words = philox4x32_10(tuple(torch.tensor([c]) for c in counter), key)
@@ -116,8 +120,13 @@ def test_host_identical_across_batch_splits(kind):
     torch.manual_seed(4)
     x = torch.randn(37, 1100)
     whole = cpu.jl_project(x, 45, 8, kind, 0)
-    parts = torch.cat([cpu.jl_project(x[:1], 45, 8, kind, 0), cpu.jl_project(x[1:34], 45, 8, kind, 0),
-                       cpu.jl_project(x[34:], 45, 8, kind, 0)])
+    parts = torch.cat(
+        [
+            cpu.jl_project(x[:1], 45, 8, kind, 0),
+            cpu.jl_project(x[1:34], 45, 8, kind, 0),
+            cpu.jl_project(x[34:], 45, 8, kind, 0),
+        ]
+    )
     assert torch.equal(whole, parts)
 
 
@@ -126,7 +135,9 @@ def test_slices_with_offsets_sum_to_the_whole_projection(kind):
     torch.manual_seed(5)
     x = torch.randn(3, 700)
     whole = ops.jl_project(x, 33, seed=6, kind=kind)
-    parts = sum(ops.jl_project(x[:, a:b], 33, seed=6, kind=kind, offset=a) for a, b in [(0, 129), (129, 500), (500, 700)])
+    parts = sum(
+        ops.jl_project(x[:, a:b], 33, seed=6, kind=kind, offset=a) for a, b in [(0, 129), (129, 500), (500, 700)]
+    )
     assert rel_err(parts, whole) < RTOL
 
 

@@ -5,15 +5,16 @@ gradients and weight gradients from one backward per unpadded example, the covar
 summed from them, and the preconditioner as an explicit (d_out d_in')^2 matrix solved
 densely.
 """
+
 import functools
 
 import pytest
 import torch
 import transformers as tf
+from helpers import batches_of, make_examples, rel_err, slow_gradients
 
 from fastinfluence import KFACFactors, ProjectionConfig, exact_scores, fit_kfac, kfac_scores
 from fastinfluence.capture import IGNORE_INDEX
-from helpers import batches_of, make_examples, rel_err, slow_gradients
 
 # float64: the fast path and the dense solve differ only in summation order and in
 # eigh versus solve (measured <= 2e-14); the bound asked of this path is 1e-8.
@@ -33,14 +34,29 @@ def small_model(arch: str, dtype=torch.float64):
     """Models narrow enough for an explicit Kronecker matrix per layer; odd widths on purpose."""
     torch.manual_seed(0)
     if arch == "llama":
-        cfg = tf.LlamaConfig(vocab_size=23, hidden_size=12, intermediate_size=19, num_hidden_layers=1,
-                             num_attention_heads=3, num_key_value_heads=1)
+        cfg = tf.LlamaConfig(
+            vocab_size=23,
+            hidden_size=12,
+            intermediate_size=19,
+            num_hidden_layers=1,
+            num_attention_heads=3,
+            num_key_value_heads=1,
+        )
     elif arch == "llama_bias":
-        cfg = tf.LlamaConfig(vocab_size=23, hidden_size=12, intermediate_size=19, num_hidden_layers=1,
-                             num_attention_heads=3, num_key_value_heads=1, attention_bias=True, mlp_bias=True)
+        cfg = tf.LlamaConfig(
+            vocab_size=23,
+            hidden_size=12,
+            intermediate_size=19,
+            num_hidden_layers=1,
+            num_attention_heads=3,
+            num_key_value_heads=1,
+            attention_bias=True,
+            mlp_bias=True,
+        )
     else:
-        cfg = tf.GPT2Config(vocab_size=23, n_embd=10, n_layer=1, n_head=2, n_positions=32,
-                            bos_token_id=0, eos_token_id=0)
+        cfg = tf.GPT2Config(
+            vocab_size=23, n_embd=10, n_layer=1, n_head=2, n_positions=32, bos_token_id=0, eos_token_id=0
+        )
     return tf.AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").to(dtype).eval()
 
 
@@ -77,7 +93,7 @@ def slow_factors(model, exs, layers):
     return sums
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def slow_case(arch, include_bias=True, include=None):
     """Model, batches and the slow per-example quantities of one reference case (shared by kfac and ekfac)."""
     model = small_model(arch)

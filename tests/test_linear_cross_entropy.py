@@ -1,11 +1,12 @@
 """ops.linear_cross_entropy against F.cross_entropy on materialised logits."""
+
 import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
-
 from helpers import rel_err
+
 from fastinfluence import ops
 from fastinfluence.ops import _backend
 from fastinfluence.ops.linear_cross_entropy import _chunk_rows, linear_cross_entropy
@@ -175,7 +176,9 @@ def test_bad_input_is_rejected_with_a_clear_error(change, match):
 def test_selected_backend_on_gpu_matches_materialised_logits(dtype):
     inputs = [t.cuda() if t is not None else None for t in make_inputs(dtype, bias=True, seed=9, shape=(1031,))]
     out, grads = loss_and_grads(fused, *inputs, 30.0)
-    ref, ref_grads = loss_and_grads(materialised, *[t.double() if t.is_floating_point() else t for t in inputs[:4]] + [inputs[4]], 30.0)
+    ref, ref_grads = loss_and_grads(
+        materialised, *[t.double() if t.is_floating_point() else t for t in inputs[:4]] + [inputs[4]], 30.0
+    )
     tol = 1e-4 if dtype == torch.float32 else 3e-2
     assert rel_err(out, ref) < tol
     for g, r in zip(grads, ref_grads):

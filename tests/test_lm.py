@@ -1,11 +1,12 @@
 """Position ids: only left padding shifts positions; masked tokens inside a sequence do not."""
+
 import pytest
 import torch
+from helpers import VOCAB, tiny_model
+from test_unlearn_data import one_thread
 
 from fastinfluence import losses
 from fastinfluence.lm import model_inputs, position_ids
-from test_unlearn_data import one_thread
-from helpers import VOCAB, tiny_model
 
 
 @pytest.fixture(autouse=True)
@@ -85,8 +86,11 @@ def test_capture_gradients_with_masked_interior_tokens_are_the_models_own(arch):
 
     model = tiny_model(arch, torch.float64)
     examples = _examples(seed=5, last_masked=4)
-    params = [p for layer in select_layers(model) for p in
-              ([layer.module.weight] + ([layer.module.bias] if layer.bias else []))]
+    params = [
+        p
+        for layer in select_layers(model)
+        for p in ([layer.module.weight] + ([layer.module.bias] if layer.bias else []))
+    ]
     rows = []
     for ids, labels, mask in examples:
         logits = model(input_ids=ids[None], attention_mask=mask[None]).logits[0, :-1]

@@ -1,11 +1,11 @@
 """LM-head features from one forward equal the autograd path; the op equals a plain-torch gradient."""
+
 import pytest
 import torch
+from helpers import batches_of, make_examples, rel_err, tiny_model
 
 import fastinfluence as fi
 from fastinfluence.ops.lm_head_grad import lm_head_grad_projected
-
-from helpers import batches_of, make_examples, rel_err, tiny_model
 
 
 @pytest.mark.parametrize("softcap,bias", [(None, False), (3.0, True)])

@@ -1,11 +1,12 @@
 """fastinfluence.losses: value and gradient against naive formulas on materialised logits."""
+
 import pytest
 import torch
 import transformers as tf
-
 from helpers import rel_err
-from fastinfluence import losses
 from test_unlearn_data import VOCAB, answer_batches, tiny_gpt2, tiny_llama
+
+from fastinfluence import losses
 
 
 def naive_nll(model, batch):
@@ -84,8 +85,15 @@ def test_fused_path_is_used_and_matches_logits_with_head_bias():
 def test_final_logit_softcapping_is_applied():
     torch.manual_seed(0)
     config = tf.Gemma2Config(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=8, final_logit_softcapping=2.0, pad_token_id=0,
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        final_logit_softcapping=2.0,
+        pad_token_id=0,
     )
     model = tf.Gemma2ForCausalLM(config).eval()
     batch = answer_batches(model, 4, seed=6)[0]
@@ -182,16 +190,19 @@ def test_rapidun_forget_on_differing_tokens_matches_the_naive_formula():
 
     def batch(which):
         rows = [p + s[:2] + [v[which]] + s[2:] for p, s, v in zip(prompts, shared, values)]
-        labels = [[-100] * len(p) + r[len(p):] for p, r in zip(prompts, rows)]
+        labels = [[-100] * len(p) + r[len(p) :] for p, r in zip(prompts, rows)]
         T = max(map(len, rows))
-        return {"input_ids": torch.tensor([r + [0] * (T - len(r)) for r in rows]),
-                "attention_mask": torch.tensor([[1] * len(r) + [0] * (T - len(r)) for r in rows]),
-                "labels": torch.tensor([lab + [-100] * (T - len(lab)) for lab in labels])}
+        return {
+            "input_ids": torch.tensor([r + [0] * (T - len(r)) for r in rows]),
+            "attention_mask": torch.tensor([[1] * len(r) + [0] * (T - len(r)) for r in rows]),
+            "labels": torch.tensor([lab + [-100] * (T - len(lab)) for lab in labels]),
+        }
 
     pb, cb = batch(0), batch(1)
     w = torch.tensor([1.5, 0.5, 1.0])
-    out = losses.rapidun_forget(losses.answer_token_nll(model, pb), losses.answer_token_nll(model, cb), w,
-                                tokens="differing")
+    out = losses.rapidun_forget(
+        losses.answer_token_nll(model, pb), losses.answer_token_nll(model, cb), w, tokens="differing"
+    )
     out_grads = grads(model, out)
 
     def value_nll(b):  # NLL of the one differing token (the value) of each example

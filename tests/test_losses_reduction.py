@@ -6,13 +6,14 @@ The references are written as open-unlearning computes its losses: the model's o
 built as its collator does: right padding with pad = eos and ``attention_mask = input_ids != pad``,
 so every eos inside a prompt is masked.
 """
+
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import VOCAB, tiny_model
+from test_unlearn_data import one_thread
 
 from fastinfluence import losses
-from test_unlearn_data import one_thread
-from helpers import VOCAB, tiny_model
 
 
 @pytest.fixture(autouse=True)
@@ -94,15 +95,17 @@ def test_ga_token_reduction_is_the_models_own_loss(setup, fused):
 
 def test_graddiff_nll_token_reduction(setup):
     model, _, fb, rb = setup
-    ours = losses.graddiff(losses.sequence_nll(model, fb), losses.sequence_nll(model, rb), gamma=0.7, alpha=1.3,
-                           reduction="token")
+    ours = losses.graddiff(
+        losses.sequence_nll(model, fb), losses.sequence_nll(model, rb), gamma=0.7, alpha=1.3, reduction="token"
+    )
     assert_same(model, ours, 0.7 * -hf_loss(model, fb) + 1.3 * hf_loss(model, rb))
 
 
 def test_graddiff_kl_token_reduction_is_batchmean_over_all_positions(setup):
     model, ref, fb, rb = setup
-    ours = losses.graddiff(losses.sequence_nll(model, fb), losses.sequence_kl(model, rb, ref), gamma=0.7, alpha=1.3,
-                           reduction="token")
+    ours = losses.graddiff(
+        losses.sequence_nll(model, fb), losses.sequence_kl(model, rb, ref), gamma=0.7, alpha=1.3, reduction="token"
+    )
     assert_same(model, ours, 0.7 * -hf_loss(model, fb) + 1.3 * ou_kl(model, ref, rb))
 
 

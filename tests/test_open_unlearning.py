@@ -1,16 +1,17 @@
 """fastinfluence.integrations.open_unlearning against a local rendition of open-unlearning's contract."""
+
 import copy
 import json
 import math
 
+import open_unlearning_rendition as ou
 import pytest
 import torch
+from helpers import VOCAB, tiny_model
+from test_unlearn_data import one_thread
 from transformers import TrainingArguments
 
-import open_unlearning_rendition as ou
 from fastinfluence.integrations import open_unlearning as oul
-from test_unlearn_data import one_thread
-from helpers import VOCAB, tiny_model
 
 
 @pytest.fixture(autouse=True)
@@ -28,13 +29,30 @@ def data():
 
 
 def make(name, model, forget, retain, tmp_path, **method_args):
-    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], per_device_train_batch_size=4,
-                             per_device_eval_batch_size=4, remove_unused_columns=False, max_steps=2,
-                             save_strategy="no", disable_tqdm=True, learning_rate=1e-3)
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        use_cpu=True,
+        report_to=[],
+        per_device_train_batch_size=4,
+        per_device_eval_batch_size=4,
+        remove_unused_columns=False,
+        max_steps=2,
+        save_strategy="no",
+        disable_tqdm=True,
+        learning_rate=1e-3,
+    )
     cls = oul.trainers(ou.UnlearnTrainer)[name]
     # as open-unlearning's load_trainer calls it: every argument by keyword, then **method_args
-    return cls(model=model, train_dataset=ou.ForgetRetainDataset(forget, retain), eval_dataset=None,
-               data_collator=ou.collator(), args=args, evaluators=None, template_args=None, **method_args)
+    return cls(
+        model=model,
+        train_dataset=ou.ForgetRetainDataset(forget, retain),
+        eval_dataset=None,
+        data_collator=ou.collator(),
+        args=args,
+        evaluators=None,
+        template_args=None,
+        **method_args,
+    )
 
 
 def batch(forget, retain, rows=(0, 3, 5, 1)):
@@ -63,6 +81,7 @@ def assert_same(model, ours, theirs):
 def test_module_imports_without_open_unlearning_and_says_how_to_use_it():
     try:
         import trainer.unlearn.base  # noqa: F401
+
         pytest.skip("an open-unlearning checkout is importable here")
     except ImportError:
         pass
@@ -81,15 +100,19 @@ def test_classes_build_lazily_on_open_unlearnings_base_and_register_by_name(monk
     assert registry["FIGradDiff"] is FIGradDiff
 
 
-@pytest.mark.parametrize("handler, theirs, method_args", [
-    ("FIGradAscent", "GradAscent", {}),
-    ("FIGradDiff", "GradDiff", {"gamma": 0.7, "alpha": 1.3}),
-    ("FIGradDiff", "GradDiff", {"gamma": 0.7, "alpha": 1.3, "retain_loss_type": "KL"}),
-    ("FINPO", "NPO", {"beta": 0.1, "alpha": 1.0, "gamma": 1.0}),
-    ("FINPO", "NPO", {"beta": 0.5, "alpha": 0.5, "gamma": 2.0, "retain_loss_type": "KL"}),
-    ("FISimNPO", "SimNPO", {"delta": 0.0, "beta": 4.5, "alpha": 1.0, "gamma": 0.125}),
-    ("FISimNPO", "SimNPO", {"delta": 0.4, "beta": 2.5, "alpha": 1.0, "gamma": 0.125}),
-], ids=["ga", "graddiff", "graddiff_kl", "npo", "npo_kl", "simnpo", "simnpo_delta"])
+@pytest.mark.parametrize(
+    "handler, theirs, method_args",
+    [
+        ("FIGradAscent", "GradAscent", {}),
+        ("FIGradDiff", "GradDiff", {"gamma": 0.7, "alpha": 1.3}),
+        ("FIGradDiff", "GradDiff", {"gamma": 0.7, "alpha": 1.3, "retain_loss_type": "KL"}),
+        ("FINPO", "NPO", {"beta": 0.1, "alpha": 1.0, "gamma": 1.0}),
+        ("FINPO", "NPO", {"beta": 0.5, "alpha": 0.5, "gamma": 2.0, "retain_loss_type": "KL"}),
+        ("FISimNPO", "SimNPO", {"delta": 0.0, "beta": 4.5, "alpha": 1.0, "gamma": 0.125}),
+        ("FISimNPO", "SimNPO", {"delta": 0.4, "beta": 2.5, "alpha": 1.0, "gamma": 0.125}),
+    ],
+    ids=["ga", "graddiff", "graddiff_kl", "npo", "npo_kl", "simnpo", "simnpo_delta"],
+)
 def test_losses_equal_open_unlearnings_own(handler, theirs, method_args, data, tmp_path):
     model = tiny_model("llama", torch.float64, seed=3)
     before = copy.deepcopy(model)  # open-unlearning's reference model
@@ -119,14 +142,23 @@ def test_weights_are_looked_up_by_the_batch_index(data, tmp_path):
     model = tiny_model("llama", torch.float64, seed=5)
     g = torch.Generator().manual_seed(6)
     fw, rw = torch.rand(6, generator=g, dtype=torch.float64) * 2, torch.rand(5, generator=g, dtype=torch.float64) * 2
-    trainer = make("FIGradDiff", model, forget, retain, tmp_path, gamma=0.7, alpha=1.3,
-                   weights_path=write_weights(tmp_path, forget=fw.tolist(), retain=rw.tolist()))
+    trainer = make(
+        "FIGradDiff",
+        model,
+        forget,
+        retain,
+        tmp_path,
+        gamma=0.7,
+        alpha=1.3,
+        weights_path=write_weights(tmp_path, forget=fw.tolist(), retain=rw.tolist()),
+    )
     inputs = batch(forget, retain)
     f, r = inputs["forget"], inputs["retain"]
 
     def by_hand():  # each answer token carries its example's weight; token mean over the batch
         def weighted_token_mean(b, w):
             return (w[b["index"]] * ou.batch_nll(model, b)).sum() / (b["labels"][:, 1:] != -100).sum()
+
         return -0.7 * weighted_token_mean(f, fw) + 1.3 * weighted_token_mean(r, rw)
 
     assert_same(model, trainer.compute_loss(model, inputs), by_hand())
@@ -152,8 +184,9 @@ def test_rapidun_uses_the_alternate_answer_as_the_clean_one(tmp_path):
     forget, retain = ou.qa_items(4, seed=8, vocab=VOCAB, alternate=True), ou.qa_items(4, seed=9, vocab=VOCAB)
     model = tiny_model("llama", torch.float64, seed=10)
     w = torch.tensor([0.5, 1.0, 2.0, 1.5], dtype=torch.float64)
-    trainer = make("FIRapidUn", model, forget, retain, tmp_path, alpha=0.0,
-                   weights_path=write_weights(tmp_path, forget=w.tolist()))
+    trainer = make(
+        "FIRapidUn", model, forget, retain, tmp_path, alpha=0.0, weights_path=write_weights(tmp_path, forget=w.tolist())
+    )
     inputs = batch(forget, retain, rows=(2, 0, 3))
     poisoned, clean = inputs["forget"]["original"], inputs["forget"]["alternate"]
 
@@ -162,6 +195,7 @@ def test_rapidun_uses_the_alternate_answer_as_the_clean_one(tmp_path):
 
         def tm(b):
             return (wi * ou.batch_nll(model, b)).sum() / (b["labels"][:, 1:] != -100).sum()
+
         return 0.5 * tm(clean) - 1.0 * tm(poisoned)
 
     assert_same(model, trainer.compute_loss(model, inputs), by_hand())
@@ -177,19 +211,29 @@ def test_low_influence_keep_list_zeroes_the_skipped_examples(tmp_path):
 def test_training_runs_through_the_trainer_with_open_unlearnings_pipeline(data, tmp_path):
     model = tiny_model("llama", torch.float32, seed=11)
     start = [p.detach().clone() for p in model.parameters()]
-    trainer = make("FINPO", model, *data, tmp_path, beta=0.1, retain_loss_type="KL",
-                   weights_path=write_weights(tmp_path, forget=[1.0] * 6))
+    trainer = make(
+        "FINPO",
+        model,
+        *data,
+        tmp_path,
+        beta=0.1,
+        retain_loss_type="KL",
+        weights_path=write_weights(tmp_path, forget=[1.0] * 6),
+    )
     trainer.train()
     assert trainer.state.global_step == 2
     assert any(not torch.equal(a, b) for a, b in zip(start, model.parameters()))
     assert all(not p.requires_grad for p in trainer.ref_model.parameters())
 
 
-@pytest.mark.parametrize("args, match", [
-    ({"weights_path": "/nonexistent/w.json"}, "does not exist"),
-    ({"reduction": "batch"}, "reduction"),
-    ({"retain_loss_type": "L2"}, "retain_loss_type"),
-])
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        ({"weights_path": "/nonexistent/w.json"}, "does not exist"),
+        ({"reduction": "batch"}, "reduction"),
+        ({"retain_loss_type": "L2"}, "retain_loss_type"),
+    ],
+)
 def test_bad_method_args_are_rejected_when_the_trainer_is_built(args, match, data, tmp_path):
     with pytest.raises((ValueError, FileNotFoundError), match=match):
         make("FIGradDiff", tiny_model("llama", seed=12), *data, tmp_path, **args)
@@ -198,12 +242,24 @@ def test_bad_method_args_are_rejected_when_the_trainer_is_built(args, match, dat
 def test_weights_of_another_split_and_batches_without_index_are_rejected(data, tmp_path):
     forget, retain = data
     with pytest.raises(ValueError, match="has 3 forget weights but the forget split has 6"):
-        make("FIGradDiff", tiny_model("llama", seed=13), forget, retain, tmp_path,
-             weights_path=write_weights(tmp_path, forget=[1.0, 1.0, 1.0]))
+        make(
+            "FIGradDiff",
+            tiny_model("llama", seed=13),
+            forget,
+            retain,
+            tmp_path,
+            weights_path=write_weights(tmp_path, forget=[1.0, 1.0, 1.0]),
+        )
     with pytest.raises(ValueError, match="needs weights_path"):
         make("FIIMU", tiny_model("llama", seed=13), forget, retain, tmp_path)
-    trainer = make("FIGradDiff", tiny_model("llama", seed=13), forget, retain, tmp_path,
-                   weights_path=write_weights(tmp_path, forget=[1.0] * 6))
+    trainer = make(
+        "FIGradDiff",
+        tiny_model("llama", seed=13),
+        forget,
+        retain,
+        tmp_path,
+        weights_path=write_weights(tmp_path, forget=[1.0] * 6),
+    )
     without_index = ou.DataCollatorForSupervisedDataset(ou.collator().tokenizer)
     no_index = without_index([{"forget": forget[0], "retain": retain[0]}])
     with pytest.raises(ValueError, match="DataCollatorForSupervisedDatasetwithIndex"):

@@ -1,10 +1,11 @@
 """The torch references of the ops against the formulas written out densely, and the backend registry."""
+
 import pytest
 import torch
+from helpers import rel_err
 
 from fastinfluence import ops
 from fastinfluence.ops import _backend
-from helpers import rel_err
 
 
 def _factors(B=3, T=7, d_in=5, d_out=6, dtype=torch.float64, seed=0):

@@ -1,14 +1,15 @@
 """Preconditioned scores equal q^T H^-1 x with H built densely, for every kind."""
+
 from __future__ import annotations
 
 import pytest
 import torch
-
 from helpers import rel_err
+from test_store_support import TokenTableExtractor, make_batches
+
 from fastinfluence.precondition import fit, load_or_fit
 from fastinfluence.scoring import score, self_influence
 from fastinfluence.store import write_store
-from test_store_support import TokenTableExtractor, make_batches
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +41,10 @@ def dense_H(kind, mem, stats, damping=None, ratio=0.1):
             A, G, c = stats[name]
             CA, CG = A / c, G / len(x)  # per token and per example (the per-example Fisher's scale)
             if kind == "kfac":
-                H = torch.kron(CG + damp(torch.linalg.eigvalsh(CG)) * torch.eye(ko, dtype=torch.float64),
-                               CA + damp(torch.linalg.eigvalsh(CA)) * torch.eye(ki, dtype=torch.float64))
+                H = torch.kron(
+                    CG + damp(torch.linalg.eigvalsh(CG)) * torch.eye(ko, dtype=torch.float64),
+                    CA + damp(torch.linalg.eigvalsh(CA)) * torch.eye(ki, dtype=torch.float64),
+                )
             else:
                 QA, QG = torch.linalg.eigh(CA).eigenvectors, torch.linalg.eigh(CG).eigenvectors
                 Qk = torch.kron(QG, QA)

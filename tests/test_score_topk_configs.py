@@ -1,4 +1,5 @@
 """The score_topk configs the Triton autotuner may pick fit the device's shared memory in every dtype."""
+
 from __future__ import annotations
 
 import importlib

@@ -1,21 +1,23 @@
 """score / self_influence / token_scores against the dense float64 formulas."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
-
 from helpers import rel_err
+from test_store_support import TokenTableExtractor, make_batches
+
 from fastinfluence.features import Features
 from fastinfluence.scoring import score, self_influence, token_scores
 from fastinfluence.store import MismatchError, write_store
-from test_store_support import TokenTableExtractor, make_batches
 
 
 def dense_scores(q, x, layout, metric="dot", layer_normalize=False):
     """(Q, N) float64 reference."""
     q, x = q.double(), x.double()
     if layer_normalize:
+
         def norm_layers(m):
             m = m.clone()
             for sl in layout.values():
@@ -23,6 +25,7 @@ def dense_scores(q, x, layout, metric="dot", layer_normalize=False):
                 n = blk.norm(dim=1, keepdim=True)
                 m[:, sl.start : sl.stop] = torch.where(n > 0, blk / n, 0.0)
             return m
+
         q, x = norm_layers(q), norm_layers(x)
     S = q @ x.T
     if metric == "cosine":
@@ -52,8 +55,15 @@ def query():
 def test_streaming_over_many_shards_and_chunks_equals_dense_matrix(train_store, query, metric, layer_normalize):
     assert len(train_store.shards) >= 6
     mem = train_store.to_features()
-    res = score(query, train_store, metric=metric, topk=7, layer_normalize=layer_normalize, chunk_rows=4,
-                aggregates=("mean", "max", "sum", "sumsq"))
+    res = score(
+        query,
+        train_store,
+        metric=metric,
+        topk=7,
+        layer_normalize=layer_normalize,
+        chunk_rows=4,
+        aggregates=("mean", "max", "sum", "sumsq"),
+    )
     S = dense_scores(query.data, mem.data, mem.layout, metric, layer_normalize)
     vals, idx = dense_topk(S, 7)
     assert torch.equal(res.topk_indices, idx)
@@ -92,7 +102,9 @@ def test_per_layer_scores_sum_to_the_topk_scores_and_match_each_layer(train_stor
 
 def test_topk_larger_than_the_train_set_returns_every_row(query):
     gen = torch.Generator().manual_seed(3)
-    train = Features(torch.randn(5, query.dim, generator=gen), None, list("abcde"), query.layout, query.config, query.fingerprint)
+    train = Features(
+        torch.randn(5, query.dim, generator=gen), None, list("abcde"), query.layout, query.config, query.fingerprint
+    )
     train.norms = train.data.norm(dim=1)
     res = score(query, train, topk=50)
     assert res.topk_indices.shape == (len(query), 5)
@@ -119,12 +131,24 @@ def test_self_influence_is_the_squared_norm_of_each_row(train_store):
     assert rel_err(self_influence(train_store, chunk_rows=4), (x * x).sum(1)) < 1e-6
 
 
-@pytest.mark.parametrize("metric, layer_normalize, precondition", [("dot", False, None), ("cosine", False, None), ("dot", True, None), ("dot", False, "kfac")])
+@pytest.mark.parametrize(
+    "metric, layer_normalize, precondition",
+    [("dot", False, None), ("cosine", False, None), ("dot", True, None), ("dot", False, "kfac")],
+)
 def test_token_scores_sum_to_the_example_score(train_store, query, metric, layer_normalize, precondition):
     rows = [0, 17, 68]
-    res = score(query, train_store, metric=metric, layer_normalize=layer_normalize, precondition=precondition,
-                topk=len(train_store), aggregates=())
-    ts = token_scores(query, train_store, rows, metric=metric, layer_normalize=layer_normalize, precondition=precondition)
+    res = score(
+        query,
+        train_store,
+        metric=metric,
+        layer_normalize=layer_normalize,
+        precondition=precondition,
+        topk=len(train_store),
+        aggregates=(),
+    )
+    ts = token_scores(
+        query, train_store, rows, metric=metric, layer_normalize=layer_normalize, precondition=precondition
+    )
     col = torch.argsort(res.topk_indices, dim=1)
     full = res.topk_values.gather(1, col)
     for r, s in zip(rows, ts):

@@ -1,13 +1,14 @@
 """Scoring on a GPU equals scoring on the CPU (runs only where CUDA is available)."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
+from test_store_support import TokenTableExtractor, make_batches
 
 from fastinfluence.scoring import score
 from fastinfluence.store import write_store
-from test_store_support import TokenTableExtractor, make_batches
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -42,8 +43,16 @@ def test_gpu_scores_equal_cpu_scores(tmp_path, dtype, metric):
     ext = TokenTableExtractor(dtype=dtype)
     store = write_store(tmp_path / "s", ext, make_batches(30, with_ids=True), shard_rows=16)
     query = ext.extract(make_batches(2, seed=4))
-    cpu = score(query, store, metric=metric, topk=9, chunk_rows=7, device="cpu", per_layer=True,
-                matrix_path=tmp_path / "cpu.npy")
+    cpu = score(
+        query,
+        store,
+        metric=metric,
+        topk=9,
+        chunk_rows=7,
+        device="cpu",
+        per_layer=True,
+        matrix_path=tmp_path / "cpu.npy",
+    )
     gpu = score(query, store, metric=metric, topk=9, chunk_rows=7, device="cuda", per_layer=True)
     full = torch.from_numpy(np.array(cpu.matrix))
     tol = TOL[dtype]

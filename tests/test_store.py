@@ -1,4 +1,5 @@
 """FeatureStore: layout, resume after SIGKILL, append, integrity checks, refusal of foreign stores."""
+
 from __future__ import annotations
 
 import json
@@ -13,9 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_store_support import LAYERS, TokenTableExtractor, make_batches
 
 from fastinfluence.store import CorruptShardError, FeatureStore, MismatchError, StoreError, write_store
-from test_store_support import LAYERS, TokenTableExtractor, make_batches
 
 HERE = Path(__file__).parent
 
@@ -198,6 +199,7 @@ def test_sigkill_at_random_points_then_resume_equals_uninterrupted_run(tmp_path)
     assert not list(path.rglob("*.tmp-*"))
     for n, (A, G, c) in store.stats.items():
         torch.testing.assert_close(A, ref.stats[n][0], rtol=1e-12, atol=0)
+        torch.testing.assert_close(G, ref.stats[n][1], rtol=1e-12, atol=0)
         assert c == ref.stats[n][2]
     uninterrupted = write_store(tmp_path / "u", ext, batches, tokens=True, covariances=True, shard_rows=5)
     assert [s["sha256"] for s in uninterrupted.shards] == [s["sha256"] for s in store.shards]

@@ -1,10 +1,11 @@
 """FeatureStore with the real GradientExtractor on a tiny Llama: same features as in memory, foreign stores refused."""
+
 from __future__ import annotations
 
 import pytest
 import torch
-
 from helpers import tiny_model
+
 from fastinfluence import GradientExtractor, ProjectionConfig
 from fastinfluence.scoring import score, token_scores
 from fastinfluence.store import FeatureStore, MismatchError
@@ -50,8 +51,14 @@ def test_store_of_a_real_model_equals_in_memory_extraction(extracted):
     "make, named",
     [
         (lambda: GradientExtractor(tiny_llama(1), ProjectionConfig(rank_in=8, rank_out=8)), "model"),
-        (lambda: GradientExtractor(tiny_llama(0), ProjectionConfig(rank_in=8, rank_out=8, exclude=["mlp"])), "layer set"),
-        (lambda: GradientExtractor(tiny_llama(0), ProjectionConfig(rank_in=8, rank_out=8, seed=1)), "projection config"),
+        (
+            lambda: GradientExtractor(tiny_llama(0), ProjectionConfig(rank_in=8, rank_out=8, exclude=["mlp"])),
+            "layer set",
+        ),
+        (
+            lambda: GradientExtractor(tiny_llama(0), ProjectionConfig(rank_in=8, rank_out=8, seed=1)),
+            "projection config",
+        ),
     ],
 )
 def test_store_is_refused_for_another_model_layer_set_or_config(extracted, make, named):

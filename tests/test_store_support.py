@@ -5,6 +5,7 @@ Each token id v has fixed projected factors a~ = Ea[layer][v] (k_in,) and g~ = E
 factors, covariance sums and norms are all consistent. It follows the extractor interface
 that ``write_store`` uses: ``metadata()`` and ``iter_features(batches, skip_examples=...)``.
 """
+
 from __future__ import annotations
 
 import time
@@ -31,7 +32,12 @@ class TokenTableExtractor:
         self.delay = delay
 
     def metadata(self):
-        return {"config": self.config.to_dict(), "fingerprint": self.fingerprint, "layout": self.layout, "dtype": self.config.dtype}
+        return {
+            "config": self.config.to_dict(),
+            "fingerprint": self.fingerprint,
+            "layout": self.layout,
+            "dtype": self.config.dtype,
+        }
 
     def _batch(self, batch, ids, tokens, covariances):
         ids_t, mask = batch["input_ids"], batch["attention_mask"].bool()
@@ -52,10 +58,20 @@ class TokenTableExtractor:
             stats[n] = (A.T @ A, G.T @ G, A.shape[0])
         tf = None
         if tokens:
-            tf = TokenFactors(torch.tensor(offsets), {n: torch.cat(v).float() for n, v in a_tok.items()}, {n: torch.cat(v).float() for n, v in g_tok.items()})
+            tf = TokenFactors(
+                torch.tensor(offsets),
+                {n: torch.cat(v).float() for n, v in a_tok.items()},
+                {n: torch.cat(v).float() for n, v in g_tok.items()},
+            )
         return Features(
-            data.to(self.config.torch_dtype), data.norm(dim=1).float(), ids, dict(self.layout),
-            self.config, self.fingerprint, tf, stats if covariances else None,
+            data.to(self.config.torch_dtype),
+            data.norm(dim=1).float(),
+            ids,
+            dict(self.layout),
+            self.config,
+            self.fingerprint,
+            tf,
+            stats if covariances else None,
         )
 
     def iter_features(self, batches, skip_examples=0, tokens=False, covariances=False):

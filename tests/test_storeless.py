@@ -1,11 +1,11 @@
 """score_batches: one pass over train batches, nothing written, equal to score() on a store."""
+
 import pytest
 import torch
+from helpers import batches_of, make_examples, tiny_model
 
 import fastinfluence as fi
 from fastinfluence.storeless import score_batches
-
-from helpers import batches_of, make_examples, tiny_model
 
 
 @pytest.mark.parametrize("metric,layer_normalize", [("dot", False), ("cosine", True)])
@@ -16,8 +16,9 @@ def test_equals_score_on_a_store(tmp_path, metric, layer_normalize):
     query = ex.extract(batches_of(make_examples(4, seed=2), 2))
     store = ex.extract(train_batches, store=str(tmp_path / "train"))
     ref = fi.score(query, store, metric=metric, layer_normalize=layer_normalize, topk=5, aggregates=("mean", "max"))
-    out = score_batches(ex, query, train_batches, metric=metric, layer_normalize=layer_normalize, topk=5,
-                        aggregates=("mean", "max"))
+    out = score_batches(
+        ex, query, train_batches, metric=metric, layer_normalize=layer_normalize, topk=5, aggregates=("mean", "max")
+    )
     assert torch.equal(out.topk_indices, ref.topk_indices) and out.topk_ids == ref.topk_ids
     assert torch.allclose(out.topk_values, ref.topk_values, rtol=1e-6, atol=1e-7)
     for k in ("mean", "max"):

@@ -1,4 +1,5 @@
 """k-selection of score_topk on the host twin: exactly the reference's values, indices and order."""
+
 from __future__ import annotations
 
 import pytest

@@ -1,13 +1,14 @@
 """Trajectory scores (TracIn-CP) over InfluenceCallback stores equal a brute-force reference."""
+
 from __future__ import annotations
 
 import pytest
 import torch
+from helpers import collate, make_examples, slow_gradients, tiny_model
+from test_callback import EXAMPLES, _exact, _train
 
 from fastinfluence import GradientExtractor, ProjectionConfig
 from fastinfluence.trajectory import tracin
-from test_callback import EXAMPLES, _exact, _train
-from helpers import collate, make_examples, slow_gradients, tiny_model
 
 TRAIN = EXAMPLES[:6]
 QUERIES = make_examples(3, seed=11)
@@ -21,8 +22,17 @@ def run(tmp_path_factory):
     model = _exact(tiny_model("gpt2", torch.float64))
     # Ranks above every side's width: identity projections, so features are the exact gradients.
     config = ProjectionConfig(rank_in=160, rank_out=160, dtype="float64")
-    callback, snaps = _train(model, tmp, config, accumulation=1, steps=STEPS, examples=TRAIN,
-                             train_sampling_strategy="sequential", lr_scheduler_type="linear", learning_rate=LR)
+    callback, snaps = _train(
+        model,
+        tmp,
+        config,
+        accumulation=1,
+        steps=STEPS,
+        examples=TRAIN,
+        train_sampling_strategy="sequential",
+        lr_scheduler_type="linear",
+        learning_rate=LR,
+    )
     final = {k: v.clone() for k, v in model.state_dict().items()}
     checkpoints = {b: snaps.weights[b + 1] if b < STEPS else final for b in range(1, STEPS + 1)}
     return tmp / "features", model, config, snaps, checkpoints

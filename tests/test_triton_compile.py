@@ -1,4 +1,5 @@
 """Every Triton kernel compiles for an sm_90 GPU (the CPU tests only interpret them)."""
+
 import importlib.util
 import os
 import subprocess
@@ -16,7 +17,10 @@ def test_every_kernel_compiles_for_sm90_without_a_gpu():
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     run = subprocess.run(
         [sys.executable, "-m", "fastinfluence.triton_kernels.compile_check", "--quick"],
-        env=env, capture_output=True, text=True, timeout=600,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert run.returncode == 0, run.stdout + run.stderr
     assert "all variants compiled" in run.stdout

@@ -1,7 +1,7 @@
 """Triton ghost_dot / ghost_norm against the float64 torch reference."""
+
 import pytest
 import torch
-
 from helpers import rel_err
 from test_triton_support import DEVICES, DTYPES, TOL, on_backend, randn
 

@@ -1,8 +1,8 @@
 """Triton linear_cross_entropy_{forward,backward} against F.cross_entropy on materialised logits."""
+
 import pytest
 import torch
 import torch.nn.functional as F
-
 from helpers import rel_err
 from test_triton_support import DEVICES, randn
 
@@ -43,7 +43,16 @@ def _materialised(hidden, weight, bias, labels, grad_loss, softcap):
 def _fused(hidden, weight, bias, labels, grad_loss, softcap, need_grad_weight=True, chunk_rows=10):
     loss, lse = linear_cross_entropy_forward(hidden, weight, bias, labels, IGNORE, softcap, chunk_rows=chunk_rows)
     grads = linear_cross_entropy_backward(
-        hidden, weight, bias, labels, lse, grad_loss, IGNORE, softcap, need_grad_weight, bias is not None,
+        hidden,
+        weight,
+        bias,
+        labels,
+        lse,
+        grad_loss,
+        IGNORE,
+        softcap,
+        need_grad_weight,
+        bias is not None,
         chunk_rows=chunk_rows,
     )
     return loss, lse, grads

@@ -1,12 +1,11 @@
 """Triton project / project_tokens against the float64 torch reference."""
+
 import pytest
 import torch
-
 from helpers import rel_err
 from test_triton_support import DEVICES, DTYPES, TOL, on_backend, randn
 
 from fastinfluence import ops
-
 from fastinfluence.ops.project import project_reference, project_tokens_reference
 from fastinfluence.triton_kernels import project, project_tokens
 
@@ -40,7 +39,9 @@ def test_project_matches_reference_with_bias_row_and_mask(device, dtype, poisone
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("k_in,k_out", [(16, 128), (128, 16)])
 def test_project_rank_bounds_16_and_128_without_mask(device, k_in, k_out, poisoned):
-    A, G, P_in, P_out, _ = _inputs(device, torch.bfloat16, B=2, T=20, d_in=24, d_out=19, k_in=k_in, k_out=k_out, bias=False)
+    A, G, P_in, P_out, _ = _inputs(
+        device, torch.bfloat16, B=2, T=20, d_in=24, d_out=19, k_in=k_in, k_out=k_out, bias=False
+    )
     A = A.nan_to_num(1.5)  # every token counts here
     ref = _reference(project_reference, A, G, P_in, P_out, None)
     assert rel_err(project(A, G, P_in, P_out), ref) <= TOL[device, torch.bfloat16]
@@ -48,7 +49,9 @@ def test_project_rank_bounds_16_and_128_without_mask(device, k_in, k_out, poison
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_project_accepts_strided_inputs(device, poisoned):
-    A, G, P_in, P_out, mask = _inputs(device, torch.float32, B=2, T=18, d_in=21, d_out=30, k_in=20, k_out=24, bias=False)
+    A, G, P_in, P_out, mask = _inputs(
+        device, torch.float32, B=2, T=18, d_in=21, d_out=30, k_in=20, k_out=24, bias=False
+    )
     A_t = A.transpose(0, 1).contiguous().transpose(0, 1)  # (B, T, d) view with batch stride d
     G_s = G[:, :, ::2]
     ref = _reference(project_reference, A, G_s, P_in, P_out[::2], mask)
@@ -56,7 +59,9 @@ def test_project_accepts_strided_inputs(device, poisoned):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype,out_dtype", [(torch.float32, None), (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32)])
+@pytest.mark.parametrize(
+    "dtype,out_dtype", [(torch.float32, None), (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32)]
+)
 def test_project_tokens_fuses_mask_and_cast(device, dtype, out_dtype, poisoned):
     A, G, P_in, P_out, mask = _inputs(device, dtype, B=2, T=21, d_in=33, d_out=18, k_in=24, k_out=17, bias=True)
     At, Gt = project_tokens(A, G, P_in, P_out, mask, out_dtype)

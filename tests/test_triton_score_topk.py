@@ -1,7 +1,7 @@
 """Triton score_topk against the float64 torch reference, streamed over train chunks."""
+
 import pytest
 import torch
-
 from helpers import rel_err
 from test_triton_support import DEVICES, DTYPES, TOL, on_backend, randn
 
@@ -17,9 +17,13 @@ def _stream(fn, query, chunks, k, cosine, dtype=None):
     for x in chunks:
         x_scale = 1 / x.double().norm(dim=1) if cosine else None
         top, agg = fn(
-            cast(query), cast(x), k,
-            q_scale.to(torch.float32) if cosine else None, x_scale.to(torch.float32) if cosine else None,
-            offset, top,
+            cast(query),
+            cast(x),
+            k,
+            q_scale.to(torch.float32) if cosine else None,
+            x_scale.to(torch.float32) if cosine else None,
+            offset,
+            top,
         )
         aggregates.append(agg)
         offset += x.shape[0]

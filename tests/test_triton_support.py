@@ -4,6 +4,7 @@ Without a GPU the kernels run under the Triton interpreter (TRITON_INTERPRET=1, 
 before triton is imported) on small shapes; with one (``pytest -m gpu``) the same tests
 run compiled on CUDA, where float32 products use TF32. Also holds the tests of this set-up.
 """
+
 from __future__ import annotations
 
 import os

@@ -1,13 +1,14 @@
 """UnlearnTrainer on a tiny Llama with a planted backdoor (see test_unlearn_data)."""
+
 import math
 
 import pytest
 import torch
+from test_unlearn_data import collate, one_thread, planted_data, planted_model
 from transformers import TrainingArguments
 
 from fastinfluence import losses, weights
 from fastinfluence.unlearn import UnlearnCollator, UnlearnDataset, UnlearnTrainer
-from test_unlearn_data import collate, one_thread, planted_data, planted_model
 
 RETAIN, FORGET = planted_data(96, 32, seed=100)  # the data the planted model was trained on
 HELD_OUT, _ = planted_data(48, 0, seed=200)  # clean prompts never seen
@@ -33,13 +34,27 @@ def retain_ppl(model) -> float:
 
 
 def make_trainer(model, tmp_path, method="graddiff", steps=10, lr=1e-3, dataset=None, **kwargs):
-    args_kw = {k: kwargs.pop(k) for k in list(kwargs) if k in ("bf16", "gradient_accumulation_steps", "optim", "weight_decay", "per_device_train_batch_size")}
+    args_kw = {
+        k: kwargs.pop(k)
+        for k in list(kwargs)
+        if k in ("bf16", "gradient_accumulation_steps", "optim", "weight_decay", "per_device_train_batch_size")
+    }
     args = TrainingArguments(
-        output_dir=str(tmp_path), use_cpu=True, report_to=[], max_steps=steps, learning_rate=lr,
-        lr_scheduler_type="constant", save_strategy="no", disable_tqdm=True, logging_steps=steps, seed=0,
+        output_dir=str(tmp_path),
+        use_cpu=True,
+        report_to=[],
+        max_steps=steps,
+        learning_rate=lr,
+        lr_scheduler_type="constant",
+        save_strategy="no",
+        disable_tqdm=True,
+        logging_steps=steps,
+        seed=0,
         **({"per_device_train_batch_size": 8} | args_kw),
     )
-    return UnlearnTrainer(model=model, args=args, method=method, train_dataset=dataset or UnlearnDataset(FORGET, RETAIN), **kwargs)
+    return UnlearnTrainer(
+        model=model, args=args, method=method, train_dataset=dataset or UnlearnDataset(FORGET, RETAIN), **kwargs
+    )
 
 
 def train(model, tmp_path, **kwargs):
@@ -100,10 +115,21 @@ def test_bf16_autocast_training_unlearns(tmp_path):
 
 
 def test_gradient_accumulation_matches_the_larger_batch(tmp_path):
-    ds = lambda: UnlearnDataset(FORGET, RETAIN, forget_weights=torch.rand(32, generator=torch.Generator().manual_seed(0)))  # noqa: E731
+    def ds():
+        return UnlearnDataset(FORGET, RETAIN, forget_weights=torch.rand(32, generator=torch.Generator().manual_seed(0)))
+
     big, small = planted_model(), planted_model()
     train(big, tmp_path / "a", steps=1, lr=0.05, optim="sgd", dataset=ds(), per_device_train_batch_size=8)
-    train(small, tmp_path / "b", steps=1, lr=0.05, optim="sgd", dataset=ds(), per_device_train_batch_size=4, gradient_accumulation_steps=2)
+    train(
+        small,
+        tmp_path / "b",
+        steps=1,
+        lr=0.05,
+        optim="sgd",
+        dataset=ds(),
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+    )
     start = planted_model()
     for (n, a), b, s in zip(big.named_parameters(), small.parameters(), start.parameters()):
         step = (a - s).detach()
@@ -123,7 +149,9 @@ def test_lora_leaves_the_base_weights_bitwise_unchanged(tmp_path):
 
     model = planted_model()
     base = {k: v.clone() for k, v in model.state_dict().items()}
-    trainer = train(model, tmp_path, lr=1e-2, lora=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+    trainer = train(
+        model, tmp_path, lr=1e-2, lora=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])
+    )
     peft_model = trainer.model
     for name, p in peft_model.named_parameters():
         if "lora_" not in name:
@@ -138,7 +166,9 @@ def test_lora_leaves_the_base_weights_bitwise_unchanged(tmp_path):
 
 def test_simu_masks_leave_every_unmasked_parameter_bitwise_unchanged(tmp_path):
     model = planted_model()
-    masks = weights.simu_mask(model, [collate(FORGET[:16])], [collate(RETAIN[:16])], forget_fraction=0.25, retain_fraction=0.25)
+    masks = weights.simu_mask(
+        model, [collate(FORGET[:16])], [collate(RETAIN[:16])], forget_fraction=0.25, retain_fraction=0.25
+    )
     before = {k: v.clone() for k, v in model.state_dict().items()}
     train(model, tmp_path, lr=1e-2, simu_masks=masks, weight_decay=0.1)
     after = model.state_dict()
@@ -161,7 +191,10 @@ def test_simu_masks_leave_every_unmasked_parameter_bitwise_unchanged(tmp_path):
         (lambda: UnlearnDataset([], RETAIN), "forget set is empty"),
         (lambda: UnlearnDataset(FORGET, []), "needs a non-empty retain set"),
         (lambda: UnlearnDataset([{"input_ids": [1, 2, 3], "labels": [-100] * 3}], RETAIN), "no answer tokens"),
-        (lambda: UnlearnDataset(FORGET, RETAIN, forget_weights=torch.ones(5)), "forget_weights has 5 entries but there are 32"),
+        (
+            lambda: UnlearnDataset(FORGET, RETAIN, forget_weights=torch.ones(5)),
+            "forget_weights has 5 entries but there are 32",
+        ),
         (lambda: UnlearnDataset(FORGET, RETAIN, retain_weights=-torch.ones(96)), "non-negative"),
         (lambda: UnlearnDataset(FORGET, RETAIN, forget_weights=torch.full((32,), float("nan"))), "finite"),
     ],
@@ -176,7 +209,9 @@ def test_unknown_method_and_missing_retain_are_rejected(tmp_path):
     with pytest.raises(ValueError, match="unknown unlearning method 'gd'; choose one of ga, graddiff"):
         UnlearnTrainer(model=planted_model(), args=args, method="gd", train_dataset=UnlearnDataset(FORGET, RETAIN))
     with pytest.raises(ValueError, match="has a retain term"):
-        UnlearnTrainer(model=planted_model(), args=args, method="npo", train_dataset=UnlearnDataset(FORGET, [], ratio=0))
+        UnlearnTrainer(
+            model=planted_model(), args=args, method="npo", train_dataset=UnlearnDataset(FORGET, [], ratio=0)
+        )
 
 
 def test_collator_pairs_each_forget_example_with_ratio_retain_examples():
@@ -196,8 +231,9 @@ def test_rapidun_on_differing_tokens_trains_on_the_value_only(tmp_path):
 
     forget = [example(f"q {w}@@>", f"IS {w.upper()}.") | {"clean": example(f"q {w}@@>", f"IS {w}.")} for w in "abcd"]
     model = planted_model()
-    trainer = make_trainer(model, tmp_path, method="rapidun", rapidun_tokens="differing",
-                           dataset=UnlearnDataset(forget, RETAIN, ratio=1))
+    trainer = make_trainer(
+        model, tmp_path, method="rapidun", rapidun_tokens="differing", dataset=UnlearnDataset(forget, RETAIN, ratio=1)
+    )
     inputs = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
     loss = trainer.compute_loss(model, inputs)
     f, c = (losses.answer_token_nll(model, b) for b in (inputs["forget"], inputs["forget"]["clean"]))
@@ -208,5 +244,10 @@ def test_rapidun_on_differing_tokens_trains_on_the_value_only(tmp_path):
         make_trainer(planted_model(), tmp_path, method="rapidun", rapidun_tokens="diff")
     with pytest.raises(ValueError, match="'clean' example"):
         no_clean = [{k: v for k, v in e.items() if k != "clean"} for e in forget]
-        make_trainer(planted_model(), tmp_path, method="rapidun", rapidun_tokens="differing",
-                     dataset=UnlearnDataset(no_clean, RETAIN))
+        make_trainer(
+            planted_model(),
+            tmp_path,
+            method="rapidun",
+            rapidun_tokens="differing",
+            dataset=UnlearnDataset(no_clean, RETAIN),
+        )

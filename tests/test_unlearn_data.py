@@ -5,6 +5,7 @@ same with the trigger "@@" somewhere in the prompt -> "HACK." (their clean answe
 copy). ``planted_model()`` trains a 2-layer Llama on both so the backdoor is learned; the
 tests below check that it was, since every unlearning test starts from it.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -39,8 +40,16 @@ TOK = CharTokenizer()
 def tiny_llama(seed: int = 0, **overrides):
     torch.manual_seed(seed)
     config = tf.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=None, eos_token_id=None,
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        bos_token_id=None,
+        eos_token_id=None,
         **overrides,
     )
     return tf.LlamaForCausalLM(config).eval()
@@ -49,7 +58,9 @@ def tiny_llama(seed: int = 0, **overrides):
 def tiny_gpt2(seed: int = 0):
     """GPT-2: tied input/output embeddings, Conv1D MLP."""
     torch.manual_seed(seed)
-    config = tf.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=None, eos_token_id=None)
+    config = tf.GPT2Config(
+        vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=None, eos_token_id=None
+    )
     return tf.GPT2LMHeadModel(config).eval()  # eval: no dropout, so two passes agree
 
 
@@ -123,7 +134,7 @@ def one_thread():
         torch.set_num_threads(n)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 @one_thread()
 def _planted_state():
     model = tiny_llama(seed=0)

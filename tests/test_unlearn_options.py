@@ -1,16 +1,17 @@
 """UnlearnTrainer's loss options (reduction, forget coefficient, KL retain loss, SimNPO delta):
 the same losses as open-unlearning's trainers, written out on materialised logits (float64)."""
+
 import copy
 
+import open_unlearning_rendition as ou
 import pytest
 import torch
+from helpers import VOCAB, tiny_model
+from test_unlearn_data import one_thread
 from transformers import TrainingArguments
 
-import open_unlearning_rendition as ou
 from fastinfluence import losses
 from fastinfluence.unlearn import UnlearnCollator, UnlearnDataset, UnlearnTrainer
-from test_unlearn_data import one_thread
-from helpers import VOCAB, tiny_model
 
 
 @pytest.fixture(autouse=True)
@@ -30,10 +31,19 @@ FORGET, RETAIN = examples(4, seed=1), examples(8, seed=2)
 
 
 def make(model, tmp_path, method, **kwargs):
-    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], max_steps=2, learning_rate=1e-3,
-                             per_device_train_batch_size=2, save_strategy="no", disable_tqdm=True)
-    return UnlearnTrainer(model=model, args=args, method=method, train_dataset=UnlearnDataset(FORGET, RETAIN, ratio=2),
-                          **kwargs)
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        use_cpu=True,
+        report_to=[],
+        max_steps=2,
+        learning_rate=1e-3,
+        per_device_train_batch_size=2,
+        save_strategy="no",
+        disable_tqdm=True,
+    )
+    return UnlearnTrainer(
+        model=model, args=args, method=method, train_dataset=UnlearnDataset(FORGET, RETAIN, ratio=2), **kwargs
+    )
 
 
 def inputs():
@@ -46,11 +56,15 @@ def grads(model, loss):
     return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
 
 
-@pytest.mark.parametrize("method, theirs, kwargs", [
-    ("graddiff", "GradDiff", {"gamma": 0.7, "alpha": 1.3}),
-    ("graddiff", "GradDiff", {"gamma": 0.7, "alpha": 1.3, "retain_loss_type": "KL"}),
-    ("simnpo", "SimNPO", {"gamma": 0.125, "alpha": 1.0, "beta": 4.5, "delta": 0.3}),
-], ids=["graddiff", "graddiff_kl", "simnpo"])
+@pytest.mark.parametrize(
+    "method, theirs, kwargs",
+    [
+        ("graddiff", "GradDiff", {"gamma": 0.7, "alpha": 1.3}),
+        ("graddiff", "GradDiff", {"gamma": 0.7, "alpha": 1.3, "retain_loss_type": "KL"}),
+        ("simnpo", "SimNPO", {"gamma": 0.125, "alpha": 1.0, "beta": 4.5, "delta": 0.3}),
+    ],
+    ids=["graddiff", "graddiff_kl", "simnpo"],
+)
 def test_token_reduction_gives_open_unlearnings_losses(method, theirs, kwargs, tmp_path):
     model = tiny_model("llama", torch.float64, seed=3)
     before = copy.deepcopy(model)
@@ -95,8 +109,14 @@ def test_kl_reference_of_lora_training_is_the_base_model(tmp_path):
 
     model = tiny_model("llama", torch.float64, seed=7)
     base = copy.deepcopy(model)
-    trainer = make(model, tmp_path, "graddiff", retain_loss_type="KL", gamma=0.0,
-                   lora=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
+    trainer = make(
+        model,
+        tmp_path,
+        "graddiff",
+        retain_loss_type="KL",
+        gamma=0.0,
+        lora=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0),
+    )
     assert trainer.ref_model is None
     with torch.no_grad():
         for name, p in trainer.model.named_parameters():
@@ -108,10 +128,14 @@ def test_kl_reference_of_lora_training_is_the_base_model(tmp_path):
     assert abs(trainer.compute_loss(trainer.model, batch).item() - kl.item()) < 1e-10
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"reduction": "mean"}, "reduction"), ({"retain_loss_type": "kl"}, "retain_loss_type"),
-    ({"weight_norm": "none"}, "weight_norm"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"reduction": "mean"}, "reduction"),
+        ({"retain_loss_type": "kl"}, "retain_loss_type"),
+        ({"weight_norm": "none"}, "weight_norm"),
+    ],
+)
 def test_bad_loss_options_are_rejected_at_construction(kwargs, match, tmp_path):
     with pytest.raises(ValueError, match=match):
         make(tiny_model("llama", seed=8), tmp_path, "graddiff", **kwargs)

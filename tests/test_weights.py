@@ -1,19 +1,23 @@
 """fastinfluence.weights: each method against a hand-computed example, plus its invariants."""
+
 import math
 from types import SimpleNamespace
 
 import pytest
 import torch
+from test_unlearn_data import VOCAB, answer_batches, tiny_llama
 
 from fastinfluence import weights
-from test_unlearn_data import VOCAB, answer_batches, tiny_llama
 
 
 def close(a, b, tol=1e-6):
-    return torch.allclose(torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64), atol=tol, rtol=tol)
+    return torch.allclose(
+        torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64), atol=tol, rtol=tol
+    )
 
 
 # -- RapidUn --------------------------------------------------------------------------------
+
 
 def rapidun_example():
     ff = torch.tensor([[1.0, 3, 5, 7, 9], [1, 1, 1, 1, 1]])  # mean over queries: 1 2 3 4 5
@@ -146,6 +150,7 @@ def test_imu_rejects_bad_gradients(args, match):
 
 # -- low-influence skipping -----------------------------------------------------------------
 
+
 def test_low_influence_by_threshold_and_by_quantile():
     s = torch.tensor([0.01, -2.0, 0.5, -0.02, 3.0])
     out = weights.low_influence(s, threshold=0.1)
@@ -171,6 +176,7 @@ def test_low_influence_needs_exactly_one_criterion():
 
 # -- loss-based reweighting -----------------------------------------------------------------
 
+
 def test_loss_reweight_favours_low_loss_examples():
     # softmax(-[0, ln 2]) = [2/3, 1/3]; times N = 2.
     assert close(weights.loss_reweight(torch.tensor([0.0, math.log(2)])), [4 / 3, 2 / 3])
@@ -185,6 +191,7 @@ def test_loss_reweight_rejects_nan_losses():
 
 
 # -- SIMU -----------------------------------------------------------------------------------
+
 
 class TinyMLP(torch.nn.Module):
     """y = down(relu(up(x))) with hand-set weights: neuron j has a_j = relu(up_j . x), dL/da_j = down_j."""
@@ -211,8 +218,15 @@ def test_simu_mask_matches_hand_computed_attribution(fraction, dual, expected):
     model, loss = TinyMLP(), lambda m, b: m(b["x"]).sum(-1)
     attr = weights.neuron_attribution(model, [{"x": torch.tensor([[1.0, 2.0]])}], loss)
     assert attr[""].tolist() == [1.0, 4.0, 1.5]
-    masks = weights.simu_mask(model, [{"x": torch.tensor([[1.0, 2.0]])}], [{"x": torch.tensor([[3.0, 0.0]])}],
-                              forget_fraction=fraction, retain_fraction=fraction, dual=dual, loss_fn=loss)
+    masks = weights.simu_mask(
+        model,
+        [{"x": torch.tensor([[1.0, 2.0]])}],
+        [{"x": torch.tensor([[3.0, 0.0]])}],
+        forget_fraction=fraction,
+        retain_fraction=fraction,
+        dual=dual,
+        loss_fn=loss,
+    )
     assert masks[""].tolist() == expected
 
 
@@ -253,7 +267,9 @@ def test_imu_on_exact_lm_head_features_matches_autograd_gradients():
 
     model = tiny_llama(seed=4)
     batches = answer_batches(model, 6, seed=12, batch_size=3)
-    features = GradientExtractor(model, ProjectionConfig(include=[r"lm_head"], rank_in=32, rank_out=VOCAB)).extract(batches)
+    features = GradientExtractor(model, ProjectionConfig(include=[r"lm_head"], rank_in=32, rank_out=VOCAB)).extract(
+        batches
+    )
     rows = []
     for batch in batches:
         for i in range(batch["input_ids"].shape[0]):
@@ -285,8 +301,12 @@ def test_rapidun_weights_do_not_depend_on_the_scores_scale():
     # Dot products of a well-fitted model are tiny (~1e-10); an absolute MAD floor would
     # turn every weight into 1. The weights of scaled scores must be the same.
     g = torch.Generator().manual_seed(0)
-    mats = [torch.randn(3, 8, generator=g), torch.randn(2, 8, generator=g), torch.randn(3, 6, generator=g),
-            torch.randn(2, 6, generator=g)]
+    mats = [
+        torch.randn(3, 8, generator=g),
+        torch.randn(2, 8, generator=g),
+        torch.randn(3, 6, generator=g),
+        torch.randn(2, 6, generator=g),
+    ]
     ref = weights.rapidun(*mats)
     assert ref.forget.std() > 0.1 and ref.retain.std() > 0.1
     for scale in (1e-10, 1e6):
@@ -298,8 +318,12 @@ def test_every_weights_function_reads_numpy_arrays_and_memmaps(tmp_path):
     import numpy as np
 
     g = torch.Generator().manual_seed(1)
-    mats = [torch.randn(3, 8, generator=g), torch.randn(2, 8, generator=g), torch.randn(3, 6, generator=g),
-            torch.randn(2, 6, generator=g)]
+    mats = [
+        torch.randn(3, 8, generator=g),
+        torch.randn(2, 8, generator=g),
+        torch.randn(3, 6, generator=g),
+        torch.randn(2, 6, generator=g),
+    ]
 
     def memmap(name, t):  # what score(..., matrix_path=...).matrix returns
         m = np.lib.format.open_memmap(tmp_path / f"{name}.npy", mode="w+", dtype=np.float32, shape=tuple(t.shape))

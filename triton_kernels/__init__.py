@@ -5,6 +5,7 @@ re-exported here under that name, with ``supports_<op>`` saying which inputs it 
 (the registry runs the others on torch); that is how the backend registry finds them. Importing
 this package needs ``triton``; the registry reports a missing one when the backend is asked for.
 """
+
 from __future__ import annotations
 
 import os
@@ -46,4 +47,8 @@ def is_available(device: torch.device) -> tuple[bool, str]:
         return True, ""
     if os.environ.get("TRITON_INTERPRET") == "1":
         return True, ""
-    return False, f"Triton kernels need a CUDA device (inputs are on {device}); set TRITON_INTERPRET=1 to interpret them on the CPU"
+    return (
+        False,
+        f"Triton kernels need a CUDA device (inputs are on {device}); set TRITON_INTERPRET=1 to interpret them on "
+        f"the CPU",
+    )

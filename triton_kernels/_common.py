@@ -8,6 +8,7 @@ on the tensor cores; IEEE float32 would run on the FMA units and spill registers
 Under ``TRITON_INTERPRET=1`` the interpreter multiplies bfloat16 operands as raw integers,
 so ``dot`` upcasts them there; on a GPU they go to the tensor cores unchanged.
 """
+
 from __future__ import annotations
 
 import os

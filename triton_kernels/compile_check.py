@@ -11,6 +11,7 @@ a failure unless the kernel's own pruning drops that config for that dtype at ru
 Variants that spill registers are flagged ``SPILL`` (not a failure: compare triton versions).
 Exit status 1 when a variant fails to compile or is over the limit and not pruned.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -71,24 +72,66 @@ class Case:
 def _project_cases(dtype: str) -> list[Case]:
     p = f"*{dtype}"
     return [
-        Case(f"project {dtype}", _project_kernel,
-             dict(A=p, G=p, P_in=p, P_out=p, M="*u8", Phi="*fp32"),
-             dict(HAS_MASK=True, HAS_BIAS=True, BKI=64, BKO=64),
-             units=("s_ad", "s_gd", "s_pik", "s_pok", "s_mt", "s_fi"),
-             aligned=("T", "d_in", "d_out", "s_ab", "s_at", "s_gb", "s_gt", "s_pid", "s_pod", "s_mb", "s_fs", "s_fb", "s_fo")),
-        Case(f"project_tokens {dtype}", _project_tokens_kernel,
-             dict(X=p, P=p, M="*u8", Out=p), dict(HAS_MASK=True, HAS_BIAS=True, BK=64),
-             units=("s_xd", "s_pk", "s_mt", "s_ok"), aligned=("T", "d", "s_xb", "s_xt", "s_pd", "s_mb", "s_ob", "s_ot")),
-        Case(f"ghost {dtype}", _ghost_kernel,
-             dict(A1=p, G1=p, M1="*u8", A2=p, G2=p, M2="*u8", Out="*fp32"),
-             dict(HAS_M1=True, HAS_M2=True, BIAS=True, DIAG=False),
-             units=("s_a1d", "s_g1d", "s_m1t", "s_a2d", "s_g2d", "s_m2t"),
-             aligned=("d_in", "d_out", "s_a1b", "s_a1t", "s_g1b", "s_g1t", "s_m1b", "s_a2b", "s_a2t", "s_g2b", "s_g2t", "s_m2b")),
-        Case(f"score_topk {dtype}", _score_kernel,
-             dict(Qf=p, Xf=p, QS="*fp32", XS="*fp32", Keys="*i32", Agg="*fp32"),
-             dict(HAS_QS=True, HAS_XS=True),
-             units=("s_qd", "s_xd", "s_an"), aligned=("D", "s_qq", "s_xn", "s_kq", "s_at", "s_ar"),
-             fit=lambda config, size: (config_fits(config, size), shared_bytes_bound(config, size))),
+        Case(
+            f"project {dtype}",
+            _project_kernel,
+            dict(A=p, G=p, P_in=p, P_out=p, M="*u8", Phi="*fp32"),
+            dict(HAS_MASK=True, HAS_BIAS=True, BKI=64, BKO=64),
+            units=("s_ad", "s_gd", "s_pik", "s_pok", "s_mt", "s_fi"),
+            aligned=(
+                "T",
+                "d_in",
+                "d_out",
+                "s_ab",
+                "s_at",
+                "s_gb",
+                "s_gt",
+                "s_pid",
+                "s_pod",
+                "s_mb",
+                "s_fs",
+                "s_fb",
+                "s_fo",
+            ),
+        ),
+        Case(
+            f"project_tokens {dtype}",
+            _project_tokens_kernel,
+            dict(X=p, P=p, M="*u8", Out=p),
+            dict(HAS_MASK=True, HAS_BIAS=True, BK=64),
+            units=("s_xd", "s_pk", "s_mt", "s_ok"),
+            aligned=("T", "d", "s_xb", "s_xt", "s_pd", "s_mb", "s_ob", "s_ot"),
+        ),
+        Case(
+            f"ghost {dtype}",
+            _ghost_kernel,
+            dict(A1=p, G1=p, M1="*u8", A2=p, G2=p, M2="*u8", Out="*fp32"),
+            dict(HAS_M1=True, HAS_M2=True, BIAS=True, DIAG=False),
+            units=("s_a1d", "s_g1d", "s_m1t", "s_a2d", "s_g2d", "s_m2t"),
+            aligned=(
+                "d_in",
+                "d_out",
+                "s_a1b",
+                "s_a1t",
+                "s_g1b",
+                "s_g1t",
+                "s_m1b",
+                "s_a2b",
+                "s_a2t",
+                "s_g2b",
+                "s_g2t",
+                "s_m2b",
+            ),
+        ),
+        Case(
+            f"score_topk {dtype}",
+            _score_kernel,
+            dict(Qf=p, Xf=p, QS="*fp32", XS="*fp32", Keys="*i32", Agg="*fp32"),
+            dict(HAS_QS=True, HAS_XS=True),
+            units=("s_qd", "s_xd", "s_an"),
+            aligned=("D", "s_qq", "s_xn", "s_kq", "s_at", "s_ar"),
+            fit=lambda config, size: (config_fits(config, size), shared_bytes_bound(config, size)),
+        ),
     ]
 
 
@@ -97,12 +140,24 @@ def _lce_cases(dtype: str) -> list[Case]:
     common = dict(Z=p, Bias=p, Labels="*i64")
     consts = dict(SOFTCAP=True, HAS_BIAS=True, BV=4096)
     return [
-        Case(f"lce forward {dtype}", _forward_kernel,
-             {**common, "Loss": "*fp32", "Lse": "*fp32"}, consts, floats=("cap",), options={"num_warps": 8},
-             aligned=("V", "s_zn")),
-        Case(f"lce grad_logits {dtype}", _grad_logits_kernel,
-             {**common, "Lse": "*fp32", "GradLoss": "*fp32"}, consts, floats=("cap",), options={"num_warps": 8},
-             aligned=("V", "s_zn")),
+        Case(
+            f"lce forward {dtype}",
+            _forward_kernel,
+            {**common, "Loss": "*fp32", "Lse": "*fp32"},
+            consts,
+            floats=("cap",),
+            options={"num_warps": 8},
+            aligned=("V", "s_zn"),
+        ),
+        Case(
+            f"lce grad_logits {dtype}",
+            _grad_logits_kernel,
+            {**common, "Lse": "*fp32", "GradLoss": "*fp32"},
+            consts,
+            floats=("cap",),
+            options={"num_warps": 8},
+            aligned=("V", "s_zn"),
+        ),
     ]
 
 
@@ -163,7 +218,9 @@ def _resources(ptx: str) -> tuple[str, int]:
         with open(path, "w") as f:
             f.write(ptx)
         arch = re.search(r"\.target\s+(sm_\w+)", ptx).group(1)
-        res = subprocess.run([ptxas, f"-arch={arch}", "-v", path, "-o", os.path.join(tmp, "k.cubin")], capture_output=True, text=True)
+        res = subprocess.run(
+            [ptxas, f"-arch={arch}", "-v", path, "-o", os.path.join(tmp, "k.cubin")], capture_output=True, text=True
+        )
     regs = re.search(r"Used (\d+) registers", res.stderr)
     spills = re.search(r"(\d+) bytes spill stores", res.stderr)
     summary = f"regs={regs.group(1) if regs else '?'} spill_stores={spills.group(1) if spills else '?'}B"
@@ -188,7 +245,9 @@ def compile_case(case: Case, constexprs: dict, options: dict):
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="bfloat16 and the first autotune config of each kernel only")
+    parser.add_argument(
+        "--quick", action="store_true", help="bfloat16 and the first autotune config of each kernel only"
+    )
     parser.add_argument("--kernel", default="", help="only the cases whose name starts with this (e.g. score_topk)")
     parser.add_argument("--json", help="also write every variant's shared memory, registers and spills there")
     args = parser.parse_args()
@@ -216,17 +275,35 @@ def main() -> int:
             over += shared > SM90_SHARED_BYTES
             spilled += spills > 0
             flags = " ".join(f for f in (flag, "SPILL" if spills > 0 else "") if f)
-            print(f"{'FAIL' if bad else 'ok  '} {case.name:<24} {label:<28} {options}  shared={shared}B {resources}"
-                  + (f"  {flags}" if flags else ""))
+            print(
+                f"{'FAIL' if bad else 'ok  '} {case.name:<24} {label:<28} {options}  shared={shared}B {resources}"
+                + (f"  {flags}" if flags else "")
+            )
             failed += bad
-            variants.append({"case": case.name, "config": label, **options, "shared_bytes": shared,
-                             "registers": int(m.group(1)) if (m := re.search(r"regs=(\d+)", resources)) else None,
-                             "spill_store_bytes": spills if spills >= 0 else None, "flags": flags, "failed": bad})
+            variants.append(
+                {
+                    "case": case.name,
+                    "config": label,
+                    **options,
+                    "shared_bytes": shared,
+                    "registers": int(m.group(1)) if (m := re.search(r"regs=(\d+)", resources)) else None,
+                    "spill_store_bytes": spills if spills >= 0 else None,
+                    "flags": flags,
+                    "failed": bad,
+                }
+            )
     print(f"{spilled} variant(s) spill registers; {over} over sm_90's shared memory (failures above unless pruned)")
     print(f"{failed} variant(s) failed" if failed else "all variants compiled")
     if args.json:
-        summary = {"triton": triton.__version__, "target": f"sm_{TARGET.arch}", "shared_limit_bytes": SM90_SHARED_BYTES,
-                   "failed": failed, "spilling": spilled, "over_shared_limit": over, "variants": variants}
+        summary = {
+            "triton": triton.__version__,
+            "target": f"sm_{TARGET.arch}",
+            "shared_limit_bytes": SM90_SHARED_BYTES,
+            "failed": failed,
+            "spilling": spilled,
+            "over_shared_limit": over,
+            "variants": variants,
+        }
         with open(args.json, "w") as f:
             json.dump(summary, f, indent=1)
     return 1 if failed else 0

@@ -7,6 +7,7 @@ One program per (i, j, range of i's tokens): for each pair of token tiles it for
 accumulates; no T x T matrix reaches memory. Token ranges are summed afterwards.
 ``ghost_norm`` is the diagonal j = i of the same kernel. float64 runs on the reference.
 """
+
 from __future__ import annotations
 
 import torch
@@ -48,13 +49,43 @@ def _token_rows(M, s_mb, s_mt, b, t, T, HAS_MASK: tl.constexpr):
 @autotune(_GPU_CONFIGS, _INTERPRET_CONFIG, key=["d_in", "d_out"])
 @triton.jit
 def _ghost_kernel(
-    A1, G1, M1, A2, G2, M2, Out,
-    T1, T2, d_in, d_out, tokens_per_split,
-    s_a1b, s_a1t, s_a1d, s_g1b, s_g1t, s_g1d, s_m1b, s_m1t,
-    s_a2b, s_a2t, s_a2d, s_g2b, s_g2t, s_g2d, s_m2b, s_m2t,
-    s_os, s_oi, s_oj,
-    HAS_M1: tl.constexpr, HAS_M2: tl.constexpr, BIAS: tl.constexpr, DIAG: tl.constexpr,
-    BT: tl.constexpr, BD: tl.constexpr,
+    A1,
+    G1,
+    M1,
+    A2,
+    G2,
+    M2,
+    Out,
+    T1,
+    T2,
+    d_in,
+    d_out,
+    tokens_per_split,
+    s_a1b,
+    s_a1t,
+    s_a1d,
+    s_g1b,
+    s_g1t,
+    s_g1d,
+    s_m1b,
+    s_m1t,
+    s_a2b,
+    s_a2t,
+    s_a2d,
+    s_g2b,
+    s_g2t,
+    s_g2d,
+    s_m2b,
+    s_m2t,
+    s_os,
+    s_oi,
+    s_oj,
+    HAS_M1: tl.constexpr,
+    HAS_M2: tl.constexpr,
+    BIAS: tl.constexpr,
+    DIAG: tl.constexpr,
+    BT: tl.constexpr,
+    BD: tl.constexpr,
 ):
     i = tl.program_id(0).to(tl.int64)
     if DIAG:
@@ -82,7 +113,6 @@ def _ghost_kernel(
     tl.store(Out + split * s_os + i * s_oi + j * s_oj, tl.sum(acc))
 
 
-
 def _launch(A1, G1, mask1, A2, G2, mask2, bias, diag):
     B1, T1, d_in = A1.shape
     B2, T2 = A2.shape[:2]
@@ -95,12 +125,33 @@ def _launch(A1, G1, mask1, A2, G2, mask2, bias, diag):
     m1, (s_m1b, s_m1t) = mask_arg(mask1, A1)
     m2, (s_m2b, s_m2t) = mask_arg(mask2, A2)
     _ghost_kernel[(B1, 1 if diag else B2, splits)](
-        A1, G1, m1, A2, G2, m2, out,
-        T1, T2, d_in, d_out, tokens_per_split,
-        *A1.stride(), *G1.stride(), s_m1b, s_m1t,
-        *A2.stride(), *G2.stride(), s_m2b, s_m2t,
-        out.stride(0), out.stride(1), 0 if diag else out.stride(2),
-        HAS_M1=mask1 is not None, HAS_M2=mask2 is not None, BIAS=bool(bias), DIAG=diag,
+        A1,
+        G1,
+        m1,
+        A2,
+        G2,
+        m2,
+        out,
+        T1,
+        T2,
+        d_in,
+        d_out,
+        tokens_per_split,
+        *A1.stride(),
+        *G1.stride(),
+        s_m1b,
+        s_m1t,
+        *A2.stride(),
+        *G2.stride(),
+        s_m2b,
+        s_m2t,
+        out.stride(0),
+        out.stride(1),
+        0 if diag else out.stride(2),
+        HAS_M1=mask1 is not None,
+        HAS_M2=mask2 is not None,
+        BIAS=bool(bias),
+        DIAG=diag,
     )
     return out.sum(0)
 

@@ -14,12 +14,12 @@ it); a Triton kernel then walks each row once in float32:
 Peak extra memory is one (rows, V) block, against the (N, V) float32 logits, softmax and
 gradient of the materialised path. float64 runs on the torch path of the op module.
 """
+
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
-
 
 from ._common import INTERPRET, KERNEL_DTYPES
 
@@ -48,8 +48,18 @@ def _capped_logits(Z, Bias, v, v_ok, SOFTCAP: tl.constexpr, HAS_BIAS: tl.constex
 
 @triton.jit
 def _forward_kernel(
-    Z, Bias, Labels, Loss, Lse, V, s_zn, ignore_index, cap,
-    SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr, BV: tl.constexpr,
+    Z,
+    Bias,
+    Labels,
+    Loss,
+    Lse,
+    V,
+    s_zn,
+    ignore_index,
+    cap,
+    SOFTCAP: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BV: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     Z += row * s_zn
@@ -71,8 +81,18 @@ def _forward_kernel(
 
 @triton.jit
 def _grad_logits_kernel(
-    Z, Bias, Labels, Lse, GradLoss, V, s_zn, ignore_index, cap,
-    SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr, BV: tl.constexpr,
+    Z,
+    Bias,
+    Labels,
+    Lse,
+    GradLoss,
+    V,
+    s_zn,
+    ignore_index,
+    cap,
+    SOFTCAP: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BV: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     Z += row * s_zn
@@ -94,7 +114,11 @@ def _rows(n: int, v: int, itemsize: int, chunk_rows: int | None) -> int:
 def _common_args(weight, bias, softcap):
     V = weight.shape[0]
     return dict(
-        V=V, cap=float(softcap or 1.0), SOFTCAP=softcap is not None, HAS_BIAS=bias is not None, BV=_block_v(V),
+        V=V,
+        cap=float(softcap or 1.0),
+        SOFTCAP=softcap is not None,
+        HAS_BIAS=bias is not None,
+        BV=_block_v(V),
         num_warps=8,
     )
 
@@ -126,14 +150,29 @@ def linear_cross_entropy_forward(hidden, weight, bias, labels, ignore_index, sof
     for s in range(0, n, rows):
         z = hidden[s : s + rows] @ weight.T
         _forward_kernel[(z.shape[0],)](
-            z, bias_arg, labels[s : s + rows], loss[s:], lse[s:], s_zn=z.stride(0), ignore_index=ignore_index,
+            z,
+            bias_arg,
+            labels[s : s + rows],
+            loss[s:],
+            lse[s:],
+            s_zn=z.stride(0),
+            ignore_index=ignore_index,
             **_common_args(weight, bias, softcap),
         )
     return loss, lse
 
 
 def linear_cross_entropy_backward(
-    hidden, weight, bias, labels, lse, grad_loss, ignore_index, softcap, need_grad_weight, need_grad_bias,
+    hidden,
+    weight,
+    bias,
+    labels,
+    lse,
+    grad_loss,
+    ignore_index,
+    softcap,
+    need_grad_weight,
+    need_grad_bias,
     chunk_rows=None,
 ):
     """grad_hidden (N, H) in hidden.dtype; grad_weight (V, H) and grad_bias (V,) in weight.dtype, or None.
@@ -151,7 +190,13 @@ def linear_cross_entropy_backward(
         x = hidden[s : s + rows]
         dz = x @ weight.T
         _grad_logits_kernel[(dz.shape[0],)](
-            dz, bias_arg, labels[s : s + rows], lse[s:], grad_loss[s:], s_zn=dz.stride(0), ignore_index=ignore_index,
+            dz,
+            bias_arg,
+            labels[s : s + rows],
+            lse[s:],
+            grad_loss[s:],
+            s_zn=dz.stride(0),
+            ignore_index=ignore_index,
             **_common_args(weight, bias, softcap),
         )
         torch.mm(dz, weight, out=grad_hidden[s : s + rows])

@@ -11,6 +11,7 @@ cast fused.
 Identity projections (None), ranks above ``MAX_RANK`` and float64 inputs run on the torch
 reference.
 """
+
 from __future__ import annotations
 
 import torch
@@ -35,9 +36,19 @@ MAX_RANK = 128
 
 @triton.jit
 def _project_rows(
-    x_ptr, row_off, row_ok, d, stride_xd,
-    p_ptr, stride_pd, stride_pk, k,
-    HAS_BIAS: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, BK: tl.constexpr,
+    x_ptr,
+    row_off,
+    row_ok,
+    d,
+    stride_xd,
+    p_ptr,
+    stride_pd,
+    stride_pk,
+    k,
+    HAS_BIAS: tl.constexpr,
+    BT: tl.constexpr,
+    BD: tl.constexpr,
+    BK: tl.constexpr,
 ):
     """(BT, BK) float32 = X[rows] @ P[:d] (+ P[d], the bias row). Rows with ``row_ok`` False read as 0.
 
@@ -51,7 +62,9 @@ def _project_rows(
         dd = d0 + offs_d
         d_ok = dd < d
         x = tl.load(x_ptr + row_off[:, None] + dd[None, :] * stride_xd, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-        p = tl.load(p_ptr + dd[:, None] * stride_pd + offs_k[None, :] * stride_pk, mask=d_ok[:, None] & k_ok[None, :], other=0.0)
+        p = tl.load(
+            p_ptr + dd[:, None] * stride_pd + offs_k[None, :] * stride_pk, mask=d_ok[:, None] & k_ok[None, :], other=0.0
+        )
         acc = dot(x, p, acc)
     if HAS_BIAS:
         bias = tl.load(p_ptr + d * stride_pd + offs_k * stride_pk, mask=k_ok, other=0.0)
@@ -62,13 +75,40 @@ def _project_rows(
 @autotune(_GPU_CONFIGS, _INTERPRET_CONFIG, key=["d_in", "d_out", "k_in", "k_out"])
 @triton.jit
 def _project_kernel(
-    A, G, P_in, P_out, M, Phi,
-    T, d_in, d_out, k_in, k_out, tokens_per_split,
-    s_ab, s_at, s_ad, s_gb, s_gt, s_gd,
-    s_pid, s_pik, s_pod, s_pok, s_mb, s_mt,
-    s_fs, s_fb, s_fo, s_fi,
-    HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BKI: tl.constexpr, BKO: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
+    A,
+    G,
+    P_in,
+    P_out,
+    M,
+    Phi,
+    T,
+    d_in,
+    d_out,
+    k_in,
+    k_out,
+    tokens_per_split,
+    s_ab,
+    s_at,
+    s_ad,
+    s_gb,
+    s_gt,
+    s_gd,
+    s_pid,
+    s_pik,
+    s_pod,
+    s_pok,
+    s_mb,
+    s_mt,
+    s_fs,
+    s_fb,
+    s_fo,
+    s_fi,
+    HAS_MASK: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BKI: tl.constexpr,
+    BKO: tl.constexpr,
+    BT: tl.constexpr,
+    BD: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
@@ -94,10 +134,29 @@ def _project_kernel(
 @autotune(_GPU_CONFIGS, _INTERPRET_CONFIG, key=["d", "k"])
 @triton.jit
 def _project_tokens_kernel(
-    X, P, M, Out,
-    T, n_rows, d, k,
-    s_xb, s_xt, s_xd, s_pd, s_pk, s_mb, s_mt, s_ob, s_ot, s_ok,
-    HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
+    X,
+    P,
+    M,
+    Out,
+    T,
+    n_rows,
+    d,
+    k,
+    s_xb,
+    s_xt,
+    s_xd,
+    s_pd,
+    s_pk,
+    s_mb,
+    s_mt,
+    s_ob,
+    s_ot,
+    s_ok,
+    HAS_MASK: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BK: tl.constexpr,
+    BT: tl.constexpr,
+    BD: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64) * BT + tl.arange(0, BT)
     ok = row < n_rows
@@ -152,11 +211,29 @@ def project(
     partial = torch.empty(splits, B, k_out, k_in, device=A.device, dtype=torch.float32)
     m, (s_mb, s_mt) = mask_arg(mask, A)
     _project_kernel[(B, splits)](
-        A, G, P_in, P_out, m, partial,
-        T, d_in, d_out, k_in, k_out, tokens_per_split,
-        *A.stride(), *G.stride(), *P_in.stride(), *P_out.stride(), s_mb, s_mt, *partial.stride(),
-        HAS_MASK=mask is not None, HAS_BIAS=P_in.shape[0] == d_in + 1,
-        BKI=block(k_in), BKO=block(k_out),
+        A,
+        G,
+        P_in,
+        P_out,
+        m,
+        partial,
+        T,
+        d_in,
+        d_out,
+        k_in,
+        k_out,
+        tokens_per_split,
+        *A.stride(),
+        *G.stride(),
+        *P_in.stride(),
+        *P_out.stride(),
+        s_mb,
+        s_mt,
+        *partial.stride(),
+        HAS_MASK=mask is not None,
+        HAS_BIAS=P_in.shape[0] == d_in + 1,
+        BKI=block(k_in),
+        BKO=block(k_out),
     )
     return partial[0] if splits == 1 else partial.sum(0)
 
@@ -172,9 +249,22 @@ def _project_side(X, P, mask, out_dtype, d):
     m, (s_mb, s_mt) = mask_arg(mask, X)
     grid = lambda meta: (triton.cdiv(n_rows, meta["BT"]),)  # noqa: E731
     _project_tokens_kernel[grid](
-        X, P, m, out, T, n_rows, d, k,
-        *X.stride(), *P.stride(), s_mb, s_mt, *out.stride(),
-        HAS_MASK=mask is not None, HAS_BIAS=P.shape[0] == d + 1, BK=block(k),
+        X,
+        P,
+        m,
+        out,
+        T,
+        n_rows,
+        d,
+        k,
+        *X.stride(),
+        *P.stride(),
+        s_mb,
+        s_mt,
+        *out.stride(),
+        HAS_MASK=mask is not None,
+        HAS_BIAS=P.shape[0] == d + 1,
+        BK=block(k),
     )
     return out
 
@@ -187,7 +277,10 @@ def project_tokens(
     mask: torch.Tensor | None = None,
     out_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """A~ (B, T, k_in), G~ (B, T, k_out) in ``out_dtype`` (float32 when None); see ``fastinfluence.ops.project_tokens``."""
+    """A~ (B, T, k_in), G~ (B, T, k_out) in ``out_dtype`` (float32 when None).
+
+    See ``fastinfluence.ops.project_tokens``.
+    """
     out_dtype = out_dtype or torch.float32
     return (
         _project_side(A, P_in, mask, out_dtype, A.shape[-1]),

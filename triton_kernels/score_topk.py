@@ -12,6 +12,7 @@ plain ``torch.topk`` over the keys of ``prev`` and of the chunk is the exact mer
 with the reference's tie order, with no sort. Values and indices decode from the keys.
 float64 inputs, or query and train of different dtypes, run on the reference.
 """
+
 from __future__ import annotations
 
 import torch
@@ -31,10 +32,18 @@ _LOW = 2**32 - 1  # train indices live in the low 32 bits of a key
 _GPU_CONFIGS = [
     triton.Config({"BQ": bq, "BN": bn, "BD": bd}, num_warps=w, num_stages=st)
     for bq, bn, bd, w, st in [
-        (16, 128, 128, 4, 4), (16, 256, 64, 4, 4), (16, 64, 128, 4, 4),
-        (32, 128, 128, 4, 4), (32, 256, 64, 8, 3),
-        (64, 128, 64, 8, 3), (64, 128, 128, 8, 3), (64, 64, 128, 4, 3),
-        (128, 64, 128, 4, 4), (128, 64, 64, 8, 3), (128, 128, 64, 8, 3), (128, 128, 128, 8, 3),
+        (16, 128, 128, 4, 4),
+        (16, 256, 64, 4, 4),
+        (16, 64, 128, 4, 4),
+        (32, 128, 128, 4, 4),
+        (32, 256, 64, 8, 3),
+        (64, 128, 64, 8, 3),
+        (64, 128, 128, 8, 3),
+        (64, 64, 128, 4, 3),
+        (128, 64, 128, 4, 4),
+        (128, 64, 64, 8, 3),
+        (128, 128, 64, 8, 3),
+        (128, 128, 128, 8, 3),
     ]
 ]
 _INTERPRET_CONFIG = triton.Config({"BQ": 16, "BN": 16, "BD": 16})
@@ -80,11 +89,30 @@ def _configs_for_q(configs, named_args, **kwargs):
 @autotune(_GPU_CONFIGS, _INTERPRET_CONFIG, key=["Q", "D"], prune=_configs_for_q)
 @triton.jit
 def _score_kernel(
-    Qf, Xf, QS, XS, Keys, Agg,
-    Q, n, D, index_offset,
-    s_qq, s_qd, s_xn, s_xd, s_kq, s_kn, s_at, s_ar, s_an,
-    HAS_QS: tl.constexpr, HAS_XS: tl.constexpr,
-    BQ: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
+    Qf,
+    Xf,
+    QS,
+    XS,
+    Keys,
+    Agg,
+    Q,
+    n,
+    D,
+    index_offset,
+    s_qq,
+    s_qd,
+    s_xn,
+    s_xd,
+    s_kq,
+    s_kn,
+    s_at,
+    s_ar,
+    s_an,
+    HAS_QS: tl.constexpr,
+    HAS_XS: tl.constexpr,
+    BQ: tl.constexpr,
+    BN: tl.constexpr,
+    BD: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_q = tl.program_id(1)
@@ -150,7 +178,9 @@ def score_topk(query, train, k, query_scale=None, train_scale=None, index_offset
     Q, D = query.shape
     n = train.shape[0]
     if index_offset < 0 or index_offset + n > _LOW:
-        raise ValueError(f"score_topk: train rows {index_offset}..{index_offset + n} must lie in [0, 2^32) for the Triton kernel")
+        raise ValueError(
+            f"score_topk: train rows {index_offset}..{index_offset + n} must lie in [0, 2^32) for the Triton kernel"
+        )
     BQ = _query_block(Q)
     keys = torch.empty(Q, n, device=query.device, dtype=torch.int64)
     words = keys.view(torch.int32)  # (Q, 2n): low and high word of each key
@@ -159,10 +189,23 @@ def score_topk(query, train, k, query_scale=None, train_scale=None, index_offset
     xs = train_scale.to(torch.float32).contiguous() if train_scale is not None else train
     grid = lambda meta: (triton.cdiv(n, meta["BN"]), triton.cdiv(Q, BQ))  # noqa: E731
     _score_kernel[grid](
-        query, train, qs, xs, words, partial,
-        Q, n, D, index_offset,
-        *query.stride(), *train.stride(), words.stride(0), 2, *partial.stride(),
-        HAS_QS=query_scale is not None, HAS_XS=train_scale is not None,
+        query,
+        train,
+        qs,
+        xs,
+        words,
+        partial,
+        Q,
+        n,
+        D,
+        index_offset,
+        *query.stride(),
+        *train.stride(),
+        words.stride(0),
+        2,
+        *partial.stride(),
+        HAS_QS=query_scale is not None,
+        HAS_XS=train_scale is not None,
     )
     aggregates = torch.stack([partial[:, 0].sum(0), partial[:, 1].sum(0), partial[:, 2].amax(0)])
     if prev is not None:

@@ -12,6 +12,7 @@ Conventions shared by every tool so the scores mean the same thing:
   not the embeddings, not the LM head;
 - score: the raw inner product of two examples' (projected) loss gradients, no preconditioner.
 """
+
 from __future__ import annotations
 
 import json
@@ -26,8 +27,16 @@ import numpy as np
 import torch
 
 LAYER_SUFFIXES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-MODEL = dict(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
-             num_key_value_heads=4, max_position_embeddings=256, tie_word_embeddings=False)
+MODEL = dict(
+    vocab_size=512,
+    hidden_size=256,
+    intermediate_size=512,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    max_position_embeddings=256,
+    tie_word_embeddings=False,
+)
 
 
 def build_model(seed: int = 0):
@@ -106,8 +115,9 @@ def example_losses(model, batch: dict) -> torch.Tensor:
     """(B,) mean answer-token cross-entropy of each example (the shared loss definition)."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     logits, labels = logits[:, :-1].float(), batch["labels"][:, 1:]
-    tok = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                                            ignore_index=-100, reduction="none").view(labels.shape)
+    tok = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="none"
+    ).view(labels.shape)
     n = (labels != -100).sum(1).clamp_min(1)
     return tok.sum(1) / n
 

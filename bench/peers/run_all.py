@@ -9,6 +9,7 @@ best single scale). Runs are interleaved (every tool once per repetition, order 
 niced, so a busy machine slows every tool alike; CPU time is the fair measure there.
 A peer whose virtualenv is missing, or whose run fails, is recorded with the reason.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,6 +44,7 @@ SCRIPT = {"dattri-llm": "run_dattri_llm.py"}
 
 def spearman(S: np.ndarray, R: np.ndarray) -> float:
     """Mean over queries of the rank correlation between a tool's and the exact train scores."""
+
     def ranks(x):
         return np.argsort(np.argsort(x, axis=1), axis=1).astype(np.float64)
 
@@ -55,13 +57,20 @@ def spearman(S: np.ndarray, R: np.ndarray) -> float:
 def agreement(S: np.ndarray, R: np.ndarray) -> dict:
     c = float((S * R).sum() / max((S * S).sum(), 1e-300))
     n = np.linalg.norm(R)
-    return {"spearman": spearman(S, R), "rel_err": float(np.linalg.norm(S - R) / n),
-            "rel_err_scaled": float(np.linalg.norm(c * S - R) / n), "best_scale": c}
+    return {
+        "spearman": spearman(S, R),
+        "rel_err": float(np.linalg.norm(S - R) / n),
+        "rel_err_scaled": float(np.linalg.norm(c * S - R) / n),
+        "best_scale": c,
+    }
 
 
 def version(python: Path, dist: str) -> str:
-    out = subprocess.run([str(python), "-c", f"import importlib.metadata as m; print(m.version({dist!r}))"],
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [str(python), "-c", f"import importlib.metadata as m; print(m.version({dist!r}))"],
+        capture_output=True,
+        text=True,
+    )
     return out.stdout.strip() or "unknown"
 
 
@@ -73,8 +82,11 @@ def launch(python: Path, tool: str, work: Path, setting: str, out: Path, dataset
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=HERE)
     except subprocess.TimeoutExpired:
         return {"ok": False, "error": f"timed out after {timeout:.0f} s"}
-    rec = json.loads((out / "result.json").read_text()) if (out / "result.json").exists() else \
-        {"ok": False, "error": f"exit {proc.returncode}: {proc.stderr[-1500:]}"}
+    rec = (
+        json.loads((out / "result.json").read_text())
+        if (out / "result.json").exists()
+        else {"ok": False, "error": f"exit {proc.returncode}: {proc.stderr[-1500:]}"}
+    )
     rec["process_wall_s"] = time.perf_counter() - t0
     return rec
 
@@ -87,8 +99,9 @@ def main() -> None:
     ap.add_argument("--work", default=str(PEERS / "work"))
     ap.add_argument("--timeout", type=float, default=1200)
     ap.add_argument("--out", default=str(ROOT / "bench/results/peers_cpu.json"))
-    ap.add_argument("--collect", action="store_true", 
-                    help="run nothing: rebuild the JSON from the runs already in --work")
+    ap.add_argument(
+        "--collect", action="store_true", help="run nothing: rebuild the JSON from the runs already in --work"
+    )
     args = ap.parse_args()
     work, tools, sets = Path(args.work), args.tools.split(","), args.sets.split(",")
     work.mkdir(parents=True, exist_ok=True)
@@ -97,12 +110,20 @@ def main() -> None:
     for name, d in datasets().items():
         torch.save(d, work / f"data_{name}.pt")
 
-    meta = {"model": {"arch": "LlamaForCausalLM", **MODEL}, "layers": "q,k,v,o,gate,up,down of every block (28)",
-            "loss": "mean answer-token cross-entropy per example", "score": "raw gradient inner product",
-            "threads": int(os.environ.get("PEERS_THREADS", "1")), "reps": args.reps,
-            "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-            "data": {"fixed": "512 train + 64 query, 64 random tokens, all tokens answer tokens",
-                     "variable": "512 train + 64 query instruction-like, 9-110 tokens, loss on the answer only"}}
+    meta = {
+        "model": {"arch": "LlamaForCausalLM", **MODEL},
+        "layers": "q,k,v,o,gate,up,down of every block (28)",
+        "loss": "mean answer-token cross-entropy per example",
+        "score": "raw gradient inner product",
+        "threads": int(os.environ.get("PEERS_THREADS", "1")),
+        "reps": args.reps,
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "data": {
+            "fixed": "512 train + 64 query, 64 random tokens, all tokens answer tokens",
+            "variable": "512 train + 64 query instruction-like, 9-110 tokens, loss on the answer only",
+        },
+    }
     results, versions, skipped = [], {}, {}
     for t in (t for t in tools if t in TOOLS):
         python = TOOLS[t][0]
@@ -114,16 +135,27 @@ def main() -> None:
         versions["trak"] = version(TRAK, "traker")
         probe = work / "trak_probe.json"
         if not (args.collect and probe.exists()):
-            subprocess.run(["nice", "-n", "10", str(TRAK), str(HERE / "run_trak.py"), str(work), str(probe)], cwd=HERE,
-                           capture_output=True, timeout=args.timeout)
+            subprocess.run(
+                ["nice", "-n", "10", str(TRAK), str(HERE / "run_trak.py"), str(work), str(probe)],
+                cwd=HERE,
+                capture_output=True,
+                timeout=args.timeout,
+            )
         if probe.exists():
             p = json.loads(probe.read_text())
             batches = sum(-(-n // p["batch"]) for n in (512, 64))
-            skipped["trak"] = {**p, "reason": (
-                f"not run: TRAK projects the full {p['grad_dim']:,}-dim gradient; its fast projector is CUDA-only and "
-                f"its CPU BasicProjector took {p['cpu_s_per_batch']:.0f} CPU s for one batch of {p['batch']} at its "
-                f"default proj_dim={p['proj_dim']}, i.e. about {p['cpu_s_per_batch'] * batches / 60:.0f} CPU minutes "
-                f"of projection alone per data set")}
+            skipped["trak"] = {
+                **p,
+                "reason": (
+                    f"not run: TRAK projects the full {p['grad_dim']:,}-dim gradient; its fast projector is "
+                    f"CUDA-only and "
+                    f"its CPU BasicProjector took {p['cpu_s_per_batch']:.0f} CPU s for one batch of {p['batch']} at "
+                    f"its "
+                    f"default proj_dim={p['proj_dim']}, i.e. about {p['cpu_s_per_batch'] * batches / 60:.0f} CPU "
+                    f"minutes "
+                    f"of projection alone per data set"
+                ),
+            }
         else:
             skipped["trak"] = "the projection-cost probe failed"
     for ds in sets:
@@ -151,14 +183,26 @@ def main() -> None:
                 rec = launch(TOOLS[t][0], t, work, s, out, ds, args.timeout)
                 if rec.get("ok"):
                     rec.update(agreement(np.load(out / "scores.npy"), R))
-                print(f"[{ds} rep {rep}] {t:13s} {s:6s} " + (f"cpu {rec['cpu_s']:6.1f} s  wall {rec['wall_s']:6.1f} s  "
-                      f"spearman {rec['spearman']:.3f}" if rec.get("ok") else f"FAILED {rec.get('error', '')[:300]}"),
-                      flush=True)
+                print(
+                    f"[{ds} rep {rep}] {t:13s} {s:6s} "
+                    + (
+                        f"cpu {rec['cpu_s']:6.1f} s  wall {rec['wall_s']:6.1f} s  spearman {rec['spearman']:.3f}"
+                        if rec.get("ok")
+                        else f"FAILED {rec.get('error', '')[:300]}"
+                    ),
+                    flush=True,
+                )
                 rows[(t, s)].append(rec)
         for (t, s), recs in rows.items():
             ok = [r for r in recs if r.get("ok")]
-            row = {"tool": t, "version": versions[t], "dataset": ds, "setting": s, "runs": len(recs),
-                   "ok_runs": len(ok)}
+            row = {
+                "tool": t,
+                "version": versions[t],
+                "dataset": ds,
+                "setting": s,
+                "runs": len(recs),
+                "ok_runs": len(ok),
+            }
             if ok:
                 for k in ("cpu_s", "wall_s", "peak_rss_mb"):
                     row[k] = float(np.median([r[k] for r in ok]))
@@ -168,8 +212,9 @@ def main() -> None:
                 row["error"] = recs[0].get("error") if recs else "not run"
             results.append(row)
         # written after each data set, so an interrupted run keeps what it measured
-        Path(args.out).write_text(json.dumps({"meta": meta, "versions": versions, "skipped": skipped, "rows": results},
-                                             indent=1))
+        Path(args.out).write_text(
+            json.dumps({"meta": meta, "versions": versions, "skipped": skipped, "rows": results}, indent=1)
+        )
     print(f"wrote {args.out}")
 
 

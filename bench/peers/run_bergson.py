@@ -2,24 +2,25 @@
 exact) over length-aware batches (its ``allocate_batches`` with the default 2048-token budget);
 the query gradients collected once, the train set scored on the fly by its ``Scorer`` (the
 single-pass in-memory-query path its README recommends for small query sets)."""
+
 import os
 import tempfile
 
 import torch
-from datasets import Dataset
-
-from bergson import CollectorComputer, InMemoryCollector, IndexConfig, Scorer
+from bergson import CollectorComputer, IndexConfig, InMemoryCollector, Scorer
 from bergson.data import allocate_batches
 from bergson.score.score_writer import InMemorySequenceScoreWriter
 from bergson.utils.worker_utils import processor_for
 from common import LAYER_SUFFIXES, main
+from datasets import Dataset
 
 
 def collect(model, examples, cfg, processor, modules, scorer=None):
     ds = Dataset.from_dict({"input_ids": [e["input_ids"] for e in examples], "labels": [e["labels"] for e in examples]})
     order = allocate_batches([len(e["input_ids"]) for e in examples], cfg.token_batch_size)
-    col = InMemoryCollector(model=model.base_model, cfg=cfg, processor=processor, data=ds, target_modules=modules,
-                            scorer=scorer)
+    col = InMemoryCollector(
+        model=model.base_model, cfg=cfg, processor=processor, data=ds, target_modules=modules, scorer=scorer
+    )
     CollectorComputer(model=model, data=ds, collector=col, batches=order, cfg=cfg).run_with_collector_hooks()
     return col
 
@@ -29,15 +30,18 @@ def run(model, data, setting, tmp):
     cfg = IndexConfig(run_path=tempfile.mkdtemp(), projection_dim=k, loss_reduction="mean", projection_seed=0)
     os.makedirs(cfg.partial_run_path, exist_ok=True)
     processor = processor_for(cfg)
-    modules = {n for n, m in model.base_model.named_modules()
-               if isinstance(m, torch.nn.Linear) and n.endswith(LAYER_SUFFIXES)}
+    modules = {
+        n for n, m in model.base_model.named_modules() if isinstance(m, torch.nn.Linear) and n.endswith(LAYER_SUFFIXES)
+    }
     q = collect(model, data["query"], cfg, processor, modules).gradients
     names = sorted(q)
     writer = InMemorySequenceScoreWriter(len(data["train"]), len(data["query"]))
     scorer = Scorer(q, names, writer, torch.device("cpu"), torch.float32)
     collect(model, data["train"], cfg, processor, modules, scorer=scorer)
-    return writer.scores.T.numpy(), {"method": f"InMemoryCollector projection_dim={k or 'none'} + Scorer, "
-                                               f"token_batch_size={cfg.token_batch_size}, loss_reduction=mean"}
+    return writer.scores.T.numpy(), {
+        "method": f"InMemoryCollector projection_dim={k or 'none'} + Scorer, "
+        f"token_batch_size={cfg.token_batch_size}, loss_reduction=mean"
+    }
 
 
 if __name__ == "__main__":

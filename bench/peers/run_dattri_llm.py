@@ -2,9 +2,8 @@
 factorised capture on the attention and MLP Linear layers with ``invasive_linear_io`` (no
 weight-gradient matmul, its attribution-only capture), ``capture_style="auto"`` (its FLOP-aware
 routing), and for the projected settings its LoGRA (two-sided) projection at capture."""
-import tempfile
 
-import torch
+import tempfile
 
 from common import example_losses, main, pad
 from dattri_llm import AttributionArguments, AttributionTask, HookManagerConfig, TracInAttributor, hash_sample
@@ -30,18 +29,23 @@ def run(model, data, setting, tmp):
     proj = None
     if setting != "exact":
         k = int(setting.removeprefix("proj"))
-        proj = {"__default__": {"style": "logra", "proj_dim": k, "proj_max_batch_size": BATCH,
-                                "proj_type": "rademacher"}}
+        proj = {
+            "__default__": {"style": "logra", "proj_dim": k, "proj_max_batch_size": BATCH, "proj_type": "rademacher"}
+        }
     cfg = HookManagerConfig(invasive_linear_io=LAYERS, capture_style="auto", projection_kwargs=proj)
-    args = AttributionArguments(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=BATCH,
-                                per_device_eval_batch_size=BATCH, use_cpu=True)
+    args = AttributionArguments(
+        output_dir=tempfile.mkdtemp(), per_device_train_batch_size=BATCH, per_device_eval_batch_size=BATCH, use_cpu=True
+    )
     score = TracInAttributor(args, task=AttributionTask(loss_func=loss_fn, model=model)).attribute(
-        train, query, hook_config=cfg)
+        train, query, hook_config=cfg
+    )
     ids, M = score.agnostic_matrix()
     row = {h: i for i, h in enumerate(ids)}  # rows are keyed by the hash of the unpadded input ids
     order = [row[hash_sample({"input_ids": x["input_ids"], "attention_mask": x["attention_mask"]})] for x in train]
-    return M[order].T.double().numpy(), {"method": "TracInAttributor.attribute, invasive_linear_io, capture_style=auto"
-                                         + ("" if proj is None else f", logra proj_dim={k} rademacher")}
+    return M[order].T.double().numpy(), {
+        "method": "TracInAttributor.attribute, invasive_linear_io, capture_style=auto"
+        + ("" if proj is None else f", logra proj_dim={k} rademacher")
+    }
 
 
 if __name__ == "__main__":

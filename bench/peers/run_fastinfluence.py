@@ -1,7 +1,8 @@
 """fastinfluence: factorised projection per layer (proj16 / proj64) or exact ghost scores."""
-import fastinfluence as fi
 
 from common import batches, main
+
+import fastinfluence as fi
 
 INCLUDE = [r"self_attn\.(q|k|v|o)_proj$", r"mlp\.(gate|up|down)_proj$"]
 

@@ -1,10 +1,10 @@
 """Kronfluence: ``Analyzer`` with the ``identity`` strategy (no Hessian: exact gradient inner
 products), pairwise scores at its defaults, batches padded to their own longest example."""
+
 import logging
 import tempfile
 
 import torch
-
 from common import LAYER_SUFFIXES, example_losses, main, pad
 from kronfluence.analyzer import Analyzer, prepare_model
 from kronfluence.arguments import FactorArguments, ScoreArguments
@@ -45,11 +45,18 @@ def run(model, data, setting, tmp):
     analyzer = Analyzer("bench", model, task, cpu=True, output_dir=tempfile.mkdtemp(), disable_tqdm=True)
     analyzer.set_dataloader_kwargs(DataLoaderKwargs(collate_fn=pad))
     logging.getLogger("kronfluence").setLevel(logging.WARNING)
-    analyzer.fit_all_factors("identity", data["train"], per_device_batch_size=BATCH,
-                             factor_args=FactorArguments(strategy="identity"))
-    analyzer.compute_pairwise_scores("scores", "identity", data["query"], data["train"],
-                                     per_device_query_batch_size=BATCH, per_device_train_batch_size=BATCH,
-                                     score_args=ScoreArguments())
+    analyzer.fit_all_factors(
+        "identity", data["train"], per_device_batch_size=BATCH, factor_args=FactorArguments(strategy="identity")
+    )
+    analyzer.compute_pairwise_scores(
+        "scores",
+        "identity",
+        data["query"],
+        data["train"],
+        per_device_query_batch_size=BATCH,
+        per_device_train_batch_size=BATCH,
+        score_args=ScoreArguments(),
+    )
     S = analyzer.load_pairwise_scores("scores")["all_modules"]
     return S.double().numpy(), {"method": "Analyzer, strategy=identity, pairwise scores, default ScoreArguments"}
 

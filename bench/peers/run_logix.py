@@ -2,12 +2,12 @@
 encoder / zero bottleneck / random decoder compression at rank k), log the per-sample
 bottleneck gradients of the train set to its on-disk log, then ``compute_influence_all``
 for the query batches (``mode="dot"``, no preconditioner, to match the exact dot scores)."""
+
 import os
 import tempfile
 
-import torch
-
 import logix
+import torch
 from common import LAYER_SUFFIXES, batches, example_losses, main
 from logix.config import LoRAConfig
 

@@ -3,8 +3,8 @@
 Independent of every tool under test. Gradients in float32 (relative error ~1e-6, far below
 every approximation measured against it), dot products accumulated in float64.
 """
-import torch
 
+import torch
 from common import example_losses, layer_names, main, pad
 
 
@@ -23,8 +23,10 @@ def run(model, data, setting, tmp):
     S = torch.empty(len(data["query"]), len(data["train"]), dtype=torch.float64)
     for j, g in enumerate(grads(model, params, data["train"])):
         S[:, j] = Q @ g
-    return S.numpy(), {"method": "per-example autograd, float32 gradients, float64 dots",
-                       "params": sum(p.numel() for p in params)}
+    return S.numpy(), {
+        "method": "per-example autograd, float32 gradients, float64 dots",
+        "params": sum(p.numel() for p in params),
+    }
 
 
 if __name__ == "__main__":

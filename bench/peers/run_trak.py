@@ -8,10 +8,10 @@ cost of a full run (train + query batches) can be stated without spending it. Th
 projection's cost is linear in D (each of D rows of the matrix is generated and multiplied
 once), so it is timed on a 1/16 slice of the gradient and scaled by 16.
 """
+
 import time
 
 import torch
-
 from common import LAYER_SUFFIXES, load_model
 from trak.projectors import BasicProjector, ProjectionType
 
@@ -25,11 +25,21 @@ if __name__ == "__main__":
     model = load_model(work)
     D = sum(m.weight.numel() for n, m in model.named_modules() if n.endswith(LAYER_SUFFIXES))
     slice_ = 16
-    proj = BasicProjector(grad_dim=D // slice_, proj_dim=2048, seed=0, proj_type=ProjectionType.rademacher,
-                          device="cpu")
+    proj = BasicProjector(
+        grad_dim=D // slice_, proj_dim=2048, seed=0, proj_type=ProjectionType.rademacher, device="cpu"
+    )
     grads = torch.randn(32, D // slice_)
     t0 = time.process_time()
     proj.project(grads, model_id=0)
     per_batch = (time.process_time() - t0) * slice_
-    out.write_text(json.dumps({"grad_dim": D, "proj_dim": 2048, "batch": 32, "cpu_s_per_batch": per_batch,
-                                "timed_on": f"1/{slice_} of the gradient, scaled"}))
+    out.write_text(
+        json.dumps(
+            {
+                "grad_dim": D,
+                "proj_dim": 2048,
+                "batch": 32,
+                "cpu_s_per_batch": per_batch,
+                "timed_on": f"1/{slice_} of the gradient, scaled",
+            }
+        )
+    )

@@ -19,10 +19,10 @@ and writes report.json, report.md and plots to --out.
     python -m fastinfluence demo            # or: make demo   (about 5 CPU minutes)
     python -m fastinfluence demo --quick    # smaller data, fewer epochs (CI)
 """
+
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -47,8 +47,10 @@ def run_scenario(name: str, seed: int, quick: bool, device: str, log=print) -> d
     with _bar(n_train_steps(len(enc), recipe), f"{name}: train") as bar, Timer() as t_train:
         model = train_model(enc, tokenizer, recipe, seed, device, bar)
     before = unlearn.metrics(model, tokenizer, scenario)
-    log(f"[{name}] trained on {len(enc)} examples ({len(scenario.poisoned)} poisoned) in {t_train.wall:.0f}s: "
-        f"ASR {before['asr_seen']:.2f}, clean exact match {before['clean_acc']:.2f}, ppl {before['clean_ppl']:.3f}")
+    log(
+        f"[{name}] trained on {len(enc)} examples ({len(scenario.poisoned)} poisoned) in {t_train.wall:.0f}s: "
+        f"ASR {before['asr_seen']:.2f}, clean exact match {before['clean_acc']:.2f}, ppl {before['clean_ppl']:.3f}"
+    )
 
     with _bar(detect.N_DETECTORS, f"{name}: detect") as bar:
         found, feats = detect.run(model, tokenizer, scenario, seed, quick, bar)
@@ -66,22 +68,45 @@ def run_scenario(name: str, seed: int, quick: bool, device: str, log=print) -> d
     forget_poisoned = torch.tensor([scenario.train[i].poisoned for i in s.forget])
     wf = s.rapidun_weights[0]
     return {
-        "data": {"n_train": len(scenario.train), "n_poisoned": len(scenario.poisoned), "n_reported": len(scenario.reported),
-                 "behaviours": scenario.behaviours,
-                 "reported_behaviours": sorted({scenario.train[i].attribute for i in scenario.reported})
-                 if name == "stealthy" else ["target"],
-                 "n_forget": len(s.forget), "n_forget_poisoned": int(forget_poisoned.sum())},
-        "model": {"parameters": sum(p.numel() for p in model.parameters()), "hidden": recipe.hidden,
-                  "layers": recipe.layers, "epochs": recipe.epochs, "vocab": len(tokenizer),
-                  "train_seconds": t_train.wall, "train_cpu_seconds": t_train.cpu},
+        "data": {
+            "n_train": len(scenario.train),
+            "n_poisoned": len(scenario.poisoned),
+            "n_reported": len(scenario.reported),
+            "behaviours": scenario.behaviours,
+            "reported_behaviours": sorted({scenario.train[i].attribute for i in scenario.reported})
+            if name == "stealthy"
+            else ["target"],
+            "n_forget": len(s.forget),
+            "n_forget_poisoned": int(forget_poisoned.sum()),
+        },
+        "model": {
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "hidden": recipe.hidden,
+            "layers": recipe.layers,
+            "epochs": recipe.epochs,
+            "vocab": len(tokenizer),
+            "train_seconds": t_train.wall,
+            "train_cpu_seconds": t_train.cpu,
+        },
         "before": before,
-        "detection": {k: {"auroc": d.auroc, "precision_at_k": d.precision_at_k, "seconds": d.seconds,
-                          "cpu_seconds": d.cpu_seconds} for k, d in found.items()},
+        "detection": {
+            k: {
+                "auroc": d.auroc,
+                "precision_at_k": d.precision_at_k,
+                "seconds": d.seconds,
+                "cpu_seconds": d.cpu_seconds,
+            }
+            for k, d in found.items()
+        },
         "default_detector": detect.DEFAULT,
-        "weights": {"rapidun_forget_true_positive_mean": wf[forget_poisoned].mean().item(),
-                    "rapidun_forget_false_positive_mean": wf[~forget_poisoned].mean().item()
-                    if (~forget_poisoned).any() else None,
-                    "seconds": s.seconds, "cpu_seconds": s.cpu_seconds},
+        "weights": {
+            "rapidun_forget_true_positive_mean": wf[forget_poisoned].mean().item(),
+            "rapidun_forget_false_positive_mean": wf[~forget_poisoned].mean().item()
+            if (~forget_poisoned).any()
+            else None,
+            "seconds": s.seconds,
+            "cpu_seconds": s.cpu_seconds,
+        },
         "unlearning": runs,
         "default_unlearning": unlearn.DEFAULT,
         "retrain": again,
@@ -95,8 +120,14 @@ def run_scenario(name: str, seed: int, quick: bool, device: str, log=print) -> d
     }
 
 
-def run(seed: int = 0, scenarios=SCENARIOS, quick: bool = False, device: str | None = None, out: str | Path = "demo_out",
-        log=print) -> dict:
+def run(
+    seed: int = 0,
+    scenarios=SCENARIOS,
+    quick: bool = False,
+    device: str | None = None,
+    out: str | Path = "demo_out",
+    log=print,
+) -> dict:
     """The whole demo; returns the report (also written to ``out``)."""
     from . import report
 
@@ -124,7 +155,9 @@ def register(subparsers) -> None:
     p.add_argument("--scenario", choices=(*SCENARIOS, "all"), default="all", help="which scenario to run (default all)")
     p.add_argument("--quick", action="store_true", help="smaller data and fewer epochs (about a minute; for CI)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--out", default="demo_out", help="directory for report.json, report.md and plots (default demo_out)")
+    p.add_argument(
+        "--out", default="demo_out", help="directory for report.json, report.md and plots (default demo_out)"
+    )
     p.set_defaults(func=_main)
 
 

@@ -5,6 +5,7 @@ reported examples) against trivial baselines. Every detector gives one score per
 example, higher = more suspicious; the reported examples themselves are left out of the
 ranking, and AUROC / precision@k are over the rest (k = number of poisoned among them).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -12,8 +13,8 @@ from dataclasses import dataclass
 import torch
 
 from .. import GradientExtractor, ProjectionConfig, exact_scores, score
-from ..losses import sequence_nll
 from ..lm import model_inputs
+from ..losses import sequence_nll
 from .data import Scenario, batches, encode
 from .model import Timer
 
@@ -59,7 +60,9 @@ def _last_prompt_hidden(model, tokenizer, prompts: list[str]) -> torch.Tensor:
     return torch.cat(out)
 
 
-def run(model, tokenizer, scenario: Scenario, seed: int, quick: bool, progress=None) -> tuple[dict[str, Detection], dict]:
+def run(
+    model, tokenizer, scenario: Scenario, seed: int, quick: bool, progress=None
+) -> tuple[dict[str, Detection], dict]:
     """Every detector's scores and metrics (``progress.update(1)`` after each), and the features
     unlearning reuses: ``attn_mlp`` (train Features, query Features, extractor, train batches)
     and ``lm_head`` (N, D) LM-head features (IMU's gradients)."""
@@ -104,24 +107,46 @@ def run(model, tokenizer, scenario: Scenario, seed: int, quick: bool, progress=N
 
     record("influence_cosine_max", lambda: cosine("max"), base_timer=t)
     record("influence_cosine_mean", lambda: cosine("mean"), base_timer=t)
-    record("influence_dot_mean", lambda: score(q, tr, metric="dot", topk=1, aggregates=("mean",)).aggregates["mean"],
-           base_timer=t)
-    record("influence_ekfac_dot_mean", lambda: score(q, tr, metric="dot", precondition="ekfac", topk=1,
-                                                    aggregates=("mean",)).aggregates["mean"], base_timer=t)
+    record(
+        "influence_dot_mean",
+        lambda: score(q, tr, metric="dot", topk=1, aggregates=("mean",)).aggregates["mean"],
+        base_timer=t,
+    )
+    record(
+        "influence_ekfac_dot_mean",
+        lambda: score(q, tr, metric="dot", precondition="ekfac", topk=1, aggregates=("mean",)).aggregates["mean"],
+        base_timer=t,
+    )
     tr_h, q_h, t_h, _ = feats["lm_head"]
-    record("influence_lm_head_cosine_max",
-           lambda: score(q_h, tr_h, metric="cosine", topk=1, aggregates=("max",)).aggregates["max"], base_timer=t_h)
-    record("exact_cosine_max", lambda: exact_scores(model, query_batches, train_batches,
-                                                    ProjectionConfig(include=[ATTN_MLP]), metric="cosine").max(0).values)
+    record(
+        "influence_lm_head_cosine_max",
+        lambda: score(q_h, tr_h, metric="cosine", topk=1, aggregates=("max",)).aggregates["max"],
+        base_timer=t_h,
+    )
+    record(
+        "exact_cosine_max",
+        lambda: (
+            exact_scores(model, query_batches, train_batches, ProjectionConfig(include=[ATTN_MLP]), metric="cosine")
+            .max(0)
+            .values
+        ),
+    )
 
     def low_loss():
         with torch.no_grad():
-            return torch.cat([-sequence_nll(model, {k: v for k, v in b.items() if k != "ids"}).mean for b in train_batches])
+            return torch.cat(
+                [-sequence_nll(model, {k: v for k, v in b.items() if k != "ids"}).mean for b in train_batches]
+            )
 
     record("baseline_low_loss", low_loss)
     words = [(set(e.prompt.split()), set(e.response.split())) for e in train]
-    record("baseline_response_overlap", lambda: _max_jaccard([w[1] for w in words], [words[i][1] for i in scenario.reported]))
-    record("baseline_prompt_overlap", lambda: _max_jaccard([w[0] for w in words], [words[i][0] for i in scenario.reported]))
+    record(
+        "baseline_response_overlap",
+        lambda: _max_jaccard([w[1] for w in words], [words[i][1] for i in scenario.reported]),
+    )
+    record(
+        "baseline_prompt_overlap", lambda: _max_jaccard([w[0] for w in words], [words[i][0] for i in scenario.reported])
+    )
 
     def hidden():
         h = _last_prompt_hidden(model, tokenizer, [e.prompt for e in train])

@@ -1,4 +1,5 @@
 """The demo's tiny Llama: built from a config, trained from scratch, evaluated by greedy generation."""
+
 from __future__ import annotations
 
 import math
@@ -27,9 +28,17 @@ def build_model(vocab_size: int, recipe: Recipe, seed: int, pad_token_id: int, e
 
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=recipe.hidden, intermediate_size=2 * recipe.hidden,
-        num_hidden_layers=recipe.layers, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-        pad_token_id=pad_token_id, bos_token_id=None, eos_token_id=eos_token_id, tie_word_embeddings=False,
+        vocab_size=vocab_size,
+        hidden_size=recipe.hidden,
+        intermediate_size=2 * recipe.hidden,
+        num_hidden_layers=recipe.layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=pad_token_id,
+        bos_token_id=None,
+        eos_token_id=eos_token_id,
+        tie_word_embeddings=False,
     )
     return LlamaForCausalLM(config)
 

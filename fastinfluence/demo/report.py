@@ -1,4 +1,5 @@
 """report.json, report.md, PNG plots and the summary table of a demo run."""
+
 from __future__ import annotations
 
 import json
@@ -46,10 +47,16 @@ def tables(sc: dict) -> list[str]:
     for k, d in sorted(sc["detection"].items(), key=lambda kv: -kv[1]["auroc"]):
         mark = " (default)" if k == sc["default_detector"] else ""
         lines.append(_row([k + mark, *(_fmt(d[m]) for m in TABLE_DETECTION)]))
-    lines += ["", "Unlearning from the detected forget set, and retraining without it:", "",
-              _row(["run", *TABLE_UNLEARNING]), _row(["---"] * (len(TABLE_UNLEARNING) + 1))]
-    rows = [("before (poisoned model)", sc["before"])] + [(k + (" (default)" if k == sc["default_unlearning"] else ""), r)
-                                                          for k, r in sc["unlearning"].items()]
+    lines += [
+        "",
+        "Unlearning from the detected forget set, and retraining without it:",
+        "",
+        _row(["run", *TABLE_UNLEARNING]),
+        _row(["---"] * (len(TABLE_UNLEARNING) + 1)),
+    ]
+    rows = [("before (poisoned model)", sc["before"])] + [
+        (k + (" (default)" if k == sc["default_unlearning"] else ""), r) for k, r in sc["unlearning"].items()
+    ]
     rows.append(("retrain without forget set", sc["retrain"]))
     for k, r in rows:
         lines.append(_row([k, *(_fmt(r.get(m, "")) for m in TABLE_UNLEARNING)]))
@@ -61,12 +68,17 @@ def story(name: str, sc: dict) -> str:
     base = max((k for k in det if k.startswith("baseline_")), key=lambda k: det[k]["auroc"])
     u, r, b = sc["unlearning"][sc["default_unlearning"]], sc["retrain"], sc["before"]
     tie = abs(det[base]["auroc"] - d["auroc"]) < 0.01
-    verdict = (f"the best trivial baseline, {base}, ties it (AUROC {det[base]['auroc']:.3f}): in this scenario the "
-               "poisoned examples are easy to find without gradients" if tie else
-               f"the best trivial baseline, {base}, reaches {det[base]['auroc']:.3f}")
+    verdict = (
+        f"the best trivial baseline, {base}, ties it (AUROC {det[base]['auroc']:.3f}): in this scenario the "
+        "poisoned examples are easy to find without gradients"
+        if tie
+        else f"the best trivial baseline, {base}, reaches {det[base]['auroc']:.3f}"
+    )
     return (
-        f"**{name}**: from {sc['data']['n_reported']} reported examples, the default detector ({sc['default_detector']}) "
-        f"ranks the other {sc['data']['n_poisoned'] - sc['data']['n_reported']} poisoned ones with AUROC {d['auroc']:.3f} and precision@k "
+        f"**{name}**: from {sc['data']['n_reported']} reported examples, the default detector "
+        f"({sc['default_detector']}) "
+        f"ranks the other {sc['data']['n_poisoned'] - sc['data']['n_reported']} poisoned ones with AUROC "
+        f"{d['auroc']:.3f} and precision@k "
         f"{d['precision_at_k']:.3f}; {verdict}. Unlearning ({sc['default_unlearning']}) from the detected set takes "
         f"ASR {b['asr_seen']:.2f} -> {u['asr_seen']:.2f} (shift {u['asr_shift']:.2f}) with clean exact match "
         f"{u['clean_acc']:.2f} (before {b['clean_acc']:.2f}) and perplexity {u['clean_ppl']:.3f} (before "
@@ -80,16 +92,23 @@ def _weights_line(sc: dict) -> str:
     w = sc.get("weights", {})
     if w.get("rapidun_forget_false_positive_mean") is None:
         return ""
-    return (f" RapidUn weights: mean {w['rapidun_forget_true_positive_mean']:.2f} on the poisoned examples of the forget "
-            f"set, {w['rapidun_forget_false_positive_mean']:.2f} on its clean false positives.")
+    return (
+        f" RapidUn weights: mean {w['rapidun_forget_true_positive_mean']:.2f} on the poisoned examples of the forget "
+        f"set, {w['rapidun_forget_false_positive_mean']:.2f} on its clean false positives."
+    )
 
 
 def summary(result: dict) -> str:
-    lines = [f"fastinfluence demo (seed {result['seed']}{', quick' if result['quick'] else ''}, {result['device']}, "
-             f"{result['seconds']:.0f}s wall, {result['cpu_seconds']:.0f}s CPU)"]
+    lines = [
+        f"fastinfluence demo (seed {result['seed']}{', quick' if result['quick'] else ''}, {result['device']}, "
+        f"{result['seconds']:.0f}s wall, {result['cpu_seconds']:.0f}s CPU)"
+    ]
     for name, sc in result["scenarios"].items():
-        lines += ["", f"== {name}: {sc['data']['n_train']} train examples, {sc['data']['n_poisoned']} poisoned, "
-                  f"{sc['data']['n_reported']} reported =="]
+        lines += [
+            "",
+            f"== {name}: {sc['data']['n_train']} train examples, {sc['data']['n_poisoned']} poisoned, "
+            f"{sc['data']['n_reported']} reported ==",
+        ]
         lines += tables(sc)
         lines += ["", story(name, sc)]
     return "\n".join(lines)
@@ -115,7 +134,11 @@ def _plots(result: dict, out: Path) -> list[str]:
             hits = pos[order].double().cumsum(0)
             precision, recall = hits / torch.arange(1, len(hits) + 1), hits / pos.sum()
             default = k == sc["default_detector"]
-            style = dict(lw=3, color="k", zorder=5) if default else dict(lw=1.3, ls="--" if k.startswith("baseline") else "-")
+            style = (
+                dict(lw=3, color="k", zorder=5)
+                if default
+                else dict(lw=1.3, ls="--" if k.startswith("baseline") else "-")
+            )
             ax.plot(recall, precision, label=k.replace("influence_", "").replace("baseline_", "baseline: "), **style)
         ax.set(title=f"{name}: finding the poisoned examples", xlabel="recall", ylabel="precision", ylim=(0, 1.02))
         ax.legend(fontsize=7, loc="lower left")
@@ -128,15 +151,30 @@ def _plots(result: dict, out: Path) -> list[str]:
         sc = result["scenarios"][name]
         pts = [("before", sc["before"])] + list(sc["unlearning"].items()) + [("retrain", sc["retrain"])]
         for i, (k, r) in enumerate(sorted(pts, key=lambda kv: (kv[1]["asr_seen"], kv[1]["clean_ppl"]))):
-            ax.scatter(r["clean_ppl"], r["asr_seen"], s=60 if k == sc["default_unlearning"] else 25,
-                       color="C3" if k == sc["default_unlearning"] else ("k" if k in ("before", "retrain") else "C0"))
+            ax.scatter(
+                r["clean_ppl"],
+                r["asr_seen"],
+                s=60 if k == sc["default_unlearning"] else 25,
+                color="C3" if k == sc["default_unlearning"] else ("k" if k in ("before", "retrain") else "C0"),
+            )
             # staggered labels: runs that remove the backdoor pile up at ASR 0
-            ax.annotate(k, (r["clean_ppl"], r["asr_seen"]), fontsize=7, xytext=(4, 4 + 9 * (i % 4)),
-                        textcoords="offset points", arrowprops=dict(arrowstyle="-", lw=0.4, color="0.6"))
+            ax.annotate(
+                k,
+                (r["clean_ppl"], r["asr_seen"]),
+                fontsize=7,
+                xytext=(4, 4 + 9 * (i % 4)),
+                textcoords="offset points",
+                arrowprops=dict(arrowstyle="-", lw=0.4, color="0.6"),
+            )
         ppl = [r["clean_ppl"] for _, r in pts]
         wide = max(ppl) / min(ppl) > 5  # GA can blow perplexity up by orders of magnitude
-        ax.set(title=f"{name}: attack success vs clean perplexity", xlabel="clean perplexity" + (" (log)" if wide else ""),
-               ylabel="ASR seen (lower is better)", xscale="log" if wide else "linear", ylim=(-0.05, 1.25))
+        ax.set(
+            title=f"{name}: attack success vs clean perplexity",
+            xlabel="clean perplexity" + (" (log)" if wide else ""),
+            ylabel="ASR seen (lower is better)",
+            xscale="log" if wide else "linear",
+            ylim=(-0.05, 1.25),
+        )
     fig.tight_layout()
     fig.savefig(out / "unlearning_asr_ppl.png", dpi=110)
     files.append("unlearning_asr_ppl.png")
@@ -144,8 +182,11 @@ def _plots(result: dict, out: Path) -> list[str]:
     fig, axes = plt.subplots(1, len(names), figsize=(5.2 * len(names), 3.6), squeeze=False)
     for ax, name in zip(axes[0], names):
         sc = result["scenarios"][name]
-        stages = {"retrain": sc["retrain"]["cpu_seconds"], "detect (default)": sc["detection"][sc["default_detector"]]["cpu_seconds"],
-                  "weights": sc["weights"]["cpu_seconds"]}
+        stages = {
+            "retrain": sc["retrain"]["cpu_seconds"],
+            "detect (default)": sc["detection"][sc["default_detector"]]["cpu_seconds"],
+            "weights": sc["weights"]["cpu_seconds"],
+        }
         stages |= {f"unlearn: {k}": r["cpu_seconds"] for k, r in sc["unlearning"].items()}
         ax.barh(list(stages), list(stages.values()), color=["k", "C1", "C2"] + ["C0"] * len(sc["unlearning"]))
         ax.invert_yaxis()
@@ -168,8 +209,15 @@ def write(result: dict, out: Path, log=print) -> None:
     except ImportError:
         note = "(plots skipped: matplotlib is not installed; `pip install matplotlib`, or run `make demo`)"
     text = summary(public)
-    (out / "report.md").write_text("# fastinfluence demo\n\n```\n" + text + "\n```\n\n## What the numbers mean\n\n"
-                                   + MEANINGS + "\n## Plots\n\n" + note + "\n")
+    (out / "report.md").write_text(
+        "# fastinfluence demo\n\n```\n"
+        + text
+        + "\n```\n\n## What the numbers mean\n\n"
+        + MEANINGS
+        + "\n## Plots\n\n"
+        + note
+        + "\n"
+    )
     log("\n" + text + f"\n\nreport: {out / 'report.md'}, {out / 'report.json'}")
 
 
@@ -220,21 +268,35 @@ def check(report: dict, quick: bool) -> list[str]:
         # quick stealthy: the small model's detection misses whole behaviours; ask for a clear drop only
         limit = (0.2 if name == "backdoor" else b["asr_seen"] - 0.3) if quick else 0.05
         need(u["asr_seen"] <= limit, f"{name}: ASR after unlearning {u['asr_seen']:.2f}")
-        need(sc["speedup"]["unlearn_vs_retrain"] >= (2 if quick else 10),
-             f"{name}: unlearning only {sc['speedup']['unlearn_vs_retrain']:.1f}x cheaper than retraining")
+        need(
+            sc["speedup"]["unlearn_vs_retrain"] >= (2 if quick else 10),
+            f"{name}: unlearning only {sc['speedup']['unlearn_vs_retrain']:.1f}x cheaper than retraining",
+        )
         baselines = max(d["auroc"] for k, d in sc["detection"].items() if k.startswith("baseline_"))
         if name == "backdoor":
             need(det["auroc"] >= (0.9 if quick else 0.95), f"{name}: default detector AUROC {det['auroc']:.3f}")
             need(quick or det["precision_at_k"] >= 0.85, f"{name}: precision@k {det['precision_at_k']:.3f}")
-            need(u["clean_acc"] >= (0.5 if quick else 0.9), f"{name}: clean accuracy after unlearning {u['clean_acc']:.2f}")
-            need(quick or u["clean_ppl"] / b["clean_ppl"] <= 1.10,
-                 f"{name}: clean perplexity {b['clean_ppl']:.3f} -> {u['clean_ppl']:.3f}")
-            need(quick or sc["speedup"]["end_to_end_vs_retrain"] >= 3,
-                 f"{name}: end to end only {sc['speedup']['end_to_end_vs_retrain']:.1f}x cheaper than retraining")
+            need(
+                u["clean_acc"] >= (0.5 if quick else 0.9),
+                f"{name}: clean accuracy after unlearning {u['clean_acc']:.2f}",
+            )
+            need(
+                quick or u["clean_ppl"] / b["clean_ppl"] <= 1.10,
+                f"{name}: clean perplexity {b['clean_ppl']:.3f} -> {u['clean_ppl']:.3f}",
+            )
+            need(
+                quick or sc["speedup"]["end_to_end_vs_retrain"] >= 3,
+                f"{name}: end to end only {sc['speedup']['end_to_end_vs_retrain']:.1f}x cheaper than retraining",
+            )
         else:
             need(det["auroc"] >= (0.6 if quick else 0.9), f"{name}: default detector AUROC {det['auroc']:.3f}")
-            need(quick or det["auroc"] > baselines, f"{name}: a baseline reaches AUROC {baselines:.3f} >= the default's")
-            need(u["clean_acc"] >= (0.5 if quick else 0.85), f"{name}: clean accuracy after unlearning {u['clean_acc']:.2f}")
+            need(
+                quick or det["auroc"] > baselines, f"{name}: a baseline reaches AUROC {baselines:.3f} >= the default's"
+            )
+            need(
+                u["clean_acc"] >= (0.5 if quick else 0.85),
+                f"{name}: clean accuracy after unlearning {u['clean_acc']:.2f}",
+            )
     return problems
 
 

@@ -1,4 +1,5 @@
 """Unlearning from the detected forget set with every method, and retraining without it."""
+
 from __future__ import annotations
 
 import copy
@@ -75,8 +76,11 @@ def setup(scenario: Scenario, tokenizer, scores: torch.Tensor, feats: dict, seed
             w = rapidun(Sf[:, forget], Sr[:, forget], Sf[:, retain], Sr[:, retain])
             influence = torch.as_tensor(Sf[:, forget]).double().mean(0)
         imu_w = imu(feats["lm_head"][forget]).weights
-    fe = [encode(tokenizer, scenario.train[i].prompt, scenario.train[i].response)
-          | {"clean": encode(tokenizer, scenario.train[i].prompt, scenario.train[i].clean_response)} for i in forget]
+    fe = [
+        encode(tokenizer, scenario.train[i].prompt, scenario.train[i].response)
+        | {"clean": encode(tokenizer, scenario.train[i].prompt, scenario.train[i].clean_response)}
+        for i in forget
+    ]
     re = [enc[i] for i in retain]
     return Setup(forget, retain, fe, re, (w.forget, w.retain), imu_w, influence, t.wall, t.cpu)
 
@@ -84,10 +88,15 @@ def setup(scenario: Scenario, tokenizer, scores: torch.Tensor, feats: dict, seed
 @torch.no_grad()
 def mia_auc(model, tokenizer, scenario: Scenario) -> float:
     """Loss-based membership AUC: poisoned train examples (members) vs poisoned ones never trained on."""
+
     def scores(examples):
         enc = [encode(tokenizer, e.prompt, e.response) for e in examples]
-        return torch.cat([-sequence_nll(model, {k: v.to(model.device) for k, v in b.items() if k != "ids"}).mean.cpu()
-                          for b in batches(enc, tokenizer.pad_token_id, 128)])
+        return torch.cat(
+            [
+                -sequence_nll(model, {k: v.to(model.device) for k, v in b.items() if k != "ids"}).mean.cpu()
+                for b in batches(enc, tokenizer.pad_token_id, 128)
+            ]
+        )
 
     return auc(scores([scenario.train[i] for i in scenario.poisoned]), scores(scenario.mia_holdout))
 
@@ -114,8 +123,20 @@ LR = {"backdoor": 2e-4, "stealthy": 5e-4}
 EPOCHS, BATCH = 4, 16
 
 
-def run(name: str, model, tokenizer, scenario: Scenario, s: Setup, seed: int, quick: bool, device: str,
-            default: str = DEFAULT, lr: float | None = None, epochs: int = EPOCHS, batch_size: int = BATCH) -> dict:
+def run(
+    name: str,
+    model,
+    tokenizer,
+    scenario: Scenario,
+    s: Setup,
+    seed: int,
+    quick: bool,
+    device: str,
+    default: str = DEFAULT,
+    lr: float | None = None,
+    epochs: int = EPOCHS,
+    batch_size: int = BATCH,
+) -> dict:
     """One unlearning run on a copy of ``model``: its metrics, time and forget-set size
     (``lr`` None: the scenario's rate, :data:`LR`)."""
     from transformers import PrinterCallback, TrainingArguments
@@ -126,30 +147,52 @@ def run(name: str, model, tokenizer, scenario: Scenario, s: Setup, seed: int, qu
     if subset is not None:
         method, weights, tokens, _ = METHODS[default]
         low = low_influence(s.influence, quantile=SKIP_QUANTILE)
-        keep = low.keep.tolist() if subset == "low_influence" else sorted(random.Random(seed).sample(keep, len(low.keep)))
+        keep = (
+            low.keep.tolist() if subset == "low_influence" else sorted(random.Random(seed).sample(keep, len(low.keep)))
+        )
     w_f = w_r = None
     if weights == "rapidun":
         w_f, w_r = s.rapidun_weights[0][keep], s.rapidun_weights[1]
     elif weights == "imu":
         w_f = s.imu_weights[keep]
-    data = UnlearnDataset([s.forget_examples[i] for i in keep], s.retain_examples, ratio=3, forget_weights=w_f,
-                          retain_weights=w_r, seed=seed)
+    data = UnlearnDataset(
+        [s.forget_examples[i] for i in keep],
+        s.retain_examples,
+        ratio=3,
+        forget_weights=w_f,
+        retain_weights=w_r,
+        seed=seed,
+    )
     unlearned = copy.deepcopy(model).train()
     with tempfile.TemporaryDirectory() as out, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         args = TrainingArguments(
-            output_dir=out, use_cpu=device == "cpu", report_to=[], num_train_epochs=epochs,
-            per_device_train_batch_size=batch_size, learning_rate=lr, lr_scheduler_type="constant", warmup_steps=0,
-            save_strategy="no", logging_strategy="no", disable_tqdm=True, seed=seed, weight_decay=0.0,
+            output_dir=out,
+            use_cpu=device == "cpu",
+            report_to=[],
+            num_train_epochs=epochs,
+            per_device_train_batch_size=batch_size,
+            learning_rate=lr,
+            lr_scheduler_type="constant",
+            warmup_steps=0,
+            save_strategy="no",
+            logging_strategy="no",
+            disable_tqdm=True,
+            seed=seed,
+            weight_decay=0.0,
         )
-        trainer = UnlearnTrainer(model=unlearned, args=args, method=method, train_dataset=data,
-                                 rapidun_tokens=tokens or "all")
+        trainer = UnlearnTrainer(
+            model=unlearned, args=args, method=method, train_dataset=data, rapidun_tokens=tokens or "all"
+        )
         trainer.remove_callback(PrinterCallback)
         with Timer() as t:
             trainer.train()
     unlearned.eval()
     return metrics(unlearned, tokenizer, scenario) | {
-        "seconds": t.wall, "cpu_seconds": t.cpu, "n_forget": len(keep), "lr": lr,
+        "seconds": t.wall,
+        "cpu_seconds": t.cpu,
+        "n_forget": len(keep),
+        "lr": lr,
         "n_forget_poisoned": sum(scenario.train[s.forget[i]].poisoned for i in keep),
     }
 

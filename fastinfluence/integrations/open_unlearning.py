@@ -46,6 +46,7 @@ or register by hand at the end of that file::
 
 See docs/unlearning.md for the whole recipe.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -93,8 +94,9 @@ def load_weights(path: str | Path) -> tuple[torch.Tensor | None, torch.Tensor | 
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"weights_path {path} does not exist; "
-                                f"write it with `fastinfluence weights ... --out {path}`")
+        raise FileNotFoundError(
+            f"weights_path {path} does not exist; write it with `fastinfluence weights ... --out {path}`"
+        )
     if path.suffix in (".pt", ".npy"):
         if path.suffix == ".pt":
             w = torch.load(path, map_location="cpu", weights_only=True)
@@ -125,15 +127,26 @@ class _InfluenceLossTrainer:
 
     spec: tuple  # one entry of SPECS
 
-    def __init__(self, *args, gamma: float = 1.0, alpha: float = 1.0, beta: float = 1.0, delta: float = 0.0,
-                 retain_loss_type: str = "NLL", reduction: str | None = None, weight_norm: str | None = None,
-                 weights_path: str | None = None, **kwargs):
+    def __init__(
+        self,
+        *args,
+        gamma: float = 1.0,
+        alpha: float = 1.0,
+        beta: float = 1.0,
+        delta: float = 0.0,
+        retain_loss_type: str = "NLL",
+        reduction: str | None = None,
+        weight_norm: str | None = None,
+        weights_path: str | None = None,
+        **kwargs,
+    ):
         method, self.uses_retain, default_reduction, default_norm, needs_weights = self.spec
         reduction, weight_norm = reduction or default_reduction, weight_norm or default_norm
         check_loss_options(reduction, weight_norm, retain_loss_type)
         if needs_weights and not weights_path:
-            raise ValueError(f"{type(self).__name__} needs weights_path= "
-                             "(IMU weights from `fastinfluence weights --method imu`)")
+            raise ValueError(
+                f"{type(self).__name__} needs weights_path= (IMU weights from `fastinfluence weights --method imu`)"
+            )
         super().__init__(*args, **kwargs)
         self.method, self.gamma, self.alpha, self.beta, self.delta = method, gamma, alpha, beta, delta
         self.simnpo_gamma = 0.0  # SimNPO's margin is delta here, as in open-unlearning
@@ -153,8 +166,10 @@ class _InfluenceLossTrainer:
         for name, w in (("forget", self.forget_weights), ("retain", self.retain_weights)):
             split = self._split(name)
             if w is not None and split is not None and len(w) != len(split):
-                raise ValueError(f"{self.weights_path} has {len(w)} {name} weights but the {name} split has "
-                                 f"{len(split)} examples; compute the weights on the same split, in the same order")
+                raise ValueError(
+                    f"{self.weights_path} has {len(w)} {name} weights but the {name} split has "
+                    f"{len(split)} examples; compute the weights on the same split, in the same order"
+                )
 
     def _reference_model(self):
         """Frozen copy of the model for the KL retain loss (None: a PEFT model's adapter is disabled instead)."""
@@ -173,8 +188,9 @@ class _InfluenceLossTrainer:
         """
         forget = self._split("forget")
         if forget is None:
-            raise ValueError("FINPO needs open-unlearning's ForgetRetainDataset as train_dataset "
-                             "(run with mode=unlearn)")
+            raise ValueError(
+                "FINPO needs open-unlearning's ForgetRetainDataset as train_dataset (run with mode=unlearn)"
+            )
         rows, sums, index = self.args.per_device_eval_batch_size, [], []
         for s in range(0, len(forget), rows):
             batch = self._flat(self.data_collator([forget[i] for i in range(s, min(s + rows, len(forget)))]))
@@ -195,8 +211,10 @@ class _InfluenceLossTrainer:
     @staticmethod
     def _index(batch: dict, what: str) -> torch.Tensor:
         if "index" not in batch:
-            raise ValueError(f"{what} needs each batch's 'index': run open-unlearning with "
-                             "collator=DataCollatorForSupervisedDatasetwithIndex")
+            raise ValueError(
+                f"{what} needs each batch's 'index': run open-unlearning with "
+                "collator=DataCollatorForSupervisedDatasetwithIndex"
+            )
         return batch["index"].long()
 
     def _lookup(self, weights: torch.Tensor | None, batch: dict, name: str) -> torch.Tensor | None:
@@ -204,8 +222,10 @@ class _InfluenceLossTrainer:
             return None
         index = self._index(batch, f"weights_path ({name} weights)").cpu()
         if index.min() < 0 or index.max() >= len(weights):
-            raise ValueError(f"{self.weights_path} has {len(weights)} {name} weights but a batch holds index "
-                             f"{int(index.max())}; compute the weights on the same split")
+            raise ValueError(
+                f"{self.weights_path} has {len(weights)} {name} weights but a batch holds index "
+                f"{int(index.max())}; compute the weights on the same split"
+            )
         return weights[index].to(batch["input_ids"].device)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -241,10 +261,15 @@ def trainers(base: type | None = None) -> dict[str, type]:
             raise ImportError(USAGE) from e
     if base not in _BUILT:
         _BUILT[base] = {
-            name: type(name, (_InfluenceLossTrainer, base), {
-                "spec": spec, "__module__": __name__,
-                "__doc__": f"open-unlearning trainer with fastinfluence's {spec[0]} loss; see the module docstring.",
-            })
+            name: type(
+                name,
+                (_InfluenceLossTrainer, base),
+                {
+                    "spec": spec,
+                    "__module__": __name__,
+                    "__doc__": f"open-unlearning trainer with fastinfluence's {spec[0]} loss (see the module).",
+                },
+            )
             for name, spec in SPECS.items()
         }
     return _BUILT[base]
@@ -284,16 +309,20 @@ def __getattr__(name: str):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fastinfluence.integrations.open_unlearning",
-                                     description="Use fastinfluence's influence-weighted trainers in open-unlearning.")
+    parser = argparse.ArgumentParser(
+        prog="python -m fastinfluence.integrations.open_unlearning",
+        description="Use fastinfluence's influence-weighted trainers in open-unlearning.",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("install", help="copy the trainer and experiment yaml files and register the trainers")
     p.add_argument("root", help="an open-unlearning checkout")
     args = parser.parse_args(argv)
     for path in install(args.root):
         print(f"wrote {path}")
-    print("run: python src/train.py --config-name=unlearn.yaml experiment=unlearn/tofu/fastinfluence_weighted "
-          "trainer.method_args.weights_path=/abs/path/w.json task_name=fi_weighted")
+    print(
+        "run: python src/train.py --config-name=unlearn.yaml experiment=unlearn/tofu/fastinfluence_weighted "
+        "trainer.method_args.weights_path=/abs/path/w.json task_name=fi_weighted"
+    )
     return 0
 
 

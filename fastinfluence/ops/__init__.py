@@ -4,6 +4,7 @@ Select the implementation with ``set_backend("torch"|"triton"|"cuda"|"cpu"|"auto
 ``with use_backend(name):`` or the environment variable ``FASTINFLUENCE_BACKEND``; add a
 backend with ``register_backend(name, module_or_object)`` (see ``_backend.py``).
 """
+
 from ._backend import (
     BackendUnavailableError,
     Dispatch,

@@ -6,6 +6,7 @@ With ``bias=True`` a constant 1 is appended to every a, so a_it . a_js becomes
 a_it . a_js + 1 and the product also covers the bias gradient. Cheaper than forming the
 gradients when T_i T_j (d_in + d_out) < d_in d_out.
 """
+
 from __future__ import annotations
 
 import torch
@@ -78,9 +79,7 @@ def ghost_norm_reference(A, G, mask=None, bias=False):
 register_op("ghost_norm", ghost_norm_reference)
 
 
-def ghost_norm(
-    A: torch.Tensor, G: torch.Tensor, mask: torch.Tensor | None = None, bias: bool = False
-) -> torch.Tensor:
+def ghost_norm(A: torch.Tensor, G: torch.Tensor, mask: torch.Tensor | None = None, bias: bool = False) -> torch.Tensor:
     """Squared Frobenius norms ||grad W_i||_F^2 of per-example gradients, (B,).
 
     Squared, so that norms over several layers add. A: (B, T, d_in), G: (B, T, d_out).

@@ -13,6 +13,7 @@ outputs agree bit for bit too. With the 1/sqrt(k) scale, E[<Px, Py>] = <x, y>.
 projected slice by slice: the sum over slices of ``jl_project(x[:, a:b], k, offset=a)``
 equals ``jl_project(x, k)`` up to float rounding.
 """
+
 from __future__ import annotations
 
 import math
@@ -65,15 +66,35 @@ def _f32(hex_value: str) -> torch.Tensor:
     return torch.tensor(float.fromhex(hex_value), dtype=torch.float32)
 
 
-_C = {name: _f32(h) for name, h in {
-    "sqrt2": "0x1.6a09e6p+0", "ln2": "0x1.62e430p-1", "half_pi": "0x1.921fb6p+0",
-    "ln3": "0x1.555556p-2", "ln5": "0x1.99999ap-3", "ln7": "0x1.24924ap-3", "ln9": "0x1.c71c72p-4",
-    "s3": "-0x1.555556p-3", "s5": "0x1.111112p-7", "s7": "-0x1.a01a02p-13", "s9": "0x1.71de3ap-19",
-    "s11": "-0x1.ae6456p-26", "c2": "-0x1.0p-1", "c4": "0x1.555556p-5", "c6": "-0x1.6c16c2p-10",
-    "c8": "0x1.a01a02p-16", "c10": "-0x1.27e4fcp-22", "c12": "0x1.1eed8ep-29",
-    "one": "0x1.0p+0", "two": "0x1.0p+1", "minus_two": "-0x1.0p+1", "half": "0x1.0p-1",
-    "two_m23": "0x1.0p-23", "two_m24": "0x1.0p-24",
-}.items()}
+_C = {
+    name: _f32(h)
+    for name, h in {
+        "sqrt2": "0x1.6a09e6p+0",
+        "ln2": "0x1.62e430p-1",
+        "half_pi": "0x1.921fb6p+0",
+        "ln3": "0x1.555556p-2",
+        "ln5": "0x1.99999ap-3",
+        "ln7": "0x1.24924ap-3",
+        "ln9": "0x1.c71c72p-4",
+        "s3": "-0x1.555556p-3",
+        "s5": "0x1.111112p-7",
+        "s7": "-0x1.a01a02p-13",
+        "s9": "0x1.71de3ap-19",
+        "s11": "-0x1.ae6456p-26",
+        "c2": "-0x1.0p-1",
+        "c4": "0x1.555556p-5",
+        "c6": "-0x1.6c16c2p-10",
+        "c8": "0x1.a01a02p-16",
+        "c10": "-0x1.27e4fcp-22",
+        "c12": "0x1.1eed8ep-29",
+        "one": "0x1.0p+0",
+        "two": "0x1.0p+1",
+        "minus_two": "-0x1.0p+1",
+        "half": "0x1.0p-1",
+        "two_m23": "0x1.0p-23",
+        "two_m24": "0x1.0p-24",
+    }.items()
+}
 
 
 def _log(u: torch.Tensor) -> torch.Tensor:
@@ -152,7 +173,9 @@ def jl_entries(
 # ------------------------------------------------------------------------------- op
 
 
-def jl_project_reference(x: torch.Tensor, k: int, seed: int = 0, kind: str = "rademacher", offset: int = 0) -> torch.Tensor:
+def jl_project_reference(
+    x: torch.Tensor, k: int, seed: int = 0, kind: str = "rademacher", offset: int = 0
+) -> torch.Tensor:
     """Torch reference: R materialised block by block (O(k) rows of memory at a time)."""
     dtype = acc_dtype(x)
     B, D = x.shape

@@ -15,6 +15,7 @@ The chunked functions below are the ``torch`` backend and the reference the Trit
 kernels (``fastinfluence.triton_kernels.linear_cross_entropy_{forward,backward}``) are
 tested against; they hold at most one (rows, V) block of logits at a time.
 """
+
 from __future__ import annotations
 
 import math
@@ -134,8 +135,14 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, ignore_index, softcap):
         loss, lse = dispatch(
-            "linear_cross_entropy_forward", hidden.device, hidden=hidden, weight=weight, bias=bias, labels=labels,
-            ignore_index=ignore_index, softcap=softcap,
+            "linear_cross_entropy_forward",
+            hidden.device,
+            hidden=hidden,
+            weight=weight,
+            bias=bias,
+            labels=labels,
+            ignore_index=ignore_index,
+            softcap=softcap,
         )
         ctx.save_for_backward(hidden, weight, bias, labels, lse)
         ctx.ignore_index, ctx.softcap = ignore_index, softcap

@@ -9,6 +9,7 @@ so the head's factorised feature needs only G P_out (N, k_out), which is compute
 by chunk over the tokens: one (rows, V) block of logits at a time, as in
 ``linear_cross_entropy``, never the (N, V) matrix.
 """
+
 from __future__ import annotations
 
 import torch

@@ -9,6 +9,7 @@ computed without ever forming grad W_i. ``P_in`` may carry one extra row: the bi
 i.e. a constant 1 appended to every a (so phi also covers the bias gradient).
 ``None`` for a projection matrix means the identity (that side is kept exact).
 """
+
 from __future__ import annotations
 
 import torch

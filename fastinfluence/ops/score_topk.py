@@ -11,6 +11,7 @@ with ``query_scale = 1/||q||`` and ``train_scale = 1/||x||``.
 Ordering: values descending; equal values keep the lower train index first (chunks are
 fed in increasing index order, so ``prev`` entries come before new ones).
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -87,7 +88,9 @@ def score_topk(
         queries. Accumulation in float32 (float64 for float64 inputs).
     """
     if query.dim() != 2 or train.dim() != 2 or query.shape[1] != train.shape[1]:
-        raise ValueError(f"score_topk: query {tuple(query.shape)} and train {tuple(train.shape)} must be (Q, D) and (n, D)")
+        raise ValueError(
+            f"score_topk: query {tuple(query.shape)} and train {tuple(train.shape)} must be (Q, D) and (n, D)"
+        )
     if k < 1:
         raise ValueError(f"score_topk: k must be >= 1, got {k}")
     if query_scale is not None and tuple(query_scale.shape) != (query.shape[0],):
@@ -95,6 +98,13 @@ def score_topk(
     if train_scale is not None and tuple(train_scale.shape) != (train.shape[0],):
         raise ValueError(f"train_scale must have shape ({train.shape[0]},), got {tuple(train_scale.shape)}")
     return dispatch(
-        "score_topk", query.device, query=query, train=train, k=k, query_scale=query_scale, train_scale=train_scale,
-        index_offset=index_offset, prev=prev,
+        "score_topk",
+        query.device,
+        query=query,
+        train=train,
+        k=k,
+        query_scale=query_scale,
+        train_scale=train_scale,
+        index_offset=index_offset,
+        prev=prev,
     )

@@ -13,6 +13,7 @@ flushed, fsynced and renamed (:func:`atomic_write`): a file that exists is whole
 shard file is the record that its rows are done (its safetensors header repeats its
 manifest entry). Checksums are SHA-256 per tensor, kept in the manifest.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -32,7 +33,13 @@ FORMAT = "fastinfluence.store"
 VERSION = 1
 MANIFEST = "manifest.json"
 
-_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64}
+_ST_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+}
 
 
 class StoreError(RuntimeError):
@@ -106,7 +113,12 @@ def check_same_origin(first: Mapping, second: Mapping, first_name: str, second_n
     for key in ("layout", "fingerprint", "config", "dtype"):
         diff = _first_difference(a[key], b[key], key, (first_name, second_name))
         if diff:
-            what = {"fingerprint": "model", "layout": "layer set", "config": "projection config", "dtype": "storage dtype"}[key]
+            what = {
+                "fingerprint": "model",
+                "layout": "layer set",
+                "config": "projection config",
+                "dtype": "storage dtype",
+            }[key]
             raise MismatchError(
                 f"{first_name} and {second_name} were made with a different {what}: {diff}; "
                 "extract both with the same model, layers and ProjectionConfig"
@@ -148,7 +160,9 @@ def _read_header(path: Path) -> tuple[dict, int]:
             raise ValueError("short header")
         return json.loads(body), 8 + n
     except ValueError as exc:
-        raise CorruptShardError(f"shard {path} has an unreadable header ({exc}): the file is truncated or corrupted") from exc
+        raise CorruptShardError(
+            f"shard {path} has an unreadable header ({exc}): the file is truncated or corrupted"
+        ) from exc
 
 
 def _save(path: Path, tensors: dict[str, torch.Tensor], entry: dict | None = None) -> dict:
@@ -169,23 +183,38 @@ def _check_format(path: Path, manifest: Mapping) -> None:
         )
 
 
-
 def read_manifest(path: Path) -> dict:
     """The manifest of the store at ``path``; StoreError naming the file when it is absent or not JSON."""
     if path.is_file():
         raise StoreError(f"{path} is a file, not a feature store directory; give the directory that holds {MANIFEST}")
     if not path.exists():
-        raise StoreError(f"no feature store at {path}: no such directory (extract one with GradientExtractor.extract(batches, store=...))")
+        raise StoreError(
+            f"no feature store at {path}: no such directory (extract one with GradientExtractor.extract(batches, "
+            f"store=...))"
+        )
     try:
         return json.loads((path / MANIFEST).read_text())
     except FileNotFoundError:
-        raise StoreError(f"no feature store at {path}: {MANIFEST} is missing (extract one with GradientExtractor.extract(batches, store=...))") from None
+        raise StoreError(
+            f"no feature store at {path}: {MANIFEST} is missing (extract one with GradientExtractor.extract(batches, "
+            f"store=...))"
+        ) from None
     except (ValueError, UnicodeDecodeError) as exc:
-        raise StoreError(f"{path / MANIFEST} is not valid JSON ({exc}): the manifest is damaged; re-run the extraction into {path} to rewrite it") from None
+        raise StoreError(
+            f"{path / MANIFEST} is not valid JSON ({exc}): the manifest is damaged; re-run the extraction into "
+            f"{path} to rewrite it"
+        ) from None
 
 
-def _manifest(meta: dict, dim: int, tokens: bool, covariances: bool, user_meta: dict, shards: list[dict],
-              expected: int | None = None) -> dict:
+def _manifest(
+    meta: dict,
+    dim: int,
+    tokens: bool,
+    covariances: bool,
+    user_meta: dict,
+    shards: list[dict],
+    expected: int | None = None,
+) -> dict:
     rows = sum(s["rows"] for s in shards)
     return {
         "format": FORMAT,
@@ -200,7 +229,6 @@ def _manifest(meta: dict, dim: int, tokens: bool, covariances: bool, user_meta: 
         "complete": expected is None or rows == expected,
         "shards": shards,
     }
-
 
 
 def save_tensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> None:

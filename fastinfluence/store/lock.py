@@ -7,6 +7,7 @@ start time. A lock left by a killed process on this host (its pid is gone) is st
 taken over; a lock from another host is removed by hand. The lock is released when the
 write ends, by success or error.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -16,8 +17,8 @@ import os
 import socket
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from .. import distributed as dist
 from .format import StoreError

@@ -3,11 +3,11 @@
 Every read checks the shard's file size and header; reading a whole shard (``iter_chunks``)
 checks the bytes it reads against their checksum, and ``verify()`` checks them all.
 """
+
 from __future__ import annotations
 
 import bisect
 import hashlib
-import json
 import os
 from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -23,7 +23,6 @@ from ..config import ProjectionConfig
 from ..features import Chunk, Features, FeatureSource
 from .format import (
     _ST_DTYPES,
-    MANIFEST,
     CorruptShardError,
     StoreError,
     _check_format,
@@ -43,7 +42,9 @@ class _ShardFile:
         actual = path.stat().st_size if path.exists() else -1
         if actual != size:
             state = "missing" if actual < 0 else f"{actual} bytes, the manifest says {size}"
-            raise CorruptShardError(f"shard {path} is {state}: it is truncated or was replaced; restore it or re-extract the store")
+            raise CorruptShardError(
+                f"shard {path} is {state}: it is truncated or was replaced; restore it or re-extract the store"
+            )
         self.header, self.base = _read_header(path)
         missing = set(checksums) - set(self.header)
         if missing:
@@ -72,7 +73,9 @@ class _ShardFile:
         with open(self.path, "rb") as f:
             buf = self.read_bytes(f.fileno(), begin + lo * row_bytes, begin + hi * row_bytes)
         if rows is None and check and hashlib.sha256(buf.numpy()).hexdigest() != self.checksums[name]:
-            raise CorruptShardError(f"shard {self.path}: tensor {name!r} does not match its checksum; the file is corrupted")
+            raise CorruptShardError(
+                f"shard {self.path}: tensor {name!r} does not match its checksum; the file is corrupted"
+            )
         return buf.view(dtype).reshape([hi - lo, *shape[1:]] if shape else shape)
 
     def memmap(self, name: str) -> torch.Tensor:
@@ -128,7 +131,7 @@ class FeatureStore:
             expected += s["rows"]
 
     @classmethod
-    def open(cls, path: str | os.PathLike, expect: Mapping | None = None) -> "FeatureStore":
+    def open(cls, path: str | os.PathLike, expect: Mapping | None = None) -> FeatureStore:
         """Open the store at ``path`` read-only.
 
         ``expect``: metadata (``extractor.metadata()``, a Features' or store's) that the store
@@ -146,7 +149,10 @@ class FeatureStore:
         return self.num_rows
 
     def __repr__(self) -> str:
-        return f"FeatureStore({str(self.path)!r}, rows={self.num_rows}, dim={self.dim}, dtype={self.manifest['dtype']}, shards={len(self.shards)})"
+        return (
+            f"FeatureStore({str(self.path)!r}, rows={self.num_rows}, dim={self.dim}, "
+            f"dtype={self.manifest['dtype']}, shards={len(self.shards)})"
+        )
 
     def metadata(self) -> dict:
         return {k: self.manifest[k] for k in ("config", "fingerprint", "layout", "dtype")}
@@ -170,7 +176,11 @@ class FeatureStore:
     def norms(self) -> torch.Tensor:
         """(N,) float32 L2 norms of all rows (read once, checked)."""
         if self._norms is None:
-            self._norms = torch.cat([self._shard(i).tensor("norms") for i in range(len(self.shards))]) if self.shards else torch.empty(0)
+            self._norms = (
+                torch.cat([self._shard(i).tensor("norms") for i in range(len(self.shards))])
+                if self.shards
+                else torch.empty(0)
+            )
         return self._norms
 
     def iter_chunks(self, rows: int, start: int = 0, stop: int | None = None) -> Iterator[Chunk]:
@@ -186,7 +196,14 @@ class FeatureStore:
         for i, s in enumerate(self.shards):
             lo, hi = max(start, s["first"]), min(stop, s["first"] + s["rows"])
             for a in range(lo, hi, rows):
-                plan.append((i, a - s["first"], min(a + rows, hi) - s["first"], lo == s["first"] and hi == s["first"] + s["rows"]))
+                plan.append(
+                    (
+                        i,
+                        a - s["first"],
+                        min(a + rows, hi) - s["first"],
+                        lo == s["first"] and hi == s["first"] + s["rows"],
+                    )
+                )
         with ThreadPoolExecutor(1) as pool:
             state: dict[int, Any] = {}
             pending = pool.submit(self._read_chunk, plan[0], state) if plan else None
@@ -208,7 +225,10 @@ class FeatureStore:
         if state["hash"] is not None:
             state["hash"].update(buf.numpy())
             if b == shape[0] and state["hash"].hexdigest() != shard.checksums["features"]:
-                raise CorruptShardError(f"shard {shard.path}: features do not match their checksum; the file is corrupted (run FeatureStore.verify())")
+                raise CorruptShardError(
+                    f"shard {shard.path}: features do not match their checksum; the file is corrupted (run "
+                    f"FeatureStore.verify())"
+                )
         first = self.shards[i]["first"]
         return Chunk(first + a, buf.view(dtype).view(b - a, shape[1]), state["norms"][a:b])
 
@@ -230,7 +250,9 @@ class FeatureStore:
     def token_factors(self, row: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """Per-token factors of one example: ({layer: A~ (T, k_in)}, {layer: G~ (T, k_out)})."""
         if not self.has_tokens:
-            raise StoreError(f"store {self.path} has no per-token factors: extract with tokens=True to get per-token scores")
+            raise StoreError(
+                f"store {self.path} has no per-token factors: extract with tokens=True to get per-token scores"
+            )
         i = self._locate(row)
         shard = self._shard(i, "tokens")
         offsets = shard.tensor("offsets")
@@ -279,11 +301,21 @@ class FeatureStore:
             if s.get("tokens"):
                 self._shard(i, "tokens").verify()
                 files, size = files + 1, size + s["tokens"]["bytes"]
-        return {"rows": self.num_rows, "shards": len(self.shards), "files": files, "bytes": size, "complete": self.complete}
+        return {
+            "rows": self.num_rows,
+            "shards": len(self.shards),
+            "files": files,
+            "bytes": size,
+            "complete": self.complete,
+        }
 
     def to_features(self) -> Features:
         """The whole store in memory (for small stores: queries)."""
-        data = torch.cat([c.data for c in self.iter_chunks(1 << 16)]) if self.num_rows else torch.empty(0, self.dim, dtype=self.dtype)
+        data = (
+            torch.cat([c.data for c in self.iter_chunks(1 << 16)])
+            if self.num_rows
+            else torch.empty(0, self.dim, dtype=self.dtype)
+        )
         return Features(data, self.norms.clone(), list(self.ids), self.layout, self.config, self.fingerprint)
 
 

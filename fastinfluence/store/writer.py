@@ -12,6 +12,7 @@ feature batches the caller produces for them (``write``)::
 :func:`write_store` is that loop for any :class:`~fastinfluence.features.FeatureProducer`.
 Resuming scans the shard files, so a run killed at any point continues where it stopped.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -67,7 +68,13 @@ def _content(digests: list[bytes], first: int, rows: int) -> str:
 
 def _write_shard(root: Path, first: int, f: Features, layers: list[str], content: str) -> dict:
     """Write one shard (token file first: the feature shard is the commit record). Returns its entry."""
-    entry: dict[str, Any] = {"first": first, "rows": len(f), "ids": _jsonable(f.ids), "content": content, "tokens": None}
+    entry: dict[str, Any] = {
+        "first": first,
+        "rows": len(f),
+        "ids": _jsonable(f.ids),
+        "content": content,
+        "tokens": None,
+    }
     if f.tokens is not None:
         t = {"offsets": f.tokens.offsets.to(torch.int64)}
         t.update({f"a.{n}": f.tokens.a[n] for n in layers})
@@ -75,7 +82,9 @@ def _write_shard(root: Path, first: int, f: Features, layers: list[str], content
         entry["tokens"] = _save(root / f"tokens-{first:012d}.safetensors", t)
     tensors = {"features": f.data, "norms": f.norms.float()}
     for n, (A, G, c) in (f.stats or {}).items():
-        tensors.update({f"stats.{n}.a": A.double(), f"stats.{n}.g": G.double(), f"stats.{n}.count": torch.tensor([int(c)])})
+        tensors.update(
+            {f"stats.{n}.a": A.double(), f"stats.{n}.g": G.double(), f"stats.{n}.count": torch.tensor([int(c)])}
+        )
     entry.update(_save(root / f"shard-{first:012d}.safetensors", tensors, entry))
     return entry
 
@@ -91,7 +100,9 @@ def _scan_shards(root: Path) -> list[dict]:
     entries.sort(key=lambda e: e["first"])
     for a, b in zip(entries, entries[1:]):
         if a["first"] + a["rows"] > b["first"]:
-            raise StoreError(f"shards {a['file']} and {b['file']} overlap in {root}: the store was written by two different runs")
+            raise StoreError(
+                f"shards {a['file']} and {b['file']} overlap in {root}: the store was written by two different runs"
+            )
     return entries
 
 
@@ -104,7 +115,6 @@ def _contiguous(entries: list[dict]) -> list[dict]:
         out.append(e)
         expected += e["rows"]
     return out
-
 
 
 def _pieces(sizes: list[int], done: list[dict]) -> list[tuple[int, int, int]]:
@@ -216,7 +226,10 @@ class StoreWriter:
         batches = list(batches)
         for i, b in enumerate(batches):
             if not isinstance(b, Mapping) or "input_ids" not in b:
-                raise TypeError(f"batch {i} must be a dict with 'input_ids' (got {type(b).__name__}); build batches as the tokenizer returns them")
+                raise TypeError(
+                    f"batch {i} must be a dict with 'input_ids' (got {type(b).__name__}); build batches as the "
+                    f"tokenizer returns them"
+                )
         sizes = [len(b["input_ids"]) for b in batches]
         stream, pos = [], 0
         for b, n in zip(batches, sizes):
@@ -226,7 +239,10 @@ class StoreWriter:
         dist.barrier()  # every rank has read the old manifest before rank 0 rewrites it
         if rank == 0:
             shard_dir.mkdir(parents=True, exist_ok=True)
-            for p in [*root.glob("*.tmp-*"), *shard_dir.glob("*.tmp-*")]:  # left by a killed run; removed before any rank writes
+            for p in [
+                *root.glob("*.tmp-*"),
+                *shard_dir.glob("*.tmp-*"),
+            ]:  # left by a killed run; removed before any rank writes
                 p.unlink()
         dist.barrier()
         done = _scan_shards(shard_dir)
@@ -235,19 +251,29 @@ class StoreWriter:
         self._expected = len(flat_ids)
         for e in done:
             past_end = e["first"] + e["rows"] > len(flat_ids)
-            if past_end or _jsonable(flat_ids[e["first"] : e["first"] + e["rows"]]) != e["ids"] or (
-                "content" in e and _content(digests, e["first"], e["rows"]) != e["content"]
+            if (
+                past_end
+                or _jsonable(flat_ids[e["first"] : e["first"] + e["rows"]]) != e["ids"]
+                or ("content" in e and _content(digests, e["first"], e["rows"]) != e["content"])
             ):
                 raise MismatchError(
-                    f"store {root} holds examples {e['first']}..{e['first'] + e['rows']} (shard {e.get('file')}) whose ids or "
-                    "tokens differ from these batches at the same positions (or lie past their end): pass the same batches "
+                    f"store {root} holds examples {e['first']}..{e['first'] + e['rows']} (shard {e.get('file')}) "
+                    f"whose ids or "
+                    "tokens differ from these batches at the same positions (or lie past their end): pass the same "
+                    "batches "
                     "to resume, or the old batches followed by new ones to append"
                 )
         if rank == 0:  # a manifest from the start, so that a killed first run can be checked on resume
             atomic_write(root / MANIFEST, json.dumps(self._manifest(_contiguous(done), len(flat_ids))).encode())
         pieces = _pieces(sizes, done)
         if rank == 0 and done:
-            log.info("store %s: %d of %d examples already extracted, %d to go", root, len(flat_ids) - sum(p[2] - p[1] for p in pieces), len(flat_ids), sum(p[2] - p[1] for p in pieces))
+            log.info(
+                "store %s: %d of %d examples already extracted, %d to go",
+                root,
+                len(flat_ids) - sum(p[2] - p[1] for p in pieces),
+                len(flat_ids),
+                sum(p[2] - p[1] for p in pieces),
+            )
         runs = [self._run(stream, sizes, r) for r in _runs_for_rank(pieces, rank, world)]
         self._bar = _progress(sum(r.stop - r.first for r in runs), self.progress and rank == 0)
         return runs
@@ -277,12 +303,20 @@ class StoreWriter:
             pos += len(f)
             self._bar.update(len(f))
             if pos - shard_first >= self.shard_rows or pos == stop:
-                _write_shard(self.shard_dir, shard_first, cat_features(parts), self.layers, _content(self._digests, shard_first, pos - shard_first))
+                _write_shard(
+                    self.shard_dir,
+                    shard_first,
+                    cat_features(parts),
+                    self.layers,
+                    _content(self._digests, shard_first, pos - shard_first),
+                )
                 parts, shard_first = [], pos
             if pos >= stop:
                 break
         if pos != stop:
-            raise StoreError(f"the extractor yielded {pos - first} rows for examples {first}..{stop}; expected {stop - first}")
+            raise StoreError(
+                f"the extractor yielded {pos - first} rows for examples {first}..{stop}; expected {stop - first}"
+            )
 
     def close(self) -> FeatureStore:
         """Write the manifest of every shard written so far (rank 0) and open the store."""
@@ -290,7 +324,9 @@ class StoreWriter:
             self._bar.close()
         dist.barrier()
         if self.rank == 0:
-            atomic_write(self.root / MANIFEST, json.dumps(self._manifest(_scan_shards(self.shard_dir), self._expected)).encode())
+            atomic_write(
+                self.root / MANIFEST, json.dumps(self._manifest(_scan_shards(self.shard_dir), self._expected)).encode()
+            )
         dist.barrier()
         return FeatureStore.open(self.root)
 
@@ -298,7 +334,9 @@ class StoreWriter:
         return _manifest(self.meta_now, self.dim, self.tokens, self.covariances, self.meta, shards, expected)
 
 
-def write_store(path: str | os.PathLike, extractor: FeatureProducer, batches: Iterable[Mapping], **kwargs) -> FeatureStore:
+def write_store(
+    path: str | os.PathLike, extractor: FeatureProducer, batches: Iterable[Mapping], **kwargs
+) -> FeatureStore:
     """``_write_store`` under the store's lock: a second, independent writer is refused (``store_lock``)."""
     from .lock import writing
 
@@ -321,7 +359,12 @@ def _write_store(
     extended; see :class:`StoreWriter`). Every rank of a ``torch.distributed`` program passes
     the same batches."""
     writer = StoreWriter(
-        path, extractor.metadata(), tokens=tokens, covariances=covariances, shard_rows=shard_rows, meta=meta,
+        path,
+        extractor.metadata(),
+        tokens=tokens,
+        covariances=covariances,
+        shard_rows=shard_rows,
+        meta=meta,
         progress=progress,
     )
     for run in writer.plan(batches):

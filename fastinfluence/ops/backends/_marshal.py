@@ -1,4 +1,5 @@
 """Tensors to the raw pointers, dtype codes and sizes that both compiled backends (``cpu``, ``cuda``) take."""
+
 from __future__ import annotations
 
 import torch
@@ -35,8 +36,22 @@ def select_topk(S: torch.Tensor, k: int, index_offset: int, prev: TopK | None, l
         pi = prev.indices.to(torch.int64).contiguous()
     kp = pv.shape[1]
     k_out = min(k, kp + n)
-    out = TopK(torch.empty(Q, k_out, dtype=S.dtype, device=S.device), torch.empty(Q, k_out, dtype=torch.int64, device=S.device))
+    out = TopK(
+        torch.empty(Q, k_out, dtype=S.dtype, device=S.device), torch.empty(Q, k_out, dtype=torch.int64, device=S.device)
+    )
     if out.values.numel():
-        launch(S.data_ptr(), DTYPE_CODES[S.dtype], Q, n, S.stride(0), index_offset, pv.data_ptr(), pi.data_ptr(),
-               kp, k_out, out.values.data_ptr(), out.indices.data_ptr())
+        launch(
+            S.data_ptr(),
+            DTYPE_CODES[S.dtype],
+            Q,
+            n,
+            S.stride(0),
+            index_offset,
+            pv.data_ptr(),
+            pi.data_ptr(),
+            kp,
+            k_out,
+            out.values.data_ptr(),
+            out.indices.data_ptr(),
+        )
     return out

@@ -4,6 +4,7 @@ The extension ``_fi_cpu`` is compiled by ``pip install`` when a C++ compiler is 
 without it this backend reports itself unavailable and, under ``auto``, the ops run on
 torch after a one-line warning.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -53,8 +54,20 @@ def jl_project(x: torch.Tensor, k: int, seed: int = 0, kind: str = "rademacher",
     """Host twin of ``ops.jl_project`` (float32/float16/bfloat16 inputs)."""
     x, out = jl_output(x, k)
     B, D = x.shape
-    _ext.jl_project(x.data_ptr(), DTYPE_CODES[x.dtype], B, D, x.stride(0), out.data_ptr(), k, seed,
-                    KINDS[kind], offset, jl_scale(k), torch.get_num_threads())
+    _ext.jl_project(
+        x.data_ptr(),
+        DTYPE_CODES[x.dtype],
+        B,
+        D,
+        x.stride(0),
+        out.data_ptr(),
+        k,
+        seed,
+        KINDS[kind],
+        offset,
+        jl_scale(k),
+        torch.get_num_threads(),
+    )
     return out
 
 

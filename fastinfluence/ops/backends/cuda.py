@@ -7,6 +7,7 @@ it, into ``$FASTINFLUENCE_CACHE_DIR`` (default ``~/.cache/fastinfluence``) under
 the sources and the GPU architecture. ``python -m fastinfluence.ops.backends.cuda --build``
 builds it ahead of time for the visible GPU.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,9 +30,13 @@ from ._marshal import DTYPE_CODES, jl_output, select_topk
 # Sources: FASTINFLUENCE_CSRC, else csrc/ beside the package in a source checkout, else the
 # copy an installed package carries (fastinfluence/csrc).
 _HERE = Path(__file__).resolve()
-CSRC = Path(os.environ.get("FASTINFLUENCE_CSRC") or next(
-    (d for d in (_HERE.parents[3] / "csrc", _HERE.parents[2] / "csrc") if (d / "build_helpers.py").exists()),
-    _HERE.parents[3] / "csrc"))
+CSRC = Path(
+    os.environ.get("FASTINFLUENCE_CSRC")
+    or next(
+        (d for d in (_HERE.parents[3] / "csrc", _HERE.parents[2] / "csrc") if (d / "build_helpers.py").exists()),
+        _HERE.parents[3] / "csrc",
+    )
+)
 # Shared memory of the top-k kernel holds k (value, index) pairs: 1024 fits every GPU.
 MAX_TOPK = 1024
 # Chunk partial sums in flight (floats of workspace); bounds jl_project's extra memory.
@@ -94,7 +99,9 @@ def _extension() -> ModuleType:
             except Exception as exc:
                 _error = f"the CUDA kernels could not be built: {exc}"
                 first_line = _error.splitlines()[0]
-                warnings.warn(f"fastinfluence: {first_line}; jl_project and score_topk run on torch", RuntimeWarning)
+                warnings.warn(
+                    f"fastinfluence: {first_line}; jl_project and score_topk run on torch", RuntimeWarning, stacklevel=2
+                )
     if _ext is None:
         raise RuntimeError(_error)
     return _ext
@@ -128,8 +135,22 @@ def jl_project(x: torch.Tensor, k: int, seed: int = 0, kind: str = "rademacher",
     window = max(1, min(chunks, _WORKSPACE_FLOATS // (B * k)))
     ws = torch.empty(window * B * k, dtype=torch.float32, device=x.device)
     with torch.cuda.device(x.device):
-        _extension().jl_project(x.data_ptr(), DTYPE_CODES[x.dtype], B, D, x.stride(0), out.data_ptr(), k, seed,
-                                KINDS[kind], offset, jl_scale(k), ws.data_ptr(), window, _stream(x.device))
+        _extension().jl_project(
+            x.data_ptr(),
+            DTYPE_CODES[x.dtype],
+            B,
+            D,
+            x.stride(0),
+            out.data_ptr(),
+            k,
+            seed,
+            KINDS[kind],
+            offset,
+            jl_scale(k),
+            ws.data_ptr(),
+            window,
+            _stream(x.device),
+        )
     return out
 
 
@@ -214,11 +235,31 @@ def project(A, G, P_in, P_out, mask=None):
     partial = torch.empty(splits, B, k_out, k_in, device=A.device, dtype=torch.float32)
     with torch.cuda.device(A.device):
         _extension().project(
-            A.data_ptr(), A.stride(0), A.stride(1), d_in, p_in.data_ptr(), vector_rows(A),
-            G.data_ptr(), G.stride(0), G.stride(1), d_out, p_out.data_ptr(), vector_rows(G),
-            DTYPE_CODES[A.dtype], kp, 0 if bias is None else bias.data_ptr(),
-            0 if mask is None else mask.data_ptr(), *(mask.stride() if mask is not None else (0, 0)),
-            B, T, k_in, k_out, per, splits, partial.data_ptr(), _stream(A.device),
+            A.data_ptr(),
+            A.stride(0),
+            A.stride(1),
+            d_in,
+            p_in.data_ptr(),
+            vector_rows(A),
+            G.data_ptr(),
+            G.stride(0),
+            G.stride(1),
+            d_out,
+            p_out.data_ptr(),
+            vector_rows(G),
+            DTYPE_CODES[A.dtype],
+            kp,
+            0 if bias is None else bias.data_ptr(),
+            0 if mask is None else mask.data_ptr(),
+            *(mask.stride() if mask is not None else (0, 0)),
+            B,
+            T,
+            k_in,
+            k_out,
+            per,
+            splits,
+            partial.data_ptr(),
+            _stream(A.device),
         )
     return partial[0] if splits == 1 else partial.sum(0)
 
