@@ -56,6 +56,42 @@ PLUGINS = {
 log = logging.getLogger("fastinfluence")
 
 
+class Registry:
+    """argparse ``choices`` read from a registry (``module.attr``) when first needed.
+
+    The names live beside the code that implements them, so a new metric, preconditioner or
+    method shows up on the command line without editing it. They are read from the module's
+    source (a literal tuple of names), not by importing it, so building the parser (and
+    ``fastinfluence --help``) stays free of torch.
+    """
+
+    def __init__(self, module: str, attr: str):
+        self.module, self.attr = module, attr
+        self._cache: tuple[str, ...] | None = None
+
+    def _names(self) -> tuple[str, ...]:
+        if self._cache is None:
+            import ast
+            import importlib.util
+
+            tree = ast.parse(Path(importlib.util.find_spec(self.module).origin).read_text())
+            values = [
+                node.value
+                for node in tree.body
+                if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == self.attr for t in node.targets)
+            ]
+            if len(values) != 1:
+                raise RuntimeError(f"{self.module}.{self.attr} must be assigned once, as a literal tuple of names")
+            self._cache = tuple(ast.literal_eval(values[0]))
+        return self._cache
+
+    def __iter__(self):
+        return iter(self._names())
+
+    def __contains__(self, name) -> bool:
+        return name in self._names()
+
+
 class CLIError(ValueError):
     """A command-line input that cannot work; reported as one line, exit code 2."""
 
@@ -368,7 +404,9 @@ def _register_extract(sub) -> None:
     p.add_argument(
         "--rank-out", dest="rank_out", type=int, help="k_out, output-side projection width per layer (default 64)"
     )
-    p.add_argument("--kind", choices=["gaussian", "rademacher"], help="projection entries (default gaussian)")
+    p.add_argument(
+        "--kind", choices=Registry("fastinfluence.config", "KINDS"), help="projection entries (default gaussian)"
+    )
     p.add_argument("--seed", type=int, help="projection seed (default 0)")
     p.add_argument(
         "--include",
@@ -381,12 +419,12 @@ def _register_extract(sub) -> None:
         "--feature-dtype",
         "--dtype",
         dest="feature_dtype",
-        choices=["float32", "float16", "bfloat16", "float64"],
+        choices=Registry("fastinfluence.config", "STORAGE_DTYPES"),
         help="storage dtype of the features in the store (default float32); not the model's dtype (--model-dtype)",
     )
     p.add_argument(
         "--mode",
-        choices=["factorized", "flat"],
+        choices=Registry("fastinfluence.config", "MODES"),
         help="factorized per-layer projection or one flat JL projection (default factorized)",
     )
     p.add_argument("--dim", type=int, help="output width of the flat mode (default 8192)")
@@ -629,13 +667,13 @@ def _register_score(sub) -> None:
     p.add_argument(
         "--metric",
         default="dot",
-        choices=["dot", "cosine"],
+        choices=Registry("fastinfluence.scoring", "METRICS"),
         help="dot product or cosine of the (preconditioned) features (default dot)",
     )
     p.add_argument(
         "--precondition",
         default=None,
-        choices=["identity", "diagonal", "kfac", "ekfac", "full"],
+        choices=Registry("fastinfluence.precondition", "KINDS"),
         help="curvature fitted on the train store and cached beside it (default none); kfac/ekfac need a store "
         "extracted with --covariances",
     )

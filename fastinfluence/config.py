@@ -7,10 +7,10 @@ from typing import Literal
 
 import torch
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 KINDS = ("gaussian", "rademacher")
 MODES = ("factorized", "flat")
-STORAGE_DTYPES = tuple(_DTYPES)
+STORAGE_DTYPES = ("float32", "float16", "bfloat16", "float64")
+_DTYPES = {name: getattr(torch, name) for name in STORAGE_DTYPES}
 
 
 @dataclass

@@ -307,6 +307,8 @@ def _add_device(p) -> None:
 
 
 def register(subparsers) -> None:
+    from .cli import Registry
+
     p = subparsers.add_parser(
         "weights",
         help="per-example unlearning weights from influence scores (RapidUn, IMU, low-influence)",
@@ -336,7 +338,7 @@ def register(subparsers) -> None:
     p.add_argument(
         "--aggregate",
         default="mean",
-        choices=["mean", "topk_median"],
+        choices=Registry("fastinfluence.weights", "AGGREGATES"),
         help="rapidun: per train example, mean over queries or RapidUn's top-k then median (default mean)",
     )
     p.add_argument("--topk", type=int, help="rapidun topk_median: scores kept per query (default all)")
@@ -363,7 +365,7 @@ def register(subparsers) -> None:
     p.add_argument("--retain", help="JSONL: prompt, response (needed by every method but ga)")
     p.add_argument("--weights", help="JSON from `fastinfluence weights` ({'forget': [...], 'retain': [...]})")
     p.add_argument(
-        "--method", default="graddiff", choices=["ga", "graddiff", "npo", "simnpo", "rapidun"], help="default graddiff"
+        "--method", default="graddiff", choices=Registry("fastinfluence.unlearn", "METHODS"), help="default graddiff"
     )
     p.add_argument(
         "--out",

@@ -223,3 +223,23 @@ def test_public_names_are_listed_and_quiet_works_after_the_command(stores, tmp_p
         == 0
     )
     assert out.exists() and "score:" not in capsys.readouterr().err  # no progress bar
+
+
+@pytest.mark.parametrize(
+    "module, attr",
+    [
+        ("fastinfluence.config", "STORAGE_DTYPES"),
+        ("fastinfluence.config", "KINDS"),
+        ("fastinfluence.config", "MODES"),
+        ("fastinfluence.scoring", "METRICS"),
+        ("fastinfluence.precondition", "KINDS"),
+        ("fastinfluence.weights", "AGGREGATES"),
+        ("fastinfluence.unlearn", "METHODS"),
+    ],
+)
+def test_cli_choices_are_the_registries(module, attr):
+    import importlib
+
+    from fastinfluence.cli import Registry
+
+    assert tuple(Registry(module, attr)) == tuple(getattr(importlib.import_module(module), attr))
