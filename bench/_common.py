@@ -38,3 +38,30 @@ def commit() -> str:
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
     )
     return run.stdout.strip()
+
+
+def bench_llama(
+    vocab: int = 512,
+    hidden: int = 256,
+    layers: int = 4,
+    intermediate: int | None = None,
+    heads: int = 4,
+    kv_heads: int | None = None,
+    tie: bool = False,
+):
+    """The CPU bench model: a tiny ``LlamaForCausalLM`` from a config (seeded by the caller), in eval mode.
+
+    ``intermediate`` defaults to Llama's 8/3 x hidden rounded down to a multiple of 8.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=intermediate or int(hidden * 8 / 3) // 8 * 8,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads or heads,
+        tie_word_embeddings=tie,
+    )
+    return LlamaForCausalLM(config).eval()

@@ -14,8 +14,7 @@ import json
 import platform
 
 import torch
-from _common import commit, interleaved_medians
-from transformers import LlamaConfig, LlamaForCausalLM
+from _common import bench_llama, commit, interleaved_medians
 
 from fastinfluence import GradientExtractor, ProjectionConfig
 
@@ -33,15 +32,7 @@ def main() -> None:
     args = ap.parse_args()
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=args.vocab,
-        hidden_size=args.hidden,
-        intermediate_size=int(args.hidden * 8 / 3) // 8 * 8,
-        num_hidden_layers=args.layers,
-        num_attention_heads=8,
-        num_key_value_heads=4,
-    )
-    model = LlamaForCausalLM(cfg).eval()
+    model = bench_llama(args.vocab, args.hidden, args.layers, heads=8, kv_heads=4)
     ids = torch.randint(0, args.vocab, (args.batch, args.seq))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
 

@@ -18,7 +18,7 @@ import tempfile
 import time
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from _common import bench_llama
 
 import fastinfluence as fi
 
@@ -33,16 +33,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    model = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=512,
-            hidden_size=256,
-            intermediate_size=512,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            tie_word_embeddings=False,
-        )
-    ).eval()
+    model = bench_llama(intermediate=512)
 
     def batches(n, seed):
         ids = torch.randint(0, 512, (n, args.seq), generator=torch.Generator().manual_seed(seed))

@@ -23,7 +23,8 @@ import tempfile
 import time
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
+from _common import bench_llama
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from fastinfluence import InfluenceCallback, ProjectionConfig
 
@@ -100,15 +101,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=args.vocab,
-        hidden_size=args.hidden,
-        intermediate_size=int(args.hidden * 8 / 3) // 8 * 8,
-        num_hidden_layers=args.layers,
-        num_attention_heads=8,
-        num_key_value_heads=4,
-    )
-    model = LlamaForCausalLM(cfg)
+    model = bench_llama(args.vocab, args.hidden, args.layers, heads=8, kv_heads=4).train()
     state = copy.deepcopy(model.state_dict())
     data = Rows(args.batch * args.steps, args.seq, args.vocab)
     steps = {False: [], True: []}

@@ -20,7 +20,7 @@ import time
 from unittest import mock
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from _common import bench_llama
 
 from fastinfluence import GradientExtractor, ProjectionConfig, capture
 
@@ -49,16 +49,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    model = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=512,
-            hidden_size=256,
-            intermediate_size=512,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            tie_word_embeddings=False,
-        )
-    ).eval()
+    model = bench_llama(intermediate=512)
     ids = torch.randint(0, 512, (args.batch, args.seq))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
 
