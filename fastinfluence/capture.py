@@ -224,7 +224,8 @@ def _infer_mask(input_ids: torch.Tensor, limits: BatchLimits, ids: list) -> torc
 def prepare_batch(batch: dict, device: torch.device, start: int, limits: BatchLimits | None = None) -> Batch:
     """Validate an HF-style batch (``input_ids``, optional ``attention_mask`` / ``labels`` / ``ids``).
 
-    Missing labels mean every attended token is a target; labels at padding are ignored.
+    Missing labels mean every attended token is a target; labels at padding are ignored (see
+    ``_label_positions`` for the labelled final eos of eos-padded batches).
     ``start`` is the running index of the batch's first example (default ids). A missing
     attention mask is inferred from the model's ``pad_token_id`` (see ``_infer_mask``);
     ``limits`` (``BatchLimits.of(model)``) also checks token ids and lengths, naming the example.
@@ -241,8 +242,8 @@ def prepare_batch(batch: dict, device: torch.device, start: int, limits: BatchLi
     ids = batch_ids(batch, shape[0], start)
     mask = batch.get("attention_mask")
     mask = _infer_mask(input_ids, limits, ids) if mask is None else torch.as_tensor(mask)
-    labels = batch.get("labels")
-    labels = input_ids.clone() if labels is None else torch.as_tensor(labels)
+    given = batch.get("labels")
+    labels = input_ids.clone() if given is None else torch.as_tensor(given)
     for key, t in (("input_ids", input_ids), ("attention_mask", mask), ("labels", labels)):
         if t.dtype.is_floating_point or t.dtype.is_complex:
             raise ValueError(
@@ -250,8 +251,8 @@ def prepare_batch(batch: dict, device: torch.device, start: int, limits: BatchLi
             )
         if tuple(t.shape) != shape:
             raise ValueError(f"batch {key} has shape {tuple(t.shape)} but input_ids has {shape}; they must match")
+    labels = labels.masked_fill(~_label_positions(mask.to(labels.device) != 0, given is not None), IGNORE_INDEX)
     _check_limits(input_ids, mask, labels, limits, ids)
-    labels = labels.masked_fill(mask.to(labels.device) == 0, IGNORE_INDEX)
     counts = (labels[:, 1:] != IGNORE_INDEX).sum(1)
     if bool((counts == 0).any()):
         bad = [ids[i] for i in torch.nonzero(counts == 0).flatten().tolist()]
@@ -260,6 +261,23 @@ def prepare_batch(batch: dict, device: torch.device, start: int, limits: BatchLi
             "their loss is undefined. Drop them or give them answer tokens."
         )
     return Batch(input_ids.to(device), mask.to(device), labels.to(device), ids)
+
+
+def _label_positions(attended: torch.Tensor, given: bool) -> torch.Tensor:
+    """(B, T) bool: where a label may be a target.
+
+    Labels made from ``input_ids`` count at attended tokens only. Given labels also count at a
+    masked token inside the sequence and at the first masked token after it: codebases that pad
+    with eos mask every eos (``attention_mask = input_ids != pad``) yet label the answer's final
+    eos, and the model's own loss takes it. Labels in the leading padding, and past that first
+    trailing token, never count.
+    """
+    if not given:
+        return attended
+    pos = torch.arange(attended.shape[1], device=attended.device)
+    first = torch.where(attended, pos, attended.shape[1]).min(1, keepdim=True).values
+    last = torch.where(attended, pos, -1).max(1, keepdim=True).values
+    return attended | ((pos > first) & (pos <= last + 1))
 
 
 def _check_limits(input_ids, mask, labels, limits: BatchLimits, ids: list) -> None:
@@ -276,9 +294,9 @@ def _check_limits(input_ids, mask, labels, limits: BatchLimits, ids: list) -> No
                 f"max id {int(input_ids[bad].max())}): encode them with this model's tokenizer"
             )
         bad_labels = (labels >= limits.vocab_size) | ((labels < 0) & (labels != IGNORE_INDEX))
-        if bool((bad_labels & attended).any()):
+        if bool(bad_labels.any()):
             raise ValueError(
-                f"examples {name((bad_labels & attended).any(1))} have labels outside 0..{limits.vocab_size - 1} "
+                f"examples {name(bad_labels.any(1))} have labels outside 0..{limits.vocab_size - 1} "
                 "and not -100: labels are token ids, -100 where no loss is taken"
             )
     if limits.max_positions is not None and input_ids.shape[1] > limits.max_positions:

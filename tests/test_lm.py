@@ -101,3 +101,31 @@ def test_capture_gradients_with_masked_interior_tokens_are_the_models_own(arch):
     batch = _pad(examples, "left")
     scores = exact_scores(model, [batch], [batch])
     assert ((scores - own @ own.T).norm() / (own @ own.T).norm()).item() < 1e-10
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_capture_counts_the_labelled_final_eos_of_eos_padded_batches(side):
+    """pad = eos and ``attention_mask = input_ids != pad`` mask the answer's final eos, which is
+    still labelled: extraction takes its loss as the model's own forward does."""
+    from fastinfluence import exact_scores
+    from fastinfluence.capture import select_layers
+
+    model = tiny_model("llama", torch.float64)
+    eos = 0
+    examples = []
+    for ids, labels, mask in _examples(seed=9, last_masked=4):
+        ids, labels, mask = ids.clone(), labels.clone(), mask.clone()
+        ids[-1], labels[-1], mask[-1] = eos, eos, 0
+        examples.append((ids, labels, mask))
+    params = [p for layer in select_layers(model) for p in [layer.module.weight]]
+    rows = []
+    for ids, labels, mask in examples:
+        logits = model(input_ids=ids[None], attention_mask=mask[None]).logits[0, :-1]
+        keep = labels[1:] != -100  # the final eos among them: HF's loss takes it (in float32)
+        loss = torch.nn.functional.cross_entropy(logits[keep], labels[1:][keep])
+        rows.append(torch.cat([g.flatten() for g in torch.autograd.grad(loss, params)]))
+    own = torch.stack(rows)
+    batch = _pad(examples, side)
+    batch["input_ids"][batch["attention_mask"] == 0] = eos
+    scores = exact_scores(model, [batch], [batch])
+    assert ((scores - own @ own.T).norm() / (own @ own.T).norm()).item() < 1e-10
