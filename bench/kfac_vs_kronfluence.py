@@ -187,13 +187,17 @@ def main() -> None:
     p.add_argument("--parallel", action="store_true")
     p.add_argument("--out", default=str(ROOT / "bench/results/kfac_vs_kronfluence_cpu.json"))
     args = p.parse_args()
+    if not KRON_PY.exists():
+        raise SystemExit(f"no Kronfluence virtualenv at {KRON_PY}: set KRONFLUENCE_PYTHON (make bench-peers builds one)")
+    if not (0 < args.train <= 512 and 0 < args.query <= 64):
+        raise SystemExit(f"--train must be in 1..512 and --query in 1..64, got {args.train} and {args.query}")
 
     tmp = Path(tempfile.mkdtemp(prefix="kfac_vs_kron_"))
     work = tmp / "work"
     work.mkdir()
     build_model(0).save_pretrained(work / "model")
-    data = {"train": fixed_tokens(512, 64, MODEL["vocab_size"], 1)[: args.train],
-            "query": fixed_tokens(64, 64, MODEL["vocab_size"], 2)[: args.query]}
+    V = MODEL["vocab_size"]  # the peers' fixed-length sets, or their first examples
+    data = {"train": fixed_tokens(512, 64, V, 1)[: args.train], "query": fixed_tokens(64, 64, V, 2)[: args.query]}
     torch.save(data, work / "data.pt")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     pythons = {"ours": OURS_PY, "kronfluence": KRON_PY}
