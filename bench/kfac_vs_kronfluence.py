@@ -188,7 +188,7 @@ def main() -> None:
     p.add_argument("--out", default=str(ROOT / "bench/results/kfac_vs_kronfluence_cpu.json"))
     args = p.parse_args()
     if not KRON_PY.exists():
-        raise SystemExit(f"no Kronfluence virtualenv at {KRON_PY}: set KRONFLUENCE_PYTHON (make bench-peers builds one)")
+        raise SystemExit(f"no Kronfluence virtualenv at {KRON_PY}: set KRONFLUENCE_PYTHON (see bench/peers/setup.sh)")
     if not (0 < args.train <= 512 and 0 < args.query <= 64):
         raise SystemExit(f"--train must be in 1..512 and --query in 1..64, got {args.train} and {args.query}")
 
