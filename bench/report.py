@@ -132,7 +132,18 @@ def _storeless(d: dict) -> list[str]:
     ]
 
 
+def _kfac_vs_kronfluence(d: dict) -> list[str]:
+    c, a = d["cpu_s"], d["agreement"]
+    return [
+        f"| full-dimension EK-FAC vs Kronfluence {d['versions']['kronfluence']} EK-FAC | peer model, "
+        f"{d['settings'].get('train', 512)} train x {d['settings'].get('query', 64)} queries | "
+        f"{c['ours']:.1f} s vs {c['kronfluence']:.1f} s CPU ({c['kronfluence'] / c['ours']:.2f}x), "
+        f"Spearman {a['spearman_mean']:.6f}, rel err {a['rel_err']:.1e} | {d['device']} |"
+    ]
+
+
 FORMATTERS = {
+    "kfac_vs_kronfluence_cpu.json": _kfac_vs_kronfluence,
     "storeless_cpu.json": _storeless,
     "truncated_backward_cpu.json": _truncated,
     "ops_cpu.json": _ops,
