@@ -65,3 +65,23 @@ def bench_llama(
         tie_word_embeddings=tie,
     )
     return LlamaForCausalLM(config).eval()
+
+
+def add_model_args(ap, batch: int = 8, seq: int = 128) -> None:
+    """The bench model's size flags (``--hidden --layers --vocab --batch --seq``) shared by the CPU benches."""
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--vocab", type=int, default=4096)
+    ap.add_argument("--batch", type=int, default=batch)
+    ap.add_argument("--seq", type=int, default=seq)
+
+
+def model_record(args, model) -> dict:
+    """The bench model as a results file records it."""
+    return {
+        "arch": "llama",
+        "hidden": args.hidden,
+        "layers": args.layers,
+        "vocab": args.vocab,
+        "params": sum(p.numel() for p in model.parameters()),
+    }

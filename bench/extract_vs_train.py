@@ -14,18 +14,14 @@ import json
 import platform
 
 import torch
-from _common import bench_llama, commit, interleaved_medians
+from _common import add_model_args, bench_llama, commit, interleaved_medians, model_record
 
 from fastinfluence import GradientExtractor, ProjectionConfig
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--hidden", type=int, default=256)
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--vocab", type=int, default=4096)
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--seq", type=int, default=128)
+    add_model_args(ap)
     ap.add_argument("--rank", type=int, default=64)
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--out", default="bench/results/extract_vs_train_cpu.json")
@@ -53,13 +49,7 @@ def main() -> None:
         "device": f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
         "commit": commit(),
         "torch": torch.__version__,
-        "model": {
-            "arch": "llama",
-            "hidden": args.hidden,
-            "layers": args.layers,
-            "vocab": args.vocab,
-            "params": sum(p.numel() for p in model.parameters()),
-        },
+        "model": model_record(args, model),
         "batch": args.batch,
         "seq": args.seq,
         "rank": [args.rank, args.rank],

@@ -23,7 +23,7 @@ import tempfile
 import time
 
 import torch
-from _common import bench_llama
+from _common import add_model_args, bench_llama, model_record
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from fastinfluence import InfluenceCallback, ProjectionConfig
@@ -88,11 +88,7 @@ def run(model, state, data, args, callback: bool, out_dir: str) -> tuple[list[fl
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--hidden", type=int, default=256)
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--vocab", type=int, default=4096)
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--seq", type=int, default=128)
+    add_model_args(ap)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--reps", type=int, default=3)
@@ -119,13 +115,7 @@ def main() -> None:
         "device": f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
         "commit": commit,
         "torch": torch.__version__,
-        "model": {
-            "arch": "llama",
-            "hidden": args.hidden,
-            "layers": args.layers,
-            "vocab": args.vocab,
-            "params": sum(p.numel() for p in model.parameters()),
-        },
+        "model": model_record(args, model),
         "batch": args.batch,
         "seq": args.seq,
         "rank": [args.rank, args.rank],
