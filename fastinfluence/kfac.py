@@ -224,7 +224,7 @@ def fit_kfac(
         raise ValueError("ekfac reads the fit batches twice: pass a list or DataLoader, not a one-shot iterator")
     config = config or ProjectionConfig()
     layers = select_layers(model, config.include, config.exclude, config.include_bias)
-    with frozen_for_capture(model):
+    with frozen_for_capture(model, layers):
         return _fit(model, layers, batches, method, damping, damping_ratio)
 
 
@@ -295,7 +295,7 @@ def kfac_scores(
             factors = dataclasses.replace(factors, damping=damping, damping_ratio=damping_ratio)
     device, dtype = model_device(model), _compute_dtype(layers)
 
-    with frozen_for_capture(model):
+    with frozen_for_capture(model, layers):
         capture = Capture(model, layers)
         grads: dict[str, list[torch.Tensor]] = {l.name: [] for l in layers}
 
