@@ -44,6 +44,29 @@ Its fingerprint is that of the weights at the end of the interval (``checkpoint-
 so queries extracted from that checkpoint score against it without a mismatch error.
 Resuming training from a checkpoint replays the same steps and rewrites nothing that is
 complete (``write_store`` resumes); an interval store with other examples is refused.
+
+**Adam update directions (LESS).** With ``features=("gradient", "adam")`` (or ``("adam",)``)
+each interval also gets ``<output_dir>/adam/step-<last step>``, whose rows are the projected
+Adam update direction of each example's own gradient g_i (of L_i) at the step it was trained
+(Xia et al. 2024, LESS), computed from the optimizer state Adam holds for that step::
+
+    m = b1 m_prev + (1 - b1) g_i,   v = b2 v_prev + (1 - b2) g_i^2,   t = state step + 1
+    Gamma_i = (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps),   row = P_out^T Gamma_i P_in
+
+with (m_prev, v_prev) the ``exp_avg`` / ``exp_avg_sq`` of the layer's weight (and bias) before
+the step's update and (b1, b2, eps) the parameter group's. This is torch's Adam/AdamW step
+direction for a batch of one (no learning rate, no weight decay: decoupled decay does not
+depend on the example; gradient clipping is not applied). LESS's released code omits the
+bias correction and takes sqrt(v + eps); this follows the paper and torch.
+
+The transform is elementwise on the full per-layer gradient, so it does not factorise through
+the projection: each example's dense gradient G_i^T [A_i, 1] (d_out x (d_in + bias)) is formed,
+transformed and then projected, which costs B x d_out x d_in numbers per layer and step.
+That is affordable for LoRA adapters and small layers (LESS itself uses LoRA); layers above
+``dense_limit`` numbers are refused when training starts. Gamma is computed here, in the
+training step, rather than from moments saved at checkpoints: the step's own backward has
+each (A, G) and the optimizer holds the state, while a post-hoc pass would need a second
+forward and backward over every training example at every checkpoint.
 """
 
 from __future__ import annotations
@@ -64,36 +87,73 @@ from .config import ProjectionConfig
 from .extract import GradientExtractor
 from .features import Features, slice_rows
 from .lm import IGNORE_INDEX
+from .ops._common import masked
 
 STEP_PREFIX = "step-"
+FEATURES = ("gradient", "adam")  # what an interval store's rows are: projected gradients, Adam update directions
+DENSE_LIMIT = 1 << 22
 
 
-def interval_stores(output_dir: str | os.PathLike) -> list[Path]:
-    """The interval stores an InfluenceCallback wrote under ``output_dir``, in step order."""
+def _kind_dir(output_dir: str | os.PathLike, kind: str) -> Path:
+    if kind not in FEATURES:
+        raise ValueError(f"unknown feature kind {kind!r}; choose from {FEATURES}")
     root = Path(output_dir)
+    return root if kind == "gradient" else root / kind
+
+
+def interval_stores(output_dir: str | os.PathLike, kind: str = "gradient") -> list[Path]:
+    """The interval stores of one feature ``kind`` an InfluenceCallback wrote under ``output_dir``, in step order."""
+    root = _kind_dir(output_dir, kind)
     if not root.is_dir():
-        raise FileNotFoundError(f"no InfluenceCallback output at {root}: the directory does not exist")
+        raise FileNotFoundError(f"no InfluenceCallback {kind} output at {root}: the directory does not exist")
     return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(STEP_PREFIX))
+
+
+def adam_direction(
+    grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, step: int, betas, eps: float
+) -> torch.Tensor:
+    """Adam's update direction for each gradient alone: m_hat / (sqrt(v_hat) + eps).
+
+    Args:
+        grad: (B, *shape) per-example gradients.
+        exp_avg, exp_avg_sq: (*shape) the optimizer's moments before this step (zeros at the first).
+        step: t, the number of this update (the state's step + 1).
+        betas, eps: the parameter group's (b1, b2) and eps.
+    """
+    b1, b2 = betas
+    v = grad.square().mul_(1 - b2).add_(exp_avg_sq, alpha=b2).div_(1 - b2**step).sqrt_().add_(eps)
+    return grad.mul(1 - b1).add_(exp_avg, alpha=b1).div_(1 - b1**step).div_(v)
 
 
 class _Pending:
     """One micro-batch being captured: its rows fill in as the backward reaches each layer."""
 
-    def __init__(
-        self, batch: dict, ids: list, rows: torch.Tensor, counts: torch.Tensor, n_tokens, step: int, lr: float
-    ):
+    def __init__(self, batch: dict, ids: list, rows: dict, counts: torch.Tensor, n_tokens, step: int, lr: float):
         self.batch, self.ids, self.rows, self.step, self.lr = batch, ids, rows, step, lr
         self.counts = counts  # (B,) answer tokens n_i of each example
         self.n_tokens = n_tokens  # N, the denominator of the model's token-mean loss
         self.upstream: torch.Tensor | None = None  # u = d(backpropagated loss) / d(outputs.loss)
+        self._scale: torch.Tensor | None = None
+
+    def scale(self, dtype: torch.dtype) -> torch.Tensor:
+        """(B,) N / (n_i u): turns the captured G of example i into the gradient of L_i (module docstring)."""
+        if self._scale is None:
+            if self.upstream is None:
+                raise RuntimeError(
+                    "the training loss's backward never reached outputs.loss: no features for this batch"
+                )
+            counts = self.counts.to(dtype)
+            N = torch.as_tensor(self.n_tokens, dtype=dtype, device=counts.device)
+            self._scale = torch.where(counts > 0, N / (counts.clamp_min(1) * self.upstream.to(dtype)), 0.0)
+        return self._scale
 
 
 class _Interval:
     """Captured micro-batches not yet written: the batches (for the store's resume checks) and their Features."""
 
-    def __init__(self):
+    def __init__(self, kinds: tuple[str, ...]):
         self.batches: list[dict] = []
-        self.features: list[Features] = []
+        self.features: dict[str, list[Features]] = {k: [] for k in kinds}
         self.steps: list[int] = []
         self.lr: list[float] = []
 
@@ -133,6 +193,10 @@ class InfluenceCallback(TrainerCallback):
         every: write a store every ``every`` optimizer steps; None (default) at every
             checkpoint the Trainer saves (and at the end of training).
         shard_rows: rows per shard of the stores.
+        features: what the rows are: ``"gradient"`` (projected gradients, TracIn-CP) and/or
+            ``"adam"`` (projected Adam update directions, LESS; needs an Adam/AdamW optimizer).
+        dense_limit: the most numbers d_out x (d_in + bias) of one layer's dense per-example
+            gradient that ``"adam"`` forms (see module docstring).
 
     An interval's rows stay in host memory until its store is written (rows x D x 4 bytes,
     D = ``callback.extractor.dim``): choose ``every`` (or ``save_steps``) to bound it.
@@ -146,7 +210,14 @@ class InfluenceCallback(TrainerCallback):
         config: ProjectionConfig | None = None,
         every: int | None = None,
         shard_rows: int = 4096,
+        features: tuple[str, ...] | list[str] = ("gradient",),
+        dense_limit: int = DENSE_LIMIT,
     ):
+        features = (features,) if isinstance(features, str) else tuple(features)
+        if not features or set(features) - set(FEATURES) or len(set(features)) != len(features):
+            raise ValueError(f"features must name some of {FEATURES} once each, got {features!r}")
+        self.features = features
+        self.dense_limit = dense_limit
         self.output_dir = Path(output_dir)
         self.config = config or ProjectionConfig()
         if self.config.mode != "factorized":
@@ -161,8 +232,9 @@ class InfluenceCallback(TrainerCallback):
         self._hooks: LayerHooks | None = None
         self._handles: list = []
         self._pending: _Pending | None = None
-        self._interval = _Interval()
+        self._interval = _Interval(self.features)
         self._step = 0
+        self._adam: dict[str, tuple] = {}  # layer name -> (weight, bias or None, transposed, group)
 
     # ------------------------------------------------------------------------- Trainer events
 
@@ -182,13 +254,15 @@ class InfluenceCallback(TrainerCallback):
         self._remove_hooks()
         self._model, self._optimizer = model, optimizer
         self.extractor = GradientExtractor(model, self.config)
+        if "adam" in self.features:
+            self._adam = _adam_layers(self.extractor.layers, optimizer, self.dense_limit)
         self._hooks = LayerHooks(self.extractor.layers, self._on_layer).__enter__()
         self._handles = [
             model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
             model.register_forward_hook(self._after_forward, with_kwargs=True),
         ]
         self._step = state.global_step
-        self._interval = _Interval()
+        self._interval = _Interval(self.features)
         self.output_dir.mkdir(parents=True, exist_ok=True)
 
     def on_substep_end(self, args, state, control, **kwargs):
@@ -259,7 +333,10 @@ class InfluenceCallback(TrainerCallback):
             "attention_mask": mask.long().cpu(),
             "labels": labels.detach().cpu(),
         }
-        rows = torch.zeros(B, self.extractor.dim, dtype=self.extractor.dtype, device=input_ids.device)
+        rows = {
+            k: torch.zeros(B, self.extractor.dim, dtype=self.extractor.dtype, device=input_ids.device)
+            for k in self.features
+        }
         self._pending = _Pending(batch, ids, rows, shifted.sum(1), n_tokens, self._step + 1, lr)
         self._hooks.arm(mask)
         return args, kwargs
@@ -279,10 +356,43 @@ class InfluenceCallback(TrainerCallback):
         return None
 
     def _on_layer(self, layer: Layer, A: torch.Tensor, G: torch.Tensor, mask: torch.Tensor) -> None:
-        rows = self._pending.rows
-        P_in, P_out = self.extractor.projections(layer.name, rows.device, rows.dtype)
-        sl = self.extractor.layout[layer.name]
-        rows[:, sl.start : sl.stop] = ops.project(A, G, P_in, P_out, mask).reshape(len(rows), -1)
+        pending = self._pending
+        ext = self.extractor
+        sl = ext.layout[layer.name]
+        rows = pending.rows.get("gradient")
+        if rows is not None:
+            P_in, P_out = ext.projections(layer.name, rows.device, rows.dtype)
+            rows[:, sl.start : sl.stop] = ops.project(A, G, P_in, P_out, mask).reshape(len(rows), -1)
+        rows = pending.rows.get("adam")
+        if rows is not None:
+            P_in, P_out = ext.projections(layer.name, rows.device, rows.dtype)
+            grad = _dense_gradients(A, G, mask, layer.bias, pending.scale(rows.dtype), rows.dtype)
+            gamma = adam_direction(grad, *self._moments(layer, rows.dtype))
+            rows[:, sl.start : sl.stop] = (P_out.T @ gamma @ P_in).reshape(len(rows), -1)
+
+    def _moments(self, layer: Layer, dtype: torch.dtype) -> tuple:
+        """(exp_avg, exp_avg_sq, t, betas, eps) of the layer as a (d_out, d_in + bias) gradient."""
+        weight, bias, transposed, group = self._adam[layer.name]
+        state = getattr(self._optimizer, "optimizer", self._optimizer).state  # read anew: loading a state replaces it
+        parts = [(weight, transposed)] + ([(bias, False)] if layer.bias else [])
+        m, v, steps = [], [], set()
+        for p, t in parts:
+            st = state.get(p) or {}
+            if "exp_avg" in st:
+                mp, vp = st["exp_avg"].detach(), st["exp_avg_sq"].detach()
+                steps.add(int(st["step"]))
+            else:  # no update yet: zero moments
+                mp = vp = torch.zeros_like(p, dtype=dtype)
+                steps.add(0)
+            mp, vp = (mp.T, vp.T) if t else (mp, vp)
+            mp, vp = (mp[:, None], vp[:, None]) if mp.dim() == 1 else (mp, vp)
+            m.append(mp.to(dtype))
+            v.append(vp.to(dtype))
+        if len(steps) != 1:
+            raise RuntimeError(f"layer {layer.name}'s weight and bias are at different Adam steps {sorted(steps)}")
+        m = m[0] if len(m) == 1 else torch.cat(m, 1)
+        v = v[0] if len(v) == 1 else torch.cat(v, 1)
+        return m, v, steps.pop() + 1, group["betas"], group["eps"]
 
     def _finish_micro_batch(self) -> None:
         pending = self._pending
@@ -291,42 +401,89 @@ class InfluenceCallback(TrainerCallback):
         self._pending = None
         self._hooks.check()
         self._hooks.mask = None
-        if pending.upstream is None:
-            raise RuntimeError("the training loss's backward never reached outputs.loss: no features for this batch")
-        counts = pending.counts.to(pending.rows.dtype)
-        N = torch.as_tensor(pending.n_tokens, dtype=pending.rows.dtype, device=counts.device)
-        scale = torch.where(counts > 0, N / (counts.clamp_min(1) * pending.upstream.to(pending.rows.dtype)), 0.0)
-        rows = pending.rows * scale[:, None]
         ext = self.extractor
+        for kind, rows in pending.rows.items():
+            if kind == "gradient":  # projection is linear in G: the per-example scale goes on the rows
+                rows = rows * pending.scale(rows.dtype)[:, None]
+            self._interval.features[kind].append(ext._features(rows, pending.ids, None, None, None))
         self._interval.batches.append(dict(pending.batch, ids=pending.ids))
-        self._interval.features.append(ext._features(rows, pending.ids, None, None, None))
         self._interval.steps += [pending.step] * len(pending.ids)
         self._interval.lr += [pending.lr] * len(pending.ids)
 
     # ------------------------------------------------------------------------- writing
 
     def flush(self):
-        """Write the captured rows not yet written as the store ``step-<last step>``; returns it (or None)."""
+        """Write the captured rows not yet written as the store ``step-<last step>`` of each feature kind;
+        returns it (a list of them, one per kind in ``features`` order, with several kinds), or None."""
         from .store import write_store
 
         if not len(self._interval):
             return None
-        interval, self._interval = self._interval, _Interval()
+        interval, self._interval = self._interval, _Interval(self.features)
         metadata = self.extractor.metadata()  # fingerprint of the weights now: those of the checkpoint at this step
-        for f in interval.features:
-            f.fingerprint = metadata["fingerprint"]
-        meta = {
-            "source": "InfluenceCallback",
-            "first_step": interval.steps[0],
-            "last_step": interval.steps[-1],
-            "steps": interval.steps,
-            "lr": interval.lr,
-        }
-        path = self.output_dir / f"{STEP_PREFIX}{interval.steps[-1]:08d}"
-        return write_store(
-            path,
-            _Replay(metadata, interval.batches, interval.features),
-            interval.batches,
-            shard_rows=self.shard_rows,
-            meta=meta,
-        )
+        written = []
+        for kind, features in interval.features.items():
+            for f in features:
+                f.fingerprint = metadata["fingerprint"]
+            meta = {
+                "source": "InfluenceCallback",
+                "features": kind,
+                "first_step": interval.steps[0],
+                "last_step": interval.steps[-1],
+                "steps": interval.steps,
+                "lr": interval.lr,
+            }
+            path = _kind_dir(self.output_dir, kind) / f"{STEP_PREFIX}{interval.steps[-1]:08d}"
+            written.append(
+                write_store(
+                    path,
+                    _Replay(metadata, interval.batches, features),
+                    interval.batches,
+                    shard_rows=self.shard_rows,
+                    meta=meta,
+                )
+            )
+        return written[0] if len(written) == 1 else written
+
+
+def _adam_layers(layers: list[Layer], optimizer, dense_limit: int) -> dict[str, tuple]:
+    """Each layer's (weight, bias, weight stored transposed, parameter group), checked for the dense Adam path."""
+    if optimizer is None:
+        raise ValueError("InfluenceCallback(features=('adam',)) needs the Trainer's optimizer; none was passed")
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the torch optimizer
+    groups = {id(p): g for g in inner.param_groups for p in g["params"]}
+    out = {}
+    for layer in layers:
+        size = layer.d_out * (layer.d_in + int(layer.bias))
+        if size > dense_limit:
+            raise ValueError(
+                f"layer {layer.name} is {layer.d_out} x {layer.d_in}: its Adam update direction needs each example's "
+                f"dense gradient ({size} numbers, above dense_limit={dense_limit}). Train LoRA adapters (peft), "
+                "capture smaller layers (ProjectionConfig(include=...)), or raise InfluenceCallback(dense_limit=...)"
+            )
+        bias = layer.module.bias if layer.bias else None
+        for p in (layer.weight, bias):
+            if p is None:
+                continue
+            group = groups.get(id(p))
+            if group is None:
+                raise ValueError(
+                    f"layer {layer.name}'s parameters are not in the optimizer: Adam directions exist only for "
+                    "trained layers; choose trained layers with ProjectionConfig(include=...)"
+                )
+            if "betas" not in group or "eps" not in group or group.get("amsgrad"):
+                raise ValueError(
+                    f"InfluenceCallback(features=('adam',)) needs an Adam or AdamW optimizer (without amsgrad), got "
+                    f"{type(inner).__name__}; train with optim='adamw_torch' or use features=('gradient',)"
+                )
+        transposed = not isinstance(layer.module, nn.Linear)  # GPT-2 Conv1D stores W as (d_in, d_out)
+        out[layer.name] = (layer.weight, bias, transposed, groups[id(layer.weight)])
+    return out
+
+
+def _dense_gradients(A, G, mask, bias: bool, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(B, d_out, d_in + bias) per-example gradients sum_t scale_i g_it [a_it, 1]^T over attended tokens."""
+    A, G = masked(A.to(dtype), mask), masked(G.to(dtype), mask)
+    if bias:
+        A = torch.cat([A, mask.to(dtype)[..., None]], dim=-1)
+    return (G * scale[:, None, None]).transpose(1, 2) @ A

@@ -13,6 +13,17 @@ weights at the end of that interval, the checkpoint the Trainer saved when the s
 written) and lr_r is the learning rate of the optimizer step row r took part in
 (``meta["lr"]``). Scores are per example id (an example trained in several epochs sums
 its rows); train ids are listed in the order they were first trained.
+
+LESS (Xia et al. 2024) replaces each train gradient by its Adam update direction Gamma_r
+(``InfluenceCallback(features=("adam",))``, see ``callback``) and the inner product by a cosine,
+while the query side keeps plain gradients (the SGD direction)::
+
+    less(q, i) = sum_k sum_{r in interval k, id(r) = i} lr_r cos(phi_q(checkpoint k), Gamma~_r)
+
+with Gamma~_r = P_out^T Gamma_r P_in the projected direction (cosines in projected space, as
+LESS computes them after its random projection). LESS evaluates its train directions at each
+checkpoint with the state saved there; here each is taken at the step the example was
+trained, with the state Adam used for that step, so the sum covers the whole trajectory.
 """
 
 from __future__ import annotations
@@ -29,13 +40,23 @@ from .scoring import AGGREGATES, ScoreResult, _check_pair, _query_features
 from .store import FeatureStore
 
 
-def _stores(train) -> list[FeatureStore]:
+def _stores(train, kind: str) -> list[FeatureStore]:
     if isinstance(train, (str, os.PathLike)):
-        paths = interval_stores(train)
+        paths = interval_stores(train, kind)
         if not paths:
-            raise FileNotFoundError(f"no interval store (step-*) under {train}: train with InfluenceCallback first")
-        return [FeatureStore.open(p) for p in paths]
-    return [s if isinstance(s, FeatureStore) else FeatureStore.open(s) for s in train]
+            raise FileNotFoundError(f"no {kind} interval store (step-*) under {train}: train with InfluenceCallback first")
+        stores = [FeatureStore.open(p) for p in paths]
+    else:
+        stores = [s if isinstance(s, FeatureStore) else FeatureStore.open(s) for s in train]
+    for s in stores:
+        _step(s)
+        got = s.meta.get("features", "gradient")
+        if got != kind:
+            raise ValueError(
+                f"store {s.path} holds {got} features; this score needs {kind} features: "
+                f"InfluenceCallback(features=('{kind}',)) writes them"
+            )
+    return stores
 
 
 def _step(store: FeatureStore) -> int:
@@ -64,10 +85,40 @@ def tracin(
     Returns:
         ScoreResult over the U distinct train example ids (``metric="tracin"``); float64 sums, float32 results.
     """
+    return _trajectory(queries, _stores(train, "gradient"), topk, aggregates, chunk_rows, "tracin")
+
+
+def less(
+    queries: Mapping[int, Features | FeatureStore],
+    train: str | os.PathLike | Sequence[FeatureStore | str],
+    topk: int | None = 10,
+    aggregates: Sequence[str] = ("mean", "max", "sumsq"),
+    chunk_rows: int = 8192,
+) -> ScoreResult:
+    """LESS scores: learning-rate weighted cosines of query gradients with Adam update directions.
+
+    Args:
+        queries: last step b_k of each interval -> the query Features (plain gradients) extracted
+            from ``checkpoint-<b_k>`` with the callback's ProjectionConfig and layers.
+        train: the callback's output directory (its ``adam/`` stores are read), or its Adam interval stores.
+        topk: entries kept per query (None: every example).
+
+    Returns:
+        ScoreResult over the U distinct train example ids (``metric="less"``); float64 sums, float32 results.
+        A zero query or train row has cosine 0.
+    """
+    return _trajectory(queries, _stores(train, "adam"), topk, aggregates, chunk_rows, "less")
+
+
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    norm = x.norm(dim=1, keepdim=True)
+    return torch.where(norm > 0, x / norm.clamp_min(torch.finfo(x.dtype).tiny), 0.0)
+
+
+def _trajectory(queries, stores, topk, aggregates, chunk_rows, metric: str) -> ScoreResult:
     unknown = set(aggregates) - set(AGGREGATES)
     if unknown:
         raise ValueError(f"unknown aggregates {sorted(unknown)}; choose from {AGGREGATES}")
-    stores = _stores(train)
     steps = [_step(s) for s in stores]
     missing = [b for b in steps if b not in queries]
     if missing:
@@ -91,12 +142,15 @@ def tracin(
     for s, b in zip(stores, steps):
         _check_pair(query[b], s)
         q = query[b].data.to(torch.float64)
+        q = _unit(q) if metric == "less" else q
         lr = torch.tensor(s.meta["lr"], dtype=torch.float64)
         cols = torch.tensor([column[i] for i in s.ids], dtype=torch.long)
         for c in s.iter_chunks(chunk_rows):
             rows = slice(c.offset, c.offset + len(c.data))
-            S.index_add_(1, cols[rows], (q @ c.data.to(torch.float64).T) * lr[rows])
-    return result_from_matrix(S, list(query_ids), list(column), topk, aggregates, "tracin")
+            x = c.data.to(torch.float64)
+            x = _unit(x) if metric == "less" else x
+            S.index_add_(1, cols[rows], (q @ x.T) * lr[rows])
+    return result_from_matrix(S, list(query_ids), list(column), topk, aggregates, metric)
 
 
 def result_from_matrix(

@@ -34,18 +34,37 @@ def _collate(items, id_key="id"):
 
 
 class _Snapshots(TrainerCallback):
-    """Weights at the start of every optimizer step (state dict copies keyed by the step that follows)."""
+    """Weights and Adam moments at the start of every optimizer step (copies keyed by the step that follows):
+    ``adam[step][parameter name] = (exp_avg, exp_avg_sq, state step)``, absent before the first update."""
 
     def __init__(self):
-        self.weights = {}
+        self.weights, self.adam = {}, {}
 
-    def on_step_begin(self, args, state, control, model=None, **kwargs):
+    def on_step_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         self.weights[state.global_step + 1] = copy.deepcopy(model.state_dict())
+        opt_state = getattr(optimizer, "optimizer", optimizer).state
+        self.adam[state.global_step + 1] = {
+            n: (opt_state[p]["exp_avg"].clone(), opt_state[p]["exp_avg_sq"].clone(), int(opt_state[p]["step"]))
+            for n, p in model.named_parameters()
+            if p in opt_state and "exp_avg" in opt_state[p]
+        }
 
 
-def _train(model, tmp_path, config, accumulation=2, loss_kwargs=None, bf16=False, steps=3, examples=EXAMPLES, **args):
+def _train(
+    model,
+    tmp_path,
+    config,
+    accumulation=2,
+    loss_kwargs=None,
+    bf16=False,
+    steps=3,
+    examples=EXAMPLES,
+    every=1,
+    features=("gradient",),
+    **args,
+):
     snaps = _Snapshots()
-    callback = InfluenceCallback(tmp_path / "features", config, every=1)
+    callback = InfluenceCallback(tmp_path / "features", config, every=every, features=features)
     targs = TrainingArguments(
         output_dir=str(tmp_path / "out"),
         per_device_train_batch_size=2,
