@@ -22,7 +22,6 @@ import math
 import os
 import platform
 import tempfile
-import time
 
 import torch
 from _common import commit
@@ -140,7 +139,9 @@ def main() -> None:
             for agg in ("mean", "max"):
                 scores = result.aggregates[agg].double()[order]
                 trajectory[f"{name}_{agg}"] = dict(
-                    _metrics(scores, candidate, positive), seconds=t.wall + t_query.wall, cpu_seconds=t.cpu + t_query.cpu
+                    _metrics(scores, candidate, positive),
+                    seconds=t.wall + t_query.wall,
+                    cpu_seconds=t.cpu + t_query.cpu,
                 )
         with Timer() as t_detect:
             found, _ = detect.run(model, tokenizer, scenario, args.seed, quick)
@@ -162,7 +163,11 @@ def main() -> None:
             "n_reported": len(scenario.reported),
             "k": int(positive.sum()),
         },
-        "model": {"hidden": recipe.hidden, "layers": recipe.layers, "parameters": sum(p.numel() for p in model.parameters())},
+        "model": {
+            "hidden": recipe.hidden,
+            "layers": recipe.layers,
+            "parameters": sum(p.numel() for p in model.parameters()),
+        },
         "training": {
             "epochs": recipe.epochs,
             "steps": total,

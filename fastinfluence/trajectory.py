@@ -44,7 +44,9 @@ def _stores(train, kind: str) -> list[FeatureStore]:
     if isinstance(train, (str, os.PathLike)):
         paths = interval_stores(train, kind)
         if not paths:
-            raise FileNotFoundError(f"no {kind} interval store (step-*) under {train}: train with InfluenceCallback first")
+            raise FileNotFoundError(
+                f"no {kind} interval store (step-*) under {train}: train with InfluenceCallback first"
+            )
         stores = [FeatureStore.open(p) for p in paths]
     else:
         stores = [s if isinstance(s, FeatureStore) else FeatureStore.open(s) for s in train]

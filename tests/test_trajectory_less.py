@@ -98,7 +98,7 @@ def _moments(adam: dict, parts, model):
     assert len(steps) == 1
     # weight and bias of a layer sit side by side: [W | b] row by row, as slow_gradients lays them out
     out_m, out_v, k = [], [], 0
-    for weight, bias, *_ in parts:
+    for _weight, bias, *_ in parts:
         n = 2 if bias is not None else 1
         out_m.append(torch.cat(m[k : k + n], 1).flatten())
         out_v.append(torch.cat(v[k : k + n], 1).flatten())
@@ -188,7 +188,9 @@ def _trainer(tmp_path, callback, model, optimizers=(None, None)):
 def test_too_large_layer_named_with_the_fix_before_training(tmp_path):
     model = tiny_model("gpt2")
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    callback = InfluenceCallback(tmp_path / "f", ProjectionConfig(rank_in=4, rank_out=4), features="adam", dense_limit=1000)
+    callback = InfluenceCallback(
+        tmp_path / "f", ProjectionConfig(rank_in=4, rank_out=4), features="adam", dense_limit=1000
+    )
     with pytest.raises(ValueError, match=r"transformer\.h\.0\.attn\.c_attn is 96 x 32.*LoRA.*dense_limit"):
         _trainer(tmp_path, callback, model).train()
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # refused before any step
