@@ -71,6 +71,7 @@ forward and backward over every training example at every checkpoint.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -197,6 +198,10 @@ class InfluenceCallback(TrainerCallback):
             ``"adam"`` (projected Adam update directions, LESS; needs an Adam/AdamW optimizer).
         dense_limit: the most numbers d_out x (d_in + bias) of one layer's dense per-example
             gradient that ``"adam"`` forms (see module docstring).
+        window: capture only the last ``window`` optimizer steps of each interval (None: every
+            step). With one epoch's steps, each example gets one row per interval, taken close to
+            the checkpoint its queries come from (TracIn-CP's and LESS's setting), and the steps
+            outside the windows train at full speed. Needs ``every`` or ``save_strategy="steps"``.
 
     An interval's rows stay in host memory until its store is written (rows x D x 4 bytes,
     D = ``callback.extractor.dim``): choose ``every`` (or ``save_steps``) to bound it.
@@ -212,6 +217,7 @@ class InfluenceCallback(TrainerCallback):
         shard_rows: int = 4096,
         features: tuple[str, ...] | list[str] = ("gradient",),
         dense_limit: int = DENSE_LIMIT,
+        window: int | None = None,
     ):
         features = (features,) if isinstance(features, str) else tuple(features)
         if not features or set(features) - set(FEATURES) or len(set(features)) != len(features):
@@ -224,7 +230,12 @@ class InfluenceCallback(TrainerCallback):
             raise ValueError("InfluenceCallback captures factorized features: use ProjectionConfig(mode='factorized')")
         if every is not None and (not isinstance(every, int) or every < 1):
             raise ValueError(f"every must be a positive number of optimizer steps or None, got {every!r}")
+        if window is not None and (not isinstance(window, int) or window < 1):
+            raise ValueError(f"window must be a positive number of optimizer steps or None, got {window!r}")
         self.every = every
+        self.window = window
+        self._interval_steps: int | None = None
+        self._max_steps = 0
         self.shard_rows = shard_rows
         self.extractor: GradientExtractor | None = None
         self._model: nn.Module | None = None
@@ -251,6 +262,8 @@ class InfluenceCallback(TrainerCallback):
                 "InfluenceCallback writes one store per interval from one process; under torchrun run it with one "
                 "process or extract post hoc with GradientExtractor"
             )
+        self._interval_steps = (self.every or _save_steps(args, state)) if self.window is not None else None
+        self._max_steps = state.max_steps
         self._remove_hooks()
         self._model, self._optimizer = model, optimizer
         self.extractor = GradientExtractor(model, self.config)
@@ -321,7 +334,10 @@ class InfluenceCallback(TrainerCallback):
                 "keep it with TrainingArguments(remove_unused_columns=False)"
             )
         B = input_ids.shape[0]
-        ids = batch_ids({"ids": kwargs.pop(key)}, B, 0)
+        ids = kwargs.pop(key)
+        if not self._capturing(self._step + 1):
+            return args, kwargs
+        ids = batch_ids({"ids": ids}, B, 0)
         mask = kwargs.get("attention_mask")
         mask = torch.ones_like(input_ids, dtype=torch.bool) if mask is None else mask.bool()
         shifted = labels[:, 1:] != IGNORE_INDEX
@@ -340,6 +356,14 @@ class InfluenceCallback(TrainerCallback):
         self._pending = _Pending(batch, ids, rows, shifted.sum(1), n_tokens, self._step + 1, lr)
         self._hooks.arm(mask)
         return args, kwargs
+
+    def _capturing(self, step: int) -> bool:
+        """Whether optimizer step ``step`` lies in its interval's capture window."""
+        if self.window is None:
+            return True
+        n = self._interval_steps
+        end = min(-(-step // n) * n, self._max_steps) if self._max_steps > 0 else -(-step // n) * n
+        return end - step < self.window
 
     def _after_forward(self, module, args, kwargs, output):
         pending = self._pending
@@ -487,3 +511,14 @@ def _dense_gradients(A, G, mask, bias: bool, scale: torch.Tensor, dtype: torch.d
     if bias:
         A = torch.cat([A, mask.to(dtype)[..., None]], dim=-1)
     return (G * scale[:, None, None]).transpose(1, 2) @ A
+
+
+def _save_steps(args, state) -> int:
+    """Optimizer steps between the Trainer's checkpoints (``save_strategy="steps"``)."""
+    if str(getattr(args, "save_strategy", "")).split(".")[-1].lower() != "steps":
+        raise ValueError(
+            "InfluenceCallback(window=...) needs the interval length: pass every=<steps> or train with "
+            "save_strategy='steps'"
+        )
+    steps = args.save_steps  # a fraction below 1 is a share of the run, as the Trainer reads it
+    return int(steps) if steps >= 1 else max(1, math.ceil(state.max_steps * steps))

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 from helpers import collate, make_examples, rel_err, tiny_model
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainerState, TrainingArguments
 
 from fastinfluence import FeatureStore, GradientExtractor, InfluenceCallback, ProjectionConfig
 from fastinfluence.callback import interval_stores
@@ -61,10 +61,11 @@ def _train(
     examples=EXAMPLES,
     every=1,
     features=("gradient",),
+    window=None,
     **args,
 ):
     snaps = _Snapshots()
-    callback = InfluenceCallback(tmp_path / "features", config, every=every, features=features)
+    callback = InfluenceCallback(tmp_path / "features", config, every=every, features=features, window=window)
     targs = TrainingArguments(
         output_dir=str(tmp_path / "out"),
         per_device_train_batch_size=2,
@@ -112,9 +113,9 @@ def _float64_loss(model):
     return model
 
 
-def _check_against_extraction(model, tmp_path, config, snaps, tol):
+def _check_against_extraction(model, tmp_path, config, snaps, tol, steps=None):
     stores = interval_stores(tmp_path / "features")
-    assert [s.name for s in stores] == [f"step-{k:08d}" for k in sorted(snaps.weights)]
+    assert [s.name for s in stores] == [f"step-{k:08d}" for k in (steps or sorted(snaps.weights))]
     by_id = {100 + i: ex for i, ex in enumerate(EXAMPLES)}
     for path in stores:
         store = FeatureStore.open(path)
@@ -233,3 +234,21 @@ def test_one_store_per_trainer_checkpoint_by_default(tmp_path):
     assert [s.meta["steps"] for s in stores] == [[1, 1, 2, 2], [3, 3]]
     assert (tmp_path / "out" / "checkpoint-2").is_dir()
     assert not callback._handles and not model._forward_hooks  # hooks removed at the end of training
+
+
+def test_window_captures_only_the_last_steps_of_each_interval(tmp_path):
+    model = _exact(tiny_model("gpt2", torch.float64))
+    config = ProjectionConfig(rank_in=8, rank_out=8, dtype="float64")
+    _, snaps = _train(model, tmp_path, config, accumulation=1, steps=5, every=3, window=1)
+    stores = [FeatureStore.open(p) for p in interval_stores(tmp_path / "features")]
+    assert [s.meta["steps"] for s in stores] == [[3, 3], [5, 5]]  # the last interval ends with training
+    _check_against_extraction(model, tmp_path, config, snaps, 1e-10, steps=[3, 5])
+
+
+def test_window_needs_the_interval_length():
+    callback = InfluenceCallback("unused", ProjectionConfig(rank_in=4, rank_out=4), window=2)
+    args = TrainingArguments(output_dir="unused", save_strategy="epoch", report_to=[], use_cpu=True)
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match="every=<steps> or train with save_strategy='steps'"):
+        callback.on_train_begin(args, TrainerState(max_steps=10), None, model=model)
+    assert not model._forward_hooks and not model._forward_pre_hooks  # refused before any hook is placed
