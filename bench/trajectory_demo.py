@@ -27,7 +27,8 @@ import torch
 from _common import commit
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from fastinfluence import GradientExtractor, InfluenceCallback, ProjectionConfig
+from fastinfluence import FeatureStore, GradientExtractor, InfluenceCallback, ProjectionConfig
+from fastinfluence.callback import interval_stores
 from fastinfluence.demo import detect
 from fastinfluence.demo.data import batches, collate, encode, make_scenario, train_tokenizer
 from fastinfluence.demo.model import Recipe, Timer, build_model
@@ -56,6 +57,42 @@ class _Checkpoints(TrainerCallback):
             self.weights[state.global_step] = copy.deepcopy(model.state_dict())
 
 
+def _train(model, enc, recipe, total, every, callback, pad, seed, tmp):
+    """The demo's recipe in a Trainer with ``callback``: AdamW, one-cycle schedule, no clipping."""
+    opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, recipe.lr, total_steps=total, pct_start=0.1)
+
+    def collator(items):
+        return collate([{k: it[k] for k in ("input_ids", "labels")} for it in items], pad, [it["id"] for it in items])
+
+    ckpts = _Checkpoints(every)
+    targs = TrainingArguments(
+        output_dir=f"{tmp}/out",
+        per_device_train_batch_size=recipe.batch_size,
+        num_train_epochs=recipe.epochs,
+        max_grad_norm=0.0,
+        seed=seed,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        remove_unused_columns=False,
+        logging_strategy="no",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+    trainer = Trainer(
+        model=model,
+        args=targs,
+        train_dataset=_Examples(enc),
+        data_collator=collator,
+        callbacks=[callback, ckpts],
+        optimizers=(opt, sched),
+    )
+    with Timer() as t_train:
+        trainer.train()
+    return ckpts, t_train
+
+
 def _metrics(scores: torch.Tensor, candidate: torch.Tensor, positive: torch.Tensor) -> dict:
     c = scores[candidate]
     return {
@@ -82,69 +119,55 @@ def main() -> None:
     steps_per_epoch = math.ceil(len(enc) / recipe.batch_size)
     total = recipe.epochs * steps_per_epoch
     every = steps_per_epoch * max(1, recipe.epochs // args.checkpoints)
-    model = build_model(len(tokenizer), recipe, args.seed, pad, tokenizer.eos_token_id)
     config = ProjectionConfig(rank_in=rank, rank_out=rank, seed=args.seed, include=[detect.ATTN_MLP])
-    opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, recipe.lr, total_steps=total, pct_start=0.1)
-
-    def collator(items):
-        return collate([{k: it[k] for k in ("input_ids", "labels")} for it in items], pad, [it["id"] for it in items])
-
-    with tempfile.TemporaryDirectory() as tmp:
-        callback = InfluenceCallback(f"{tmp}/features", config, every=every, features=("gradient", "adam"))
-        ckpts = _Checkpoints(every)
-        targs = TrainingArguments(
-            output_dir=f"{tmp}/out",
-            per_device_train_batch_size=recipe.batch_size,
-            num_train_epochs=recipe.epochs,
-            max_grad_norm=0.0,
-            seed=args.seed,
-            save_strategy="no",
-            report_to=[],
-            use_cpu=True,
-            remove_unused_columns=False,
-            logging_strategy="no",
-            disable_tqdm=True,
-            dataloader_num_workers=0,
-        )
-        trainer = Trainer(
-            model=model,
-            args=targs,
-            train_dataset=_Examples(enc),
-            data_collator=collator,
-            callbacks=[callback, ckpts],
-            optimizers=(opt, sched),
-        )
-        with Timer() as t_train:
-            trainer.train()
-        model.eval()
-        final = copy.deepcopy(model.state_dict())
-
-        query_batches = batches([enc[i] for i in scenario.reported], pad, 64, ids=scenario.reported)
-        with Timer() as t_query:
-            queries = {}
-            for step, weights in ckpts.weights.items():
-                model.load_state_dict(weights)
-                queries[step] = GradientExtractor(model, config).extract(query_batches)
-        model.load_state_dict(final)
-        is_poisoned = torch.tensor([e.poisoned for e in scenario.train])
-        candidate = torch.ones(len(enc), dtype=torch.bool)
-        candidate[scenario.reported] = False
-        positive = is_poisoned[candidate]
-        trajectory = {}
-        for name, fn in (("tracin", tracin), ("less", less)):
-            with Timer() as t:
-                result = fn(queries, f"{tmp}/features", topk=1, aggregates=("mean", "max"))
-            order = torch.tensor([result.train_ids.index(i) for i in range(len(enc))])
-            for agg in ("mean", "max"):
-                scores = result.aggregates[agg].double()[order]
-                trajectory[f"{name}_{agg}"] = dict(
-                    _metrics(scores, candidate, positive),
-                    seconds=t.wall + t_query.wall,
-                    cpu_seconds=t.cpu + t_query.cpu,
-                )
-        with Timer() as t_detect:
-            found, _ = detect.run(model, tokenizer, scenario, args.seed, quick)
+    is_poisoned = torch.tensor([e.poisoned for e in scenario.train])
+    candidate = torch.ones(len(enc), dtype=torch.bool)
+    candidate[scenario.reported] = False
+    positive = is_poisoned[candidate]
+    query_batches = batches([enc[i] for i in scenario.reported], pad, 64, ids=scenario.reported)
+    variants = {"every_step": None, "last_epoch_of_each_interval": steps_per_epoch}
+    trajectory, training = {}, {}
+    for variant, window in variants.items():
+        model = build_model(len(tokenizer), recipe, args.seed, pad, tokenizer.eos_token_id)
+        with tempfile.TemporaryDirectory() as tmp:
+            callback = InfluenceCallback(
+                f"{tmp}/features", config, every=every, features=("gradient", "adam"), window=window
+            )
+            ckpts, t_train = _train(model, enc, recipe, total, every, callback, pad, args.seed, tmp)
+            with Timer() as t_query:
+                queries = {}
+                for step, weights in ckpts.weights.items():
+                    model.load_state_dict(weights)
+                    queries[step] = GradientExtractor(model, config).extract(query_batches)
+            model.load_state_dict(ckpts.weights[total])
+            scores = {}
+            for name, fn in (("tracin", tracin), ("less", less)):
+                with Timer() as t:
+                    result = fn(queries, f"{tmp}/features", topk=1, aggregates=("mean", "max"))
+                order = torch.tensor([result.train_ids.index(i) for i in range(len(enc))])
+                for agg in ("mean", "max"):
+                    scores[f"{name}_{agg}"] = dict(
+                        _metrics(result.aggregates[agg].double()[order], candidate, positive),
+                        seconds=t.wall + t_query.wall,
+                        cpu_seconds=t.cpu + t_query.cpu,
+                    )
+                # each checkpoint alone: which part of the trajectory finds the poison
+                paths = interval_stores(f"{tmp}/features", "adam" if name == "less" else "gradient")
+                for step, path in zip(sorted(queries), paths):
+                    one = fn({step: queries[step]}, [path], topk=1, aggregates=("max",))
+                    full = torch.full((len(enc),), float("-inf"), dtype=torch.float64)
+                    full[torch.tensor(one.train_ids)] = one.aggregates["max"].double()
+                    scores[f"{name}_max_checkpoint_{step}_only"] = _metrics(full, candidate, positive)
+            rows = sum(len(FeatureStore.open(p)) for p in interval_stores(f"{tmp}/features"))
+        trajectory[variant] = scores
+        training[variant] = {
+            "window_steps": window,
+            "rows_per_kind": rows,
+            "train_seconds_with_callback": t_train.wall,
+            "train_cpu_seconds_with_callback": t_train.cpu,
+        }
+    with Timer() as t_detect:
+        found, _ = detect.run(model.eval(), tokenizer, scenario, args.seed, quick)
     post_hoc = {
         k: {"auroc": d.auroc, "precision_at_k": d.precision_at_k, "seconds": d.seconds, "cpu_seconds": d.cpu_seconds}
         for k, d in found.items()
@@ -171,12 +194,11 @@ def main() -> None:
         "training": {
             "epochs": recipe.epochs,
             "steps": total,
-            "checkpoint_steps": sorted(ckpts.weights),
+            "checkpoint_steps": list(range(every, total, every)) + [total],
             "layers": detect.ATTN_MLP,
             "rank": [rank, rank],
             "features": ["gradient", "adam"],
-            "train_seconds_with_callback": t_train.wall,
-            "train_cpu_seconds_with_callback": t_train.cpu,
+            "capture": training,
         },
         "trajectory": trajectory,
         "post_hoc": post_hoc,

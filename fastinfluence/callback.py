@@ -39,7 +39,8 @@ from the model's inputs before the forward, so the model never sees it.
 (``every=None``) or every ``every`` optimizer steps, into ``<output_dir>/step-<last step>``,
 a ``FeatureStore`` whose rows are the examples trained in steps (previous interval's end,
 last step], one row per time an example was trained, with ``meta["steps"]`` (the optimizer step
-of each row), ``meta["lr"]`` (its learning rate) and ``meta["first_step"]``, ``meta["last_step"]``.
+of each row), ``meta["lr"]`` (its learning rate), ``meta["first_step"]``, ``meta["last_step"]`` and
+``meta["interval_lr"]`` (the mean learning rate of every optimizer step of the interval, captured or not).
 Its fingerprint is that of the weights at the end of the interval (``checkpoint-<last step>``),
 so queries extracted from that checkpoint score against it without a mismatch error.
 Resuming training from a checkpoint replays the same steps and rewrites nothing that is
@@ -157,6 +158,7 @@ class _Interval:
         self.features: dict[str, list[Features]] = {k: [] for k in kinds}
         self.steps: list[int] = []
         self.lr: list[float] = []
+        self.step_lr: dict[int, float] = {}  # every optimizer step of the interval (captured or not) -> its lr
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -335,6 +337,8 @@ class InfluenceCallback(TrainerCallback):
             )
         B = input_ids.shape[0]
         ids = kwargs.pop(key)
+        lr = float(self._optimizer.param_groups[0]["lr"]) if self._optimizer is not None else float("nan")
+        self._interval.step_lr[self._step + 1] = lr
         if not self._capturing(self._step + 1):
             return args, kwargs
         ids = batch_ids({"ids": ids}, B, 0)
@@ -343,7 +347,6 @@ class InfluenceCallback(TrainerCallback):
         shifted = labels[:, 1:] != IGNORE_INDEX
         n_tokens = kwargs.get("num_items_in_batch")
         n_tokens = shifted.sum() if n_tokens is None else n_tokens
-        lr = float(self._optimizer.param_groups[0]["lr"]) if self._optimizer is not None else float("nan")
         batch = {
             "input_ids": input_ids.detach().cpu(),
             "attention_mask": mask.long().cpu(),
@@ -442,8 +445,10 @@ class InfluenceCallback(TrainerCallback):
         from .store import write_store
 
         if not len(self._interval):
+            self._interval.step_lr.clear()  # an interval with no captured row has no store
             return None
         interval, self._interval = self._interval, _Interval(self.features)
+        step_lr = list(interval.step_lr.values())
         metadata = self.extractor.metadata()  # fingerprint of the weights now: those of the checkpoint at this step
         written = []
         for kind, features in interval.features.items():
@@ -456,6 +461,7 @@ class InfluenceCallback(TrainerCallback):
                 "last_step": interval.steps[-1],
                 "steps": interval.steps,
                 "lr": interval.lr,
+                "interval_lr": sum(step_lr) / len(step_lr),
             }
             path = _kind_dir(self.output_dir, kind) / f"{STEP_PREFIX}{interval.steps[-1]:08d}"
             written.append(

@@ -75,6 +75,7 @@ def tracin(
     topk: int | None = 10,
     aggregates: Sequence[str] = ("mean", "max", "sumsq"),
     chunk_rows: int = 8192,
+    lr: str = "step",
 ) -> ScoreResult:
     """TracIn-CP scores of the queries against every trained example (see module docstring).
 
@@ -83,11 +84,15 @@ def tracin(
             ``checkpoint-<b_k>`` (same query examples, same ProjectionConfig and layers as the callback).
         train: the callback's output directory, or its interval stores.
         topk: entries kept per query (None: every example).
+        lr: ``"step"``: each row weighted by the learning rate of its own step (lr_r);
+            ``"interval"``: every row of interval k by the interval's mean learning rate (TracIn-CP's
+            and LESS's per-checkpoint weight), so that examples trained early and late in an interval
+            count alike; best with ``InfluenceCallback(window=<steps per epoch>)``.
 
     Returns:
         ScoreResult over the U distinct train example ids (``metric="tracin"``); float64 sums, float32 results.
     """
-    return _trajectory(queries, _stores(train, "gradient"), topk, aggregates, chunk_rows, "tracin")
+    return _trajectory(queries, _stores(train, "gradient"), topk, aggregates, chunk_rows, "tracin", lr)
 
 
 def less(
@@ -96,6 +101,7 @@ def less(
     topk: int | None = 10,
     aggregates: Sequence[str] = ("mean", "max", "sumsq"),
     chunk_rows: int = 8192,
+    lr: str = "step",
 ) -> ScoreResult:
     """LESS scores: learning-rate weighted cosines of query gradients with Adam update directions.
 
@@ -104,12 +110,16 @@ def less(
             from ``checkpoint-<b_k>`` with the callback's ProjectionConfig and layers.
         train: the callback's output directory (its ``adam/`` stores are read), or its Adam interval stores.
         topk: entries kept per query (None: every example).
+        lr: ``"step"``: each row weighted by the learning rate of its own step (lr_r);
+            ``"interval"``: every row of interval k by the interval's mean learning rate (TracIn-CP's
+            and LESS's per-checkpoint weight), so that examples trained early and late in an interval
+            count alike; best with ``InfluenceCallback(window=<steps per epoch>)``.
 
     Returns:
         ScoreResult over the U distinct train example ids (``metric="less"``); float64 sums, float32 results.
         A zero query or train row has cosine 0.
     """
-    return _trajectory(queries, _stores(train, "adam"), topk, aggregates, chunk_rows, "less")
+    return _trajectory(queries, _stores(train, "adam"), topk, aggregates, chunk_rows, "less", lr)
 
 
 def _unit(x: torch.Tensor) -> torch.Tensor:
@@ -117,7 +127,19 @@ def _unit(x: torch.Tensor) -> torch.Tensor:
     return torch.where(norm > 0, x / norm.clamp_min(torch.finfo(x.dtype).tiny), 0.0)
 
 
-def _trajectory(queries, stores, topk, aggregates, chunk_rows, metric: str) -> ScoreResult:
+def _row_lr(store: FeatureStore, lr: str) -> torch.Tensor:
+    if lr == "step":
+        return torch.tensor(store.meta["lr"], dtype=torch.float64)
+    if "interval_lr" not in store.meta:
+        raise ValueError(
+            f"store {store.path} has no interval_lr (written by an older InfluenceCallback); use lr='step'"
+        )
+    return torch.full((len(store),), float(store.meta["interval_lr"]), dtype=torch.float64)
+
+
+def _trajectory(queries, stores, topk, aggregates, chunk_rows, metric: str, lr: str) -> ScoreResult:
+    if lr not in ("step", "interval"):
+        raise ValueError(f"lr must be 'step' (each row's own step) or 'interval' (the interval's mean), got {lr!r}")
     unknown = set(aggregates) - set(AGGREGATES)
     if unknown:
         raise ValueError(f"unknown aggregates {sorted(unknown)}; choose from {AGGREGATES}")
@@ -145,13 +167,13 @@ def _trajectory(queries, stores, topk, aggregates, chunk_rows, metric: str) -> S
         _check_pair(query[b], s)
         q = query[b].data.to(torch.float64)
         q = _unit(q) if metric == "less" else q
-        lr = torch.tensor(s.meta["lr"], dtype=torch.float64)
+        weight = _row_lr(s, lr)
         cols = torch.tensor([column[i] for i in s.ids], dtype=torch.long)
         for c in s.iter_chunks(chunk_rows):
             rows = slice(c.offset, c.offset + len(c.data))
             x = c.data.to(torch.float64)
             x = _unit(x) if metric == "less" else x
-            S.index_add_(1, cols[rows], (q @ x.T) * lr[rows])
+            S.index_add_(1, cols[rows], (q @ x.T) * weight[rows])
     return result_from_matrix(S, list(query_ids), list(column), topk, aggregates, metric)
 
 

@@ -239,9 +239,13 @@ def test_one_store_per_trainer_checkpoint_by_default(tmp_path):
 def test_window_captures_only_the_last_steps_of_each_interval(tmp_path):
     model = _exact(tiny_model("gpt2", torch.float64))
     config = ProjectionConfig(rank_in=8, rank_out=8, dtype="float64")
-    _, snaps = _train(model, tmp_path, config, accumulation=1, steps=5, every=3, window=1)
+    _, snaps = _train(model, tmp_path, config, accumulation=1, steps=5, every=3, window=1, lr_scheduler_type="linear")
     stores = [FeatureStore.open(p) for p in interval_stores(tmp_path / "features")]
     assert [s.meta["steps"] for s in stores] == [[3, 3], [5, 5]]  # the last interval ends with training
+    lr = {s: 1e-2 * (5 - (s - 1)) / 5 for s in range(1, 6)}  # linear decay, no warmup
+    assert [x for s in stores for x in s.meta["lr"]] == pytest.approx([lr[3]] * 2 + [lr[5]] * 2)
+    # every step of the interval counts in its mean learning rate, captured or not
+    assert [s.meta["interval_lr"] for s in stores] == pytest.approx([(lr[1] + lr[2] + lr[3]) / 3, (lr[4] + lr[5]) / 2])
     _check_against_extraction(model, tmp_path, config, snaps, 1e-10, steps=[3, 5])
 
 

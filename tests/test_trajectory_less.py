@@ -123,9 +123,7 @@ def _unit(x):
 
 def test_less_and_tracin_equal_brute_force(run):
     out, model, config, snaps, checkpoints, extractor = run
-    queries = {}
-    less_ref = torch.zeros(len(QUERIES), len(TRAIN), dtype=torch.float64)
-    tracin_ref = torch.zeros_like(less_ref)
+    queries, lrs, terms = {}, {}, {}
     layers = extractor.layers
     parts = _layer_parts(model, layers)
     for step in range(1, STEPS + 1):
@@ -142,16 +140,23 @@ def test_less_and_tracin_equal_brute_force(run):
         m_hat = (BETAS[0] * m + (1 - BETAS[0]) * g) / (1 - BETAS[0] ** t)
         v_hat = (BETAS[1] * v + (1 - BETAS[1]) * g * g) / (1 - BETAS[1] ** t)
         gamma = _project(m_hat / (v_hat.sqrt() + EPS), parts, layers, extractor)
-        lr = LR * (STEPS - (step - 1)) / STEPS  # the Trainer's linear schedule without warmup
-        less_ref[:, first : first + PER_STEP] += lr * _unit(q) @ _unit(gamma).T
-        tracin_ref[:, first : first + PER_STEP] += lr * q @ _project(g, parts, layers, extractor).T
+        lrs[step] = LR * (STEPS - (step - 1)) / STEPS  # the Trainer's linear schedule without warmup
+        for name, x in (("less", _unit(q) @ _unit(gamma).T), ("tracin", q @ _project(g, parts, layers, extractor).T)):
+            terms[name, step] = torch.zeros(len(QUERIES), len(TRAIN), dtype=torch.float64)
+            terms[name, step][:, first : first + PER_STEP] = x
+    interval_lr = {s: (lrs[1] + lrs[2]) / 2 if s <= 2 else (lrs[3] + lrs[4]) / 2 for s in lrs}
     assert [p.name for p in interval_stores(out, "adam")] == ["step-00000002", "step-00000004"]
-    for score, reference in ((less(queries, out, topk=None), less_ref), (tracin(queries, out, topk=None), tracin_ref)):
-        assert score.train_ids == [100 + i for i in range(len(TRAIN))]
-        S = torch.zeros_like(reference)
-        S.scatter_(1, score.topk_indices, score.topk_values.double())
-        # float64 throughout; results are returned in float32 (relative rounding 6e-8)
-        assert torch.allclose(S, reference, rtol=1e-6, atol=1e-6 * reference.abs().max()), (S - reference).abs().max()
+    for name, fn in (("less", less), ("tracin", tracin)):
+        for lr, weight in (("step", lrs), ("interval", interval_lr)):
+            reference = sum(weight[s] * terms[name, s] for s in lrs)
+            score = fn(queries, out, topk=None, lr=lr)
+            assert score.train_ids == [100 + i for i in range(len(TRAIN))]
+            S = torch.zeros_like(reference)
+            S.scatter_(1, score.topk_indices, score.topk_values.double())
+            # float64 throughout; results are returned in float32 (relative rounding 6e-8)
+            err = (S - reference).abs().max()
+            assert torch.allclose(S, reference, rtol=1e-6, atol=1e-6 * reference.abs().max()), (name, lr, err)
+    less_ref = sum(lrs[s] * terms["less", s] for s in lrs)
     assert less_ref.abs().max() <= 2 * LR + 1e-12  # a sum of lr-weighted cosines: bounded by the summed rates
 
 
@@ -207,3 +212,9 @@ def test_non_adam_optimizer_refused(tmp_path):
 def test_unknown_feature_kind_refused():
     with pytest.raises(ValueError, match="features must name some of"):
         InfluenceCallback("unused", ProjectionConfig(), features=("adam", "sign"))
+
+
+def test_unknown_lr_weighting_refused(run):
+    out, model, config, *_ = run
+    with pytest.raises(ValueError, match="lr must be 'step'"):
+        less({}, out, lr="epoch")
