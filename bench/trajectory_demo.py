@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
 import math
 import os
@@ -141,23 +142,26 @@ def main() -> None:
                     queries[step] = GradientExtractor(model, config).extract(query_batches)
             model.load_state_dict(ckpts.weights[total])
             scores = {}
-            for name, fn in (("tracin", tracin), ("less", less)):
+            for (name, fn), lr in itertools.product((("tracin", tracin), ("less", less)), ("step", "interval")):
+                key = f"{name}_lr_{lr}"
                 with Timer() as t:
-                    result = fn(queries, f"{tmp}/features", topk=1, aggregates=("mean", "max"))
+                    result = fn(queries, f"{tmp}/features", topk=1, aggregates=("mean", "max"), lr=lr)
                 order = torch.tensor([result.train_ids.index(i) for i in range(len(enc))])
                 for agg in ("mean", "max"):
-                    scores[f"{name}_{agg}"] = dict(
+                    scores[f"{key}_{agg}"] = dict(
                         _metrics(result.aggregates[agg].double()[order], candidate, positive),
                         seconds=t.wall + t_query.wall,
                         cpu_seconds=t.cpu + t_query.cpu,
                     )
-                # each checkpoint alone: which part of the trajectory finds the poison
+                if lr == "step":
+                    continue
+                # each checkpoint alone (one interval's rows at one weight each): where the poison is found
                 paths = interval_stores(f"{tmp}/features", "adam" if name == "less" else "gradient")
-                for step, path in zip(sorted(queries), paths):
-                    one = fn({step: queries[step]}, [path], topk=1, aggregates=("max",))
+                for (step, path), agg in itertools.product(zip(sorted(queries), paths), ("mean", "max")):
+                    one = fn({step: queries[step]}, [path], topk=1, aggregates=(agg,), lr=lr)
                     full = torch.full((len(enc),), float("-inf"), dtype=torch.float64)
-                    full[torch.tensor(one.train_ids)] = one.aggregates["max"].double()
-                    scores[f"{name}_max_checkpoint_{step}_only"] = _metrics(full, candidate, positive)
+                    full[torch.tensor(one.train_ids)] = one.aggregates[agg].double()
+                    scores[f"{name}_checkpoint_{step}_only_{agg}"] = _metrics(full, candidate, positive)
             rows = sum(len(FeatureStore.open(p)) for p in interval_stores(f"{tmp}/features"))
         trajectory[variant] = scores
         training[variant] = {
