@@ -142,7 +142,34 @@ def _kfac_vs_kronfluence(d: dict) -> list[str]:
     ]
 
 
+def _callback_overhead(d: dict) -> list[str]:
+    m = d["model"]
+    return [
+        f"| InfluenceCallback overhead per training step | Llama {m['hidden']}-d, {m['layers']} layers, vocab "
+        f"{m['vocab']}, {d['batch']}x{d['seq']} tokens, rank {d['rank'][0]}x{d['rank'][1]} | "
+        f"{d['step_cpu_s_with'] * 1e3:.0f} ms vs {d['step_cpu_s_without'] * 1e3:.0f} ms CPU "
+        f"(+{d['step_overhead'] * 100:.1f}%), load {d['load_average_1min_at_end']:.1f} | {d['device']} |"
+    ]
+
+
+def _trajectory_demo(d: dict) -> list[str]:
+    t, p = d["trajectory"]["last_epoch_of_each_interval"], d["post_hoc"]
+    last = d["training"]["checkpoint_steps"][-1]
+
+    def cell(r):
+        return f"{r['auroc']:.3f} / {r['precision_at_k']:.2f}"
+
+    return [
+        f"| trajectory detection, demo backdoor (AUROC / precision@k) | {d['data']['n_train']} examples, "
+        f"{len(d['training']['checkpoint_steps'])} checkpoints | TracIn-CP {cell(t['tracin_lr_interval_mean'])}, "
+        f"LESS {cell(t['less_lr_interval_max'])}, LESS last checkpoint {cell(t[f'less_checkpoint_{last}_only_mean'])}; "
+        f"post-hoc cosine {cell(p['influence_cosine_max'])} | {d['device']} |"
+    ]
+
+
 FORMATTERS = {
+    "train_callback_overhead_cpu.json": _callback_overhead,
+    "trajectory_demo_cpu.json": _trajectory_demo,
     "kfac_vs_kronfluence_cpu.json": _kfac_vs_kronfluence,
     "storeless_cpu.json": _storeless,
     "truncated_backward_cpu.json": _truncated,
