@@ -10,7 +10,7 @@ host), process CPU time so that other jobs on a shared machine count less than i
 ``train()`` CPU times. Runs alternate so that machine load hits both; the load average is
 recorded at the start and the end.
 
-    python bench/train_callback_overhead.py [--out bench/results/train_callback_overhead_cpu.json]
+    python bench/train_callback_overhead.py [--features gradient,adam] [--out bench/results/train_callback_overhead_cpu.json]
 """
 
 from __future__ import annotations
@@ -95,7 +95,10 @@ def run(model, state, data, args, callback: bool, out_dir: str) -> tuple[list[fl
     if callback:
         callbacks.append(
             InfluenceCallback(
-                f"{out_dir}/features", ProjectionConfig(rank_in=args.rank, rank_out=args.rank), every=args.steps
+                f"{out_dir}/features",
+                ProjectionConfig(rank_in=args.rank, rank_out=args.rank),
+                every=args.steps,
+                features=tuple(args.features.split(",")),
             )
         )
     targs = TrainingArguments(
@@ -124,6 +127,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument(
+        "--features", default="gradient", help="InfluenceCallback features, comma-separated (gradient, adam)"
+    )
     ap.add_argument("--out", default="bench/results/train_callback_overhead_cpu.json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -152,6 +158,7 @@ def main() -> None:
         "batch": args.batch,
         "seq": args.seq,
         "rank": [args.rank, args.rank],
+        "features": args.features.split(","),
         "steps_per_run": args.steps,
         "reps": args.reps,
         "timer": "process CPU time (time.process_time), 1 thread",

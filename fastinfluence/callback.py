@@ -188,7 +188,8 @@ class _Replay:
 
 
 class InfluenceCallback(TrainerCallback):
-    """Projected per-example gradients of every training example, from the training step's own backward.
+    """Projected per-example gradients (and Adam update directions) of every training example, from the
+    training step's own backward.
 
     Args:
         output_dir: where the interval stores go (see module docstring for the layout).
@@ -224,6 +225,8 @@ class InfluenceCallback(TrainerCallback):
         features = (features,) if isinstance(features, str) else tuple(features)
         if not features or set(features) - set(FEATURES) or len(set(features)) != len(features):
             raise ValueError(f"features must name some of {FEATURES} once each, got {features!r}")
+        if isinstance(dense_limit, bool) or not isinstance(dense_limit, int) or dense_limit < 1:
+            raise ValueError(f"dense_limit must be a positive number of elements, got {dense_limit!r}")
         self.features = features
         self.dense_limit = dense_limit
         self.output_dir = Path(output_dir)
@@ -432,6 +435,8 @@ class InfluenceCallback(TrainerCallback):
         for kind, rows in pending.rows.items():
             if kind == "gradient":  # projection is linear in G: the per-example scale goes on the rows
                 rows = rows * pending.scale(rows.dtype)[:, None]
+            else:  # an example without answer tokens has no gradient, so no direction of its own (not the momentum's)
+                rows = rows.masked_fill((pending.counts == 0).to(rows.device)[:, None], 0.0)
             self._interval.features[kind].append(ext._features(rows, pending.ids, None, None, None))
         self._interval.batches.append(dict(pending.batch, ids=pending.ids))
         self._interval.steps += [pending.step] * len(pending.ids)

@@ -9,7 +9,7 @@ from helpers import collate, make_examples, slow_gradients, tiny_model
 from test_callback import EXAMPLES, _exact, _train
 from transformers import Trainer, TrainingArguments
 
-from fastinfluence import GradientExtractor, InfluenceCallback, ProjectionConfig
+from fastinfluence import FeatureStore, GradientExtractor, InfluenceCallback, ProjectionConfig
 from fastinfluence.callback import interval_stores
 from fastinfluence.trajectory import less, tracin
 
@@ -218,3 +218,14 @@ def test_unknown_lr_weighting_refused(run):
     out, model, config, *_ = run
     with pytest.raises(ValueError, match="lr must be 'step'"):
         less({}, out, lr="epoch")
+
+
+def test_example_without_answer_tokens_has_zero_rows(tmp_path):
+    ids, labels = EXAMPLES[1]
+    examples = [EXAMPLES[0], (ids, torch.full_like(labels, -100))]
+    config = ProjectionConfig(rank_in=4, rank_out=4, dtype="float64")
+    _train(_gpt2(), tmp_path, config, accumulation=1, steps=2, examples=examples, features=("gradient", "adam"))
+    for kind in ("gradient", "adam"):
+        store = FeatureStore.open(interval_stores(tmp_path / "features", kind)[-1])  # step 2: Adam moments are set
+        rows = dict(zip(store.ids, store.to_features().data))
+        assert torch.count_nonzero(rows[101]) == 0 and torch.count_nonzero(rows[100]) > 0, kind
