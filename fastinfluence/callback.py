@@ -62,7 +62,8 @@ bias correction and takes sqrt(v + eps); this follows the paper and torch.
 
 The transform is elementwise on the full per-layer gradient, so it does not factorise through
 the projection: each example's dense gradient G_i^T [A_i, 1] (d_out x (d_in + bias)) is formed,
-transformed and then projected, which costs B x d_out x d_in numbers per layer and step.
+transformed and then projected, one example at a time (d_out x d_in numbers in memory and
+about T x d_out x d_in multiply-adds per example, as much as the step's own weight gradient).
 That is affordable for LoRA adapters and small layers (LESS itself uses LoRA); layers above
 ``dense_limit`` numbers are refused when training starts. Gamma is computed here, in the
 training step, rather than from moments saved at checkpoints: the step's own backward has
@@ -109,22 +110,6 @@ def interval_stores(output_dir: str | os.PathLike, kind: str = "gradient") -> li
     if not root.is_dir():
         raise FileNotFoundError(f"no InfluenceCallback {kind} output at {root}: the directory does not exist")
     return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(STEP_PREFIX))
-
-
-def adam_direction(
-    grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, step: int, betas, eps: float
-) -> torch.Tensor:
-    """Adam's update direction for each gradient alone: m_hat / (sqrt(v_hat) + eps).
-
-    Args:
-        grad: (B, *shape) per-example gradients.
-        exp_avg, exp_avg_sq: (*shape) the optimizer's moments before this step (zeros at the first).
-        step: t, the number of this update (the state's step + 1).
-        betas, eps: the parameter group's (b1, b2) and eps.
-    """
-    b1, b2 = betas
-    v = grad.square().mul_(1 - b2).add_(exp_avg_sq, alpha=b2).div_(1 - b2**step).sqrt_().add_(eps)
-    return grad.mul(1 - b1).add_(exp_avg, alpha=b1).div_(1 - b1**step).div_(v)
 
 
 class _Pending:
@@ -396,9 +381,10 @@ class InfluenceCallback(TrainerCallback):
         rows = pending.rows.get("adam")
         if rows is not None:
             P_in, P_out = ext.projections(layer.name, rows.device, rows.dtype)
-            grad = _dense_gradients(A, G, mask, layer.bias, pending.scale(rows.dtype), rows.dtype)
-            gamma = adam_direction(grad, *self._moments(layer, rows.dtype))
-            rows[:, sl.start : sl.stop] = (P_out.T @ gamma @ P_in).reshape(len(rows), -1)
+            moments = self._moments(layer, rows.dtype)
+            rows[:, sl.start : sl.stop] = adam_rows(
+                A, G, mask, layer.bias, pending.scale(rows.dtype), moments, P_in, P_out
+            )
 
     def _moments(self, layer: Layer, dtype: torch.dtype) -> tuple:
         """(exp_avg, exp_avg_sq, t, betas, eps) of the layer as a (d_out, d_in + bias) gradient."""
@@ -516,12 +502,47 @@ def _adam_layers(layers: list[Layer], optimizer, dense_limit: int) -> dict[str, 
     return out
 
 
-def _dense_gradients(A, G, mask, bias: bool, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """(B, d_out, d_in + bias) per-example gradients sum_t scale_i g_it [a_it, 1]^T over attended tokens."""
+def adam_rows(
+    A: torch.Tensor,
+    G: torch.Tensor,
+    mask: torch.Tensor,
+    bias: bool,
+    scale: torch.Tensor,
+    moments: tuple,
+    P_in: torch.Tensor,
+    P_out: torch.Tensor,
+) -> torch.Tensor:
+    """Projected Adam update directions of one layer, example by example.
+
+    Args:
+        A: (B, T, d_in) layer inputs; G: (B, T, d_out) captured output gradients; mask: (B, T) bool.
+        bias: whether the layer's bias is captured (a constant 1 appended to a).
+        scale: (B,) turns example i's captured G into the gradient of L_i.
+        moments: (exp_avg, exp_avg_sq, t, (b1, b2), eps), moments (d_out, d_in + bias) before step t.
+        P_in: (d_in + bias, k_in); P_out: (d_out, k_out), in the accumulation dtype.
+
+    Returns:
+        (B, k_out * k_in): P_out^T Gamma_i P_in with Gamma_i = m_hat / (sqrt(v_hat) + eps) of g_i alone.
+
+    One example at a time, so that its dense (d_out, d_in + bias) gradient and the transform's
+    temporaries stay in cache (twice as fast on the CPU as the whole batch at once); the bias
+    corrections are folded into the moments once per layer, leaving five passes per example.
+    """
+    dtype = P_in.dtype
+    exp_avg, exp_avg_sq, t, (b1, b2), eps = moments
+    bc1, bc2 = 1 - b1**t, 1 - b2**t
+    m_base, v_base = exp_avg * (b1 / bc1), exp_avg_sq * (b2 / bc2)
     A, G = masked(A.to(dtype), mask), masked(G.to(dtype), mask)
     if bias:
         A = torch.cat([A, mask.to(dtype)[..., None]], dim=-1)
-    return (G * scale[:, None, None]).transpose(1, 2) @ A
+    G = G * scale[:, None, None]
+    out = A.new_empty(A.shape[0], P_out.shape[1] * P_in.shape[1])
+    for i in range(A.shape[0]):
+        g = G[i].T @ A[i]
+        denom = torch.addcmul(v_base, g, g, value=(1 - b2) / bc2).sqrt_().add_(eps)
+        gamma = torch.add(m_base, g, alpha=(1 - b1) / bc1).div_(denom)
+        out[i] = (P_out.T @ gamma @ P_in).flatten()
+    return out
 
 
 def _save_steps(args, state) -> int:
