@@ -62,8 +62,8 @@ bias correction and takes sqrt(v + eps); this follows the paper and torch.
 
 The transform is elementwise on the full per-layer gradient, so it does not factorise through
 the projection: each example's dense gradient G_i^T [A_i, 1] (d_out x (d_in + bias)) is formed,
-transformed and then projected, one example at a time (d_out x d_in numbers in memory and
-about T x d_out x d_in multiply-adds per example, as much as the step's own weight gradient).
+transformed and then projected, one example at a time (d_out x d_in numbers in memory; B x T x
+d_out x d_in multiply-adds a step, as many as the weight gradient of the step's own backward).
 That is affordable for LoRA adapters and small layers (LESS itself uses LoRA); layers above
 ``dense_limit`` numbers are refused when training starts. Gamma is computed here, in the
 training step, rather than from moments saved at checkpoints: the step's own backward has
