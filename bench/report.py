@@ -147,7 +147,8 @@ def _callback_overhead(d: dict) -> list[str]:
     return [
         f"| InfluenceCallback ({' + '.join(d.get('features', ['gradient']))} rows) overhead per training step | "
         f"Llama {m['hidden']}-d, {m['layers']} layers, vocab "
-        f"{m['vocab']}, {d['batch']}x{d['seq']} tokens, rank {d['rank'][0]}x{d['rank'][1]} | "
+        f"{m['vocab']}, {d['batch']}x{d['seq']} tokens, rank {d['rank'][0]}x{d['rank'][1]}"
+        f"{', LoRA r' + str(d['lora_rank']) + ' on every Linear' if d.get('lora_rank') else ''} | "
         f"{d['step_cpu_s_with'] * 1e3:.0f} ms vs {d['step_cpu_s_without'] * 1e3:.0f} ms CPU "
         f"(+{d['step_overhead'] * 100:.1f}%), load {d['load_average_1min_at_end']:.1f} | {d['device']} |"
     ]
@@ -171,6 +172,7 @@ def _trajectory_demo(d: dict) -> list[str]:
 FORMATTERS = {
     "train_callback_overhead_cpu.json": _callback_overhead,
     "train_callback_overhead_less_cpu.json": _callback_overhead,
+    "train_callback_overhead_less_lora_cpu.json": _callback_overhead,
     "trajectory_demo_cpu.json": _trajectory_demo,
     "kfac_vs_kronfluence_cpu.json": _kfac_vs_kronfluence,
     "storeless_cpu.json": _storeless,

@@ -130,11 +130,17 @@ def main() -> None:
     ap.add_argument(
         "--features", default="gradient", help="InfluenceCallback features, comma-separated (gradient, adam)"
     )
+    ap.add_argument("--lora", type=int, default=0, help="train LoRA adapters of this rank on every Linear (0: none)")
     ap.add_argument("--out", default="bench/results/train_callback_overhead_cpu.json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = bench_llama(args.vocab, args.hidden, args.layers, heads=8, kv_heads=4).train()
+    if args.lora:
+        from peft import LoraConfig, get_peft_model
+
+        targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+        model = get_peft_model(model, LoraConfig(r=args.lora, target_modules=targets, lora_dropout=0.0)).train()
     state = copy.deepcopy(model.state_dict())
     data = Rows(args.batch * args.steps, args.seq, args.vocab)
     load_start = os.getloadavg()[0]
@@ -159,6 +165,7 @@ def main() -> None:
         "seq": args.seq,
         "rank": [args.rank, args.rank],
         "features": args.features.split(","),
+        "lora_rank": args.lora or None,
         "steps_per_run": args.steps,
         "reps": args.reps,
         "timer": "process CPU time (time.process_time), 1 thread",

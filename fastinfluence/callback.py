@@ -95,6 +95,7 @@ from .ops._common import masked
 STEP_PREFIX = "step-"
 FEATURES = ("gradient", "adam")  # what an interval store's rows are: projected gradients, Adam update directions
 DENSE_LIMIT = 1 << 22
+_CHUNK = 1 << 20  # numbers of dense per-example gradient transformed at once (4 MiB in float32)
 
 
 def _kind_dir(output_dir: str | os.PathLike, kind: str) -> Path:
@@ -524,9 +525,10 @@ def adam_rows(
     Returns:
         (B, k_out * k_in): P_out^T Gamma_i P_in with Gamma_i = m_hat / (sqrt(v_hat) + eps) of g_i alone.
 
-    One example at a time, so that its dense (d_out, d_in + bias) gradient and the transform's
-    temporaries stay in cache (twice as fast on the CPU as the whole batch at once); the bias
-    corrections are folded into the moments once per layer, leaving five passes per example.
+    A few examples at a time (``_CHUNK`` numbers of dense gradient), so that the dense gradients
+    and the transform's temporaries stay in cache (twice as fast on the CPU as a large layer's
+    whole batch at once) while small layers such as LoRA factors still take the batch in one go;
+    the bias corrections are folded into the moments once per layer, leaving five passes.
     """
     dtype = P_in.dtype
     exp_avg, exp_avg_sq, t, (b1, b2), eps = moments
@@ -536,12 +538,14 @@ def adam_rows(
     if bias:
         A = torch.cat([A, mask.to(dtype)[..., None]], dim=-1)
     G = G * scale[:, None, None]
-    out = A.new_empty(A.shape[0], P_out.shape[1] * P_in.shape[1])
-    for i in range(A.shape[0]):
-        g = G[i].T @ A[i]
+    B = A.shape[0]
+    out = A.new_empty(B, P_out.shape[1] * P_in.shape[1])
+    step = max(1, _CHUNK // exp_avg.numel())
+    for i in range(0, B, step):
+        g = G[i : i + step].transpose(1, 2) @ A[i : i + step]
         denom = torch.addcmul(v_base, g, g, value=(1 - b2) / bc2).sqrt_().add_(eps)
         gamma = torch.add(m_base, g, alpha=(1 - b1) / bc1).div_(denom)
-        out[i] = (P_out.T @ gamma @ P_in).flatten()
+        out[i : i + step] = (P_out.T @ gamma @ P_in).flatten(1)
     return out
 
 
