@@ -229,3 +229,33 @@ def test_example_without_answer_tokens_has_zero_rows(tmp_path):
         store = FeatureStore.open(interval_stores(tmp_path / "features", kind)[-1])  # step 2: Adam moments are set
         rows = dict(zip(store.ids, store.to_features().data))
         assert torch.count_nonzero(rows[101]) == 0 and torch.count_nonzero(rows[100]) > 0, kind
+
+
+@pytest.mark.parametrize("chunk", [1, 3 * 7 * 6, 1 << 20])  # example by example, two at a time, the whole batch
+def test_adam_rows_equal_the_formula_on_random_inputs(monkeypatch, chunk):
+    from fastinfluence import callback
+
+    monkeypatch.setattr(callback, "_CHUNK", chunk)
+    g = torch.Generator().manual_seed(5)
+    B, T, d_in, d_out = 5, 4, 6, 7
+    A, G = (
+        torch.randn(B, T, d_in, generator=g, dtype=torch.float64),
+        torch.randn(B, T, d_out, generator=g, dtype=torch.float64),
+    )
+    mask = torch.rand(B, T, generator=g) > 0.3
+    A[~mask], G[~mask] = float("nan"), float("nan")  # padding never reaches a row
+    scale = torch.rand(B, generator=g, dtype=torch.float64) + 0.5
+    m = torch.randn(d_out, d_in + 1, generator=g, dtype=torch.float64) * 0.1
+    v = torch.rand(d_out, d_in + 1, generator=g, dtype=torch.float64) * 0.01
+    P_in, P_out = (
+        torch.randn(d_in + 1, 3, generator=g, dtype=torch.float64),
+        torch.randn(d_out, 2, generator=g, dtype=torch.float64),
+    )
+    got = callback.adam_rows(A, G, mask, True, scale, (m, v, 3, BETAS, EPS), P_in, P_out)
+    for i in range(B):
+        a = torch.cat([A[i][mask[i]], torch.ones(int(mask[i].sum()), 1, dtype=torch.float64)], 1)
+        grad = scale[i] * G[i][mask[i]].T @ a
+        m_hat = (BETAS[0] * m + (1 - BETAS[0]) * grad) / (1 - BETAS[0] ** 3)
+        v_hat = (BETAS[1] * v + (1 - BETAS[1]) * grad**2) / (1 - BETAS[1] ** 3)
+        ref = P_out.T @ (m_hat / (v_hat.sqrt() + EPS)) @ P_in
+        assert torch.allclose(got[i], ref.flatten(), rtol=1e-12, atol=1e-12), i
