@@ -126,13 +126,15 @@ def test_less_and_tracin_equal_brute_force(run):
     queries, lrs, terms = {}, {}, {}
     layers = extractor.layers
     parts = _layer_parts(model, layers)
-    for step in range(1, STEPS + 1):
-        end = 2 if step <= 2 else 4  # the interval's checkpoint
-        model.load_state_dict(checkpoints[end])
+    projected_queries = {}
+    for end, weights in checkpoints.items():
+        model.load_state_dict(weights)
         queries[end] = GradientExtractor(model, config).extract([collate(QUERIES)])
         g_q, q_layers = slow_gradients(model, QUERIES)
         assert [l.name for l in q_layers] == [l.name for l in layers]
-        q = _project(g_q, parts, layers, extractor)
+        projected_queries[end] = _project(g_q, parts, layers, extractor)
+    for step in range(1, STEPS + 1):
+        q = projected_queries[2 if step <= 2 else 4]  # the interval's checkpoint
         model.load_state_dict(snaps.weights[step])  # the weights step `step` trained with
         first = PER_STEP * (step - 1) % len(TRAIN)
         g, _ = slow_gradients(model, TRAIN[first : first + PER_STEP])
