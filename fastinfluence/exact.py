@@ -24,10 +24,14 @@ METHODS = ("auto", "ghost", "dense")
 
 
 def per_example_gradients(A: torch.Tensor, G: torch.Tensor, mask: torch.Tensor, bias: bool) -> torch.Tensor:
-    """(B, d_out * (d_in + bias)) flattened per-example gradients [grad W | grad b] from masked factors."""
+    """(B, d_out * (d_in + bias)) flattened per-example gradients [grad W | grad b] from masked factors.
+
+    One batched product G_i^T A_i written contiguously (row-major grad W), whatever the
+    strides of the incoming gradient.
+    """
     if bias:
         A = torch.cat([A, mask.unsqueeze(-1).to(A.dtype)], dim=-1)
-    return torch.einsum("bto,bti->boi", G, A).flatten(1)
+    return torch.bmm(G.transpose(1, 2), A).view(A.shape[0], -1)
 
 
 class _QueryLayer:
@@ -83,16 +87,20 @@ def exact_scores(
     dtype = torch.float64 if layers[0].weight.dtype == torch.float64 else torch.float32
     queries = {l.name: _QueryLayer() for l in layers}
 
+    # Squared gradient norms are needed for the cosine only; the dot product skips them.
+    cosine = metric == "cosine"
     with frozen_for_capture(model, layers):
         capture = Capture(model, layers)
-        query_sq = []
+        query_sq, n_queries = [], 0
         for batch in iter_batches(query_batches, device, model):
             sq = torch.zeros(batch.input_ids.shape[0], dtype=dtype, device=device)
+            n_queries += batch.input_ids.shape[0]
 
             def keep(layer: Layer, A, G, mask, sq=sq):
                 A, G = masked(A.to(dtype), mask), masked(G.to(dtype), mask)
                 queries[layer.name].blocks.append((A, G, mask))
-                sq += ops.ghost_norm(A, G, mask, layer.bias)
+                if cosine:
+                    sq += ops.ghost_norm(A, G, mask, layer.bias)
 
             capture.run(batch, keep)
             query_sq.append(sq)
@@ -101,7 +109,7 @@ def exact_scores(
         columns, train_sq = [], []
         for batch in iter_batches(train_batches, device, model):
             B, T = batch.input_ids.shape
-            S = torch.zeros(len(query_sq), B, dtype=dtype, device=device)
+            S = torch.zeros(n_queries, B, dtype=dtype, device=device)
             sq = torch.zeros(B, dtype=dtype, device=device)
 
             def score(layer: Layer, A, G, mask, S=S, sq=sq, T=T):
@@ -110,17 +118,19 @@ def exact_scores(
                 if q.method is None:
                     q.choose(layer, method, T)
                 if q.method == "ghost":
-                    S += torch.cat([ops.ghost_dot(qA, qG, A, G, qm, mask, layer.bias) for qA, qG, qm in q.blocks])
-                    sq += ops.ghost_norm(A, G, mask, layer.bias)
+                    S.add_(torch.cat([ops.ghost_dot(qA, qG, A, G, qm, mask, layer.bias) for qA, qG, qm in q.blocks]))
+                    if cosine:
+                        sq.add_(ops.ghost_norm(A, G, mask, layer.bias))
                 else:
                     W = per_example_gradients(A, G, mask, layer.bias)
-                    S += q.dense @ W.T
-                    sq += (W * W).sum(1)
+                    S.addmm_(q.dense, W.T)
+                    if cosine:
+                        sq.add_(torch.linalg.vector_norm(W, dim=1).square())
 
             capture.run(batch, score)
             columns.append(S)
             train_sq.append(sq)
     scores = torch.cat(columns, dim=1)
-    if metric == "cosine":
+    if cosine:
         scores = scores / query_sq.sqrt()[:, None] / torch.cat(train_sq).sqrt()[None, :]
     return scores
