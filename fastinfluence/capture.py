@@ -519,9 +519,11 @@ class Capture:
     attended tokens (padding rows of A and G must be ignored).
     """
 
-    def __init__(self, model: nn.Module, layers: list[Layer]):
+    def __init__(self, model: nn.Module, layers: list[Layer], autocast: torch.dtype | None = None):
         self.model = model
         self.layers = layers
+        # Low-precision forward (``ProjectionConfig.autocast``); the backward runs outside autocast.
+        self.autocast = autocast
         # Without a hook on the LM head, its logits need never exist: the loss comes from
         # the hidden states through the chunked linear cross-entropy.
         head = fused_head(model)
@@ -532,7 +534,8 @@ class Capture:
         with LayerHooks(self.layers, on_layer) as hooks:
             hooks.arm(batch.attention_mask.bool())
             with torch.enable_grad():
-                losses = forward_losses(self.model, batch, self.head)
+                with autocast_forward(batch.input_ids.device, self.autocast):
+                    losses = forward_losses(self.model, batch, self.head)
                 losses.sum().backward()
             hooks.check()
         losses = losses.detach()
@@ -543,6 +546,13 @@ class Capture:
                 "or right padding)"
             )
         return losses
+
+
+def autocast_forward(device: torch.device, dtype: torch.dtype | None):
+    """``torch.autocast`` in ``dtype`` on ``device`` (a no-op context for None): wraps forward passes only."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def model_device(model: nn.Module) -> torch.device:

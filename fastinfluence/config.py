@@ -10,6 +10,7 @@ import torch
 KINDS = ("gaussian", "rademacher")
 MODES = ("factorized", "flat")
 STORAGE_DTYPES = ("float32", "float16", "bfloat16", "float64")
+AUTOCAST_DTYPES = ("bfloat16", "float16")
 _DTYPES = {name: getattr(torch, name) for name in STORAGE_DTYPES}
 
 
@@ -32,6 +33,12 @@ class ProjectionConfig:
             ``flat`` (all selected gradients as one vector, JL-projected to ``dim`` by
             ``ops.jl_project``; for small parameter sets such as LoRA adapters).
         dim: output width of the flat mode.
+        autocast: None (default: the model's own dtype) or ``bfloat16`` / ``float16``: run the
+            extraction's forward pass under ``torch.autocast`` in that dtype (its backward follows),
+            while projections and features stay float32. Faster where the hardware has fast
+            low-precision matmuls (bfloat16 on CPUs with AVX-512 BF16 / AMX, any recent GPU), at
+            some agreement with the float32 features: measure it (``bench/results/peers_cpu_bf16.json``).
+            Recorded in the features' metadata, so they are never mixed with float32 ones.
     """
 
     rank_in: int = 64
@@ -44,6 +51,7 @@ class ProjectionConfig:
     dtype: str = "float32"
     mode: Literal["factorized", "flat"] = "factorized"
     dim: int = 8192
+    autocast: str | None = None
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -58,6 +66,10 @@ class ProjectionConfig:
             raise ValueError(f"ProjectionConfig.seed must be an int in [0, 2^63), got {self.seed!r}")
         if self.dtype not in _DTYPES:
             raise ValueError(f"ProjectionConfig.dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        if self.autocast is not None and self.autocast not in AUTOCAST_DTYPES:
+            raise ValueError(
+                f"ProjectionConfig.autocast must be None, 'bfloat16' or 'float16', got {self.autocast!r}"
+            )
         if isinstance(self.include, str):
             self.include = [self.include]
         if isinstance(self.exclude, str):
@@ -68,8 +80,15 @@ class ProjectionConfig:
     def torch_dtype(self) -> torch.dtype:
         return _DTYPES[self.dtype]
 
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        return None if self.autocast is None else _DTYPES[self.autocast]
+
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if d["autocast"] is None:  # the default leaves the metadata of stores written before it unchanged
+            del d["autocast"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> ProjectionConfig:

@@ -9,7 +9,16 @@ import torch
 from torch import nn
 
 from . import ops
-from .capture import Batch, Capture, Layer, frozen_for_capture, iter_batches, model_device, select_layers
+from .capture import (
+    Batch,
+    Capture,
+    Layer,
+    autocast_forward,
+    frozen_for_capture,
+    iter_batches,
+    model_device,
+    select_layers,
+)
 from .config import ProjectionConfig
 from .exact import per_example_gradients
 from .features import Features, LayerSlice, TokenFactors, cat_features, slice_rows
@@ -53,6 +62,11 @@ class GradientExtractor:
         self.model = model
         self.config = config or ProjectionConfig()
         self.layers = select_layers(model, self.config.include, self.config.exclude, self.config.include_bias)
+        if self.config.autocast is not None and self.layers[0].weight.dtype != torch.float32:
+            raise ValueError(
+                f"ProjectionConfig(autocast={self.config.autocast!r}) needs a float32 model (autocast lowers float32 "
+                f"matmuls), got {self.layers[0].weight.dtype}; leave autocast=None"
+            )
         self._proj = {l.name: layer_projections(l, self.config) for l in self.layers}
         self._proj_dev: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self.layout = self._layout()
@@ -167,7 +181,7 @@ class GradientExtractor:
         if self.config.mode == "flat" and (tokens or covariances):
             raise ValueError("tokens=True and covariances=True need mode='factorized' (flat features have no layers)")
         seen = 0
-        capture = Capture(self.model, self.layers)
+        capture = Capture(self.model, self.layers, self.config.autocast_dtype)
         fp = self.fingerprint
         for batch in iter_batches(batches, self.device, self.model):
             n = batch.input_ids.shape[0]
@@ -232,7 +246,8 @@ class GradientExtractor:
         P_in, P_out = self.projections(layer.name, device, dtype)
         mask = batch.attention_mask.bool()
         with torch.no_grad():
-            hidden = decoder(**model_inputs(decoder, batch.input_ids, batch.attention_mask)).last_hidden_state
+            with autocast_forward(device, self.config.autocast_dtype):
+                hidden = decoder(**model_inputs(decoder, batch.input_ids, batch.attention_mask)).last_hidden_state
             labels = shifted_labels(batch.labels)
             answers = (labels != IGNORE_INDEX).sum(1, keepdim=True)
             weights = (1.0 / answers.to(dtype)).expand(labels.shape)
