@@ -33,13 +33,15 @@ PEERS = Path(os.environ.get("PEERS_DIR", ROOT / ".peers"))
 # tool -> (virtualenv python, distribution whose version is recorded, settings it runs)
 TOOLS = {
     "fastinfluence": (ROOT / ".venv/bin/python", "fastinfluence", ("proj16", "proj64", "exact")),
+    # the same runner with ProjectionConfig(autocast="bfloat16"): an option, reported beside float32
+    "fastinfluence-bf16": (ROOT / ".venv/bin/python", "fastinfluence", ("proj16", "proj64")),
     "bergson": (PEERS / "bergson/bin/python", "bergson", ("proj16", "proj64", "exact")),
     "dattri-llm": (PEERS / "dattri-llm/bin/python", "dattri-llm", ("proj16", "proj64", "exact")),
     "logix": (PEERS / "logix-ai/bin/python", "logix-ai", ("proj16", "proj64")),
     "kronfluence": (PEERS / "kronfluence/bin/python", "kronfluence", ("exact",)),
 }
 TRAK = PEERS / "traker/bin/python"
-SCRIPT = {"dattri-llm": "run_dattri_llm.py"}
+SCRIPT = {"dattri-llm": "run_dattri_llm.py", "fastinfluence-bf16": "run_fastinfluence_bf16.py"}
 
 
 def spearman(S: np.ndarray, R: np.ndarray) -> float:
