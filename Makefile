@@ -45,7 +45,12 @@ gpu-suite:
 	OUT=$${OUT:-gpu_out} bash bench/gpu_suite.sh
 
 # CPU benchmarks (several minutes; scoring writes a 4 GB temporary store), then the README table.
+# Timing suites: pytest-benchmark over bench/test_*.py in CPU seconds, converted into
+# bench/results/pytest_bench_cpu.json and ops_cpu.json; memory and cross-package benches stay scripts.
+BENCH_JSON ?= bench/results/.pytest_bench_raw.json
 bench: setup
+	$(BIN)/python -m pytest bench/ -q --benchmark-json=$(BENCH_JSON) --benchmark-timer=time.process_time
+	$(BIN)/python bench/results_from_benchmark.py $(BENCH_JSON)
 	$(BIN)/python bench/extract_vs_train.py
 	$(BIN)/python bench/extract_memory.py
 	$(BIN)/python bench/bench_jl_project.py
@@ -53,7 +58,6 @@ bench: setup
 	$(BIN)/python bench/bench_scoring.py
 	$(BIN)/python bench/truncated_backward.py
 	$(BIN)/python bench/storeless.py
-	$(BIN)/python -m fastinfluence bench --json bench/results/ops_cpu.json
 	$(BIN)/python bench/report.py --update README.md
 
 # Peer comparison (tens of minutes): one virtualenv per peer under .peers/, interleaved runs,
