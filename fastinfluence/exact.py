@@ -23,15 +23,21 @@ from .ops._common import masked
 METHODS = ("auto", "ghost", "dense")
 
 
-def per_example_gradients(A: torch.Tensor, G: torch.Tensor, mask: torch.Tensor, bias: bool) -> torch.Tensor:
+def per_example_gradients(
+    A: torch.Tensor, G: torch.Tensor, mask: torch.Tensor, bias: bool, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """(B, d_out * (d_in + bias)) flattened per-example gradients [grad W | grad b] from masked factors.
 
     One batched product G_i^T A_i written contiguously (row-major grad W), whatever the
-    strides of the incoming gradient.
+    strides of the incoming gradient; into ``out`` (B, d_out * (d_in + bias)) when given.
     """
     if bias:
         A = torch.cat([A, mask.unsqueeze(-1).to(A.dtype)], dim=-1)
-    return torch.bmm(G.transpose(1, 2), A).view(A.shape[0], -1)
+    B, d_out, d_in = A.shape[0], G.shape[-1], A.shape[-1]
+    if out is None:
+        return torch.bmm(G.transpose(1, 2), A).view(B, -1)
+    torch.bmm(G.transpose(1, 2), A, out=out.view(B, d_out, d_in))
+    return out
 
 
 class _QueryLayer:
@@ -52,7 +58,12 @@ class _QueryLayer:
             method = "ghost" if ghost_cost <= dense_cost else "dense"
         self.method = method
         if method == "dense":
-            self.dense = torch.cat([per_example_gradients(A, G, m, layer.bias) for A, G, m in self.blocks])
+            A0 = self.blocks[0][0]
+            self.dense = torch.empty(Q, (layer.d_in + int(layer.bias)) * layer.d_out, dtype=A0.dtype, device=A0.device)
+            start = 0
+            for A, G, m in self.blocks:  # written in place: no (Q, d_out * d_in) concatenation
+                per_example_gradients(A, G, m, layer.bias, out=self.dense[start : start + A.shape[0]])
+                start += A.shape[0]
             self.blocks = []
 
 
