@@ -22,6 +22,7 @@ recorded too.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -68,7 +69,28 @@ def flops(n_examples: int, T: int) -> dict:
     # Input-gradient backward: every matmul once more (dX = dY W), except the three of block 0's
     # q/k/v whose input gradient nobody needs; attention's backward is two products per one forward.
     bwd = 2 * tokens * (linear - 3 * H * H + 2 * attention + head)
-    return {"forward_gflop": fwd / 1e9, "input_grad_backward_gflop": bwd / 1e9, "tokens": tokens}
+    # Exact scores, dense per layer: every example's gradient G_i^T A_i formed once (T P each), then
+    # the (Q, P) x (P, N) product over the P = sum d_in d_out captured weights.
+    Q, N = 64, n_examples - 64
+    exact = 2 * n_examples * T * linear + 2 * Q * N * linear
+    return {
+        "forward_gflop": fwd / 1e9,
+        "input_grad_backward_gflop": bwd / 1e9,
+        "exact_dense_scoring_gflop": exact / 1e9,
+        "tokens": tokens,
+        "captured_weights": linear,
+    }
+
+
+def matmul_gflops(dtype: torch.dtype, m: int = 2048, k: int = 256, n: int = 512, reps: int = 20) -> float:
+    """Single-thread GEMM throughput at the model's shapes: the ceiling for its forward and backward."""
+    a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    t0 = time.process_time()
+    for _ in range(reps):
+        a @ b
+    return 2 * m * k * n * reps / (time.process_time() - t0) / 1e9
 
 
 def main() -> None:
@@ -88,13 +110,13 @@ def main() -> None:
     config16 = fi.ProjectionConfig(rank_in=16, rank_out=16, include=INCLUDE)
     layers = select_layers(model, INCLUDE)
 
+    from fastinfluence.capture import forward_losses
+
     def forward_only():
         with frozen_for_capture(model, layers):
             cap = Capture(model, [])
             for b in iter_batches(everything, torch.device("cpu"), model):
                 with torch.enable_grad():
-                    from fastinfluence.capture import forward_losses
-
                     forward_losses(model, b, cap.head)
 
     def forward_backward():
@@ -102,12 +124,23 @@ def main() -> None:
             cap = Capture(model, [])
             for b in iter_batches(everything, torch.device("cpu"), model):
                 with torch.enable_grad():
-                    from fastinfluence.capture import forward_losses
-
                     forward_losses(model, b, cap.head).sum().backward()
 
     def extract16():
         ext = fi.GradientExtractor(model, config16)
+        return ext.extract(train), ext.extract(query)
+
+    def forward_backward_bf16():
+        with frozen_for_capture(model, layers):
+            cap = Capture(model, [])
+            for b in iter_batches(everything, torch.device("cpu"), model):
+                with torch.enable_grad():
+                    with torch.autocast("cpu", dtype=torch.bfloat16):
+                        loss = forward_losses(model, b, cap.head).sum()
+                    loss.backward()
+
+    def extract16_bf16():
+        ext = fi.GradientExtractor(model, dataclasses.replace(config16, autocast="bfloat16"))
         return ext.extract(train), ext.extract(query)
 
     feats = {}
@@ -126,6 +159,8 @@ def main() -> None:
         "forward": forward_only,
         "forward_backward": forward_backward,
         "extract16": extract16,
+        "forward_backward_bf16": forward_backward_bf16,
+        "extract16_bf16": extract16_bf16,
         "score16": score16,
         "exact": exact,
     }
@@ -146,6 +181,11 @@ def main() -> None:
             "score": med["score16"],
             "total_build_score": med["extract16"] + med["score16"],
         },
+        "fixed_proj16_autocast_bf16": {
+            "forward_backward": med["forward_backward_bf16"],
+            "hooks_projection_rows": med["extract16_bf16"] - med["forward_backward_bf16"],
+            "total_build_score": med["extract16_bf16"] + med["score16"],
+        },
         "exact": {
             "forward": fwd,
             "backward": fb - fwd,
@@ -156,6 +196,9 @@ def main() -> None:
         "model_build_s": model_s,
     }
     gflop = f["forward_gflop"] + f["input_grad_backward_gflop"]
+    peak = {"float32": matmul_gflops(torch.float32), "bfloat16": matmul_gflops(torch.bfloat16)}
+    floor = {k: gflop / v for k, v in peak.items()}
+    floor["exact_float32"] = (gflop + f["exact_dense_scoring_gflop"]) / peak["float32"]
     record = {
         "what": "CPU-time breakdown of the peer benchmark's fastinfluence path (fixed set, 1 thread)",
         "model": MODEL,
@@ -168,6 +211,8 @@ def main() -> None:
         "flops": f,
         "forward_gflops_achieved": f["forward_gflop"] / fwd,
         "forward_backward_gflops_achieved": gflop / fb,
+        "matmul_gflops_1thread": peak,
+        "forward_backward_floor_s_at_matmul_peak": floor,
         "commit": commit(),
         "machine": {
             "cpu": platform.processor() or platform.machine(),
