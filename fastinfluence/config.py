@@ -37,7 +37,7 @@ class ProjectionConfig:
             extraction's forward pass under ``torch.autocast`` in that dtype (its backward follows),
             while projections and features stay float32. Faster where the hardware has fast
             low-precision matmuls (bfloat16 on CPUs with AVX-512 BF16 / AMX, any recent GPU), at
-            some agreement with the float32 features: measure it (``bench/results/peers_cpu_bf16.json``).
+            some agreement with the float32 features: measure it (``bench/results/peers_ours_before_after_cpu.json``).
             Recorded in the features' metadata, so they are never mixed with float32 ones.
     """
 
