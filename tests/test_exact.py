@@ -55,3 +55,17 @@ def test_bad_arguments():
         exact_scores(model, batches_of(ex, 2), batches_of(ex, 2), metric="l2")
     with pytest.raises(ValueError, match="method"):
         exact_scores(model, batches_of(ex, 2), batches_of(ex, 2), method="fast")
+
+
+@pytest.mark.parametrize("method", ["ghost", "dense"])
+def test_cosine_with_bias_both_methods(method):
+    # the norms are computed only for the cosine: check them on both paths, bias included
+    model = tiny_model("gpt2", torch.float64, seed=8)
+    queries, train = make_examples(3, seed=9), make_examples(4, seed=10)
+    cfg = ProjectionConfig(include=[r"attn\.c_attn", r"mlp\.c_proj"])
+    Gq, _ = slow_gradients(model, queries, include=cfg.include)
+    Gt, _ = slow_gradients(model, train, include=cfg.include)
+    ref = (Gq @ Gt.T) / Gq.norm(dim=1)[:, None] / Gt.norm(dim=1)[None, :]
+    out = exact_scores(model, batches_of(queries, 2, "left"), batches_of(train, 3), config=cfg, metric="cosine",
+                       method=method)
+    assert rel_err(out, ref) <= 1e-10
