@@ -219,6 +219,11 @@ class InfluenceCallback(TrainerCallback):
         self.config = config or ProjectionConfig()
         if self.config.mode != "factorized":
             raise ValueError("InfluenceCallback captures factorized features: use ProjectionConfig(mode='factorized')")
+        if self.config.autocast is not None:
+            raise ValueError(
+                "InfluenceCallback captures the Trainer's own forward, so ProjectionConfig.autocast does not apply: "
+                "leave it None and set the Trainer's bf16=True / fp16=True instead"
+            )
         if every is not None and (not isinstance(every, int) or every < 1):
             raise ValueError(f"every must be a positive number of optimizer steps or None, got {every!r}")
         if window is not None and (not isinstance(window, int) or window < 1):

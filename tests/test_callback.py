@@ -195,6 +195,8 @@ def test_gradient_checkpointing_is_refused_before_training():
         callback.on_train_begin(args, None, None, model=tiny_model("llama"))
     with pytest.raises(ValueError, match="factorized"):
         InfluenceCallback("unused", ProjectionConfig(mode="flat"))
+    with pytest.raises(ValueError, match="Trainer's bf16=True"):
+        InfluenceCallback("unused", ProjectionConfig(rank_in=4, rank_out=4, autocast="bfloat16"))
 
 
 def test_replaying_a_written_interval_keeps_its_store(tmp_path):
