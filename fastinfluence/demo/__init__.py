@@ -45,7 +45,8 @@ def run_scenario(name: str, seed: int, quick: bool, device: str, log=print) -> d
     tokenizer = train_tokenizer(scenario)
     enc = [encode(tokenizer, e.prompt, e.response) for e in scenario.train]
     with _bar(n_train_steps(len(enc), recipe), f"{name}: train") as bar, Timer() as t_train:
-        model = train_model(enc, tokenizer, recipe, seed, device, bar)
+        checkpoints: list[dict] = []
+        model = train_model(enc, tokenizer, recipe, seed, device, bar, checkpoints)
     before = unlearn.metrics(model, tokenizer, scenario)
     log(
         f"[{name}] trained on {len(enc)} examples ({len(scenario.poisoned)} poisoned) in {t_train.wall:.0f}s: "
@@ -53,7 +54,7 @@ def run_scenario(name: str, seed: int, quick: bool, device: str, log=print) -> d
     )
 
     with _bar(detect.N_DETECTORS, f"{name}: detect") as bar:
-        found, feats = detect.run(model, tokenizer, scenario, seed, quick, bar)
+        found, feats = detect.run(model, tokenizer, scenario, seed, quick, bar, checkpoints)
     default = found[detect.DEFAULT]
     s = unlearn.setup(scenario, tokenizer, default.scores, feats, seed)
     runs = {}

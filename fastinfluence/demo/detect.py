@@ -8,6 +8,7 @@ ranking, and AUROC / precision@k are over the rest (k = number of poisoned among
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -60,12 +61,26 @@ def _last_prompt_hidden(model, tokenizer, prompts: list[str]) -> torch.Tensor:
     return torch.cat(out)
 
 
+def _tracin_cosine(model, checkpoints, config, train_batches, query_batches, last) -> torch.Tensor:
+    """(Q, N) cosine averaged over the training checkpoints (TracIn-CP with cosine, equal weights);
+    ``last``: the (train, query) Features of the final model, the last checkpoint."""
+    snapshot = copy.deepcopy(model)
+    total = torch.as_tensor(score(last[1], last[0], metric="cosine", topk=1, matrix=True).matrix).double()
+    for state in checkpoints[:-1]:
+        snapshot.load_state_dict(state)
+        ext = GradientExtractor(snapshot.eval(), config)
+        tr, q = ext.extract(train_batches), ext.extract(query_batches)
+        total += torch.as_tensor(score(q, tr, metric="cosine", topk=1, matrix=True).matrix).double()
+    return total / len(checkpoints)
+
+
 def run(
-    model, tokenizer, scenario: Scenario, seed: int, quick: bool, progress=None
+    model, tokenizer, scenario: Scenario, seed: int, quick: bool, progress=None, checkpoints=None
 ) -> tuple[dict[str, Detection], dict]:
     """Every detector's scores and metrics (``progress.update(1)`` after each), and the features
     unlearning reuses: ``attn_mlp`` (train Features, query Features, extractor, train batches)
-    and ``lm_head`` (N, D) LM-head features (IMU's gradients)."""
+    and ``lm_head`` (N, D) LM-head features (IMU's gradients). ``checkpoints``: the weights
+    saved during training (``model.train_model``), for the trajectory detector; None skips it."""
     train = scenario.train
     enc = [encode(tokenizer, e.prompt, e.response) for e in train]
     pad = tokenizer.pad_token_id
@@ -107,6 +122,13 @@ def run(
 
     record("influence_cosine_max", lambda: cosine("max"), base_timer=t)
     record("influence_cosine_mean", lambda: cosine("mean"), base_timer=t)
+    if checkpoints:
+        config = ProjectionConfig(rank_in=rank, rank_out=rank, seed=seed, include=[ATTN_MLP])
+        record(
+            "influence_tracin_cosine_max",
+            lambda: _tracin_cosine(model, checkpoints, config, train_batches, query_batches, (tr, q)).max(0).values,
+            base_timer=t,
+        )
     record(
         "influence_dot_mean",
         lambda: score(q, tr, metric="dot", topk=1, aggregates=("mean",)).aggregates["mean"],
@@ -156,4 +178,4 @@ def run(
     return results, {"attn_mlp": (tr, q, ext, train_batches), "lm_head": tr_h.data.float()}
 
 
-N_DETECTORS = 10
+N_DETECTORS = 11

@@ -14,6 +14,9 @@ from ..losses import sequence_nll
 from .data import BACKDOOR_TARGET, WRONG, Example, Scenario, batches, encode
 
 
+N_CHECKPOINTS = 6  # evenly spaced over training, kept for the trajectory (TracIn-CP) detector
+
+
 @dataclass
 class Recipe:
     hidden: int = 128
@@ -43,15 +46,20 @@ def build_model(vocab_size: int, recipe: Recipe, seed: int, pad_token_id: int, e
     return LlamaForCausalLM(config)
 
 
-def train_model(examples: list[dict], tokenizer, recipe: Recipe, seed: int, device, progress=None):
-    """A fresh model trained on ``examples`` (:func:`data.encode` dicts): AdamW, cosine schedule."""
+def train_model(examples: list[dict], tokenizer, recipe: Recipe, seed: int, device, progress=None, checkpoints=None):
+    """A fresh model trained on ``examples`` (:func:`data.encode` dicts): AdamW, one-cycle schedule.
+
+    ``checkpoints``: a list that receives a CPU copy of the weights (state dict) at the end of
+    epochs ``round(recipe.epochs * j / N_CHECKPOINTS)``, j = 1..N_CHECKPOINTS (the last is the final model).
+    """
     model = build_model(len(tokenizer), recipe, seed, tokenizer.pad_token_id, tokenizer.eos_token_id).to(device)
     rng = random.Random(seed)
     steps = recipe.epochs * math.ceil(len(examples) / recipe.batch_size)
     opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, recipe.lr, total_steps=steps, pct_start=0.1)
+    keep = {round(recipe.epochs * j / N_CHECKPOINTS) for j in range(1, N_CHECKPOINTS + 1)}
     model.train()
-    for _ in range(recipe.epochs):
+    for epoch in range(1, recipe.epochs + 1):
         order = list(range(len(examples)))
         rng.shuffle(order)
         for b in batches([examples[i] for i in order], tokenizer.pad_token_id, recipe.batch_size):
@@ -63,6 +71,8 @@ def train_model(examples: list[dict], tokenizer, recipe: Recipe, seed: int, devi
             sched.step()
             if progress is not None:
                 progress.update(1)
+        if checkpoints is not None and epoch in keep:
+            checkpoints.append({k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()})
     return model.eval()
 
 

@@ -123,7 +123,7 @@ def _plots(result: dict, out: Path) -> list[str]:
 
     files = []
     names = list(result["scenarios"])
-    fig, axes = plt.subplots(1, len(names), figsize=(5.2 * len(names), 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(names), figsize=(5.2 * len(names), 5.6), squeeze=False)
     for ax, name in zip(axes[0], names):
         sc = result["scenarios"][name]
         keep = torch.ones(len(sc["_poisoned"]), dtype=torch.bool)
@@ -141,9 +141,10 @@ def _plots(result: dict, out: Path) -> list[str]:
             )
             ax.plot(recall, precision, label=k.replace("influence_", "").replace("baseline_", "baseline: "), **style)
         ax.set(title=f"{name}: finding the poisoned examples", xlabel="recall", ylabel="precision", ylim=(0, 1.02))
-        ax.legend(fontsize=7, loc="lower left")
+        # below the axes: inside, it hides the low-precision end of the curves
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False)
     fig.tight_layout()
-    fig.savefig(out / "detection_pr.png", dpi=110)
+    fig.savefig(out / "detection_pr.png", dpi=110, bbox_inches="tight")
     files.append("detection_pr.png")
 
     fig, axes = plt.subplots(1, len(names), figsize=(5.2 * len(names), 4.2), squeeze=False)
