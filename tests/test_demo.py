@@ -133,3 +133,33 @@ def test_report_files_and_summary_without_plots(tmp_path, monkeypatch):
     md = (tmp_path / "report.md").read_text()
     assert "matplotlib is not installed" in md and "influence_cosine_max (default)" in md
     assert "the best trivial baseline, baseline_low_loss, reaches 0.500" in lines[0]
+
+
+def test_training_keeps_evenly_spaced_checkpoints_and_tracin_averages_their_cosines():
+    from fastinfluence import GradientExtractor, ProjectionConfig, score
+    from fastinfluence.demo import model as demo_model
+
+    scenario = data.make_scenario("stealthy", seed=3, n_entities=30)
+    tok = data.train_tokenizer(scenario)
+    enc = [data.encode(tok, e.prompt, e.response) for e in scenario.train[:16]]
+    recipe = demo_model.Recipe(hidden=16, layers=1, epochs=3, batch_size=8)
+    checkpoints = []
+    model = demo_model.train_model(enc, tok, recipe, 0, "cpu", checkpoints=checkpoints)
+    # 3 epochs, 6 checkpoints asked: epochs round(3j/6) = {0 (none), 1, 2, 3}; the last is the final model
+    assert len(checkpoints) == 3
+    assert all(torch.equal(checkpoints[-1][k], v) for k, v in model.state_dict().items())
+    assert not torch.equal(checkpoints[0]["lm_head.weight"], checkpoints[-1]["lm_head.weight"])
+
+    train_b = data.batches(enc, tok.pad_token_id, 8)
+    query_b = data.batches(enc[:2], tok.pad_token_id, 8, ids=[0, 1])
+    config = ProjectionConfig(rank_in=4, rank_out=4, seed=0, include=[r"mlp\.down_proj"])
+    last = (GradientExtractor(model, config).extract(train_b), GradientExtractor(model, config).extract(query_b))
+    got = detect._tracin_cosine(model, checkpoints, config, train_b, query_b, last)
+    want = 0
+    for state in checkpoints:
+        m = demo_model.build_model(len(tok), recipe, 0, tok.pad_token_id, tok.eos_token_id)
+        m.load_state_dict(state)
+        ext = GradientExtractor(m.eval(), config)
+        S = score(ext.extract(query_b), ext.extract(train_b), metric="cosine", topk=1, matrix=True).matrix
+        want = want + torch.as_tensor(S).double()
+    torch.testing.assert_close(got, want / len(checkpoints), rtol=1e-5, atol=1e-6)

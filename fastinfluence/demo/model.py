@@ -50,7 +50,8 @@ def train_model(examples: list[dict], tokenizer, recipe: Recipe, seed: int, devi
     """A fresh model trained on ``examples`` (:func:`data.encode` dicts): AdamW, one-cycle schedule.
 
     ``checkpoints``: a list that receives a CPU copy of the weights (state dict) at the end of
-    epochs ``round(recipe.epochs * j / N_CHECKPOINTS)``, j = 1..N_CHECKPOINTS (the last is the final model).
+    epochs ``round(recipe.epochs * j / N_CHECKPOINTS)``, j = 1..N_CHECKPOINTS
+    (fewer when ``recipe.epochs < N_CHECKPOINTS``; the last is always the final model).
     """
     model = build_model(len(tokenizer), recipe, seed, tokenizer.pad_token_id, tokenizer.eos_token_id).to(device)
     rng = random.Random(seed)
