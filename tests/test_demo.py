@@ -115,6 +115,17 @@ def test_report_check_accepts_a_good_report_and_names_each_failure():
     assert report.check(bad, quick=True) == ["backdoor: ASR after unlearning 0.30"]
 
 
+def test_story_names_the_influence_settings_that_beat_the_default_in_this_run():
+    sc = fake_report()["scenarios"]["stealthy"]
+    assert "Higher AUROC than the default" not in report.story("stealthy", sc)
+    sc["detection"]["influence_tracin_cosine_max"] = dict(sc["detection"]["influence_cosine_max"], auroc=0.999)
+    sc["detection"]["influence_dot_mean"] = dict(sc["detection"]["influence_cosine_max"], auroc=0.993)  # a tie
+    sc["detection"]["baseline_low_loss"]["auroc"] = 0.999  # baselines have their own sentence
+    assert report.story("stealthy", sc).endswith(
+        "Higher AUROC than the default in this run: influence_tracin_cosine_max (0.999, precision@k 0.900)."
+    )
+
+
 def test_report_files_and_summary_without_plots(tmp_path, monkeypatch):
     import builtins
 
