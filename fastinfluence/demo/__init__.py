@@ -8,7 +8,8 @@ fictitious entities, trains a word-level tokenizer (``tokenizers``) and a tiny
 LlamaForCausalLM from scratch, then
 
   1. detection: scores every train example against the reported ones with several
-     influence settings and trivial baselines (AUROC, precision@k);
+     influence settings (on the final model, and averaged over 6 training checkpoints)
+     and trivial baselines (AUROC, precision@k);
   2. unlearning from the detected forget set with GA, GradDiff, NPO, SimNPO, the RapidUn
      loss (uniform, RapidUn weights, differing tokens only), GradDiff + IMU weights and
      low-influence skipping (with a random control);

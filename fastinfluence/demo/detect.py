@@ -1,7 +1,8 @@
 """Detection: rank the train examples by how much they look like the reported poisoned ones.
 
-Influence settings (projected per-example gradients of the poisoned model, queries = the
-reported examples) against trivial baselines. Every detector gives one score per train
+Influence settings (projected per-example gradients of the poisoned model, or of the
+checkpoints kept during its training; queries = the reported examples) against trivial
+baselines. Why the default is the default: ``report.DETECTOR_CHOICE``. Every detector gives one score per train
 example, higher = more suspicious; the reported examples themselves are left out of the
 ranking, and AUROC / precision@k are over the rest (k = number of poisoned among them).
 """
