@@ -32,7 +32,8 @@ reports. A setting would replace it only if, on the `stealthy` scenario of `benc
 (2 data seeds x 3 projection seeds, `bench/results/demo_detector_study.json`), its mean AUROC **and** its mean
 precision@k were at least as high on both data seeds: the ranking is judged by AUROC, but the top k is the
 forget set every unlearning run starts from. No setting passes: the trajectory detector (cosine averaged over
-6 training checkpoints, TracIn-CP) and K-FAC cosine raise AUROC on both seeds but lower precision@k on both;
+6 training checkpoints, TracIn-CP) and K-FAC cosine raise AUROC on both seeds but lower precision@k on both
+(run as the default, the trajectory detector's forget sets left more of the backdoor or cost clean accuracy);
 centring, contrastive queries and token-level matching help one data seed and hurt the other. Single runs are
 not evidence here: the projection seed alone moves AUROC by up to 0.2.
 """
