@@ -35,8 +35,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-
 from _common import commit
+
 from fastinfluence import GradientExtractor, ProjectionConfig, exact_scores, score
 from fastinfluence.demo.data import batches, encode, make_scenario, train_tokenizer
 from fastinfluence.demo.detect import ATTN_MLP, auroc, precision_at_k

@@ -13,7 +13,6 @@ from ..evaluate import greedy_generate
 from ..losses import sequence_nll
 from .data import BACKDOOR_TARGET, WRONG, Example, Scenario, batches, encode
 
-
 N_CHECKPOINTS = 6  # evenly spaced over training, kept for the trajectory (TracIn-CP) detector
 
 
