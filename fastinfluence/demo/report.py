@@ -29,13 +29,15 @@ MEANINGS = """\
 DETECTOR_CHOICE = """\
 The default detector is the cosine of projected attention+MLP gradients of the final model, max over the
 reports. A setting would replace it only if, on the `stealthy` scenario of `bench/demo_detector_study.py`
-(2 data seeds x 3 projection seeds, `bench/results/demo_detector_study.json`), its mean AUROC **and** its mean
-precision@k were at least as high on both data seeds: the ranking is judged by AUROC, but the top k is the
-forget set every unlearning run starts from. No setting passes: the trajectory detector (cosine averaged over
-6 training checkpoints, TracIn-CP) and K-FAC cosine raise AUROC on both seeds but lower precision@k on both
-(run as the default, the trajectory detector's forget sets left more of the backdoor or cost clean accuracy);
-centring, contrastive queries and token-level matching help one data seed and hurt the other. Single runs are
-not evidence here: the projection seed alone moves AUROC by up to 0.2.
+(3 data seeds x 3 projection seeds, `bench/results/demo_detector_study.json`), its mean AUROC **and** its mean
+precision@k were at least as high on every data seed: the ranking is judged by AUROC, but the top k is the
+forget set every unlearning run starts from. No setting passes: K-FAC cosine raises AUROC on all three seeds
+but lowers precision@k on all three; the trajectory detector (cosine averaged over 6 training checkpoints,
+TracIn-CP) raises AUROC on two seeds, lowers it on the third and lowers precision@k on all three (run as the
+default on seeds 0 and 1, its forget sets left more of the backdoor or cost clean accuracy); centring,
+per-layer normalisation, contrastive queries and token-level matching help some seeds and hurt others. No
+setting reaches AUROC 0.90 on more than one seed. Single runs are not evidence here: the projection seed alone
+moves AUROC by up to 0.2.
 """
 
 
