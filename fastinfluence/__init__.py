@@ -27,6 +27,7 @@ _LAZY = {
     "KFACFactors": ("fastinfluence.kfac", "KFACFactors"),
     "fit_kfac": ("fastinfluence.kfac", "fit_kfac"),
     "kfac_scores": ("fastinfluence.kfac", "kfac_scores"),
+    "Normalizer": ("fastinfluence.normalizer", "Normalizer"),
     "weights": ("fastinfluence.weights", None),
     "losses": ("fastinfluence.losses", None),
     "evaluate": ("fastinfluence.evaluate", None),

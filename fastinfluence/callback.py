@@ -191,6 +191,9 @@ class InfluenceCallback(TrainerCallback):
             step). With one epoch's steps, each example gets one row per interval, taken close to
             the checkpoint its queries come from (TracIn-CP's and LESS's setting), and the steps
             outside the windows train at full speed. Needs ``every`` or ``save_strategy="steps"``.
+        normalizer: a fixed ``Normalizer`` (or its path) folded into the projections, as for
+            ``GradientExtractor`` (features of g / sqrt(V); see ``normalizer.py``); ``"gradient"``
+            features only (``"adam"`` rows are Adam-normalised already).
 
     An interval's rows stay in host memory until its store is written (rows x D x 4 bytes,
     D = ``callback.extractor.dim``): choose ``every`` (or ``save_steps``) to bound it.
@@ -207,15 +210,22 @@ class InfluenceCallback(TrainerCallback):
         features: tuple[str, ...] | list[str] = ("gradient",),
         dense_limit: int = DENSE_LIMIT,
         window: int | None = None,
+        normalizer=None,
     ):
         features = (features,) if isinstance(features, str) else tuple(features)
         if not features or set(features) - set(FEATURES) or len(set(features)) != len(features):
             raise ValueError(f"features must name some of {FEATURES} once each, got {features!r}")
         if isinstance(dense_limit, bool) or not isinstance(dense_limit, int) or dense_limit < 1:
             raise ValueError(f"dense_limit must be a positive number of elements, got {dense_limit!r}")
+        if normalizer is not None and "adam" in features:
+            raise ValueError(
+                "normalizer= scales the 'gradient' features; the 'adam' features (LESS) are divided by Adam's "
+                "second moment already: capture them without a normalizer"
+            )
         self.features = features
         self.dense_limit = dense_limit
         self.output_dir = Path(output_dir)
+        self.normalizer = normalizer
         self.config = config or ProjectionConfig()
         if self.config.mode != "factorized":
             raise ValueError("InfluenceCallback captures factorized features: use ProjectionConfig(mode='factorized')")
@@ -262,7 +272,7 @@ class InfluenceCallback(TrainerCallback):
         self._max_steps = state.max_steps
         self._remove_hooks()
         self._model, self._optimizer = model, optimizer
-        self.extractor = GradientExtractor(model, self.config)
+        self.extractor = GradientExtractor(model, self.config, normalizer=self.normalizer)
         if "adam" in self.features:
             self._adam = _adam_layers(self.extractor.layers, optimizer, self.dense_limit)
         self._hooks = LayerHooks(self.extractor.layers, self._on_layer).__enter__()

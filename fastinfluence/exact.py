@@ -18,6 +18,7 @@ from torch import nn
 from . import ops
 from .capture import Capture, Layer, frozen_for_capture, iter_batches, model_device, select_layers
 from .config import ProjectionConfig
+from .normalizer import Normalizer
 from .ops._common import masked
 
 METHODS = ("auto", "ghost", "dense")
@@ -48,7 +49,7 @@ class _QueryLayer:
         self.method: str | None = None
         self.dense: torch.Tensor | None = None
 
-    def choose(self, layer: Layer, method: str, train_T: int) -> None:
+    def choose(self, layer: Layer, method: str, train_T: int, bias: bool) -> None:
         Q = sum(A.shape[0] for A, _, _ in self.blocks)
         if method == "auto":
             query_T = max(A.shape[1] for A, _, _ in self.blocks)
@@ -62,7 +63,7 @@ class _QueryLayer:
             self.dense = torch.empty(Q, (layer.d_in + int(layer.bias)) * layer.d_out, dtype=A0.dtype, device=A0.device)
             start = 0
             for A, G, m in self.blocks:  # written in place: no (Q, d_out * d_in) concatenation
-                per_example_gradients(A, G, m, layer.bias, out=self.dense[start : start + A.shape[0]])
+                per_example_gradients(A, G, m, bias, out=self.dense[start : start + A.shape[0]])
                 start += A.shape[0]
             self.blocks = []
 
@@ -74,6 +75,7 @@ def exact_scores(
     config: ProjectionConfig | None = None,
     metric: str = "dot",
     method: str = "auto",
+    normalizer: Normalizer | None = None,
 ) -> torch.Tensor:
     """Exact gradient inner products between query and train examples.
 
@@ -84,6 +86,7 @@ def exact_scores(
             ranks are ignored. Default: ``ProjectionConfig()``.
         metric: ``dot`` (<grad_q, grad_i>) or ``cosine`` (divided by both norms).
         method: ``auto`` (cheaper of the two per layer), ``ghost`` or ``dense``.
+        normalizer: a ``Normalizer``: inner products of the normalised gradients g / sqrt(V).
 
     Returns:
         (Q, N) scores, float64 for a float64 model, float32 otherwise, summed over layers.
@@ -94,12 +97,22 @@ def exact_scores(
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     config = config or ProjectionConfig()
     layers = select_layers(model, config.include, config.exclude, config.include_bias)
+    if normalizer is not None:
+        normalizer.check(layers)
     device = model_device(model)
     dtype = torch.float64 if layers[0].weight.dtype == torch.float64 else torch.float32
     queries = {l.name: _QueryLayer() for l in layers}
 
     # Squared gradient norms are needed for the cosine only; the dot product skips them.
     cosine = metric == "cosine"
+
+    def factors(layer: Layer, A, G, mask):
+        """Masked (A, G) in the compute dtype and the bias flag for the ops (normalised: A~ holds the bias)."""
+        A, G = masked(A.to(dtype), mask), masked(G.to(dtype), mask)
+        if normalizer is None:
+            return A, G, layer.bias
+        return *normalizer.scaled(layer, A, G, mask), False
+
     with frozen_for_capture(model, layers):
         capture = Capture(model, layers)
         query_sq, n_queries = [], 0
@@ -108,10 +121,10 @@ def exact_scores(
             n_queries += batch.input_ids.shape[0]
 
             def keep(layer: Layer, A, G, mask, sq=sq):
-                A, G = masked(A.to(dtype), mask), masked(G.to(dtype), mask)
+                A, G, bias = factors(layer, A, G, mask)
                 queries[layer.name].blocks.append((A, G, mask))
                 if cosine:
-                    sq += ops.ghost_norm(A, G, mask, layer.bias)
+                    sq += ops.ghost_norm(A, G, mask, bias)
 
             capture.run(batch, keep)
             query_sq.append(sq)
@@ -124,16 +137,16 @@ def exact_scores(
             sq = torch.zeros(B, dtype=dtype, device=device)
 
             def score(layer: Layer, A, G, mask, S=S, sq=sq, T=T):
-                A, G = masked(A.to(dtype), mask), masked(G.to(dtype), mask)
+                A, G, bias = factors(layer, A, G, mask)
                 q = queries[layer.name]
                 if q.method is None:
-                    q.choose(layer, method, T)
+                    q.choose(layer, method, T, bias)
                 if q.method == "ghost":
-                    S.add_(torch.cat([ops.ghost_dot(qA, qG, A, G, qm, mask, layer.bias) for qA, qG, qm in q.blocks]))
+                    S.add_(torch.cat([ops.ghost_dot(qA, qG, A, G, qm, mask, bias) for qA, qG, qm in q.blocks]))
                     if cosine:
-                        sq.add_(ops.ghost_norm(A, G, mask, layer.bias))
+                        sq.add_(ops.ghost_norm(A, G, mask, bias))
                 else:
-                    W = per_example_gradients(A, G, mask, layer.bias)
+                    W = per_example_gradients(A, G, mask, bias)
                     S.addmm_(q.dense, W.T)
                     if cosine:
                         sq.add_(torch.linalg.vector_norm(W, dim=1).square())

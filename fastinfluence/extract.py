@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -23,6 +24,7 @@ from .config import ProjectionConfig
 from .exact import per_example_gradients
 from .features import Features, LayerSlice, TokenFactors, cat_features, slice_rows
 from .lm import IGNORE_INDEX, fused_head, model_inputs, shifted_labels
+from .normalizer import Normalizer
 from .ops._common import masked
 from .ops.lm_head_grad import lm_head_grad_projected
 from .projection import layer_projections
@@ -56,9 +58,15 @@ class GradientExtractor:
     Each batch costs one forward and one backward with parameter gradients switched off;
     per-example gradients are never formed: each layer's (A, G) is projected as soon as
     its output gradient arrives (``ops.project``).
+
+    ``normalizer``: a ``Normalizer`` (or the path of a saved one) whose second-moment scales
+    are folded into the projections, so the features are those of g / sqrt(V) (TrackStar;
+    see ``normalizer.py``); its identity joins the fingerprint.
     """
 
-    def __init__(self, model: nn.Module, config: ProjectionConfig | None = None):
+    def __init__(
+        self, model: nn.Module, config: ProjectionConfig | None = None, normalizer: Normalizer | str | None = None
+    ):
         self.model = model
         self.config = config or ProjectionConfig()
         self.layers = select_layers(model, self.config.include, self.config.exclude, self.config.include_bias)
@@ -67,7 +75,16 @@ class GradientExtractor:
                 f"ProjectionConfig(autocast={self.config.autocast!r}) needs a float32 model (autocast lowers float32 "
                 f"matmuls), got {self.layers[0].weight.dtype}; leave autocast=None"
             )
+        if isinstance(normalizer, (str, Path)):
+            normalizer = Normalizer.load(normalizer)
+        if normalizer is not None and not isinstance(normalizer, Normalizer):
+            raise ValueError(f"normalizer must be a Normalizer or the path of a saved one, got {type(normalizer)}")
+        if normalizer is not None:
+            normalizer.check(self.layers)
+        self.normalizer = normalizer
         self._proj = {l.name: layer_projections(l, self.config) for l in self.layers}
+        if normalizer is not None:
+            self._proj = {n: normalizer.fold(n, *P) for n, P in self._proj.items()}
         self._proj_dev: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self.layout = self._layout()
         self._head = self._backward_free_head()
@@ -89,7 +106,10 @@ class GradientExtractor:
     @property
     def fingerprint(self) -> dict:
         """Identity of the model's captured layers now (weights may change between extractions)."""
-        return fingerprint(self.model, self.layers)
+        fp = fingerprint(self.model, self.layers)
+        if self.normalizer is not None:
+            fp["normalizer"] = self.normalizer.identity(l.name for l in self.layers)
+        return fp
 
     @property
     def device(self) -> torch.device:
@@ -278,8 +298,10 @@ class GradientExtractor:
         cfg = self.config
 
         def on_layer(layer: Layer, A, G, mask):
-            A, G = masked(A.to(self.dtype), mask), masked(G.to(self.dtype), mask)
-            grads = per_example_gradients(A, G, mask, layer.bias)
+            A, G, bias = masked(A.to(self.dtype), mask), masked(G.to(self.dtype), mask), layer.bias
+            if self.normalizer is not None:  # A gains the bias column
+                (A, G), bias = self.normalizer.scaled(layer, A, G, mask), False
+            grads = per_example_gradients(A, G, mask, bias)
             rows.add_(
                 ops.jl_project(grads, cfg.dim, seed=cfg.seed, kind=cfg.kind, offset=self._flat_offsets[layer.name])
             )

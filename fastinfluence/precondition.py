@@ -17,6 +17,11 @@ Damping l defaults to ``damping_ratio`` (0.1) x the mean eigenvalue of the matri
 (for kfac, of each factor); an absolute ``damping`` overrides it. The statistics are saved
 beside a store (``precondition/<kind>.safetensors``) and reused while the store is unchanged;
 damping is applied at use, so changing it needs no refit.
+
+Optimizer-aware normalisation (TrackStar: g / sqrt(V) with Adam's or Adafactor's second
+moment V, on query and train alike) acts before the projection, not on projected features:
+it is ``GradientExtractor(normalizer=...)`` (``normalizer.py``), and every kind here applies
+on top of normalised features as on plain ones.
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ LAYERS = [
     ("ops",),  # torch references and the backend registry
     ("triton_kernels",),  # kernels of the ops (installed as fastinfluence.triton_kernels)
     ("capture",),
+    ("normalizer",),  # optimizer-aware (TrackStar) second-moment scales of A and G, folded into P_in / P_out
     ("projection", "exact", "kfac"),  # project (kfac: full-dimension K-FAC from captured factors)
     ("features",),
     ("store",),
