@@ -13,9 +13,11 @@ each normaliser
 
 is crossed with the detectors (the demo default ``cosine_max``, ``cosine_mean``, ``dot_mean``,
 and the K-FAC / EK-FAC preconditioners on the query side with dot and cosine), and the exact
-(unprojected) cosine of normalised gradients is added once per normaliser.
+(unprojected) cosine of normalised gradients is added once per normaliser. Data and model
+seeds (``--model-seeds``; the demo's is 0) each train a model; a summary gives the mean,
+min and max AUROC over every (model seed, projection seed).
 
-    nice -n 10 .venv/bin/python bench/normalizer_detection.py          # ~10 CPU minutes
+    nice -n 10 .venv/bin/python bench/normalizer_detection.py     # ~8 CPU minutes (2 data/model seeds)
     -> bench/results/normalizer_detection_cpu.json
 
 Trained models and their optimizer states are cached under runs/bench_normalizer/.
@@ -145,10 +147,23 @@ def run_scenario(name: str, model_seed: int, proj_seeds: list[int], rank: int, c
     }
 
 
+def summary(runs: dict) -> dict:
+    """Per normaliser and detector: mean, min and max AUROC over every (model seed, projection seed)."""
+    out = {}
+    for key in next(iter(runs.values()))["normalizers"]:
+        out[key] = {}
+        for d in DETECTORS:
+            v = [a for r in runs.values() for a in r["normalizers"][key]["detectors"][d]["auroc"]]
+            out[key][d] = {"mean": statistics.mean(v), "min": min(v), "max": max(v), "n": len(v)}
+        exact = [r["normalizers"][key]["exact_cosine_max"] for r in runs.values()]
+        out[key]["exact_cosine_max"] = {"mean": statistics.mean(exact), "min": min(exact), "max": max(exact)}
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scenarios", nargs="+", default=["backdoor", "stealthy"])
-    ap.add_argument("--model-seed", type=int, default=0)
+    ap.add_argument("--model-seeds", type=int, nargs="+", default=[0, 1], help="data + model seeds (demo: 0)")
     ap.add_argument("--proj-seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--rank", type=int, default=32, help="projection rank per side (the demo's: 32)")
     ap.add_argument("--cache", type=Path, default=ROOT / "runs" / "bench_normalizer")
@@ -165,10 +180,11 @@ def main() -> int:
         "layers": detect.ATTN_MLP,
         "detectors": {d: {"metric": m, "precondition": p or "identity", "aggregate": a} for d, (m, p, a) in
                       DETECTORS.items()},
-        "scenarios": {
-            s: run_scenario(s, args.model_seed, args.proj_seeds, args.rank, args.cache) for s in args.scenarios
-        },
+        "scenarios": {},
     }  # fmt: skip
+    for s in args.scenarios:
+        runs = {str(m): run_scenario(s, m, args.proj_seeds, args.rank, args.cache) for m in args.model_seeds}
+        result["scenarios"][s] = {"summary": summary(runs), "by_model_seed": runs}
     result["seconds"] = time.perf_counter() - start
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
