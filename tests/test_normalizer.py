@@ -222,10 +222,9 @@ def test_named_parameter_groups_and_adafactor_state():
     _adam_steps(model, opt, make_examples(4, seed=2))
     cfg = ProjectionConfig(include=[r"mlp\.c_fc"])
     state = copy.deepcopy(opt.state_dict())
-    assert rel_err(
-        torch.cat(Normalizer.from_optimizer(model, state, cfg).factors["transformer.h.0.mlp.c_fc"]),
-        torch.cat(Normalizer.from_optimizer(model, opt, cfg).factors["transformer.h.0.mlp.c_fc"]),
-    ) <= 1e-14
+    name = "transformer.h.0.mlp.c_fc"
+    saved, live = (torch.cat(Normalizer.from_optimizer(model, o, cfg).factors[name]) for o in (state, opt))
+    assert rel_err(saved, live) <= 1e-14
 
     model = tiny_model("gpt2", torch.float64)
     opt = torch.optim.Adafactor(model.parameters(), lr=1e-2)
@@ -237,6 +236,23 @@ def test_named_parameter_groups_and_adafactor_state():
     d_in, d_out = layer.module.weight.shape  # Conv1D: (d_in, d_out); row_var: (d_in, 1), col_var: (1, d_out)
     r = st["col_var"].reshape(-1) * d_in + opt.state[layer.module.bias]["variance"]
     c = torch.cat([st["row_var"].reshape(-1) * d_out, opt.state[layer.module.bias]["variance"].sum().reshape(1)])
+    assert rel_err(norm.factors[layer.name][0], r) <= 1e-12 and rel_err(norm.factors[layer.name][1], c) <= 1e-12
+
+
+def test_transformers_adafactor_state():
+    """transformers' Adafactor: row / column means of a Linear weight (not transposed), bias exp_avg_sq."""
+    from transformers.optimization import Adafactor
+
+    model = odd_llama()
+    opt = Adafactor(model.parameters(), lr=1e-2, relative_step=False, scale_parameter=False)
+    _adam_steps(model, opt, examples(4, 3))
+    cfg = ProjectionConfig(include=[r"mlp\.down_proj"])
+    norm = Normalizer.from_optimizer(model, opt, cfg)
+    layer = GradientExtractor(model, cfg).layers[0]
+    st, v_b = opt.state[layer.module.weight], opt.state[layer.module.bias]["exp_avg_sq"]
+    r = st["exp_avg_sq_row"] * layer.d_in + v_b
+    c = torch.cat([st["exp_avg_sq_col"] * layer.d_out, v_b.sum().reshape(1)])
+    assert norm.source == "adafactor"
     assert rel_err(norm.factors[layer.name][0], r) <= 1e-12 and rel_err(norm.factors[layer.name][1], c) <= 1e-12
 
 
