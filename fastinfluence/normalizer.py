@@ -71,7 +71,7 @@ def augmented(A: torch.Tensor, mask: torch.Tensor, bias: bool) -> torch.Tensor:
     return A
 
 
-@dataclass
+@dataclass(eq=False)
 class Normalizer:
     """Per-layer second-moment row and column factors; the scales they give (module docstring).
 
@@ -113,8 +113,8 @@ class Normalizer:
                 floor = self.damping_ratio * float(t.mean()) + self.eps
                 if float(t.min()) + floor <= 0:
                     raise ValueError(
-                        f"layer {name}: {side} has zero entries and eps = damping_ratio = 0, so its scale is "
-                        "infinite; set eps > 0 (Adafactor's 1e-30) or damping_ratio > 0"
+                        f"layer {name}: {side} has zero entries and no damping reaches them (eps = 0, damping_ratio x "
+                        "mean = 0), so their scale is infinite; set eps > 0 (Adafactor's 1e-30)"
                     )
             clean[name] = (r, c)
         self.factors = clean
@@ -275,6 +275,9 @@ class Normalizer:
             method: ``ghost`` (T x T grams), ``dense`` (forms g a few examples at a time) or
                 ``auto`` (the cheaper per layer and batch).
             eps, damping_ratio: see the class.
+
+        One process: under ``torch.distributed`` every rank that fits on the same data gets the
+        same factors (fit once and ``save`` / ``load`` them to share them).
         """
         if method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
