@@ -13,7 +13,10 @@ each normaliser
 
 is crossed with the detectors (the demo default ``cosine_max``, ``cosine_mean``, ``dot_mean``,
 and the K-FAC / EK-FAC preconditioners on the query side with dot and cosine), and the exact
-(unprojected) cosine of normalised gradients is added once per normaliser. Data and model
+(unprojected) cosine of normalised gradients is added once per normaliser.
+``kfac_whitened_cosine_max`` is TrackStar's order with a curvature term: both sides whitened
+by the projected K-FAC factors, (C_G + l)^-1/2 phi (C_A + l)^-1/2, then unit-normalised (the
+library's ``cosine`` with a preconditioner divides the train side by its raw norm instead). Data and model
 seeds (``--model-seeds``; the demo's is 0) each train a model; a summary gives the mean,
 min and max AUROC over every (model seed, projection seed).
 
@@ -44,6 +47,7 @@ from fastinfluence import GradientExtractor, Normalizer, ProjectionConfig, exact
 from fastinfluence.demo import detect  # noqa: E402
 from fastinfluence.demo import model as demo_model  # noqa: E402
 from fastinfluence.demo.data import batches, encode, make_scenario, train_tokenizer  # noqa: E402
+from fastinfluence.precondition import fit  # noqa: E402
 
 DETECTORS = {  # name -> (metric, precondition, aggregate)
     "cosine_max": ("cosine", None, "max"),
@@ -54,6 +58,27 @@ DETECTORS = {  # name -> (metric, precondition, aggregate)
     "kfac_cosine_max": ("cosine", "kfac", "max"),
     "ekfac_cosine_max": ("cosine", "ekfac", "max"),
 }
+
+
+def _inverse_sqrt(M: torch.Tensor, ratio: float = 0.1) -> torch.Tensor:
+    """(M + ratio x mean eigenvalue)^-1/2, the damping the library's kfac uses."""
+    e, Q = torch.linalg.eigh(M)
+    return Q @ torch.diag((e + ratio * e.mean()).rsqrt()) @ Q.T
+
+
+def whitened_cosine(q, train) -> torch.Tensor:
+    """(Q, N) cosines of both sides whitened by the projected K-FAC factors fitted on ``train``."""
+    stats = fit(train, "kfac").stats
+
+    def whiten(x):
+        out = x.double().clone()
+        for name, sl in train.layout.items():
+            G, A = _inverse_sqrt(stats[f"{name}.C_G"]), _inverse_sqrt(stats[f"{name}.C_A"])
+            P = out[:, sl.start : sl.stop].reshape(-1, *sl.shape)
+            out[:, sl.start : sl.stop] = (G @ P @ A).reshape(len(out), -1)
+        return torch.nn.functional.normalize(out, dim=1)
+
+    return whiten(q.data) @ whiten(train.data).T
 
 
 def trained(name: str, seed: int, cache: Path):
@@ -119,7 +144,7 @@ def run_scenario(name: str, model_seed: int, proj_seeds: list[int], rank: int, c
 
     out = {}
     for key, norm in normalizers.items():
-        per_seed = {d: [] for d in DETECTORS}
+        per_seed = {d: [] for d in (*DETECTORS, "kfac_whitened_cosine_max")}
         for seed in proj_seeds:
             cfg = ProjectionConfig(rank_in=rank, rank_out=rank, seed=seed, include=[detect.ATTN_MLP])
             ext = GradientExtractor(model, cfg, normalizer=norm)
@@ -128,6 +153,7 @@ def run_scenario(name: str, model_seed: int, proj_seeds: list[int], rank: int, c
             for d, (metric, pre, agg) in DETECTORS.items():
                 r = score(q, tr, metric=metric, precondition=pre, topk=1, aggregates=(agg,))
                 per_seed[d].append(auc(r.aggregates[agg]))
+            per_seed["kfac_whitened_cosine_max"].append(auc(whitened_cosine(q, tr).max(0).values))
         exact = exact_scores(model, query_batches, train_batches, layers, metric="cosine", normalizer=norm)
         out[key] = {
             "detectors": {
@@ -152,7 +178,7 @@ def summary(runs: dict) -> dict:
     out = {}
     for key in next(iter(runs.values()))["normalizers"]:
         out[key] = {}
-        for d in DETECTORS:
+        for d in (*DETECTORS, "kfac_whitened_cosine_max"):
             v = [a for r in runs.values() for a in r["normalizers"][key]["detectors"][d]["auroc"]]
             out[key][d] = {"mean": statistics.mean(v), "min": min(v), "max": max(v), "n": len(v)}
         exact = [r["normalizers"][key]["exact_cosine_max"] for r in runs.values()]
