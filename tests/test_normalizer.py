@@ -209,12 +209,17 @@ def _manual_factors(layer, v_w, v_b):
     return v.sum(1), v.sum(0)
 
 
-@pytest.mark.parametrize("arch", ["llama_bias", "gpt2"])
+@pytest.mark.parametrize("arch", ["llama_bias", "gpt2", "lora"])
 def test_adam_state_factors_equal_manual(arch):
-    model = odd_llama() if arch == "llama_bias" else tiny_model("gpt2", torch.float64)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95))
+    """Live optimizer and its state_dict (mapped by the model's trainable-parameter order) alike."""
+    model = {
+        "llama_bias": odd_llama,
+        "gpt2": lambda: tiny_model("gpt2", torch.float64),
+        "lora": lambda: tiny_model("llama", torch.float64, lora=True),
+    }[arch]()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, betas=(0.9, 0.95))
     _adam_steps(model, opt, examples(4, 3, 23 if arch == "llama_bias" else 64))
-    cfg = ProjectionConfig(include=[r"mlp\.", r"attn"])
+    cfg = ProjectionConfig(include=None if arch == "lora" else [r"mlp\.", r"attn"])
     live = Normalizer.from_optimizer(model, opt, cfg)
     saved = Normalizer.from_optimizer(model, copy.deepcopy(opt.state_dict()), cfg)
     assert live.source == "adam" and live.factors.keys() == saved.factors.keys()
