@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from _common import commit  # noqa: E402
+from _common import commit, interleaved_medians  # noqa: E402
 
 from fastinfluence import GradientExtractor, Normalizer, ProjectionConfig, exact_scores, score  # noqa: E402
 from fastinfluence.demo import detect  # noqa: E402
@@ -142,6 +142,11 @@ def run_scenario(name: str, model_seed: int, proj_seeds: list[int], rank: int, c
         normalizers[key] = make()
         fit_seconds[key] = time.perf_counter() - start
 
+    # The scales are folded into P_in / P_out: a normalised extraction should cost what a plain one does.
+    cfg = ProjectionConfig(rank_in=rank, rank_out=rank, include=[detect.ATTN_MLP])
+    extractors = {k: GradientExtractor(model, cfg, normalizer=normalizers[k]) for k in ("none", "adam")}
+    extract_seconds = interleaved_medians({k: lambda e=e: e.extract(train_batches) for k, e in extractors.items()}, 5)
+
     out = {}
     for key, norm in normalizers.items():
         per_seed = {d: [] for d in (*DETECTORS, "kfac_whitened_cosine_max")}
@@ -169,6 +174,7 @@ def run_scenario(name: str, model_seed: int, proj_seeds: list[int], rank: int, c
         "n_reported": len(scenario.reported),
         "model_seed": model_seed,
         "train_seconds": train_seconds,
+        "extract_train_seconds_median_of_5": extract_seconds,
         "normalizers": out,
     }
 
