@@ -334,8 +334,11 @@ def test_saved_normalizer_round_trip_and_fingerprint(tmp_path):
     assert torch.equal(a.data, b.data) and a.fingerprint == b.fingerprint
     plain = GradientExtractor(model, cfg).extract(batches_of(exs, 2))
     assert "normalizer" in a.fingerprint and "normalizer" not in plain.fingerprint
-    with pytest.raises(MismatchError, match="normalizer"):
+    with pytest.raises(MismatchError, match="different gradient normalizer"):
         score(plain, a)
+    changed = GradientExtractor(model, cfg, normalizer=Normalizer.fit(model, batches_of(exs[:2], 2), cfg))
+    with pytest.raises(MismatchError, match=r"different gradient normalizer .*: fingerprint\['normalizer'\] is '"):
+        score(changed.extract(batches_of(exs, 2)), a)
     other = GradientExtractor(model, cfg, normalizer=Normalizer.load(tmp_path / "moments.safetensors", eps=1e-6))
     assert other.fingerprint["normalizer"] != a.fingerprint["normalizer"]
 

@@ -119,6 +119,8 @@ def check_same_origin(first: Mapping, second: Mapping, first_name: str, second_n
                 "config": "projection config",
                 "dtype": "storage dtype",
             }[key]
+            if key == "fingerprint" and diff.startswith("fingerprint['normalizer']"):
+                what = "gradient normalizer (GradientExtractor(normalizer=...))"
             raise MismatchError(
                 f"{first_name} and {second_name} were made with a different {what}: {diff}; "
                 "extract both with the same model, layers and ProjectionConfig"
