@@ -119,6 +119,12 @@ class Normalizer:
             clean[name] = (r, c)
         self.factors = clean
 
+    def __repr__(self) -> str:
+        return (
+            f"Normalizer(source={self.source!r}, layers={len(self.factors)}, eps={self.eps!r}, "
+            f"damping_ratio={self.damping_ratio!r})"
+        )
+
     # ------------------------------------------------------------------------- scales
 
     def shape(self, name: str) -> tuple[int, int]:

@@ -329,6 +329,7 @@ def test_saved_normalizer_round_trip_and_fingerprint(tmp_path):
     norm.save(tmp_path / "moments.safetensors")
     again = Normalizer.load(tmp_path / "moments.safetensors")
     assert (again.source, again.eps, again.damping_ratio) == ("fitted", 1e-30, 0.1)
+    assert repr(again) == "Normalizer(source='fitted', layers=3, eps=1e-30, damping_ratio=0.1)"
     a = GradientExtractor(model, cfg, normalizer=norm).extract(batches_of(exs, 2))
     b = GradientExtractor(model, cfg, normalizer=str(tmp_path / "moments.safetensors")).extract(batches_of(exs, 2))
     assert torch.equal(a.data, b.data) and a.fingerprint == b.fingerprint
