@@ -297,14 +297,15 @@ class Normalizer:
         def accumulate(layer: Layer, A, G, mask):
             r, c = row_col_squares(augmented(A.to(dtype), mask, layer.bias), masked(G.to(dtype), mask), method)
             s = sums[layer.name]
-            s[0], s[1] = s[0] + r.double().cpu(), s[1] + c.double().cpu()
+            s[0], s[1] = s[0] + r.double(), s[1] + c.double()  # on the device: no sync per layer
 
         with frozen_for_capture(model, layers):
             capture = Capture(model, layers)
             for batch in iter_batches(batches, device, model):
                 capture.run(batch, accumulate)
                 examples += batch.input_ids.shape[0]
-        return cls({n: (r / examples, c / examples) for n, (r, c) in sums.items()}, "fitted", eps, damping_ratio)
+        factors = {n: (r.cpu() / examples, c.cpu() / examples) for n, (r, c) in sums.items()}
+        return cls(factors, "fitted", eps, damping_ratio)
 
 
 def row_col_squares(A: torch.Tensor, G: torch.Tensor, method: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
