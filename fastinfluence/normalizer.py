@@ -229,7 +229,7 @@ class Normalizer:
         model: nn.Module,
         optimizer,
         config: ProjectionConfig | None = None,
-        param_names: list[str] | None = None,
+        param_names: list[str] | str | None = None,
         eps: float = 1e-30,
         damping_ratio: float = 0.0,
     ) -> Normalizer:
@@ -241,7 +241,9 @@ class Normalizer:
                 ``state_dict()`` (e.g. a Trainer checkpoint's ``optimizer.pt``).
             config: selects the layers and whether biases count (``include`` / ``exclude`` /
                 ``include_bias``); the ranks are ignored. Default ``ProjectionConfig()``.
-            param_names: for a state dict only: the parameter names in the optimizer's order.
+            param_names: for a state dict only: the parameter names in the optimizer's order, or
+                ``"trainer"`` for the order of a transformers ``Trainer``'s default optimizer
+                (its ``checkpoint-*/optimizer.pt``: the weight-decay group, then the rest).
                 Default: the groups' ``param_names`` when the optimizer was built from
                 ``model.named_parameters()``, else the model's trainable parameters in order
                 (``AdamW(model.parameters())``); shapes are checked either way.
@@ -340,8 +342,21 @@ def _param_name(model: nn.Module, p: torch.Tensor) -> str:
     raise ValueError("a captured layer's parameter is not among model.named_parameters()")
 
 
-def _states_by_name(model: nn.Module, optimizer, param_names: list[str] | None) -> dict[str, tuple[dict, dict]]:
+def trainer_param_names(model: nn.Module) -> list[str]:
+    """The trainable parameters' names in the order of a transformers ``Trainer``'s default optimizer:
+    its weight-decay group, then the others (as ``Trainer.create_optimizer`` builds them)."""
+    from transformers import Trainer
+
+    decay = set(Trainer.get_decay_parameter_names(None, model))  # uses nothing of the Trainer
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    return [n for n, _ in trainable if n in decay] + [n for n, _ in trainable if n not in decay]
+
+
+def _states_by_name(model: nn.Module, optimizer, param_names) -> dict[str, tuple[dict, dict]]:
     """parameter name -> (its optimizer state, its param group's hyperparameters)."""
+    inner = getattr(optimizer, "optimizer", None)  # accelerate's AcceleratedOptimizer wraps the real one
+    if isinstance(inner, torch.optim.Optimizer):
+        optimizer = inner
     if isinstance(optimizer, torch.optim.Optimizer):
         if param_names is not None:
             raise ValueError("param_names is for an optimizer state_dict; a live optimizer knows its parameters")
@@ -363,6 +378,10 @@ def _states_by_name(model: nn.Module, optimizer, param_names: list[str] | None) 
         )
     groups = optimizer["param_groups"]
     indices = [i for g in groups for i in g["params"]]
+    if param_names == "trainer":
+        param_names = trainer_param_names(model)
+    elif isinstance(param_names, str):
+        raise ValueError(f"param_names must be a list of names or 'trainer', got {param_names!r}")
     if param_names is None:
         if all("param_names" in g for g in groups):
             param_names = [n for g in groups for n in g["param_names"]]
@@ -411,7 +430,8 @@ def _checked(name: str, t: torch.Tensor, shape: tuple, what: str) -> torch.Tenso
     if tuple(t.shape) != tuple(shape):
         raise ValueError(
             f"the optimizer's {what} for {name} has shape {tuple(t.shape)} but the parameter has {tuple(shape)}: "
-            "the state is not this model's (or param_names is in the wrong order)"
+            "the state is not this model's, or param_names is in the wrong order (a transformers Trainer "
+            "checkpoint's optimizer.pt: param_names='trainer')"
         )
     return t.detach().to("cpu", torch.float64)
 

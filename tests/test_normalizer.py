@@ -259,6 +259,38 @@ def test_named_parameter_groups_and_adafactor_state():
     assert rel_err(norm.factors[layer.name][0], r) <= 1e-12 and rel_err(norm.factors[layer.name][1], c) <= 1e-12
 
 
+def test_trainer_checkpoint_optimizer_state(tmp_path):
+    """A Trainer's optimizer.pt (decay group first, no names) maps with param_names='trainer'."""
+    from transformers import Trainer, TrainingArguments
+
+    model, exs = odd_llama(), examples(4, 3)
+
+    class Data(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(exs)
+
+        def __getitem__(self, i):
+            return {"input_ids": exs[i][0], "labels": exs[i][1]}
+
+    def collator(items):
+        return collate([(it["input_ids"], it["labels"]) for it in items])
+
+    args = TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=2, save_strategy="steps", save_steps=2,
+        report_to=[], use_cpu=True, logging_strategy="no", disable_tqdm=True,
+    )  # fmt: skip
+    trainer = Trainer(model=model, args=args, train_dataset=Data(), data_collator=collator)
+    trainer.train()
+    state = torch.load(tmp_path / "checkpoint-2" / "optimizer.pt", weights_only=False)
+    cfg = ProjectionConfig(include=[r"mlp\.", r"o_proj"])
+    live = Normalizer.from_optimizer(model, trainer.optimizer, cfg)
+    saved = Normalizer.from_optimizer(model, state, cfg, param_names="trainer")
+    for name, (r, c) in live.factors.items():
+        assert rel_err(saved.factors[name][0], r) <= 1e-14 and rel_err(saved.factors[name][1], c) <= 1e-14
+    with pytest.raises(ValueError, match="param_names='trainer'"):  # model order: biases are elsewhere
+        Normalizer.from_optimizer(model, state, cfg)
+
+
 def test_transformers_adafactor_state():
     """transformers' Adafactor: row / column means of a Linear weight (not transposed), bias exp_avg_sq."""
     from transformers.optimization import Adafactor
