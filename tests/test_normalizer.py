@@ -398,6 +398,8 @@ def test_bad_inputs_raise_one_clear_line(tmp_path):
         (lambda: Normalizer.fit(model, batches_of(examples(2, 1), 2), cfg, method="fast"), "method"),
         (lambda: Normalizer.from_optimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), cfg), "never stepped"),
         (lambda: Normalizer.from_optimizer(model, {"lr": 1}, cfg), "state_dict"),
+        (lambda: InfluenceCallback(tmp_path / "f", cfg, features=("gradient", "adam"), normalizer=norm),
+         "'adam' features"),
     ]  # fmt: skip
     for make, message in cases:
         with pytest.raises((ValueError, FileNotFoundError), match=message) as err:
