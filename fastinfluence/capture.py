@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .batching import batch_ids
+from .batching import batch_ids, batch_positions
 from .lm import IGNORE_INDEX, fused_head, model_inputs, shifted_labels
 from .ops.linear_cross_entropy import linear_cross_entropy
 
@@ -167,12 +167,14 @@ def _default_layers(candidates: list[tuple[str, nn.Module]]) -> tuple[list[tuple
 
 @dataclass
 class Batch:
-    """A validated batch on the model's device. ``ids``: one id per example."""
+    """A validated batch on the model's device. ``ids``: one id per example; ``positions``: their
+    indices in data order when the batch says (``fastinfluence.batching``), else None."""
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     labels: torch.Tensor
     ids: list
+    positions: list[int] | None = None
 
 
 @dataclass(frozen=True)
@@ -260,7 +262,7 @@ def prepare_batch(batch: dict, device: torch.device, start: int, limits: BatchLi
             f"examples {bad[:5]} have no label tokens (labels != -100 after the causal shift): "
             "their loss is undefined. Drop them or give them answer tokens."
         )
-    return Batch(input_ids.to(device), mask.to(device), labels.to(device), ids)
+    return Batch(input_ids.to(device), mask.to(device), labels.to(device), ids, batch_positions(batch, shape[0]))
 
 
 def _label_positions(attended: torch.Tensor, given: bool) -> torch.Tensor:

@@ -34,6 +34,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from .batching import length_batches
+
 IGNORE_INDEX = -100
 _PER_LINE = "one {'prompt', 'response'} object per line"
 log = logging.getLogger(__name__)
@@ -200,14 +202,35 @@ def pad(examples: list[Mapping], pad_token_id: int = 0, side: str = "right") -> 
 
 
 def batches(
-    tokenizer, examples, batch_size: int = 8, max_length: int = 512, eos: bool = True, side: str = "right"
+    tokenizer,
+    examples,
+    batch_size: int | None = 8,
+    max_length: int = 512,
+    eos: bool = True,
+    side: str = "right",
+    bucket: bool = False,
+    max_tokens: int | None = None,
+    window: int | None = 1024,
 ) -> list[dict]:
-    """Padded batches of ``batch_size`` examples in order (the batches ``GradientExtractor.extract`` takes)."""
-    if batch_size < 1:
+    """Padded batches of ``batch_size`` examples in order (the batches ``GradientExtractor.extract`` takes).
+
+    ``bucket=True`` (implied by ``max_tokens``) groups the examples by length so that little
+    compute goes to padding: ``window`` examples at a time are sorted longest first and cut
+    into batches of at most ``batch_size`` examples and ``max_tokens`` padded tokens
+    (``batch_size=None``: the token budget alone); see ``batching.length_batches``. Each
+    batch then also holds ``positions``, its examples' indices in data order, so that
+    extraction hands features and stores back in data order.
+    """
+    if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     enc = encode(tokenizer, examples, max_length, eos)
     pid = pad_token_id(tokenizer)
-    return [pad(enc[s : s + batch_size], pid, side) for s in range(0, len(enc), batch_size)]
+    if not (bucket or max_tokens is not None):
+        if batch_size is None:
+            raise ValueError("batch_size=None needs max_tokens (a token budget per batch); give one of them")
+        return [pad(enc[s : s + batch_size], pid, side) for s in range(0, len(enc), batch_size)]
+    plan = length_batches([len(e["input_ids"]) for e in enc], batch_size, max_tokens, window)
+    return [dict(pad([enc[i] for i in idx], pid, side), positions=idx) for idx in plan]
 
 
 class Collator:

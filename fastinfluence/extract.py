@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from . import ops
+from .batching import WindowTracker
 from .capture import (
     Batch,
     Capture,
@@ -22,7 +23,7 @@ from .capture import (
 )
 from .config import ProjectionConfig
 from .exact import per_example_gradients
-from .features import Features, LayerSlice, TokenFactors, cat_features, slice_rows
+from .features import Features, LayerSlice, TokenFactors, cat_features, reorder_rows, slice_rows
 from .lm import IGNORE_INDEX, fused_head, model_inputs, shifted_labels
 from .normalizer import Normalizer
 from .ops._common import masked
@@ -193,26 +194,31 @@ class GradientExtractor:
     def iter_features(
         self, batches: Iterable[dict], skip_examples: int = 0, tokens: bool = False, covariances: bool = False
     ) -> Iterator[Features]:
-        """One ``Features`` per batch, for the examples after the first ``skip_examples``.
+        """``Features`` of the examples after the first ``skip_examples``, in data order.
 
-        Batches that lie wholly within the skipped examples are not computed. Token
-        offsets of each yielded Features start at 0; ``stats`` hold per-batch sums.
+        One ``Features`` per window of batches (``fastinfluence.batching``): per batch for
+        batches in stream order, per run of length-bucketed batches (with ``positions``)
+        covering the next data positions, rows sorted back into data order. Batches that lie
+        wholly within the skipped examples are not computed. Token offsets of each yielded
+        Features start at 0; ``stats`` hold per-window sums.
         """
         if self.config.mode == "flat" and (tokens or covariances):
             raise ValueError("tokens=True and covariances=True need mode='factorized' (flat features have no layers)")
-        seen = 0
         capture = Capture(self.model, self.layers, self.config.autocast_dtype)
         fp = self.fingerprint
+        tracker, window = WindowTracker(), []
         for batch in iter_batches(batches, self.device, self.model):
             n = batch.input_ids.shape[0]
-            first = max(0, skip_examples - seen)
-            seen += n
-            if first >= n:
-                continue
-            # Frozen per batch, so that between yields the model is the caller's again.
-            with frozen_for_capture(self.model, self.layers):
-                feats = self._batch_features(capture, batch, tokens, covariances, fp)
-            yield slice_rows(feats, first, n)
+            positions = batch.positions if batch.positions is not None else tracker.following(n)
+            closes = tracker.add(n, positions)
+            if max(positions) >= skip_examples:
+                # Frozen per batch, so that between yields the model is the caller's again.
+                with frozen_for_capture(self.model, self.layers):
+                    window.append((positions, self._batch_features(capture, batch, tokens, covariances, fp)))
+            if closes and window:
+                yield _in_data_order(window, skip_examples)
+                window = []
+        tracker.finish()
 
     def _batch_features(self, capture: Capture, batch: Batch, tokens: bool, covariances: bool, fp: dict) -> Features:
         if self.config.mode == "flat":
@@ -320,3 +326,11 @@ class GradientExtractor:
             tokens=tokens,
             stats=stats,
         )
+
+
+def _in_data_order(window: list[tuple[list[int], Features]], skip_examples: int) -> Features:
+    """One window's per-batch Features as one, rows sorted by data position, the skipped ones left out."""
+    positions = [p for pos, _ in window for p in pos]
+    feats = reorder_rows(cat_features([f for _, f in window]), sorted(range(len(positions)), key=positions.__getitem__))
+    skipped = sum(p < skip_examples for p in positions)
+    return slice_rows(feats, skipped, len(feats))

@@ -175,6 +175,27 @@ def slice_rows(f: Features, a: int, b: int) -> Features:
     return Features(f.data[a:b], f.norms[a:b], f.ids[a:b], f.layout, f.config, f.fingerprint, tokens, None)
 
 
+def reorder_rows(f: Features, order: list[int]) -> Features:
+    """Rows of ``f`` in the order ``order`` (a permutation of its row indices), with their token
+    factors; stats (sums over all rows) are kept."""
+    if order == list(range(len(f))):
+        return f
+    index = torch.as_tensor(order, dtype=torch.long)
+    tokens = None
+    if f.tokens is not None:
+        o = f.tokens.offsets
+        counts = (o[1:] - o[:-1])[index]
+        token_index = torch.cat([torch.arange(int(o[i]), int(o[i + 1])) for i in order])
+        tokens = TokenFactors(
+            torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)]),
+            {n: t[token_index] for n, t in f.tokens.a.items()},
+            {n: t[token_index] for n, t in f.tokens.g.items()},
+        )
+    return Features(
+        f.data[index], f.norms[index], [f.ids[i] for i in order], f.layout, f.config, f.fingerprint, tokens, f.stats
+    )
+
+
 @runtime_checkable
 class FeatureSource(Protocol):
     """What scoring, preconditioning and weights read: ``Features`` in memory and ``FeatureStore`` on disk.

@@ -26,7 +26,7 @@ from typing import Any, NamedTuple
 import torch
 
 from .. import distributed as dist
-from ..batching import batch_ids
+from ..batching import batch_ids, batch_positions, windows
 from ..features import FeatureProducer, Features, cat_features, slice_rows
 from .format import (
     MANIFEST,
@@ -60,6 +60,25 @@ def _row_digests(stream: list[Mapping]) -> list[bytes]:
                 h.update(t[i].to(torch.int64).numpy().tobytes())
             out.append(h.digest()[:16])
     return out
+
+
+def _data_order(stream: list[Mapping]) -> list[int]:
+    """Stream row index of each data position (the identity for batches without ``positions``)."""
+    positions, pos = [], 0
+    for b in stream:
+        n = len(b["input_ids"])
+        given = batch_positions(b, n)
+        positions.extend(given if given is not None else range(pos, pos + n))
+        pos += n
+    return sorted(range(len(positions)), key=positions.__getitem__)
+
+
+def _rebased(batch: Mapping, start: int) -> Mapping:
+    """``batch`` with its data positions counted from ``start`` (a run's batches start at 0)."""
+    positions = batch_positions(batch, len(batch["input_ids"]))
+    if positions is None or not start:
+        return batch
+    return dict(batch, positions=[p - start for p in positions])
 
 
 def _content(digests: list[bytes], first: int, rows: int) -> str:
@@ -166,10 +185,11 @@ class Run(NamedTuple):
 class StoreWriter:
     """Creates, resumes or extends the store at ``path`` with features made as ``metadata`` says.
 
-    The store holds the examples of the batch stream in order. Examples already in the
-    store (the same stream positions) are left out of the plan, so writing again after a
+    The store holds the examples of the batch stream in order; length-bucketed batches
+    (with ``positions``, see ``fastinfluence.batching``) in data order. Examples already in
+    the store (the same positions) are left out of the plan, so writing again after a
     crash resumes, and writing the old batches followed by new ones appends. Shards hold
-    whole batches, about ``shard_rows`` rows each. Under ``torch.distributed`` the ranks
+    whole batches (whole windows of bucketed batches), about ``shard_rows`` rows each. Under ``torch.distributed`` the ranks
     split the remaining examples (whole batches), each writes its own shards and rank 0
     writes the manifest; every rank must plan the same batches.
 
@@ -230,12 +250,17 @@ class StoreWriter:
                     f"batch {i} must be a dict with 'input_ids' (got {type(b).__name__}); build batches as the "
                     f"tokenizer returns them"
                 )
-        sizes = [len(b["input_ids"]) for b in batches]
+        # The store holds the examples in data order: a window of length-bucketed batches
+        # (fastinfluence.batching) is the unit of the plan, as a batch is for batches in order.
+        wins = windows(batches)
+        sizes = [sum(len(batches[i]["input_ids"]) for i in w) for w in wins]
         stream, pos = [], 0
-        for b, n in zip(batches, sizes):
+        for b in batches:
+            n = len(b["input_ids"])
             ids = batch_ids(b, n, pos)
             stream.append(dict(b, ids=ids) if "ids" not in b else b)
             pos += n
+        order = _data_order(stream)
         dist.barrier()  # every rank has read the old manifest before rank 0 rewrites it
         if rank == 0:
             shard_dir.mkdir(parents=True, exist_ok=True)
@@ -247,7 +272,9 @@ class StoreWriter:
         dist.barrier()
         done = _scan_shards(shard_dir)
         flat_ids = [i for s in stream for i in s["ids"]]
-        digests = self._digests = _row_digests(stream)
+        flat_ids = [flat_ids[i] for i in order]
+        digests = _row_digests(stream)
+        digests = self._digests = [digests[i] for i in order]
         self._expected = len(flat_ids)
         for e in done:
             past_end = e["first"] + e["rows"] > len(flat_ids)
@@ -274,21 +301,23 @@ class StoreWriter:
                 len(flat_ids),
                 sum(p[2] - p[1] for p in pieces),
             )
-        runs = [self._run(stream, sizes, r) for r in _runs_for_rank(pieces, rank, world)]
+        windowed = [[stream[i] for i in w] for w in wins]
+        runs = [self._run(windowed, sizes, r) for r in _runs_for_rank(pieces, rank, world)]
         self._bar = _progress(sum(r.stop - r.first for r in runs), self.progress and rank == 0)
         return runs
 
-    def _run(self, stream, sizes, run) -> Run:
-        b0, first, _ = run[0]
-        b_last, _, stop = run[-1]
-        start_of = sum(sizes[:b0])
+    def _run(self, windowed, sizes, run) -> Run:
+        w0, first, _ = run[0]
+        w_last, _, stop = run[-1]
+        start_of = sum(sizes[:w0])
         skip = first - start_of
-        if self.covariances and (skip or stop != sum(sizes[: b_last + 1])):
+        if self.covariances and (skip or stop != sum(sizes[: w_last + 1])):
             raise StoreError(
                 f"store {self.root} ends inside a batch (examples {first}..{stop}): covariance sums are per batch, "
                 "so resume with the same batch size as the interrupted run"
             )
-        return Run(stream[b0 : b_last + 1], skip, first, stop)
+        batches = [_rebased(b, start_of) for w in windowed[w0 : w_last + 1] for b in w]
+        return Run(batches, skip, first, stop)
 
     def write(self, run: Run, features: Iterable[Features]) -> None:
         """Write the features of ``run`` (one ``Features`` per batch, the skipped examples left
