@@ -206,11 +206,14 @@ def load_model(path: str, model_dtype: str = "float32", device: str = "cpu", fla
     return model.to(device).eval(), AutoTokenizer.from_pretrained(str(tok_dir), local_files_only=True)
 
 
-def encode(tokenizer, records: list[dict], batch_size: int, max_length: int, eos: bool = True) -> list[dict]:
-    """Padded batches of JSONL records: ``fastinfluence.data.batches`` (its module docstring states the rule)."""
+def encode(
+    tokenizer, records: list[dict], batch_size: int | None, max_length: int, eos: bool = True, **bucketing
+) -> list[dict]:
+    """Padded batches of JSONL records: ``fastinfluence.data.batches`` (its module docstring states the rule);
+    ``bucketing``: its ``bucket`` / ``max_tokens`` / ``window`` (length-bucketed batches)."""
     from .data import batches
 
-    return batches(tokenizer, records, batch_size=batch_size, max_length=max_length, eos=eos)
+    return batches(tokenizer, records, batch_size=batch_size, max_length=max_length, eos=eos, **bucketing)
 
 
 def check_batches(model, batches: list[dict]) -> None:
@@ -338,11 +341,26 @@ def _store_out(path: str) -> Path:
     return p
 
 
+def _bucketing(args) -> dict:
+    """``extract``'s length-bucketing options as ``data.batches`` keywords; resolves ``--batch-size``
+    (default 8, or no limit under a ``--max-tokens`` budget)."""
+    positive(args.max_tokens, "--max-tokens", 2)
+    positive(args.bucket_window, "--bucket-window")
+    if args.bucket_window is not None and not (args.bucket or args.max_tokens):
+        raise CLIError("--bucket-window applies to length-bucketed batches: add --bucket or --max-tokens")
+    if args.batch_size is None:
+        args.batch_size = None if args.max_tokens else 8
+    if not (args.bucket or args.max_tokens):
+        return {}
+    return {"bucket": True, "max_tokens": args.max_tokens, "window": args.bucket_window or 1024}
+
+
 def _extract(args) -> int:
     from . import distributed as dist
     from .extract import GradientExtractor
     from .store import write_store
 
+    bucketing = _bucketing(args)
     _check_model_args(args)
     positive(args.shard_rows, "--shard-rows")
     out = _store_out(args.out)
@@ -350,7 +368,13 @@ def _extract(args) -> int:
     config = projection_config(args)
     model, tok = load_model(args.model, args.model_dtype, _device(args.device))
     extractor = GradientExtractor(model, config)
-    batches = encode(tok, records, args.batch_size, args.max_length, args.eos)
+    try:
+        batches = encode(tok, records, args.batch_size, args.max_length, args.eos, **bucketing)
+    except ValueError as exc:
+        if "max_tokens" not in str(exc):
+            raise
+        msg = str(exc).replace("max_tokens=", "--max-tokens ").replace("raise max_tokens", "raise --max-tokens")
+        raise CLIError(msg.replace("lower max_length", "lower --max-length")) from None
     check_batches(model, batches)
     meta = {
         "data": str(Path(args.data).resolve()),
@@ -435,7 +459,28 @@ def _register_extract(sub) -> None:
         help="also store activation/gradient covariance sums (for kfac/ekfac preconditioning)",
     )
     p.add_argument("--shard-rows", type=int, default=4096, help="rows per shard file (default 4096)")
-    p.set_defaults(func=_extract)
+    p.add_argument(
+        "--bucket",
+        action="store_true",
+        help="batch examples of similar length together (sorted longest first within windows of --bucket-window "
+        "examples) so that little compute goes to padding; the store keeps the data order",
+    )
+    p.add_argument(
+        "--max-tokens",
+        dest="max_tokens",
+        type=int,
+        metavar="N",
+        help="length-bucketed batches of at most N padded tokens (examples x longest) each; implies --bucket, and "
+        "--batch-size then caps examples per batch only when given",
+    )
+    p.add_argument(
+        "--bucket-window",
+        dest="bucket_window",
+        type=int,
+        metavar="N",
+        help="examples sorted by length together (default 1024); their features are held until the window is done",
+    )
+    p.set_defaults(func=_extract, batch_size=None)
 
 
 # ----------------------------------------------------------------------------- score

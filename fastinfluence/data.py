@@ -23,7 +23,10 @@ The encoding of one example (``encode_example``):
 - An empty response (no answer token) is refused: its loss is undefined.
 
 Batches are right-padded (``side="left"`` pads on the left) with ``attention_mask`` 0 on
-the padding; ``ids`` holds the example ids.
+the padding; ``ids`` holds the example ids. ``batches(..., bucket=True)`` or ``max_tokens=``
+groups examples by length so that a batch is padded only to its own longest example
+(``batching.length_batches``); those batches carry ``positions`` (indices in data order),
+and extraction hands their features back in data order.
 """
 
 from __future__ import annotations
@@ -229,6 +232,14 @@ def batches(
         if batch_size is None:
             raise ValueError("batch_size=None needs max_tokens (a token budget per batch); give one of them")
         return [pad(enc[s : s + batch_size], pid, side) for s in range(0, len(enc), batch_size)]
+    if max_tokens is not None:
+        longest = max(enc, key=lambda e: len(e["input_ids"]))
+        n = len(longest["input_ids"])
+        if n > max_tokens:
+            raise ValueError(
+                f"example {longest['id']!r} has {n} tokens, more than max_tokens={max_tokens}: raise max_tokens to "
+                f"at least {n} or lower max_length"
+            )
     plan = length_batches([len(e["input_ids"]) for e in enc], batch_size, max_tokens, window)
     return [dict(pad([enc[i] for i in idx], pid, side), positions=idx) for idx in plan]
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -9,6 +11,8 @@ from fastinfluence import GradientExtractor, ProjectionConfig
 from fastinfluence.batching import length_batches, windows
 from fastinfluence.store import FeatureStore, write_store
 from tests.helpers import collate, make_examples, tiny_model
+from tests.test_cli import data as cli_data  # noqa: F401 (fixtures)
+from tests.test_cli import model_dir as cli_model_dir  # noqa: F401
 
 N = 22
 IDS = [f"ex{i}" for i in range(N)]
@@ -197,3 +201,40 @@ def test_resuming_with_other_positions_is_refused(model, examples, tmp_path):
         write_store(tmp_path / "s", ext, [dict(b, positions=list(reversed(b["positions"]))) for b in bucketed(
             examples, batch_size=4, window=None)])
     assert FeatureStore.open(tmp_path / "s").ids == IDS
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def test_extract_bucket_and_max_tokens_write_the_plain_store(cli_model_dir, cli_data, tmp_path):
+    from fastinfluence.cli import main
+
+    common = ["--quiet", "extract", "--model", cli_model_dir, "--data", cli_data / "train.jsonl", "--rank-in", 4]
+    common = [*map(str, common), "--rank-out", "4", "--shard-rows", "4"]
+    assert main([*common, "--batch-size", "3", "--out", str(tmp_path / "plain")]) == 0
+    assert main([*common, "--batch-size", "3", "--bucket", "--out", str(tmp_path / "bucket")]) == 0
+    assert main([*common, "--max-tokens", "30", "--bucket-window", "4", "--out", str(tmp_path / "tokens")]) == 0
+    ref = FeatureStore.open(tmp_path / "plain")
+    for name in ("bucket", "tokens"):
+        out = FeatureStore.open(tmp_path / name)
+        assert out.ids == ref.ids
+        assert torch.allclose(out.to_features().data, ref.to_features().data, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "flags, match",
+    [
+        (["--max-tokens", "1"], "--max-tokens must be >= 2"),
+        (["--max-tokens", "4"], r"example 't\d+' has \d+ tokens, more than --max-tokens 4: raise --max-tokens"),
+        (["--bucket-window", "4"], "--bucket-window applies to length-bucketed batches: add --bucket"),
+        (["--bucket", "--bucket-window", "0"], "--bucket-window must be >= 1"),
+    ],
+)
+def test_bad_bucketing_flags_are_named(cli_model_dir, cli_data, tmp_path, capsys, flags, match):
+    from fastinfluence.cli import main
+
+    argv = ["extract", "--model", str(cli_model_dir), "--data", str(cli_data / "train.jsonl"), *flags]
+    assert main([*argv, "--out", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert re.search(match, err), err
