@@ -99,6 +99,21 @@ class WindowTracker:
             )
 
 
+def data_order(batches: Sequence[tuple[int, list[int] | None]]) -> list[int]:
+    """Stream row of each data position, from each batch's (size, positions or None).
+
+    ``rows[data_order(...)]`` puts rows computed batch by batch back into data order (the
+    identity for batches in stream order).
+    """
+    tracker, flat = WindowTracker(), []
+    for n, positions in batches:
+        positions = positions if positions is not None else tracker.following(n)
+        tracker.add(n, positions)
+        flat.extend(positions)
+    tracker.finish()
+    return sorted(range(len(flat)), key=flat.__getitem__)
+
+
 def windows(batches: Sequence[Mapping]) -> list[list[int]]:
     """Indices of the batches of each window, in stream order (one per batch without ``positions``)."""
     tracker, out, current = WindowTracker(), [], []

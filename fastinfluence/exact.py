@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from . import ops
+from .batching import data_order
 from .capture import Capture, Layer, frozen_for_capture, iter_batches, model_device, select_layers
 from .config import ProjectionConfig
 from .normalizer import Normalizer
@@ -89,7 +90,8 @@ def exact_scores(
         normalizer: a ``Normalizer``: inner products of the normalised gradients g / sqrt(V).
 
     Returns:
-        (Q, N) scores, float64 for a float64 model, float32 otherwise, summed over layers.
+        (Q, N) scores, float64 for a float64 model, float32 otherwise, summed over layers; rows and
+        columns in data order (length-bucketed batches with ``positions`` are put back in order).
     """
     if metric not in ("dot", "cosine"):
         raise ValueError(f"metric must be 'dot' or 'cosine', got {metric!r}")
@@ -115,8 +117,9 @@ def exact_scores(
 
     with frozen_for_capture(model, layers):
         capture = Capture(model, layers)
-        query_sq, n_queries = [], 0
+        query_sq, n_queries, query_pos = [], 0, []
         for batch in iter_batches(query_batches, device, model):
+            query_pos.append((batch.input_ids.shape[0], batch.positions))
             sq = torch.zeros(batch.input_ids.shape[0], dtype=dtype, device=device)
             n_queries += batch.input_ids.shape[0]
 
@@ -130,8 +133,9 @@ def exact_scores(
             query_sq.append(sq)
         query_sq = torch.cat(query_sq)
 
-        columns, train_sq = [], []
+        columns, train_sq, train_pos = [], [], []
         for batch in iter_batches(train_batches, device, model):
+            train_pos.append((batch.input_ids.shape[0], batch.positions))
             B, T = batch.input_ids.shape
             S = torch.zeros(n_queries, B, dtype=dtype, device=device)
             sq = torch.zeros(B, dtype=dtype, device=device)
@@ -157,4 +161,4 @@ def exact_scores(
     scores = torch.cat(columns, dim=1)
     if cosine:
         scores = scores / query_sq.sqrt()[:, None] / torch.cat(train_sq).sqrt()[None, :]
-    return scores
+    return scores[data_order(query_pos)][:, data_order(train_pos)]

@@ -29,7 +29,7 @@ def examples():
 
 
 def plain(examples, size=4):
-    return [collate(examples[s : s + size], ids=IDS[s : s + size]) for s in range(0, len(examples), size)]
+    return [collate(examples[s : s + size], ids=IDS[s : min(s + size, len(examples))]) for s in range(0, len(examples), size)]
 
 
 def bucketed(examples, **kw):
@@ -145,6 +145,15 @@ def test_skipping_examples_counts_in_data_order(model, examples):
     assert [len(p) for p in parts] == [3, 8, 6]  # windows 0..7 (less the 5 skipped), 8..15, 16..21
     assert [i for p in parts for i in p.ids] == IDS[5:]
     assert torch.allclose(torch.cat([p.data for p in parts]), ref.data[5:], atol=1e-10 * ref.data.abs().max())
+
+
+def test_exact_scores_of_bucketed_batches_are_in_data_order(model, examples):
+    from fastinfluence import exact_scores
+
+    query = examples[:7]
+    ref = exact_scores(model, plain(query, 3), plain(examples))
+    out = exact_scores(model, bucketed(query, batch_size=2), bucketed(examples, batch_size=None, max_tokens=70))
+    assert torch.allclose(out, ref, rtol=0, atol=1e-10 * ref.abs().max())
 
 
 # ----------------------------------------------------------------------------- stores

@@ -26,7 +26,7 @@ from typing import Any, NamedTuple
 import torch
 
 from .. import distributed as dist
-from ..batching import batch_ids, batch_positions, windows
+from ..batching import batch_ids, batch_positions, data_order, windows
 from ..features import FeatureProducer, Features, cat_features, slice_rows
 from .format import (
     MANIFEST,
@@ -60,17 +60,6 @@ def _row_digests(stream: list[Mapping]) -> list[bytes]:
                 h.update(t[i].to(torch.int64).numpy().tobytes())
             out.append(h.digest()[:16])
     return out
-
-
-def _data_order(stream: list[Mapping]) -> list[int]:
-    """Stream row index of each data position (the identity for batches without ``positions``)."""
-    positions, pos = [], 0
-    for b in stream:
-        n = len(b["input_ids"])
-        given = batch_positions(b, n)
-        positions.extend(given if given is not None else range(pos, pos + n))
-        pos += n
-    return sorted(range(len(positions)), key=positions.__getitem__)
 
 
 def _rebased(batch: Mapping, start: int) -> Mapping:
@@ -260,7 +249,7 @@ class StoreWriter:
             ids = batch_ids(b, n, pos)
             stream.append(dict(b, ids=ids) if "ids" not in b else b)
             pos += n
-        order = _data_order(stream)
+        order = data_order([(len(b["input_ids"]), batch_positions(b, len(b["input_ids"]))) for b in stream])
         dist.barrier()  # every rank has read the old manifest before rank 0 rewrites it
         if rank == 0:
             shard_dir.mkdir(parents=True, exist_ok=True)
