@@ -232,39 +232,69 @@ def batches(
         if batch_size is None:
             raise ValueError("batch_size=None needs max_tokens (a token budget per batch); give one of them")
         return [pad(enc[s : s + batch_size], pid, side) for s in range(0, len(enc), batch_size)]
-    if max_tokens is not None:
-        longest = max(enc, key=lambda e: len(e["input_ids"]))
-        n = len(longest["input_ids"])
-        if n > max_tokens:
-            raise ValueError(
-                f"example {longest['id']!r} has {n} tokens, more than max_tokens={max_tokens}: raise max_tokens to "
-                f"at least {n} or lower max_length"
-            )
+    _check_budget(enc, max_tokens)
     plan = length_batches([len(e["input_ids"]) for e in enc], batch_size, max_tokens, window)
     return [dict(pad([enc[i] for i in idx], pid, side), positions=idx) for idx in plan]
 
 
 class Collator:
-    """``DataLoader`` collate function over encoded examples (see ``pad``)."""
+    """``DataLoader`` collate function over encoded examples (see ``pad``); examples holding a
+    ``position`` (their index in data order) give the batch its ``positions``."""
 
     def __init__(self, pad_token_id: int = 0, side: str = "right"):
         self.pad_token_id, self.side = pad_token_id, side
 
     def __call__(self, examples: list[Mapping]) -> dict:
-        return pad(examples, self.pad_token_id, self.side)
+        batch = pad(examples, self.pad_token_id, self.side)
+        if examples and all("position" in e for e in examples):
+            batch["positions"] = [e["position"] for e in examples]
+        return batch
 
 
 def dataloader(
-    tokenizer, examples, batch_size: int = 8, max_length: int = 512, eos: bool = True, side: str = "right", **kwargs
+    tokenizer,
+    examples,
+    batch_size: int | None = 8,
+    max_length: int = 512,
+    eos: bool = True,
+    side: str = "right",
+    bucket: bool = False,
+    max_tokens: int | None = None,
+    window: int | None = 1024,
+    **kwargs,
 ):
-    """A ``torch.utils.data.DataLoader`` of padded batches; ``kwargs`` (``shuffle``, ``num_workers``) go to it."""
+    """A ``torch.utils.data.DataLoader`` of padded batches; ``kwargs`` (``shuffle``, ``num_workers``) go to it.
+
+    ``bucket`` / ``max_tokens`` / ``window``: length-bucketed batches with ``positions``, as
+    :func:`batches` makes them (a fixed batch plan: ``shuffle`` does not apply).
+    """
     from torch.utils.data import DataLoader
 
-    if batch_size < 1:
+    if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    enc = encode(tokenizer, examples, max_length, eos)
+    collate = Collator(pad_token_id(tokenizer), side)
+    if not (bucket or max_tokens is not None):
+        if batch_size is None:
+            raise ValueError("batch_size=None needs max_tokens (a token budget per batch); give one of them")
+        return DataLoader(enc, batch_size=batch_size, collate_fn=collate, **kwargs)
+    if kwargs.get("shuffle"):
+        raise ValueError("shuffle=True does not apply to length-bucketed batches; give length_batches a seed instead")
+    _check_budget(enc, max_tokens)
+    plan = length_batches([len(e["input_ids"]) for e in enc], batch_size, max_tokens, window)
+    kwargs.pop("shuffle", None)
     return DataLoader(
-        encode(tokenizer, examples, max_length, eos),
-        batch_size=batch_size,
-        collate_fn=Collator(pad_token_id(tokenizer), side),
-        **kwargs,
+        [dict(e, position=i) for i, e in enumerate(enc)], batch_sampler=plan, collate_fn=collate, **kwargs
     )
+
+
+def _check_budget(enc: list[dict], max_tokens: int | None) -> None:
+    if max_tokens is None:
+        return
+    longest = max(enc, key=lambda e: len(e["input_ids"]))
+    n = len(longest["input_ids"])
+    if n > max_tokens:
+        raise ValueError(
+            f"example {longest['id']!r} has {n} tokens, more than max_tokens={max_tokens}: raise max_tokens to "
+            f"at least {n} or lower max_length"
+        )

@@ -13,6 +13,7 @@ from fastinfluence.store import FeatureStore, write_store
 from tests.helpers import collate, make_examples, tiny_model
 from tests.test_cli import data as cli_data  # noqa: F401 (fixtures)
 from tests.test_cli import model_dir as cli_model_dir  # noqa: F401
+from tests.test_data import tok  # noqa: F401 (fixture)
 
 N = 22
 IDS = [f"ex{i}" for i in range(N)]
@@ -109,6 +110,55 @@ def test_bad_positions_are_refused(model, examples, positions, match):
     batches = [dict(collate(examples[2 * k : 2 * k + 2]), positions=p) for k, p in enumerate(positions)]
     with pytest.raises(ValueError, match=match):
         extractor(model).extract(batches)
+
+
+def records(n=13):
+    import random
+
+    rng = random.Random(1)
+    words = "the a cat dog sat ran on under mat log red blue".split()
+    return [
+        {"id": f"r{i}", "prompt": " ".join(rng.choices(words, k=rng.randint(1, 9))), "response": rng.choice(words)}
+        for i in range(n)
+    ]
+
+
+def test_data_batches_bucketed_hold_the_same_examples_with_positions(tok):
+    from fastinfluence import data
+
+    plain_rows = {}
+    for b in data.batches(tok, records(), batch_size=4):
+        for k, i in enumerate(b["ids"]):
+            plain_rows[i] = b["input_ids"][k][b["attention_mask"][k].bool()].tolist()
+    out = data.batches(tok, records(), batch_size=None, max_tokens=24, window=6)
+    loader = list(data.dataloader(tok, records(), batch_size=None, max_tokens=24, window=6))
+    assert len(out) == len(loader)
+    for b, l in zip(out, loader):
+        assert b["ids"] == l["ids"] and b["positions"] == l["positions"]
+        assert torch.equal(b["input_ids"], l["input_ids"]) and torch.equal(b["labels"], l["labels"])
+        assert b["input_ids"].numel() <= 24 and b["attention_mask"][:, -1].any()  # padded to its own longest
+        for k, i in enumerate(b["ids"]):
+            assert i == f"r{b['positions'][k]}"
+            assert b["input_ids"][k][b["attention_mask"][k].bool()].tolist() == plain_rows[i]
+    assert sorted(p for b in out for p in b["positions"]) == list(range(13))
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(batch_size=None), "batch_size=None needs max_tokens"),
+        (dict(max_tokens=3), r"example 'r\d+' has \d+ tokens, more than max_tokens=3"),
+        (dict(bucket=True, shuffle=True), "shuffle=True does not apply"),
+    ],
+)
+def test_bad_bucketing_arguments_of_the_data_helpers(tok, kw, match):
+    from fastinfluence import data
+
+    with pytest.raises(ValueError, match=match):
+        data.dataloader(tok, records(), **kw)
+    if "shuffle" not in kw:
+        with pytest.raises(ValueError, match=match):
+            data.batches(tok, records(), **kw)
 
 
 # ----------------------------------------------------------------------------- features
