@@ -248,8 +248,9 @@ class FeatureProducer(Protocol):
     """What makes features from batches (``GradientExtractor``); a store writer consumes its output.
 
     ``metadata()``: config / fingerprint / layout / dtype of the features it makes.
-    ``iter_features``: one ``Features`` per batch for the examples after the first
-    ``skip_examples`` (token offsets of each start at 0; ``stats`` are per-batch sums).
+    ``iter_features``: the features of the examples after the first ``skip_examples``, in
+    data order, one ``Features`` per batch (per window of length-bucketed batches, see
+    ``fastinfluence.batching``; token offsets of each start at 0; ``stats`` are its sums).
     """
 
     def metadata(self) -> dict: ...
