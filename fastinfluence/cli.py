@@ -381,6 +381,7 @@ def _extract(args) -> int:
         "data_sha256": file_digest(args.data),
         "model": str(Path(args.model).resolve()),
         "encoding": {"max_length": args.max_length, "eos": args.eos},
+        "batching": {"batch_size": args.batch_size, **bucketing},
     }
     store = write_store(
         out,

@@ -251,6 +251,17 @@ def test_bucketed_batches_resume_and_append_a_store(model, examples, tmp_path, m
     assert torch.allclose(store.to_features().data, ref.data.float(), atol=1e-6 * ref.data.abs().max())
 
 
+def test_a_plain_store_is_resumed_by_bucketed_batches_inside_a_window(model, examples, tmp_path):
+    """Stores are in data order whatever the batching: a store of plain batches ending at example 10
+    is completed by bucketed batches whose window 6..11 it half covers."""
+    ext = extractor(model)
+    ref = ext.extract(plain(examples))
+    write_store(tmp_path / "s", ext, plain(examples[:10]), shard_rows=4)
+    store = write_store(tmp_path / "s", ext, bucketed(examples, batch_size=4, window=6), shard_rows=4)
+    assert store.ids == IDS
+    assert torch.allclose(store.to_features().data, ref.data.float(), atol=1e-6 * ref.data.abs().max())
+
+
 def test_resuming_with_other_positions_is_refused(model, examples, tmp_path):
     ext = extractor(model)
     write_store(tmp_path / "s", ext, bucketed(examples, batch_size=4, window=None))
@@ -297,3 +308,27 @@ def test_bad_bucketing_flags_are_named(cli_model_dir, cli_data, tmp_path, capsys
     err = capsys.readouterr().err
     assert "Traceback" not in err
     assert re.search(match, err), err
+
+
+def test_shards_of_older_stores_are_checked_against_their_padded_rows(model, examples, tmp_path, monkeypatch):
+    """Shards written before ``content_kind`` hashed whole padded rows: those batches still resume, others not."""
+    import fastinfluence.store.writer as writer
+    from fastinfluence.store.format import MismatchError
+
+    ext = extractor(model)
+    batches = plain(examples)
+    write_store(tmp_path / "s", ext, batches[:2], shard_rows=4)
+    padded = writer._row_digests(batches, padded=True)
+    scan = writer._scan_shards
+
+    def as_written_before(root):
+        out = []
+        for e in scan(root):
+            e = {k: v for k, v in e.items() if k != "content_kind"}
+            out.append(dict(e, content=writer._content(padded, e["first"], e["rows"])))
+        return out
+
+    monkeypatch.setattr(writer, "_scan_shards", as_written_before)
+    assert write_store(tmp_path / "s", ext, batches, shard_rows=4).ids == IDS
+    with pytest.raises(MismatchError, match="differ from these batches"):  # same examples, other padding
+        write_store(tmp_path / "s", ext, bucketed(examples, batch_size=4, window=None), shard_rows=4)

@@ -28,6 +28,7 @@ import torch
 from .. import distributed as dist
 from ..batching import batch_ids, batch_positions, data_order, windows
 from ..features import FeatureProducer, Features, cat_features, slice_rows
+from ..lm import IGNORE_INDEX
 from .format import (
     MANIFEST,
     MismatchError,
@@ -48,16 +49,34 @@ from .reader import FeatureStore
 log = logging.getLogger("fastinfluence.store")
 
 
-def _row_digests(stream: list[Mapping]) -> list[bytes]:
-    """One digest per example of what it is made of (its tokens, mask and labels), so that
-    resuming with other examples at the same positions is refused even without ids."""
+def _row_digests(stream: list[Mapping], padded: bool = False) -> list[bytes]:
+    """One digest per example of what it is made of, so that resuming with other examples at the
+    same positions is refused even without ids: its tokens, mask and labels from its first to its
+    last attended token (and a label on the token after, which can count), so that neither the
+    padding nor the batch it came in changes it. ``padded``: of the whole padded row, as shards
+    without ``content_kind`` recorded it."""
     out = []
     for b in stream:
-        fields = [torch.as_tensor(b[k]) for k in ("input_ids", "attention_mask", "labels") if b.get(k) is not None]
-        for i in range(len(fields[0])):
+        ids, labels = torch.as_tensor(b["input_ids"]), b.get("labels")
+        mask = None if b.get("attention_mask") is None else torch.as_tensor(b["attention_mask"])
+        labels = None if labels is None else torch.as_tensor(labels)
+        for i in range(len(ids)):
             h = hashlib.sha256()
-            for t in fields:
-                h.update(t[i].to(torch.int64).numpy().tobytes())
+            if padded:
+                for t in (ids, mask, labels):
+                    if t is not None:
+                        h.update(t[i].to(torch.int64).numpy().tobytes())
+                out.append(h.digest()[:16])
+                continue
+            lo, hi = 0, ids.shape[1]
+            if mask is not None and bool(mask[i].any()):
+                on = torch.nonzero(mask[i]).flatten()
+                lo, hi = int(on[0]), int(on[-1]) + 1
+            for t in (ids, mask, labels):
+                if t is not None:
+                    h.update(t[i, lo:hi].to(torch.int64).numpy().tobytes())
+            if labels is not None and hi < labels.shape[1] and int(labels[i, hi]) != IGNORE_INDEX:
+                h.update(labels[i, hi : hi + 1].to(torch.int64).numpy().tobytes())
             out.append(h.digest()[:16])
     return out
 
@@ -81,6 +100,7 @@ def _write_shard(root: Path, first: int, f: Features, layers: list[str], content
         "rows": len(f),
         "ids": _jsonable(f.ids),
         "content": content,
+        "content_kind": "span",
         "tokens": None,
     }
     if f.tokens is not None:
@@ -264,13 +284,18 @@ class StoreWriter:
         flat_ids = [flat_ids[i] for i in order]
         digests = _row_digests(stream)
         digests = self._digests = [digests[i] for i in order]
+        old_digests = None
         self._expected = len(flat_ids)
         for e in done:
             past_end = e["first"] + e["rows"] > len(flat_ids)
+            if "content" in e and e.get("content_kind") != "span" and old_digests is None:
+                old_digests = _row_digests(stream, padded=True)
+                old_digests = [old_digests[i] for i in order]
+            ref = digests if e.get("content_kind") == "span" else old_digests
             if (
                 past_end
                 or _jsonable(flat_ids[e["first"] : e["first"] + e["rows"]]) != e["ids"]
-                or ("content" in e and _content(digests, e["first"], e["rows"]) != e["content"])
+                or ("content" in e and _content(ref, e["first"], e["rows"]) != e["content"])
             ):
                 raise MismatchError(
                     f"store {root} holds examples {e['first']}..{e['first'] + e['rows']} (shard {e.get('file')}) "
