@@ -206,6 +206,21 @@ def test_exact_scores_of_bucketed_batches_are_in_data_order(model, examples):
     assert torch.allclose(out, ref, rtol=0, atol=1e-10 * ref.abs().max())
 
 
+def test_scores_of_bucketed_train_batches_name_the_same_examples(model, examples):
+    from fastinfluence import score, score_batches
+
+    ext = extractor(model)
+    query = ext.extract(plain(examples[:3]))
+    ref = score(query, ext.extract(plain(examples)), topk=5)
+    for out in (
+        score(query, ext.extract(bucketed(examples, batch_size=4, window=8)), topk=5),
+        score_batches(ext, query, bucketed(examples, batch_size=4, window=8), topk=5),
+    ):
+        assert out.train_ids == IDS and out.topk_ids == ref.topk_ids
+        assert torch.equal(out.topk_indices, ref.topk_indices)
+        assert torch.allclose(out.topk_values, ref.topk_values, rtol=1e-6)
+
+
 # ----------------------------------------------------------------------------- stores
 
 
