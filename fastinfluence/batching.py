@@ -43,7 +43,7 @@ def batch_positions(batch: Mapping, n: int) -> list[int] | None:
         return None
     if hasattr(positions, "tolist"):
         positions = positions.tolist()
-    positions = list(positions)
+    positions = [p.item() if hasattr(p, "item") else p for p in positions]  # numpy / torch scalars
     if len(positions) != n:
         raise ValueError(f"batch 'positions' has {len(positions)} entries for {n} examples; give one per example")
     if any(isinstance(p, bool) or not isinstance(p, int) or p < 0 for p in positions):
