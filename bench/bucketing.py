@@ -40,14 +40,29 @@ def padded_tokens(examples: list[dict], batching: str) -> dict:
     else:
         plan = length_batches(lengths, batch_size=None, max_tokens=int(batching), window=None)
     padded = sum(len(b) * max(lengths[i] for i in b) for b in plan)
-    return {"batches": len(plan), "padded_tokens": padded, "real_tokens": sum(lengths), "pad_fraction": 1 - sum(lengths) / padded}
+    return {
+        "batches": len(plan),
+        "padded_tokens": padded,
+        "real_tokens": sum(lengths),
+        "pad_fraction": 1 - sum(lengths) / padded,
+    }
 
 
 def launch(work: Path, setting: str, batching: str, out: Path, dataset: str) -> dict:
     env = dict(os.environ, FI_PEER_BATCHING="order" if batching == "order" else "length")
     if batching != "order":
         env["FI_PEER_MAX_TOKENS"] = batching
-    cmd = ["nice", "-n", "10", sys.executable, str(HERE / "peers/run_fastinfluence.py"), str(work), setting, str(out), dataset]
+    cmd = [
+        "nice",
+        "-n",
+        "10",
+        sys.executable,
+        str(HERE / "peers/run_fastinfluence.py"),
+        str(work),
+        setting,
+        str(out),
+        dataset,
+    ]
     subprocess.run(cmd, env=env, cwd=HERE / "peers", check=True, capture_output=True)
     rec = json.loads((out / "result.json").read_text())
     if not rec.get("ok"):
@@ -83,7 +98,9 @@ def main() -> None:
                 out = work / "runs" / ds / f"{s}_{m}_{rep}"
                 rec = launch(work, s, m, out, ds)
                 recs[(s, m)].append((rec, out))
-                print(f"[{ds} rep {rep}] {s:6s} {m:6s} cpu {rec['cpu_s']:6.2f} s  wall {rec['wall_s']:6.2f} s", flush=True)
+                print(
+                    f"[{ds} rep {rep}] {s:6s} {m:6s} cpu {rec['cpu_s']:6.2f} s  wall {rec['wall_s']:6.2f} s", flush=True
+                )
         for s, m in runs:
             ref = np.load(recs[(s, "order")][0][1] / "scores.npy")
             S = np.load(recs[(s, m)][0][1] / "scores.npy")
@@ -118,7 +135,11 @@ def main() -> None:
     }
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     for r in rows:
-        print(f"{r['dataset']:8s} {r['setting']:6s} {r['batching']:40s} cpu {r['cpu_s']:6.2f} s  x{r['speedup_vs_data_order']:.2f}  pad {r['train']['pad_fraction']:.2f}  err {r['rel_err_vs_data_order']:.1e}")
+        print(
+            f"{r['dataset']:8s} {r['setting']:6s} {r['batching']:40s} cpu {r['cpu_s']:6.2f} s  "
+            f"x{r['speedup_vs_data_order']:.2f}  pad {r['train']['pad_fraction']:.2f}  "
+            f"err {r['rel_err_vs_data_order']:.1e}"
+        )
 
 
 if __name__ == "__main__":

@@ -46,7 +46,9 @@ def packed_losses(model, examples: list[dict], row: list[int]) -> torch.Tensor:
     ids = torch.tensor([t for i in row for t in examples[i]["input_ids"]])[None]
     labels = [list(examples[i]["labels"]) for i in row]
     for lab in labels:
-        lab[0] = -100  # an example's first token is never a target (the previous example's last token must not predict it)
+        lab[
+            0
+        ] = -100  # an example's first token is never a target (the previous example's last token must not predict it)
     labels = torch.tensor([t for lab in labels for t in lab])[None]
     seg = torch.tensor([k for k, i in enumerate(row) for _ in examples[i]["input_ids"]])
     pos = torch.cat([torch.arange(len(examples[i]["input_ids"])) for i in row])[None]

@@ -11,9 +11,9 @@ from fastinfluence import GradientExtractor, ProjectionConfig
 from fastinfluence.batching import length_batches, windows
 from fastinfluence.store import FeatureStore, write_store
 from tests.helpers import collate, make_examples, tiny_model
-from tests.test_cli import data as cli_data  # noqa: F401 (fixtures)
+from tests.test_cli import data as cli_data  # noqa: F401 (fixtures, taken through request.getfixturevalue)
 from tests.test_cli import model_dir as cli_model_dir  # noqa: F401
-from tests.test_data import tok  # noqa: F401 (fixture)
+from tests.test_data import tok as data_tok  # noqa: F401
 
 N = 22
 IDS = [f"ex{i}" for i in range(N)]
@@ -30,7 +30,8 @@ def examples():
 
 
 def plain(examples, size=4):
-    return [collate(examples[s : s + size], ids=IDS[s : min(s + size, len(examples))]) for s in range(0, len(examples), size)]
+    starts = range(0, len(examples), size)
+    return [collate(examples[s : s + size], ids=IDS[s : min(s + size, len(examples))]) for s in starts]
 
 
 def bucketed(examples, **kw):
@@ -123,9 +124,10 @@ def records(n=13):
     ]
 
 
-def test_data_batches_bucketed_hold_the_same_examples_with_positions(tok):
+def test_data_batches_bucketed_hold_the_same_examples_with_positions(request):
     from fastinfluence import data
 
+    tok = request.getfixturevalue("data_tok")
     plain_rows = {}
     for b in data.batches(tok, records(), batch_size=4):
         for k, i in enumerate(b["ids"]):
@@ -151,9 +153,10 @@ def test_data_batches_bucketed_hold_the_same_examples_with_positions(tok):
         (dict(bucket=True, shuffle=True), "shuffle=True does not apply"),
     ],
 )
-def test_bad_bucketing_arguments_of_the_data_helpers(tok, kw, match):
+def test_bad_bucketing_arguments_of_the_data_helpers(request, kw, match):
     from fastinfluence import data
 
+    tok = request.getfixturevalue("data_tok")
     with pytest.raises(ValueError, match=match):
         data.dataloader(tok, records(), **kw)
     if "shuffle" not in kw:
@@ -284,18 +287,22 @@ def test_resuming_with_other_positions_is_refused(model, examples, tmp_path):
     from fastinfluence.store.format import MismatchError
 
     with pytest.raises(MismatchError, match="differ from these batches"):
-        write_store(tmp_path / "s", ext, [dict(b, positions=list(reversed(b["positions"]))) for b in bucketed(
-            examples, batch_size=4, window=None)])
+        write_store(
+            tmp_path / "s",
+            ext,
+            [dict(b, positions=list(reversed(b["positions"]))) for b in bucketed(examples, batch_size=4, window=None)],
+        )
     assert FeatureStore.open(tmp_path / "s").ids == IDS
 
 
 # ----------------------------------------------------------------------------- command line
 
 
-def test_extract_bucket_and_max_tokens_write_the_plain_store(cli_model_dir, cli_data, tmp_path):
+def test_extract_bucket_and_max_tokens_write_the_plain_store(request, tmp_path):
     from fastinfluence.cli import main
 
-    common = ["--quiet", "extract", "--model", cli_model_dir, "--data", cli_data / "train.jsonl", "--rank-in", 4]
+    model_dir, data_dir = request.getfixturevalue("cli_model_dir"), request.getfixturevalue("cli_data")
+    common = ["--quiet", "extract", "--model", model_dir, "--data", data_dir / "train.jsonl", "--rank-in", 4]
     common = [*map(str, common), "--rank-out", "4", "--shard-rows", "4"]
     assert main([*common, "--batch-size", "3", "--out", str(tmp_path / "plain")]) == 0
     assert main([*common, "--batch-size", "3", "--bucket", "--out", str(tmp_path / "bucket")]) == 0
@@ -316,10 +323,11 @@ def test_extract_bucket_and_max_tokens_write_the_plain_store(cli_model_dir, cli_
         (["--bucket", "--bucket-window", "0"], "--bucket-window must be >= 1"),
     ],
 )
-def test_bad_bucketing_flags_are_named(cli_model_dir, cli_data, tmp_path, capsys, flags, match):
+def test_bad_bucketing_flags_are_named(request, tmp_path, capsys, flags, match):
     from fastinfluence.cli import main
 
-    argv = ["extract", "--model", str(cli_model_dir), "--data", str(cli_data / "train.jsonl"), *flags]
+    model_dir, data_dir = request.getfixturevalue("cli_model_dir"), request.getfixturevalue("cli_data")
+    argv = ["extract", "--model", str(model_dir), "--data", str(data_dir / "train.jsonl"), *flags]
     assert main([*argv, "--out", str(tmp_path / "s")]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err

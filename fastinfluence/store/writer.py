@@ -198,9 +198,10 @@ class StoreWriter:
     (with ``positions``, see ``fastinfluence.batching``) in data order. Examples already in
     the store (the same positions) are left out of the plan, so writing again after a
     crash resumes, and writing the old batches followed by new ones appends. Shards hold
-    whole batches (whole windows of bucketed batches), about ``shard_rows`` rows each. Under ``torch.distributed`` the ranks
-    split the remaining examples (whole batches), each writes its own shards and rank 0
-    writes the manifest; every rank must plan the same batches.
+    whole batches (whole windows of bucketed batches), about ``shard_rows`` rows each.
+    Under ``torch.distributed`` the ranks split the remaining examples (whole batches or
+    windows), each writes its own shards and rank 0 writes the manifest; every rank must
+    plan the same batches.
 
     Args:
         metadata: config / fingerprint / layout / dtype of the producer (``extractor.metadata()``).
