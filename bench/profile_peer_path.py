@@ -230,9 +230,7 @@ def main() -> None:
                 fn()
             ev = prof.key_averages()
             rows = sorted(ev, key=lambda e: e.self_cpu_time_total, reverse=True)[:25]
-            tables[name] = [
-                {"op": e.key, "self_cpu_ms": e.self_cpu_time_total / 1e3, "calls": e.count} for e in rows
-            ]
+            tables[name] = [{"op": e.key, "self_cpu_ms": e.self_cpu_time_total / 1e3, "calls": e.count} for e in rows]
         record["profiler_top_self_cpu"] = tables
     Path(args.out).write_text(json.dumps(record, indent=1))
     print(json.dumps({k: record[k] for k in ("median_cpu_s", "breakdown_cpu_s", "flops")}, indent=1))

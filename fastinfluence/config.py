@@ -67,9 +67,7 @@ class ProjectionConfig:
         if self.dtype not in _DTYPES:
             raise ValueError(f"ProjectionConfig.dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
         if self.autocast is not None and self.autocast not in AUTOCAST_DTYPES:
-            raise ValueError(
-                f"ProjectionConfig.autocast must be None, 'bfloat16' or 'float16', got {self.autocast!r}"
-            )
+            raise ValueError(f"ProjectionConfig.autocast must be None, 'bfloat16' or 'float16', got {self.autocast!r}")
         if isinstance(self.include, str):
             self.include = [self.include]
         if isinstance(self.exclude, str):

@@ -35,12 +35,25 @@ def test_convert(tmp_path, monkeypatch):
         "datetime": "2026-01-01T00:00:00",
         "version": "5.0",
         "benchmarks": [
-            _bench("test_op[project-torch]", "ops", 0.002, op="project", backend="cpu", ran="torch",
-                   fallback="no kernel", device="cpu", size="small", flops=4e6, rel_err_vs_torch=0.0, torch="2.x"),
+            _bench(
+                "test_op[project-torch]",
+                "ops",
+                0.002,
+                op="project",
+                backend="cpu",
+                ran="torch",
+                fallback="no kernel",
+                device="cpu",
+                size="small",
+                flops=4e6,
+                rel_err_vs_torch=0.0,
+                torch="2.x",
+            ),
             _bench("test_train_step", "extract", 0.3, case="train_step", layers="all", path="train"),
             _bench("test_extract[full-lm_head]", "extract", 0.2, case="extract", layers="lm_head", path="full"),
-            _bench("test_extract[truncated-lm_head]", "extract", 0.05, case="extract", layers="lm_head",
-                   path="truncated"),
+            _bench(
+                "test_extract[truncated-lm_head]", "extract", 0.05, case="extract", layers="lm_head", path="truncated"
+            ),
         ],
     }
     src = tmp_path / "raw.json"

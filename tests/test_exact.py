@@ -66,6 +66,7 @@ def test_cosine_with_bias_both_methods(method):
     Gq, _ = slow_gradients(model, queries, include=cfg.include)
     Gt, _ = slow_gradients(model, train, include=cfg.include)
     ref = (Gq @ Gt.T) / Gq.norm(dim=1)[:, None] / Gt.norm(dim=1)[None, :]
-    out = exact_scores(model, batches_of(queries, 2, "left"), batches_of(train, 3), config=cfg, metric="cosine",
-                       method=method)
+    out = exact_scores(
+        model, batches_of(queries, 2, "left"), batches_of(train, 3), config=cfg, metric="cosine", method=method
+    )
     assert rel_err(out, ref) <= 1e-10
