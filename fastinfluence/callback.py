@@ -44,7 +44,9 @@ of each row), ``meta["lr"]`` (its learning rate), ``meta["first_step"]``, ``meta
 Its fingerprint is that of the weights at the end of the interval (``checkpoint-<last step>``),
 so queries extracted from that checkpoint score against it without a mismatch error.
 Resuming training from a checkpoint replays the same steps and rewrites nothing that is
-complete (``write_store`` resumes); an interval store with other examples is refused.
+complete (``write_store`` resumes); an interval store with other examples is refused. Under
+``torchrun`` each rank captures the examples it trains; the rows of an interval are gathered
+(rank order) and the ranks write its store together, rank 0 the manifest.
 
 **Adam update directions (LESS).** With ``features=("gradient", "adam")`` (or ``("adam",)``)
 each interval also gets ``<output_dir>/adam/step-<last step>``, whose rows are the projected
@@ -263,11 +265,6 @@ class InfluenceCallback(TrainerCallback):
                 "InfluenceCallback cannot capture with gradient_checkpointing=True (layers run again in the backward); "
                 "turn it off or extract post hoc with GradientExtractor"
             )
-        if dist.rank_world()[1] > 1:
-            raise ValueError(
-                "InfluenceCallback writes one store per interval from one process; under torchrun run it with one "
-                "process or extract post hoc with GradientExtractor"
-            )
         self._interval_steps = (self.every or _save_steps(args, state)) if self.window is not None else None
         self._max_steps = state.max_steps
         self._remove_hooks()
@@ -451,10 +448,11 @@ class InfluenceCallback(TrainerCallback):
         returns it (a list of them, one per kind in ``features`` order, with several kinds), or None."""
         from .store import write_store
 
-        if not len(self._interval):
+        interval = _gathered(self._interval)
+        if not len(interval):
             self._interval.step_lr.clear()  # an interval with no captured row has no store
             return None
-        interval, self._interval = self._interval, _Interval(self.features)
+        self._interval = _Interval(self.features)
         step_lr = list(interval.step_lr.values())
         metadata = self.extractor.metadata()  # fingerprint of the weights now: those of the checkpoint at this step
         written = []
@@ -481,6 +479,24 @@ class InfluenceCallback(TrainerCallback):
                 )
             )
         return written[0] if len(written) == 1 else written
+
+
+def _gathered(interval: _Interval) -> _Interval:
+    """Under ``torch.distributed``: every rank's captured rows, in rank order, on every rank (each rank
+    trained its own examples; ``write_store`` then splits the writing between the ranks as it does
+    for extraction, and rank 0 writes the manifest). One process: ``interval`` itself."""
+    if dist.rank_world()[1] == 1:
+        return interval
+    parts = dist.all_gather_object((interval.batches, interval.features, interval.steps, interval.lr))
+    out = _Interval(tuple(interval.features))
+    out.step_lr = dict(interval.step_lr)  # the same optimizer steps on every rank
+    for batches, features, steps, lr in parts:
+        out.batches += batches
+        for kind, f in features.items():
+            out.features[kind] += f
+        out.steps += steps
+        out.lr += lr
+    return out
 
 
 def _adam_layers(layers: list[Layer], optimizer, dense_limit: int) -> dict[str, tuple]:

@@ -82,3 +82,12 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     box = [obj]
     tdist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def all_gather_object(obj: Any) -> list:
+    """``obj`` of every rank, in rank order (a one-element list outside ``torch.distributed``)."""
+    if not is_distributed():
+        return [obj]
+    out = [None] * tdist.get_world_size()
+    tdist.all_gather_object(out, obj)
+    return out

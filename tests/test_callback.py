@@ -258,3 +258,51 @@ def test_window_needs_the_interval_length():
     with pytest.raises(ValueError, match="every=<steps> or train with save_strategy='steps'"):
         callback.on_train_begin(args, TrainerState(max_steps=10), None, model=model)
     assert not model._forward_hooks and not model._forward_pre_hooks  # refused before any hook is placed
+
+
+_DDP_WORKER = """
+import sys, torch
+from test_callback import EXAMPLES, _exact, _train
+from helpers import tiny_model
+from fastinfluence import ProjectionConfig
+
+model = _exact(tiny_model("gpt2", torch.float64))
+config = ProjectionConfig(rank_in=8, rank_out=8, dtype="float64")
+out = __import__("pathlib").Path(sys.argv[1])
+callback, snaps = _train(model, out, config, accumulation=1, steps=2, examples=EXAMPLES[:8], ddp_backend="gloo")
+if torch.distributed.get_rank() == 0:
+    torch.save(snaps.weights, out / "weights.pt")
+"""
+
+
+def test_torchrun_two_ranks_write_every_example_once_equal_to_extraction(tmp_path):
+    """Under torchrun each rank trains its own examples; the interval stores hold both ranks' rows."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    here = Path(__file__).parent
+    script = tmp_path / "worker.py"
+    script.write_text(_DDP_WORKER)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(here), os.environ.get("PYTHONPATH", "")]))
+    env["OMP_NUM_THREADS"] = "1"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
+    proc = subprocess.run(cmd + [str(tmp_path)], env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    stores = interval_stores(tmp_path / "features")
+    assert [s.name for s in stores] == ["step-00000001", "step-00000002"]
+    # 2 ranks x batch 2 per step, 8 examples: every example exactly once over the two steps
+    ids = [i for p in stores for i in FeatureStore.open(p).ids]
+    assert sorted(ids) == [100 + i for i in range(8)]
+    weights = torch.load(tmp_path / "weights.pt")
+    model = _exact(tiny_model("gpt2", torch.float64))
+    config = ProjectionConfig(rank_in=8, rank_out=8, dtype="float64")
+    by_id = {100 + i: ex for i, ex in enumerate(EXAMPLES)}
+    for path in stores:
+        store = FeatureStore.open(path)
+        step = int(path.name.split("-")[1])
+        assert store.meta["steps"] == [step] * 4
+        model.load_state_dict(weights[step])
+        ref = GradientExtractor(model, config).extract([collate([by_id[i]], ids=[i]) for i in store.ids])
+        assert rel_err(store.to_features().data, ref.data) < 1e-10
