@@ -96,7 +96,9 @@ def run(model, state, data, args, callback: bool, out_dir: str) -> tuple[list[fl
         callbacks.append(
             InfluenceCallback(
                 f"{out_dir}/features",
-                ProjectionConfig(rank_in=args.rank, rank_out=args.rank),
+                ProjectionConfig(
+                    rank_in=args.rank, rank_out=args.rank, **({"include": [args.include]} if args.include else {})
+                ),
                 every=args.steps,
                 features=tuple(args.features.split(",")),
             )
@@ -130,6 +132,7 @@ def main() -> None:
     ap.add_argument(
         "--features", default="gradient", help="InfluenceCallback features, comma-separated (gradient, adam)"
     )
+    ap.add_argument("--include", default=None, help="regex of the captured layers (default: every trainable Linear)")
     ap.add_argument("--lora", type=int, default=0, help="train LoRA adapters of this rank on every Linear (0: none)")
     ap.add_argument("--out", default="bench/results/train_callback_overhead_cpu.json")
     args = ap.parse_args()
@@ -165,6 +168,7 @@ def main() -> None:
         "seq": args.seq,
         "rank": [args.rank, args.rank],
         "features": args.features.split(","),
+        "include": args.include,
         "lora_rank": args.lora or None,
         "steps_per_run": args.steps,
         "reps": args.reps,
