@@ -228,7 +228,19 @@ def check_batches(model, batches: list[dict]) -> None:
         seen += len(b["input_ids"])
 
 
-_CONFIG_FIELDS = ("rank_in", "rank_out", "kind", "seed", "include", "exclude", "include_bias", "dtype", "mode", "dim")
+_CONFIG_FIELDS = (
+    "rank_in",
+    "rank_out",
+    "kind",
+    "seed",
+    "include",
+    "exclude",
+    "include_bias",
+    "dtype",
+    "mode",
+    "dim",
+    "autocast",
+)
 
 
 def projection_config(args):
@@ -276,8 +288,9 @@ def projection_config(args):
         ("dtype", "feature_dtype"),
         ("mode",) * 2,
         ("dim",) * 2,
+        ("autocast",) * 2,
     ):
-        if getattr(args, dest) is not None:
+        if getattr(args, dest, None) is not None:
             values[field] = getattr(args, dest)
     return ProjectionConfig(**values)
 
@@ -364,10 +377,12 @@ def _extract(args) -> int:
     _check_model_args(args)
     positive(args.shard_rows, "--shard-rows")
     out = _store_out(args.out)
+    if args.normalizer is not None and not Path(args.normalizer).is_file():
+        raise CLIError(f"--normalizer {args.normalizer}: no such file; write one with fastinfluence.Normalizer.save")
     records = read_jsonl(args.data)
     config = projection_config(args)
     model, tok = load_model(args.model, args.model_dtype, _device(args.device))
-    extractor = GradientExtractor(model, config)
+    extractor = GradientExtractor(model, config, normalizer=args.normalizer)
     try:
         batches = encode(tok, records, args.batch_size, args.max_length, args.eos, **bucketing)
     except ValueError as exc:
@@ -453,6 +468,18 @@ def _register_extract(sub) -> None:
         help="factorized per-layer projection or one flat JL projection (default factorized)",
     )
     p.add_argument("--dim", type=int, help="output width of the flat mode (default 8192)")
+    p.add_argument(
+        "--autocast",
+        choices=Registry("fastinfluence.config", "AUTOCAST_DTYPES"),
+        help="run the forward pass under torch.autocast in this dtype (a float32 model; features stay float32; "
+        "features of one --autocast score only against features of the same)",
+    )
+    p.add_argument(
+        "--normalizer",
+        metavar="FILE",
+        help="a saved fastinfluence.Normalizer (Normalizer.save): scale each layer's gradient by the optimizer's "
+        "second moments before projection (TrackStar); extract queries with the same file",
+    )
     p.add_argument("--tokens", action="store_true", help="also store per-token factors (for per-token scores)")
     p.add_argument(
         "--covariances",

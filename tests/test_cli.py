@@ -243,3 +243,36 @@ def test_cli_choices_are_the_registries(module, attr):
     from fastinfluence.cli import Registry
 
     assert tuple(Registry(module, attr)) == tuple(getattr(importlib.import_module(module), attr))
+
+
+def test_extract_with_a_saved_normalizer_and_autocast_equals_the_api(model_dir, data, tmp_path, capsys):
+    from fastinfluence import GradientExtractor, Normalizer, ProjectionConfig
+    from fastinfluence.cli import encode, load_model
+    from fastinfluence.data import read_jsonl
+
+    model, tok = load_model(str(model_dir))
+    batches = encode(tok, read_jsonl(data / "train.jsonl"), 3, 512)
+    config = ProjectionConfig(rank_in=8, rank_out=8)
+    norm = Normalizer.fit(model, batches, config)
+    norm.save(tmp_path / "norm.safetensors")
+    common = ["--model", model_dir, "--rank-in", 8, "--rank-out", 8, "--batch-size", 3, "--data", data / "train.jsonl"]
+    run("extract", *common, "--out", tmp_path / "n", "--normalizer", tmp_path / "norm.safetensors")
+    ref = GradientExtractor(model, config, normalizer=norm).extract(batches)
+    got = FeatureStore.open(tmp_path / "n").to_features()
+    assert got.ids == ref.ids and torch.allclose(got.data, ref.data, rtol=1e-5, atol=1e-7)
+    plain = FeatureStore.open(tmp_path / "n")
+    assert not torch.allclose(plain.to_features().data, GradientExtractor(model, config).extract(batches).data)
+
+    run("extract", *common, "--out", tmp_path / "b", "--autocast", "bfloat16")
+    bf16 = FeatureStore.open(tmp_path / "b")
+    assert bf16.config.autocast == "bfloat16"
+    auto = GradientExtractor(model, ProjectionConfig(rank_in=8, rank_out=8, autocast="bfloat16")).extract(batches)
+    assert torch.allclose(bf16.to_features().data, auto.data, rtol=1e-5, atol=1e-7)
+
+    bad = ["extract", *map(str, common), "--out", str(tmp_path / "x"), "--normalizer", str(tmp_path / "no")]
+    assert main(bad) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == [
+        f"fastinfluence extract: error: --normalizer {tmp_path / 'no'}: no such file; "
+        "write one with fastinfluence.Normalizer.save"
+    ]
