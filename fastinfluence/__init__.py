@@ -14,6 +14,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "ops": ("fastinfluence.ops", None),
     "data": ("fastinfluence.data", None),
+    "batching": ("fastinfluence.batching", None),
     "ProjectionConfig": ("fastinfluence.config", "ProjectionConfig"),
     "exact_scores": ("fastinfluence.exact", "exact_scores"),
     "GradientExtractor": ("fastinfluence.extract", "GradientExtractor"),
@@ -28,6 +29,7 @@ _LAZY = {
     "fit_kfac": ("fastinfluence.kfac", "fit_kfac"),
     "kfac_scores": ("fastinfluence.kfac", "kfac_scores"),
     "Normalizer": ("fastinfluence.normalizer", "Normalizer"),
+    "precondition": ("fastinfluence.precondition", None),
     "weights": ("fastinfluence.weights", None),
     "losses": ("fastinfluence.losses", None),
     "evaluate": ("fastinfluence.evaluate", None),

@@ -207,7 +207,7 @@ def pad(examples: list[Mapping], pad_token_id: int = 0, side: str = "right") -> 
 def batches(
     tokenizer,
     examples,
-    batch_size: int | None = 8,
+    batch_size: int | None = None,
     max_length: int = 512,
     eos: bool = True,
     side: str = "right",
@@ -220,17 +220,15 @@ def batches(
     ``bucket=True`` (implied by ``max_tokens``) groups the examples by length so that little
     compute goes to padding: ``window`` examples at a time are sorted longest first and cut
     into batches of at most ``batch_size`` examples and ``max_tokens`` padded tokens
-    (``batch_size=None``: the token budget alone); see ``batching.length_batches``. Each
+    (``batch_size`` None, the default, with ``max_tokens``: the token budget alone; without it,
+    8 examples per batch, as on the command line); see ``batching.length_batches``. Each
     batch then also holds ``positions``, its examples' indices in data order, so that
     extraction hands features and stores back in data order.
     """
-    if batch_size is not None and batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    batch_size = _check_batching(batch_size, bucket, max_tokens, window)
     enc = encode(tokenizer, examples, max_length, eos)
     pid = pad_token_id(tokenizer)
     if not (bucket or max_tokens is not None):
-        if batch_size is None:
-            raise ValueError("batch_size=None needs max_tokens (a token budget per batch); give one of them")
         return [pad(enc[s : s + batch_size], pid, side) for s in range(0, len(enc), batch_size)]
     _check_budget(enc, max_tokens)
     plan = length_batches([len(e["input_ids"]) for e in enc], batch_size, max_tokens, window)
@@ -254,7 +252,7 @@ class Collator:
 def dataloader(
     tokenizer,
     examples,
-    batch_size: int | None = 8,
+    batch_size: int | None = None,
     max_length: int = 512,
     eos: bool = True,
     side: str = "right",
@@ -266,17 +264,15 @@ def dataloader(
     """A ``torch.utils.data.DataLoader`` of padded batches; ``kwargs`` (``shuffle``, ``num_workers``) go to it.
 
     ``bucket`` / ``max_tokens`` / ``window``: length-bucketed batches with ``positions``, as
-    :func:`batches` makes them (a fixed batch plan: ``shuffle`` does not apply).
+    :func:`batches` makes them (a fixed batch plan: ``shuffle`` does not apply); ``batch_size``
+    as there (None: 8, or no cap under ``max_tokens``).
     """
     from torch.utils.data import DataLoader
 
-    if batch_size is not None and batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    batch_size = _check_batching(batch_size, bucket, max_tokens, window)
     enc = encode(tokenizer, examples, max_length, eos)
     collate = Collator(pad_token_id(tokenizer), side)
     if not (bucket or max_tokens is not None):
-        if batch_size is None:
-            raise ValueError("batch_size=None needs max_tokens (a token budget per batch); give one of them")
         return DataLoader(enc, batch_size=batch_size, collate_fn=collate, **kwargs)
     if kwargs.get("shuffle"):
         raise ValueError("shuffle=True does not apply to length-bucketed batches; give length_batches a seed instead")
@@ -286,6 +282,18 @@ def dataloader(
     return DataLoader(
         [dict(e, position=i) for i, e in enumerate(enc)], batch_sampler=plan, collate_fn=collate, **kwargs
     )
+
+
+def _check_batching(batch_size, bucket, max_tokens, window) -> int | None:
+    """The batching arguments checked before any encoding; returns the batch size to use."""
+    for name, v in (("batch_size", batch_size), ("max_tokens", max_tokens), ("window", window)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise ValueError(f"{name} must be a positive int or None, got {v!r}")
+    if not isinstance(bucket, bool):
+        raise ValueError(f"bucket must be True or False, got {bucket!r}")
+    if batch_size is None and max_tokens is None:
+        return 8
+    return batch_size
 
 
 def _check_budget(enc: list[dict], max_tokens: int | None) -> None:

@@ -618,7 +618,7 @@ API_CASES = [
     (
         "batch_size 0",
         ValueError,
-        "batch_size must be >= 1",
+        "batch_size must be a positive int or None, got 0",
         lambda w, api: fi.data.batches(_tokenizer(), [{"prompt": "a", "response": "b"}], batch_size=0),
     ),
     (

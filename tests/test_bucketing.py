@@ -148,7 +148,9 @@ def test_data_batches_bucketed_hold_the_same_examples_with_positions(request):
 @pytest.mark.parametrize(
     "kw, match",
     [
-        (dict(batch_size=None), "batch_size=None needs max_tokens"),
+        (dict(max_tokens="64"), "max_tokens must be a positive int or None, got '64'"),
+        (dict(max_tokens=0), "max_tokens must be a positive int or None, got 0"),
+        (dict(bucket="yes"), "bucket must be True or False"),
         (dict(max_tokens=3), r"example 'r\d+' has \d+ tokens, more than max_tokens=3"),
         (dict(bucket=True, shuffle=True), "shuffle=True does not apply"),
     ],
@@ -356,3 +358,15 @@ def test_shards_of_older_stores_are_checked_against_their_padded_rows(model, exa
     assert write_store(tmp_path / "s", ext, batches, shard_rows=4).ids == IDS
     with pytest.raises(MismatchError, match="differ from these batches"):  # same examples, other padding
         write_store(tmp_path / "s", ext, bucketed(examples, batch_size=4, window=None), shard_rows=4)
+
+
+def test_a_token_budget_alone_sets_the_batches_unless_batch_size_is_given(request):
+    """Python's defaults are the command line's: 8 per batch without a budget, the budget alone with one."""
+    from fastinfluence import data
+
+    tok = request.getfixturevalue("data_tok")
+    assert [len(b["input_ids"]) for b in data.batches(tok, records())][:1] == [8]
+    budget = data.batches(tok, records(), max_tokens=400)
+    assert len(budget) == 1 and len(budget[0]["input_ids"]) == 13  # 13 examples fit one 400-token batch
+    capped = data.batches(tok, records(), max_tokens=400, batch_size=5)
+    assert [len(b["input_ids"]) for b in capped] == [5, 5, 3]

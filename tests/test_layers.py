@@ -107,3 +107,18 @@ def test_the_checker_sees_an_upward_import(tmp_path):
     bad.write_text("def f():\n    from .scoring import score\n")
     assert _imports("fastinfluence.store", bad) == [(2, "fastinfluence.scoring")]
     assert LEVEL["scoring"] > LEVEL["store"]
+
+
+def test_every_fi_name_the_docs_use_resolves_in_a_fresh_interpreter():
+    """``fi.<name>`` as README.md and docs/ write it works after a bare ``import fastinfluence as fi``."""
+    import re
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    texts = [root / "README.md", *sorted((root / "docs").glob("*.md"))]
+    names = sorted({m for t in texts for m in re.findall(r"\bfi\.([A-Za-z_]\w*)", t.read_text())})
+    assert "batching" in names and "Normalizer" in names
+    code = "import fastinfluence as fi\n" + "".join(f"getattr(fi, {n!r})\n" for n in names)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
