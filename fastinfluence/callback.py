@@ -32,7 +32,9 @@ Training-mode features include dropout's noise; extraction (eval mode) has none.
 
 **Example ids.** Each row needs the id of its example. Give the dataset an ``id`` (or ``ids``)
 column of ints or strings and keep it with ``TrainingArguments(remove_unused_columns=False)``;
-the collator must pass it through (``default_data_collator`` does). The callback removes it
+the collator must pass it through: ``fastinfluence.data.Collator(pad_token_id)`` over
+``fastinfluence.data.encode`` examples keeps int and str ids; transformers'
+``default_data_collator`` keeps int ids only (it drops str columns). The callback removes it
 from the model's inputs before the forward, so the model never sees it.
 
 **Stores.** Rows are written per checkpoint interval: at every checkpoint the Trainer saves
@@ -260,10 +262,10 @@ class InfluenceCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         if model is None:
             raise ValueError("InfluenceCallback needs the model: add it to a transformers Trainer (callbacks=[...])")
-        if getattr(args, "gradient_checkpointing", False):
+        if getattr(args, "gradient_checkpointing", False) or getattr(args, "activation_checkpointing", False):
             raise ValueError(
-                "InfluenceCallback cannot capture with gradient_checkpointing=True (layers run again in the backward); "
-                "turn it off or extract post hoc with GradientExtractor"
+                "InfluenceCallback cannot capture with activation_checkpointing / gradient_checkpointing on (layers "
+                "run again in the backward): turn it off or extract post hoc with GradientExtractor"
             )
         self._interval_steps = (self.every or _save_steps(args, state)) if self.window is not None else None
         self._max_steps = state.max_steps
@@ -333,8 +335,9 @@ class InfluenceCallback(TrainerCallback):
         key = "ids" if "ids" in kwargs else "id"
         if key not in kwargs:
             raise ValueError(
-                "InfluenceCallback found no example ids in the batch: give the dataset an 'id' column (int or str) and "
-                "keep it with TrainingArguments(remove_unused_columns=False)"
+                "InfluenceCallback found no example ids in the batch: give the dataset an 'id' column (int or str), "
+                "keep it with TrainingArguments(remove_unused_columns=False), and use a collator that passes it on "
+                "(transformers' default collator drops str ids: data_collator=fastinfluence.data.Collator(pad_id))"
             )
         B = input_ids.shape[0]
         ids = kwargs.pop(key)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -75,6 +76,12 @@ class GradientExtractor:
             raise ValueError(
                 f"ProjectionConfig(autocast={self.config.autocast!r}) needs a float32 model (autocast lowers float32 "
                 f"matmuls), got {self.layers[0].weight.dtype}; leave autocast=None"
+            )
+        if self.config.autocast == "float16" and self.layers[0].weight.device.type == "cpu":
+            warnings.warn(
+                "ProjectionConfig(autocast='float16') on a CPU: float16 matmuls are emulated there (about 10x slower "
+                "than float32); use autocast='bfloat16' on a CPU",
+                stacklevel=2,
             )
         if isinstance(normalizer, (str, Path)):
             normalizer = Normalizer.load(normalizer)

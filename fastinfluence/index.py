@@ -147,6 +147,14 @@ def build_index(
             index = faiss.IndexIVFPQ(quantizer, D, nlist, m, nbits, faiss.METRIC_INNER_PRODUCT)
         index.cp.seed = seed
         n_fit = min(N, train_rows or max(64 * nlist, 50_000))
+        cells = max(nlist, 2**nbits if kind == "ivfpq" else 0)
+        if n_fit < cells:
+            what = f"nlist={nlist}" if cells == nlist else f"2**nbits={cells} PQ centroids (nbits={nbits})"
+            raise ValueError(
+                f"{kind} fits {what} on {n_fit} rows, fewer than that: lower nlist"
+                f"{' / nbits' if kind == 'ivfpq' else ''}, give train_rows >= {cells} (of {N} rows), or use "
+                "kind='flat' (exact; fine below ~1M rows)"
+            )
         pick = torch.linspace(0, N - 1, n_fit).round().long().unique().tolist()
         sample = _rows(train, pick)
         index.train(rows(sample))

@@ -230,7 +230,7 @@ def score(
     precondition: str | Preconditioner | None = None,
     topk: int | None = 10,
     layer_normalize: bool = False,
-    aggregates: Sequence[str] = ("mean", "max", "sumsq"),
+    aggregates: Sequence[str] | None = None,
     per_layer: bool = False,
     matrix_path: str | Path | None = None,
     chunk_rows: int = 8192,
@@ -251,7 +251,8 @@ def score(
             fitted Preconditioner; kinds are fitted on ``train`` (cached beside a store).
         topk: entries kept per query; None ranks every train row (Q x N values and indices:
             for small N; use ``matrix_path`` for the raw matrix of a large store).
-        aggregates: which of ``mean``, ``max``, ``sum``, ``sumsq`` over the queries to return per train row.
+        aggregates: which of ``mean``, ``max``, ``sum``, ``sumsq`` over the queries to return per train row
+            (default ``("mean", "max", "sumsq")``; none with ``index=``).
         per_layer: also return each layer's share of the top-k scores.
         matrix_path: write the full (Q, N) float32 matrix there (``.npy``, memory-mapped).
         damping: absolute damping for the preconditioner (default 0.1 x mean eigenvalue), > 0.
@@ -265,6 +266,12 @@ def score(
     """
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    if aggregates is None:
+        aggregates = () if index is not None else ("mean", "max", "sumsq")
+    elif index is not None and len(aggregates):
+        raise ValueError(
+            f"aggregates {tuple(aggregates)} need a streaming pass over every train row: score without index= for them"
+        )
     unknown = set(aggregates) - set(AGGREGATES)
     if unknown:
         raise ValueError(f"unknown aggregates {sorted(unknown)}; choose from {AGGREGATES}")

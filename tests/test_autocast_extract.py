@@ -52,3 +52,9 @@ def test_bad_autocast():
         fi.ProjectionConfig(autocast="int8")
     with pytest.raises(ValueError, match="float32 model"):
         fi.GradientExtractor(tiny_model("llama", torch.float64), fi.ProjectionConfig(autocast="bfloat16"))
+
+
+def test_float16_autocast_on_a_cpu_warns_to_use_bfloat16():
+    model = tiny_model("llama")
+    with pytest.warns(UserWarning, match="use autocast='bfloat16' on a CPU"):
+        fi.GradientExtractor(model, fi.ProjectionConfig(rank_in=4, rank_out=4, autocast="float16"))

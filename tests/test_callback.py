@@ -190,9 +190,10 @@ def test_missing_ids_named_with_the_fix(tmp_path):
 
 def test_gradient_checkpointing_is_refused_before_training():
     callback = InfluenceCallback("unused", ProjectionConfig(rank_in=4, rank_out=4))
-    args = TrainingArguments(output_dir="unused", gradient_checkpointing=True, report_to=[], use_cpu=True)
-    with pytest.raises(ValueError, match="gradient_checkpointing"):
-        callback.on_train_begin(args, None, None, model=tiny_model("llama"))
+    for flag in ("gradient_checkpointing", "activation_checkpointing"):
+        args = TrainingArguments(output_dir="unused", report_to=[], use_cpu=True, **{flag: True})
+        with pytest.raises(ValueError, match="activation_checkpointing / gradient_checkpointing on"):
+            callback.on_train_begin(args, None, None, model=tiny_model("llama"))
     with pytest.raises(ValueError, match="factorized"):
         InfluenceCallback("unused", ProjectionConfig(mode="flat"))
     with pytest.raises(ValueError, match="Trainer's bf16=True"):

@@ -65,3 +65,18 @@ def test_ivfpq_recall_and_mismatch_errors():
         score(query, _features(10, 6), index=idx)
     with pytest.raises(ValueError, match="m dividing"):
         build_index(train, kind="ivfpq", m=5)
+
+
+def test_too_few_rows_for_the_cells_and_aggregates_with_an_index_are_named():
+    small = _features(60, 7)
+    with pytest.raises(ValueError, match=r"ivf fits nlist=1024 on 60 rows.*lower nlist.*kind='flat'"):
+        build_index(small, "cosine", kind="ivf", nlist=1024, nprobe=16)
+    with pytest.raises(ValueError, match=r"2\*\*nbits=256 PQ centroids \(nbits=8\) on 60 rows"):
+        build_index(small, "cosine", kind="ivfpq", m=12)
+    assert len(build_index(small, "cosine", kind="ivfpq", m=12, nbits=4, nlist=2)) == 60  # 16 centroids fit
+    train, query = _features(300, 8), _features(3, 9)
+    idx = build_index(train, "dot")
+    with pytest.raises(ValueError, match=r"aggregates \('mean',\) need a streaming pass"):
+        score(query, train, index=idx, aggregates=("mean",))
+    assert score(query, train, index=idx, aggregates=()).aggregates == {}
+    assert set(score(query, train).aggregates) == {"mean", "max", "sumsq"}  # the streaming default is unchanged
