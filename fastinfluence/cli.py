@@ -309,7 +309,7 @@ def _add_model_args(p, what: str = "") -> None:
         dest="model_dtype",
         default="float32",
         choices=["float32", "bfloat16", "float16"],
-        help="dtype the model is loaded in (default float32); not the features' storage dtype (--feature-dtype)",
+        help="dtype the model is loaded in (default float32); not the features' storage dtype (extract --feature-dtype)",
     )
     p.add_argument(
         "--device",
@@ -885,7 +885,7 @@ _CLI_TERMS = [
     (
         r"extract both with the same model, layers and ProjectionConfig",
         "extract both with the same --model, --include/--exclude and projection options (--rank-in, --rank-out, "
-        "--kind, --seed, --mode)",
+        "--kind, --seed, --mode, --autocast, --normalizer)",
     ),
     (r"extract with tokens=True", "extract with --tokens"),
     (r"extract with covariances=True", "extract with --covariances"),

@@ -45,7 +45,8 @@ def _stores(train, kind: str) -> list[FeatureStore]:
         paths = interval_stores(train, kind)
         if not paths:
             raise FileNotFoundError(
-                f"no {kind} interval store (step-*) under {train}: train with InfluenceCallback first"
+                f"no {kind} interval store (step-*) under {train}: train with InfluenceCallback(features=(..., "
+                f"'{kind}')) first (it writes {kind} features only when they are named)"
             )
         stores = [FeatureStore.open(p) for p in paths]
     else:
@@ -164,7 +165,13 @@ def _trajectory(queries, stores, topk, aggregates, chunk_rows, metric: str, lr: 
             column.setdefault(i, len(column))
     S = torch.zeros(len(query_ids), len(column), dtype=torch.float64)
     for s, b in zip(stores, steps):
-        _check_pair(query[b], s)
+        try:
+            _check_pair(query[b], s)
+        except ValueError as exc:
+            raise ValueError(
+                f"the queries given for step {b} do not match the interval store {s.path.name} (the weights of "
+                f"checkpoint-{b}): extract them from checkpoint-{b}; {exc}"
+            ) from None
         q = query[b].data.to(torch.float64)
         q = _unit(q) if metric == "less" else q
         weight = _row_lr(s, lr)

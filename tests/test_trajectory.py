@@ -63,3 +63,13 @@ def test_missing_checkpoint_queries_are_named(run):
     out, model, config, *_ = run
     with pytest.raises(ValueError, match=r"steps \[2, 3, 4, 5\]"):
         tracin({1: GradientExtractor(model, config).extract([collate(QUERIES)])}, out)
+
+
+def test_queries_from_the_wrong_checkpoint_name_the_step(run):
+    out, model, config, _, checkpoints = run
+    queries = {}
+    for step in range(1, STEPS + 1):
+        model.load_state_dict(checkpoints[1 if step == 3 else step])  # step 3's queries from checkpoint-1
+        queries[step] = GradientExtractor(model, config).extract([collate(QUERIES)])
+    with pytest.raises(ValueError, match=r"queries given for step 3 do not match .* extract them from checkpoint-3"):
+        tracin(queries, out)
