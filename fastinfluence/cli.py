@@ -309,7 +309,8 @@ def _add_model_args(p, what: str = "") -> None:
         dest="model_dtype",
         default="float32",
         choices=["float32", "bfloat16", "float16"],
-        help="dtype the model is loaded in (default float32); not the features' storage dtype (extract --feature-dtype)",
+        help="dtype the model is loaded in (default float32); not the features' storage dtype "
+        "(extract --feature-dtype)",
     )
     p.add_argument(
         "--device",
