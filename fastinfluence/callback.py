@@ -529,8 +529,8 @@ def _adam_layers(layers: list[Layer], optimizer, dense_limit: int) -> dict[str, 
                 )
             if "betas" not in group or "eps" not in group or group.get("amsgrad"):
                 raise ValueError(
-                    f"InfluenceCallback(features=('adam',)) needs an Adam or AdamW optimizer (without amsgrad), got "
-                    f"{type(inner).__name__}; train with optim='adamw_torch' or use features=('gradient',)"
+                    f"InfluenceCallback's 'adam' features (LESS) need an Adam or AdamW optimizer (without amsgrad), "
+                    f"got {type(inner).__name__}; train with optim='adamw_torch' or use features=('gradient',)"
                 )
         transposed = not isinstance(layer.module, nn.Linear)  # GPT-2 Conv1D stores W as (d_in, d_out)
         out[layer.name] = (layer.weight, bias, transposed, groups[id(layer.weight)])

@@ -411,8 +411,9 @@ def _states_by_name(model: nn.Module, optimizer, param_names) -> dict[str, tuple
 def _state(name: str, states: dict) -> tuple[dict, dict]:
     if name not in states or not states[name][0]:
         raise ValueError(
-            f"the optimizer holds no state for {name} (frozen, not given to the optimizer, or never stepped): "
-            "choose layers it trained (ProjectionConfig include/exclude) or fit on data (Normalizer.fit)"
+            f"the optimizer holds no state for {name} (frozen, not given to the optimizer, never stepped, or an "
+            "optimizer without second moments such as SGD): choose layers it trained (ProjectionConfig "
+            "include/exclude) or fit on data (Normalizer.fit)"
         )
     return states[name]
 

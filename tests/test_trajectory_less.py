@@ -207,7 +207,7 @@ def test_non_adam_optimizer_refused(tmp_path):
     model = tiny_model("gpt2")
     callback = InfluenceCallback(tmp_path / "f", ProjectionConfig(rank_in=4, rank_out=4), features=("adam",))
     sgd = torch.optim.SGD(model.parameters(), lr=0.1)
-    with pytest.raises(ValueError, match="needs an Adam or AdamW optimizer.*SGD"):
+    with pytest.raises(ValueError, match="need an Adam or AdamW optimizer.*SGD"):
         _trainer(tmp_path, callback, model, (sgd, None)).train()
 
 
