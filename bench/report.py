@@ -187,7 +187,8 @@ FORMATTERS = {
 
 
 def _peer_cells(d: dict) -> tuple[list[str], dict]:
-    tools = ["fastinfluence"] + sorted({r["tool"] for r in d["rows"]} - {"fastinfluence"})
+    ours = [t for t in ("fastinfluence", "fastinfluence-bf16") if any(r["tool"] == t for r in d["rows"])]
+    tools = ours + sorted({r["tool"] for r in d["rows"]} - set(ours))
     return tools, {(r["tool"], r["dataset"], r["setting"]): r for r in d["rows"]}
 
 

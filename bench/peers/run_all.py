@@ -113,6 +113,7 @@ def main() -> None:
         torch.save(d, work / f"data_{name}.pt")
 
     meta = {
+        "load_average_1min_at_start": os.getloadavg()[0],
         "model": {"arch": "LlamaForCausalLM", **MODEL},
         "layers": "q,k,v,o,gate,up,down of every block (28)",
         "loss": "mean answer-token cross-entropy per example",
@@ -214,6 +215,7 @@ def main() -> None:
                 row["error"] = recs[0].get("error") if recs else "not run"
             results.append(row)
         # written after each data set, so an interrupted run keeps what it measured
+        meta["load_average_1min_at_end"] = os.getloadavg()[0]
         Path(args.out).write_text(
             json.dumps({"meta": meta, "versions": versions, "skipped": skipped, "rows": results}, indent=1)
         )
