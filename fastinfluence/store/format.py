@@ -97,7 +97,9 @@ def _first_difference(a: Any, b: Any, path: str, names: tuple[str, str]) -> str 
     if isinstance(a, dict) and isinstance(b, dict):
         for key in sorted(set(a) | set(b), key=str):
             if key not in a or key not in b:
-                return f"{path}[{key!r}] is present only in {names[0] if key in a else names[1]}"
+                where, value = (names[0], a[key]) if key in a else (names[1], b[key])
+                shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
+                return f"{path}[{key!r}] is {shown} in {where} and absent (the default) in the other"
             diff = _first_difference(a[key], b[key], f"{path}[{key!r}]", names)
             if diff:
                 return diff
