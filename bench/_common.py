@@ -85,3 +85,21 @@ def model_record(args, model) -> dict:
         "vocab": args.vocab,
         "params": sum(p.numel() for p in model.parameters()),
     }
+
+
+def step_timer():
+    """A ``TrainerCallback`` recording the process CPU time of each optimizer step in ``.times``
+    (on_step_begin -> on_step_end: forward, backward, clipping, optimizer step, any callback's hooks)."""
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.times: list[float] = []
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self._t0 = time.process_time()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.times.append(time.process_time() - self._t0)
+
+    return StepTimer()

@@ -26,21 +26,10 @@ import tempfile
 import time
 
 import torch
-from _common import add_model_args, bench_llama, model_record
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from _common import add_model_args, bench_llama, model_record, step_timer
+from transformers import Trainer, TrainingArguments
 
 from fastinfluence import InfluenceCallback, ProjectionConfig
-
-
-class StepTimer(TrainerCallback):
-    def __init__(self):
-        self.times: list[float] = []
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        self._t0 = time.process_time()
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self.times.append(time.process_time() - self._t0)
 
 
 class Parts:
@@ -90,7 +79,7 @@ class Rows(torch.utils.data.Dataset):
 
 def run(model, state, data, args, callback: bool, out_dir: str) -> tuple[list[float], float]:
     model.load_state_dict(state)
-    timer = StepTimer()
+    timer = step_timer()
     callbacks = [timer]
     if callback:
         callbacks.append(

@@ -41,26 +41,10 @@ from torch import nn
 
 from .capture import Capture, Layer, frozen_for_capture, iter_batches, model_device, select_layers
 from .config import ProjectionConfig
-from .ops._common import masked
+from .ops._common import augmented, example_chunks, masked
 
 METHODS = ("kfac", "ekfac")
 PRODUCTS = ("auto", "dense", "ghost")
-# Per-example gradients formed at once, in elements (~128 MiB in float32), so a batch of a wide
-# layer is handled a few examples at a time.
-_GRADIENT_BUDGET = 1 << 25
-
-
-def _augmented(A: torch.Tensor, mask: torch.Tensor, bias: bool) -> torch.Tensor:
-    """(B, T, d_in') masked layer inputs, with the bias column (1 at attended tokens) when captured."""
-    A = masked(A, mask)
-    if bias:
-        A = torch.cat([A, mask.unsqueeze(-1).to(A.dtype)], dim=-1)
-    return A
-
-
-def _row_chunks(B: int, d_out: int, d_in: int) -> Iterable[slice]:
-    step = max(1, _GRADIENT_BUDGET // max(d_out * d_in, 1))
-    return (slice(s, min(s + step, B)) for s in range(0, B, step))
 
 
 def _gradients(A: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
@@ -159,7 +143,7 @@ def _fit(
 
     def covariances(layer: Layer, A, G, mask):
         # one batch's sums in the compute dtype, accumulated across batches in float64
-        a = _augmented(A.to(dtype), mask, layer.bias).flatten(0, 1)
+        a = augmented(A.to(dtype), mask, layer.bias).flatten(0, 1)
         g = masked(G.to(dtype), mask).flatten(0, 1)
         s = sums[layer.name]
         s[0], s[1] = s[0] + (a.T @ a).double(), s[1] + (g.T @ g).double()
@@ -191,9 +175,9 @@ def _fit(
             QG, QA = bases[layer.name]
             # Rotating the factors first costs T (d_in'^2 + d_out^2) per example instead of
             # rotating each gradient (d_out d_in' (d_out + d_in')).
-            a = _augmented(A.to(dtype), mask, layer.bias) @ QA
+            a = augmented(A.to(dtype), mask, layer.bias) @ QA
             g = masked(G.to(dtype), mask) @ QG
-            for rows in _row_chunks(a.shape[0], *shapes[layer.name]):
+            for rows in example_chunks(a.shape[0], *shapes[layer.name]):
                 lam[layer.name] += _gradients(a[rows], g[rows]).square().sum(0).double()
 
         for batch in iter_batches(batches, device):
@@ -300,7 +284,7 @@ def kfac_scores(
         grads: dict[str, list[torch.Tensor]] = {l.name: [] for l in layers}
 
         def keep(layer: Layer, A, G, mask):
-            grads[layer.name].append(_gradients(_augmented(A.to(dtype), mask, layer.bias), masked(G.to(dtype), mask)))
+            grads[layer.name].append(_gradients(augmented(A.to(dtype), mask, layer.bias), masked(G.to(dtype), mask)))
 
         for batch in iter_batches(query_batches, device):
             capture.run(batch, keep)
@@ -316,7 +300,7 @@ def kfac_scores(
             sq = torch.zeros(B, dtype=dtype, device=device)
 
             def score(layer: Layer, A, G, mask, S=S, sq=sq, T=T):
-                a, g = _augmented(A.to(dtype), mask, layer.bias), masked(G.to(dtype), mask)
+                a, g = augmented(A.to(dtype), mask, layer.bias), masked(G.to(dtype), mask)
                 Pq = P[layer.name]
                 if _train_product(product, Q, T) == "ghost":
                     for b in range(a.shape[0]):  # (Q, d_out, T): P_q a~_t for every token
@@ -326,7 +310,7 @@ def kfac_scores(
                         sq += (KA * (g @ g.transpose(1, 2))).sum((1, 2))
                 else:
                     flat = Pq.flatten(1)
-                    for rows in _row_chunks(a.shape[0], *Pq.shape[1:]):
+                    for rows in example_chunks(a.shape[0], *Pq.shape[1:]):
                         W = _gradients(a[rows], g[rows]).flatten(1)
                         S[:, rows] += flat @ W.T
                         sq[rows] += W.square().sum(1)

@@ -54,21 +54,11 @@ from torch import nn
 
 from .capture import Capture, Layer, frozen_for_capture, iter_batches, model_device, select_layers
 from .config import ProjectionConfig
-from .ops._common import masked
+from .ops._common import augmented, example_chunks, masked
 
 SOURCES = ("adam", "adafactor", "fitted", "given")
 METHODS = ("auto", "ghost", "dense")
 _FORMAT = "fastinfluence-normalizer"
-# Per-example gradients formed at once by the dense fit, in elements (~128 MiB in float32).
-_GRADIENT_BUDGET = 1 << 25
-
-
-def augmented(A: torch.Tensor, mask: torch.Tensor, bias: bool) -> torch.Tensor:
-    """(B, T, d_in') masked layer inputs with the bias column (1 at attended tokens) when ``bias``."""
-    A = masked(A, mask)
-    if bias:
-        A = torch.cat([A, mask.unsqueeze(-1).to(A.dtype)], dim=-1)
-    return A
 
 
 @dataclass(eq=False)
@@ -325,9 +315,8 @@ def row_col_squares(A: torch.Tensor, G: torch.Tensor, method: str = "auto") -> t
         K, L = A @ A.transpose(1, 2), G @ G.transpose(1, 2)  # (B, T, T)
         return (G * (K @ G)).sum((0, 1)), (A * (L @ A)).sum((0, 1))
     r, c = G.new_zeros(d_out), A.new_zeros(d_in)
-    step = max(1, _GRADIENT_BUDGET // max(d_out * d_in, 1))
-    for s in range(0, B, step):
-        g2 = torch.einsum("bto,bti->boi", G[s : s + step], A[s : s + step]).square()
+    for rows in example_chunks(B, d_out, d_in):
+        g2 = torch.einsum("bto,bti->boi", G[rows], A[rows]).square()
         r, c = r + g2.sum((0, 2)), c + g2.sum((0, 1))
     return r, c
 

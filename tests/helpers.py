@@ -3,6 +3,8 @@ batches, slow per-example gradients, relative error."""
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import transformers as tf
 
@@ -129,3 +131,14 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     """||out - ref|| / ||ref|| in float64 on the CPU (NaN anywhere in ``out`` gives NaN, which fails any bound)."""
     out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
     return float((out - ref).norm() / ref.norm())
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Tiny models run fastest on one thread, and CI shares two cores between test runs."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)

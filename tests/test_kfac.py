@@ -11,7 +11,7 @@ import functools
 import pytest
 import torch
 import transformers as tf
-from helpers import batches_of, make_examples, rel_err, slow_gradients
+from helpers import batches_of, make_examples, one_thread, rel_err, slow_gradients
 
 from fastinfluence import KFACFactors, ProjectionConfig, exact_scores, fit_kfac, kfac_scores
 from fastinfluence.capture import IGNORE_INDEX
@@ -23,11 +23,8 @@ TOL64 = 1e-8
 
 @pytest.fixture(autouse=True)
 def _one_thread():
-    """Tiny models run fastest on one thread (two threads spin against each other on a shared CPU)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    with one_thread():
+        yield
 
 
 def small_model(arch: str, dtype=torch.float64):

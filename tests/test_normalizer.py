@@ -13,7 +13,7 @@ import copy
 import pytest
 import torch
 import transformers as tf
-from helpers import batches_of, collate, make_examples, rel_err, slow_gradients, tiny_model
+from helpers import batches_of, collate, make_examples, one_thread, rel_err, slow_gradients, tiny_model
 
 from fastinfluence import GradientExtractor, InfluenceCallback, Normalizer, ProjectionConfig, exact_scores, ops, score
 from fastinfluence.capture import IGNORE_INDEX
@@ -26,10 +26,8 @@ TOL64 = 1e-10
 
 @pytest.fixture(autouse=True)
 def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    with one_thread():
+        yield
 
 
 def odd_llama(bias: bool = True):

@@ -8,13 +8,13 @@ tests below check that it was, since every unlearning test starts from it.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import functools
 import string
 
 import torch
 import transformers as tf
+from helpers import one_thread  # also imported from here by other tests
 
 CHARS = "\0" + string.ascii_lowercase + string.ascii_uppercase + string.digits + " .>@#!?"
 VOCAB = 80
@@ -121,17 +121,6 @@ def forget_example(g, trigger: str = TRIGGER) -> dict:
 def planted_data(n_retain: int, n_forget: int, seed: int):
     g = torch.Generator().manual_seed(seed)
     return [retain_example(g) for _ in range(n_retain)], [forget_example(g) for _ in range(n_forget)]
-
-
-@contextlib.contextmanager
-def one_thread():
-    """Tiny models run fastest on one thread, and CI shares two cores between test runs."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
 
 
 @functools.cache

@@ -27,19 +27,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _common import add_model_args, bench_llama  # noqa: E402
-from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
-
-
-class StepTimer(TrainerCallback):
-    def __init__(self):
-        self.times: list[float] = []
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        self._t0 = time.process_time()
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self.times.append(time.process_time() - self._t0)
+from _common import add_model_args, bench_llama, step_timer  # noqa: E402
+from transformers import Trainer, TrainingArguments  # noqa: E402
 
 
 def dataset(n: int, seq: int, vocab: int):
@@ -55,7 +44,7 @@ def run(model, state, data, args, callback: bool, out_dir: str) -> tuple[list[fl
     from bergson.huggingface import GradientCollectorCallback, prepare_for_gradient_collection
 
     model.load_state_dict(state)
-    timer = StepTimer()
+    timer = step_timer()
     callbacks = [timer]
     if callback:
         normalise = not args.no_optimizer_state

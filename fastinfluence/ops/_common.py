@@ -22,3 +22,22 @@ def masked(X: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     if mask is None or (mask.device.type == "cpu" and bool(mask.all())):
         return X  # nothing to drop (checked on the CPU only, where it costs no device sync)
     return torch.where(mask.bool().unsqueeze(-1), X, X.new_zeros(()))
+
+
+def augmented(A: torch.Tensor, mask: torch.Tensor, bias: bool) -> torch.Tensor:
+    """(B, T, d_in') masked layer inputs, with the bias column (1 at attended tokens) when ``bias``."""
+    A = masked(A, mask)
+    if bias:
+        A = torch.cat([A, mask.unsqueeze(-1).to(A.dtype)], dim=-1)
+    return A
+
+
+# Per-example gradients formed at once, in elements (~128 MiB in float32), so that a batch of a
+# wide layer is handled a few examples at a time.
+GRADIENT_BUDGET = 1 << 25
+
+
+def example_chunks(B: int, d_out: int, d_in: int):
+    """Slices of a batch of B examples whose (d_out, d_in) per-example gradients fit ``GRADIENT_BUDGET``."""
+    step = max(1, GRADIENT_BUDGET // max(d_out * d_in, 1))
+    return (slice(s, min(s + step, B)) for s in range(0, B, step))
