@@ -13,7 +13,8 @@ both the projection seeds and the data seeds.
 Settings (all cosine over the attention+MLP Linear layers at 32x32 unless named otherwise;
 ``max`` / ``mean``: aggregation over the reports):
 
-- ``final_max`` / ``final_mean``: the final model (the demo's default is ``final_max``);
+- ``final_max`` / ``final_mean``: the final model (``final_max``: the demo's default before
+  ``exact_first_mlp_in_max``);
 - ``centred_max``: the mean train feature subtracted from train and query features first;
 - ``layer_unit_max``: each layer's block unit-normalised before concatenation (equal layer weights);
 - ``kfac_max``: K-FAC preconditioned cosine;
@@ -22,7 +23,12 @@ Settings (all cosine over the attention+MLP Linear layers at 32x32 unless named 
 - ``token_mean``: per-token features; a report and a train example score the best pair of their
   tokens, averaged over the reports;
 - ``tracin_max`` / ``tracin_mean``: cosine averaged over the 6 checkpoints (TracIn-CP, equal weights);
-- ``exact_final_max``: exact (unprojected) gradients of the final model (no projection seed).
+- ``exact_final_max``: exact (unprojected) gradients of the final model (no projection seed);
+- ``exact_first_mlp_in_max``: exact gradients of the first block's MLP input layers (gate, up)
+  only, the demo's default (``fastinfluence.demo.detect.FIRST_MLP_IN``).
+
+Each setting also records ``auroc_unreported``: poisoned examples of the behaviours no report
+shows against every clean example (does the ranking reach past what the reports show?).
 """
 
 from __future__ import annotations
@@ -39,7 +45,7 @@ from _common import commit
 
 from fastinfluence import GradientExtractor, ProjectionConfig, exact_scores, score
 from fastinfluence.demo.data import batches, encode, make_scenario, train_tokenizer
-from fastinfluence.demo.detect import ATTN_MLP, auroc, precision_at_k
+from fastinfluence.demo.detect import ATTN_MLP, FIRST_MLP_IN, auroc, precision_at_k
 from fastinfluence.demo.model import N_CHECKPOINTS, Recipe, build_model, train_model
 
 
@@ -83,14 +89,26 @@ def study(seed: int, projection_seeds: list[int]) -> dict:
     candidate[sc.reported] = False
     positive = positive_all[candidate]
     k = int(positive.sum())
+    shown = {sc.train[i].attribute for i in sc.reported}
+    # the poisoned examples of behaviours no report shows, against every clean example
+    unshown = torch.tensor([e.attribute not in shown for e in sc.train])[candidate]
+    keep_unshown = ~positive | unshown
     out: dict[str, list] = {}
 
     def add(name: str, S: torch.Tensor, agg: str = "max"):
         s = (S.max(0).values if agg == "max" else S.mean(0)).double()[candidate]
-        out.setdefault(name, []).append({"auroc": auroc(s, positive), "precision_at_k": precision_at_k(s, positive, k)})
+        out.setdefault(name, []).append(
+            {
+                "auroc": auroc(s, positive),
+                "precision_at_k": precision_at_k(s, positive, k),
+                "auroc_unreported": auroc(s[keep_unshown], positive[keep_unshown]),
+            }
+        )
 
     exact = exact_scores(model, query_b, train_b, ProjectionConfig(include=[ATTN_MLP]), metric="cosine")
     add("exact_final_max", exact)
+    first = exact_scores(model, query_b, train_b, ProjectionConfig(include=[FIRST_MLP_IN]), metric="cosine")
+    add("exact_first_mlp_in_max", first)
     for ps in projection_seeds:
         config = ProjectionConfig(rank_in=32, rank_out=32, seed=ps, include=[ATTN_MLP])
         ext = GradientExtractor(model, config)
@@ -123,6 +141,7 @@ def study(seed: int, projection_seeds: list[int]) -> dict:
             "precision_at_k": [r["precision_at_k"] for r in runs],
             "auroc_mean": sum(r["auroc"] for r in runs) / len(runs),
             "precision_at_k_mean": sum(r["precision_at_k"] for r in runs) / len(runs),
+            "auroc_unreported_mean": sum(r["auroc_unreported"] for r in runs) / len(runs),
         }
         for name, runs in out.items()
     }

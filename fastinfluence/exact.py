@@ -83,8 +83,12 @@ def exact_scores(
     Args:
         model: a causal LM (left unchanged).
         query_batches, train_batches: HF-style batch dicts, as for ``GradientExtractor``.
-        config: selects the layers (``include`` / ``exclude`` / ``include_bias``); the
-            ranks are ignored. Default: ``ProjectionConfig()``.
+        config: selects the layers (``include`` / ``exclude`` / ``include_bias``) and
+            ``autocast``; the ranks are ignored. Default: ``ProjectionConfig()``. With
+            ``autocast="bfloat16"`` (float16) the forward runs under autocast, per-example
+            gradients are formed and dotted as bfloat16 matmuls (float32 accumulation, one
+            rounding per layer's gradient and per layer's score) and summed over layers in
+            float32: no projection error, the low precision's instead (bench/peers).
         metric: ``dot`` (<grad_q, grad_i>) or ``cosine`` (divided by both norms).
         method: ``auto`` (cheaper of the two per layer), ``ghost`` or ``dense``.
         normalizer: a ``Normalizer``: inner products of the normalised gradients g / sqrt(V).
@@ -103,6 +107,12 @@ def exact_scores(
         normalizer.check(layers)
     device = model_device(model)
     dtype = torch.float64 if layers[0].weight.dtype == torch.float64 else torch.float32
+    if config.autocast is not None and dtype != torch.float32:
+        raise ValueError(
+            f"ProjectionConfig(autocast={config.autocast!r}) needs a float32 model (autocast lowers float32 "
+            f"matmuls), got {layers[0].weight.dtype}; leave autocast=None"
+        )
+    compute = config.autocast_dtype or dtype  # the dtype products are formed in; scores stay in ``dtype``
     queries = {l.name: _QueryLayer() for l in layers}
 
     # Squared gradient norms are needed for the cosine only; the dot product skips them.
@@ -110,13 +120,14 @@ def exact_scores(
 
     def factors(layer: Layer, A, G, mask):
         """Masked (A, G) in the compute dtype and the bias flag for the ops (normalised: A~ holds the bias)."""
-        A, G = masked(A.to(dtype), mask), masked(G.to(dtype), mask)
+        A, G = masked(A.to(compute), mask), masked(G.to(compute), mask)
         if normalizer is None:
             return A, G, layer.bias
-        return *normalizer.scaled(layer, A, G, mask), False
+        A, G = normalizer.scaled(layer, A, G, mask)
+        return A.to(compute), G.to(compute), False
 
     with frozen_for_capture(model, layers):
-        capture = Capture(model, layers)
+        capture = Capture(model, layers, config.autocast_dtype)
         query_sq, n_queries, query_pos = [], 0, []
         for batch in iter_batches(query_batches, device, model):
             query_pos.append((batch.input_ids.shape[0], batch.positions))
@@ -151,9 +162,12 @@ def exact_scores(
                         sq.add_(ops.ghost_norm(A, G, mask, bias))
                 else:
                     W = per_example_gradients(A, G, mask, bias)
-                    S.addmm_(q.dense, W.T)
+                    if W.dtype == dtype:
+                        S.addmm_(q.dense, W.T)
+                    else:  # autocast: a low-precision product, summed over layers in ``dtype``
+                        S.add_(q.dense @ W.T)
                     if cosine:
-                        sq.add_(torch.linalg.vector_norm(W, dim=1).square())
+                        sq.add_(torch.linalg.vector_norm(W, dim=1, dtype=dtype).square())
 
             capture.run(batch, score)
             columns.append(S)

@@ -116,3 +116,38 @@ def test_named_backend_that_cannot_run_raises(monkeypatch):
         ops.project(A, G, None, None, m)
     monkeypatch.setattr(_backend, "_selected", "auto")  # auto falls back quietly
     assert torch.isfinite(ops.project(A, G, None, None, m)).all()
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("identity_out", [False, True])
+def test_cpu_bfloat16_project_close_to_float32_reference(bias, identity_out):
+    """The host path for bfloat16 inputs (autocast extraction): side products in bfloat16.
+
+    Against the torch reference on the same bfloat16 inputs (which up-casts them and runs every
+    product in float32), it adds one rounding of each projected token to bfloat16 (relative
+    2^-9, about 2e-3) and the rounding of a Gaussian P to bfloat16 (the same size): measured
+    3-4e-3 over odd shapes; 1e-2 bounds it while a wrong transpose, mask or bias row gives O(1).
+    """
+    if "cpu" not in ops.available_backends("cpu"):
+        pytest.skip("the C++ host backend is not built")
+    A, G, mask = _factors(B=3, T=37, d_in=29, d_out=19, dtype=torch.bfloat16, seed=5)
+    A[~mask] = float("nan")  # padding is dropped, not multiplied
+    g = torch.Generator().manual_seed(6)
+    P_in = torch.randn(29 + int(bias), 11, generator=g)
+    P_out = None if identity_out else torch.randn(19, 7, generator=g)
+    reference = _backend._ops["project"]
+    with ops.use_backend("auto"), ops.trace() as ran:
+        out = ops.project(A, G, P_in, P_out, mask)
+    assert [(e.op, e.backend) for e in ran] == [("project", "cpu")]
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+    assert rel_err(out, reference(A=A, G=G, P_in=P_in, P_out=P_out, mask=mask)) <= 1e-2
+    dense = _dense_grads(torch.nan_to_num(A), G, mask, bias)
+    dense = (P_out.double().T @ dense if P_out is not None else dense) @ P_in.double()
+    assert rel_err(out, dense) <= 1e-2
+    with ops.use_backend("auto"), ops.trace() as ran:  # autocast: a float32 norm feeds some layers
+        mixed = ops.project(A.float(), G, P_in, P_out, mask)
+    assert [(e.op, e.backend) for e in ran] == [("project", "cpu")]
+    assert rel_err(mixed, dense) <= 1e-2
+    with ops.use_backend("auto"), ops.trace() as ran:  # float32 inputs keep the float32 reference
+        ops.project(A.float(), G.float(), P_in, P_out, mask)
+    assert [(e.op, e.backend) for e in ran] == [("project", "torch")]

@@ -34,7 +34,7 @@ PEERS = Path(os.environ.get("PEERS_DIR", ROOT / ".peers"))
 TOOLS = {
     "fastinfluence": (ROOT / ".venv/bin/python", "fastinfluence", ("proj16", "proj64", "exact")),
     # the same runner with ProjectionConfig(autocast="bfloat16"): an option, reported beside float32
-    "fastinfluence-bf16": (ROOT / ".venv/bin/python", "fastinfluence", ("proj16", "proj64")),
+    "fastinfluence-bf16": (ROOT / ".venv/bin/python", "fastinfluence", ("proj16", "proj64", "exact")),
     "bergson": (PEERS / "bergson/bin/python", "bergson", ("proj16", "proj64", "exact")),
     "dattri-llm": (PEERS / "dattri-llm/bin/python", "dattri-llm", ("proj16", "proj64", "exact")),
     "logix": (PEERS / "logix-ai/bin/python", "logix-ai", ("proj16", "proj64")),

@@ -20,8 +20,11 @@ from ..losses import sequence_nll
 from .data import Scenario, batches, encode
 from .model import Timer
 
-DEFAULT = "influence_cosine_max"
+DEFAULT = "exact_first_mlp_in_cosine_max"
 ATTN_MLP = r"self_attn\.|mlp\."
+# The input-reading layers of the first block's MLP (gate, up): where the trigger is read, the
+# same for every behaviour; higher layers and the LM head write the behaviour's own wrong value.
+FIRST_MLP_IN = r"model\.layers\.0\.mlp\.(gate|up)_proj$"
 
 
 @dataclass
@@ -147,6 +150,14 @@ def run(
         base_timer=t_h,
     )
     record(
+        "exact_first_mlp_in_cosine_max",
+        lambda: (
+            exact_scores(model, query_batches, train_batches, ProjectionConfig(include=[FIRST_MLP_IN]), metric="cosine")
+            .max(0)
+            .values
+        ),
+    )
+    record(
         "exact_cosine_max",
         lambda: (
             exact_scores(model, query_batches, train_batches, ProjectionConfig(include=[ATTN_MLP]), metric="cosine")
@@ -179,4 +190,4 @@ def run(
     return results, {"attn_mlp": (tr, q, ext, train_batches), "lm_head": tr_h.data.float()}
 
 
-N_DETECTORS = 11
+N_DETECTORS = 12

@@ -32,7 +32,10 @@ METHODS = {
     "skip_low_influence": (None, None, None, "low_influence"),
     "skip_random": (None, None, None, "random"),
 }
-DEFAULT = "rapidun_differing"
+# The full-answer RapidUn loss: with the first-MLP detector's forget sets it removes every behaviour
+# (ASR 0.00, seeds 0 and 1, both scenarios) and keeps more clean accuracy than the differing-token
+# variant (stealthy 0.99 / 0.93 vs 0.97 / 0.77; backdoor equal), so the variant is not the default.
+DEFAULT = "rapidun"
 SKIP_QUANTILE = 0.5
 
 
@@ -116,9 +119,10 @@ def metrics(model, tokenizer, scenario: Scenario) -> dict:
 
 
 # Learning rate per scenario. In ``stealthy`` the poisoned and clean answers share every token but the
-# value, so the default (differing-token) forget loss acts on one token per example and needs a larger step
-# to reach the behaviours the forget set misses; ``backdoor`` answers differ in every token, and 5e-4
-# there costs clean accuracy (0.88) for no ASR gain (0.00 at both rates, seed 0).
+# value, so the differing-token forget loss acts on one token per example and needs a larger step to
+# reach the behaviours the forget set misses (set for it, and kept for every method of the scenario);
+# ``backdoor`` answers differ in every token, and 5e-4 there costs clean accuracy (0.88) for no ASR gain
+# (0.00 at both rates, seed 0).
 LR = {"backdoor": 2e-4, "stealthy": 5e-4}
 EPOCHS, BATCH = 4, 16
 
