@@ -4,8 +4,10 @@ For three layer sets (LM head only, last block only, every Linear layer) one ext
 step is timed as the extractor runs it (the backward cut at the lowest captured layer; for
 the LM head alone no backward at all) and through the full backward from the input
 embeddings, beside one plain training step (forward + backward with weight gradients).
-For the LM head the backward cut at the head's input is timed too. CPU seconds (process
-time, one thread), runs interleaved, median of ``--reps``.
+For the LM head the backward cut at the head's input is timed too, and, as its floor, one
+plain forward (no grad: the hidden states and logits any LM-head feature needs), each also
+under ``autocast="bfloat16"``. CPU seconds (process time, one thread), runs interleaved,
+median of ``--reps``.
 
     python bench/truncated_backward.py [--out bench/results/truncated_backward_cpu.json]
 """
@@ -72,13 +74,22 @@ def main() -> None:
 
         return run
 
-    fns = {"train_step": train_step}
+    @torch.no_grad()
+    def forward(dtype=None):
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+            model(**batch)
+
+    fns = {"train_step": train_step, "forward": forward, "forward_bf16": lambda: forward(torch.bfloat16)}
     for name, include in SETS.items():
         ex = GradientExtractor(model, ProjectionConfig(include=include, rank_in=args.rank, rank_out=args.rank))
         fns[f"{name}/truncated"] = lambda ex=ex: ex.extract([batch])
         fns[f"{name}/full"] = autograd(ex, full=True)
         if name == "lm_head":
             fns[f"{name}/cut_autograd"] = autograd(ex, full=False)
+            low = GradientExtractor(
+                model, ProjectionConfig(include=include, rank_in=args.rank, rank_out=args.rank, autocast="bfloat16")
+            )
+            fns[f"{name}/truncated_bf16"] = lambda low=low: low.extract([batch])
     t = cpu_medians(fns, args.reps)
     rows = [
         {
@@ -97,6 +108,13 @@ def main() -> None:
     ]
     rows[0]["cut_autograd_cpu_s"] = t["lm_head/cut_autograd"]
     rows[0]["speedup_vs_cut_autograd"] = t["lm_head/cut_autograd"] / t["lm_head/truncated"]
+    # the floor: no LM-head feature costs less than the forward that gives its hidden states
+    rows[0]["forward_cpu_s"] = t["forward"]
+    rows[0]["truncated_over_forward"] = t["lm_head/truncated"] / t["forward"]
+    rows[0]["full_over_forward"] = t["lm_head/full"] / t["forward"]
+    rows[0]["bf16_cpu_s"] = t["lm_head/truncated_bf16"]
+    rows[0]["bf16_speedup"] = t["lm_head/full"] / t["lm_head/truncated_bf16"]
+    rows[0]["forward_bf16_cpu_s"] = t["forward_bf16"]
     out = {
         "model": {"arch": "llama", "hidden": 256, "layers": 4, "vocab": 512},
         "batch": args.batch,
