@@ -17,7 +17,7 @@ LlamaForCausalLM from scratch, then
 
 and writes report.json, report.md and plots to --out.
 
-    python -m fastinfluence demo            # or: make demo   (about 5 CPU minutes)
+    python -m fastinfluence demo            # or: make demo   (about 2-3 CPU minutes)
     python -m fastinfluence demo --quick    # smaller data, fewer epochs (CI)
 """
 

@@ -31,17 +31,18 @@ The default detector is the exact cosine of the per-example gradients of the fir
 layers (`gate_proj`, `up_proj` of layer 0), max over the reports. Why there: the trigger is read at the
 bottom of the model, in the same way for every behaviour, while the upper layers and the LM head write
 each behaviour's own wrong value, so their gradients tie a report to its own behaviour and miss the
-others (the observation behind TracIn-WE, Yeh et al. 2022: on language data the first layers'
-gradients find related examples better than the last ones'). On the `stealthy` scenario of `bench/demo_detector_study.py` (4 data seeds;
-`bench/results/demo_detector_study.json`) its AUROC is 0.928 / 0.966 / 0.721 / 0.897 against 0.763 /
-0.867 / 0.715 / 0.855 for the projected attention+MLP cosine it replaced (mean over 3 projection seeds),
-and on the poisoned examples of the behaviours no report shows 0.90 / 0.93 / 0.58 / 0.85 against 0.67 /
-0.73 / 0.56 / 0.79; its precision@k (the forget set) is higher on seeds 0, 1 and 3 (0.500 / 0.708 /
-0.458 vs 0.396 / 0.562 / 0.431) and lower on seed 2 (0.333 vs 0.424). Exact, because two small layers
-cost about a second here and a 32x32 projection of them loses up to 0.08 AUROC. The layers were chosen
-on seeds 0 and 1; seeds 2 and 3 were run after the choice as a check: seed 3 comes within 0.003 of the
-0.90 bound, and on seed 2 no setting of the study reaches it (best: per-layer unit normalisation, 0.804):
-no setting finds seed 2's unreported behaviours (AUROC on them at most 0.69).
+others (the observation behind TracIn-WE, Yeh et al. 2022: on language data the first layers' gradients
+find related examples better than the last ones'). On the `stealthy` scenario of
+`bench/demo_detector_study.py` (4 data seeds; `bench/results/demo_detector_study.json`) its AUROC is
+0.928 / 0.966 / 0.721 / 0.897 against 0.763 / 0.867 / 0.715 / 0.855 for the projected attention+MLP
+cosine it replaced (mean over 3 projection seeds), and on the poisoned examples of the behaviours no
+report shows 0.90 / 0.93 / 0.58 / 0.85 against 0.67 / 0.73 / 0.56 / 0.79; its precision@k (the forget
+set) is higher on seeds 0, 1 and 3 (0.500 / 0.708 / 0.458 vs 0.396 / 0.562 / 0.431) and lower on seed 2
+(0.333 vs 0.424). Exact, because two small layers cost about a second here and a 32x32 projection of
+them loses up to 0.08 AUROC. The layers were chosen on seeds 0 and 1; seeds 2 and 3 were run after the
+choice as a check: seed 3 comes within 0.003 of the 0.90 bound, and on seed 2 no setting of the study
+reaches it (best: per-layer unit normalisation, 0.804): no setting finds seed 2's unreported behaviours
+(AUROC on them at most 0.69).
 """
 
 

@@ -81,11 +81,11 @@ def supports_project(A: torch.Tensor, G: torch.Tensor, **_) -> bool | str:
 
 
 def project(A, G, P_in, P_out, mask=None):
-    """``ops.project`` for bfloat16 inputs (``ProjectionConfig(autocast="bfloat16")``, where G is
-    bfloat16 and A is bfloat16 or, for layers fed by a float32 norm, float32).
+    """``ops.project`` for bfloat16 inputs: a bfloat16 model, or ``ProjectionConfig(autocast=
+    "bfloat16")``, where G is bfloat16 and A is bfloat16 or, for layers fed by a float32 norm,
+    float32 (rounded to bfloat16 first, as the autocast Linear itself rounded it).
 
-    A float32 side is rounded to bfloat16 first, as the autocast Linear itself rounded it
-    before its matmul. The two side products A P_in and G P_out run as bfloat16 matmuls (oneDNN accumulates in
+    The two side products A P_in and G P_out run as bfloat16 matmuls (oneDNN accumulates in
     float32 and rounds each projected token once, a relative 2^-9), the sum over tokens in
     float32. Up-casting the (B, T, d) inputs to float32 first, as the reference does, costs
     2-3x more on CPUs with AVX-512 BF16 for the same inputs; the one extra rounding is of the
