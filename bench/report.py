@@ -118,7 +118,14 @@ def _truncated(d: dict) -> list[str]:
         f"| extraction of {r['layers']}, {r.get('path', 'backward cut')} vs full backward | Llama {m['hidden']}-d, "
         f"{m['layers']} layers, vocab {m['vocab']}, {d['batch']}x{d['seq']} tokens, rank {d['rank']} | "
         f"{r['truncated_cpu_s'] * 1e3:.0f} ms vs {r['full_cpu_s'] * 1e3:.0f} ms CPU ({r['speedup']:.2f}x); "
-        f"{r['truncated_over_train_step']:.2f}x a training step | {d['device']} |"
+        f"{r['truncated_over_train_step']:.2f}x a training step"
+        + (
+            f"; {r['truncated_over_forward']:.2f}x a plain forward (the floor); bf16 autocast "
+            f"{r['bf16_cpu_s'] * 1e3:.0f} ms ({r['bf16_speedup']:.2f}x)"
+            if "forward_cpu_s" in r
+            else ""
+        )
+        + f" | {d['device']} |"
         for r in d["rows"]
     ]
 

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 
 OPS = (
     "project",
+    "project_bf16",
     "project_tokens",
     "ghost_dot",
     "ghost_norm",
@@ -90,6 +91,17 @@ def _cases(s: dict, device: torch.device) -> dict[str, tuple[Callable[[], tuple]
             lambda: (
                 rnd(B, T, di),
                 rnd(B, T, do),
+                rnd(di, k),
+                rnd(do, k),
+                torch.ones(B, T, dtype=torch.bool, device=device),
+            ),
+            lambda x: ops.project(*x),
+            2 * B * T * (di * k + do * k + k * k),
+        ),
+        "project_bf16": (  # bfloat16 factors, as an autocast extraction hands them over
+            lambda: (
+                rnd(B, T, di).bfloat16(),
+                rnd(B, T, do).bfloat16(),
                 rnd(di, k),
                 rnd(do, k),
                 torch.ones(B, T, dtype=torch.bool, device=device),

@@ -24,8 +24,14 @@ def test_bench_rows_cover_implementing_backends_and_agree_with_torch(monkeypatch
         assert got == expected and "torch" in got
     for r in rows:
         assert r["median_s"] > 0 and r["gflops"] > 0
-        assert r["rel_err_vs_torch"] <= 1e-5, r  # float32 inputs, float32 accumulation
-        assert r["ran"] == r["backend"] and r["fallback"] is None  # float32 inputs: every kernel covers them
+        # float32 accumulation throughout; bfloat16 factors: each projected token rounded once at most
+        assert r["rel_err_vs_torch"] <= (1e-2 if r["op"] == "project_bf16" else 1e-5), r
+        if (r["op"], r["backend"]) == ("project", "cpu"):  # the host project covers bfloat16 inputs only
+            assert r["ran"] == "torch" and "bfloat16" in r["fallback"], r
+        else:
+            assert r["ran"] == r["backend"] and r["fallback"] is None, r  # every other kernel covers its inputs
+    if "cpu" in ops.available_backends("cpu"):
+        assert any(r["ran"] == "cpu" for r in rows if r["op"] == "project_bf16")
 
 
 @pytest.mark.parametrize(
