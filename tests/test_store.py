@@ -16,6 +16,7 @@ import pytest
 import torch
 from test_store_support import LAYERS, TokenTableExtractor, make_batches
 
+from fastinfluence import score
 from fastinfluence.store import CorruptShardError, FeatureStore, MismatchError, StoreError, write_store
 
 HERE = Path(__file__).parent
@@ -163,6 +164,39 @@ def test_incomplete_store_and_missing_store_are_reported(tmp_path):
     (tmp_path / "s" / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(StoreError, match="examples 3..6 are missing"):
         FeatureStore.open(tmp_path / "s")
+
+
+class _DiesAfter(TokenTableExtractor):
+    """Stops the extraction with an error after ``n`` batches, as a kill would (no manifest update)."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.n = n
+
+    def iter_features(self, batches, **kw):
+        for i, f in enumerate(super().iter_features(batches, **kw)):
+            if i == self.n:
+                raise KeyboardInterrupt
+            yield f
+
+
+def test_interrupted_store_reports_and_scores_the_rows_its_shards_hold(tmp_path):
+    """The manifest of a run is written before its shards: after a kill the shards on disk are the
+    truth, for the incomplete-store message, for ``allow_incomplete`` scoring and for resume."""
+    batches = make_batches(6, with_ids=True)  # 18 examples, shards of 3
+    with pytest.raises(KeyboardInterrupt):
+        write_store(tmp_path / "s", _DiesAfter(4), batches, shard_rows=3)
+    store = FeatureStore.open(tmp_path / "s")
+    assert not store.complete and store.num_rows == 12 and store.expected_rows == 18
+    ref = TokenTableExtractor().extract(batches)
+    assert torch.equal(store.rows(range(12)).double(), ref.data[:12].double())
+    with pytest.raises(StoreError, match=r"is incomplete \(12 of 18 examples\)"):
+        score(ref, store, topk=2)
+    partial = score(ref, store, topk=2, allow_incomplete=True)
+    assert partial.topk_indices.shape == (18, 2) and int(partial.topk_indices.max()) < 12
+    done = write_store(tmp_path / "s", TokenTableExtractor(), batches, shard_rows=3)
+    assert done.complete and done.num_rows == 18
+    assert_same_features(done, ref)
 
 
 _WORKER = """

@@ -169,6 +169,34 @@ def _read_header(path: Path) -> tuple[dict, int]:
         ) from exc
 
 
+def scan_shards(root: Path) -> list[dict]:
+    """Entries of every committed shard file (read from their headers), in stream order."""
+    entries = []
+    for p in sorted(root.glob("shard-*.safetensors")):
+        header, _ = _read_header(p)
+        entry = json.loads(header["__metadata__"]["entry"])
+        entry.update(file=p.name, bytes=p.stat().st_size)
+        entries.append(entry)
+    entries.sort(key=lambda e: e["first"])
+    for a, b in zip(entries, entries[1:]):
+        if a["first"] + a["rows"] > b["first"]:
+            raise StoreError(
+                f"shards {a['file']} and {b['file']} overlap in {root}: the store was written by two different runs"
+            )
+    return entries
+
+
+def contiguous_shards(entries: list[dict]) -> list[dict]:
+    """The shards that cover examples 0..n without a gap (what a reader may use)."""
+    out, expected = [], 0
+    for e in entries:
+        if e["first"] != expected:
+            break
+        out.append(e)
+        expected += e["rows"]
+    return out
+
+
 def _save(path: Path, tensors: dict[str, torch.Tensor], entry: dict | None = None) -> dict:
     """Write ``tensors`` atomically; ``entry`` (with the checksums added) goes into the header."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}

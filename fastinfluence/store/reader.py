@@ -28,8 +28,10 @@ from .format import (
     _check_format,
     _read_header,
     check_same_origin,
+    contiguous_shards,
     layout_from_json,
     read_manifest,
+    scan_shards,
 )
 
 
@@ -140,6 +142,12 @@ class FeatureStore:
         path = Path(path)
         manifest = read_manifest(path)
         _check_format(path, manifest)
+        if not manifest.get("complete", True) and (path / "shards").is_dir():
+            # A killed (or running) extraction wrote the manifest before its shards: the committed
+            # shards on disk are what it has, and what a resume keeps.
+            written = contiguous_shards(scan_shards(path / "shards"))
+            if sum(s["rows"] for s in written) > sum(s["rows"] for s in manifest["shards"]):
+                manifest = dict(manifest, shards=written, num_rows=sum(s["rows"] for s in written))
         store = cls(path, manifest)
         if expect is not None:
             check_same_origin(store.metadata(), expect, f"store {path}", "the given extractor/features")

@@ -36,17 +36,19 @@ from .format import (
     _check_format,
     _jsonable,
     _manifest,
-    _read_header,
     _save,
     atomic_write,
     check_same_origin,
+    contiguous_shards,
     normalize_metadata,
     read_manifest,
     save_tensors,
+    scan_shards,
 )
 from .reader import FeatureStore
 
 log = logging.getLogger("fastinfluence.store")
+_scan_shards = scan_shards  # the writer's scans go through this name (a test patches it)
 
 
 def _row_digests(stream: list[Mapping], padded: bool = False) -> list[bytes]:
@@ -115,34 +117,6 @@ def _write_shard(root: Path, first: int, f: Features, layers: list[str], content
         )
     entry.update(_save(root / f"shard-{first:012d}.safetensors", tensors, entry))
     return entry
-
-
-def _scan_shards(root: Path) -> list[dict]:
-    """Entries of every committed shard file (read from their headers), in stream order."""
-    entries = []
-    for p in sorted(root.glob("shard-*.safetensors")):
-        header, _ = _read_header(p)
-        entry = json.loads(header["__metadata__"]["entry"])
-        entry.update(file=p.name, bytes=p.stat().st_size)
-        entries.append(entry)
-    entries.sort(key=lambda e: e["first"])
-    for a, b in zip(entries, entries[1:]):
-        if a["first"] + a["rows"] > b["first"]:
-            raise StoreError(
-                f"shards {a['file']} and {b['file']} overlap in {root}: the store was written by two different runs"
-            )
-    return entries
-
-
-def _contiguous(entries: list[dict]) -> list[dict]:
-    """The shards that cover examples 0..n without a gap (what a reader may use)."""
-    out, expected = [], 0
-    for e in entries:
-        if e["first"] != expected:
-            break
-        out.append(e)
-        expected += e["rows"]
-    return out
 
 
 def _pieces(sizes: list[int], done: list[dict]) -> list[tuple[int, int, int]]:
@@ -306,7 +280,7 @@ class StoreWriter:
                     "to resume, or the old batches followed by new ones to append"
                 )
         if rank == 0:  # a manifest from the start, so that a killed first run can be checked on resume
-            atomic_write(root / MANIFEST, json.dumps(self._manifest(_contiguous(done), len(flat_ids))).encode())
+            atomic_write(root / MANIFEST, json.dumps(self._manifest(contiguous_shards(done), len(flat_ids))).encode())
         pieces = _pieces(sizes, done)
         if rank == 0 and done:
             log.info(
