@@ -18,6 +18,9 @@ RESULTS = Path(__file__).parent / "results"
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 PEERS_START, PEERS_END = "<!-- peers:start -->", "<!-- peers:end -->"
 PEERS_JSON, PEERS_PLOT = RESULTS / "peers_cpu.json", Path(__file__).parents[1] / "docs" / "peers_cpu.svg"
+# the same benchmark with every tool in its own low precision (a separate run)
+LOW_START, LOW_END = "<!-- peers-bf16:start -->", "<!-- peers-bf16:end -->"
+LOW_JSON = RESULTS / "peers_bf16_cpu.json"
 SETTINGS = {
     "proj16": "projected 16x16, build + score",
     "proj64": "projected 64x64, build + score",
@@ -272,15 +275,17 @@ def _replace(doc: str, start: str, end: str, text: str, path: Path) -> str:
 
 
 def table() -> str:
-    lines = ["| benchmark | shape | result | device |", "|---|---|---|---|"]
+    lines, others = ["| benchmark | shape | result | device |", "|---|---|---|---|"], []
     for path in sorted(RESULTS.glob("*.json")):
-        if path == PEERS_JSON:
+        if path in (PEERS_JSON, LOW_JSON):
             continue
         fmt = FORMATTERS.get(path.name) or (_compile if path.name.startswith("triton_compile_") else None)
         if fmt is None:
-            lines.append(f"| `{path.name}` | | see file | |")
+            others.append(f"`{path.name}`")
             continue
         lines += fmt(json.loads(path.read_text()))
+    if others:  # studies whose numbers the sections above quote (demo, detector, peers' rechecks)
+        lines.append(f"\nAlso in `bench/results/`, quoted in the sections above: {', '.join(others)}.")
     return "\n".join(lines)
 
 
@@ -298,6 +303,8 @@ def main() -> None:
     if peers is not None:
         doc = _replace(doc, PEERS_START, PEERS_END, peers_table(peers), path)
         peers_plot(peers, PEERS_PLOT)
+    if LOW_JSON.exists() and LOW_START in doc:
+        doc = _replace(doc, LOW_START, LOW_END, peers_table(json.loads(LOW_JSON.read_text())), path)
     path.write_text(doc)
 
 

@@ -174,3 +174,25 @@ def test_training_keeps_evenly_spaced_checkpoints_and_tracin_averages_their_cosi
         S = score(ext.extract(query_b), ext.extract(train_b), metric="cosine", topk=1, matrix=True).matrix
         want = want + torch.as_tensor(S).double()
     torch.testing.assert_close(got, want / len(checkpoints), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["--device", "gpu"], "--device 'gpu' is not a device; use cpu, cuda or cuda:N"),
+        (["--out", "/proc/fastinfluence-demo"], "/proc/fastinfluence-demo"),
+    ]
+    + ([] if torch.cuda.is_available() else [(["--device", "cuda"], "CUDA is not available on this machine")]),
+)
+def test_demo_refuses_a_bad_device_or_output_before_any_work(argv, match, capsys, monkeypatch):
+    """One line on stderr, exit code 2, and no scenario started (the check comes first)."""
+    from fastinfluence import cli
+    from fastinfluence import demo as demo_module
+
+    def started(*_a, **_k):
+        raise AssertionError("the demo started before checking its arguments")
+
+    monkeypatch.setattr(demo_module, "run_scenario", started)
+    assert cli.main(["demo", "--quick", *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and match in err[0], err

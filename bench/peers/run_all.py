@@ -39,9 +39,17 @@ TOOLS = {
     "dattri-llm": (PEERS / "dattri-llm/bin/python", "dattri-llm", ("proj16", "proj64", "exact")),
     "logix": (PEERS / "logix-ai/bin/python", "logix-ai", ("proj16", "proj64")),
     "kronfluence": (PEERS / "kronfluence/bin/python", "kronfluence", ("exact",)),
+    # the peers' own low-precision settings, beside fastinfluence-bf16
+    "bergson-bf16": (PEERS / "bergson/bin/python", "bergson", ("proj16", "proj64", "exact")),
+    "kronfluence-bf16": (PEERS / "kronfluence/bin/python", "kronfluence", ("exact",)),
 }
 TRAK = PEERS / "traker/bin/python"
-SCRIPT = {"dattri-llm": "run_dattri_llm.py", "fastinfluence-bf16": "run_fastinfluence_bf16.py"}
+SCRIPT = {
+    "dattri-llm": "run_dattri_llm.py",
+    "fastinfluence-bf16": "run_fastinfluence_bf16.py",
+    "bergson-bf16": "run_bergson_bf16.py",
+    "kronfluence-bf16": "run_kronfluence_bf16.py",
+}
 
 
 def spearman(S: np.ndarray, R: np.ndarray) -> float:

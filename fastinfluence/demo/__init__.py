@@ -34,18 +34,42 @@ from .data import SCENARIOS, encode, make_scenario, train_tokenizer
 from .model import Recipe, Timer, n_train_steps, train_model
 
 
-def _bar(total: int, desc: str):
+def _bar(total: int, desc: str, on: bool = True):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, mininterval=1.0)
+    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, mininterval=1.0, disable=not on)
 
 
-def run_scenario(name: str, seed: int, quick: bool, device: str, log=print) -> dict:
+def _check_device(device: str | None) -> str:
+    """``device`` checked before any work: None picks cuda when there is one, else cpu."""
+    import re
+
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+        raise ValueError(f"--device {device!r} is not a device; use cpu, cuda or cuda:N")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+    if device.startswith("cuda:") and int(device.split(":")[1]) >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA devices")
+    return device
+
+
+def _check_out(out: Path) -> None:
+    """The output folder is made and a file written in it before any work (an OSError names it)."""
+    import tempfile
+
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=out, prefix=".write-check-"):
+        pass
+
+
+def run_scenario(name: str, seed: int, quick: bool, device: str, log=print, progress: bool = True) -> dict:
     recipe = Recipe(hidden=96, epochs=12) if quick else Recipe()
     scenario = make_scenario(name, seed, n_entities=40 if quick else 60)
     tokenizer = train_tokenizer(scenario)
     enc = [encode(tokenizer, e.prompt, e.response) for e in scenario.train]
-    with _bar(n_train_steps(len(enc), recipe), f"{name}: train") as bar, Timer() as t_train:
+    with _bar(n_train_steps(len(enc), recipe), f"{name}: train", progress) as bar, Timer() as t_train:
         checkpoints: list[dict] = []
         model = train_model(enc, tokenizer, recipe, seed, device, bar, checkpoints)
     before = unlearn.metrics(model, tokenizer, scenario)
@@ -54,17 +78,17 @@ def run_scenario(name: str, seed: int, quick: bool, device: str, log=print) -> d
         f"ASR {before['asr_seen']:.2f}, clean exact match {before['clean_acc']:.2f}, ppl {before['clean_ppl']:.3f}"
     )
 
-    with _bar(detect.N_DETECTORS, f"{name}: detect") as bar:
+    with _bar(detect.N_DETECTORS, f"{name}: detect", progress) as bar:
         found, feats = detect.run(model, tokenizer, scenario, seed, quick, bar, checkpoints)
     default = found[detect.DEFAULT]
     s = unlearn.setup(scenario, tokenizer, default.scores, feats, seed)
     runs = {}
-    with _bar(len(unlearn.METHODS), f"{name}: unlearn") as bar:
+    with _bar(len(unlearn.METHODS), f"{name}: unlearn", progress) as bar:
         for method in unlearn.METHODS:
             bar.set_postfix_str(method)
             runs[method] = unlearn.run(method, model, tokenizer, scenario, s, seed, quick, device)
             bar.update(1)
-    with _bar(n_train_steps(len(enc) - len(s.forget), recipe), f"{name}: retrain") as bar:
+    with _bar(n_train_steps(len(enc) - len(s.forget), recipe), f"{name}: retrain", progress) as bar:
         again = unlearn.retrain(tokenizer, scenario, s, recipe, seed, device, bar)
     u = runs[unlearn.DEFAULT]
     forget_poisoned = torch.tensor([scenario.train[i].poisoned for i in s.forget])
@@ -98,6 +122,7 @@ def run_scenario(name: str, seed: int, quick: bool, device: str, log=print) -> d
                 "seconds": d.seconds,
                 "cpu_seconds": d.cpu_seconds,
             }
+            | ({"auroc_by_behaviour": d.auroc_by_behaviour} if d.auroc_by_behaviour else {})
             for k, d in found.items()
         },
         "default_detector": detect.DEFAULT,
@@ -129,18 +154,21 @@ def run(
     device: str | None = None,
     out: str | Path = "demo_out",
     log=print,
+    progress: bool = True,
 ) -> dict:
-    """The whole demo; returns the report (also written to ``out``)."""
+    """The whole demo; returns the report (also written to ``out``). ``device`` and ``out`` are
+    checked before any work; ``progress=False`` hides the progress bars."""
     from . import report
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = _check_device(device)
+    _check_out(Path(out))
     if device == "cpu":
         # A tiny model: per-op overhead dominates, and more threads than free cores only spin.
         torch.set_num_threads(1)
     start, cpu = time.perf_counter(), time.process_time()
     result = {"seed": seed, "quick": quick, "device": device, "scenarios": {}}
     for name in scenarios:
-        result["scenarios"][name] = run_scenario(name, seed, quick, device, log)
+        result["scenarios"][name] = run_scenario(name, seed, quick, device, log, progress)
     result["seconds"], result["cpu_seconds"] = time.perf_counter() - start, time.process_time() - cpu
     report.write(result, Path(out), log)
     return result
@@ -165,5 +193,5 @@ def register(subparsers) -> None:
 
 def _main(args) -> int:
     scenarios = SCENARIOS if args.scenario == "all" else (args.scenario,)
-    run(args.seed, scenarios, args.quick, args.device, args.out)
+    run(args.seed, scenarios, args.quick, args.device, args.out, progress=not getattr(args, "quiet", False))
     return 0

@@ -34,6 +34,8 @@ class Detection:
     precision_at_k: float
     seconds: float
     cpu_seconds: float
+    # stealthy: AUROC of each behaviour's poisoned examples against every clean one (reported or not)
+    auroc_by_behaviour: dict[str, float] | None = None
 
 
 def auroc(scores: torch.Tensor, positive: torch.Tensor) -> float:
@@ -95,6 +97,12 @@ def run(
     candidate[scenario.reported] = False
     positive = is_poisoned[candidate]
     k = int(positive.sum())
+    attribute = [e.attribute for e in train]
+    by_behaviour = {  # candidate rows kept for one behaviour: its poisoned examples and every clean one
+        b: torch.tensor([not e.poisoned or a == b for e, a in zip(train, attribute)])[candidate]
+        for b in scenario.behaviours
+        if scenario.name == "stealthy"
+    }
     results: dict[str, Detection] = {}
 
     def record(name, fn, *, base_timer=None):
@@ -103,7 +111,8 @@ def run(
         wall, cpu = t.wall + (base_timer.wall if base_timer else 0), t.cpu + (base_timer.cpu if base_timer else 0)
         s = s.double()
         c = s[candidate]
-        results[name] = Detection(s, auroc(c, positive), precision_at_k(c, positive, k), wall, cpu)
+        per = {b: auroc(c[m], positive[m]) for b, m in by_behaviour.items()} or None
+        results[name] = Detection(s, auroc(c, positive), precision_at_k(c, positive, k), wall, cpu, per)
         if progress is not None:
             progress.update(1)
 

@@ -99,13 +99,24 @@ def story(name: str, sc: dict) -> str:
         f"({sc['default_detector']}) "
         f"ranks the other {sc['data']['n_poisoned'] - sc['data']['n_reported']} poisoned ones with AUROC "
         f"{d['auroc']:.3f} and precision@k "
-        f"{d['precision_at_k']:.3f}; {verdict}. Unlearning ({sc['default_unlearning']}) from the detected set takes "
+        f"{d['precision_at_k']:.3f}{_by_behaviour(sc, d)}; {verdict}. "
+        f"Unlearning ({sc['default_unlearning']}) from the detected set takes "
         f"ASR {b['asr_seen']:.2f} -> {u['asr_seen']:.2f} (shift {u['asr_shift']:.2f}) with clean exact match "
         f"{u['clean_acc']:.2f} (before {b['clean_acc']:.2f}) and perplexity {u['clean_ppl']:.3f} (before "
         f"{b['clean_ppl']:.3f}), in {sc['speedup']['unlearn_vs_retrain']:.0f}x less CPU time than retraining "
         f"({sc['speedup']['end_to_end_vs_retrain']:.1f}x with detection). Retraining without the detected set "
         f"leaves ASR {r['asr_seen']:.2f}." + _weights_line(sc) + _better_settings(sc)
     )
+
+
+def _by_behaviour(sc: dict, d: dict) -> str:
+    """`` (by behaviour, against every clean example: home 0.99 (reported), pet 0.87, ...)``, stealthy only."""
+    per = d.get("auroc_by_behaviour")
+    if not per:
+        return ""
+    shown = set(sc["data"].get("reported_behaviours", ()))
+    cells = ", ".join(f"{b} {v:.2f}" + (" (reported)" if b in shown else "") for b, v in per.items())
+    return f" (by behaviour, its poisoned examples against every clean one: {cells})"
 
 
 def _better_settings(sc: dict) -> str:
@@ -178,26 +189,27 @@ def _plots(result: dict, out: Path) -> list[str]:
     fig.savefig(out / "detection_pr.png", dpi=110, bbox_inches="tight")
     files.append("detection_pr.png")
 
-    fig, axes = plt.subplots(1, len(names), figsize=(5.2 * len(names), 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(names), figsize=(5.2 * len(names), 5.4), squeeze=False)
     for ax, name in zip(axes[0], names):
         sc = result["scenarios"][name]
         pts = [("before", sc["before"])] + list(sc["unlearning"].items()) + [("retrain", sc["retrain"])]
-        for i, (k, r) in enumerate(sorted(pts, key=lambda kv: (kv[1]["asr_seen"], kv[1]["clean_ppl"]))):
+        # one marker and colour per run, named in the legend: runs that remove the backdoor pile up at
+        # ASR 0, where text labels would overprint
+        markers = "osD^vP*X<>hp8"
+        for i, (k, r) in enumerate(pts):
+            default = k == sc["default_unlearning"]
             ax.scatter(
                 r["clean_ppl"],
                 r["asr_seen"],
-                s=60 if k == sc["default_unlearning"] else 25,
-                color="C3" if k == sc["default_unlearning"] else ("k" if k in ("before", "retrain") else "C0"),
+                s=90 if default else 36,
+                marker=markers[i % len(markers)],
+                color="k" if k in ("before", "retrain") else plt.cm.tab20(i % 20),
+                edgecolors="C3" if default else "none",
+                linewidths=1.5,
+                alpha=0.85,
+                label=k + (" (default)" if default else ""),
             )
-            # staggered labels: runs that remove the backdoor pile up at ASR 0
-            ax.annotate(
-                k,
-                (r["clean_ppl"], r["asr_seen"]),
-                fontsize=7,
-                xytext=(4, 4 + 9 * (i % 4)),
-                textcoords="offset points",
-                arrowprops=dict(arrowstyle="-", lw=0.4, color="0.6"),
-            )
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3, frameon=False)
         ppl = [r["clean_ppl"] for _, r in pts]
         wide = max(ppl) / min(ppl) > 5  # GA can blow perplexity up by orders of magnitude
         ax.set(
