@@ -197,7 +197,7 @@ FORMATTERS = {
 
 
 def _peer_cells(d: dict) -> tuple[list[str], dict]:
-    ours = [t for t in ("fastinfluence", "fastinfluence-bf16") if any(r["tool"] == t for r in d["rows"])]
+    ours = sorted({r["tool"] for r in d["rows"] if r["tool"].startswith("fastinfluence")}, key=len)
     tools = ours + sorted({r["tool"] for r in d["rows"]} - set(ours))
     return tools, {(r["tool"], r["dataset"], r["setting"]): r for r in d["rows"]}
 

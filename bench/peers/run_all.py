@@ -39,6 +39,8 @@ TOOLS = {
     "dattri-llm": (PEERS / "dattri-llm/bin/python", "dattri-llm", ("proj16", "proj64", "exact")),
     "logix": (PEERS / "logix-ai/bin/python", "logix-ai", ("proj16", "proj64")),
     "kronfluence": (PEERS / "kronfluence/bin/python", "kronfluence", ("exact",)),
+    # the model itself in bfloat16 (as bergson-bf16 runs it)
+    "fastinfluence-bf16model": (ROOT / ".venv/bin/python", "fastinfluence", ("proj16", "proj64")),
     # the peers' own low-precision settings, beside fastinfluence-bf16
     "bergson-bf16": (PEERS / "bergson/bin/python", "bergson", ("proj16", "proj64", "exact")),
     "kronfluence-bf16": (PEERS / "kronfluence/bin/python", "kronfluence", ("exact",)),
@@ -47,6 +49,7 @@ TRAK = PEERS / "traker/bin/python"
 SCRIPT = {
     "dattri-llm": "run_dattri_llm.py",
     "fastinfluence-bf16": "run_fastinfluence_bf16.py",
+    "fastinfluence-bf16model": "run_fastinfluence_bf16model.py",
     "bergson-bf16": "run_bergson_bf16.py",
     "kronfluence-bf16": "run_kronfluence_bf16.py",
 }
