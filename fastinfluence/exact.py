@@ -10,6 +10,7 @@ For each selected layer, one of two exact methods is used, whichever costs less:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 
 import torch
@@ -85,10 +86,12 @@ def exact_scores(
         query_batches, train_batches: HF-style batch dicts, as for ``GradientExtractor``.
         config: selects the layers (``include`` / ``exclude`` / ``include_bias``) and
             ``autocast``; the ranks are ignored. Default: ``ProjectionConfig()``. With
-            ``autocast="bfloat16"`` (float16) the forward runs under autocast, per-example
-            gradients are formed and dotted as bfloat16 matmuls (float32 accumulation, one
-            rounding per layer's gradient and per layer's score) and summed over layers in
-            float32: no projection error, the low precision's instead (bench/peers).
+            ``autocast="bfloat16"`` the forward runs under autocast and, on the dense method,
+            per-example gradients are formed and dotted as bfloat16 matmuls (float32
+            accumulation, one rounding per layer's gradient and per layer's score; the ghost
+            method's torch reference works in float32), summed over layers in float32: no
+            projection error, the low precision's instead (bench/peers). ``float16``: the
+            forward only; products in float32 (a per-layer score can exceed float16's range).
         metric: ``dot`` (<grad_q, grad_i>) or ``cosine`` (divided by both norms).
         method: ``auto`` (cheaper of the two per layer), ``ghost`` or ``dense``.
         normalizer: a ``Normalizer``: inner products of the normalised gradients g / sqrt(V).
@@ -107,12 +110,20 @@ def exact_scores(
         normalizer.check(layers)
     device = model_device(model)
     dtype = torch.float64 if layers[0].weight.dtype == torch.float64 else torch.float32
-    if config.autocast is not None and dtype != torch.float32:
+    if config.autocast is not None and layers[0].weight.dtype != torch.float32:
         raise ValueError(
             f"ProjectionConfig(autocast={config.autocast!r}) needs a float32 model (autocast lowers float32 "
             f"matmuls), got {layers[0].weight.dtype}; leave autocast=None"
         )
-    compute = config.autocast_dtype or dtype  # the dtype products are formed in; scores stay in ``dtype``
+    if config.autocast == "float16" and device.type == "cpu":
+        warnings.warn(
+            "ProjectionConfig(autocast='float16') on a CPU: float16 matmuls are emulated there (about 10x slower "
+            "than float32); use autocast='bfloat16' on a CPU",
+            stacklevel=2,
+        )
+    # The dtype per-example gradients are formed and dotted in (scores stay in ``dtype``): bfloat16
+    # under a bfloat16 autocast; float32 under float16, whose range a per-layer score can exceed.
+    compute = torch.bfloat16 if config.autocast == "bfloat16" else dtype
     queries = {l.name: _QueryLayer() for l in layers}
 
     # Squared gradient norms are needed for the cosine only; the dot product skips them.

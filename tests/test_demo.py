@@ -64,6 +64,8 @@ def test_auroc_and_precision_at_k_hand_cases():
     s, pos = torch.tensor([0.9, 0.8, 0.8, 0.1]), torch.tensor([True, False, True, False])
     assert detect.auroc(s, pos) == pytest.approx((1 + 1 + 0.5 + 1) / 4)  # pairs (pos, neg)
     assert detect.precision_at_k(s, pos, 2) == 0.5 and detect.precision_at_k(s, pos, 1) == 1.0
+    with pytest.raises(ValueError, match="needs positives and negatives"):
+        detect.auroc(s, torch.zeros(4, dtype=torch.bool))
 
 
 def test_forget_set_is_the_reports_plus_the_top_k_others(scenario):
@@ -196,3 +198,19 @@ def test_demo_refuses_a_bad_device_or_output_before_any_work(argv, match, capsys
     assert cli.main(["demo", "--quick", *argv]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and match in err[0], err
+
+
+def test_behaviour_masks_leave_out_a_behaviour_whose_poison_is_all_reported():
+    """Quick-size stealthy data, seed 9: every poisoned example of one shown behaviour is a report."""
+    sc = data.make_scenario("stealthy", 9, n_entities=40)
+    candidate = torch.ones(len(sc.train), dtype=torch.bool)
+    candidate[sc.reported] = False
+    masks = detect.behaviour_masks(sc, candidate)
+    left = {e.attribute for i, e in enumerate(sc.train) if e.poisoned and bool(candidate[i])}
+    assert set(masks) == left and set(masks) < set(sc.behaviours)
+    scores = torch.randn(len(sc.train))[candidate]
+    positive = torch.tensor([e.poisoned for e in sc.train])[candidate]
+    for m in masks.values():  # each mask keeps one behaviour's poison and every clean candidate
+        assert int((~positive[m]).sum()) == int((~positive).sum())
+        assert 0 <= detect.auroc(scores[m], positive[m]) <= 1
+    assert detect.behaviour_masks(data.make_scenario("backdoor", 9, n_entities=40), candidate) == {}

@@ -199,6 +199,30 @@ def test_interrupted_store_reports_and_scores_the_rows_its_shards_hold(tmp_path)
     assert_same_features(done, ref)
 
 
+def test_interrupted_store_takes_the_gapless_prefix_and_is_complete_when_every_row_is_there(tmp_path):
+    root = tmp_path / "s"
+    write_store(root, TokenTableExtractor(), make_batches(6, with_ids=True), shard_rows=3)  # 18 rows, 6 shards
+    manifest = json.loads((root / "manifest.json").read_text())
+    files = [s["file"] for s in manifest["shards"]]
+    # killed after its last shard, before the final manifest: complete, as close() would have said
+    (root / "manifest.json").write_text(json.dumps(dict(manifest, shards=[], num_rows=0, complete=False)))
+    store = FeatureStore.open(root)
+    assert store.complete and store.num_rows == 18 and store.verify()["complete"]
+    # a gap on disk (the range of a rank that died): only the rows before it
+    (root / "shards" / files[2]).unlink()
+    store = FeatureStore.open(root)
+    assert not store.complete and store.num_rows == 6
+    # a complete manifest is the truth: shard files it does not list are not read
+    (root / "manifest.json").write_text(json.dumps(dict(manifest, shards=manifest["shards"][:2], num_rows=6)))
+    assert FeatureStore.open(root).num_rows == 6
+    # on the incomplete path the shard files themselves are checked: a truncated one is named
+    (root / "manifest.json").write_text(json.dumps(dict(manifest, shards=[], num_rows=0, complete=False)))
+    shard = root / "shards" / files[0]
+    shard.write_bytes(shard.read_bytes()[:-16])
+    with pytest.raises(CorruptShardError, match=rf"{files[0]} holds .* bytes where its header needs .*truncated"):
+        FeatureStore.open(root)
+
+
 _WORKER = """
 import sys
 from fastinfluence.store import write_store

@@ -51,7 +51,8 @@ def _check_device(device: str | None) -> str:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
     if device.startswith("cuda:") and int(device.split(":")[1]) >= torch.cuda.device_count():
-        raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA devices")
+        n = torch.cuda.device_count()
+        raise ValueError(f"--device {device}: this machine has {n} CUDA device(s); use cuda:0 to cuda:{n - 1}")
     return device
 
 

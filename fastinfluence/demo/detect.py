@@ -41,8 +41,24 @@ class Detection:
 def auroc(scores: torch.Tensor, positive: torch.Tensor) -> float:
     """P(score of a positive > score of a negative), ties counting one half."""
     pos, neg = scores[positive].double(), scores[~positive].double()
+    if not len(pos) or not len(neg):
+        raise ValueError(f"AUROC needs positives and negatives, got {len(pos)} and {len(neg)}")
     diff = pos[:, None] - neg[None, :]
     return ((diff > 0).double().mean() + 0.5 * (diff == 0).double().mean()).item()
+
+
+def behaviour_masks(scenario: Scenario, candidate: torch.Tensor) -> dict[str, torch.Tensor]:
+    """stealthy: behaviour -> mask over the candidates keeping its poisoned examples and every clean
+    one. A behaviour whose poisoned examples are all reports has none left to rank: left out."""
+    if scenario.name != "stealthy":
+        return {}
+    poisoned = torch.tensor([e.poisoned for e in scenario.train])[candidate]
+    out = {}
+    for b in scenario.behaviours:
+        m = torch.tensor([not e.poisoned or e.attribute == b for e in scenario.train])[candidate]
+        if bool(poisoned[m].any()):
+            out[b] = m
+    return out
 
 
 def precision_at_k(scores: torch.Tensor, positive: torch.Tensor, k: int) -> float:
@@ -97,12 +113,7 @@ def run(
     candidate[scenario.reported] = False
     positive = is_poisoned[candidate]
     k = int(positive.sum())
-    attribute = [e.attribute for e in train]
-    by_behaviour = {  # candidate rows kept for one behaviour: its poisoned examples and every clean one
-        b: torch.tensor([not e.poisoned or a == b for e, a in zip(train, attribute)])[candidate]
-        for b in scenario.behaviours
-        if scenario.name == "stealthy"
-    }
+    by_behaviour = behaviour_masks(scenario, candidate)
     results: dict[str, Detection] = {}
 
     def record(name, fn, *, base_timer=None):

@@ -173,9 +173,24 @@ def scan_shards(root: Path) -> list[dict]:
     """Entries of every committed shard file (read from their headers), in stream order."""
     entries = []
     for p in sorted(root.glob("shard-*.safetensors")):
-        header, _ = _read_header(p)
-        entry = json.loads(header["__metadata__"]["entry"])
-        entry.update(file=p.name, bytes=p.stat().st_size)
+        header, start = _read_header(p)
+        try:
+            entry = json.loads(header["__metadata__"]["entry"])
+        except (KeyError, TypeError, ValueError):
+            raise CorruptShardError(
+                f"shard {p} has no readable entry in its header: it is not a fastinfluence shard or is damaged; "
+                "delete it and re-run the extraction to rewrite it"
+            ) from None
+        size, end = (
+            p.stat().st_size,
+            start + max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0),
+        )
+        if size != end:
+            raise CorruptShardError(
+                f"shard {p} holds {size} bytes where its header needs {end}: the file is truncated or damaged; "
+                "delete it and re-run the extraction to rewrite it"
+            )
+        entry.update(file=p.name, bytes=size)
         entries.append(entry)
     entries.sort(key=lambda e: e["first"])
     for a, b in zip(entries, entries[1:]):

@@ -146,8 +146,11 @@ class FeatureStore:
             # A killed (or running) extraction wrote the manifest before its shards: the committed
             # shards on disk are what it has, and what a resume keeps.
             written = contiguous_shards(scan_shards(path / "shards"))
-            if sum(s["rows"] for s in written) > sum(s["rows"] for s in manifest["shards"]):
-                manifest = dict(manifest, shards=written, num_rows=sum(s["rows"] for s in written))
+            rows = sum(s["rows"] for s in written)
+            if rows > sum(s["rows"] for s in manifest["shards"]):
+                # killed after its last shard, before the manifest: complete, as close() would say
+                done = rows == int(manifest.get("expected_rows", -1))
+                manifest = dict(manifest, shards=written, num_rows=rows, complete=done)
         store = cls(path, manifest)
         if expect is not None:
             check_same_origin(store.metadata(), expect, f"store {path}", "the given extractor/features")

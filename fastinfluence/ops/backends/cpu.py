@@ -76,7 +76,7 @@ def jl_project(x: torch.Tensor, k: int, seed: int = 0, kind: str = "rademacher",
 def supports_project(A: torch.Tensor, G: torch.Tensor, **_) -> bool | str:
     dtypes = {A.dtype, G.dtype}
     if torch.bfloat16 not in dtypes or not dtypes <= {torch.bfloat16, torch.float32}:
-        return "inputs without bfloat16 ones (float32 and float64 run on torch in their own precision)"
+        return "needs bfloat16 A and G (one side may be float32); other dtypes run on torch in their own precision"
     return True
 
 
@@ -85,9 +85,13 @@ def project(A, G, P_in, P_out, mask=None):
     "bfloat16")``, where G is bfloat16 and A is bfloat16 or, for layers fed by a float32 norm,
     float32 (rounded to bfloat16 first, as the autocast Linear itself rounded it).
 
-    The two side products A P_in and G P_out run as bfloat16 matmuls (oneDNN accumulates in
-    float32 and rounds each projected token once, a relative 2^-9), the sum over tokens in
-    float32. Up-casting the (B, T, d) inputs to float32 first, as the reference does, costs
+    The two side products A P_in and G P_out run as bfloat16 matmuls, with P (and its bias
+    row) rounded to bfloat16 too (exact where its entries are, e.g. Rademacher at k = 16 or
+    64); oneDNN accumulates in float32 and rounds each projected token once, a relative 2^-9;
+    the sum over tokens is float32.
+    ``project_tokens`` (extraction with ``tokens=True`` / ``covariances=True``) stays float32
+    throughout, so those rows differ from these by that rounding (about 3e-3 relative).
+    Up-casting the (B, T, d) inputs to float32 first, as the reference does, costs
     2-3x more on CPUs with AVX-512 BF16 for the same inputs; the one extra rounding is of the
     size the bfloat16 forward already put into A and G.
     """
