@@ -116,19 +116,12 @@ def file_digest(path: str | Path) -> str:
 
 def _device(choice: str) -> str:
     """``auto``: this rank's GPU when there is one, else cpu; a CUDA device that is absent is refused."""
-    import torch
+    from .distributed import resolve_device
 
-    if choice == "auto":
-        return f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"
-    if not re.fullmatch(r"cpu|cuda(:\d+)?", choice):
-        raise CLIError(f"--device {choice!r} is not a device; use auto, cpu, cuda or cuda:N")
-    if choice.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise CLIError(f"--device {choice}: CUDA is not available on this machine; use --device cpu")
-        index = int(choice.split(":")[1]) if ":" in choice else 0
-        if index >= torch.cuda.device_count():
-            raise CLIError(f"--device {choice}: this machine has {torch.cuda.device_count()} CUDA devices")
-    return choice
+    try:
+        return resolve_device(choice)
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
 
 
 # ----------------------------------------------------------------------------- model and data

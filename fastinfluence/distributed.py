@@ -7,6 +7,7 @@ extraction and scoring code runs alone or under ``torchrun --nproc_per_node=N``.
 from __future__ import annotations
 
 import os
+import re
 from typing import Any
 
 import torch
@@ -35,6 +36,23 @@ def init_from_env() -> bool:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     tdist.init_process_group(backend=backend)
     return True
+
+
+def resolve_device(choice: str | None) -> str:
+    """A ``--device`` value checked before any work: ``auto`` (or None) is this rank's GPU when
+    there is one, else cpu; a device that is not one, or a CUDA device that is absent, is a
+    ValueError naming the fix."""
+    if choice is None or choice == "auto":
+        return f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", choice):
+        raise ValueError(f"--device {choice!r} is not a device; use auto, cpu, cuda or cuda:N")
+    if choice.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {choice}: CUDA is not available on this machine; use --device cpu")
+        n, index = torch.cuda.device_count(), int(choice.split(":")[1]) if ":" in choice else 0
+        if index >= n:
+            raise ValueError(f"--device {choice}: this machine has {n} CUDA device(s); use cuda:0 to cuda:{n - 1}")
+    return choice
 
 
 def default_device() -> torch.device:

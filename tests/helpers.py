@@ -142,3 +142,34 @@ def one_thread():
         yield
     finally:
         torch.set_num_threads(n)
+
+
+SMALL_VOCAB = 23
+
+
+def small_model(arch: str, dtype=torch.float64):
+    """Models narrow enough for an explicit Kronecker matrix per layer: odd widths on purpose
+    (12, 19, 23); ``llama_bias`` has a bias on every Linear."""
+    torch.manual_seed(0)
+    if arch in ("llama", "llama_bias"):
+        bias = arch == "llama_bias"
+        cfg = tf.LlamaConfig(
+            vocab_size=SMALL_VOCAB,
+            hidden_size=12,
+            intermediate_size=19,
+            num_hidden_layers=1,
+            num_attention_heads=3,
+            num_key_value_heads=1,
+            attention_bias=bias,
+            mlp_bias=bias,
+        )
+    else:
+        cfg = tf.GPT2Config(
+            vocab_size=SMALL_VOCAB, n_embd=10, n_layer=1, n_head=2, n_positions=32, bos_token_id=0, eos_token_id=0
+        )
+    return tf.AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").to(dtype).eval()
+
+
+def small_examples(n: int, seed: int, vocab: int = SMALL_VOCAB):
+    """make_examples folded into the small vocabulary (labels keep their -100 prompt prefix)."""
+    return [(i % vocab, torch.where(l == IGNORE_INDEX, l, i % vocab)) for i, l in make_examples(n, seed=seed)]

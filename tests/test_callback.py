@@ -27,6 +27,21 @@ class _Dataset(torch.utils.data.Dataset):
         return {"input_ids": ids, "labels": labels, self.id_key: 100 + i}
 
 
+def _training_args(tmp_path, **overrides) -> TrainingArguments:
+    """CPU, no reports, bars or saving, batches of 2: what every Trainer of these tests shares."""
+    kw = dict(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=2,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        remove_unused_columns=False,
+        logging_strategy="no",
+        disable_tqdm=True,
+    )
+    return TrainingArguments(**{**kw, **overrides})
+
+
 def _collate(items, id_key="id"):
     batch = collate([(it["input_ids"], it["labels"]) for it in items])
     batch[id_key] = torch.tensor([it[id_key] for it in items])
@@ -66,18 +81,11 @@ def _train(
 ):
     snaps = _Snapshots()
     callback = InfluenceCallback(tmp_path / "features", config, every=every, features=features, window=window)
-    targs = TrainingArguments(
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=2,
+    targs = _training_args(
+        tmp_path,
         gradient_accumulation_steps=accumulation,
         max_steps=steps,
-        save_strategy="no",
-        report_to=[],
-        use_cpu=True,
         bf16=bf16,
-        remove_unused_columns=False,
-        logging_strategy="no",
-        disable_tqdm=True,
         dataloader_num_workers=0,
         **{"lr_scheduler_type": "constant", "learning_rate": 1e-2, **args},
     )
@@ -166,16 +174,7 @@ def test_bf16_autocast_features_track_float32_extraction(tmp_path):
 
 def test_missing_ids_named_with_the_fix(tmp_path):
     model = tiny_model("llama")
-    targs = TrainingArguments(
-        output_dir=str(tmp_path / "o"),
-        per_device_train_batch_size=2,
-        max_steps=1,
-        report_to=[],
-        use_cpu=True,
-        remove_unused_columns=False,
-        save_strategy="no",
-        disable_tqdm=True,
-    )
+    targs = _training_args(tmp_path, output_dir=str(tmp_path / "o"), max_steps=1)
     data = [{"input_ids": ids, "labels": labels} for ids, labels in EXAMPLES]
     trainer = Trainer(
         model=model,
@@ -217,18 +216,7 @@ def test_replaying_a_written_interval_keeps_its_store(tmp_path):
 def test_one_store_per_trainer_checkpoint_by_default(tmp_path):
     model = _exact(tiny_model("gpt2", torch.float64))
     callback = InfluenceCallback(tmp_path / "features", ProjectionConfig(rank_in=4, rank_out=4))
-    targs = TrainingArguments(
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=2,
-        max_steps=3,
-        save_strategy="steps",
-        save_steps=2,
-        report_to=[],
-        use_cpu=True,
-        remove_unused_columns=False,
-        logging_strategy="no",
-        disable_tqdm=True,
-    )
+    targs = _training_args(tmp_path, max_steps=3, save_strategy="steps", save_steps=2)
     Trainer(
         model=model, args=targs, train_dataset=_Dataset(EXAMPLES), data_collator=_collate, callbacks=[callback]
     ).train()

@@ -181,7 +181,7 @@ def test_training_keeps_evenly_spaced_checkpoints_and_tracin_averages_their_cosi
 @pytest.mark.parametrize(
     "argv, match",
     [
-        (["--device", "gpu"], "--device 'gpu' is not a device; use cpu, cuda or cuda:N"),
+        (["--device", "gpu"], "--device 'gpu' is not a device; use auto, cpu, cuda or cuda:N"),
         (["--out", "/proc/fastinfluence-demo"], "/proc/fastinfluence-demo"),
     ]
     + ([] if torch.cuda.is_available() else [(["--device", "cuda"], "CUDA is not available on this machine")]),

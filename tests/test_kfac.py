@@ -10,8 +10,8 @@ import functools
 
 import pytest
 import torch
-import transformers as tf
-from helpers import batches_of, make_examples, one_thread, rel_err, slow_gradients
+from helpers import batches_of, one_thread, rel_err, slow_gradients, small_model
+from helpers import small_examples as examples
 
 from fastinfluence import KFACFactors, ProjectionConfig, exact_scores, fit_kfac, kfac_scores
 from fastinfluence.capture import IGNORE_INDEX
@@ -25,41 +25,6 @@ TOL64 = 1e-8
 def _one_thread():
     with one_thread():
         yield
-
-
-def small_model(arch: str, dtype=torch.float64):
-    """Models narrow enough for an explicit Kronecker matrix per layer; odd widths on purpose."""
-    torch.manual_seed(0)
-    if arch == "llama":
-        cfg = tf.LlamaConfig(
-            vocab_size=23,
-            hidden_size=12,
-            intermediate_size=19,
-            num_hidden_layers=1,
-            num_attention_heads=3,
-            num_key_value_heads=1,
-        )
-    elif arch == "llama_bias":
-        cfg = tf.LlamaConfig(
-            vocab_size=23,
-            hidden_size=12,
-            intermediate_size=19,
-            num_hidden_layers=1,
-            num_attention_heads=3,
-            num_key_value_heads=1,
-            attention_bias=True,
-            mlp_bias=True,
-        )
-    else:
-        cfg = tf.GPT2Config(
-            vocab_size=23, n_embd=10, n_layer=1, n_head=2, n_positions=32, bos_token_id=0, eos_token_id=0
-        )
-    return tf.AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").to(dtype).eval()
-
-
-def examples(n, seed):
-    """make_examples folded into the small vocabulary (labels keep their -100 prompt prefix)."""
-    return [(i % 23, torch.where(l == IGNORE_INDEX, l, i % 23)) for i, l in make_examples(n, seed=seed)]
 
 
 def slow_factors(model, exs, layers):

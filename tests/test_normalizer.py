@@ -12,11 +12,10 @@ import copy
 
 import pytest
 import torch
-import transformers as tf
-from helpers import batches_of, collate, make_examples, one_thread, rel_err, slow_gradients, tiny_model
+from helpers import batches_of, collate, make_examples, one_thread, rel_err, slow_gradients, small_model, tiny_model
+from helpers import small_examples as examples
 
 from fastinfluence import GradientExtractor, InfluenceCallback, Normalizer, ProjectionConfig, exact_scores, ops, score
-from fastinfluence.capture import IGNORE_INDEX
 from fastinfluence.projection import layer_projections
 from fastinfluence.store import MismatchError
 
@@ -28,26 +27,6 @@ TOL64 = 1e-10
 def _one_thread():
     with one_thread():
         yield
-
-
-def odd_llama(bias: bool = True):
-    """Odd widths on purpose (12, 19, 23), biases on every Linear."""
-    torch.manual_seed(0)
-    cfg = tf.LlamaConfig(
-        vocab_size=23,
-        hidden_size=12,
-        intermediate_size=19,
-        num_hidden_layers=1,
-        num_attention_heads=3,
-        num_key_value_heads=1,
-        attention_bias=bias,
-        mlp_bias=bias,
-    )
-    return tf.AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").double().eval()
-
-
-def examples(n, seed, vocab=23):
-    return [(i % vocab, torch.where(l == IGNORE_INDEX, l, i % vocab)) for i, l in make_examples(n, seed=seed)]
 
 
 def per_layer(slow, layers):
@@ -86,7 +65,7 @@ def projected(grads, layers, config):
 
 
 CASES = {
-    "linear_bias": lambda: (odd_llama(), examples(5, 7)),
+    "linear_bias": lambda: (small_model("llama_bias"), examples(5, 7)),
     "gpt2_conv1d": lambda: (tiny_model("gpt2", torch.float64), make_examples(5, seed=7)),
     "lora": lambda: (tiny_model("llama", torch.float64, lora=True), make_examples(5, seed=7)),
 }
@@ -112,7 +91,7 @@ def test_features_equal_projected_dense_normalised_gradients(case, damping_ratio
 def test_float32_model_tracks_float64():
     """A float32 model's normalised features and fitted factors follow its float64 twin to float32 rounding
     (measured ~2e-7 relative for both; bound 1e-5)."""
-    model64, exs = odd_llama(), examples(5, 11)
+    model64, exs = small_model("llama_bias"), examples(5, 11)
     model32 = copy.deepcopy(model64).float()
     cfg = ProjectionConfig(rank_in=7, rank_out=5, include=[r"mlp\.", r"o_proj"])
     fit64 = Normalizer.fit(model64, batches_of(exs, 3), cfg)
@@ -127,7 +106,7 @@ def test_float32_model_tracks_float64():
 def test_token_factors_covariances_and_lm_head_path():
     """Every projection path of the extractor sees the folded scales: per-token factors sum to the
     features, and the backward-free LM-head path equals the dense reference."""
-    model, exs = odd_llama(), examples(4, 9)
+    model, exs = small_model("llama_bias"), examples(4, 9)
     cfg = ProjectionConfig(rank_in=6, rank_out=5, dtype="float64")
     slow, layers = slow_gradients(model, exs)
     norm = random_normalizer(layers, seed=1)
@@ -160,7 +139,7 @@ def test_flat_mode_sketches_the_normalised_gradient():
 
 @pytest.mark.parametrize("method", ["ghost", "dense"])
 def test_exact_scores_of_normalised_gradients(method):
-    model = odd_llama()
+    model = small_model("llama_bias")
     queries, train = examples(3, 1), examples(5, 2)
     slow_q, layers = slow_gradients(model, queries)
     slow_t, _ = slow_gradients(model, train)
@@ -211,7 +190,7 @@ def _manual_factors(layer, v_w, v_b):
 def test_adam_state_factors_equal_manual(arch):
     """Live optimizer and its state_dict (mapped by the model's trainable-parameter order) alike."""
     model = {
-        "llama_bias": odd_llama,
+        "llama_bias": lambda: small_model("llama_bias"),
         "gpt2": lambda: tiny_model("gpt2", torch.float64),
         "lora": lambda: tiny_model("llama", torch.float64, lora=True),
     }[arch]()
@@ -261,7 +240,7 @@ def test_trainer_checkpoint_optimizer_state(tmp_path):
     """A Trainer's optimizer.pt (decay group first, no names) maps with param_names='trainer'."""
     from transformers import Trainer, TrainingArguments
 
-    model, exs = odd_llama(), examples(4, 3)
+    model, exs = small_model("llama_bias"), examples(4, 3)
 
     class Data(torch.utils.data.Dataset):
         def __len__(self):
@@ -293,7 +272,7 @@ def test_transformers_adafactor_state():
     """transformers' Adafactor: row / column means of a Linear weight (not transposed), bias exp_avg_sq."""
     from transformers.optimization import Adafactor
 
-    model = odd_llama()
+    model = small_model("llama_bias")
     opt = Adafactor(model.parameters(), lr=1e-2, relative_step=False, scale_parameter=False)
     _adam_steps(model, opt, examples(4, 3))
     cfg = ProjectionConfig(include=[r"mlp\.down_proj"])
@@ -353,7 +332,7 @@ def test_callback_features_use_the_normalizer(tmp_path):
 
 
 def test_saved_normalizer_round_trip_and_fingerprint(tmp_path):
-    model, exs = odd_llama(), examples(4, 5)
+    model, exs = small_model("llama_bias"), examples(4, 5)
     cfg = ProjectionConfig(rank_in=6, rank_out=5, dtype="float64", include=[r"mlp\."])
     norm = Normalizer.fit(model, batches_of(exs, 2), cfg, damping_ratio=0.1)
     norm.save(tmp_path / "moments.safetensors")
@@ -375,7 +354,7 @@ def test_saved_normalizer_round_trip_and_fingerprint(tmp_path):
 
 
 def test_bad_inputs_raise_one_clear_line(tmp_path):
-    model = odd_llama()
+    model = small_model("llama_bias")
     cfg = ProjectionConfig(include=[r"mlp\."])
     layers = GradientExtractor(model, cfg).layers
     norm = random_normalizer(layers)

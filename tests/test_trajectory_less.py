@@ -7,7 +7,7 @@ import pytest
 import torch
 from helpers import collate, make_examples, slow_gradients, tiny_model
 from test_callback import EXAMPLES, _exact, _train
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer
 
 from fastinfluence import FeatureStore, GradientExtractor, InfluenceCallback, ProjectionConfig
 from fastinfluence.callback import interval_stores
@@ -170,17 +170,9 @@ def test_less_refuses_gradient_stores(run):
 
 
 def _trainer(tmp_path, callback, model, optimizers=(None, None)):
-    args = TrainingArguments(
-        output_dir=str(tmp_path / "o"),
-        per_device_train_batch_size=2,
-        max_steps=1,
-        report_to=[],
-        use_cpu=True,
-        remove_unused_columns=False,
-        save_strategy="no",
-        disable_tqdm=True,
-    )
-    from test_callback import _collate, _Dataset
+    from test_callback import _collate, _Dataset, _training_args
+
+    args = _training_args(tmp_path, output_dir=str(tmp_path / "o"), max_steps=1)
 
     return Trainer(
         model=model,

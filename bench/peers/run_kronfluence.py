@@ -38,16 +38,15 @@ class LMTask(Task):
         return batch["attention_mask"]
 
 
-def run(model, data, setting, tmp):
+def pairwise_scores(model, data, factor_args: FactorArguments, score_args: ScoreArguments):
+    """(Q, N) identity-strategy scores of the query set against the train set, as float64 numpy."""
     modules = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.endswith(LAYER_SUFFIXES)]
     task = LMTask(modules)
     model = prepare_model(model, task)
     analyzer = Analyzer("bench", model, task, cpu=True, output_dir=tempfile.mkdtemp(), disable_tqdm=True)
     analyzer.set_dataloader_kwargs(DataLoaderKwargs(collate_fn=pad))
     logging.getLogger("kronfluence").setLevel(logging.WARNING)
-    analyzer.fit_all_factors(
-        "identity", data["train"], per_device_batch_size=BATCH, factor_args=FactorArguments(strategy="identity")
-    )
+    analyzer.fit_all_factors("identity", data["train"], per_device_batch_size=BATCH, factor_args=factor_args)
     analyzer.compute_pairwise_scores(
         "scores",
         "identity",
@@ -55,10 +54,14 @@ def run(model, data, setting, tmp):
         data["train"],
         per_device_query_batch_size=BATCH,
         per_device_train_batch_size=BATCH,
-        score_args=ScoreArguments(),
+        score_args=score_args,
     )
-    S = analyzer.load_pairwise_scores("scores")["all_modules"]
-    return S.double().numpy(), {"method": "Analyzer, strategy=identity, pairwise scores, default ScoreArguments"}
+    return analyzer.load_pairwise_scores("scores")["all_modules"].double().numpy()
+
+
+def run(model, data, setting, tmp):
+    S = pairwise_scores(model, data, FactorArguments(strategy="identity"), ScoreArguments())
+    return S, {"method": "Analyzer, strategy=identity, pairwise scores, default ScoreArguments"}
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from ..distributed import resolve_device
 from . import detect, unlearn
 from .data import SCENARIOS, encode, make_scenario, train_tokenizer
 from .model import Recipe, Timer, n_train_steps, train_model
@@ -38,22 +39,6 @@ def _bar(total: int, desc: str, on: bool = True):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, mininterval=1.0, disable=not on)
-
-
-def _check_device(device: str | None) -> str:
-    """``device`` checked before any work: None picks cuda when there is one, else cpu."""
-    import re
-
-    if device is None:
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
-        raise ValueError(f"--device {device!r} is not a device; use cpu, cuda or cuda:N")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
-    if device.startswith("cuda:") and int(device.split(":")[1]) >= torch.cuda.device_count():
-        n = torch.cuda.device_count()
-        raise ValueError(f"--device {device}: this machine has {n} CUDA device(s); use cuda:0 to cuda:{n - 1}")
-    return device
 
 
 def _check_out(out: Path) -> None:
@@ -161,7 +146,7 @@ def run(
     checked before any work; ``progress=False`` hides the progress bars."""
     from . import report
 
-    device = _check_device(device)
+    device = resolve_device(device)
     _check_out(Path(out))
     if device == "cpu":
         # A tiny model: per-op overhead dominates, and more threads than free cores only spin.
@@ -185,7 +170,7 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed for data, model, projection and unlearning (default 0)")
     p.add_argument("--scenario", choices=(*SCENARIOS, "all"), default="all", help="which scenario to run (default all)")
     p.add_argument("--quick", action="store_true", help="smaller data and fewer epochs (about a minute; for CI)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (default auto: cuda when available)")
     p.add_argument(
         "--out", default="demo_out", help="directory for report.json, report.md and plots (default demo_out)"
     )
