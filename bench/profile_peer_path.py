@@ -39,7 +39,9 @@ t_import = time.process_time()
 import torch  # noqa: E402
 
 import fastinfluence as fi  # noqa: E402
-from fastinfluence.capture import Capture, frozen_for_capture, iter_batches, select_layers  # noqa: E402
+from fastinfluence.batching import iter_batches  # noqa: E402
+from fastinfluence.capture import frozen_for_capture, select_layers  # noqa: E402
+from fastinfluence.lm import fused_head  # noqa: E402
 
 IMPORT_S = time.process_time() - t_import
 
@@ -114,17 +116,15 @@ def main() -> None:
 
     def forward_only():
         with frozen_for_capture(model, layers):
-            cap = Capture(model, [])
             for b in iter_batches(everything, torch.device("cpu"), model):
                 with torch.enable_grad():
-                    forward_losses(model, b, cap.head)
+                    forward_losses(model, b, fused_head(model))
 
     def forward_backward():
         with frozen_for_capture(model, layers):
-            cap = Capture(model, [])
             for b in iter_batches(everything, torch.device("cpu"), model):
                 with torch.enable_grad():
-                    forward_losses(model, b, cap.head).sum().backward()
+                    forward_losses(model, b, fused_head(model)).sum().backward()
 
     def extract16():
         ext = fi.GradientExtractor(model, config16)
@@ -132,11 +132,10 @@ def main() -> None:
 
     def forward_backward_bf16():
         with frozen_for_capture(model, layers):
-            cap = Capture(model, [])
             for b in iter_batches(everything, torch.device("cpu"), model):
                 with torch.enable_grad():
                     with torch.autocast("cpu", dtype=torch.bfloat16):
-                        loss = forward_losses(model, b, cap.head).sum()
+                        loss = forward_losses(model, b, fused_head(model)).sum()
                     loss.backward()
 
     def extract16_bf16():

@@ -42,7 +42,7 @@ def test_train_step(timed, setup):
 
 
 def _full_backward(ex, batch):
-    """The extractor's features through Capture's backward from the input embeddings."""
+    """The extractor's features through the capture pass from the input embeddings."""
 
     def run():
         head, ex._head = ex._head, None

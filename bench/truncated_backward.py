@@ -62,7 +62,7 @@ def main() -> None:
 
     def autograd(ex, full: bool):
         def run():
-            head, ex._head = ex._head, None  # through Capture's backward
+            head, ex._head = ex._head, None  # through the capture pass
             try:
                 if not full:
                     return ex.extract([batch])

@@ -1,4 +1,9 @@
-"""What a batch dict means to every stage: example ids, data positions, length buckets.
+"""What a batch dict means to every stage: validation, example ids, data positions, length buckets.
+
+``prepare_batch`` / ``iter_batches`` turn an HF-style batch dict (``input_ids``, optional
+``attention_mask``, ``labels``, ``ids``, ``positions``) into a checked :class:`Batch`: integer
+tensors of one shape, labels only where a loss may be taken, token ids and lengths within what
+the model accepts (``BatchLimits``), a mask inferred from the pad token when none is given.
 
 A batch may carry ``positions``: each example's index in data order (0-based over the
 batches given). Batches built by length (``length_batches``, ``data.batches(bucket=True)``)
@@ -10,8 +15,19 @@ A batch without ``positions`` is its own window, in stream order.
 
 from __future__ import annotations
 
+import logging
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch is imported where tensors are made: the command line's --help stays torch-free
+    import torch
+    from torch import nn
+
+IGNORE_INDEX = -100  # labels that carry no loss (the transformers convention)
+
+log = logging.getLogger("fastinfluence.batching")
 
 
 def batch_ids(batch: dict, n: int, start: int) -> list:
@@ -176,3 +192,173 @@ def length_batches(
         if batch:
             out.append(batch)
     return out
+
+
+# ---------------------------------------------------------------------------------------
+# Validated batches
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Batch:
+    """A validated batch on the model's device. ``ids``: one id per example; ``positions``: their
+    indices in data order when the batch says (``fastinfluence.batching``), else None."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+    ids: list
+    positions: list[int] | None = None
+
+
+@dataclass(frozen=True)
+class BatchLimits:
+    """What a model accepts: token ids < vocab_size, at most max_positions tokens; pad/eos ids (or None)."""
+
+    vocab_size: int | None = None
+    max_positions: int | None = None
+    pad_token_id: int | None = None
+    eos_token_id: int | None = None
+
+    @classmethod
+    def of(cls, model: nn.Module) -> BatchLimits:
+        cfg = getattr(model, "config", None)
+        emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        vocab = getattr(emb, "num_embeddings", None) or getattr(cfg, "vocab_size", None)
+        # Only absolute position embeddings have a hard limit (rotary ones extrapolate).
+        positions = getattr(cfg, "n_positions", None) if hasattr(cfg, "n_positions") else None
+        if positions is None and getattr(cfg, "model_type", None) in ("opt", "gpt_bigcode", "bloom", "bert"):
+            positions = getattr(cfg, "max_position_embeddings", None)
+        eos = getattr(cfg, "eos_token_id", None)
+        return cls(vocab, positions, getattr(cfg, "pad_token_id", None), eos if isinstance(eos, int) else None)
+
+
+def _infer_mask(input_ids: torch.Tensor, limits: BatchLimits, ids: list) -> torch.Tensor:
+    """Attention mask of a batch given without one: padding is the leading or trailing run of
+    ``pad_token_id``. Refused where padding cannot be told from content."""
+    import torch
+
+    pad = limits.pad_token_id
+    ones = torch.ones_like(input_ids, dtype=torch.long)
+    if pad is None or not bool((input_ids == pad).any()):
+        return ones
+    is_pad = input_ids == pad
+    lead = is_pad.long().cumprod(1).bool()
+    trail = is_pad.flip(1).long().cumprod(1).flip(1).bool()
+    if limits.eos_token_id == pad or bool((is_pad & ~lead & ~trail).any()):
+        rows = torch.nonzero((is_pad & ~lead & ~trail).any(1)).flatten().tolist() or [0]
+        raise ValueError(
+            f"the batch has no attention_mask and examples {[ids[i] for i in rows[:5]]} hold the pad token "
+            f"{pad} where it cannot be told from text (inside the sequence, or pad = eos): pass attention_mask"
+        )
+    log.warning(
+        "the batch has no attention_mask: taking the leading/trailing pad tokens (id %d) as padding; "
+        "pass attention_mask to say so explicitly",
+        pad,
+    )
+    return (~(lead | trail)).long()
+
+
+def prepare_batch(batch: dict, device: torch.device, start: int, limits: BatchLimits | None = None) -> Batch:
+    """Validate an HF-style batch (``input_ids``, optional ``attention_mask`` / ``labels`` / ``ids``).
+
+    Missing labels mean every attended token is a target; labels at padding are ignored (see
+    ``_label_positions`` for the labelled final eos of eos-padded batches).
+    ``start`` is the running index of the batch's first example (default ids). A missing
+    attention mask is inferred from the model's ``pad_token_id`` (see ``_infer_mask``);
+    ``limits`` (``BatchLimits.of(model)``) also checks token ids and lengths, naming the example.
+    """
+    import torch
+
+    if not isinstance(batch, dict) or "input_ids" not in batch:
+        raise ValueError(
+            f"a batch must be a dict with 'input_ids' (and 'attention_mask', 'labels'), got {type(batch).__name__}"
+        )
+    input_ids = torch.as_tensor(batch["input_ids"])
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must have shape (B, T), got {tuple(input_ids.shape)}")
+    shape = tuple(input_ids.shape)
+    limits = limits or BatchLimits()
+    ids = batch_ids(batch, shape[0], start)
+    mask = batch.get("attention_mask")
+    mask = _infer_mask(input_ids, limits, ids) if mask is None else torch.as_tensor(mask)
+    given = batch.get("labels")
+    labels = input_ids.clone() if given is None else torch.as_tensor(given)
+    for key, t in (("input_ids", input_ids), ("attention_mask", mask), ("labels", labels)):
+        if t.dtype.is_floating_point or t.dtype.is_complex:
+            raise ValueError(
+                f"batch {key} has dtype {t.dtype}; it must hold integers (token ids, 0/1, -100 for ignored labels)"
+            )
+        if tuple(t.shape) != shape:
+            raise ValueError(f"batch {key} has shape {tuple(t.shape)} but input_ids has {shape}; they must match")
+    labels = labels.masked_fill(~_label_positions(mask.to(labels.device) != 0, given is not None), IGNORE_INDEX)
+    _check_limits(input_ids, mask, labels, limits, ids)
+    counts = (labels[:, 1:] != IGNORE_INDEX).sum(1)
+    if bool((counts == 0).any()):
+        bad = [ids[i] for i in torch.nonzero(counts == 0).flatten().tolist()]
+        raise ValueError(
+            f"examples {bad[:5]} have no label tokens (labels != -100 after the causal shift): "
+            "their loss is undefined. Drop them or give them answer tokens."
+        )
+    return Batch(input_ids.to(device), mask.to(device), labels.to(device), ids, batch_positions(batch, shape[0]))
+
+
+def _label_positions(attended: torch.Tensor, given: bool) -> torch.Tensor:
+    """(B, T) bool: where a label may be a target.
+
+    Labels made from ``input_ids`` count at attended tokens only. Given labels also count at a
+    masked token inside the sequence and at the first masked token after it: codebases that pad
+    with eos mask every eos (``attention_mask = input_ids != pad``) yet label the answer's final
+    eos, and the model's own loss takes it. Labels in the leading padding, and past that first
+    trailing token, never count.
+    """
+    import torch
+
+    if not given:
+        return attended
+    pos = torch.arange(attended.shape[1], device=attended.device)
+    first = torch.where(attended, pos, attended.shape[1]).min(1, keepdim=True).values
+    last = torch.where(attended, pos, -1).max(1, keepdim=True).values
+    return attended | ((pos > first) & (pos <= last + 1))
+
+
+def _check_limits(input_ids, mask, labels, limits: BatchLimits, ids: list) -> None:
+    import torch
+
+    def name(rows):
+        return [ids[i] for i in torch.nonzero(rows).flatten().tolist()[:5]]
+
+    attended = mask != 0
+    if limits.vocab_size is not None:
+        bad = ((input_ids >= limits.vocab_size) | (input_ids < 0)) & attended
+        if bool(bad.any()):
+            raise ValueError(
+                f"examples {name(bad.any(1))} hold token ids outside 0..{limits.vocab_size - 1} (the model's "
+                f"vocabulary, "
+                f"max id {int(input_ids[bad].max())}): encode them with this model's tokenizer"
+            )
+        bad_labels = (labels >= limits.vocab_size) | ((labels < 0) & (labels != IGNORE_INDEX))
+        if bool(bad_labels.any()):
+            raise ValueError(
+                f"examples {name(bad_labels.any(1))} have labels outside 0..{limits.vocab_size - 1} "
+                "and not -100: labels are token ids, -100 where no loss is taken"
+            )
+    if limits.max_positions is not None and input_ids.shape[1] > limits.max_positions:
+        long = attended.sum(1) > limits.max_positions
+        raise ValueError(
+            f"examples {name(long) or ids[:1]} are {input_ids.shape[1]} tokens long (with padding) but the model takes "
+            f"at most {limits.max_positions} positions: truncate them (max_length <= {limits.max_positions})"
+        )
+
+
+def iter_batches(batches: Iterable[dict], device: torch.device, model: nn.Module | None = None) -> Iterator[Batch]:
+    """Validated batches (checked against ``model``'s vocabulary and positions when given); raises if
+    the iterable holds no example."""
+    seen = 0
+    limits = BatchLimits.of(model) if model is not None else None
+    for raw in batches:
+        batch = prepare_batch(raw, device, seen, limits)
+        seen += batch.input_ids.shape[0]
+        yield batch
+    if seen == 0:
+        raise ValueError("the batches hold no example: pass a non-empty DataLoader or iterable of batch dicts")

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
@@ -29,7 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .batching import batch_ids, batch_positions
+from .batching import Batch, WindowTracker, iter_batches
+from .config import ProjectionConfig
 from .lm import IGNORE_INDEX, fused_head, model_inputs, shifted_labels
 from .ops.linear_cross_entropy import linear_cross_entropy
 
@@ -158,168 +160,6 @@ def _default_layers(candidates: list[tuple[str, nn.Module]]) -> tuple[list[tuple
         len(candidates),
     )
     return candidates, "default: every supported layer, none is trainable"
-
-
-# ---------------------------------------------------------------------------------------
-# Batches
-# ---------------------------------------------------------------------------------------
-
-
-@dataclass
-class Batch:
-    """A validated batch on the model's device. ``ids``: one id per example; ``positions``: their
-    indices in data order when the batch says (``fastinfluence.batching``), else None."""
-
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    labels: torch.Tensor
-    ids: list
-    positions: list[int] | None = None
-
-
-@dataclass(frozen=True)
-class BatchLimits:
-    """What a model accepts: token ids < vocab_size, at most max_positions tokens; pad/eos ids (or None)."""
-
-    vocab_size: int | None = None
-    max_positions: int | None = None
-    pad_token_id: int | None = None
-    eos_token_id: int | None = None
-
-    @classmethod
-    def of(cls, model: nn.Module) -> BatchLimits:
-        cfg = getattr(model, "config", None)
-        emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-        vocab = getattr(emb, "num_embeddings", None) or getattr(cfg, "vocab_size", None)
-        # Only absolute position embeddings have a hard limit (rotary ones extrapolate).
-        positions = getattr(cfg, "n_positions", None) if hasattr(cfg, "n_positions") else None
-        if positions is None and getattr(cfg, "model_type", None) in ("opt", "gpt_bigcode", "bloom", "bert"):
-            positions = getattr(cfg, "max_position_embeddings", None)
-        eos = getattr(cfg, "eos_token_id", None)
-        return cls(vocab, positions, getattr(cfg, "pad_token_id", None), eos if isinstance(eos, int) else None)
-
-
-def _infer_mask(input_ids: torch.Tensor, limits: BatchLimits, ids: list) -> torch.Tensor:
-    """Attention mask of a batch given without one: padding is the leading or trailing run of
-    ``pad_token_id``. Refused where padding cannot be told from content."""
-    pad = limits.pad_token_id
-    ones = torch.ones_like(input_ids, dtype=torch.long)
-    if pad is None or not bool((input_ids == pad).any()):
-        return ones
-    is_pad = input_ids == pad
-    lead = is_pad.long().cumprod(1).bool()
-    trail = is_pad.flip(1).long().cumprod(1).flip(1).bool()
-    if limits.eos_token_id == pad or bool((is_pad & ~lead & ~trail).any()):
-        rows = torch.nonzero((is_pad & ~lead & ~trail).any(1)).flatten().tolist() or [0]
-        raise ValueError(
-            f"the batch has no attention_mask and examples {[ids[i] for i in rows[:5]]} hold the pad token "
-            f"{pad} where it cannot be told from text (inside the sequence, or pad = eos): pass attention_mask"
-        )
-    log.warning(
-        "the batch has no attention_mask: taking the leading/trailing pad tokens (id %d) as padding; "
-        "pass attention_mask to say so explicitly",
-        pad,
-    )
-    return (~(lead | trail)).long()
-
-
-def prepare_batch(batch: dict, device: torch.device, start: int, limits: BatchLimits | None = None) -> Batch:
-    """Validate an HF-style batch (``input_ids``, optional ``attention_mask`` / ``labels`` / ``ids``).
-
-    Missing labels mean every attended token is a target; labels at padding are ignored (see
-    ``_label_positions`` for the labelled final eos of eos-padded batches).
-    ``start`` is the running index of the batch's first example (default ids). A missing
-    attention mask is inferred from the model's ``pad_token_id`` (see ``_infer_mask``);
-    ``limits`` (``BatchLimits.of(model)``) also checks token ids and lengths, naming the example.
-    """
-    if not isinstance(batch, dict) or "input_ids" not in batch:
-        raise ValueError(
-            f"a batch must be a dict with 'input_ids' (and 'attention_mask', 'labels'), got {type(batch).__name__}"
-        )
-    input_ids = torch.as_tensor(batch["input_ids"])
-    if input_ids.dim() != 2:
-        raise ValueError(f"input_ids must have shape (B, T), got {tuple(input_ids.shape)}")
-    shape = tuple(input_ids.shape)
-    limits = limits or BatchLimits()
-    ids = batch_ids(batch, shape[0], start)
-    mask = batch.get("attention_mask")
-    mask = _infer_mask(input_ids, limits, ids) if mask is None else torch.as_tensor(mask)
-    given = batch.get("labels")
-    labels = input_ids.clone() if given is None else torch.as_tensor(given)
-    for key, t in (("input_ids", input_ids), ("attention_mask", mask), ("labels", labels)):
-        if t.dtype.is_floating_point or t.dtype.is_complex:
-            raise ValueError(
-                f"batch {key} has dtype {t.dtype}; it must hold integers (token ids, 0/1, -100 for ignored labels)"
-            )
-        if tuple(t.shape) != shape:
-            raise ValueError(f"batch {key} has shape {tuple(t.shape)} but input_ids has {shape}; they must match")
-    labels = labels.masked_fill(~_label_positions(mask.to(labels.device) != 0, given is not None), IGNORE_INDEX)
-    _check_limits(input_ids, mask, labels, limits, ids)
-    counts = (labels[:, 1:] != IGNORE_INDEX).sum(1)
-    if bool((counts == 0).any()):
-        bad = [ids[i] for i in torch.nonzero(counts == 0).flatten().tolist()]
-        raise ValueError(
-            f"examples {bad[:5]} have no label tokens (labels != -100 after the causal shift): "
-            "their loss is undefined. Drop them or give them answer tokens."
-        )
-    return Batch(input_ids.to(device), mask.to(device), labels.to(device), ids, batch_positions(batch, shape[0]))
-
-
-def _label_positions(attended: torch.Tensor, given: bool) -> torch.Tensor:
-    """(B, T) bool: where a label may be a target.
-
-    Labels made from ``input_ids`` count at attended tokens only. Given labels also count at a
-    masked token inside the sequence and at the first masked token after it: codebases that pad
-    with eos mask every eos (``attention_mask = input_ids != pad``) yet label the answer's final
-    eos, and the model's own loss takes it. Labels in the leading padding, and past that first
-    trailing token, never count.
-    """
-    if not given:
-        return attended
-    pos = torch.arange(attended.shape[1], device=attended.device)
-    first = torch.where(attended, pos, attended.shape[1]).min(1, keepdim=True).values
-    last = torch.where(attended, pos, -1).max(1, keepdim=True).values
-    return attended | ((pos > first) & (pos <= last + 1))
-
-
-def _check_limits(input_ids, mask, labels, limits: BatchLimits, ids: list) -> None:
-    def name(rows):
-        return [ids[i] for i in torch.nonzero(rows).flatten().tolist()[:5]]
-
-    attended = mask != 0
-    if limits.vocab_size is not None:
-        bad = ((input_ids >= limits.vocab_size) | (input_ids < 0)) & attended
-        if bool(bad.any()):
-            raise ValueError(
-                f"examples {name(bad.any(1))} hold token ids outside 0..{limits.vocab_size - 1} (the model's "
-                f"vocabulary, "
-                f"max id {int(input_ids[bad].max())}): encode them with this model's tokenizer"
-            )
-        bad_labels = (labels >= limits.vocab_size) | ((labels < 0) & (labels != IGNORE_INDEX))
-        if bool(bad_labels.any()):
-            raise ValueError(
-                f"examples {name(bad_labels.any(1))} have labels outside 0..{limits.vocab_size - 1} "
-                "and not -100: labels are token ids, -100 where no loss is taken"
-            )
-    if limits.max_positions is not None and input_ids.shape[1] > limits.max_positions:
-        long = attended.sum(1) > limits.max_positions
-        raise ValueError(
-            f"examples {name(long) or ids[:1]} are {input_ids.shape[1]} tokens long (with padding) but the model takes "
-            f"at most {limits.max_positions} positions: truncate them (max_length <= {limits.max_positions})"
-        )
-
-
-def iter_batches(batches: Iterable[dict], device: torch.device, model: nn.Module | None = None) -> Iterator[Batch]:
-    """Validated batches (checked against ``model``'s vocabulary and positions when given); raises if
-    the iterable holds no example."""
-    seen = 0
-    limits = BatchLimits.of(model) if model is not None else None
-    for raw in batches:
-        batch = prepare_batch(raw, device, seen, limits)
-        seen += batch.input_ids.shape[0]
-        yield batch
-    if seen == 0:
-        raise ValueError("the batches hold no example: pass a non-empty DataLoader or iterable of batch dicts")
 
 
 def per_example_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -513,30 +353,94 @@ class LayerHooks:
             )
 
 
-class Capture:
-    """Runs forward + backward on batches and hands each selected layer's (A, G, mask) to ``on_layer``.
+@dataclass
+class Step:
+    """One batch of a capture pass.
 
-    Use inside ``frozen_for_capture(model)``. ``A``: (B, T, d_in) layer input, ``G``:
-    (B, T, d_out) output gradient, both in the model dtype; ``mask``: (B, T) bool, True at
-    attended tokens (padding rows of A and G must be ignored).
+    ``batch``: validated, on the model's device; ``positions``: its examples' data positions
+    (stream order for batches without ``positions``); ``closes``: it completes a window of
+    batches (``fastinfluence.batching``), so the rows gathered since the last window can be put
+    in data order and handed on; ``wanted``: False for a batch wholly within ``skip_examples``.
     """
 
-    def __init__(self, model: nn.Module, layers: list[Layer], autocast: torch.dtype | None = None):
+    batch: Batch
+    positions: list[int]
+    closes: bool
+    wanted: bool
+
+
+class CapturePass:
+    """The one way from a model and batches to each selected layer's (A, G, mask).
+
+    Every stage that needs captured factors (extraction, exact scores, K-FAC fits and scores,
+    the normaliser fit) goes through it, so they all select layers the same way, check batches
+    against the model (vocabulary, positions, labels), run the forward under the same autocast,
+    start the backward at the same place, and see the same data positions::
+
+        capture = CapturePass(model, config)                  # selects layers, checks autocast
+        for step in capture.batches(batches):                 # validated, with data positions
+            losses = capture.backward(step.batch, on_layer)   # on_layer(layer, A, G, mask)
+
+    ``A``: (B, T, d_in) layer input, ``G``: (B, T, d_out) output gradient of the sum over
+    examples of each example's mean answer-token loss, both in the model's dtype (the autocast
+    dtype for autocast forwards); ``mask``: (B, T) bool, True at attended tokens (padding rows
+    of A and G must be ignored). ``dtype`` is the accumulation dtype of consumers: float64 for
+    a float64 model, float32 otherwise.
+
+    Args:
+        model: a causal LM; left as it was found after every call.
+        config: selects the layers (``include`` / ``exclude`` / ``include_bias``) and
+            ``autocast``; the ranks are the consumers' business.
+        layers: already selected layers (overrides the config's selection).
+    """
+
+    def __init__(self, model: nn.Module, config: ProjectionConfig | None = None, layers: list[Layer] | None = None):
         self.model = model
-        self.layers = layers
-        # Low-precision forward (``ProjectionConfig.autocast``); the backward runs outside autocast.
-        self.autocast = autocast
+        self.config = config or ProjectionConfig()
+        self.layers = (
+            layers
+            if layers is not None
+            else select_layers(model, self.config.include, self.config.exclude, self.config.include_bias)
+        )
+        weight_dtype = self.layers[0].weight.dtype
+        if self.config.autocast is not None and weight_dtype != torch.float32:
+            raise ValueError(
+                f"ProjectionConfig(autocast={self.config.autocast!r}) needs a float32 model (autocast lowers float32 "
+                f"matmuls), got {weight_dtype}; leave autocast=None"
+            )
+        self.device = model_device(model)
+        if self.config.autocast == "float16" and self.device.type == "cpu":
+            warnings.warn(
+                "ProjectionConfig(autocast='float16') on a CPU: float16 matmuls are emulated there (about 10x slower "
+                "than float32); use autocast='bfloat16' on a CPU",
+                stacklevel=3,
+            )
+        self.autocast = self.config.autocast_dtype
+        self.dtype = torch.float64 if weight_dtype == torch.float64 else torch.float32
         # Without a hook on the LM head, its logits need never exist: the loss comes from
         # the hidden states through the chunked linear cross-entropy.
         head = fused_head(model)
-        self.head = head if head is not None and all(l.module is not head[1] for l in layers) else None
+        self.head = head if head is not None and all(l.module is not head[1] for l in self.layers) else None
 
-    def run(self, batch: Batch, on_layer: OnLayer) -> torch.Tensor:
-        """One forward + backward on ``batch``; returns the (B,) per-example losses."""
-        with LayerHooks(self.layers, on_layer) as hooks:
+    def batches(self, batches: Iterable[dict], skip_examples: int = 0) -> Iterator[Step]:
+        """Validated batches with their data positions and windows (raises on an empty iterable,
+        on positions that do not number the examples once each)."""
+        tracker = WindowTracker()
+        for batch in iter_batches(batches, self.device, self.model):
+            n = batch.input_ids.shape[0]
+            positions = batch.positions if batch.positions is not None else tracker.following(n)
+            closes = tracker.add(n, positions)
+            yield Step(batch, positions, closes, max(positions) >= skip_examples)
+        tracker.finish()
+
+    def backward(self, batch: Batch, on_layer: OnLayer) -> torch.Tensor:
+        """One forward + backward on ``batch``, the hooks handing each layer's (A, G, mask) to
+        ``on_layer`` as its G arrives; returns the (B,) per-example losses. The model is frozen
+        (eval mode, no parameter gradient, graph started at ``backward_start``) for the call only."""
+        with frozen_for_capture(self.model, self.layers), LayerHooks(self.layers, on_layer) as hooks:
             hooks.arm(batch.attention_mask.bool())
             with torch.enable_grad():
-                with autocast_forward(batch.input_ids.device, self.autocast):
+                with autocast_forward(self.device, self.autocast):
                     losses = forward_losses(self.model, batch, self.head)
                 losses.sum().backward()
             hooks.check()
@@ -548,6 +452,72 @@ class Capture:
                 "or right padding)"
             )
         return losses
+
+    def hidden_states(self, batch: Batch, decoder: nn.Module) -> torch.Tensor:
+        """(B, T, H) last hidden states of ``decoder`` (the model's body) without autograd, under the
+        pass's autocast: for consumers that need no backward (LM-head features)."""
+        with torch.no_grad(), autocast_forward(self.device, self.autocast):
+            return decoder(**model_inputs(decoder, batch.input_ids, batch.attention_mask)).last_hidden_state
+
+    def run(self, batches: Iterable[dict], start: Callable[[Batch], OnLayer]) -> list[int]:
+        """Capture every batch: ``start(batch)`` gives the batch's ``on_layer``; returns the stream row
+        of each data position (``rows[order]`` puts per-batch rows back into data order)."""
+        positions: list[int] = []
+        for step in self.batches(batches):
+            self.backward(step.batch, start(step.batch))
+            positions.extend(step.positions)
+        return sorted(range(len(positions)), key=positions.__getitem__)
+
+
+class PairScorer:
+    """What ``pairwise_scores`` asks of a scoring method (exact, K-FAC): keep the queries, then
+    score each train batch against them, layer by layer as the capture hands them over.
+    ``cosine``: squared gradient norms are wanted (the dot product skips them)."""
+
+    def __init__(self, cosine: bool):
+        self.cosine = cosine
+
+    def query(self, batch: Batch) -> OnLayer:
+        """The ``on_layer`` that keeps what this query batch's layers need."""
+        raise NotImplementedError
+
+    def queries_done(self) -> torch.Tensor | None:
+        """After the last query batch: (Q,) squared query norms (in stream order) when ``cosine``."""
+        raise NotImplementedError
+
+    def train(self, S: torch.Tensor, sq: torch.Tensor | None) -> OnLayer:
+        """The ``on_layer`` that adds a train batch's scores to ``S`` (Q, B) and, for the cosine, its
+        squared gradient norms to ``sq`` (B,)."""
+        raise NotImplementedError
+
+
+def pairwise_scores(
+    capture: CapturePass, query_batches: Iterable[dict], train_batches: Iterable[dict], scorer: PairScorer
+) -> torch.Tensor:
+    """(Q, N) scores of every train example on every query, summed over the captured layers, rows
+    and columns in data order; divided by both gradient norms when ``scorer.cosine`` (an example
+    whose gradient is zero scores 0).
+
+    Query columns first (one pass, ``scorer.query``), then train columns (a second pass,
+    ``scorer.train``) into one (Q, B) block per train batch."""
+    cosine = scorer.cosine
+    query_order = capture.run(query_batches, scorer.query)
+    query_sq = scorer.queries_done()
+    Q, dtype, device = len(query_order), capture.dtype, capture.device
+    columns, train_sq = [], []
+
+    def start(batch: Batch) -> OnLayer:
+        B = batch.input_ids.shape[0]
+        columns.append(torch.zeros(Q, B, dtype=dtype, device=device))
+        train_sq.append(torch.zeros(B, dtype=dtype, device=device) if cosine else None)
+        return scorer.train(columns[-1], train_sq[-1])
+
+    train_order = capture.run(train_batches, start)
+    scores = torch.cat(columns, dim=1)
+    if cosine:
+        inv = lambda x: torch.where(x > 0, x.clamp_min(torch.finfo(x.dtype).tiny).rsqrt(), 0.0)  # noqa: E731
+        scores = scores * inv(query_sq)[:, None] * inv(torch.cat(train_sq))[None, :]
+    return scores[query_order][:, train_order]
 
 
 def autocast_forward(device: torch.device, dtype: torch.dtype | None):

@@ -213,7 +213,7 @@ def check_batches(model, batches: list[dict]) -> None:
     """Every batch checked against the model (token ids, lengths) before any store is touched."""
     import torch
 
-    from .capture import BatchLimits, prepare_batch
+    from .batching import BatchLimits, prepare_batch
 
     limits, seen = BatchLimits.of(model), 0
     for b in batches:

@@ -10,15 +10,14 @@ For each selected layer, one of two exact methods is used, whichever costs less:
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterable
 
 import torch
 from torch import nn
 
 from . import ops
-from .batching import data_order
-from .capture import Capture, Layer, frozen_for_capture, iter_batches, model_device, select_layers
+from .batching import Batch
+from .capture import CapturePass, Layer, PairScorer, pairwise_scores
 from .config import ProjectionConfig
 from .normalizer import Normalizer
 from .ops._common import masked
@@ -70,6 +69,66 @@ class _QueryLayer:
             self.blocks = []
 
 
+class _ExactScorer(PairScorer):
+    """Exact products layer by layer: query factors kept (ghost) or query gradients formed (dense),
+    whichever costs less per layer, chosen on the first train batch."""
+
+    def __init__(
+        self, capture: CapturePass, cosine: bool, method: str, autocast: str | None, normalizer: Normalizer | None
+    ):
+        super().__init__(cosine)
+        self.capture, self.method, self.normalizer = capture, method, normalizer
+        # The dtype per-example gradients are formed and dotted in (scores stay in ``capture.dtype``):
+        # bfloat16 under a bfloat16 autocast; float32 under float16, whose range a per-layer score can exceed.
+        self.compute = torch.bfloat16 if autocast == "bfloat16" else capture.dtype
+        self.queries = {l.name: _QueryLayer() for l in capture.layers}
+        self.query_sq: list[torch.Tensor] = []
+
+    def factors(self, layer: Layer, A, G, mask):
+        """Masked (A, G) in the compute dtype and the bias flag for the ops (normalised: A~ holds the bias)."""
+        A, G = masked(A.to(self.compute), mask), masked(G.to(self.compute), mask)
+        if self.normalizer is None:
+            return A, G, layer.bias
+        A, G = self.normalizer.scaled(layer, A, G, mask)
+        return A.to(self.compute), G.to(self.compute), False
+
+    def query(self, batch: Batch):
+        sq = torch.zeros(batch.input_ids.shape[0], dtype=self.capture.dtype, device=self.capture.device)
+        self.query_sq.append(sq)
+
+        def keep(layer: Layer, A, G, mask):
+            A, G, bias = self.factors(layer, A, G, mask)
+            self.queries[layer.name].blocks.append((A, G, mask))
+            if self.cosine:
+                sq.add_(ops.ghost_norm(A, G, mask, bias))
+
+        return keep
+
+    def queries_done(self):
+        return torch.cat(self.query_sq)
+
+    def train(self, S, sq):
+        def score(layer: Layer, A, G, mask):
+            A, G, bias = self.factors(layer, A, G, mask)
+            q = self.queries[layer.name]
+            if q.method is None:
+                q.choose(layer, self.method, A.shape[1], bias)
+            if q.method == "ghost":
+                S.add_(torch.cat([ops.ghost_dot(qA, qG, A, G, qm, mask, bias) for qA, qG, qm in q.blocks]))
+                if sq is not None:
+                    sq.add_(ops.ghost_norm(A, G, mask, bias))
+                return
+            W = per_example_gradients(A, G, mask, bias)
+            if W.dtype == S.dtype:
+                S.addmm_(q.dense, W.T)
+            else:  # autocast: a low-precision product, summed over layers in the scores' dtype
+                S.add_(q.dense @ W.T)
+            if sq is not None:
+                sq.add_(torch.linalg.vector_norm(W, dim=1, dtype=S.dtype).square())
+
+        return score
+
+
 def exact_scores(
     model: nn.Module,
     query_batches: Iterable[dict],
@@ -92,7 +151,8 @@ def exact_scores(
             method's torch reference works in float32), summed over layers in float32: no
             projection error, the low precision's instead (bench/peers). ``float16``: the
             forward only; products in float32 (a per-layer score can exceed float16's range).
-        metric: ``dot`` (<grad_q, grad_i>) or ``cosine`` (divided by both norms).
+        metric: ``dot`` (<grad_q, grad_i>) or ``cosine`` (divided by both norms; an example whose
+            gradient is zero scores 0).
         method: ``auto`` (cheaper of the two per layer), ``ghost`` or ``dense``.
         normalizer: a ``Normalizer``: inner products of the normalised gradients g / sqrt(V).
 
@@ -105,85 +165,8 @@ def exact_scores(
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     config = config or ProjectionConfig()
-    layers = select_layers(model, config.include, config.exclude, config.include_bias)
+    capture = CapturePass(model, config)
     if normalizer is not None:
-        normalizer.check(layers)
-    device = model_device(model)
-    dtype = torch.float64 if layers[0].weight.dtype == torch.float64 else torch.float32
-    if config.autocast is not None and layers[0].weight.dtype != torch.float32:
-        raise ValueError(
-            f"ProjectionConfig(autocast={config.autocast!r}) needs a float32 model (autocast lowers float32 "
-            f"matmuls), got {layers[0].weight.dtype}; leave autocast=None"
-        )
-    if config.autocast == "float16" and device.type == "cpu":
-        warnings.warn(
-            "ProjectionConfig(autocast='float16') on a CPU: float16 matmuls are emulated there (about 10x slower "
-            "than float32); use autocast='bfloat16' on a CPU",
-            stacklevel=2,
-        )
-    # The dtype per-example gradients are formed and dotted in (scores stay in ``dtype``): bfloat16
-    # under a bfloat16 autocast; float32 under float16, whose range a per-layer score can exceed.
-    compute = torch.bfloat16 if config.autocast == "bfloat16" else dtype
-    queries = {l.name: _QueryLayer() for l in layers}
-
-    # Squared gradient norms are needed for the cosine only; the dot product skips them.
-    cosine = metric == "cosine"
-
-    def factors(layer: Layer, A, G, mask):
-        """Masked (A, G) in the compute dtype and the bias flag for the ops (normalised: A~ holds the bias)."""
-        A, G = masked(A.to(compute), mask), masked(G.to(compute), mask)
-        if normalizer is None:
-            return A, G, layer.bias
-        A, G = normalizer.scaled(layer, A, G, mask)
-        return A.to(compute), G.to(compute), False
-
-    with frozen_for_capture(model, layers):
-        capture = Capture(model, layers, config.autocast_dtype)
-        query_sq, n_queries, query_pos = [], 0, []
-        for batch in iter_batches(query_batches, device, model):
-            query_pos.append((batch.input_ids.shape[0], batch.positions))
-            sq = torch.zeros(batch.input_ids.shape[0], dtype=dtype, device=device)
-            n_queries += batch.input_ids.shape[0]
-
-            def keep(layer: Layer, A, G, mask, sq=sq):
-                A, G, bias = factors(layer, A, G, mask)
-                queries[layer.name].blocks.append((A, G, mask))
-                if cosine:
-                    sq += ops.ghost_norm(A, G, mask, bias)
-
-            capture.run(batch, keep)
-            query_sq.append(sq)
-        query_sq = torch.cat(query_sq)
-
-        columns, train_sq, train_pos = [], [], []
-        for batch in iter_batches(train_batches, device, model):
-            train_pos.append((batch.input_ids.shape[0], batch.positions))
-            B, T = batch.input_ids.shape
-            S = torch.zeros(n_queries, B, dtype=dtype, device=device)
-            sq = torch.zeros(B, dtype=dtype, device=device)
-
-            def score(layer: Layer, A, G, mask, S=S, sq=sq, T=T):
-                A, G, bias = factors(layer, A, G, mask)
-                q = queries[layer.name]
-                if q.method is None:
-                    q.choose(layer, method, T, bias)
-                if q.method == "ghost":
-                    S.add_(torch.cat([ops.ghost_dot(qA, qG, A, G, qm, mask, bias) for qA, qG, qm in q.blocks]))
-                    if cosine:
-                        sq.add_(ops.ghost_norm(A, G, mask, bias))
-                else:
-                    W = per_example_gradients(A, G, mask, bias)
-                    if W.dtype == dtype:
-                        S.addmm_(q.dense, W.T)
-                    else:  # autocast: a low-precision product, summed over layers in ``dtype``
-                        S.add_(q.dense @ W.T)
-                    if cosine:
-                        sq.add_(torch.linalg.vector_norm(W, dim=1, dtype=dtype).square())
-
-            capture.run(batch, score)
-            columns.append(S)
-            train_sq.append(sq)
-    scores = torch.cat(columns, dim=1)
-    if cosine:
-        scores = scores / query_sq.sqrt()[:, None] / torch.cat(train_sq).sqrt()[None, :]
-    return scores[data_order(query_pos)][:, data_order(train_pos)]
+        normalizer.check(capture.layers)
+    scorer = _ExactScorer(capture, metric == "cosine", method, config.autocast, normalizer)
+    return pairwise_scores(capture, query_batches, train_batches, scorer)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -11,21 +10,12 @@ import torch
 from torch import nn
 
 from . import ops
-from .batching import WindowTracker
-from .capture import (
-    Batch,
-    Capture,
-    Layer,
-    autocast_forward,
-    frozen_for_capture,
-    iter_batches,
-    model_device,
-    select_layers,
-)
+from .batching import Batch
+from .capture import CapturePass, Layer
 from .config import ProjectionConfig
 from .exact import per_example_gradients
 from .features import Features, LayerSlice, TokenFactors, cat_features, reorder_rows, slice_rows
-from .lm import IGNORE_INDEX, fused_head, model_inputs, shifted_labels
+from .lm import IGNORE_INDEX, fused_head, shifted_labels
 from .normalizer import Normalizer
 from .ops._common import masked
 from .ops.lm_head_grad import lm_head_grad_projected
@@ -71,18 +61,8 @@ class GradientExtractor:
     ):
         self.model = model
         self.config = config or ProjectionConfig()
-        self.layers = select_layers(model, self.config.include, self.config.exclude, self.config.include_bias)
-        if self.config.autocast is not None and self.layers[0].weight.dtype != torch.float32:
-            raise ValueError(
-                f"ProjectionConfig(autocast={self.config.autocast!r}) needs a float32 model (autocast lowers float32 "
-                f"matmuls), got {self.layers[0].weight.dtype}; leave autocast=None"
-            )
-        if self.config.autocast == "float16" and self.layers[0].weight.device.type == "cpu":
-            warnings.warn(
-                "ProjectionConfig(autocast='float16') on a CPU: float16 matmuls are emulated there (about 10x slower "
-                "than float32); use autocast='bfloat16' on a CPU",
-                stacklevel=2,
-            )
+        self.capture = CapturePass(model, self.config)
+        self.layers = self.capture.layers
         if isinstance(normalizer, (str, Path)):
             normalizer = Normalizer.load(normalizer)
         if normalizer is not None and not isinstance(normalizer, Normalizer):
@@ -121,12 +101,12 @@ class GradientExtractor:
 
     @property
     def device(self) -> torch.device:
-        return model_device(self.model)
+        return self.capture.device
 
     @property
     def dtype(self) -> torch.dtype:
         """Accumulation dtype: float64 for a float64 model, float32 otherwise."""
-        return torch.float64 if self.layers[0].weight.dtype == torch.float64 else torch.float32
+        return self.capture.dtype
 
     def _layout(self) -> dict[str, LayerSlice]:
         if self.config.mode == "flat":
@@ -211,25 +191,17 @@ class GradientExtractor:
         """
         if self.config.mode == "flat" and (tokens or covariances):
             raise ValueError("tokens=True and covariances=True need mode='factorized' (flat features have no layers)")
-        capture = Capture(self.model, self.layers, self.config.autocast_dtype)
-        fp = self.fingerprint
-        tracker, window = WindowTracker(), []
-        for batch in iter_batches(batches, self.device, self.model):
-            n = batch.input_ids.shape[0]
-            positions = batch.positions if batch.positions is not None else tracker.following(n)
-            closes = tracker.add(n, positions)
-            if max(positions) >= skip_examples:
-                # Frozen per batch, so that between yields the model is the caller's again.
-                with frozen_for_capture(self.model, self.layers):
-                    window.append((positions, self._batch_features(capture, batch, tokens, covariances, fp)))
-            if closes and window:
+        fp, window = self.fingerprint, []
+        for step in self.capture.batches(batches, skip_examples):
+            if step.wanted:
+                window.append((step.positions, self._batch_features(step.batch, tokens, covariances, fp)))
+            if step.closes and window:
                 yield _in_data_order(window, skip_examples)
                 window = []
-        tracker.finish()
 
-    def _batch_features(self, capture: Capture, batch: Batch, tokens: bool, covariances: bool, fp: dict) -> Features:
+    def _batch_features(self, batch: Batch, tokens: bool, covariances: bool, fp: dict) -> Features:
         if self.config.mode == "flat":
-            return self._flat_features(capture, batch, fp)
+            return self._flat_features(batch, fp)
         if self._head is not None and not tokens and not covariances:
             return self._head_features(batch, fp)
         B = batch.input_ids.shape[0]
@@ -257,7 +229,7 @@ class GradientExtractor:
                 phi = ops.project(A, G, P_in, P_out, mask)
             rows[:, sl.start : sl.stop] = phi.reshape(B, -1)
 
-        capture.run(batch, on_layer)
+        self.capture.backward(batch, on_layer)
         token_factors = None
         if tokens:
             counts = batch.attention_mask.bool().sum(1).cpu()
@@ -278,9 +250,8 @@ class GradientExtractor:
         device, dtype = batch.input_ids.device, self.dtype
         P_in, P_out = self.projections(layer.name, device, dtype)
         mask = batch.attention_mask.bool()
+        hidden = self.capture.hidden_states(batch, decoder)
         with torch.no_grad():
-            with autocast_forward(device, self.config.autocast_dtype):
-                hidden = decoder(**model_inputs(decoder, batch.input_ids, batch.attention_mask)).last_hidden_state
             labels = shifted_labels(batch.labels)
             answers = (labels != IGNORE_INDEX).sum(1, keepdim=True)
             weights = (1.0 / answers.to(dtype)).expand(labels.shape)
@@ -300,7 +271,7 @@ class GradientExtractor:
             phi = ops.project(A, GP.view(*mask.shape, k_out), P_in, torch.eye(k_out, dtype=dtype, device=device), mask)
         return self._features(phi.reshape(len(phi), -1), batch.ids, None, None, fp)
 
-    def _flat_features(self, capture: Capture, batch: Batch, fp: dict) -> Features:
+    def _flat_features(self, batch: Batch, fp: dict) -> Features:
         """Flat mode: each layer's per-example gradients, JL-projected into one sketch.
 
         The implicit JL matrix is indexed by the position in the concatenated gradient
@@ -319,7 +290,7 @@ class GradientExtractor:
                 ops.jl_project(grads, cfg.dim, seed=cfg.seed, kind=cfg.kind, offset=self._flat_offsets[layer.name])
             )
 
-        capture.run(batch, on_layer)
+        self.capture.backward(batch, on_layer)
         return self._features(rows, batch.ids, None, None, fp)
 
     def _features(self, rows, ids, tokens, stats, fp) -> Features:

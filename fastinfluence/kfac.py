@@ -39,7 +39,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .capture import Capture, Layer, frozen_for_capture, iter_batches, model_device, select_layers
+from .batching import Batch
+from .capture import CapturePass, Layer, PairScorer, pairwise_scores
 from .config import ProjectionConfig
 from .ops._common import augmented, example_chunks, masked
 
@@ -50,10 +51,6 @@ PRODUCTS = ("auto", "dense", "ghost")
 def _gradients(A: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
     """(B, d_out, d_in') per-example gradients sum_t g_t a~_t^T of (masked, augmented) factors."""
     return torch.einsum("bto,bti->boi", G, A)
-
-
-def _compute_dtype(layers: list[Layer]) -> torch.dtype:
-    return torch.float64 if layers[0].weight.dtype == torch.float64 else torch.float32
 
 
 @dataclass
@@ -133,13 +130,10 @@ def _check_damping(damping: float | None, damping_ratio: float) -> None:
         raise ValueError(f"damping_ratio must be positive and finite, got {damping_ratio}")
 
 
-def _fit(
-    model: nn.Module, layers: list[Layer], batches: Iterable[dict], method: str, damping, damping_ratio
-) -> KFACFactors:
-    device, dtype = model_device(model), _compute_dtype(layers)
+def _fit(capture: CapturePass, batches: Iterable[dict], method: str, damping, damping_ratio) -> KFACFactors:
+    layers, device, dtype = capture.layers, capture.device, capture.dtype
     sums = {l.name: [0.0, 0.0] for l in layers}
     examples = tokens = 0
-    capture = Capture(model, layers)
 
     def covariances(layer: Layer, A, G, mask):
         # one batch's sums in the compute dtype, accumulated across batches in float64
@@ -148,10 +142,10 @@ def _fit(
         s = sums[layer.name]
         s[0], s[1] = s[0] + (a.T @ a).double(), s[1] + (g.T @ g).double()
 
-    for batch in iter_batches(batches, device):
-        capture.run(batch, covariances)
-        examples += batch.input_ids.shape[0]
-        tokens += int(batch.attention_mask.bool().sum())
+    for step in capture.batches(batches):
+        capture.backward(step.batch, covariances)
+        examples += step.batch.input_ids.shape[0]
+        tokens += int(step.batch.attention_mask.bool().sum())
     stats, shapes = {}, {}
     for layer in layers:
         CA, CG = sums[layer.name]
@@ -180,8 +174,7 @@ def _fit(
             for rows in example_chunks(a.shape[0], *shapes[layer.name]):
                 lam[layer.name] += _gradients(a[rows], g[rows]).square().sum(0).double()
 
-        for batch in iter_batches(batches, device):
-            capture.run(batch, eigenbasis_squares)
+        capture.run(batches, lambda _batch: eigenbasis_squares)
         for name, v in lam.items():
             stats[f"{name}.Lambda"] = v / examples
     stats = {k: v.cpu() for k, v in stats.items()}
@@ -206,10 +199,7 @@ def fit_kfac(
     _check_damping(damping, damping_ratio)
     if method == "ekfac" and iter(batches) is batches:
         raise ValueError("ekfac reads the fit batches twice: pass a list or DataLoader, not a one-shot iterator")
-    config = config or ProjectionConfig()
-    layers = select_layers(model, config.include, config.exclude, config.include_bias)
-    with frozen_for_capture(model, layers):
-        return _fit(model, layers, batches, method, damping, damping_ratio)
+    return _fit(CapturePass(model, config), batches, method, damping, damping_ratio)
 
 
 def _train_product(product: str, Q: int, T: int) -> str:
@@ -253,7 +243,8 @@ def kfac_scores(
         product: how train examples are scored, ``auto``, ``dense`` or ``ghost`` (module docstring).
 
     Returns:
-        (Q, N) scores, float64 for a float64 model, float32 otherwise, summed over layers.
+        (Q, N) scores, float64 for a float64 model, float32 otherwise, summed over layers; rows and
+        columns in data order (length-bucketed batches with ``positions`` are put back in order).
     """
     if metric not in ("dot", "cosine"):
         raise ValueError(f"metric must be 'dot' or 'cosine', got {metric!r}")
@@ -262,64 +253,63 @@ def kfac_scores(
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     _check_damping(damping, damping_ratio)
-    config = config or ProjectionConfig()
-    layers = select_layers(model, config.include, config.exclude, config.include_bias)
+    capture = CapturePass(model, config)
     if factors is None:
         if fit_batches is None and iter(train_batches) is train_batches:
             raise ValueError(
                 "train_batches are read again after fitting: pass a list or DataLoader, or give fit_batches or factors"
             )
         fit_on = train_batches if fit_batches is None else fit_batches
-        factors = fit_kfac(model, fit_on, method, config, damping, damping_ratio)
+        if method == "ekfac" and iter(fit_on) is fit_on:
+            raise ValueError("ekfac reads the fit batches twice: pass a list or DataLoader, not a one-shot iterator")
+        factors = _fit(capture, fit_on, method, damping, damping_ratio)
     else:
-        missing = [l.name for l in layers if l.name not in factors.shapes]
+        missing = [l.name for l in capture.layers if l.name not in factors.shapes]
         if missing:
             raise ValueError(f"factors were fitted without layers {missing[:3]}: fit them with the same config")
         if damping is not None or damping_ratio != 0.1:
             factors = dataclasses.replace(factors, damping=damping, damping_ratio=damping_ratio)
-    device, dtype = model_device(model), _compute_dtype(layers)
+    scorer = _KFACScorer(capture, metric == "cosine", factors, product)
+    return pairwise_scores(capture, query_batches, train_batches, scorer)
 
-    with frozen_for_capture(model, layers):
-        capture = Capture(model, layers)
-        grads: dict[str, list[torch.Tensor]] = {l.name: [] for l in layers}
 
+class _KFACScorer(PairScorer):
+    """Query gradients preconditioned once (``KFACFactors.precondition``), train examples scored
+    against them from their captured factors (module docstring: ``dense`` / ``ghost``)."""
+
+    def __init__(self, capture: CapturePass, cosine: bool, factors: KFACFactors, product: str):
+        super().__init__(cosine)
+        self.dtype, self.factors, self.product = capture.dtype, factors, product
+        self.grads: dict[str, list[torch.Tensor]] = {l.name: [] for l in capture.layers}
+        self.P: dict[str, torch.Tensor] = {}
+
+    def query(self, batch: Batch):
         def keep(layer: Layer, A, G, mask):
-            grads[layer.name].append(_gradients(augmented(A.to(dtype), mask, layer.bias), masked(G.to(dtype), mask)))
+            a, g = augmented(A.to(self.dtype), mask, layer.bias), masked(G.to(self.dtype), mask)
+            self.grads[layer.name].append(_gradients(a, g))
 
-        for batch in iter_batches(query_batches, device):
-            capture.run(batch, keep)
-        P = {name: factors.precondition(name, torch.cat(g)).to(dtype) for name, g in grads.items()}
-        grads = None  # free the query gradients
-        Q = len(next(iter(P.values())))
-        query_sq = sum(p.flatten(1).square().sum(1) for p in P.values())
+        return keep
 
-        columns, train_sq = [], []
-        for batch in iter_batches(train_batches, device):
-            B, T = batch.input_ids.shape
-            S = torch.zeros(Q, B, dtype=dtype, device=device)
-            sq = torch.zeros(B, dtype=dtype, device=device)
+    def queries_done(self):
+        self.P = {n: self.factors.precondition(n, torch.cat(g)).to(self.dtype) for n, g in self.grads.items()}
+        self.grads = {}  # free the query gradients
+        return sum(p.flatten(1).square().sum(1) for p in self.P.values())
 
-            def score(layer: Layer, A, G, mask, S=S, sq=sq, T=T):
-                a, g = augmented(A.to(dtype), mask, layer.bias), masked(G.to(dtype), mask)
-                Pq = P[layer.name]
-                if _train_product(product, Q, T) == "ghost":
-                    for b in range(a.shape[0]):  # (Q, d_out, T): P_q a~_t for every token
-                        S[:, b] += torch.einsum("qot,to->q", Pq @ a[b].T, g[b])
-                    if metric == "cosine":
-                        KA = a @ a.transpose(1, 2)
-                        sq += (KA * (g @ g.transpose(1, 2))).sum((1, 2))
-                else:
-                    flat = Pq.flatten(1)
-                    for rows in example_chunks(a.shape[0], *Pq.shape[1:]):
-                        W = _gradients(a[rows], g[rows]).flatten(1)
-                        S[:, rows] += flat @ W.T
-                        sq[rows] += W.square().sum(1)
+    def train(self, S, sq):
+        def score(layer: Layer, A, G, mask):
+            a, g = augmented(A.to(self.dtype), mask, layer.bias), masked(G.to(self.dtype), mask)
+            Pq = self.P[layer.name]
+            if _train_product(self.product, Pq.shape[0], a.shape[1]) == "ghost":
+                for b in range(a.shape[0]):  # (Q, d_out, T): P_q a~_t for every token
+                    S[:, b] += torch.einsum("qot,to->q", Pq @ a[b].T, g[b])
+                if sq is not None:
+                    sq.add_((a @ a.transpose(1, 2) * (g @ g.transpose(1, 2))).sum((1, 2)))
+                return
+            flat = Pq.flatten(1)
+            for rows in example_chunks(a.shape[0], *Pq.shape[1:]):
+                W = _gradients(a[rows], g[rows]).flatten(1)
+                S[:, rows] += flat @ W.T
+                if sq is not None:
+                    sq[rows] += W.square().sum(1)
 
-            capture.run(batch, score)
-            columns.append(S)
-            train_sq.append(sq)
-    scores = torch.cat(columns, dim=1)
-    if metric == "cosine":
-        inv = lambda x: torch.where(x > 0, x.clamp_min(torch.finfo(x.dtype).tiny).rsqrt(), 0.0)  # noqa: E731
-        scores = scores * inv(query_sq)[:, None] * inv(torch.cat(train_sq))[None, :]
-    return scores
+        return score

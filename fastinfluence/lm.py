@@ -12,7 +12,7 @@ import inspect
 import torch
 from torch import nn
 
-IGNORE_INDEX = -100
+from .batching import IGNORE_INDEX
 
 # Config attributes of architectures that scale the logits after the LM head; those use the
 # model's own logits.

@@ -52,7 +52,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .capture import Capture, Layer, frozen_for_capture, iter_batches, model_device, select_layers
+from .capture import CapturePass, Layer, select_layers
 from .config import ProjectionConfig
 from .ops._common import augmented, example_chunks, masked
 
@@ -279,23 +279,16 @@ class Normalizer:
         """
         if method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
-        config = config or ProjectionConfig()
-        layers = select_layers(model, config.include, config.exclude, config.include_bias)
-        device = model_device(model)
-        dtype = torch.float64 if layers[0].weight.dtype == torch.float64 else torch.float32
-        sums = {l.name: [0.0, 0.0] for l in layers}
-        examples = 0
+        capture = CapturePass(model, config)
+        dtype = capture.dtype
+        sums = {l.name: [0.0, 0.0] for l in capture.layers}
 
         def accumulate(layer: Layer, A, G, mask):
             r, c = row_col_squares(augmented(A.to(dtype), mask, layer.bias), masked(G.to(dtype), mask), method)
             s = sums[layer.name]
             s[0], s[1] = s[0] + r.double(), s[1] + c.double()  # on the device: no sync per layer
 
-        with frozen_for_capture(model, layers):
-            capture = Capture(model, layers)
-            for batch in iter_batches(batches, device, model):
-                capture.run(batch, accumulate)
-                examples += batch.input_ids.shape[0]
+        examples = len(capture.run(batches, lambda _batch: accumulate))
         factors = {n: (r.cpu() / examples, c.cpu() / examples) for n, (r, c) in sums.items()}
         return cls(factors, "fitted", eps, damping_ratio)
 

@@ -19,7 +19,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from .capture import forward_losses, model_device, prepare_batch
+from .batching import prepare_batch
+from .capture import forward_losses, model_device
 from .lm import fused_head
 from .model import mlp_blocks
 

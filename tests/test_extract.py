@@ -286,7 +286,7 @@ def test_loss_from_hidden_states_when_the_head_is_not_captured(monkeypatch):
     cfg = ProjectionConfig(rank_in=16, rank_out=8, dtype="float64")
     batches = batches_of(make_examples(4, seed=22), 2, "left")
     ex = GradientExtractor(model, cfg)
-    assert capture.Capture(model, ex.layers).head is not None
+    assert ex.capture.head is not None
     calls = []
     handle = model.get_output_embeddings().register_forward_hook(lambda *a: calls.append(1))
     fused = ex.extract(batches)

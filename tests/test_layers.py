@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Lowest first. A new module must be placed here; a module may import only from lower levels.
 LAYERS = [
-    ("batching",),  # what a batch dict means (ids, data positions, length buckets)
+    ("batching",),  # what a batch dict means (validation, ids, data positions, length buckets)
     ("config", "lm", "distributed", "model", "data", "outputs"),  # below the flow
     ("ops",),  # torch references and the backend registry
     ("triton_kernels",),  # kernels of the ops (installed as fastinfluence.triton_kernels)

@@ -36,6 +36,6 @@ def test_head_features_equal_the_autograd_path(side):
     assert ex._head is not None
     batches = batches_of(make_examples(5, seed=11), 2, side)
     fast = ex.extract(batches)
-    ex._head = None  # the backward path through Capture
+    ex._head = None  # the backward path through the capture pass
     ref = ex.extract(batches)
     assert rel_err(fast.data, ref.data) < 1e-12 and fast.ids == ref.ids
