@@ -1,16 +1,25 @@
-"""Output paths of the command line, checked before any work and written without loss.
+"""Output paths of the command line and the API, checked before any work and written without loss.
 
-Rules: no command writes into a feature store or over a model directory's files; an
-existing output is refused unless ``--overwrite``; the directory must be writable and,
-for large outputs, hold enough free space; files are written under a temporary name in
-the same directory and renamed when whole, so a failed run leaves the old file intact.
+Rules: nothing is written into a feature store (other than by its own writer) or over a
+model directory's files; an existing output is refused unless ``--overwrite`` (the API's
+``overwrite=True``); a store is written only into a new or empty directory or a store of
+ours; the directory must be writable and, for large outputs, hold enough free space;
+files are written under a temporary name in the same directory and renamed when whole,
+so a failed run leaves the old file intact. ``flag`` names the output as the caller
+knows it: ``--matrix`` on the command line, ``matrix_path=`` in the API.
+
+This module imports neither torch nor the store package (the command line's ``--help``
+stays light), so the store's own file names are described here as well.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import re
 import shutil
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,8 +36,55 @@ MODEL_FILES = (
 )
 
 
+# A store's files and the temporary names its writer gives them while writing: ``.<name>.fi-tmp-<pid>-<hex>``
+# (``<name>.tmp-<pid>`` before that). The writer removes leftovers that match these names and no other file.
+STORE_MANIFEST = "manifest.json"
+STORE_LOCK = ".lock"
+STORE_SHARDS = "shards"
+SHARD_FILE = re.compile(r"(shard|tokens)-\d+\.safetensors")
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
 class OutputError(ValueError):
     """An output path would destroy data or cannot be written."""
+
+
+def _overwrite_hint(flag: str) -> str:
+    return "pass --overwrite" if flag.startswith("--") else "pass overwrite=True"
+
+
+def store_temporary(path: Path) -> Path:
+    """The temporary name a store file is written under before its rename (unique to this write)."""
+    return path.with_name(f".{path.name}.fi-tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def is_store_temporary(name: str, final: re.Pattern | str) -> bool:
+    """Whether ``name`` is a temporary name of a store file whose final name matches ``final``."""
+    final = final.pattern if isinstance(final, re.Pattern) else re.escape(final)
+    return re.fullmatch(rf"\.(?:{final})\.fi-tmp-\d+-[0-9a-f]{{8}}|(?:{final})\.tmp-\d+", name) is not None
+
+
+def _partial_store(path: Path) -> bool:
+    """A directory holding only what a store writer leaves before its first manifest (its lock,
+    temporary manifests and a ``shards`` directory of shard files): a store of ours, killed early."""
+    for p in path.iterdir():
+        if p.name == STORE_SHARDS and p.is_dir() and not p.is_symlink():
+            if not all(SHARD_FILE.fullmatch(q.name) or is_store_temporary(q.name, SHARD_FILE) for q in p.iterdir()):
+                return False
+        elif p.name != STORE_LOCK and not is_store_temporary(p.name, STORE_MANIFEST):
+            return False
+    return True
+
+
+def disk_full(path: str | os.PathLike, what: str, exc: OSError) -> OSError:
+    """The one-line error for a write that ran out of space (``exc`` with ENOSPC or EDQUOT)."""
+    reason = "the disk quota is exceeded" if exc.errno == errno.EDQUOT else "no space left on the device"
+    err = OSError(
+        f"cannot write {what} {path}: {reason} (nothing half-written was kept); free space there or choose a "
+        "directory on another disk, then run again"
+    )
+    err.errno = exc.errno
+    return err
 
 
 def store_root(path: Path) -> Path | None:
@@ -71,10 +127,30 @@ def check_file(path: str | os.PathLike, flag: str, overwrite: bool, need_bytes: 
         if path.name in MODEL_FILES or is_model_dir(path.parent) and path.suffix in (".safetensors", ".bin"):
             raise OutputError(f"{flag} {path} is a file of the model directory {path.parent}; write outputs elsewhere")
         if not overwrite:
-            raise OutputError(f"{flag} {path} exists; pass --overwrite to replace it, or choose another path")
+            raise OutputError(f"{flag} {path} exists; {_overwrite_hint(flag)} to replace it, or choose another path")
     _writable_parent(path, flag)
     if need_bytes:
         check_space(path, flag, need_bytes)
+    return path
+
+
+def check_store_dir(path: str | os.PathLike, flag: str) -> Path:
+    """Check the directory a feature store is written into: a new or empty directory, a store of
+    ours (to resume or extend), or one its writer left before the first manifest; never a file, a
+    model directory, a directory inside a store, or a non-empty directory of other files."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"{flag} {path} is a file; give a directory for the feature store")
+    outer = store_root(path.parent) if path.parent != path else None
+    if outer is not None:
+        raise OutputError(f"{flag} {path} lies inside the feature store {outer}; give a directory outside it")
+    if path.is_dir() and any(path.iterdir()) and store_root(path) != path and not _partial_store(path):
+        what = "a model directory" if is_model_dir(path) else "a non-empty directory that is not a feature store"
+        raise OutputError(
+            f"{flag} {path} is {what}; give a new or empty directory (or an existing store to resume or extend)"
+        )
+    if is_model_dir(path):
+        raise OutputError(f"{flag} {path} is a model directory; give a new directory for the feature store")
     return path
 
 

@@ -31,6 +31,7 @@ from .features import Features, FeatureSource, LayerSlice
 from .index import index_topk
 from .ops import TopK, merge_topk, score_topk
 from .ops.score_topk import scores_and_aggregates
+from .outputs import NO_SPACE, check_file, disk_full, temporary
 from .precondition import KINDS, Preconditioner, load_or_fit
 from .store import FeatureStore, StoreError, check_same_origin, normalize_metadata
 
@@ -124,6 +125,34 @@ def _check_pair(query, train) -> None:
     check_same_origin(relaxed(query), relaxed(train), "the query features", "the train features")
 
 
+def _source(x, side: str) -> FeatureSource:
+    """``x`` as a feature source: Features or a FeatureStore as they are, a store directory's path opened."""
+    if isinstance(x, (str, os.PathLike)):
+        return FeatureStore.open(x)
+    if isinstance(x, (Features, FeatureStore)) or all(
+        callable(getattr(x, m, None)) for m in ("metadata", "iter_chunks", "to_features")
+    ):
+        return x
+    raise TypeError(
+        f"{side} must be Features (GradientExtractor.extract(batches)), a FeatureStore or the path of a store "
+        f"directory, got {type(x).__name__}: extract the features of the batches first"
+    )
+
+
+def _aggregates(aggregates, allowed: Sequence[str] = AGGREGATES) -> tuple[str, ...]:
+    """The names of the aggregates asked for: a sequence of names, or one name as a string."""
+    if isinstance(aggregates, str):
+        aggregates = (aggregates,)
+    try:
+        aggregates = tuple(aggregates)
+    except TypeError:
+        raise TypeError(f"aggregates must be a list of names from {allowed}, got {aggregates!r}") from None
+    unknown = [a for a in aggregates if a not in allowed]
+    if unknown:
+        raise ValueError(f"unknown aggregates {unknown}; choose from {allowed}")
+    return aggregates
+
+
 def _query_features(query) -> Features:
     if isinstance(query, FeatureSource):
         return query.to_features()
@@ -177,18 +206,34 @@ def _gather_topk(top: TopK | None, Q: int, k: int, n: int) -> TopK:
     return TopK(vals[:, : min(k, n)], idx[:, : min(k, n)])
 
 
-def _open_matrix(path: Path, Q: int, N: int) -> np.memmap:
+def _open_matrix(path: Path, Q: int, N: int) -> tuple[np.memmap, Path]:
+    """The (Q, N) float32 matrix memory-mapped under a temporary name beside ``path`` (renamed by
+    ``_commit_matrix`` when whole); its blocks reserved, so a full disk fails here."""
     rank, _ = dist.rank_world()
+    tmp = dist.broadcast_object(temporary(path) if rank == 0 else None)
     error = None
     if rank == 0:
         try:
-            np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(Q, N)).flush()
-            _reserve(path)
+            np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(Q, N)).flush()
+            _reserve(tmp)
         except OSError as exc:
-            error = f"cannot write the score matrix {path} ({Q} x {N} float32): {exc.strerror or exc}"
+            tmp.unlink(missing_ok=True)
+            if exc.errno in NO_SPACE:
+                error = str(disk_full(path, f"the {Q} x {N} float32 score matrix (matrix_path=)", exc))
+            else:
+                error = f"cannot write the score matrix {path} ({Q} x {N} float32): {exc.strerror or exc}"
     error = dist.broadcast_object(error)
     if error is not None:
         raise OSError(error)
+    dist.barrier()
+    return np.lib.format.open_memmap(tmp, mode="r+"), tmp
+
+
+def _commit_matrix(tmp: Path, path: Path) -> np.memmap:
+    """Rename the whole matrix to its name (rank 0) and map it from there."""
+    dist.barrier()
+    if dist.rank_world()[0] == 0:
+        os.replace(tmp, path)
     dist.barrier()
     return np.lib.format.open_memmap(path, mode="r+")
 
@@ -240,21 +285,26 @@ def score(
     matrix: bool = False,
     allow_incomplete: bool = False,
     index=None,
+    overwrite: bool = False,
 ) -> ScoreResult:
     """Score every query against every train row, streaming the train rows.
 
     Args:
-        query: Q examples (Features or a small FeatureStore, loaded whole).
-        train: N examples (Features or FeatureStore, streamed ``chunk_rows`` at a time).
+        query: Q examples (Features or a small FeatureStore, loaded whole; a store directory's
+            path is opened as ``FeatureStore.open(path)``).
+        train: N examples (Features or FeatureStore, streamed ``chunk_rows`` at a time; or a
+            store directory's path, opened).
         metric: ``dot`` or ``cosine`` (see module docstring).
         precondition: None/``identity``, ``diagonal``, ``kfac``, ``ekfac``, ``full``, or a
             fitted Preconditioner; kinds are fitted on ``train`` (cached beside a store).
         topk: entries kept per query; None ranks every train row (Q x N values and indices:
             for small N; use ``matrix_path`` for the raw matrix of a large store).
         aggregates: which of ``mean``, ``max``, ``sum``, ``sumsq`` over the queries to return per train row
-            (default ``("mean", "max", "sumsq")``; none with ``index=``).
+            (a list, or one name; default ``("mean", "max", "sumsq")``; none with ``index=``).
         per_layer: also return each layer's share of the top-k scores.
-        matrix_path: write the full (Q, N) float32 matrix there (``.npy``, memory-mapped).
+        matrix_path: write the full (Q, N) float32 matrix there (``.npy``, memory-mapped), under a
+            temporary name renamed when whole. Refused inside a feature store, over a model's
+            files, over a directory, and over an existing file unless ``overwrite=True``.
         damping: absolute damping for the preconditioner (default 0.1 x mean eigenvalue), > 0.
         device: where the chunks are scored (default: this rank's GPU when CUDA is available,
             else the CPU); results are returned on the CPU.
@@ -263,18 +313,18 @@ def score(
         allow_incomplete: score the rows an interrupted store extraction left (refused by default).
         index: a ``FeatureIndex`` of ``train`` (``fastinfluence.index.build_index``): the top-k
             comes from it instead of a streaming pass (no aggregates; see ``index.py``).
+        overwrite: replace an existing file at ``matrix_path``.
     """
+    query, train = _source(query, "query"), _source(train, "train")
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
     if aggregates is None:
         aggregates = () if index is not None else ("mean", "max", "sumsq")
-    elif index is not None and len(aggregates):
+    aggregates = _aggregates(aggregates)
+    if index is not None and len(aggregates):
         raise ValueError(
-            f"aggregates {tuple(aggregates)} need a streaming pass over every train row: score without index= for them"
+            f"aggregates {aggregates} need a streaming pass over every train row: score without index= for them"
         )
-    unknown = set(aggregates) - set(AGGREGATES)
-    if unknown:
-        raise ValueError(f"unknown aggregates {sorted(unknown)}; choose from {AGGREGATES}")
     _check_store_complete(train, allow_incomplete, "train")
     _check_store_complete(query, allow_incomplete, "query")
     if topk is None:
@@ -284,6 +334,9 @@ def score(
     _check_damping(damping)
     if matrix and matrix_path is not None:
         raise ValueError("give matrix=True (in memory) or matrix_path= (on disk), not both")
+    if matrix_path is not None:
+        need = len(query) * len(train) * 4 + 4096
+        matrix_path = check_file(matrix_path, "matrix_path=", overwrite, need_bytes=need)
     if matrix and len(query) * len(train) * 4 > MATRIX_MAX_BYTES:
         raise ValueError(
             f"the {len(query)} x {len(train)} score matrix needs {len(query) * len(train) * 4 / 2**30:.1f} GiB; "
@@ -316,11 +369,20 @@ def score(
     q, q_scale = q.to(device), (q_scale.to(device) if q_scale is not None else None)
     N, Q = len(train), len(qf)
     start, stop = _rank_rows(train)
+    tmp = None
     if matrix:
         matrix = np.zeros((Q, N), dtype=np.float32)
     else:
-        matrix = _open_matrix(Path(matrix_path), Q, N) if matrix_path is not None else None
-    top, agg = _stream(scoring, q, q_scale, train, topk, chunk_rows, (start, stop), matrix, progress)
+        matrix, tmp = _open_matrix(matrix_path, Q, N) if matrix_path is not None else (None, None)
+    try:
+        top, agg = _stream(scoring, q, q_scale, train, topk, chunk_rows, (start, stop), matrix, progress)
+    except BaseException:
+        if tmp is not None and dist.rank_world()[0] == 0:
+            tmp.unlink(missing_ok=True)
+        raise
+    if tmp is not None:
+        del matrix
+        matrix = _commit_matrix(tmp, matrix_path)
     agg = dist.all_reduce_sum(agg)
     top = _gather_topk(top, Q, topk, N)
     named = {"sum": agg[0], "sumsq": agg[1], "max": agg[2], "mean": agg[0] / max(Q, 1)}
@@ -409,6 +471,7 @@ def self_influence(
     chunk_rows: int = 8192,
 ) -> torch.Tensor:
     """(N,) float32 self-influence <H^-1 phi_i, phi_i> of every train row, streamed."""
+    train = _source(train, "train")
     _check_store_complete(train, False, "train")
     pre = _preconditioner(precondition, train, damping, chunk_rows)
     out = torch.empty(len(train), dtype=torch.float32)
@@ -433,6 +496,7 @@ def token_scores(
     s_it = sum_l c_l g~_it^T (H^-1 Phi_q)_l a~_it from the stored token factors, with the
     same scaling c_l as ``score``, so that s_i.sum(1) equals ``score``'s value for (q, i).
     """
+    query, train = _source(query, "query"), _source(train, "train")
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
     _check_pair(query, train)

@@ -55,6 +55,33 @@ def _matrix(name: str, scores) -> torch.Tensor:
     return scores.double()
 
 
+# The example sets on the (query, train) sides of each RapidUn matrix.
+_RAPIDUN_SIDES = {
+    "ff": ("forget queries", "forget train examples"),
+    "fr": ("retain queries", "forget train examples"),
+    "rf": ("forget queries", "retain train examples"),
+    "rr": ("retain queries", "retain train examples"),
+}
+
+
+def _check_rapidun_sets(matrices: dict) -> None:
+    """Matrices that carry their ids (ScoreResults) agree on the example sets they share, so a
+    matrix given in another's place is refused even when the shapes fit."""
+    seen: dict[str, tuple[str, list]] = {}
+    for name, m in matrices.items():
+        sides = (getattr(m, "query_ids", None), getattr(m, "train_ids", None))
+        if sides[0] is None or sides[1] is None:
+            continue
+        for side, ids in zip(_RAPIDUN_SIDES[name], sides):
+            first, ref = seen.setdefault(side, (name, list(ids)))
+            if list(ids) != ref:
+                raise ValueError(
+                    f"rapidun: {first} and {name} must share the {side}, but their ids differ ({first}: "
+                    f"{ref[:3]}..., {name}: {list(ids)[:3]}...); pass ff, fr, rf, rr as score(forget_q, forget_train), "
+                    "score(retain_q, forget_train), score(forget_q, retain_train), score(retain_q, retain_train)"
+                )
+
+
 def _median(x: torch.Tensor, dim: int | None = None) -> torch.Tensor:
     """Median that averages the two middle values for an even count (numpy / statistics)."""
     return torch.quantile(x, 0.5, dim=dim) if dim is not None else torch.quantile(x, 0.5)
@@ -143,10 +170,18 @@ def rapidun(
     scores); RapidUn's released script defaults to tau=1, w_min 1.0 (forget) / 0.5
     (retain), and aggregates with the per-query top-k then median.
 
+    Orientation: ScoreResults carry their query and train ids, and the four must agree on
+    the sets they share (ff and rf: the forget queries; ff and fr: the forget train
+    examples; ...): a matrix in another's place is refused. Plain tensors and arrays carry no
+    ids, so only their shapes are checked, which cannot tell a transposed matrix from the
+    right one when the shapes fit both ways (square matrices of equal-sized sets): pass the
+    ScoreResults (``score(..., matrix=True)``) to have that caught.
+
     Returns:
         RapidUnWeights(forget (Nf,), retain (Nr,)), float32. Before the mean normalisation
         every weight lies in [w_min, w_max].
     """
+    _check_rapidun_sets({"ff": ff, "fr": fr, "rf": rf, "rr": rr})
     ff, fr, rf, rr = (_matrix(n, m) for n, m in (("ff", ff), ("fr", fr), ("rf", rf), ("rr", rr)))
     (qf, nf), (qr, nr) = ff.shape, rr.shape
     expected = {"fr": (qr, nf), "rf": (qf, nr)}

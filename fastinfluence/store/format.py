@@ -28,6 +28,7 @@ from safetensors.torch import save as safetensors_save
 
 from ..config import ProjectionConfig
 from ..features import Features, LayerSlice
+from ..outputs import NO_SPACE, SHARD_FILE, STORE_SHARDS, disk_full, store_temporary
 
 FORMAT = "fastinfluence.store"
 VERSION = 1
@@ -133,18 +134,50 @@ def check_same_origin(first: Mapping, second: Mapping, first_name: str, second_n
 
 
 def atomic_write(path: Path, data: bytes) -> None:
-    """Write to a temporary file, fsync, rename: readers see the old file or the whole new one."""
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Write to a temporary file, fsync, rename: readers see the old file or the whole new one.
+
+    The temporary name is unique to this write (``outputs.store_temporary``) and removed when the
+    write fails; a full disk raises one OSError naming ``path`` and the fix."""
+    tmp = store_temporary(path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.errno in NO_SPACE:
+            raise disk_full(path, "the file", exc) from None
+        raise
     fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def inside(root: Path, path: Path) -> bool:
+    """Whether ``path``, its links followed, lies in the directory ``root`` (its links followed)."""
+    return path.resolve().is_relative_to(root.resolve())
+
+
+def shard_path(root: Path, name: Any, where: str) -> Path:
+    """``<root>/shards/<name>`` for a shard file named in the manifest (entry ``where``); a name that
+    is not a plain shard file name, or a file (or ``shards`` directory) that links out of the store,
+    is refused: a manifest is data, never a path to follow."""
+    if not isinstance(name, str) or not SHARD_FILE.fullmatch(name):
+        raise StoreError(
+            f"store {root}: {where} is {name!r}, not a shard file name (shard-<n>.safetensors or "
+            "tokens-<n>.safetensors in its shards directory); the manifest was edited or crafted: re-extract the store"
+        )
+    path = root / STORE_SHARDS / name
+    if not inside(root, path):
+        raise StoreError(
+            f"store {root}: {path} ({where}) links to {path.resolve()}, outside the store; a store's files must "
+            "lie in its directory: replace the link with the file or re-extract the store"
+        )
+    return path
 
 
 def _sha256(t: torch.Tensor) -> str:
@@ -172,7 +205,8 @@ def _read_header(path: Path) -> tuple[dict, int]:
 def scan_shards(root: Path) -> list[dict]:
     """Entries of every committed shard file (read from their headers), in stream order."""
     entries = []
-    for p in sorted(root.glob("shard-*.safetensors")):
+    for p in sorted(q for q in root.glob("shard-*.safetensors") if SHARD_FILE.fullmatch(q.name)):
+        shard_path(root.parent, p.name, f"the shard file {p.name}")
         header, start = _read_header(p)
         try:
             entry = json.loads(header["__metadata__"]["entry"])

@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from .. import distributed as dist
+from ..outputs import OutputError, check_store_dir
 from .format import StoreError
 
 LOCK = ".lock"
@@ -79,22 +80,34 @@ def _take(root: Path, run: str) -> str | None:
 
 @contextlib.contextmanager
 def writing(root: str | os.PathLike) -> Iterator[None]:
-    """Hold the store's lock for this run (every rank of a ``torch.distributed`` run enters)."""
+    """Hold the store's lock for this run (every rank of a ``torch.distributed`` run enters).
+
+    Rank 0 first checks that ``root`` may hold a store (``outputs.check_store_dir``: a new or empty
+    directory or a store of ours; OutputError otherwise) and that its files are not links out of it
+    (StoreError), before it creates anything there."""
+    from .writer import check_layout
+
     root = Path(root)
     rank, _ = dist.rank_world()
     run = dist.broadcast_object(uuid.uuid4().hex if rank == 0 else None)
     error = None
     if rank == 0:
         try:
+            check_store_dir(root, "store")
+            check_layout(root)
             root.mkdir(parents=True, exist_ok=True)
             error = _take(root, run)
+            error = None if error is None else ("locked", error)
+        except (OutputError, StoreError) as exc:
+            error = ("output" if isinstance(exc, OutputError) else "store", str(exc))
         except OSError as exc:
-            error = f"store {root}: cannot create it ({exc.strerror}); choose a writable directory"
+            error = ("locked", f"store {root}: cannot create it ({exc.strerror}); choose a writable directory")
     error = dist.broadcast_object(error)
     if error is None and rank != 0 and (_read(root / LOCK) or {}).get("run") != run:
-        error = f"store {root} is locked by another run than this one's rank 0; start one writer per store"
+        error = ("locked", f"store {root} is locked by another run than this one's rank 0; start one writer per store")
     if error is not None:
-        raise StoreLockedError(error)
+        kind, message = error
+        raise {"output": OutputError, "store": StoreError, "locked": StoreLockedError}[kind](message)
     try:
         yield
     finally:

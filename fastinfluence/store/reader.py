@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import json
 import os
 from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -23,26 +24,29 @@ from ..config import ProjectionConfig
 from ..features import Chunk, Features, FeatureSource
 from .format import (
     _ST_DTYPES,
+    MANIFEST,
     CorruptShardError,
     StoreError,
     _check_format,
     _read_header,
     check_same_origin,
     contiguous_shards,
+    inside,
     layout_from_json,
     read_manifest,
     scan_shards,
+    shard_path,
 )
 
 
 class _ShardFile:
     """One safetensors file checked against its manifest entry; tensors are read with pread."""
 
-    def __init__(self, path: Path, size: int, checksums: Mapping[str, str]):
+    def __init__(self, path: Path, size: int, checksums: Mapping[str, str], check_size: bool = True):
         self.path = path
         self.checksums = checksums
         actual = path.stat().st_size if path.exists() else -1
-        if actual != size:
+        if check_size and actual != size:
             state = "missing" if actual < 0 else f"{actual} bytes, the manifest says {size}"
             raise CorruptShardError(
                 f"shard {path} is {state}: it is truncated or was replaced; restore it or re-extract the store"
@@ -107,17 +111,30 @@ class FeatureStore:
     def __init__(self, path: Path, manifest: dict):
         self.path = path
         self.manifest = manifest
-        self.config = ProjectionConfig.from_dict(manifest["config"])
-        self.fingerprint = manifest["fingerprint"]
-        self.layout = layout_from_json(manifest["layout"])
-        self.dtype = getattr(torch, manifest["dtype"])
-        self.dim = int(manifest["dim"])
-        self.shards = manifest["shards"]
-        self.has_tokens = bool(manifest["tokens"])
-        self.has_covariances = bool(manifest["covariances"])
-        self.meta = manifest.get("meta", {})
-        self.complete = bool(manifest.get("complete", True))  # False while (or after a killed) extraction runs
-        self.expected_rows = int(manifest.get("expected_rows", manifest.get("num_rows", 0)))
+        try:
+            self.config = ProjectionConfig.from_dict(manifest["config"])
+            self.fingerprint = manifest["fingerprint"]
+            self.layout = layout_from_json(manifest["layout"])
+            self.dtype = getattr(torch, str(manifest["dtype"]), None)
+            if not isinstance(self.dtype, torch.dtype):
+                raise ValueError(f"dtype {manifest['dtype']!r} is not a torch dtype")
+            self.dim = int(manifest["dim"])
+            if self.dim != max((sl.stop for sl in self.layout.values()), default=0):
+                raise ValueError(f"dim {self.dim} does not match the layout")
+            self.shards = manifest["shards"]
+            for i, entry in enumerate(self.shards):
+                _check_entry(path, i, entry)
+            self.has_tokens = bool(manifest["tokens"])
+            self.has_covariances = bool(manifest["covariances"])
+            self.meta = manifest.get("meta", {})
+            self.complete = bool(manifest.get("complete", True))  # False while (or after a killed) extraction runs
+            self.expected_rows = int(manifest.get("expected_rows", manifest.get("num_rows", 0)))
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            what = f"lacks {exc}" if isinstance(exc, KeyError) else f"is malformed ({exc})"
+            raise StoreError(
+                f"{path / MANIFEST} {what}: the manifest is damaged or was not written by fastinfluence; re-extract "
+                "the store or restore its manifest"
+            ) from None
         self.ids = [i for s in self.shards for i in s["ids"]]
         self.num_rows = sum(s["rows"] for s in self.shards)
         self._starts = [s["first"] for s in self.shards]
@@ -136,10 +153,22 @@ class FeatureStore:
     def open(cls, path: str | os.PathLike, expect: Mapping | None = None) -> FeatureStore:
         """Open the store at ``path`` read-only.
 
-        ``expect``: metadata (``extractor.metadata()``, a Features' or store's) that the store
-        must match; a store made with a different model, layer set or config is refused.
+        The manifest's shard entries are checked against the shard files' headers (rows, shapes,
+        dtypes; a missing or truncated file is reported when read, or by ``verify()``), and every
+        shard file must lie in the store's directory (no ``../`` names, no links out of it).
+
+        ``expect``: what the store must match: a ``GradientExtractor``, ``Features`` or another
+        store (anything with ``metadata()``), or such a metadata dict; a store made with a
+        different model, layer set or config is refused.
         """
         path = Path(path)
+        if expect is not None and not isinstance(expect, Mapping):
+            if not callable(getattr(expect, "metadata", None)):
+                raise TypeError(
+                    f"FeatureStore.open: expect must be a GradientExtractor, Features, a FeatureStore or their "
+                    f"metadata() dict, got {type(expect).__name__}"
+                )
+            expect = expect.metadata()
         manifest = read_manifest(path)
         _check_format(path, manifest)
         if not manifest.get("complete", True) and (path / "shards").is_dir():
@@ -152,6 +181,10 @@ class FeatureStore:
                 done = rows == int(manifest.get("expected_rows", -1))
                 manifest = dict(manifest, shards=written, num_rows=rows, complete=done)
         store = cls(path, manifest)
+        for i, entry in enumerate(store.shards):
+            for kind in ("shard", "tokens") if entry.get("tokens") else ("shard",):
+                if store._file(i, kind).exists():
+                    store._check_header(i, store._shard(i, kind, check_size=False), kind)
         if expect is not None:
             check_same_origin(store.metadata(), expect, f"store {path}", "the given extractor/features")
         return store
@@ -172,11 +205,49 @@ class FeatureStore:
         """Rows at which the rows may be split between processes: shard boundaries (shards are read whole)."""
         return [s["first"] for s in self.shards] + [self.num_rows]
 
-    def _shard(self, i: int, kind: str = "shard") -> _ShardFile:
+    def _file(self, i: int, kind: str = "shard") -> Path:
         s = self.shards[i]
         if kind == "tokens":
-            return _ShardFile(self.path / "shards" / s["tokens"]["file"], s["tokens"]["bytes"], s["tokens"]["sha256"])
-        return _ShardFile(self.path / "shards" / s["file"], s["bytes"], s["sha256"])
+            return shard_path(self.path, s["tokens"]["file"], f"the manifest's shards[{i}].tokens.file")
+        return shard_path(self.path, s["file"], f"the manifest's shards[{i}].file")
+
+    def _shard(self, i: int, kind: str = "shard", check_size: bool = True) -> _ShardFile:
+        """Shard ``i``'s feature file (``kind="shard"``) or token file, its size and header checked."""
+        s = self.shards[i]
+        e = s["tokens"] if kind == "tokens" else s
+        shard = _ShardFile(self._file(i, kind), e["bytes"], e["sha256"], check_size)
+        if check_size:
+            self._check_header(i, shard, kind)
+        return shard
+
+    def _check_header(self, i: int, shard: _ShardFile, kind: str) -> None:
+        """The shard file's header holds the rows, shapes and dtypes its manifest entry says."""
+        s, rows = self.shards[i], self.shards[i]["rows"]
+        if kind == "tokens":
+            want = {"offsets": ([rows + 1], torch.int64)}
+        else:
+            want = {"features": ([rows, self.dim], self.dtype), "norms": ([rows], torch.float32)}
+        for name, (shape, dtype) in want.items():
+            h = shard.header.get(name)
+            got = (h.get("shape"), _ST_DTYPES.get(h.get("dtype"))) if isinstance(h, dict) else (None, None)
+            if got != (shape, dtype):
+                raise CorruptShardError(
+                    f"store {self.path}: shard {shard.path.name} holds {name} of shape {got[0]} ({got[1]}) where its "
+                    f"manifest entry says {shape} ({dtype}, {rows} rows); the manifest or the shard was altered: "
+                    "restore both or re-extract the store"
+                )
+        if kind == "shard":
+            try:
+                entry = json.loads(shard.header["__metadata__"]["entry"])
+                same = [entry["first"], entry["rows"], entry["ids"]] == [s["first"], rows, s["ids"]]
+            except (KeyError, TypeError, ValueError):
+                same = False
+            if not same:
+                raise CorruptShardError(
+                    f"store {self.path}: shard {shard.path.name}'s header records other examples (first, rows, ids) "
+                    "than its manifest entry; the manifest or the shard was altered: restore both or re-extract the "
+                    "store"
+                )
 
     def _locate(self, row: int) -> int:
         if not 0 <= row < self.num_rows:
@@ -295,6 +366,11 @@ class FeatureStore:
         path = self.path / group / f"{name}.safetensors"
         if not path.exists():
             return None
+        if not inside(self.path, path):
+            raise StoreError(
+                f"store {self.path}: the cache {path} links to {path.resolve()}, outside the store; delete the link "
+                "(the cache is rebuilt)"
+            )
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}
         if any(meta.get(k) != v for k, v in expect.items()):
@@ -337,3 +413,20 @@ def iter_chunks(source: FeatureSource, rows: int, start: int = 0, stop: int | No
 
 def source_metadata(source: FeatureSource) -> dict:
     return source.metadata()
+
+
+def _check_entry(path: Path, i: int, entry: Any) -> None:
+    """A manifest shard entry has the fields and types the reader uses, and names files inside the store."""
+    if not isinstance(entry, dict):
+        raise TypeError(f"shards[{i}] is {type(entry).__name__}, not an object")
+    for key, kind in (("first", int), ("rows", int), ("bytes", int), ("sha256", dict), ("ids", list)):
+        if not isinstance(entry.get(key), kind) or isinstance(entry.get(key), bool):
+            raise TypeError(f"shards[{i}].{key} is {entry.get(key)!r}, not {kind.__name__}")
+    if entry["rows"] < 0 or len(entry["ids"]) != entry["rows"]:
+        raise ValueError(f"shards[{i}] lists {len(entry['ids'])} ids for {entry['rows']} rows")
+    shard_path(path, entry.get("file"), f"the manifest's shards[{i}].file")
+    tokens = entry.get("tokens")
+    if tokens is not None:
+        if not isinstance(tokens, dict) or not isinstance(tokens.get("bytes"), int):
+            raise TypeError(f"shards[{i}].tokens is {tokens!r}, not a file entry")
+        shard_path(path, tokens.get("file"), f"the manifest's shards[{i}].tokens.file")

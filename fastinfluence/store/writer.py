@@ -29,6 +29,7 @@ from .. import distributed as dist
 from ..batching import batch_ids, batch_positions, data_order, windows
 from ..features import FeatureProducer, Features, cat_features, slice_rows
 from ..lm import IGNORE_INDEX
+from ..outputs import SHARD_FILE, STORE_SHARDS, is_store_temporary
 from .format import (
     MANIFEST,
     MismatchError,
@@ -40,6 +41,7 @@ from .format import (
     atomic_write,
     check_same_origin,
     contiguous_shards,
+    inside,
     normalize_metadata,
     read_manifest,
     save_tensors,
@@ -196,7 +198,8 @@ class StoreWriter:
     ):
         if shard_rows < 1:
             raise ValueError(f"shard_rows must be >= 1, got {shard_rows}")
-        self.root, self.shard_dir = Path(path), Path(path) / "shards"
+        self.root, self.shard_dir = Path(path), Path(path) / STORE_SHARDS
+        check_layout(self.root)
         self.tokens, self.covariances, self.shard_rows, self.progress = tokens, covariances, shard_rows, progress
         root = self.root
         meta_now = normalize_metadata(metadata)
@@ -248,11 +251,8 @@ class StoreWriter:
         dist.barrier()  # every rank has read the old manifest before rank 0 rewrites it
         if rank == 0:
             shard_dir.mkdir(parents=True, exist_ok=True)
-            for p in [
-                *root.glob("*.tmp-*"),
-                *shard_dir.glob("*.tmp-*"),
-            ]:  # left by a killed run; removed before any rank writes
-                p.unlink()
+            for p in leftovers(root):  # left by a killed run; removed before any rank writes
+                p.unlink(missing_ok=True)
         dist.barrier()
         done = _scan_shards(shard_dir)
         flat_ids = [i for s in stream for i in s["ids"]]
@@ -352,10 +352,32 @@ class StoreWriter:
         return _manifest(self.meta_now, self.dim, self.tokens, self.covariances, self.meta, shards, expected)
 
 
+def check_layout(root: Path) -> None:
+    """The store's manifest and ``shards`` directory are its own, not links: through a link the writer
+    would write (and clean up) in another directory."""
+    for p in (root / MANIFEST, root / STORE_SHARDS):
+        if p.is_symlink():
+            raise StoreError(
+                f"store {root}: {p} is a link to {p.resolve()}; a store is written only into its own directory: "
+                "replace the link with the directory or file itself, or write a new store"
+            )
+
+
+def leftovers(root: Path) -> list[Path]:
+    """Temporary files a killed writer of this store left: its manifest's and shards' temporary names
+    (``outputs.is_store_temporary``), never another file."""
+    shard_dir = root / STORE_SHARDS
+    found = [p for p in root.iterdir() if is_store_temporary(p.name, MANIFEST)] if root.is_dir() else []
+    if shard_dir.is_dir():
+        found += [p for p in shard_dir.iterdir() if is_store_temporary(p.name, SHARD_FILE)]
+    return found
+
+
 def write_store(
     path: str | os.PathLike, extractor: FeatureProducer, batches: Iterable[Mapping], **kwargs
 ) -> FeatureStore:
-    """``_write_store`` under the store's lock: a second, independent writer is refused (``store_lock``)."""
+    """``_write_store`` under the store's lock: a second, independent writer is refused (``store_lock``).
+    ``path`` must be a new or empty directory or a store to resume or extend (``outputs.check_store_dir``)."""
     from .lock import writing
 
     with writing(path):
@@ -402,6 +424,11 @@ def write_cache(
     """
     path = store.path / group / f"{name}.safetensors"
     path.parent.mkdir(exist_ok=True)
+    if not inside(store.path, path):
+        raise StoreError(
+            f"store {store.path}: {path.parent} links to {path.parent.resolve()}, outside the store; the cache is "
+            "not written there: replace the link with a directory"
+        )
     save_tensors(path, tensors, metadata)
     return path
 
