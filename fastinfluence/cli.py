@@ -336,16 +336,14 @@ def _check_model_args(args) -> None:
 
 
 def _store_out(path: str) -> Path:
-    """``extract --out``: a new directory, or a store to resume or extend; never another directory."""
-    from .outputs import is_model_dir, store_root
+    """``extract --out``: a new directory, or a store to resume or extend; never another directory
+    (the library's own check, which ``GradientExtractor.extract(store=)`` applies too)."""
+    from .outputs import OutputError, check_store_dir
 
-    p = Path(path)
-    if p.exists() and not p.is_dir():
-        raise CLIError(f"--out {path} is a file; give a directory for the feature store")
-    if p.is_dir() and any(p.iterdir()) and store_root(p) != p:
-        what = "a model directory" if is_model_dir(p) else "a directory that is not a feature store"
-        raise CLIError(f"--out {path} is {what}; give a new directory (or an existing store to resume or extend)")
-    return p
+    try:
+        return check_store_dir(path, "--out")
+    except OutputError as exc:
+        raise CLIError(str(exc)) from None
 
 
 def _bucketing(args) -> dict:
@@ -634,35 +632,24 @@ def _query_features(args, train, records):
 
 
 def _run_score(args, query, train, matrix: Path | None):
-    """``score`` with the matrix written under a temporary name, renamed when whole."""
-    from . import distributed as dist
-    from .outputs import temporary
+    """``score``; the library writes the matrix under a temporary name and renames it when whole
+    (``--overwrite`` was applied when the paths were checked)."""
     from .scoring import score
 
-    tmp = temporary(matrix) if matrix is not None else None
-    if tmp is not None and dist.is_distributed():
-        tmp = dist.broadcast_object(tmp)
-    try:
-        result = score(
-            query,
-            train,
-            metric=args.metric,
-            precondition=args.precondition,
-            topk=args.topk,
-            layer_normalize=args.layer_normalize,
-            matrix_path=tmp,
-            chunk_rows=args.chunk_rows,
-            damping=args.damping,
-            progress=not args.quiet,
-            allow_incomplete=args.allow_incomplete,
-        )
-    except BaseException:
-        if tmp is not None and dist.rank_world()[0] == 0:
-            tmp.unlink(missing_ok=True)
-        raise
-    if tmp is not None and dist.rank_world()[0] == 0:
-        os.replace(tmp, matrix)
-    return result
+    return score(
+        query,
+        train,
+        metric=args.metric,
+        precondition=args.precondition,
+        topk=args.topk,
+        layer_normalize=args.layer_normalize,
+        matrix_path=matrix,
+        overwrite=True,
+        chunk_rows=args.chunk_rows,
+        damping=args.damping,
+        progress=not args.quiet,
+        allow_incomplete=args.allow_incomplete,
+    )
 
 
 def write_topk(result, out: str, query_texts: dict, train_texts: dict, csv_format: bool | None = None) -> None:
@@ -892,6 +879,7 @@ _CLI_TERMS = [
         ),
     ),
     (r"allow_incomplete=True", "--allow-incomplete"),
+    (r"overwrite=True", "--overwrite"),
     (r"ProjectionConfig\(include=\.\.\., exclude=\.\.\.\)", "--include / --exclude"),
     (r"ProjectionConfig\(include=\.\.\.\)", "--include"),
     (r"ProjectionConfig\.mode='factorized'", "--mode factorized"),

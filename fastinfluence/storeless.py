@@ -15,7 +15,7 @@ import torch
 from . import distributed as dist
 from .ops import score_topk
 from .precondition import Preconditioner
-from .scoring import AGGREGATES, METRICS, ScoreResult, _check_pair, _query_features, _Scoring
+from .scoring import METRICS, ScoreResult, _aggregates, _check_pair, _query_features, _Scoring
 
 
 def score_batches(
@@ -47,9 +47,7 @@ def score_batches(
     """
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
-    unknown = set(aggregates) - set(AGGREGATES)
-    if unknown:
-        raise ValueError(f"unknown aggregates {sorted(unknown)}; choose from {AGGREGATES}")
+    aggregates = _aggregates(aggregates)
     if topk < 1:
         raise ValueError(f"topk must be >= 1, got {topk}")
     if isinstance(precondition, str) and precondition != "identity":

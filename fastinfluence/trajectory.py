@@ -36,7 +36,7 @@ import torch
 from .callback import interval_stores
 from .features import Features
 from .ops import merge_topk
-from .scoring import AGGREGATES, ScoreResult, _check_pair, _query_features
+from .scoring import AGGREGATES, ScoreResult, _aggregates, _check_pair, _query_features
 from .store import FeatureStore
 
 
@@ -141,9 +141,7 @@ def _row_lr(store: FeatureStore, lr: str) -> torch.Tensor:
 def _trajectory(queries, stores, topk, aggregates, chunk_rows, metric: str, lr: str) -> ScoreResult:
     if lr not in ("step", "interval"):
         raise ValueError(f"lr must be 'step' (each row's own step) or 'interval' (the interval's mean), got {lr!r}")
-    unknown = set(aggregates) - set(AGGREGATES)
-    if unknown:
-        raise ValueError(f"unknown aggregates {sorted(unknown)}; choose from {AGGREGATES}")
+    aggregates = _aggregates(aggregates, AGGREGATES)
     steps = [_step(s) for s in stores]
     missing = [b for b in steps if b not in queries]
     if missing:

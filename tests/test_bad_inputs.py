@@ -151,7 +151,7 @@ CLI_CASES = [
         "non-empty directory this command did not write",
     ),
     ("unlearn --out a store", UNLEARN + " --out {w}/store", "inside the feature store"),
-    ("extract --out a model directory", EXTRACT + " --out {w}/gpt2", "is a model directory; give a new directory"),
+    ("extract --out a model directory", EXTRACT + " --out {w}/gpt2", "is a model directory; give a new"),
     ("extract --out a file", EXTRACT + " --out {w}/file.txt", "is a file; give a directory"),
     (
         "weights --out exists",
