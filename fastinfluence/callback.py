@@ -79,7 +79,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -166,7 +166,12 @@ class _Replay:
         return self._metadata
 
     def iter_features(
-        self, batches: Iterable[dict], skip_examples: int = 0, tokens: bool = False, covariances: bool = False
+        self,
+        batches: Iterable[dict],
+        skip_examples: int = 0,
+        tokens: bool = False,
+        covariances: bool = False,
+        progress: Callable[[int], None] | None = None,
     ) -> Iterator[Features]:
         seen = 0
         for b in batches:
@@ -174,6 +179,8 @@ class _Replay:
             lo = max(0, skip_examples - seen)
             seen += len(f)
             if lo < len(f):
+                if progress is not None:
+                    progress(len(f) - lo)
                 yield slice_rows(f, lo, len(f))
 
 

@@ -360,13 +360,14 @@ class Step:
     ``batch``: validated, on the model's device; ``positions``: its examples' data positions
     (stream order for batches without ``positions``); ``closes``: it completes a window of
     batches (``fastinfluence.batching``), so the rows gathered since the last window can be put
-    in data order and handed on; ``wanted``: False for a batch wholly within ``skip_examples``.
+    in data order and handed on; ``wanted``: how many of its examples lie past ``skip_examples``
+    (0: nothing to compute).
     """
 
     batch: Batch
     positions: list[int]
     closes: bool
-    wanted: bool
+    wanted: int
 
 
 class CapturePass:
@@ -430,7 +431,7 @@ class CapturePass:
             n = batch.input_ids.shape[0]
             positions = batch.positions if batch.positions is not None else tracker.following(n)
             closes = tracker.add(n, positions)
-            yield Step(batch, positions, closes, max(positions) >= skip_examples)
+            yield Step(batch, positions, closes, sum(p >= skip_examples for p in positions))
         tracker.finish()
 
     def backward(self, batch: Batch, on_layer: OnLayer) -> torch.Tensor:
@@ -459,13 +460,17 @@ class CapturePass:
         with torch.no_grad(), autocast_forward(self.device, self.autocast):
             return decoder(**model_inputs(decoder, batch.input_ids, batch.attention_mask)).last_hidden_state
 
-    def run(self, batches: Iterable[dict], start: Callable[[Batch], OnLayer]) -> list[int]:
+    def run(self, batches: Iterable[dict], start: Callable[[Batch], OnLayer], desc: str | None = None) -> list[int]:
         """Capture every batch: ``start(batch)`` gives the batch's ``on_layer``; returns the stream row
-        of each data position (``rows[order]`` puts per-batch rows back into data order)."""
+        of each data position (``rows[order]`` puts per-batch rows back into data order).
+        ``desc``: show a progress bar in examples under that name."""
         positions: list[int] = []
-        for step in self.batches(batches):
-            self.backward(step.batch, start(step.batch))
-            positions.extend(step.positions)
+        with progress_bar(desc) as bar:
+            for step in self.batches(batches):
+                self.backward(step.batch, start(step.batch))
+                positions.extend(step.positions)
+                if bar is not None:
+                    bar(step.wanted)
         return sorted(range(len(positions)), key=positions.__getitem__)
 
 
@@ -492,16 +497,20 @@ class PairScorer:
 
 
 def pairwise_scores(
-    capture: CapturePass, query_batches: Iterable[dict], train_batches: Iterable[dict], scorer: PairScorer
+    capture: CapturePass,
+    query_batches: Iterable[dict],
+    train_batches: Iterable[dict],
+    scorer: PairScorer,
+    progress: bool = False,
 ) -> torch.Tensor:
     """(Q, N) scores of every train example on every query, summed over the captured layers, rows
     and columns in data order; divided by both gradient norms when ``scorer.cosine`` (an example
     whose gradient is zero scores 0).
 
     Query columns first (one pass, ``scorer.query``), then train columns (a second pass,
-    ``scorer.train``) into one (Q, B) block per train batch."""
+    ``scorer.train``) into one (Q, B) block per train batch; ``progress``: a bar per pass."""
     cosine = scorer.cosine
-    query_order = capture.run(query_batches, scorer.query)
+    query_order = capture.run(query_batches, scorer.query, "queries" if progress else None)
     query_sq = scorer.queries_done()
     Q, dtype, device = len(query_order), capture.dtype, capture.device
     columns, train_sq = [], []
@@ -512,12 +521,24 @@ def pairwise_scores(
         train_sq.append(torch.zeros(B, dtype=dtype, device=device) if cosine else None)
         return scorer.train(columns[-1], train_sq[-1])
 
-    train_order = capture.run(train_batches, start)
+    train_order = capture.run(train_batches, start, "train" if progress else None)
     scores = torch.cat(columns, dim=1)
     if cosine:
         inv = lambda x: torch.where(x > 0, x.clamp_min(torch.finfo(x.dtype).tiny).rsqrt(), 0.0)  # noqa: E731
         scores = scores * inv(query_sq)[:, None] * inv(torch.cat(train_sq))[None, :]
     return scores[query_order][:, train_order]
+
+
+@contextlib.contextmanager
+def progress_bar(desc: str | None, total: int | None = None) -> Iterator[Callable[[int], None] | None]:
+    """A tqdm bar counting examples under ``desc`` (its ``update``), or None without ``desc``."""
+    if desc is None:
+        yield None
+        return
+    from tqdm.auto import tqdm
+
+    with tqdm(total=total, desc=desc, unit="ex") as bar:
+        yield bar.update
 
 
 def autocast_forward(device: torch.device, dtype: torch.dtype | None):

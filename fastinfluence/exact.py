@@ -137,6 +137,7 @@ def exact_scores(
     metric: str = "dot",
     method: str = "auto",
     normalizer: Normalizer | None = None,
+    progress: bool = False,
 ) -> torch.Tensor:
     """Exact gradient inner products between query and train examples.
 
@@ -155,6 +156,7 @@ def exact_scores(
             gradient is zero scores 0).
         method: ``auto`` (cheaper of the two per layer), ``ghost`` or ``dense``.
         normalizer: a ``Normalizer``: inner products of the normalised gradients g / sqrt(V).
+        progress: show a bar (in examples) for the query pass and for the train pass.
 
     Returns:
         (Q, N) scores, float64 for a float64 model, float32 otherwise, summed over layers; rows and
@@ -169,4 +171,4 @@ def exact_scores(
     if normalizer is not None:
         normalizer.check(capture.layers)
     scorer = _ExactScorer(capture, metric == "cosine", method, config.autocast, normalizer)
-    return pairwise_scores(capture, query_batches, train_batches, scorer)
+    return pairwise_scores(capture, query_batches, train_batches, scorer, progress)

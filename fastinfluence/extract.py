@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -11,7 +11,7 @@ from torch import nn
 
 from . import ops
 from .batching import Batch
-from .capture import CapturePass, Layer
+from .capture import CapturePass, Layer, progress_bar
 from .config import ProjectionConfig
 from .exact import per_example_gradients
 from .features import Features, LayerSlice, TokenFactors, cat_features, reorder_rows, slice_rows
@@ -171,15 +171,16 @@ class GradientExtractor:
             return write_store(
                 store, self, batches, tokens=tokens, covariances=covariances, shard_rows=shard_rows, progress=progress
             )
-        it = self.iter_features(batches, tokens=tokens, covariances=covariances)
-        if progress:
-            from tqdm.auto import tqdm
-
-            it = tqdm(it, desc="extract", unit="batch")
-        return cat_features(list(it))
+        with progress_bar("extract" if progress else None) as bar:
+            return cat_features(list(self.iter_features(batches, tokens=tokens, covariances=covariances, progress=bar)))
 
     def iter_features(
-        self, batches: Iterable[dict], skip_examples: int = 0, tokens: bool = False, covariances: bool = False
+        self,
+        batches: Iterable[dict],
+        skip_examples: int = 0,
+        tokens: bool = False,
+        covariances: bool = False,
+        progress: Callable[[int], None] | None = None,
     ) -> Iterator[Features]:
         """``Features`` of the examples after the first ``skip_examples``, in data order.
 
@@ -187,7 +188,8 @@ class GradientExtractor:
         batches in stream order, per run of length-bucketed batches (with ``positions``)
         covering the next data positions, rows sorted back into data order. Batches that lie
         wholly within the skipped examples are not computed. Token offsets of each yielded
-        Features start at 0; ``stats`` hold per-window sums.
+        Features start at 0; ``stats`` hold per-window sums. ``progress``: called with the number
+        of wanted examples of each batch once computed (a bar moves per batch, not per window).
         """
         if self.config.mode == "flat" and (tokens or covariances):
             raise ValueError("tokens=True and covariances=True need mode='factorized' (flat features have no layers)")
@@ -195,6 +197,8 @@ class GradientExtractor:
         for step in self.capture.batches(batches, skip_examples):
             if step.wanted:
                 window.append((step.positions, self._batch_features(step.batch, tokens, covariances, fp)))
+                if progress is not None:
+                    progress(step.wanted)
             if step.closes and window:
                 yield _in_data_order(window, skip_examples)
                 window = []

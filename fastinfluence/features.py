@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol, runtime_checkable
 
@@ -250,11 +250,17 @@ class FeatureProducer(Protocol):
     ``metadata()``: config / fingerprint / layout / dtype of the features it makes.
     ``iter_features``: the features of the examples after the first ``skip_examples``, in
     data order, one ``Features`` per batch (per window of length-bucketed batches, see
-    ``fastinfluence.batching``; token offsets of each start at 0; ``stats`` are its sums).
+    ``fastinfluence.batching``; token offsets of each start at 0; ``stats`` are its sums);
+    ``progress``, when given, is called with the number of examples of each batch it computes.
     """
 
     def metadata(self) -> dict: ...
 
     def iter_features(
-        self, batches: Iterable[Mapping], skip_examples: int = 0, tokens: bool = False, covariances: bool = False
+        self,
+        batches: Iterable[Mapping],
+        skip_examples: int = 0,
+        tokens: bool = False,
+        covariances: bool = False,
+        progress: Callable[[int], None] | None = None,
     ) -> Iterator[Features]: ...

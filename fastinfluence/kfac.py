@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +41,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .batching import Batch
-from .capture import CapturePass, Layer, PairScorer, pairwise_scores
+from .capture import CapturePass, Layer, PairScorer, pairwise_scores, progress_bar
 from .config import ProjectionConfig
 from .ops._common import augmented, example_chunks, masked
 
@@ -130,7 +131,22 @@ def _check_damping(damping: float | None, damping_ratio: float) -> None:
         raise ValueError(f"damping_ratio must be positive and finite, got {damping_ratio}")
 
 
-def _fit(capture: CapturePass, batches: Iterable[dict], method: str, damping, damping_ratio) -> KFACFactors:
+def _warn_if_underdetermined(layers: list[Layer], examples: int, tokens: int) -> None:
+    wide = [l for l in layers if tokens < max(l.d_in + int(l.bias), l.d_out)]
+    if wide:
+        width = max(max(l.d_in + int(l.bias), l.d_out) for l in wide)
+        warnings.warn(
+            f"K-FAC fit on {examples} examples ({tokens} attended tokens) for layers up to {width} wide "
+            f"({len(wide)} of {len(layers)} layers, e.g. {wide[0].name}): a covariance of rank at most {tokens} "
+            f"cannot describe {width} dimensions and damping decides the rest; fit on at least {width} tokens "
+            "(more examples), or use the projected kfac of score(precondition='kfac') on a store",
+            stacklevel=4,
+        )
+
+
+def _fit(
+    capture: CapturePass, batches: Iterable[dict], method: str, damping, damping_ratio, progress: bool = False
+) -> KFACFactors:
     layers, device, dtype = capture.layers, capture.device, capture.dtype
     sums = {l.name: [0.0, 0.0] for l in layers}
     examples = tokens = 0
@@ -142,10 +158,14 @@ def _fit(capture: CapturePass, batches: Iterable[dict], method: str, damping, da
         s = sums[layer.name]
         s[0], s[1] = s[0] + (a.T @ a).double(), s[1] + (g.T @ g).double()
 
-    for step in capture.batches(batches):
-        capture.backward(step.batch, covariances)
-        examples += step.batch.input_ids.shape[0]
-        tokens += int(step.batch.attention_mask.bool().sum())
+    with progress_bar("K-FAC factors" if progress else None) as bar:
+        for step in capture.batches(batches):
+            capture.backward(step.batch, covariances)
+            examples += step.batch.input_ids.shape[0]
+            tokens += int(step.batch.attention_mask.bool().sum())
+            if bar is not None:
+                bar(step.wanted)
+    _warn_if_underdetermined(layers, examples, tokens)
     stats, shapes = {}, {}
     for layer in layers:
         CA, CG = sums[layer.name]
@@ -174,7 +194,7 @@ def _fit(capture: CapturePass, batches: Iterable[dict], method: str, damping, da
             for rows in example_chunks(a.shape[0], *shapes[layer.name]):
                 lam[layer.name] += _gradients(a[rows], g[rows]).square().sum(0).double()
 
-        capture.run(batches, lambda _batch: eigenbasis_squares)
+        capture.run(batches, lambda _batch: eigenbasis_squares, "EK-FAC eigenvalues" if progress else None)
         for name, v in lam.items():
             stats[f"{name}.Lambda"] = v / examples
     stats = {k: v.cpu() for k, v in stats.items()}
@@ -188,18 +208,21 @@ def fit_kfac(
     config: ProjectionConfig | None = None,
     damping: float | None = None,
     damping_ratio: float = 0.1,
+    progress: bool = False,
 ) -> KFACFactors:
     """Fit full-dimension K-FAC (one pass over ``batches``) or EK-FAC (two passes) factors.
 
     ``batches``: HF-style batch dicts (a re-iterable such as a list or DataLoader for ekfac);
-    ``config`` selects the layers as for ``exact_scores``. The model is left unchanged.
+    ``config`` selects the layers as for ``exact_scores``; ``progress``: a bar per pass, in
+    examples. The model is left unchanged. A fit on fewer attended tokens than a layer is wide
+    warns: its covariance cannot have full rank, and damping alone decides most directions.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     _check_damping(damping, damping_ratio)
     if method == "ekfac" and iter(batches) is batches:
         raise ValueError("ekfac reads the fit batches twice: pass a list or DataLoader, not a one-shot iterator")
-    return _fit(CapturePass(model, config), batches, method, damping, damping_ratio)
+    return _fit(CapturePass(model, config), batches, method, damping, damping_ratio, progress)
 
 
 def _train_product(product: str, Q: int, T: int) -> str:
@@ -221,6 +244,7 @@ def kfac_scores(
     damping_ratio: float = 0.1,
     factors: KFACFactors | None = None,
     product: str = "auto",
+    progress: bool = False,
 ) -> torch.Tensor:
     """Full-dimension K-FAC / EK-FAC influence of every train example on every query.
 
@@ -241,6 +265,7 @@ def kfac_scores(
         factors: already fitted ``KFACFactors`` (``fit_kfac``) for these layers; then nothing is
             fitted and ``method`` is the factors' own.
         product: how train examples are scored, ``auto``, ``dense`` or ``ghost`` (module docstring).
+        progress: show a bar (in examples) for each pass: the fit, the queries, the train examples.
 
     Returns:
         (Q, N) scores, float64 for a float64 model, float32 otherwise, summed over layers; rows and
@@ -262,7 +287,7 @@ def kfac_scores(
         fit_on = train_batches if fit_batches is None else fit_batches
         if method == "ekfac" and iter(fit_on) is fit_on:
             raise ValueError("ekfac reads the fit batches twice: pass a list or DataLoader, not a one-shot iterator")
-        factors = _fit(capture, fit_on, method, damping, damping_ratio)
+        factors = _fit(capture, fit_on, method, damping, damping_ratio, progress)
     else:
         missing = [l.name for l in capture.layers if l.name not in factors.shapes]
         if missing:
@@ -270,7 +295,7 @@ def kfac_scores(
         if damping is not None or damping_ratio != 0.1:
             factors = dataclasses.replace(factors, damping=damping, damping_ratio=damping_ratio)
     scorer = _KFACScorer(capture, metric == "cosine", factors, product)
-    return pairwise_scores(capture, query_batches, train_batches, scorer)
+    return pairwise_scores(capture, query_batches, train_batches, scorer, progress)
 
 
 class _KFACScorer(PairScorer):

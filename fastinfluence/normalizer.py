@@ -263,6 +263,7 @@ class Normalizer:
         method: str = "auto",
         eps: float = 1e-30,
         damping_ratio: float = 0.0,
+        progress: bool = False,
     ) -> Normalizer:
         """Factors fitted on data: r = mean_i of row sums of g_i∘g_i, c = mean_i of its column sums.
 
@@ -273,6 +274,7 @@ class Normalizer:
             method: ``ghost`` (T x T grams), ``dense`` (forms g a few examples at a time) or
                 ``auto`` (the cheaper per layer and batch).
             eps, damping_ratio: see the class.
+            progress: show a bar, in examples.
 
         One process: under ``torch.distributed`` every rank that fits on the same data gets the
         same factors (fit once and ``save`` / ``load`` them to share them).
@@ -288,7 +290,7 @@ class Normalizer:
             s = sums[layer.name]
             s[0], s[1] = s[0] + r.double(), s[1] + c.double()  # on the device: no sync per layer
 
-        examples = len(capture.run(batches, lambda _batch: accumulate))
+        examples = len(capture.run(batches, lambda _batch: accumulate, "normalizer" if progress else None))
         factors = {n: (r.cpu() / examples, c.cpu() / examples) for n, (r, c) in sums.items()}
         return cls(factors, "fitted", eps, damping_ratio)
 

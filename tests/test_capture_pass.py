@@ -189,3 +189,34 @@ def test_the_capture_pass_is_written_once():
             if name in PASS_INTERNALS and name not in allowed and rel != "batching.py":
                 offenders.append(f"{rel}:{node.lineno} {name}")
     assert not offenders, offenders
+
+
+# ----------------------------------------------------------------------------- progress
+
+
+def test_store_progress_moves_per_batch_inside_a_window(model, examples, tmp_path, monkeypatch):
+    """A window of length-bucketed batches is written once complete, but the bar counts each batch's
+    examples as it is computed (it used to stay at 0 until the window closed)."""
+    from fastinfluence.store import writer as writer_module
+
+    updates = []
+    monkeypatch.setattr(writer_module.StoreWriter, "advance", lambda self, n: updates.append(n))
+    batches = bucketed(examples, batch_size=3, window=None)  # one window: every row is written at the end
+    fi.GradientExtractor(model, CONFIG).extract(batches, store=tmp_path / "s")
+    assert updates == [len(b["input_ids"]) for b in batches]
+
+
+def test_in_memory_extraction_and_scores_show_example_counts(model, examples, capsys):
+    with one_thread():
+        fi.GradientExtractor(model, CONFIG).extract(plain(examples), progress=True)
+        fi.exact_scores(model, plain(examples[:2]), plain(examples), config=CONFIG, progress=True)
+        fit_kfac(model, plain(examples), "ekfac", CONFIG, progress=True)
+    err = capsys.readouterr().err
+    for bar in ("extract", "queries", "train", "K-FAC factors", "EK-FAC eigenvalues"):
+        assert f"{bar}: 100%" in err or f"{bar}: {N}ex" in err or f"{bar}: 2ex" in err, (bar, err[-500:])
+
+
+def test_a_kfac_fit_on_fewer_tokens_than_a_layer_is_wide_warns(model):
+    few = plain(make_examples(2, seed=1, min_len=5, max_len=6))  # ~11 tokens; the MLP layers are 48 wide
+    with pytest.warns(UserWarning, match=r"K-FAC fit on 2 examples \(\d+ attended tokens\) for layers up to 48 wide"):
+        fit_kfac(model, few, "kfac", CONFIG)

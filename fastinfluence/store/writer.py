@@ -6,7 +6,7 @@ feature batches the caller produces for them (``write``)::
 
     writer = StoreWriter(path, producer.metadata(), tokens=True)
     for run in writer.plan(batches):
-        writer.write(run, producer.iter_features(run.batches, skip_examples=run.skip, tokens=True))
+        writer.write(run, producer.iter_features(run.batches, run.skip, tokens=True, progress=writer.advance))
     store = writer.close()
 
 :func:`write_store` is that loop for any :class:`~fastinfluence.features.FeatureProducer`.
@@ -16,6 +16,7 @@ Resuming scans the shard files, so a run killed at any point continues where it 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import logging
 import os
@@ -308,9 +309,15 @@ class StoreWriter:
         batches = [_rebased(b, start_of) for w in windowed[w0 : w_last + 1] for b in w]
         return Run(batches, skip, first, stop)
 
-    def write(self, run: Run, features: Iterable[Features]) -> None:
+    def advance(self, examples: int) -> None:
+        """The producer computed ``examples`` more examples (per batch: the bar moves inside a window)."""
+        self._bar.update(examples)
+
+    def write(self, run: Run, features: Iterable[Features], counted: bool = False) -> None:
         """Write the features of ``run`` (one ``Features`` per batch, the skipped examples left
-        out, as ``FeatureProducer.iter_features`` yields them) as shards of whole batches."""
+        out, as ``FeatureProducer.iter_features`` yields them) as shards of whole batches.
+        ``counted``: the producer reports its progress through ``advance``; else the bar counts
+        the rows as they arrive."""
         first, stop = run.first, run.stop
         parts: list[Features] = []
         pos = shard_first = first
@@ -319,7 +326,8 @@ class StoreWriter:
                 f = slice_rows(f, 0, stop - pos)
             parts.append(f)
             pos += len(f)
-            self._bar.update(len(f))
+            if not counted:
+                self._bar.update(len(f))
             if pos - shard_first >= self.shard_rows or pos == stop:
                 _write_shard(
                     self.shard_dir,
@@ -408,8 +416,13 @@ def _write_store(
         progress=progress,
     )
     for run in writer.plan(batches):
-        features = extractor.iter_features(run.batches, skip_examples=run.skip, tokens=tokens, covariances=covariances)
-        writer.write(run, features)
+        # A producer that reports per batch moves the bar inside a window; others per yielded rows.
+        counted = "progress" in inspect.signature(extractor.iter_features).parameters
+        extra = {"progress": writer.advance} if counted else {}
+        features = extractor.iter_features(
+            run.batches, skip_examples=run.skip, tokens=tokens, covariances=covariances, **extra
+        )
+        writer.write(run, features, counted=counted)
     return writer.close()
 
 
