@@ -1,8 +1,9 @@
 """Peak memory and time of linear_cross_entropy: chunked torch path vs materialised logits.
 
 Each (provider, shape) runs in a fresh subprocess: the peak resident set size after the
-inputs are allocated, minus the resident size at that point, is the extra memory the
-forward + backward needed (CPU allocations are invisible to torch.cuda statistics).
+inputs are allocated (the high-water mark is reset there, so building the inputs does not
+count), minus the resident size at that point, is the extra memory the forward + backward
+needed (CPU allocations are invisible to torch.cuda statistics).
 On a GPU it reports torch.cuda.max_memory_allocated instead.
 
     python bench/bench_linear_cross_entropy.py             # writes bench/results/linear_cross_entropy_cpu.json
@@ -60,6 +61,17 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * resource.getpagesize()
 
 
+def _reset_peak_rss() -> None:
+    """Reset the kernel's resident high-water mark (VmHWM) to the current resident size."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def _peak_rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+
+
 def _step(provider: str, hidden, weight, labels, w):
     """One forward + backward of ``provider``; returns nothing, leaves no gradient behind."""
     import torch
@@ -110,6 +122,7 @@ def run_one(provider: str, n: int, h: int, v: int, dtype: str, repeats: int, thr
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
+        _reset_peak_rss()
         base = _rss_bytes()
     for _ in range(repeats):
         t, c = time.perf_counter(), time.process_time()
@@ -121,7 +134,7 @@ def run_one(provider: str, n: int, h: int, v: int, dtype: str, repeats: int, thr
     if device == "cuda":
         peak = torch.cuda.max_memory_allocated() - base
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+        peak = _peak_rss_bytes() - base
     return {
         "provider": provider,
         "N": n,
