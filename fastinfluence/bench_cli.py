@@ -33,6 +33,7 @@ OPS = (
     "score_topk",
     "jl_project",
     "linear_cross_entropy",
+    "linear_cross_entropy_forward_grad",
     "linear_cross_entropy_backward",
 )  # the bench cases; every registered op is dispatched by one
 SIZES = {
@@ -149,6 +150,15 @@ def _cases(s: dict, device: torch.device) -> dict[str, tuple[Callable[[], tuple]
             lambda x: ops.linear_cross_entropy(x[0], x[1], x[2]),
             2 * s["lN"] * s["lH"] * s["lV"],
         ),
+        "linear_cross_entropy_forward_grad": (  # frozen head: loss and input gradient in the forward
+            lambda: (
+                rnd(s["lN"], s["lH"]).requires_grad_(),
+                rnd(s["lV"], s["lH"]),
+                torch.randint(0, s["lV"], (s["lN"],), generator=g).to(device),
+            ),
+            lambda x: ops.linear_cross_entropy(x[0], x[1], x[2]),
+            4 * s["lN"] * s["lH"] * s["lV"],
+        ),
         "linear_cross_entropy_backward": (
             lambda: _lce_graph(
                 rnd(s["lN"], s["lH"]),
@@ -156,16 +166,19 @@ def _cases(s: dict, device: torch.device) -> dict[str, tuple[Callable[[], tuple]
                 torch.randint(0, s["lV"], (s["lN"],), generator=g).to(device),
             ),
             lambda x: torch.autograd.grad(x[0], x[1], retain_graph=True)[0],
-            4 * s["lN"] * s["lH"] * s["lV"],
+            6 * s["lN"] * s["lH"] * s["lV"],  # logits again, dz @ W, and dW (the head is trainable)
         ),
     }
 
 
 def _lce_graph(hidden, weight, labels) -> tuple:
-    """(summed loss, hidden) with the graph kept: the backward case differentiates it again on each call."""
+    """(summed loss, hidden) with the graph kept: the backward case differentiates it again on each call.
+
+    The head is trainable, so the backward recomputes the logits (a frozen head's input
+    gradient is formed in the forward: the forward_grad case)."""
     from . import ops
 
-    hidden = hidden.requires_grad_()
+    hidden, weight = hidden.requires_grad_(), weight.requires_grad_()
     with ops.use_backend("torch"):  # the forward is not what this case measures
         loss = ops.linear_cross_entropy(hidden, weight, labels, reduction="sum")
     return loss, hidden

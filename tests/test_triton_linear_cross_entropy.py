@@ -1,4 +1,4 @@
-"""Triton linear_cross_entropy_{forward,backward} against F.cross_entropy on materialised logits."""
+"""Triton linear_cross_entropy_{forward,backward,forward_grad} against F.cross_entropy on materialised logits."""
 
 import pytest
 import torch
@@ -6,7 +6,11 @@ import torch.nn.functional as F
 from helpers import rel_err
 from test_triton_support import DEVICES, randn
 
-from fastinfluence.triton_kernels import linear_cross_entropy_backward, linear_cross_entropy_forward
+from fastinfluence.triton_kernels import (
+    linear_cross_entropy_backward,
+    linear_cross_entropy_forward,
+    linear_cross_entropy_forward_grad,
+)
 
 IGNORE = -100
 # float32: float32 logits both ways. bfloat16: both paths round the logits and dL/dz to
@@ -115,3 +119,47 @@ def test_float64_runs_on_the_torch_path():
     assert [d.backend for d in ran] == ["torch", "torch"]  # forward and backward
     assert loss.dtype == torch.float64 and rel_err(loss.detach(), ref_loss) <= 1e-12
     assert all(rel_err(t.grad, r) <= 1e-12 for t, r in zip(leaves, ref_grads))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias,softcap", [(False, None), (True, None), (False, 3.0), (True, 3.0)])
+@pytest.mark.parametrize("splits", [1, 4])
+def test_forward_grad_matches_materialised_logits(device, dtype, bias, softcap, splits, poisoned):
+    # N = 37 tokens in blocks of 16 (ragged), H = 24 not a multiple of the 16-wide tiles, V = 101
+    # in one slice or four of 32 (the combine of partial maxima, sums and accumulators).
+    hidden, weight, b, labels, _ = _inputs(device, dtype, N=37, H=24, V=101, bias=bias, seed=6)
+    loss, grad_hidden = linear_cross_entropy_forward_grad(hidden, weight, b, labels, IGNORE, softcap, splits=splits)
+    ref_loss, (ref_hidden, _, _) = _materialised(
+        hidden, weight, b, labels, torch.ones_like(labels, dtype=torch.float32), softcap
+    )
+    assert loss.dtype == torch.float32 and grad_hidden.dtype == dtype and grad_hidden.shape == hidden.shape
+    assert rel_err(loss, ref_loss) <= TOL[dtype]
+    assert rel_err(grad_hidden, ref_hidden) <= TOL[dtype]
+    ignored = labels == IGNORE
+    assert bool(ignored.any()) and bool((loss[ignored] == 0).all()) and bool((grad_hidden[ignored] == 0).all())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_frozen_head_runs_forward_grad_on_triton_for_signed_upstream(device, poisoned):
+    from fastinfluence import ops
+
+    hidden, weight, bias, labels, grad_loss = _inputs(device, torch.float32, N=29, H=16, V=70, bias=True, seed=7)
+    h = hidden.clone().requires_grad_()
+    with ops.use_backend("triton"), ops.trace() as ran:
+        loss = ops.linear_cross_entropy(h, weight, labels, bias=bias, ignore_index=IGNORE, softcap=2.0)
+        (loss * grad_loss).sum().backward()
+    ref_loss, (ref_hidden, _, _) = _materialised(hidden, weight, bias, labels, grad_loss, 2.0)
+    assert [(d.op, d.backend) for d in ran] == [("linear_cross_entropy_forward_grad", "triton")]
+    assert rel_err(loss.detach(), ref_loss) <= TOL[torch.float32]
+    assert rel_err(h.grad, ref_hidden) <= TOL[torch.float32]
+
+
+@pytest.mark.gpu
+def test_forward_grad_large_vocabulary_on_gpu(poisoned):
+    hidden, weight, _, labels, _ = _inputs("cuda", torch.bfloat16, N=1000, H=896, V=32003, bias=False, seed=8)
+    loss, grad_hidden = linear_cross_entropy_forward_grad(hidden, weight, None, labels, IGNORE, 30.0)
+    ones = torch.ones(1000, device="cuda")
+    ref_loss, (ref_hidden, _, _) = _materialised(hidden, weight, None, labels, ones, 30.0)
+    assert rel_err(loss, ref_loss) <= TOL[torch.bfloat16]
+    assert rel_err(grad_hidden, ref_hidden) <= TOL[torch.bfloat16]

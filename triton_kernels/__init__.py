@@ -16,8 +16,10 @@ from .ghost import ghost_dot, ghost_norm, supports_ghost_dot, supports_ghost_nor
 from .linear_cross_entropy import (
     linear_cross_entropy_backward,
     linear_cross_entropy_forward,
+    linear_cross_entropy_forward_grad,
     supports_linear_cross_entropy_backward,
     supports_linear_cross_entropy_forward,
+    supports_linear_cross_entropy_forward_grad,
 )
 from .project import project, project_tokens, supports_project, supports_project_tokens
 from .score_topk import score_topk, supports_score_topk
@@ -28,6 +30,7 @@ __all__ = [
     "is_available",
     "linear_cross_entropy_backward",
     "linear_cross_entropy_forward",
+    "linear_cross_entropy_forward_grad",
     "project",
     "project_tokens",
     "score_topk",
@@ -35,6 +38,7 @@ __all__ = [
     "supports_ghost_norm",
     "supports_linear_cross_entropy_backward",
     "supports_linear_cross_entropy_forward",
+    "supports_linear_cross_entropy_forward_grad",
     "supports_project",
     "supports_project_tokens",
     "supports_score_topk",

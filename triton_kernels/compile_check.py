@@ -32,7 +32,7 @@ from triton.compiler import ASTSource  # noqa: E402
 from triton.runtime.autotuner import Autotuner  # noqa: E402
 
 from .ghost import _ghost_kernel  # noqa: E402
-from .linear_cross_entropy import _forward_kernel, _grad_logits_kernel  # noqa: E402
+from .linear_cross_entropy import _forward_grad_kernel, _forward_kernel, _grad_logits_kernel  # noqa: E402
 from .project import _project_kernel, _project_tokens_kernel  # noqa: E402
 from .score_topk import SM90_SHARED_BYTES, _score_kernel, config_fits, shared_bytes_bound  # noqa: E402
 
@@ -157,6 +157,15 @@ def _lce_cases(dtype: str) -> list[Case]:
             floats=("cap",),
             options={"num_warps": 8},
             aligned=("V", "s_zn"),
+        ),
+        Case(
+            f"lce forward_grad {dtype}",
+            _forward_grad_kernel,
+            {"Hid": p, "W": p, "Bias": p, "Labels": "*i64", "Max": "*fp32", "Sum": "*fp32", "Target": "*fp32"}
+            | {"Acc": "*fp32"},
+            dict(SOFTCAP=True, HAS_BIAS=True, F32=dtype == "fp32", BM=64, BV=64),
+            floats=("cap",),
+            aligned=("H", "v_per_split", "s_hn", "s_wv"),
         ),
     ]
 

@@ -1,4 +1,4 @@
-"""Linear + cross-entropy without the (N, V) logits: the two backend functions of
+"""Linear + cross-entropy without the (N, V) logits: the three backend functions of
 ``fastinfluence.ops.linear_cross_entropy``.
 
 Tokens go in chunks of ``rows``. For each chunk the logits block z = hidden_c @ weight^T
@@ -12,7 +12,18 @@ it); a Triton kernel then walks each row once in float32:
   accumulates in float32; the running sum is kept in weight.dtype, one rounding per chunk).
 
 Peak extra memory is one (rows, V) block, against the (N, V) float32 logits, softmax and
-gradient of the materialised path. float64 runs on the torch path of the op module.
+gradient of the materialised path.
+
+* forward_grad (frozen head): one fused kernel, no logits block at all. A program takes BM
+  tokens and a slice of the vocabulary and walks it once in BV-wide blocks: z = h W_v^T
+  (+ b, capped) on the tensor cores, an online max m and sum l of exp(z - m), and
+  acc += exp(z - m) dlogits/dz W_v, rescaled by exp(m_old - m_new) whenever the max grows
+  (as flash attention rescales its output). acc (BM, H) lives in a float32 scratch row
+  block that stays in L2. Two head matmuls per token, one pass over V. Slices of V run in
+  parallel when there are few tokens; a small combine merges their (m, l, acc) and forms
+  dh = acc / l - dlogits/dz_y W_y and loss = m + log l - logit_y.
+
+float64 runs on the torch path of the op module.
 """
 
 from __future__ import annotations
@@ -21,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, KERNEL_DTYPES
+from ._common import INTERPRET, KERNEL_DTYPES, autotune, dot, dot_f32, num_programs_target
 
 # Bytes of one chunk's logits block: large chunks keep the matmuls efficient and the
 # number of read-modify-writes of grad_weight small.
@@ -33,16 +44,23 @@ def _block_v(V: int) -> int:
 
 
 @triton.jit
-def _capped_logits(Z, Bias, v, v_ok, SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr, cap):
-    """float32 logits of one block of a row (-inf past V) and dlogits/dz (1.0 without softcap)."""
-    z = tl.load(Z + v, mask=v_ok, other=0.0).to(tl.float32)
-    if HAS_BIAS:
-        z += tl.load(Bias + v, mask=v_ok, other=0.0).to(tl.float32)
+def _softcap(z, SOFTCAP: tl.constexpr, cap):
+    """float32 logits from z and dlogits/dz (1.0 without softcap)."""
     dcap = tl.full(z.shape, 1.0, tl.float32)
     if SOFTCAP:
         t = 1.0 - 2.0 / (tl.exp(2.0 * z / cap) + 1.0)  # tanh(z / cap), finite for any z
         z = cap * t
         dcap = 1.0 - t * t
+    return z, dcap
+
+
+@triton.jit
+def _capped_logits(Z, Bias, v, v_ok, SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr, cap):
+    """float32 logits of one block of a row (-inf past V) and dlogits/dz (1.0 without softcap)."""
+    z = tl.load(Z + v, mask=v_ok, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        z += tl.load(Bias + v, mask=v_ok, other=0.0).to(tl.float32)
+    z, dcap = _softcap(z, SOFTCAP, cap)
     return tl.where(v_ok, z, float("-inf")), dcap
 
 
@@ -107,6 +125,99 @@ def _grad_logits_kernel(
         tl.store(Z + v, dz.to(Z.dtype.element_ty), mask=v_ok)
 
 
+@triton.jit
+def _mm(a, b, acc, F32: tl.constexpr):
+    """acc + a @ b; float32 operands at about float32 accuracy (3xTF32), others on the tensor cores as they are."""
+    if F32:
+        return dot_f32(a, b, acc)
+    return dot(a, b, acc)
+
+
+@autotune(
+    gpu_configs=[
+        triton.Config({"BK": 64, "BH": 64}, num_warps=4, num_stages=3),
+        triton.Config({"BK": 64, "BH": 128}, num_warps=8, num_stages=3),
+        triton.Config({"BK": 32, "BH": 64}, num_warps=4, num_stages=4),
+        triton.Config({"BK": 128, "BH": 64}, num_warps=8, num_stages=2),
+    ],
+    interpret_config=triton.Config({"BK": 16, "BH": 16}),
+    key=["H", "V", "F32"],
+)
+@triton.jit
+def _forward_grad_kernel(
+    Hid,
+    W,
+    Bias,
+    Labels,
+    Max,
+    Sum,
+    Target,
+    Acc,
+    N,
+    H,
+    V,
+    v_per_split,
+    s_hn,
+    s_wv,
+    cap,
+    SOFTCAP: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    F32: tl.constexpr,
+    BM: tl.constexpr,
+    BV: tl.constexpr,
+    BK: tl.constexpr,
+    BH: tl.constexpr,
+):
+    """Partial (max, sum, target logit, acc) of BM tokens over one slice of the vocabulary.
+
+    Max, Sum, Target: (splits, N) float32; Acc: (splits, N, H) float32, finite on entry (it
+    is multiplied by 0 before its first use, so a rerun by the autotuner starts afresh).
+    """
+    split = tl.program_id(1).to(tl.int64)
+    rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
+    row_ok = rows < N
+    label = tl.load(Labels + rows, mask=row_ok, other=-1)
+    Acc += split * N * H
+    v_lo = split * v_per_split
+    v_hi = tl.minimum(v_lo + v_per_split, V)
+    m = tl.full((BM,), float("-inf"), tl.float32)
+    s = tl.zeros((BM,), tl.float32)
+    target = tl.zeros((BM,), tl.float32)
+    for v0 in range(v_lo, v_hi, BV):
+        v = v0 + tl.arange(0, BV).to(tl.int64)
+        v_ok = v < v_hi
+        z = tl.zeros((BM, BV), tl.float32)
+        for k0 in range(0, H, BK):
+            k = k0 + tl.arange(0, BK)
+            k_ok = k < H
+            h = tl.load(Hid + rows[:, None] * s_hn + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(W + v[None, :] * s_wv + k[:, None], mask=v_ok[None, :] & k_ok[:, None], other=0.0)
+            z = _mm(h, w, z, F32)
+        if HAS_BIAS:
+            z += tl.load(Bias + v, mask=v_ok, other=0.0).to(tl.float32)[None, :]
+        z, dcap = _softcap(z, SOFTCAP, cap)
+        z = tl.where(v_ok[None, :], z, float("-inf"))
+        target += tl.sum(tl.where(v[None, :] == label[:, None], z, 0.0), axis=1)
+        m_new = tl.maximum(m, tl.max(z, axis=1))
+        alpha = tl.exp(m - m_new)
+        p = tl.exp(z - m_new[:, None])
+        s = s * alpha + tl.sum(p, axis=1)
+        m = m_new
+        p = (p * dcap).to(W.dtype.element_ty)
+        for h0 in range(0, H, BH):
+            c = h0 + tl.arange(0, BH)
+            c_ok = c < H
+            acc_ptr = Acc + rows[:, None] * H + c[None, :]
+            acc_ok = row_ok[:, None] & c_ok[None, :]
+            acc = tl.load(acc_ptr, mask=acc_ok, other=0.0) * alpha[:, None]
+            w = tl.load(W + v[:, None] * s_wv + c[None, :], mask=v_ok[:, None] & c_ok[None, :], other=0.0)
+            tl.store(acc_ptr, _mm(p, w, acc, F32), mask=acc_ok)
+    out = split * N + rows
+    tl.store(Max + out, m, mask=row_ok)
+    tl.store(Sum + out, s, mask=row_ok)
+    tl.store(Target + out, target, mask=row_ok)
+
+
 def _rows(n: int, v: int, itemsize: int, chunk_rows: int | None) -> int:
     return max(1, min(n, chunk_rows or _CHUNK_BYTES // (v * itemsize)))
 
@@ -132,6 +243,10 @@ def supports_linear_cross_entropy_forward(hidden, **_) -> bool | str:
 
 
 def supports_linear_cross_entropy_backward(hidden, **_) -> bool | str:
+    return _supports(hidden)
+
+
+def supports_linear_cross_entropy_forward_grad(hidden, **_) -> bool | str:
     return _supports(hidden)
 
 
@@ -205,3 +320,74 @@ def linear_cross_entropy_backward(
         if grad_bias is not None:
             grad_bias += dz.sum(0, dtype=torch.float32)
     return grad_hidden, grad_weight, grad_bias.to(bias.dtype) if grad_bias is not None else None
+
+
+# Float32 scratch for the partial accumulators of the V slices: (splits, N, H).
+_SCRATCH_BYTES = 256 * 2**20
+
+
+def _v_splits(n: int, h: int, v: int, bm: int, bv: int, device: torch.device) -> tuple[int, int]:
+    """(splits, vocabulary entries per split, a multiple of ``bv``): enough programs to fill the
+    device when there are few row blocks, within the scratch budget."""
+    want = triton.cdiv(num_programs_target(device), triton.cdiv(n, bm))
+    fit = _SCRATCH_BYTES // max(n * h * 4, 1)
+    splits = max(1, min(want, fit, triton.cdiv(v, bv)))
+    per = triton.cdiv(triton.cdiv(v, splits), bv) * bv
+    return triton.cdiv(v, per), per
+
+
+def linear_cross_entropy_forward_grad(hidden, weight, bias, labels, ignore_index, softcap, splits=None):
+    """loss (N,) float32 (0 at ignored tokens) and grad_hidden (N, H) in hidden.dtype, dloss_n/dhidden_n.
+
+    hidden: (N, H), weight: (V, H), bias: (V,) or None, one dtype; labels: (N,) int64.
+    ``splits`` overrides the number of vocabulary slices run in parallel (tests).
+    """
+    n, H = hidden.shape
+    V = weight.shape[0]
+    loss = torch.empty(n, device=hidden.device, dtype=torch.float32)
+    grad_hidden = torch.empty_like(hidden)
+    if n == 0:
+        return loss, grad_hidden
+    hidden, weight = hidden.contiguous(), weight.contiguous()
+    bm, bv = (16, 32) if INTERPRET.value else (64, 64)
+    if splits is None:
+        splits, per = _v_splits(n, H, V, bm, bv, hidden.device)
+    else:
+        per = triton.cdiv(triton.cdiv(V, splits), bv) * bv
+        splits = triton.cdiv(V, per)
+    stats = torch.empty(3, splits, n, device=hidden.device, dtype=torch.float32)
+    acc = torch.zeros(splits, n, H, device=hidden.device, dtype=torch.float32)
+    _forward_grad_kernel[(triton.cdiv(n, bm), splits)](
+        hidden,
+        weight,
+        bias.contiguous() if bias is not None else weight,
+        labels.contiguous(),
+        stats[0],
+        stats[1],
+        stats[2],
+        acc,
+        n,
+        H,
+        V,
+        per,
+        hidden.stride(0),
+        weight.stride(0),
+        float(softcap or 1.0),
+        SOFTCAP=softcap is not None,
+        HAS_BIAS=bias is not None,
+        F32=hidden.dtype == torch.float32,
+        BM=bm,
+        BV=bv,
+    )
+    m_split, s_split, t_split = stats
+    m = m_split.max(0).values
+    scale = torch.exp(m_split - m)  # each slice's exp(m_s - m)
+    total = (scale * s_split).sum(0)
+    target = t_split.sum(0)  # only the slice holding the label adds a non-zero logit
+    valid = labels != ignore_index
+    loss.copy_(torch.where(valid, m + torch.log(total) - target, 0.0))
+    acc = torch.einsum("sn,snh->nh", scale / total, acc) if splits > 1 else acc[0].div_(total.unsqueeze(1))
+    dcap_y = 1.0 - (target / softcap) ** 2 if softcap is not None else torch.ones_like(target)
+    acc -= dcap_y.unsqueeze(1) * weight[torch.where(valid, labels, 0)].float()
+    grad_hidden.copy_(acc.mul_(valid.unsqueeze(1)))
+    return loss, grad_hidden

@@ -3,17 +3,35 @@
     z = hidden @ weight^T (+ bias)                     (N, V), never held whole
     logits = softcap * tanh(z / softcap)               (when ``softcap`` is set, as Gemma 2)
     loss_n = lse_n - logits[n, labels_n],  lse_n = logsumexp(logits[n])   (0 where ignored)
+    dloss_n/dz[n] = (softmax(logits[n]) - onehot(labels_n)) * dlogits/dz
 
-The forward pass walks the tokens in chunks and keeps only the per-token logsumexp. The
-backward pass recomputes each chunk's logits and applies the upstream gradient per token,
-whatever its sign or magnitude (gradient ascent and per-example weights are expressed
-that way):
+Only labelled rows reach the head: ``linear_cross_entropy`` gathers the N_l rows whose label
+is not ``ignore_index`` (prompt and padding are often half of the tokens), runs the head on
+those, and scatters the loss back (0 elsewhere, and a zero hidden gradient there). Then one
+of two paths, walking the rows in chunks that hold one (rows, V) block of logits at a time:
 
-    dL/dz[n] = grad_loss_n * (softmax(logits[n]) - onehot(labels_n)) * dlogits/dz
+* **frozen head** (neither ``weight`` nor ``bias`` needs a gradient: extraction, LoRA): the
+  forward computes per chunk the logits once, the loss, and the unit-weight input gradient
+  dh_n = dloss_n/dz[n] @ W, and keeps dh (N_l, H). The backward only scales it,
+  grad_hidden_n = grad_loss_n * dh_n, exact for any per-token upstream gradient (any sign:
+  gradient ascent, NPO's per-example non-linear weights). 2 head matmuls.
+* **trainable head**: the forward keeps only the per-token logsumexp; the backward
+  recomputes each chunk's logits and applies the upstream gradient before the matmuls, as
+  dW = sum_n grad_loss_n dz[n]^T h_n needs it. 4 head matmuls (3 without grad_weight).
 
-The chunked functions below are the ``torch`` backend and the reference the Triton
-kernels (``fastinfluence.triton_kernels.linear_cross_entropy_{forward,backward}``) are
-tested against; they hold at most one (rows, V) block of logits at a time.
+Cost, for N_l labelled rows in chunks of r rows, s bytes per weight element:
+
+    path                     FLOPs         weight reads (bytes)       logits block
+    frozen head              4 N_l V H     2 ceil(N_l / r) V H s       r V x 4 (float32)
+    trainable head           8 N_l V H     3 ceil(N_l / r) V H s       r V x 4
+    before (all N rows)      6-8 N V H     3 ceil(N / r) V H s         r V x 4
+
+plus a few elementwise passes over each block (logsumexp, exp, the one-hot subtraction).
+Saved for backward: dh (N_l, H) on the frozen path, hidden (N_l, H) + lse (N_l,) otherwise.
+
+The chunked functions below are the ``torch`` backend and the reference the Triton kernels
+(``fastinfluence.triton_kernels.linear_cross_entropy_{forward,backward,forward_grad}``) are
+tested against.
 """
 
 from __future__ import annotations
@@ -54,6 +72,27 @@ def _chunk_logits(hidden, weight, bias, softcap, dtype):
     return softcap * t, 1.0 - t * t
 
 
+def _grad_logits_(logits, lse, labels, valid, scale, dcap):
+    """dL/dz of one chunk, written over ``logits`` (rows, V): scale_n (softmax - onehot) * dlogits/dz.
+
+    lse: (rows,) logsumexp of the logits; labels, valid: (rows,); scale: (rows,) per-token
+    upstream gradient in the logits' dtype (rows that are not ``valid`` get 0).
+    """
+    dz = logits.sub_(lse.unsqueeze(1)).exp_()  # softmax
+    dz.scatter_add_(1, torch.where(valid, labels, 0).unsqueeze(1), -torch.ones_like(scale).unsqueeze(1))
+    dz.mul_(torch.where(valid, scale, 0.0).unsqueeze(1))
+    if dcap is not None:
+        dz.mul_(dcap)
+    return dz
+
+
+def _chunk_loss(logits, labels, valid):
+    """(loss, lse) of one chunk: lse - target logit, 0 where not ``valid``."""
+    lse = torch.logsumexp(logits, dim=-1)
+    target = logits.gather(1, torch.where(valid, labels, 0).unsqueeze(1)).squeeze(1)
+    return torch.where(valid, lse - target, 0.0), lse
+
+
 def linear_cross_entropy_forward(hidden, weight, bias, labels, ignore_index, softcap):
     """Per-token loss and logsumexp, chunk by chunk.
 
@@ -73,12 +112,36 @@ def linear_cross_entropy_forward(hidden, weight, bias, labels, ignore_index, sof
     for s in range(0, n, rows):
         logits, _ = _chunk_logits(hidden[s : s + rows], weight, bias, softcap, dtype)
         y = labels[s : s + rows]
-        valid = y != ignore_index
-        lse_c = torch.logsumexp(logits, dim=-1)
-        target = logits.gather(1, torch.where(valid, y, 0).unsqueeze(1)).squeeze(1)
-        lse[s : s + rows] = lse_c
-        loss[s : s + rows] = torch.where(valid, lse_c - target, 0.0)
+        loss[s : s + rows], lse[s : s + rows] = _chunk_loss(logits, y, y != ignore_index)
     return loss, lse
+
+
+def linear_cross_entropy_forward_grad(hidden, weight, bias, labels, ignore_index, softcap):
+    """Per-token loss and its gradient in ``hidden`` at unit upstream weight, for a frozen head.
+
+    One logits block per chunk gives both (2 head matmuls in all); the backward of
+    sum_n grad_loss_n loss_n is then grad_loss_n * grad_hidden_n for any ``grad_loss``.
+
+    Args:
+        hidden, weight, bias, labels, ignore_index, softcap: as in ``linear_cross_entropy_forward``.
+
+    Returns:
+        loss (N,) float32 (float64 for float64 inputs), 0 at ignored tokens;
+        grad_hidden (N, H) in hidden.dtype, dloss_n/dhidden_n, 0 at ignored tokens.
+    """
+    n, h = hidden.shape
+    dtype = acc_dtype(hidden, weight)
+    loss = torch.empty(n, dtype=dtype, device=hidden.device)
+    grad_hidden = torch.empty_like(hidden)
+    rows = _chunk_rows(n, h, weight.shape[0])
+    for s in range(0, n, rows):
+        logits, dcap = _chunk_logits(hidden[s : s + rows], weight, bias, softcap, dtype)
+        y = labels[s : s + rows]
+        valid = y != ignore_index
+        loss[s : s + rows], lse = _chunk_loss(logits, y, valid)
+        dz = _grad_logits_(logits, lse, y, valid, torch.ones_like(lse), dcap)
+        grad_hidden[s : s + rows] = dz.to(weight.dtype) @ weight
+    return loss, grad_hidden
 
 
 def linear_cross_entropy_backward(
@@ -106,13 +169,8 @@ def linear_cross_entropy_backward(
         x = hidden[s : s + rows]
         logits, dcap = _chunk_logits(x, weight, bias, softcap, dtype)
         y = labels[s : s + rows]
-        valid = y != ignore_index
-        scale = torch.where(valid, grad_loss[s : s + rows].to(dtype), 0.0)
-        dz = logits.sub_(lse[s : s + rows].to(dtype).unsqueeze(1)).exp_()  # softmax, in place
-        dz.scatter_add_(1, torch.where(valid, y, 0).unsqueeze(1), -torch.ones_like(scale).unsqueeze(1))
-        dz.mul_(scale.unsqueeze(1))
-        if dcap is not None:
-            dz.mul_(dcap)
+        scale = grad_loss[s : s + rows].to(dtype)
+        dz = _grad_logits_(logits, lse[s : s + rows].to(dtype), y, y != ignore_index, scale, dcap)
         grad_hidden[s : s + rows] = dz.to(weight.dtype) @ weight
         if grad_weight is not None:
             grad_weight.addmm_(dz.T, x.to(dtype))
@@ -126,30 +184,41 @@ def linear_cross_entropy_backward(
 
 
 register_op("linear_cross_entropy_forward", linear_cross_entropy_forward)
+register_op("linear_cross_entropy_forward_grad", linear_cross_entropy_forward_grad)
 register_op("linear_cross_entropy_backward", linear_cross_entropy_backward)
+
+# What the forward keeps for the backward (chosen by the caller, from what needs a gradient).
+LOSS_ONLY, INPUT_GRAD, RECOMPUTE = "loss_only", "input_grad", "recompute"
 
 
 class LinearCrossEntropyFunction(torch.autograd.Function):
-    """Autograd wrapper; forward and backward each dispatch through the backend registry."""
+    """Autograd wrapper; every op dispatches through the backend registry.
+
+    ``path``: ``loss_only`` (no gradient wanted), ``input_grad`` (frozen head: dh computed in
+    the forward, the backward scales it) or ``recompute`` (trainable head).
+    """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, ignore_index, softcap):
-        loss, lse = dispatch(
-            "linear_cross_entropy_forward",
-            hidden.device,
-            hidden=hidden,
-            weight=weight,
-            bias=bias,
-            labels=labels,
-            ignore_index=ignore_index,
-            softcap=softcap,
-        )
-        ctx.save_for_backward(hidden, weight, bias, labels, lse)
-        ctx.ignore_index, ctx.softcap = ignore_index, softcap
+    def forward(ctx, hidden, weight, bias, labels, ignore_index, softcap, path):
+        args = dict(hidden=hidden, weight=weight, bias=bias, labels=labels, ignore_index=ignore_index, softcap=softcap)
+        ctx.path, ctx.ignore_index, ctx.softcap = path, ignore_index, softcap
+        if path == INPUT_GRAD:
+            loss, grad_hidden = dispatch("linear_cross_entropy_forward_grad", hidden.device, **args)
+            ctx.save_for_backward(grad_hidden)
+            return loss
+        loss, lse = dispatch("linear_cross_entropy_forward", hidden.device, **args)
+        if path == RECOMPUTE:
+            ctx.save_for_backward(hidden, weight, bias, labels, lse)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
+        if ctx.path == INPUT_GRAD:
+            (unit,) = ctx.saved_tensors
+            grad_hidden = (grad_loss.to(acc_dtype(unit)).unsqueeze(1) * unit).to(unit.dtype)
+            return grad_hidden, None, None, None, None, None, None
+        if ctx.path != RECOMPUTE:
+            raise RuntimeError("linear_cross_entropy: no gradient was requested in the forward (torch.no_grad?)")
         hidden, weight, bias, labels, lse = ctx.saved_tensors
         grad_hidden, grad_weight, grad_bias = dispatch(
             "linear_cross_entropy_backward",
@@ -165,7 +234,16 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             need_grad_weight=ctx.needs_input_grad[1],
             need_grad_bias=bias is not None and ctx.needs_input_grad[2],
         )
-        return grad_hidden, grad_weight, grad_bias, None, None, None
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None
+
+
+def _path(hidden, weight, bias) -> str:
+    """Which forward: ``ctx.needs_input_grad`` is set under ``torch.no_grad`` too, so decide here."""
+    if not torch.is_grad_enabled():
+        return LOSS_ONLY
+    if weight.requires_grad or (bias is not None and bias.requires_grad):
+        return RECOMPUTE
+    return INPUT_GRAD if hidden.requires_grad else LOSS_ONLY
 
 
 def _check(hidden, weight, bias, labels, ignore_index, reduction, softcap):
@@ -214,6 +292,10 @@ def linear_cross_entropy(
 ) -> torch.Tensor:
     """Token cross-entropy of ``hidden @ weight^T (+ bias)`` without materialising the logits.
 
+    The head runs on the labelled rows only (a head matmul costs 2 V H FLOPs per row); when
+    neither ``weight`` nor ``bias`` needs a gradient the input gradient is formed in the
+    forward pass, so the logits are computed once (see the module docstring).
+
     Args:
         hidden: (..., H) float (float32, bfloat16, float16 or float64).
         weight: (V, H), same dtype as ``hidden`` (the LM head; tied embeddings work as is).
@@ -226,14 +308,23 @@ def linear_cross_entropy(
     Returns:
         float32 loss (float64 for float64 inputs). Differentiable in ``hidden``, ``weight``
         and ``bias``; any upstream gradient per token (negative included) is applied exactly.
+        With no labelled token the head is not run: the loss is 0 and gradients are 0.
     """
     _check(hidden, weight, bias, labels, ignore_index, reduction, softcap)
     shape = labels.shape
-    hidden = hidden.reshape(-1, hidden.shape[-1]).contiguous()
+    hidden = hidden.reshape(-1, hidden.shape[-1])
     labels = labels.reshape(-1).long()
-    loss = LinearCrossEntropyFunction.apply(hidden, weight, bias, labels, ignore_index, softcap)
+    labelled = labels != ignore_index
+    count = labelled.sum()
+    rows = None if bool(labelled.all()) else labelled.nonzero().squeeze(1)
+    if rows is not None:
+        hidden, labels = hidden.index_select(0, rows), labels.index_select(0, rows)
+    path = _path(hidden, weight, bias)
+    loss = LinearCrossEntropyFunction.apply(hidden.contiguous(), weight, bias, labels, ignore_index, softcap, path)
+    if rows is not None:
+        loss = loss.new_zeros(shape.numel()).index_copy(0, rows, loss)
     if reduction == "sum":
         return loss.sum()
     if reduction == "mean":
-        return loss.sum() / (labels != ignore_index).sum()
+        return loss.sum() / count
     return loss.reshape(shape)
