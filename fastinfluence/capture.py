@@ -34,6 +34,7 @@ from .batching import Batch, WindowTracker, iter_batches
 from .config import ProjectionConfig
 from .lm import IGNORE_INDEX, fused_head, model_inputs, shifted_labels
 from .ops.linear_cross_entropy import linear_cross_entropy
+from .ops.lm_head_grad import head_loss_projected
 
 try:  # GPT-2 style Conv1D: y = x @ W + b with W: (d_in, d_out)
     from transformers.pytorch_utils import Conv1D
@@ -47,13 +48,17 @@ SUPPORTED_TYPES: tuple[type, ...] = (nn.Linear,) + ((Conv1D,) if Conv1D is not N
 
 @dataclass(frozen=True)
 class Layer:
-    """A captured layer. ``bias``: whether the bias gradient is captured (a constant 1 appended to a)."""
+    """A captured layer. ``bias``: whether the bias gradient is captured (a constant 1 appended to a).
+    ``tied``: its weight is shared with another module (an LM head tied to the input embeddings):
+    its features hold this module's share of that weight's gradient, sum_t g_t a_t^T over its own
+    use (for a tied head: the classifier-level gradient), not the other module's share."""
 
     name: str
     module: nn.Module
     d_in: int
     d_out: int
     bias: bool
+    tied: bool = False
 
     @property
     def weight(self) -> torch.Tensor:
@@ -86,9 +91,9 @@ def select_layers(
 
     ``include``: regexes searched in the module name; None selects every supported layer
     whose weight is trainable (every one, when none is trainable), which for a PEFT
-    model means its LoRA layers. ``exclude`` regexes remove layers. Layers whose weight
-    is shared with another module (a tied LM head) are never captured: the hook would
-    see only part of that parameter's gradient.
+    model means its LoRA layers. ``exclude`` regexes remove layers. A layer whose weight
+    is shared with another module (a tied LM head) is captured only when ``include`` names
+    it, as its own share of that weight's gradient (``Layer.tied``).
     """
     candidates = [(n, m) for n, m in model.named_modules() if isinstance(m, SUPPORTED_TYPES)]
     if not candidates:
@@ -97,20 +102,28 @@ def select_layers(
             "PEFT LoRA lora_A/lora_B): nothing to capture"
         )
     shared = _shared_parameter_ids(model)
-    tied = [n for n, m in candidates if id(m.weight) in shared]
+    tied = [(n, m) for n, m in candidates if id(m.weight) in shared]
     candidates = [(n, m) for n, m in candidates if id(m.weight) not in shared]
     if include is not None:
         pats = _compile(include, "include")
         chosen = [(n, m) for n, m in candidates if any(p.search(n) for p in pats)]
-        tied_hits = [n for n in tied if any(p.search(n) for p in pats)]
-        if not chosen and tied_hits:
-            raise ValueError(
-                f"{tied_hits[:3]} share their weight with another module (tied to the input embeddings): a hook "
-                "sees only this layer's part of that parameter's gradient, so tied layers are not captured. "
-                "Untie them (config.tie_word_embeddings=False) or choose other layers."
+        tied_hits = [(n, m) for n, m in tied if any(p.search(n) for p in pats)]
+        if tied_hits:
+            log.info(
+                "%s: weight tied to another module (the input embeddings); captured as this module's share of the "
+                "tied weight's gradient (for an LM head: the classifier-level gradient sum_t g_t h_t^T)",
+                ", ".join(n for n, _ in tied_hits),
             )
+            order = {n: i for i, (n, _) in enumerate(model.named_modules())}
+            chosen = sorted(chosen + tied_hits, key=lambda nm: order[nm[0]])
     else:
         chosen, why = _default_layers(candidates)
+        if tied:
+            log.info(
+                "%s: weight tied to another module, not captured by default; name it in ProjectionConfig(include=...) "
+                "to capture its share of the tied weight's gradient",
+                ", ".join(n for n, _ in tied),
+            )
     if exclude:
         pats = _compile(exclude, "exclude")
         chosen = [(n, m) for n, m in chosen if not any(p.search(n) for p in pats)]
@@ -127,7 +140,11 @@ def select_layers(
         "include/exclude regexes" if include is not None else why,
         ", ".join(names[:4]) + (", ..." if len(names) > 4 else ""),
     )
-    return [Layer(n, m, *_dims(m), bias=include_bias and getattr(m, "bias", None) is not None) for n, m in chosen]
+    tied_ids = {id(m) for _, m in tied}
+    return [
+        Layer(n, m, *_dims(m), bias=include_bias and getattr(m, "bias", None) is not None, tied=id(m) in tied_ids)
+        for n, m in chosen
+    ]
 
 
 _LORA = re.compile(r"(^|\.)lora_[AB](\.|$)")
@@ -420,8 +437,10 @@ class CapturePass:
         self.dtype = torch.float64 if weight_dtype == torch.float64 else torch.float32
         # Without a hook on the LM head, its logits need never exist: the loss comes from
         # the hidden states through the chunked linear cross-entropy.
-        head = fused_head(model)
-        self.head = head if head is not None and all(l.module is not head[1] for l in self.layers) else None
+        self.fused = fused_head(model)
+        head_module = self.fused[1] if self.fused is not None else None
+        self.head_layer = next((l for l in self.layers if l.module is head_module), None)
+        self.head = self.fused if self.head_layer is None else None
 
     def batches(self, batches: Iterable[dict], skip_examples: int = 0) -> Iterator[Step]:
         """Validated batches with their data positions and windows (raises on an empty iterable,
@@ -434,16 +453,32 @@ class CapturePass:
             yield Step(batch, positions, closes, sum(p >= skip_examples for p in positions))
         tracker.finish()
 
-    def backward(self, batch: Batch, on_layer: OnLayer) -> torch.Tensor:
+    def backward(self, batch: Batch, on_layer: OnLayer, head_projection: torch.Tensor | None = None) -> torch.Tensor:
         """One forward + backward on ``batch``, the hooks handing each layer's (A, G, mask) to
         ``on_layer`` as its G arrives; returns the (B,) per-example losses. The model is frozen
-        (eval mode, no parameter gradient, graph started at ``backward_start``) for the call only."""
-        with frozen_for_capture(self.model, self.layers), LayerHooks(self.layers, on_layer) as hooks:
-            hooks.arm(batch.attention_mask.bool())
+        (eval mode, no parameter gradient, graph started at ``backward_start``) for the call only.
+
+        ``head_projection``: (V, k_out) P_out of a captured LM head. Given, the head's G reaches
+        ``on_layer`` already projected, G P_out: (B, T, k_out), formed beside the loss over the
+        vocabulary chunks of the labelled tokens (``ops.lm_head_grad``), never B x T x V; the
+        blocks below get their gradients from the same chunks (no recompute). Without it (or
+        for a head the loss cannot be fused with, ``lm.fused_head``) the head is hooked like any
+        layer and its G has the vocabulary's width."""
+        projected = head_projection is not None and self.head_layer is not None and self.fused is not None
+        hooked = [l for l in self.layers if not (projected and l is self.head_layer)]
+        mask = batch.attention_mask.bool()
+        with frozen_for_capture(self.model, self.layers), LayerHooks(hooked, on_layer) as hooks:
+            hooks.arm(mask)
             with torch.enable_grad():
                 with autocast_forward(self.device, self.autocast):
-                    losses = forward_losses(self.model, batch, self.head)
-                losses.sum().backward()
+                    if projected:
+                        losses, A, G = self._projected_head(batch, head_projection)
+                    else:
+                        losses = forward_losses(self.model, batch, self.head)
+                if projected:
+                    on_layer(self.head_layer, A, G, mask)
+                if hooked:
+                    losses.sum().backward()
             hooks.check()
         losses = losses.detach()
         if not bool(torch.isfinite(losses).all()):
@@ -454,11 +489,24 @@ class CapturePass:
             )
         return losses
 
-    def hidden_states(self, batch: Batch, decoder: nn.Module) -> torch.Tensor:
-        """(B, T, H) last hidden states of ``decoder`` (the model's body) without autograd, under the
-        pass's autocast: for consumers that need no backward (LM-head features)."""
-        with torch.no_grad(), autocast_forward(self.device, self.autocast):
-            return decoder(**model_inputs(decoder, batch.input_ids, batch.attention_mask)).last_hidden_state
+    def _projected_head(self, batch: Batch, P_out: torch.Tensor):
+        """(losses (B,), A = the head's input (B, T, H), G P_out (B, T, k_out)) of the captured head,
+        G for the per-example mean loss (each token's G scaled by 1 / its example's answer tokens)."""
+        decoder, lm_head, softcap = self.fused
+        hidden = decoder(**model_inputs(decoder, batch.input_ids, batch.attention_mask)).last_hidden_state
+        labels = shifted_labels(batch.labels)
+        B, T = labels.shape
+        tokens, GP = head_loss_projected(
+            hidden.flatten(0, 1).to(lm_head.weight.dtype),
+            lm_head.weight,
+            labels.flatten(),
+            P_out,
+            bias=lm_head.bias,
+            softcap=softcap,
+        )
+        answers = (labels != IGNORE_INDEX).sum(1)
+        losses = tokens.view(B, T).sum(1) / answers
+        return losses, hidden.detach(), GP.view(B, T, -1) / answers.to(GP.dtype)[:, None, None]
 
     def run(self, batches: Iterable[dict], start: Callable[[Batch], OnLayer], desc: str | None = None) -> list[int]:
         """Capture every batch: ``start(batch)`` gives the batch's ``on_layer``; returns the stream row

@@ -15,10 +15,8 @@ from .capture import CapturePass, Layer, progress_bar
 from .config import ProjectionConfig
 from .exact import per_example_gradients
 from .features import Features, LayerSlice, TokenFactors, cat_features, reorder_rows, slice_rows
-from .lm import IGNORE_INDEX, fused_head, shifted_labels
 from .normalizer import Normalizer
 from .ops._common import masked
-from .ops.lm_head_grad import lm_head_grad_projected
 from .projection import layer_projections
 
 _FINGERPRINT_SAMPLES = 64
@@ -33,7 +31,10 @@ def fingerprint(model: nn.Module, layers: list[Layer]) -> dict:
         h.update(w[::step][:_FINGERPRINT_SAMPLES].to("cpu", torch.float64).numpy().tobytes())
     return {
         "model": type(model).__name__,
-        "layers": [[l.name, l.d_in, l.d_out, l.bias, str(l.weight.dtype).replace("torch.", "")] for l in layers],
+        "layers": [
+            [l.name, l.d_in, l.d_out, l.bias, str(l.weight.dtype).replace("torch.", "")] + (["tied share"] * l.tied)
+            for l in layers
+        ],
         "weights_sha256": h.hexdigest(),
     }
 
@@ -75,21 +76,10 @@ class GradientExtractor:
             self._proj = {n: normalizer.fold(n, *P) for n, P in self._proj.items()}
         self._proj_dev: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self.layout = self._layout()
-        self._head = self._backward_free_head()
         self._flat_offsets, offset = {}, 0
         for l in self.layers:
             self._flat_offsets[l.name] = offset
             offset += l.d_out * (l.d_in + int(l.bias))
-
-    def _backward_free_head(self):
-        """(decoder, lm_head, softcap) when the LM head is the only captured layer and its
-        features can come from one forward (``ops.lm_head_grad``), else None."""
-        head = fused_head(self.model)
-        if self.config.mode != "factorized" or head is None or len(self.layers) != 1:
-            return None
-        if self.layers[0].module is not head[1]:
-            return None
-        return head
 
     @property
     def fingerprint(self) -> dict:
@@ -206,8 +196,6 @@ class GradientExtractor:
     def _batch_features(self, batch: Batch, tokens: bool, covariances: bool, fp: dict) -> Features:
         if self.config.mode == "flat":
             return self._flat_features(batch, fp)
-        if self._head is not None and not tokens and not covariances:
-            return self._head_features(batch, fp)
         B = batch.input_ids.shape[0]
         device, dtype = batch.input_ids.device, self.dtype
         rows = torch.empty(B, self.dim, dtype=dtype, device=device)
@@ -216,8 +204,13 @@ class GradientExtractor:
 
         valid = batch.attention_mask.bool().flatten().nonzero().squeeze(1) if tokens else None
 
+        head = self.capture.head_layer
+        head_P_out = self.projections(head.name, device, dtype)[1] if head is not None else None
+
         def on_layer(layer: Layer, A, G, mask):
             P_in, P_out = self.projections(layer.name, device, dtype)
+            if layer is head and self.capture.fused is not None:  # the capture projected the head's G
+                P_out = None
             sl = self.layout[layer.name]
             if tokens or covariances:
                 At, Gt = ops.project_tokens(A, G, P_in, P_out, mask)
@@ -233,7 +226,7 @@ class GradientExtractor:
                 phi = ops.project(A, G, P_in, P_out, mask)
             rows[:, sl.start : sl.stop] = phi.reshape(B, -1)
 
-        self.capture.backward(batch, on_layer)
+        self.capture.backward(batch, on_layer, head_projection=head_P_out)
         token_factors = None
         if tokens:
             counts = batch.attention_mask.bool().sum(1).cpu()
@@ -245,35 +238,6 @@ class GradientExtractor:
             n_tokens = int(batch.attention_mask.bool().sum())
             stats = {n: (CA.cpu(), CG.cpu(), n_tokens) for n, (CA, CG) in stats.items()}
         return self._features(rows, batch.ids, token_factors, stats if covariances else None, fp)
-
-    def _head_features(self, batch: Batch, fp: dict) -> Features:
-        """LM-head features without a backward: G = (softmax - onehot) / n_answer per token,
-        projected inside the chunked head (no B x T x V logits), A = the last hidden states."""
-        decoder, head, softcap = self._head
-        layer = self.layers[0]
-        device, dtype = batch.input_ids.device, self.dtype
-        P_in, P_out = self.projections(layer.name, device, dtype)
-        mask = batch.attention_mask.bool()
-        hidden = self.capture.hidden_states(batch, decoder)
-        with torch.no_grad():
-            labels = shifted_labels(batch.labels)
-            answers = (labels != IGNORE_INDEX).sum(1, keepdim=True)
-            weights = (1.0 / answers.to(dtype)).expand(labels.shape)
-            GP = lm_head_grad_projected(
-                hidden.flatten(0, 1).to(head.weight.dtype),
-                head.weight,
-                labels.flatten(),
-                weights.flatten(),
-                P_out,
-                bias=head.bias,
-                softcap=softcap,
-            )
-            A = hidden.to(dtype)
-            if layer.bias:
-                A = torch.cat([A, A.new_ones(*A.shape[:-1], 1)], dim=-1)
-            k_out = P_out.shape[1]
-            phi = ops.project(A, GP.view(*mask.shape, k_out), P_in, torch.eye(k_out, dtype=dtype, device=device), mask)
-        return self._features(phi.reshape(len(phi), -1), batch.ids, None, None, fp)
 
     def _flat_features(self, batch: Batch, fp: dict) -> Features:
         """Flat mode: each layer's per-example gradients, JL-projected into one sketch.

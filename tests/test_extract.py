@@ -271,11 +271,6 @@ def test_numpy_and_tensor_ids_become_python_scalars():
         ex.extract([dict(collate(examples[:1]), ids=[1.5])])
 
 
-def test_tied_head_named_in_the_error():
-    with pytest.raises(ValueError, match="tied"):
-        GradientExtractor(tiny_model("gpt2"), ProjectionConfig(include=[r"lm_head"]))
-
-
 def test_loss_from_hidden_states_when_the_head_is_not_captured(monkeypatch):
     """Without a hook on the LM head, the loss comes from hidden states through the chunked
     linear cross-entropy: the head module never runs (no B x T x V logits) and the
