@@ -8,7 +8,7 @@ succeeds and the ops fall back to their torch implementations.
 import os
 import sys
 
-from setuptools import setup
+from setuptools import find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 ext_modules = []
@@ -23,16 +23,20 @@ try:
 except ImportError:  # csrc/build_helpers.py absent: pure-Python install
     cmdclass["build_ext"] = build_ext
 
+
+def _packages() -> list[str]:
+    """Every package of the tree, found on disk so that none can be left out of a wheel.
+
+    ``triton_kernels/`` installs as ``fastinfluence.triton_kernels`` (a top-level ``triton_kernels``
+    is another project's name) and ``csrc/`` as ``fastinfluence.csrc``: sources only, no ``__init__.py``.
+    """
+    packages = find_packages(include=["fastinfluence", "fastinfluence.*"])
+    packages += ["fastinfluence." + name for name in find_packages(include=["triton_kernels", "triton_kernels.*"])]
+    return [*packages, "fastinfluence.csrc"]
+
+
 setup(
-    packages=[
-        "fastinfluence",
-        "fastinfluence.ops",
-        "fastinfluence.ops.backends",
-        "fastinfluence.integrations",
-        "fastinfluence.store",
-        "fastinfluence.triton_kernels",
-        "fastinfluence.csrc",
-    ],
+    packages=_packages(),
     package_dir={
         "fastinfluence": "fastinfluence",
         "fastinfluence.triton_kernels": "triton_kernels",

@@ -1,7 +1,11 @@
-"""Build the README's results table from the JSON files in bench/results/.
+"""Build the results tables of docs/benchmarks.md and the README's headline from bench/results/.
 
-    python bench/report.py                 # print the table
-    python bench/report.py --update README.md   # replace the tables between their markers, redraw the plot
+    python bench/report.py              # print the tables
+    python bench/report.py --update     # rewrite them between their markers in PAGES, redraw the plot
+    python bench/report.py --update other.md   # PAGES and the pages named
+
+A page holds any of the marker pairs (the results table, the peer tables); each pair it holds
+is rewritten, and every table must land on at least one page.
 
 Each file's figures are formatted by the function registered for its bench; a file no
 formatter knows is listed by name so nothing measured is silently left out.
@@ -14,10 +18,13 @@ import json
 import re
 from pathlib import Path
 
+ROOT = Path(__file__).parents[1]
 RESULTS = Path(__file__).parent / "results"
+# where the generated tables live: the full tables, and the README's headline peer table
+PAGES = (ROOT / "docs" / "benchmarks.md", ROOT / "README.md")
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 PEERS_START, PEERS_END = "<!-- peers:start -->", "<!-- peers:end -->"
-PEERS_JSON, PEERS_PLOT = RESULTS / "peers_cpu.json", Path(__file__).parents[1] / "docs" / "peers_cpu.svg"
+PEERS_JSON, PEERS_PLOT = RESULTS / "peers_cpu.json", ROOT / "docs" / "peers_cpu.svg"
 # the same benchmark with every tool in its own low precision (a separate run)
 LOW_START, LOW_END = "<!-- peers-bf16:start -->", "<!-- peers-bf16:end -->"
 LOW_JSON = RESULTS / "peers_bf16_cpu.json"
@@ -268,10 +275,24 @@ def peers_plot(d: dict, path: Path) -> None:
     )
 
 
-def _replace(doc: str, start: str, end: str, text: str, path: Path) -> str:
-    if start not in doc or end not in doc:
-        raise SystemExit(f"{path} has no {start} ... {end} markers")
+def _replace(doc: str, start: str, end: str, text: str) -> str:
     return re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: f"{start}\n{text}\n{end}", doc, flags=re.S)
+
+
+def update(pages: list[Path], tables: dict[tuple[str, str], str]) -> None:
+    """Rewrite each (start, end) marker pair found on each page; a table no page holds is an error."""
+    placed = set()
+    for path in pages:
+        doc = original = path.read_text()
+        for markers, text in tables.items():
+            if markers[0] in doc and markers[1] in doc:
+                doc = _replace(doc, *markers, text)
+                placed.add(markers)
+        if doc != original:
+            path.write_text(doc)
+    missing = [markers[0] for markers in tables if markers not in placed]
+    if missing:
+        raise SystemExit(f"no page of {[str(p) for p in pages]} holds the markers {missing}")
 
 
 def table() -> str:
@@ -284,28 +305,33 @@ def table() -> str:
             others.append(f"`{path.name}`")
             continue
         lines += fmt(json.loads(path.read_text()))
-    if others:  # studies whose numbers the sections above quote (demo, detector, peers' rechecks)
-        lines.append(f"\nAlso in `bench/results/`, quoted in the sections above: {', '.join(others)}.")
+    if others:  # studies whose numbers the docs pages quote (demo, detector, peers' rechecks)
+        lines.append(f"\nAlso in `bench/results/`, quoted in the pages of docs/: {', '.join(others)}.")
     return "\n".join(lines)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--update", metavar="README", help="rewrite the table between the results markers of this file")
+    ap.add_argument(
+        "--update",
+        nargs="*",
+        metavar="PAGE",
+        type=Path,
+        help="rewrite the tables between their markers in docs/benchmarks.md, README.md and the pages named",
+    )
     args = ap.parse_args()
     text = table()
     peers = json.loads(PEERS_JSON.read_text()) if PEERS_JSON.exists() else None
-    if not args.update:
+    if args.update is None:
         print(text if peers is None else f"{text}\n\n{peers_table(peers)}")
         return
-    path = Path(args.update)
-    doc = _replace(path.read_text(), START, END, text, path)
+    tables = {(START, END): text}
     if peers is not None:
-        doc = _replace(doc, PEERS_START, PEERS_END, peers_table(peers), path)
+        tables[PEERS_START, PEERS_END] = peers_table(peers)
         peers_plot(peers, PEERS_PLOT)
-    if LOW_JSON.exists() and LOW_START in doc:
-        doc = _replace(doc, LOW_START, LOW_END, peers_table(json.loads(LOW_JSON.read_text())), path)
-    path.write_text(doc)
+    if LOW_JSON.exists():
+        tables[LOW_START, LOW_END] = peers_table(json.loads(LOW_JSON.read_text()))
+    update(list(dict.fromkeys(p.resolve() for p in [*PAGES, *args.update])), tables)
 
 
 if __name__ == "__main__":

@@ -108,13 +108,13 @@ def test_suite_without_a_gpu_says_so_and_exits_0(tmp_path):
     assert "no CUDA device" in summary and "commit 0123abc" in summary
 
 
-def test_the_command_in_the_script_header_is_the_readme_s():
+def test_the_command_in_the_script_header_is_the_runbook_s():
     script = (ROOT / "bench" / "gpu_suite.sh").read_text().splitlines()
     header = [line.removeprefix("#").strip() for line in script[:16]]
     commands = [line for line in header if line.startswith("FASTINFLUENCE_COMMIT=")]
     assert len(commands) == 3 and "SKIP_BENCH=1" in commands[1] and "SKIP_TESTS=1" in commands[2]
-    readme = (ROOT / "README.md").read_text()
-    assert all(command in readme for command in commands), commands
+    runbook = (ROOT / "docs" / "gpu.md").read_text()
+    assert all(command in runbook for command in commands), commands
 
 
 def test_overlay_imports_the_relocated_subpackages_from_the_tree(tmp_path):
