@@ -45,13 +45,13 @@ def _full_backward(ex, batch):
     """The extractor's features through the capture pass from the input embeddings."""
 
     def run():
-        head, ex._head = ex._head, None
+        fused, ex.capture.fused = ex.capture.fused, None
         try:
             start = lambda m, _l: ("embeddings", m.get_input_embeddings())  # noqa: E731
             with mock.patch.object(capture, "backward_start", start):
                 return ex.extract([batch])
         finally:
-            ex._head = head
+            ex.capture.fused = fused
 
     return run
 
@@ -60,11 +60,11 @@ def _cut_autograd(ex, batch):
     """LM-head features through autograd with the backward cut at the head's input."""
 
     def run():
-        head, ex._head = ex._head, None
+        fused, ex.capture.fused = ex.capture.fused, None
         try:
             return ex.extract([batch])
         finally:
-            ex._head = head
+            ex.capture.fused = fused
 
     return run
 

@@ -62,7 +62,7 @@ def main() -> None:
 
     def autograd(ex, full: bool):
         def run():
-            head, ex._head = ex._head, None  # through the capture pass
+            fused, ex.capture.fused = ex.capture.fused, None  # through the capture pass
             try:
                 if not full:
                     return ex.extract([batch])
@@ -70,7 +70,7 @@ def main() -> None:
                 with mock.patch.object(capture, "backward_start", start):
                     return ex.extract([batch])
             finally:
-                ex._head = head
+                ex.capture.fused = fused
 
         return run
 

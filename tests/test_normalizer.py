@@ -121,7 +121,7 @@ def test_token_factors_covariances_and_lm_head_path():
     h_slow, h_layers = slow_gradients(model, exs, include=["lm_head"])
     h_norm = random_normalizer(h_layers, seed=2)
     ext = GradientExtractor(model, head, normalizer=h_norm)
-    assert ext._head is not None  # the backward-free path is the one under test
+    assert ext.capture.fused is not None and ext.capture.head_layer is not None  # the fused head path under test
     h_ref = projected(dense_normalised(per_layer(h_slow, h_layers), h_norm), h_layers, head)
     assert rel_err(ext.extract(batches_of(exs, 2)).data, h_ref) <= TOL64
 
