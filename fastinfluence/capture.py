@@ -109,6 +109,13 @@ def select_layers(
                 "sees only this layer's part of that parameter's gradient, so tied layers are not captured. "
                 "Untie them (config.tie_word_embeddings=False) or choose other layers."
             )
+        if tied_hits:
+            log.warning(
+                "include matches %s, whose weight is tied to the input embeddings: it is not captured (a hook would "
+                "see only its part of that parameter's gradient); untie it (config.tie_word_embeddings=False) to "
+                "capture it",
+                ", ".join(tied_hits[:3]),
+            )
     else:
         chosen, why = _default_layers(candidates)
     if exclude:

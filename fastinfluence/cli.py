@@ -215,9 +215,9 @@ def check_batches(model, batches: list[dict]) -> None:
 
     from .batching import BatchLimits, prepare_batch
 
-    limits, seen = BatchLimits.of(model), 0
+    limits, seen, warned = BatchLimits.of(model), 0, set()
     for b in batches:
-        prepare_batch(b, torch.device("cpu"), seen, limits)
+        prepare_batch(b, torch.device("cpu"), seen, limits, warned)
         seen += len(b["input_ids"])
 
 

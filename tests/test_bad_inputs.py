@@ -220,6 +220,17 @@ CLI_CASES = [
     ),
     ("bench --ops foo", "bench --ops foo", "unknown ops foo for --ops"),
     (
+        "unlearn rapidun without clean answers",
+        "unlearn --model {w}/model --forget {w}/norefs.jsonl --retain {w}/train.jsonl --method rapidun --out {w}/u1",
+        "norefs.jsonl have none: add 'clean_response' to every line, or pass --rapidun-without-clean",
+    ),
+    (
+        "unlearn --ratio 0 with a retain term",
+        "unlearn --model {w}/model --forget {w}/train.jsonl --retain {w}/train.jsonl --ratio 0 --out {w}/u1",
+        "--ratio 0 pairs no retain example with each forget example, but --method graddiff has a retain term: use "
+        "--ratio 1 or more",
+    ),
+    (
         "unlearn graddiff without --retain",
         "unlearn --model {w}/model --forget {w}/train.jsonl --out {w}/u1",
         "has a retain term: give --retain",
@@ -696,6 +707,16 @@ def test_a_left_padded_batch_without_mask_gives_the_features_of_its_mask(api, ca
     assert "taking the leading/trailing pad tokens (id 0) as padding" in caplog.text
 
 
+def test_batches_without_labels_are_named_once_per_extraction(api, caplog):
+    caplog.set_level("WARNING", logger="fastinfluence")
+    unlabelled = [_batch(labels=None)] * 3
+    extractor = fi.GradientExtractor(api[0], fi.ProjectionConfig(rank_in=2, rank_out=2))
+    for _ in range(2):
+        extractor.extract(unlabelled)
+    said = [r.getMessage() for r in caplog.records if "has no 'labels'" in r.getMessage()]
+    assert len(said) == 2 and "every attended token is a target, the prompt's too" in said[0]
+
+
 def test_allow_incomplete_scores_the_rows_that_are_there(w, capsys):
     args = "--quiet score --train {w}/partial --query {w}/qstore --out {w}/partial.json --allow-incomplete"
     assert main(_argv(w, args)) == 0
@@ -742,13 +763,9 @@ def test_an_unlearned_adapter_records_its_base_model_by_absolute_path(w, monkeyp
     assert main(["--quiet", "evaluate", "--model", str(w / "unlearned"), "--clean", clean, "--out", "e.json"]) == 0
 
 
-def test_rapidun_without_clean_answers_warns_by_name(w, caplog):
-    caplog.set_level("WARNING", logger="fastinfluence")
-    main(
-        _argv(
-            w,
-            "unlearn --model {w}/model --forget {w}/norefs.jsonl --retain {w}/train.jsonl --method rapidun "
-            "--steps 1 --batch-size 1 --cpu --out {w}/rapidun_out",
-        )
+def test_rapidun_without_clean_answers_runs_when_asked_by_name(w):
+    args = (
+        "--quiet unlearn --model {w}/model --forget {w}/norefs.jsonl --retain {w}/train.jsonl --method rapidun "
+        "--rapidun-without-clean --steps 1 --batch-size 1 --cpu --out {w}/rapidun_out"
     )
-    assert "no line of" in caplog.text and "has 'clean_response'" in caplog.text
+    assert main(_argv(w, args)) == 0

@@ -294,3 +294,10 @@ def test_loss_from_hidden_states_when_the_head_is_not_captured(monkeypatch):
     assert calls == []
     monkeypatch.setattr(capture, "fused_head", lambda _model: None)  # the model's own logits
     assert rel_err(fused.data, GradientExtractor(model, cfg).extract(batches).data) <= 1e-10
+
+
+def test_a_tied_head_beside_other_included_layers_is_named_as_not_captured(caplog):
+    caplog.set_level("WARNING", logger="fastinfluence")
+    ex = GradientExtractor(tiny_model("gpt2"), ProjectionConfig(include=[r"mlp\.c_fc", r"lm_head"]))
+    assert "lm_head" not in [l.name for l in ex.layers]
+    assert "include matches lm_head, whose weight is tied to the input embeddings: it is not captured" in caplog.text

@@ -201,6 +201,18 @@ def test_rapidun_uses_the_alternate_answer_as_the_clean_one(tmp_path):
     assert_same(model, trainer.compute_loss(model, inputs), by_hand())
 
 
+def test_rapidun_refuses_a_forget_set_without_alternate_answers(data, tmp_path):
+    with pytest.raises(ValueError, match="yields no 'alternate'.*rapidun_without_clean=true"):
+        make("FIRapidUn", tiny_model("llama", torch.float64, seed=10), *data, tmp_path)
+
+
+def test_rapidun_without_clean_by_name_is_graddiff(data, tmp_path):
+    model = tiny_model("llama", torch.float64, seed=10)
+    inputs = batch(*data)
+    ours = make("FIRapidUn", model, *data, tmp_path, rapidun_without_clean=True).compute_loss(model, inputs)
+    assert_same(model, ours, make("FIGradDiff", model, *data, tmp_path).compute_loss(model, inputs))
+
+
 def test_low_influence_keep_list_zeroes_the_skipped_examples(tmp_path):
     fw, rw = oul.load_weights(write_weights(tmp_path, keep=[0, 2], n=4, forget=[1.0, 2.0, 3.0, 4.0]))
     assert fw.tolist() == [1.0, 0.0, 3.0, 0.0] and rw is None
