@@ -238,7 +238,14 @@ class Normalizer:
         """The normalizer saved at ``path``; ``eps`` / ``damping_ratio`` override the saved ones."""
         if not Path(path).is_file():
             raise FileNotFoundError(f"no normalizer at {path}: write one with Normalizer.save")
-        with safe_open(str(path), "pt") as f:
+        try:
+            f = safe_open(str(path), "pt")
+        except Exception as exc:  # safetensors raises its own error type for a file of another format
+            why = str(exc).partition("\n")[0]
+            raise ValueError(
+                f"{path} is not a safetensors file ({why}); give a normalizer written by Normalizer.save"
+            ) from None
+        with f:
             meta = f.metadata() or {}
             if meta.get("format") != _FORMAT:
                 raise ValueError(f"{path} holds no normalizer (metadata {meta}); write one with Normalizer.save")
