@@ -244,7 +244,8 @@ class _InfluenceLossTrainer:
             )
         return weights[index].to(batch["input_ids"].device)
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+    def compute_unlearn_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """The method's loss of an unlearning batch ``{"forget": ..., "retain": ...}``."""
         forget = inputs["forget"]
         poisoned = self._flat(forget)
         f = losses.sequence_nll(model, poisoned)
@@ -266,6 +267,19 @@ class _InfluenceLossTrainer:
         return (loss, None) if return_outputs else loss
 
 
+class _LossDispatch:
+    """open-unlearning's train/eval dispatch, for its base classes that predate it (newer ones, since
+    its PR #175, do the same in their own ``compute_loss``): an unlearning batch gets the method's
+    loss, any other batch (an HF ``eval_dataset``) the model's own loss."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if "forget" in inputs:
+            return self.compute_unlearn_loss(model, inputs, return_outputs)
+        # transformers before 4.46 takes no num_items_in_batch
+        extra = {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}
+        return super().compute_loss(model, inputs, return_outputs=return_outputs, **extra)
+
+
 _BUILT: dict[type, dict[str, type]] = {}
 
 
@@ -277,10 +291,11 @@ def trainers(base: type | None = None) -> dict[str, type]:
         except ImportError as e:
             raise ImportError(USAGE) from e
     if base not in _BUILT:
+        dispatch = () if hasattr(base, "compute_unlearn_loss") else (_LossDispatch,)
         _BUILT[base] = {
             name: type(
                 name,
-                (_InfluenceLossTrainer, base),
+                (*dispatch, _InfluenceLossTrainer, base),
                 {
                     "spec": spec,
                     "__module__": __name__,
