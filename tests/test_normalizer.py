@@ -258,7 +258,7 @@ def test_trainer_checkpoint_optimizer_state(tmp_path):
     )  # fmt: skip
     trainer = Trainer(model=model, args=args, train_dataset=Data(), data_collator=collator)
     trainer.train()
-    state = torch.load(tmp_path / "checkpoint-2" / "optimizer.pt", weights_only=False)
+    state = torch.load(tmp_path / "checkpoint-2" / "optimizer.pt", weights_only=True)  # no pickle code runs
     cfg = ProjectionConfig(include=[r"mlp\.", r"o_proj"])
     live = Normalizer.from_optimizer(model, trainer.optimizer, cfg)
     saved = Normalizer.from_optimizer(model, state, cfg, param_names="trainer")
@@ -427,3 +427,18 @@ def test_a_normalizer_saved_without_its_model_is_used_with_one_warning(tmp_path,
     GradientExtractor(tiny_model("llama", seed=1), ProjectionConfig(include=[r"mlp\."]), normalizer=norm)
     warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert len(warned) == 1 and "records no weights of the model it was made on" in warned[0]
+
+
+def test_no_code_of_the_project_unpickles_with_weights_only_false():
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    unsafe = re.compile(r"weights_only\s*=\s*False")
+    found = [
+        str(p.relative_to(root))
+        for d in ("fastinfluence", "tests", "bench")
+        for p in sorted((root / d).rglob("*.py"))
+        if unsafe.search(p.read_text())
+    ]
+    assert found == []
