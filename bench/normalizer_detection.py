@@ -90,7 +90,7 @@ def trained(name: str, seed: int, cache: Path):
     path = cache / f"{name}_s{seed}.pt"
     model = demo_model.build_model(len(tokenizer), recipe, seed, tokenizer.pad_token_id, tokenizer.eos_token_id)
     if path.exists():
-        saved = torch.load(path, weights_only=False)
+        saved = torch.load(path, weights_only=True)  # tensors and plain values only: no pickle code runs
         model.load_state_dict(saved["model"])
         return scenario, tokenizer, enc, model.eval(), saved["optimizer"], saved["train_seconds"]
     made = []

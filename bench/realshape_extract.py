@@ -143,7 +143,6 @@ def main() -> None:
                     "memory_over_model": med[c]["peak_above_model_mib"] / med["model"]["peak_above_model_mib"],
                 }
     import torch
-
     from _common import commit
 
     w = WORKLOADS[args.workload]

@@ -233,7 +233,16 @@ class BatchLimits:
         return cls(vocab, positions, getattr(cfg, "pad_token_id", None), eos if isinstance(eos, int) else None)
 
 
-def _infer_mask(input_ids: torch.Tensor, limits: BatchLimits, ids: list) -> torch.Tensor:
+def _warn(warned: set[str] | None, key: str, message: str, *args) -> None:
+    """Log ``message`` once per pass: not again once ``key`` is in ``warned`` (every time when None)."""
+    if warned is not None and key in warned:
+        return
+    log.warning(message, *args)
+    if warned is not None:
+        warned.add(key)
+
+
+def _infer_mask(input_ids: torch.Tensor, limits: BatchLimits, ids: list, warned: set[str] | None) -> torch.Tensor:
     """Attention mask of a batch given without one: padding is the leading or trailing run of
     ``pad_token_id``. Refused where padding cannot be told from content."""
     import torch
@@ -251,7 +260,9 @@ def _infer_mask(input_ids: torch.Tensor, limits: BatchLimits, ids: list) -> torc
             f"the batch has no attention_mask and examples {[ids[i] for i in rows[:5]]} hold the pad token "
             f"{pad} where it cannot be told from text (inside the sequence, or pad = eos): pass attention_mask"
         )
-    log.warning(
+    _warn(
+        warned,
+        "mask",
         "the batch has no attention_mask: taking the leading/trailing pad tokens (id %d) as padding; "
         "pass attention_mask to say so explicitly",
         pad,
@@ -259,14 +270,23 @@ def _infer_mask(input_ids: torch.Tensor, limits: BatchLimits, ids: list) -> torc
     return (~(lead | trail)).long()
 
 
-def prepare_batch(batch: dict, device: torch.device, start: int, limits: BatchLimits | None = None) -> Batch:
+def prepare_batch(
+    batch: dict,
+    device: torch.device,
+    start: int,
+    limits: BatchLimits | None = None,
+    warned: set[str] | None = None,
+) -> Batch:
     """Validate an HF-style batch (``input_ids``, optional ``attention_mask`` / ``labels`` / ``ids``).
 
-    Missing labels mean every attended token is a target; labels at padding are ignored (see
-    ``_label_positions`` for the labelled final eos of eos-padded batches).
+    Missing labels mean every attended token is a target, the prompt's included (logged as a
+    warning); labels at padding are ignored (see ``_label_positions`` for the labelled final eos
+    of eos-padded batches).
     ``start`` is the running index of the batch's first example (default ids). A missing
     attention mask is inferred from the model's ``pad_token_id`` (see ``_infer_mask``);
     ``limits`` (``BatchLimits.of(model)``) also checks token ids and lengths, naming the example.
+    ``warned``: the warnings already logged in this pass over the data, updated here, so that a
+    pass logs each once (None: every call logs its own).
     """
     import torch
 
@@ -281,8 +301,15 @@ def prepare_batch(batch: dict, device: torch.device, start: int, limits: BatchLi
     limits = limits or BatchLimits()
     ids = batch_ids(batch, shape[0], start)
     mask = batch.get("attention_mask")
-    mask = _infer_mask(input_ids, limits, ids) if mask is None else torch.as_tensor(mask)
+    mask = _infer_mask(input_ids, limits, ids, warned) if mask is None else torch.as_tensor(mask)
     given = batch.get("labels")
+    if given is None:
+        _warn(
+            warned,
+            "labels",
+            "the batch has no 'labels': every attended token is a target, the prompt's too; to take the loss on "
+            "the answer only, pass labels with -100 on the prompt tokens (fastinfluence.data.batches does)",
+        )
     labels = input_ids.clone() if given is None else torch.as_tensor(given)
     for key, t in (("input_ids", input_ids), ("attention_mask", mask), ("labels", labels)):
         if t.dtype.is_floating_point or t.dtype.is_complex:
@@ -352,12 +379,12 @@ def _check_limits(input_ids, mask, labels, limits: BatchLimits, ids: list) -> No
 
 
 def iter_batches(batches: Iterable[dict], device: torch.device, model: nn.Module | None = None) -> Iterator[Batch]:
-    """Validated batches (checked against ``model``'s vocabulary and positions when given); raises if
-    the iterable holds no example."""
-    seen = 0
+    """Validated batches (checked against ``model``'s vocabulary and positions when given), each warning
+    logged once per call; raises if the iterable holds no example."""
+    seen, warned = 0, set()
     limits = BatchLimits.of(model) if model is not None else None
     for raw in batches:
-        batch = prepare_batch(raw, device, seen, limits)
+        batch = prepare_batch(raw, device, seen, limits, warned)
         seen += batch.input_ids.shape[0]
         yield batch
     if seen == 0:

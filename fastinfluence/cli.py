@@ -173,12 +173,51 @@ def _adapter_base(adapter: Path) -> Path:
     )
 
 
+def _check_causal_lm(base: Path, flag: str) -> None:
+    """Refuse a directory whose config names only transformers classes that are not causal LMs (a BERT
+    saved as BertForMaskedLM): AutoModelForCausalLM would load it as another head, or fail later."""
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    try:
+        config = json.loads((base / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise CLIError(f"{flag}: {base / 'config.json'} cannot be read as JSON ({exc})") from None
+    names = config.get("architectures") or []
+    causal = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    if names and not causal & set(names) and all(hasattr(transformers, n) for n in names):
+        loads = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.get("model_type"))
+        raise CLIError(
+            f"{flag} {base} holds a {names[0]} (config.json 'architectures'), not a causal LM"
+            + (f" (AutoModelForCausalLM would load it as {loads}, a head it was not trained with)" if loads else "")
+            + ": give a decoder-only language model directory (a ...ForCausalLM / ...LMHeadModel)"
+        )
+
+
+def _unloadable(base: Path, flag: str, exc: Exception) -> str:
+    """One line for weights that transformers cannot load, naming a truncated or corrupt safetensors file."""
+    from safetensors import safe_open
+
+    for f in sorted(base.glob("*.safetensors")):
+        try:
+            with safe_open(str(f), "pt"):
+                pass
+        except Exception as bad:  # safetensors raises its own error type, or OSError
+            why = str(bad).partition("\n")[0]
+            return f"{flag}: {f} cannot be read ({why}): the file is truncated or corrupt; copy or save the model again"
+    why = str(exc).partition("\n")[0]
+    return f"{flag} {base}: the model cannot be loaded ({type(exc).__name__}: {why})"
+
+
 def load_model(path: str, model_dtype: str = "float32", device: str = "cpu", flag: str = "--model"):
     """(model, tokenizer) from a local HF model directory or a PEFT adapter directory (loaded trainable, so
     its LoRA layers are the captured ones). Paths are resolved, so that what is saved from the model (an
     adapter's base path) works from any directory. Nothing is downloaded."""
     import torch
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .model import dtype_kwargs
 
     root = _model_dir(path, flag)
     dtype = getattr(torch, model_dtype)
@@ -191,7 +230,11 @@ def load_model(path: str, model_dtype: str = "float32", device: str = "cpu", fla
             + (f" or {base}" if adapter else "")
             + f" (none of {', '.join(TOKENIZER_FILES[:3])}); save it there with tokenizer.save_pretrained(DIR)"
         )
-    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=dtype, local_files_only=True)
+    _check_causal_lm(base, flag)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(base), **dtype_kwargs(dtype), local_files_only=True)
+    except (SafetensorError, OSError) as exc:
+        raise CLIError(_unloadable(base, flag, exc)) from None
     if adapter:
         from peft import PeftModel
 
@@ -215,9 +258,9 @@ def check_batches(model, batches: list[dict]) -> None:
 
     from .batching import BatchLimits, prepare_batch
 
-    limits, seen = BatchLimits.of(model), 0
+    limits, seen, warned = BatchLimits.of(model), 0, set()
     for b in batches:
-        prepare_batch(b, torch.device("cpu"), seen, limits)
+        prepare_batch(b, torch.device("cpu"), seen, limits, warned)
         seen += len(b["input_ids"])
 
 
@@ -623,9 +666,12 @@ def _score(args) -> int:
 def _query_features(args, train, records):
     from .config import ProjectionConfig
     from .extract import GradientExtractor
+    from .store.format import check_same_origin
 
     model, tok = load_model(args.model, args.model_dtype, _device(args.device))
     extractor = GradientExtractor(model, ProjectionConfig.from_dict(train.manifest["config"]))
+    # Before any query is extracted: features of another model would only be refused when scored.
+    check_same_origin(extractor.metadata(), train.metadata(), f"--model {args.model}", f"the train store {args.train}")
     batches = encode(tok, records, args.batch_size, args.max_length, args.eos)
     check_batches(model, batches)
     return extractor.extract(batches)

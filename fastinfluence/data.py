@@ -52,8 +52,18 @@ def read_jsonl(path: str | Path, required: tuple[str, ...] = ("prompt", "respons
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file; give a JSONL file with {_PER_LINE}")
     records = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f):
+    with open(path, "rb") as f:
+        if f.read(2) == b"\x1f\x8b":
+            raise ValueError(f"{path} is gzip-compressed: decompress it (gunzip) and give the JSONL file")
+        f.seek(0)
+        for n, raw in enumerate(f):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise ValueError(
+                    f"{path} line {n + 1} is not UTF-8 (byte 0x{raw[exc.start]:02x} at column {exc.start + 1}): "
+                    "JSONL must be UTF-8; convert the file (e.g. iconv -f latin1 -t utf-8)"
+                ) from None
             if not line.strip():
                 continue
             try:

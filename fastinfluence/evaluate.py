@@ -26,13 +26,18 @@ open-unlearning compatibility (``exclude_final_eos=True``): its min-k and extrac
 leave out each answer's final token, the eos its data pipeline appends; loss, zlib, the KS test
 and PrivLeak's formula already agree. Its extraction strength gives 1/n, not 0, to an answer
 no suffix of which greedy decoding reproduces; here it is 0.
+
+The module is callable: ``fastinfluence.evaluate(model, ...)`` is :func:`evaluate`, and its other
+names (``fastinfluence.evaluate.lds``, ...) stay where they are.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import sys
 import time
+import types
 import zlib
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -506,3 +511,11 @@ def recall_at_k(scores, sources, k: int = 1) -> float:
             raise ValueError(f"query {q} has no planted source")
         total += len(src & set(top[q].tolist())) / len(src)
     return total / len(top)
+
+
+class _CallableModule(types.ModuleType):
+    def __call__(self, *args, **kwargs) -> dict:
+        return evaluate(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -23,3 +23,15 @@ def mlp_blocks(model: torch.nn.Module) -> dict[str, tuple[list[torch.nn.Module],
             "gate_proj/up_proj + down_proj, c_fc + c_proj, or fc1 + fc2)"
         )
     return blocks
+
+
+# transformers 4.56 renamed from_pretrained's torch_dtype to dtype; open-unlearning pins 4.45.1.
+_DTYPE_SINCE = (4, 56)
+
+
+def dtype_kwargs(dtype: torch.dtype) -> dict:
+    """``from_pretrained`` keyword for the load dtype in the installed transformers: ``dtype`` or ``torch_dtype``."""
+    import transformers
+
+    version = tuple(int(p) for p in transformers.__version__.split(".")[:2])
+    return {"dtype" if version >= _DTYPE_SINCE else "torch_dtype": dtype}

@@ -36,12 +36,18 @@ Where (r, c) come from:
 
 TrackStar's unit normalisation of the final feature is ``score(..., metric="cosine")``: it
 divides by the norms of the (normalised, projected) features stored at extraction.
+
+Which model: ``fit`` and ``from_optimizer`` record a sample of each layer's weights (64 entries,
+saved with the factors), and ``check`` (``GradientExtractor(normalizer=)``, ``exact_scores(
+normalizer=)``) refuses a model whose sampled weights lie farther than half their norm from
+them: another model, never a dtype cast or a checkpoint of the same training run.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -59,6 +65,15 @@ from .ops._common import augmented, example_chunks, masked
 SOURCES = ("adam", "adafactor", "fitted", "given")
 METHODS = ("auto", "ghost", "dense")
 _FORMAT = "fastinfluence-normalizer"
+_SAMPLES = 64  # weight entries recorded per layer
+_OTHER_MODEL = 0.5  # relative distance of the sampled weights beyond which the model is another one
+log = logging.getLogger(__name__)
+
+
+def weight_sample(weight: torch.Tensor) -> torch.Tensor:
+    """(<= 64,) float64 entries of ``weight`` at a fixed stride: what a normaliser records of its model."""
+    w = weight.detach().flatten()
+    return w[:: max(1, w.numel() // _SAMPLES)][:_SAMPLES].to("cpu", torch.float64)
 
 
 @dataclass(eq=False)
@@ -71,12 +86,15 @@ class Normalizer:
         source: where they came from: ``adam``, ``adafactor``, ``fitted`` or ``given``.
         eps: absolute floor added to r and c (>= 0).
         damping_ratio: added to r and c in units of their mean (>= 0).
+        weight_samples: layer name -> ``weight_sample`` of the weight the factors were made on
+            (``fit`` and ``from_optimizer`` record them), or None: then any model is accepted.
     """
 
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]]
     source: str = "given"
     eps: float = 1e-30
     damping_ratio: float = 0.0
+    weight_samples: dict[str, torch.Tensor] | None = None
     _cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self):
@@ -108,6 +126,12 @@ class Normalizer:
                     )
             clean[name] = (r, c)
         self.factors = clean
+        if self.weight_samples is not None:
+            if not isinstance(self.weight_samples, Mapping) or not set(self.weight_samples) <= set(clean):
+                raise ValueError("Normalizer.weight_samples must map layer names of its factors to weight samples")
+            self.weight_samples = {
+                n: torch.as_tensor(t).to("cpu", torch.float64) for n, t in self.weight_samples.items()
+            }
 
     def __repr__(self) -> str:
         return (
@@ -141,6 +165,19 @@ class Normalizer:
                 raise ValueError(
                     f"layer {l.name}: the normalizer's factors are for a ({got[0]}, {got[1]}) gradient, "
                     f"this layer's is ({want[0]}, {want[1]}){hint}"
+                )
+        for l in layers:
+            made_on = (self.weight_samples or {}).get(l.name)
+            if made_on is None:
+                continue
+            now = weight_sample(l.weight)  # the same entries: the shapes were checked above
+            scale = max(float(made_on.norm()), float(now.norm()))
+            distance = float((now - made_on).norm()) / scale if scale > 0 else 0.0
+            if distance > _OTHER_MODEL:
+                raise ValueError(
+                    f"the normalizer was made on another model: the weights of layer {l.name} differ from those it "
+                    f"was made on (relative distance {distance:.2f}); make it on this model (Normalizer.fit, or "
+                    "Normalizer.from_optimizer with this model's optimizer state)"
                 )
 
     def scales(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -185,6 +222,8 @@ class Normalizer:
         tensors = {}
         for name, (r, c) in self.factors.items():
             tensors[f"{name}.r"], tensors[f"{name}.c"] = r.contiguous(), c.contiguous()
+        for name, sample in (self.weight_samples or {}).items():
+            tensors[f"{name}.weight_sample"] = sample.contiguous()
         meta = {
             "format": _FORMAT,
             "source": self.source,
@@ -199,16 +238,31 @@ class Normalizer:
         """The normalizer saved at ``path``; ``eps`` / ``damping_ratio`` override the saved ones."""
         if not Path(path).is_file():
             raise FileNotFoundError(f"no normalizer at {path}: write one with Normalizer.save")
-        with safe_open(str(path), "pt") as f:
+        try:
+            f = safe_open(str(path), "pt")
+        except Exception as exc:  # safetensors raises its own error type for a file of another format
+            why = str(exc).partition("\n")[0]
+            raise ValueError(
+                f"{path} is not a safetensors file ({why}); give a normalizer written by Normalizer.save"
+            ) from None
+        with f:
             meta = f.metadata() or {}
             if meta.get("format") != _FORMAT:
                 raise ValueError(f"{path} holds no normalizer (metadata {meta}); write one with Normalizer.save")
             factors = {n: (f.get_tensor(f"{n}.r"), f.get_tensor(f"{n}.c")) for n in json.loads(meta["layers"])}
+            samples = {n: f.get_tensor(f"{n}.weight_sample") for n in factors if f"{n}.weight_sample" in f.keys()}
+        if not samples:
+            log.warning(
+                "the normalizer %s records no weights of the model it was made on (saved by an older fastinfluence): "
+                "it is used with any model unchecked; make it again and save it to have it checked",
+                path,
+            )
         return cls(
             factors,
             meta["source"],
             float(meta["eps"]) if eps is None else eps,
             float(meta["damping_ratio"]) if damping_ratio is None else damping_ratio,
+            samples or None,
         )
 
     # ------------------------------------------------------------------------- makers
@@ -252,7 +306,8 @@ class Normalizer:
                 v_b = _bias_moment(layer, bias, states)
                 r, c = r + v_b, torch.cat([c, v_b.sum().reshape(1)])
             factors[layer.name] = (r, c)
-        return cls(factors, "adafactor" if kinds == {"adafactor"} else "adam", eps, damping_ratio)
+        samples = {layer.name: weight_sample(layer.weight) for layer in layers}
+        return cls(factors, "adafactor" if kinds == {"adafactor"} else "adam", eps, damping_ratio, samples)
 
     @classmethod
     def fit(
@@ -292,7 +347,8 @@ class Normalizer:
 
         examples = len(capture.run(batches, lambda _batch: accumulate, "normalizer" if progress else None))
         factors = {n: (r.cpu() / examples, c.cpu() / examples) for n, (r, c) in sums.items()}
-        return cls(factors, "fitted", eps, damping_ratio)
+        samples = {l.name: weight_sample(l.weight) for l in capture.layers}
+        return cls(factors, "fitted", eps, damping_ratio, samples)
 
 
 def row_col_squares(A: torch.Tensor, G: torch.Tensor, method: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:

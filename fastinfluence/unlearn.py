@@ -212,6 +212,18 @@ def check_loss_options(reduction: str, weight_norm: str, retain_loss_type: str) 
             raise ValueError(f"{name}={value!r} is not one of {', '.join(choices)}")
 
 
+def check_clean_answers(missing: list[int], without_clean: bool) -> None:
+    """Refuse RapidUn forget examples without a clean answer (``missing``: their positions) unless
+    ``without_clean``: without one, the forget term would quietly become gradient ascent."""
+    if missing and not without_clean:
+        raise ValueError(
+            f"method='rapidun' trains towards each forget example's clean answer, but forget examples "
+            f"{missing[:5]}{' ...' if len(missing) > 5 else ''} have none: give each a 'clean' example (the same "
+            "prompt with its clean answer), or pass rapidun_without_clean=True for weighted gradient ascent on the "
+            "poisoned answers"
+        )
+
+
 def frozen(model: torch.nn.Module, device) -> torch.nn.Module:
     """``model`` as a reference: eval mode, no gradients, on ``device``."""
     return model.to(device).eval().requires_grad_(False)
@@ -269,6 +281,9 @@ class UnlearnTrainer(Trainer):
         rapidun_tokens: ``all`` or ``differing``: which answer tokens RapidUn's forget loss
             counts (``losses.rapidun_forget(tokens=...)``); ``differing`` needs forget
             examples with ``clean`` answers.
+        rapidun_without_clean: RapidUn trains towards each forget example's ``clean`` answer and
+            refuses forget examples without one; True accepts them, and a batch without clean
+            answers is then weighted gradient ascent on the poisoned answers.
         Everything else is passed to ``Trainer`` (``train_dataset`` an ``UnlearnDataset``,
         ``data_collator`` defaults to ``UnlearnCollator``). ``remove_unused_columns`` is
         turned off, because the batches are nested.
@@ -295,6 +310,7 @@ class UnlearnTrainer(Trainer):
         ref_model=None,
         delta: float = 0.0,
         rapidun_tokens: str = "all",
+        rapidun_without_clean: bool = False,
         **kwargs,
     ):
         if method not in METHODS:
@@ -310,6 +326,8 @@ class UnlearnTrainer(Trainer):
                 "rapidun_tokens='differing' compares each forget example with its clean answer: "
                 "give every forget example a 'clean' example"
             )
+        if method == "rapidun":
+            check_clean_answers([i for i, e in enumerate(dataset.forget) if "clean" not in e], rapidun_without_clean)
         self.rapidun_tokens = rapidun_tokens
         if method in _USES_RETAIN and dataset.ratio == 0:
             raise ValueError(f"method {method!r} has a retain term; build the UnlearnDataset with ratio >= 1")

@@ -154,12 +154,19 @@ def _unlearn(args) -> int:
     out = check_dir(args.out, "--out", args.overwrite, protect=(Path(args.model),))
     if args.method != "ga" and not args.retain:
         raise CLIError(f"--method {args.method} has a retain term: give --retain JSONL (or use --method ga)")
-    if args.method == "rapidun" and not any("clean_response" in r for r in read_jsonl(args.forget)):
-        log.warning(
-            "--method rapidun: no line of %s has 'clean_response', so the forget loss is gradient ascent "
-            "on the poisoned answers only; add the clean answers to train towards them",
-            args.forget,
+    if args.method != "ga" and args.ratio == 0:
+        raise CLIError(
+            f"--ratio 0 pairs no retain example with each forget example, but --method {args.method} has a retain "
+            "term: use --ratio 1 or more (default 3), or --method ga"
         )
+    if args.method == "rapidun" and not args.rapidun_without_clean:
+        missing = [n for n, r in enumerate(read_jsonl(args.forget)) if "clean_response" not in r]
+        if missing:
+            raise CLIError(
+                f"--method rapidun trains towards each forget example's clean_response, but examples {missing[:5]}"
+                f"{' ...' if len(missing) > 5 else ''} of {args.forget} have none: add 'clean_response' to every "
+                "line, or pass --rapidun-without-clean for weighted gradient ascent on the responses"
+            )
     w = _json_file(args.weights, "--weights") if args.weights else None
     from transformers import TrainingArguments
 
@@ -236,6 +243,7 @@ def _train(args, model, tok, dataset, lora, TrainingArguments, UnlearnTrainer, o
         loss_reweight_tau=args.loss_reweight_tau,
         lora=lora,
         train_dataset=dataset,
+        rapidun_without_clean=args.rapidun_without_clean,
     )
     result = trainer.train()
     trainer.save_model(str(out))
@@ -375,6 +383,11 @@ def register(subparsers) -> None:
     )
     p.add_argument("--overwrite", action="store_true", help="replace an earlier unlearn output in --out")
     p.add_argument("--ratio", type=int, default=3, help="retain examples per forget example (default 3)")
+    p.add_argument(
+        "--rapidun-without-clean",
+        action="store_true",
+        help="rapidun: accept forget lines without clean_response (their forget term is weighted gradient ascent)",
+    )
     p.add_argument("--alpha", type=float, default=1.0, help="retain-term coefficient (default 1)")
     p.add_argument("--beta", type=float, help="NPO / SimNPO temperature (default 0.1 / 2.5)")
     p.add_argument(

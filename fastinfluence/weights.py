@@ -353,9 +353,16 @@ def loss_reweight(losses: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
 # -- SIMU: neuron masks --------------------------------------------------------------------
 
 
-def _answer_nll(model: torch.nn.Module, batch: dict) -> torch.Tensor:
-    """(B,) mean NLL over each example's answer tokens, with autograd (SIMU's default loss)."""
-    return forward_losses(model, prepare_batch(batch, model_device(model), 0), fused_head(model))
+class _AnswerNll:
+    """SIMU's default loss: (B,) mean NLL over each example's answer tokens, with autograd; each batch
+    warning logged once per instance (one ``simu_mask`` call)."""
+
+    def __init__(self) -> None:
+        self.warned: set[str] = set()
+
+    def __call__(self, model: torch.nn.Module, batch: dict) -> torch.Tensor:
+        batch = prepare_batch(batch, model_device(model), 0, warned=self.warned)
+        return forward_losses(model, batch, fused_head(model))
 
 
 def neuron_attribution(model, batches: Iterable[dict], loss_fn) -> dict[str, torch.Tensor]:
@@ -417,7 +424,7 @@ def simu_mask(
     """
     if not 0 < forget_fraction <= 1 or not 0 <= retain_fraction <= 1:
         raise ValueError(f"simu_mask: fractions must lie in (0, 1], got {forget_fraction}, {retain_fraction}")
-    loss_fn = loss_fn or _answer_nll
+    loss_fn = loss_fn or _AnswerNll()
     forget = neuron_attribution(model, forget_batches, loss_fn)
     retain = neuron_attribution(model, retain_batches, loss_fn)
     masks = {}

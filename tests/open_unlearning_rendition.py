@@ -6,7 +6,9 @@ src/trainer/utils.py, src/trainer/unlearn/{grad_diff,npo,simnpo}.py, src/data/{u
 
 - ``FinetuneTrainer(evaluators=None, template_args=None, *args, **kwargs)`` over HF ``Trainer``;
   ``UnlearnTrainer(FinetuneTrainer)`` adds ``_prepare_deepspeed``; trainers are built by
-  ``load_trainer`` with every argument by keyword plus ``**method_args``.
+  ``load_trainer`` with every argument by keyword plus ``**method_args``. Its newer base class
+  (PR #175, ``DispatchingUnlearnTrainer`` here) dispatches ``compute_loss`` between
+  ``compute_unlearn_loss`` (unlearning batches) and the HF loss (an ``eval_dataset``).
 - ``ForgetRetainDataset(forget, retain, anchor="forget")``: item ``{"forget": f[idx], "retain": r[random]}``.
 - ``DataCollatorForSupervisedDataset(tokenizer, padding_side="right", index=None)``: recurses into
   nested dicts, pads input_ids with the pad token (= eos) and labels with -100,
@@ -36,6 +38,19 @@ class FinetuneTrainer(Trainer):
 class UnlearnTrainer(FinetuneTrainer):
     def _prepare_deepspeed(self, model):
         raise AssertionError("deepspeed is not enabled in these tests")
+
+
+class DispatchingUnlearnTrainer(UnlearnTrainer):
+    """The base class after open-unlearning's PR #175: ``compute_loss`` sends unlearning batches to the
+    method's ``compute_unlearn_loss`` and any other batch (an HF ``eval_dataset``) to the HF loss."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if "forget" in inputs:
+            return self.compute_unlearn_loss(model, inputs, return_outputs)
+        return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+
+    def compute_unlearn_loss(self, model, inputs, return_outputs=False):
+        raise NotImplementedError
 
 
 class ForgetRetainDataset(torch.utils.data.Dataset):

@@ -6,6 +6,7 @@ Each case is (name, input, expected message fragment). The CLI cases run in-proc
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import shlex
@@ -52,6 +53,15 @@ def _llama():
         bos_token_id=2,
     )
     return LlamaForCausalLM(cfg)
+
+
+def _bert():
+    from transformers import BertConfig, BertForMaskedLM
+
+    cfg = BertConfig(
+        vocab_size=len(WORDS) + 3, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=24
+    )
+    return BertForMaskedLM(cfg)
 
 
 def _jsonl(path, rows):
@@ -120,6 +130,16 @@ def w(tmp_path_factory):
     adapter = {"base_model_name_or_path": "no/such/base", "peft_type": "LORA"}
     (d / "adapter" / "adapter_config.json").write_text(json.dumps(adapter))
     shutil.copytree(d / "model", d / "unlearned_other")
+    shutil.copytree(d / "model", d / "truncated")
+    weights = d / "truncated" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    _bert().save_pretrained(d / "bert")
+    tok.save_pretrained(d / "bert")
+    (d / "notnorm.safetensors").write_text("a text file")
+    (d / "latin1.jsonl").write_bytes(
+        b'{"prompt": "the", "response": "cat"}\n{"prompt": "caf\xe9", "response": "dog"}\n'
+    )
+    (d / "train.jsonl.gz").write_bytes(gzip.compress((d / "train.jsonl").read_bytes()))
     return d
 
 
@@ -220,6 +240,17 @@ CLI_CASES = [
     ),
     ("bench --ops foo", "bench --ops foo", "unknown ops foo for --ops"),
     (
+        "unlearn rapidun without clean answers",
+        "unlearn --model {w}/model --forget {w}/norefs.jsonl --retain {w}/train.jsonl --method rapidun --out {w}/u1",
+        "norefs.jsonl have none: add 'clean_response' to every line, or pass --rapidun-without-clean",
+    ),
+    (
+        "unlearn --ratio 0 with a retain term",
+        "unlearn --model {w}/model --forget {w}/train.jsonl --retain {w}/train.jsonl --ratio 0 --out {w}/u1",
+        "--ratio 0 pairs no retain example with each forget example, but --method graddiff has a retain term: use "
+        "--ratio 1 or more",
+    ),
+    (
         "unlearn graddiff without --retain",
         "unlearn --model {w}/model --forget {w}/train.jsonl --out {w}/u1",
         "has a retain term: give --retain",
@@ -250,6 +281,18 @@ CLI_CASES = [
         "evaluate --retrained does not exist",
         EVALUATE + " --forget {w}/train.jsonl --retrained {w}/nope --out {w}/e7.json",
         "nope: no such directory",
+    ),
+    (
+        "--model with truncated weights",
+        "extract --model {w}/truncated --data {w}/train.jsonl --out {w}/s3",
+        "model.safetensors cannot be read (Error while deserializing header: incomplete metadata, file not fully "
+        "covered): the file is truncated or corrupt; copy or save the model again",
+    ),
+    (
+        "--model is a masked LM",
+        "extract --model {w}/bert --data {w}/train.jsonl --out {w}/s3",
+        "holds a BertForMaskedLM (config.json 'architectures'), not a causal LM (AutoModelForCausalLM would load it "
+        "as BertLMHeadModel",
     ),
     # lengths and tokens
     (
@@ -352,6 +395,21 @@ CLI_CASES = [
         "--data line is not JSON",
         "extract --model {w}/model --data {w}/badjson.jsonl --out {w}/s9",
         "line 1 is not valid JSON",
+    ),
+    (
+        "--data in Latin-1",
+        "extract --model {w}/model --data {w}/latin1.jsonl --out {w}/s9",
+        "latin1.jsonl line 2 is not UTF-8 (byte 0xe9 at column 16): JSONL must be UTF-8; convert the file",
+    ),
+    (
+        "--data gzipped",
+        "extract --model {w}/model --data {w}/train.jsonl.gz --out {w}/s9",
+        "train.jsonl.gz is gzip-compressed: decompress it (gunzip)",
+    ),
+    (
+        "--normalizer not safetensors",
+        EXTRACT + " --out {w}/s9 --normalizer {w}/notnorm.safetensors",
+        "notnorm.safetensors is not a safetensors file (",
     ),
     ("--data has no examples", "extract --model {w}/model --data {w}/blank.jsonl --out {w}/s9", "holds no examples"),
     ("--data duplicate ids", "extract --model {w}/model --data {w}/dup.jsonl --out {w}/s9", "id 1 occurs twice"),
@@ -696,6 +754,35 @@ def test_a_left_padded_batch_without_mask_gives_the_features_of_its_mask(api, ca
     assert "taking the leading/trailing pad tokens (id 0) as padding" in caplog.text
 
 
+def test_score_refuses_a_query_model_unlike_the_train_stores_before_extracting(w, capsys, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    other = AutoModelForCausalLM.from_pretrained(w / "model")
+    with torch.no_grad():
+        for p in other.parameters():
+            p.mul_(2.0)
+    other.save_pretrained(w / "other_weights")
+    _tokenizer().save_pretrained(w / "other_weights")
+
+    def extract(*args, **kwargs):
+        raise AssertionError("queries extracted before the mismatch was found")
+
+    monkeypatch.setattr(fi.GradientExtractor, "extract", extract)
+    args = "score --train {w}/store --query {w}/query.jsonl --model {w}/other_weights --out {w}/o10.json"
+    assert main(_argv(w, args)) == 2
+    assert "were made with a different model" in capsys.readouterr().err
+
+
+def test_batches_without_labels_are_named_once_per_extraction(api, caplog):
+    caplog.set_level("WARNING", logger="fastinfluence")
+    unlabelled = [_batch(labels=None)] * 3
+    extractor = fi.GradientExtractor(api[0], fi.ProjectionConfig(rank_in=2, rank_out=2))
+    for _ in range(2):
+        extractor.extract(unlabelled)
+    said = [r.getMessage() for r in caplog.records if "has no 'labels'" in r.getMessage()]
+    assert len(said) == 2 and "every attended token is a target, the prompt's too" in said[0]
+
+
 def test_allow_incomplete_scores_the_rows_that_are_there(w, capsys):
     args = "--quiet score --train {w}/partial --query {w}/qstore --out {w}/partial.json --allow-incomplete"
     assert main(_argv(w, args)) == 0
@@ -742,13 +829,9 @@ def test_an_unlearned_adapter_records_its_base_model_by_absolute_path(w, monkeyp
     assert main(["--quiet", "evaluate", "--model", str(w / "unlearned"), "--clean", clean, "--out", "e.json"]) == 0
 
 
-def test_rapidun_without_clean_answers_warns_by_name(w, caplog):
-    caplog.set_level("WARNING", logger="fastinfluence")
-    main(
-        _argv(
-            w,
-            "unlearn --model {w}/model --forget {w}/norefs.jsonl --retain {w}/train.jsonl --method rapidun "
-            "--steps 1 --batch-size 1 --cpu --out {w}/rapidun_out",
-        )
+def test_rapidun_without_clean_answers_runs_when_asked_by_name(w):
+    args = (
+        "--quiet unlearn --model {w}/model --forget {w}/norefs.jsonl --retain {w}/train.jsonl --method rapidun "
+        "--rapidun-without-clean --steps 1 --batch-size 1 --cpu --out {w}/rapidun_out"
     )
-    assert "no line of" in caplog.text and "has 'clean_response'" in caplog.text
+    assert main(_argv(w, args)) == 0

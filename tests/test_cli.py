@@ -276,3 +276,21 @@ def test_extract_with_a_saved_normalizer_and_autocast_equals_the_api(model_dir, 
         f"fastinfluence extract: error: --normalizer {tmp_path / 'no'}: no such file; "
         "write one with fastinfluence.Normalizer.save"
     ]
+
+
+@pytest.mark.parametrize("version, keyword", [("4.45.1", "torch_dtype"), ("5.25.0", "dtype")])
+def test_models_load_with_the_dtype_keyword_of_the_installed_transformers(model_dir, monkeypatch, version, keyword):
+    import transformers
+
+    from fastinfluence.cli import load_model
+
+    calls, load = [], transformers.AutoModelForCausalLM.from_pretrained
+
+    def from_pretrained(path, **kwargs):  # records the keyword, loads with this environment's (5.x: dtype)
+        calls.append(dict(kwargs))
+        return load(path, dtype=kwargs.pop(keyword), **kwargs)
+
+    monkeypatch.setattr(transformers, "__version__", version)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", from_pretrained)
+    model, _ = load_model(str(model_dir), "bfloat16")
+    assert calls[0][keyword] is torch.bfloat16 and model.dtype == torch.bfloat16

@@ -190,3 +190,11 @@ def test_batched_greedy_generation_keeps_absolute_positions():
     one = [greedy_generate(model, TOK, [p], 8)[0] for p in prompts]
     assert len(set(one)) == len(one)
     assert greedy_generate(model, TOK, prompts, 8) == one
+
+
+def test_the_documented_call_fi_evaluate_model_runs():
+    import fastinfluence as fi
+
+    model = tiny_llama(seed=3)
+    batch = collate(HELD_RETAIN[:4])
+    assert fi.evaluate(model, clean=[batch])["clean_ppl"] == fi.evaluate.evaluate(model, clean=[batch])["clean_ppl"]

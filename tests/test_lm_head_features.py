@@ -153,3 +153,8 @@ def test_a_tied_head_is_left_out_of_the_default_selection_with_a_line(caplog):
     layers = fi.GradientExtractor(tiny_model("gpt2")).layers
     assert "lm_head" not in [l.name for l in layers]
     assert "lm_head: weight tied to another module, not captured by default" in caplog.text
+
+
+def test_a_tied_head_beside_other_included_layers_is_captured_in_module_order():
+    ex = fi.GradientExtractor(tiny_model("gpt2"), fi.ProjectionConfig(include=[r"lm_head", r"h\.1\.mlp\.c_fc"]))
+    assert [(l.name, l.tied) for l in ex.layers] == [("transformer.h.1.mlp.c_fc", False), ("lm_head", True)]

@@ -258,7 +258,7 @@ def test_trainer_checkpoint_optimizer_state(tmp_path):
     )  # fmt: skip
     trainer = Trainer(model=model, args=args, train_dataset=Data(), data_collator=collator)
     trainer.train()
-    state = torch.load(tmp_path / "checkpoint-2" / "optimizer.pt", weights_only=False)
+    state = torch.load(tmp_path / "checkpoint-2" / "optimizer.pt", weights_only=True)  # no pickle code runs
     cfg = ProjectionConfig(include=[r"mlp\.", r"o_proj"])
     live = Normalizer.from_optimizer(model, trainer.optimizer, cfg)
     saved = Normalizer.from_optimizer(model, state, cfg, param_names="trainer")
@@ -401,3 +401,44 @@ def test_bad_inputs_raise_one_clear_line(tmp_path):
         bias_free = torch.optim.Adafactor([p for p in model.parameters() if p.dim() > 1], lr=1e-2)
         _adam_steps(model, bias_free, examples(4, 3))
         Normalizer.from_optimizer(model, bias_free, cfg)
+
+
+def test_a_normalizer_made_on_another_model_is_refused():
+    cfg = ProjectionConfig(include=[r"mlp\."])
+    norm = Normalizer.fit(tiny_model("llama", seed=0), batches_of(make_examples(2, seed=1), 2), cfg)
+    with pytest.raises(ValueError, match="the normalizer was made on another model: the weights of layer") as err:
+        GradientExtractor(tiny_model("llama", seed=1), cfg, normalizer=norm)
+    assert "\n" not in str(err.value)
+
+
+def test_a_normalizer_accepts_its_model_cast_to_bfloat16(tmp_path):
+    cfg = ProjectionConfig(include=[r"mlp\."])
+    model = tiny_model("llama", seed=0)
+    Normalizer.fit(model, batches_of(make_examples(2, seed=1), 2), cfg).save(tmp_path / "n.safetensors")
+    ex = GradientExtractor(model.to(torch.bfloat16), cfg, normalizer=Normalizer.load(tmp_path / "n.safetensors"))
+    assert ex.normalizer.weight_samples.keys() == {l.name for l in ex.layers}
+
+
+def test_a_normalizer_saved_without_its_model_is_used_with_one_warning(tmp_path, caplog):
+    layers = GradientExtractor(tiny_model("llama"), ProjectionConfig(include=[r"mlp\."])).layers
+    random_normalizer(layers).save(tmp_path / "old.safetensors")  # as older versions saved every normalizer
+    caplog.set_level("WARNING", logger="fastinfluence")
+    norm = Normalizer.load(tmp_path / "old.safetensors")
+    GradientExtractor(tiny_model("llama", seed=1), ProjectionConfig(include=[r"mlp\."]), normalizer=norm)
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1 and "records no weights of the model it was made on" in warned[0]
+
+
+def test_no_code_of_the_project_unpickles_with_weights_only_false():
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    unsafe = re.compile(r"weights_only\s*=\s*False")
+    found = [
+        str(p.relative_to(root))
+        for d in ("fastinfluence", "tests", "bench")
+        for p in sorted((root / d).rglob("*.py"))
+        if unsafe.search(p.read_text())
+    ]
+    assert found == []

@@ -28,7 +28,7 @@ def data():
     return ou.qa_items(6, seed=1, vocab=VOCAB), ou.qa_items(5, seed=2, vocab=VOCAB)
 
 
-def make(name, model, forget, retain, tmp_path, **method_args):
+def make(name, model, forget, retain, tmp_path, base=ou.UnlearnTrainer, eval_dataset=None, **method_args):
     args = TrainingArguments(
         output_dir=str(tmp_path),
         use_cpu=True,
@@ -41,12 +41,12 @@ def make(name, model, forget, retain, tmp_path, **method_args):
         disable_tqdm=True,
         learning_rate=1e-3,
     )
-    cls = oul.trainers(ou.UnlearnTrainer)[name]
+    cls = oul.trainers(base)[name]
     # as open-unlearning's load_trainer calls it: every argument by keyword, then **method_args
     return cls(
         model=model,
         train_dataset=ou.ForgetRetainDataset(forget, retain),
-        eval_dataset=None,
+        eval_dataset=eval_dataset,
         data_collator=ou.collator(),
         args=args,
         evaluators=None,
@@ -199,6 +199,42 @@ def test_rapidun_uses_the_alternate_answer_as_the_clean_one(tmp_path):
         return 0.5 * tm(clean) - 1.0 * tm(poisoned)
 
     assert_same(model, trainer.compute_loss(model, inputs), by_hand())
+
+
+def test_rapidun_refuses_a_forget_set_without_alternate_answers(data, tmp_path):
+    with pytest.raises(ValueError, match="yields no 'alternate'.*rapidun_without_clean=true"):
+        make("FIRapidUn", tiny_model("llama", torch.float64, seed=10), *data, tmp_path)
+
+
+def test_rapidun_without_clean_by_name_is_graddiff(data, tmp_path):
+    model = tiny_model("llama", torch.float64, seed=10)
+    inputs = batch(*data)
+    ours = make("FIRapidUn", model, *data, tmp_path, rapidun_without_clean=True).compute_loss(model, inputs)
+    assert_same(model, ours, make("FIGradDiff", model, *data, tmp_path).compute_loss(model, inputs))
+
+
+BASES = {"base": ou.UnlearnTrainer, "base_after_pr175": ou.DispatchingUnlearnTrainer}
+
+
+@pytest.mark.parametrize("base", list(BASES))
+def test_an_hf_eval_dataset_gets_the_models_own_loss(data, tmp_path, base):
+    forget, retain = data
+    model = tiny_model("llama", torch.float64, seed=12)
+    trainer = make("FIGradDiff", model, forget, retain, tmp_path, base=BASES[base], eval_dataset=retain)
+    got = trainer.evaluate()["eval_loss"]
+    with torch.no_grad():
+        theirs = model(**ou.model_batch(ou.collator()(retain[:4]))).loss  # the first eval batch of 4
+        rest = model(**ou.model_batch(ou.collator()(retain[4:]))).loss
+    assert abs(got - (4 * theirs.item() + rest.item()) / 5) < TOL
+
+
+@pytest.mark.parametrize("base", list(BASES))
+@pytest.mark.parametrize("name", list(oul.SPECS))
+def test_every_trainer_computes_its_unlearning_loss_through_either_base(base, name):
+    cls = oul.trainers(BASES[base])[name]
+    assert cls.compute_unlearn_loss is oul._InfluenceLossTrainer.compute_unlearn_loss
+    if base == "base_after_pr175":  # the base class's own dispatch is kept
+        assert cls.compute_loss is ou.DispatchingUnlearnTrainer.compute_loss
 
 
 def test_low_influence_keep_list_zeroes_the_skipped_examples(tmp_path):

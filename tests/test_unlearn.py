@@ -251,3 +251,24 @@ def test_rapidun_on_differing_tokens_trains_on_the_value_only(tmp_path):
             rapidun_tokens="differing",
             dataset=UnlearnDataset(no_clean, RETAIN),
         )
+
+
+def _without_clean(examples):
+    return [{k: v for k, v in e.items() if k != "clean"} for e in examples]
+
+
+def test_rapidun_refuses_forget_examples_without_clean_answers(tmp_path):
+    forget = FORGET[:2] + _without_clean(FORGET[2:4])
+    with pytest.raises(ValueError, match=r"forget examples \[2, 3\] have none: .* rapidun_without_clean=True"):
+        make_trainer(planted_model(), tmp_path, method="rapidun", dataset=UnlearnDataset(forget, RETAIN))
+
+
+def test_rapidun_without_clean_by_name_is_weighted_gradient_ascent(tmp_path):
+    model = planted_model()
+    data = UnlearnDataset(_without_clean(FORGET[:4]), RETAIN, ratio=1)
+    trainer = make_trainer(model, tmp_path, method="rapidun", dataset=data, rapidun_without_clean=True)
+    inputs = trainer.data_collator([data[i] for i in range(4)])
+    f, r = inputs["forget"], inputs["retain"]
+    expected = losses.ga(losses.sequence_nll(model, f), f["weights"])
+    expected = expected + losses.retain_nll(losses.sequence_nll(model, r), r["weights"])
+    assert torch.allclose(trainer.compute_loss(model, inputs), expected, rtol=1e-6)

@@ -31,7 +31,9 @@ Weights (``weights_path``): the JSON written by ``fastinfluence weights`` (``for
 ``retain`` and/or low-influence ``keep`` lists), or a ``.pt`` / ``.npy`` vector of forget
 weights, in the order of the forget (retain) split; each batch's weights are looked up by its
 ``index``. RapidUn's clean answers come from a forget dataset that yields
-``{"original": ..., "alternate": ...}`` (open-unlearning's ``QAwithAlternateDataset``).
+``{"original": ..., "alternate": ...}`` (open-unlearning's ``QAwithAlternateDataset``);
+``FIRapidUn`` refuses a forget set without them unless ``rapidun_without_clean: true``
+(weighted gradient ascent on the forget answers).
 
 Nothing here imports open-unlearning until a trainer class is asked for. Set up a checkout
 (copies the yaml files of ``open_unlearning_configs/`` and adds two lines registering the
@@ -138,6 +140,7 @@ class _InfluenceLossTrainer:
         reduction: str | None = None,
         weight_norm: str | None = None,
         weights_path: str | None = None,
+        rapidun_without_clean: bool = False,
         **kwargs,
     ):
         method, self.uses_retain, default_reduction, default_norm, needs_weights = self.spec
@@ -151,13 +154,26 @@ class _InfluenceLossTrainer:
         self.method, self.gamma, self.alpha, self.beta, self.delta = method, gamma, alpha, beta, delta
         self.simnpo_gamma = 0.0  # SimNPO's margin is delta here, as in open-unlearning
         self.reduction, self.weight_norm, self.retain_loss_type = reduction, weight_norm, retain_loss_type
-        self.weights_path = weights_path
+        self.weights_path, self.rapidun_without_clean = weights_path, rapidun_without_clean
+        forget = self._split("forget")
+        if method == "rapidun" and forget is not None and len(forget):
+            self._check_clean(forget[0])
         self.forget_weights, self.retain_weights = load_weights(weights_path) if weights_path else (None, None)
         self._check_weight_lengths()
         # The loss is a mean per micro-batch: let the Trainer divide it by the accumulation steps.
         self.model_accepts_loss_kwargs = False
         self.ref_model = self._reference_model() if self.uses_retain and retain_loss_type == "KL" else None
         self.ref_nll = self._reference_nll() if method == "npo" else None
+
+    def _check_clean(self, forget: dict) -> None:
+        """RapidUn without clean answers is gradient ascent: refused unless asked for by name."""
+        if not self.rapidun_without_clean and not (isinstance(forget, dict) and "alternate" in forget):
+            raise ValueError(
+                f"{type(self).__name__} trains towards each forget example's clean answer, but the forget data "
+                "yields no 'alternate': use a forget dataset of {'original', 'alternate'} pairs (open-unlearning's "
+                "QAwithAlternateDataset, the clean answer as alternate_key), or set "
+                "trainer.method_args.rapidun_without_clean=true for weighted gradient ascent"
+            )
 
     def _split(self, name: str):
         return getattr(self.train_dataset, name, None)
@@ -228,7 +244,8 @@ class _InfluenceLossTrainer:
             )
         return weights[index].to(batch["input_ids"].device)
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+    def compute_unlearn_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """The method's loss of an unlearning batch ``{"forget": ..., "retain": ...}``."""
         forget = inputs["forget"]
         poisoned = self._flat(forget)
         f = losses.sequence_nll(model, poisoned)
@@ -239,14 +256,28 @@ class _InfluenceLossTrainer:
             if index.max() >= len(self.ref_nll) or torch.isnan(ref).any():
                 raise ValueError("a forget batch holds an index that NPO's reference cache never saw")
         clean = None
-        if self.method == "rapidun" and "alternate" in forget:
-            clean = losses.sequence_nll(model, forget["alternate"])
+        if self.method == "rapidun":
+            self._check_clean(forget)
+            clean = losses.sequence_nll(model, forget["alternate"]) if "alternate" in forget else None
         loss = self.gamma * forget_loss(self, f, self._lookup(self.forget_weights, poisoned, "forget"), ref, clean)
         if self.uses_retain:
             retain = inputs["retain"]
             wr = self._lookup(self.retain_weights, retain, "retain")
             loss = loss + self.alpha * retain_loss(self, model, retain, wr)
         return (loss, None) if return_outputs else loss
+
+
+class _LossDispatch:
+    """open-unlearning's train/eval dispatch, for its base classes that predate it (newer ones, since
+    its PR #175, do the same in their own ``compute_loss``): an unlearning batch gets the method's
+    loss, any other batch (an HF ``eval_dataset``) the model's own loss."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if "forget" in inputs:
+            return self.compute_unlearn_loss(model, inputs, return_outputs)
+        # transformers before 4.46 takes no num_items_in_batch
+        extra = {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}
+        return super().compute_loss(model, inputs, return_outputs=return_outputs, **extra)
 
 
 _BUILT: dict[type, dict[str, type]] = {}
@@ -260,10 +291,11 @@ def trainers(base: type | None = None) -> dict[str, type]:
         except ImportError as e:
             raise ImportError(USAGE) from e
     if base not in _BUILT:
+        dispatch = () if hasattr(base, "compute_unlearn_loss") else (_LossDispatch,)
         _BUILT[base] = {
             name: type(
                 name,
-                (_InfluenceLossTrainer, base),
+                (*dispatch, _InfluenceLossTrainer, base),
                 {
                     "spec": spec,
                     "__module__": __name__,
