@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -65,8 +64,23 @@ def _batches(vocab: int, seq: int, answer: int, examples: int, batch: int) -> li
     return out
 
 
-def _rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def _status_mib(field: str) -> float:
+    """A memory line of /proc/self/status (VmRSS: now, VmHWM: peak since the last reset), in MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def _settle() -> float:
+    """Return freed memory to the system and reset the peak: RSS now, the baseline of the work's peak."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM (Linux >= 4.0)
+    return _status_mib("VmRSS")
 
 
 def run_case(case: str, workload: str, examples: int, batch: int) -> dict:
@@ -79,7 +93,7 @@ def run_case(case: str, workload: str, examples: int, batch: int) -> dict:
     w = WORKLOADS[workload]
     model = _model(w["vocab"])
     batches = _batches(w["vocab"], w["seq"], w["answer"], examples, batch)
-    loaded = _rss_mib()
+    loaded = _settle()
     if case == "model":
         for p in model.parameters():
             p.requires_grad_(False)
@@ -102,7 +116,7 @@ def run_case(case: str, workload: str, examples: int, batch: int) -> dict:
     cpu = time.process_time() - start
     if case == "model":
         handle.remove()
-    return {"case": case, "cpu_s": cpu, "peak_above_model_mib": _rss_mib() - loaded, "model_rss_mib": loaded}
+    return {"case": case, "cpu_s": cpu, "peak_above_model_mib": _status_mib("VmHWM") - loaded, "model_rss_mib": loaded}
 
 
 def main() -> None:

@@ -77,9 +77,9 @@ forward and backward over every training example at every checkpoint.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
-from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -92,11 +92,12 @@ from .batching import batch_ids
 from .capture import Layer, LayerHooks
 from .config import ProjectionConfig
 from .extract import GradientExtractor
-from .features import Features, slice_rows
+from .features import Features, cat_features
 from .lm import IGNORE_INDEX
 from .ops._common import masked
 
 STEP_PREFIX = "step-"
+log = logging.getLogger(__name__)
 FEATURES = ("gradient", "adam")  # what an interval store's rows are: projected gradients, Adam update directions
 DENSE_LIMIT = 1 << 22
 _CHUNK = 1 << 20  # numbers of dense per-example gradient transformed at once (4 MiB in float32)
@@ -152,36 +153,6 @@ class _Interval:
 
     def __len__(self) -> int:
         return len(self.batches)
-
-
-class _Replay:
-    """What ``write_store`` calls an extractor: metadata plus features of the given batches,
-    here the ones already captured in training (in the same order)."""
-
-    def __init__(self, metadata: dict, batches: list[dict], features: list[Features]):
-        self._metadata, self._features = metadata, features
-        self._index = {id(b): k for k, b in enumerate(batches)}
-
-    def metadata(self) -> dict:
-        return self._metadata
-
-    def iter_features(
-        self,
-        batches: Iterable[dict],
-        skip_examples: int = 0,
-        tokens: bool = False,
-        covariances: bool = False,
-        progress: Callable[[int], None] | None = None,
-    ) -> Iterator[Features]:
-        seen = 0
-        for b in batches:
-            f = self._features[self._index[id(b)]]
-            lo = max(0, skip_examples - seen)
-            seen += len(f)
-            if lo < len(f):
-                if progress is not None:
-                    progress(len(f) - lo)
-                yield slice_rows(f, lo, len(f))
 
 
 class InfluenceCallback(TrainerCallback):
@@ -289,6 +260,28 @@ class InfluenceCallback(TrainerCallback):
         self._step = state.global_step
         self._interval = _Interval(self.features)
         self.output_dir.mkdir(parents=True, exist_ok=True)
+        if state.global_step > 0:
+            self._check_resume(state.global_step)
+
+    def _check_resume(self, step: int) -> None:
+        """A run resumed at ``step``: say in one line when the interval stores end before it (rows of
+        those steps were never written: a run stopped by an older version between a checkpoint and
+        its store, or stores deleted)."""
+        for kind in self.features:
+            stores = interval_stores(_kind_dir(self.output_dir, kind))
+            last = int(stores[-1].name[len(STEP_PREFIX) :]) if stores else 0
+            if last < step:
+                log.warning(
+                    "InfluenceCallback: training resumes at step %d but the %s stores under %s end at step %d: the "
+                    "rows of steps %d..%d are missing; resume from checkpoint-%d (or earlier) to capture them",
+                    step,
+                    kind,
+                    _kind_dir(self.output_dir, kind),
+                    last,
+                    last + 1,
+                    step,
+                    last,
+                )
 
     def on_substep_end(self, args, state, control, **kwargs):
         self._finish_micro_batch()
@@ -296,11 +289,20 @@ class InfluenceCallback(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         self._finish_micro_batch()
         self._step = state.global_step
+        # An interval's rows are written before the checkpoint that ends it (the Trainer saves after
+        # this event when ``should_save`` is set): a run killed after that checkpoint has its rows,
+        # and one killed before it replays the interval on resume.
         if self.every is not None and state.global_step % self.every == 0:
+            self.flush()
+        elif self.every is None and control.should_save:
+            self.flush()
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if self.every is None and control.should_save:
             self.flush()
 
     def on_save(self, args, state, control, **kwargs):
-        if self.every is None:
+        if self.every is None:  # a save asked for after this callback's step event: nothing is lost either
             self.flush()
 
     def on_train_end(self, args, state, control, **kwargs):
@@ -456,7 +458,7 @@ class InfluenceCallback(TrainerCallback):
     def flush(self):
         """Write the captured rows not yet written as the store ``step-<last step>`` of each feature kind;
         returns it (a list of them, one per kind in ``features`` order, with several kinds), or None."""
-        from .store import write_store
+        from .store import write_features
 
         interval = _gathered(self._interval)
         if not len(interval):
@@ -479,15 +481,8 @@ class InfluenceCallback(TrainerCallback):
                 "interval_lr": sum(step_lr) / len(step_lr),
             }
             path = _kind_dir(self.output_dir, kind) / f"{STEP_PREFIX}{interval.steps[-1]:08d}"
-            written.append(
-                write_store(
-                    path,
-                    _Replay(metadata, interval.batches, features),
-                    interval.batches,
-                    shard_rows=self.shard_rows,
-                    meta=meta,
-                )
-            )
+            rows, shard_rows = cat_features(features), self.shard_rows
+            written.append(write_features(path, metadata, interval.batches, rows, shard_rows=shard_rows, meta=meta))
         return written[0] if len(written) == 1 else written
 
 

@@ -295,3 +295,101 @@ def test_torchrun_two_ranks_write_every_example_once_equal_to_extraction(tmp_pat
         model.load_state_dict(weights[step])
         ref = GradientExtractor(model, config).extract([collate([by_id[i]], ids=[i]) for i in store.ids])
         assert rel_err(store.to_features().data, ref.data) < 1e-10
+
+
+# ----------------------------------------------------------------------------- kills and resumes
+
+
+class _Killed(Exception):
+    pass
+
+
+class _KillAfterCheckpoint(TrainerCallback):
+    """Stops the run right after the Trainer saved checkpoint-``step`` (before any later callback's
+    ``on_save``): what a kill between the checkpoint and anything written after it leaves."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise _Killed
+
+
+def _checkpointed_run(tmp_path, model, callbacks, resume=False, steps=4):
+    args = _training_args(tmp_path, max_steps=steps, save_strategy="steps", save_steps=2, learning_rate=1e-2)
+    data = _Dataset(EXAMPLES)
+    trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=_collate, callbacks=callbacks)
+    trainer.train(resume_from_checkpoint=resume or None)
+
+
+def _rows(path):
+    """Each interval store's (name, ids, steps, rows) under ``path``."""
+    out = []
+    for p in interval_stores(path):
+        store = FeatureStore.open(p)
+        out.append((p.name, store.ids, store.meta["steps"], store.to_features().data))
+    return out
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("whole")
+    model = _exact(tiny_model("gpt2", torch.float64))
+    config = ProjectionConfig(rank_in=4, rank_out=4, dtype="float64")
+    _checkpointed_run(tmp, model, [InfluenceCallback(tmp / "features", config)])
+    return _rows(tmp / "features")
+
+
+def _assert_same_rows(got, ref):
+    assert [(n, i, s) for n, i, s, _ in got] == [(n, i, s) for n, i, s, _ in ref]
+    for (_, _, _, a), (_, _, _, b) in zip(got, ref):
+        assert rel_err(a, b) < 1e-10
+
+
+def test_killed_right_after_a_checkpoint_the_resumed_run_has_every_interval_once(tmp_path, uninterrupted):
+    config = ProjectionConfig(rank_in=4, rank_out=4, dtype="float64")
+    model = _exact(tiny_model("gpt2", torch.float64))
+    with pytest.raises(_Killed):
+        _checkpointed_run(tmp_path, model, [_KillAfterCheckpoint(2), InfluenceCallback(tmp_path / "features", config)])
+    model = _exact(tiny_model("gpt2", torch.float64))
+    _checkpointed_run(tmp_path, model, [InfluenceCallback(tmp_path / "features", config)], resume=True)
+    _assert_same_rows(_rows(tmp_path / "features"), uninterrupted)
+
+
+def test_killed_while_writing_an_interval_the_resumed_run_completes_it(tmp_path, uninterrupted, monkeypatch):
+    from fastinfluence.store import writer
+
+    config = ProjectionConfig(rank_in=4, rank_out=4, dtype="float64")
+    real, calls = writer._write_shard, []
+
+    def dies_on_the_second_shard(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise _Killed
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(writer, "_write_shard", dies_on_the_second_shard)
+    callback = InfluenceCallback(tmp_path / "features", config, shard_rows=1)
+    with pytest.raises(_Killed):
+        _checkpointed_run(tmp_path, _exact(tiny_model("gpt2", torch.float64)), [callback])
+    monkeypatch.setattr(writer, "_write_shard", real)
+    assert not (tmp_path / "out" / "checkpoint-2").exists()  # killed before the checkpoint: the interval replays
+    _checkpointed_run(
+        tmp_path, _exact(tiny_model("gpt2", torch.float64)), [InfluenceCallback(tmp_path / "features", config)]
+    )
+    _assert_same_rows(_rows(tmp_path / "features"), uninterrupted)
+
+
+def test_a_resume_past_the_last_store_names_the_missing_steps(tmp_path, caplog):
+    config = ProjectionConfig(rank_in=4, rank_out=4, dtype="float64")
+    _checkpointed_run(tmp_path, _exact(tiny_model("gpt2", torch.float64)), [InfluenceCallback(tmp_path / "f", config)])
+    for p in interval_stores(tmp_path / "f"):  # as if the interval stores were lost
+        import shutil
+
+        shutil.rmtree(p)
+    caplog.set_level("WARNING", logger="fastinfluence.callback")
+    model = _exact(tiny_model("gpt2", torch.float64))
+    _checkpointed_run(tmp_path, model, [InfluenceCallback(tmp_path / "f", config)], resume=True, steps=6)
+    assert "training resumes at step 4 but the gradient stores" in caplog.text
+    assert "the rows of steps 1..4 are missing; resume from checkpoint-0 (or earlier)" in caplog.text

@@ -22,7 +22,7 @@ from .format import (
     save_tensors,
 )
 from .reader import FeatureStore, iter_chunks, source_metadata
-from .writer import Run, StoreWriter, write_cache, write_store
+from .writer import Run, StoreWriter, write_cache, write_features, write_store
 
 __all__ = [
     "FORMAT",
@@ -45,5 +45,6 @@ __all__ = [
     "save_tensors",
     "source_metadata",
     "write_cache",
+    "write_features",
     "write_store",
 ]

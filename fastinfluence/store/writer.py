@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import itertools
 import json
 import logging
 import os
@@ -390,6 +391,30 @@ def write_store(
 
     with writing(path):
         return _write_store(path, extractor, batches, **kwargs)
+
+
+def write_features(
+    path: str | os.PathLike,
+    metadata: Mapping,
+    batches: list[Mapping],
+    features: Features,
+    *,
+    shard_rows: int = 4096,
+    meta: dict | None = None,
+) -> FeatureStore:
+    """A store of features already computed (the training callback's rows), pushed into the writer:
+    ``features`` hold one row per example of ``batches`` in data order (batches without
+    ``positions``). Under the store's lock; resumes (a replayed interval rewrites nothing that is
+    complete, completes what a killed writer left) as ``write_store`` does."""
+    from .lock import writing
+
+    ends = list(itertools.accumulate(len(b["input_ids"]) for b in batches))
+    with writing(path):
+        writer = StoreWriter(path, metadata, shard_rows=shard_rows, meta=meta)
+        for run in writer.plan(batches):  # batch by batch, as a producer yields them: shards of whole batches
+            cuts = [run.first] + [e for e in ends if run.first < e < run.stop] + [run.stop]
+            writer.write(run, [slice_rows(features, a, b) for a, b in zip(cuts, cuts[1:])])
+        return writer.close()
 
 
 def _write_store(
