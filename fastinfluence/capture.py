@@ -30,10 +30,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import distributed as dist
 from .batching import Batch, WindowTracker, iter_batches
 from .config import ProjectionConfig
 from .lm import IGNORE_INDEX, fused_head, model_inputs, shifted_labels
 from .ops.linear_cross_entropy import linear_cross_entropy
+from .sharding import head_call, is_sharded
 
 try:  # GPT-2 style Conv1D: y = x @ W + b with W: (d_in, d_out)
     from transformers.pytorch_utils import Conv1D
@@ -174,20 +176,21 @@ def per_example_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
 
 def forward_losses(model: nn.Module, batch: Batch, head=None) -> torch.Tensor:
     """(B,) per-example losses with autograd. ``head``: ``fused_head(model)`` to compute them
-    from the last hidden states with ``ops.linear_cross_entropy`` (no B x T x V logits)."""
+    from the last hidden states with ``ops.linear_cross_entropy`` (no B x T x V logits), inside
+    the head's forward on a sharded model (``sharding.head_call``)."""
     if head is None:
         logits = model(**model_inputs(model, batch.input_ids, batch.attention_mask)).logits
         return per_example_loss(logits, batch.labels)
-    decoder, lm_head, softcap = head
-    hidden = decoder(**model_inputs(decoder, batch.input_ids, batch.attention_mask)).last_hidden_state
+    softcap = head[2]
     labels = shifted_labels(batch.labels)
-    tokens = linear_cross_entropy(
-        hidden.flatten(0, 1).to(lm_head.weight.dtype),
-        lm_head.weight,
-        labels.flatten(),
-        bias=lm_head.bias,
-        softcap=softcap,
-    ).view(labels.shape)
+
+    def token_losses(hidden, weight, bias):
+        flat = linear_cross_entropy(
+            hidden.flatten(0, 1).to(weight.dtype), weight, labels.flatten(), bias=bias, softcap=softcap
+        )
+        return flat.view(labels.shape)
+
+    tokens = head_call(model, head, batch.input_ids, batch.attention_mask, token_losses)
     return tokens.sum(1) / (labels != IGNORE_INDEX).sum(1)
 
 
@@ -360,7 +363,8 @@ class Step:
     ``batch``: validated, on the model's device; ``positions``: its examples' data positions
     (stream order for batches without ``positions``); ``closes``: it completes a window of
     batches (``fastinfluence.batching``), so the rows gathered since the last window can be put
-    in data order and handed on; ``wanted``: False for a batch wholly within ``skip_examples``.
+    in data order and handed on; ``wanted``: False for a batch wholly within ``skip_examples``
+    or, for shared batches, one that another rank captures.
     """
 
     batch: Batch
@@ -421,22 +425,39 @@ class CapturePass:
         # the hidden states through the chunked linear cross-entropy.
         head = fused_head(model)
         self.head = head if head is not None and all(l.module is not head[1] for l in self.layers) else None
+        # A sharded model's forwards are collectives: ranks out of batches idle in step with the others.
+        self.lockstep = dist.Lockstep(self._idle) if dist.is_distributed() and is_sharded(model) else None
 
-    def batches(self, batches: Iterable[dict], skip_examples: int = 0) -> Iterator[Step]:
+    def batches(self, batches: Iterable[dict], skip_examples: int = 0, shared: bool = False) -> Iterator[Step]:
         """Validated batches with their data positions and windows (raises on an empty iterable,
-        on positions that do not number the examples once each)."""
+        on positions that do not number the examples once each).
+
+        ``shared``: every rank of a ``torch.distributed`` run passes the same batches and captures
+        every ``world``-th of them (rank r the batches r, r + world, ...): the others are not
+        ``wanted``; on a sharded model a rank then idles until every rank is done."""
+        rank, world = dist.rank_world() if shared else (0, 1)
         tracker = WindowTracker()
-        for batch in iter_batches(batches, self.device, self.model):
+        for i, batch in enumerate(iter_batches(batches, self.device, self.model)):
             n = batch.input_ids.shape[0]
             positions = batch.positions if batch.positions is not None else tracker.following(n)
             closes = tracker.add(n, positions)
-            yield Step(batch, positions, closes, max(positions) >= skip_examples)
+            yield Step(batch, positions, closes, max(positions) >= skip_examples and i % world == rank)
         tracker.finish()
+        if shared:
+            self.finish()
+
+    def finish(self) -> None:
+        """On a sharded model in a distributed run: idle in step with the ranks that still capture
+        (``distributed.Lockstep``), until every rank has called it. Nothing otherwise."""
+        if self.lockstep is not None:
+            self.lockstep.finish()
 
     def backward(self, batch: Batch, on_layer: OnLayer) -> torch.Tensor:
         """One forward + backward on ``batch``, the hooks handing each layer's (A, G, mask) to
         ``on_layer`` as its G arrives; returns the (B,) per-example losses. The model is frozen
         (eval mode, no parameter gradient, graph started at ``backward_start``) for the call only."""
+        if self.lockstep is not None:
+            self.lockstep.step("backward")
         with frozen_for_capture(self.model, self.layers), LayerHooks(self.layers, on_layer) as hooks:
             hooks.arm(batch.attention_mask.bool())
             with torch.enable_grad():
@@ -453,18 +474,37 @@ class CapturePass:
             )
         return losses
 
-    def hidden_states(self, batch: Batch, decoder: nn.Module) -> torch.Tensor:
-        """(B, T, H) last hidden states of ``decoder`` (the model's body) without autograd, under the
-        pass's autocast: for consumers that need no backward (LM-head features)."""
+    def head_forward(self, batch: Batch, head: tuple, fn: Callable) -> torch.Tensor:
+        """``fn(hidden, weight, bias)`` on the last hidden states and the LM head (``head``:
+        ``fused_head(model)``) in one forward without autograd, under the pass's autocast, for
+        consumers that need no backward (LM-head features); see ``sharding.head_call``."""
+        if self.lockstep is not None:
+            self.lockstep.step("forward")
         with torch.no_grad(), autocast_forward(self.device, self.autocast):
-            return decoder(**model_inputs(decoder, batch.input_ids, batch.attention_mask)).last_hidden_state
+            return head_call(self.model, head, batch.input_ids, batch.attention_mask, fn)
 
-    def run(self, batches: Iterable[dict], start: Callable[[Batch], OnLayer]) -> list[int]:
-        """Capture every batch: ``start(batch)`` gives the batch's ``on_layer``; returns the stream row
-        of each data position (``rows[order]`` puts per-batch rows back into data order)."""
+    def _idle(self, kind: str) -> None:
+        """A step of ``kind`` on a two-token batch, results dropped: pairs a peer's collectives."""
+        ids = torch.zeros(1, 2, dtype=torch.long, device=self.device)
+        labels = torch.tensor([[IGNORE_INDEX, 0]], device=self.device)
+        batch = Batch(ids, torch.ones_like(ids), labels, [None])
+        lockstep, self.lockstep = self.lockstep, None  # an idle step announces nothing
+        try:
+            if kind == "backward":
+                self.backward(batch, lambda *_: None)
+            else:
+                self.head_forward(batch, fused_head(self.model), lambda hidden, *_: hidden)
+        finally:
+            self.lockstep = lockstep
+
+    def run(self, batches: Iterable[dict], start: Callable[[Batch], OnLayer], shared: bool = False) -> list[int]:
+        """Capture every batch (``shared``: this rank's share, see ``batches``): ``start(batch)`` gives
+        the batch's ``on_layer``; returns the stream row of each data position (``rows[order]``
+        puts per-batch rows back into data order)."""
         positions: list[int] = []
-        for step in self.batches(batches):
-            self.backward(step.batch, start(step.batch))
+        for step in self.batches(batches, shared=shared):
+            if step.wanted:
+                self.backward(step.batch, start(step.batch))
             positions.extend(step.positions)
         return sorted(range(len(positions)), key=positions.__getitem__)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import ops
+from . import ops, sharding
 from .batching import Batch
 from .capture import CapturePass, Layer
 from .config import ProjectionConfig
@@ -25,14 +25,17 @@ _FINGERPRINT_SAMPLES = 64
 
 
 def fingerprint(model: nn.Module, layers: list[Layer]) -> dict:
-    """Identity of the captured layers: names, shapes, dtypes and a hash of sampled weights."""
+    """Identity of the captured layers: names, shapes, dtypes and a hash of sampled weights.
+
+    The same for a model sharded by FSDP2 as for the whole model: a sharded weight is gathered,
+    one layer at a time (every rank calls this then)."""
     h = hashlib.sha256()
     for layer in layers:
-        w = layer.weight.detach().flatten()
+        w = sharding.whole(layer.weight.detach()).flatten()
         step = max(1, w.numel() // _FINGERPRINT_SAMPLES)
         h.update(w[::step][:_FINGERPRINT_SAMPLES].to("cpu", torch.float64).numpy().tobytes())
     return {
-        "model": type(model).__name__,
+        "model": sharding.model_class(model).__name__,
         "layers": [[l.name, l.d_in, l.d_out, l.bias, str(l.weight.dtype).replace("torch.", "")] for l in layers],
         "weights_sha256": h.hexdigest(),
     }
@@ -76,6 +79,7 @@ class GradientExtractor:
         self._proj_dev: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self.layout = self._layout()
         self._head = self._backward_free_head()
+        self._sharded_fp: tuple[list[int], dict] | None = None
         self._flat_offsets, offset = {}, 0
         for l in self.layers:
             self._flat_offsets[l.name] = offset
@@ -93,8 +97,18 @@ class GradientExtractor:
 
     @property
     def fingerprint(self) -> dict:
-        """Identity of the model's captured layers now (weights may change between extractions)."""
-        fp = fingerprint(self.model, self.layers)
+        """Identity of the model's captured layers now (weights may change between extractions).
+
+        On a sharded model every rank reads it at the same point (it gathers the weights), and
+        it is kept while the weights are unchanged (their version counters), so that ranks
+        extracting different numbers of runs of a store need not gather again."""
+        if not sharding.is_sharded(self.model):
+            fp = fingerprint(self.model, self.layers)
+        else:
+            key = [l.weight._version for l in self.layers]
+            if self._sharded_fp is None or self._sharded_fp[0] != key:
+                self._sharded_fp = (key, fingerprint(self.model, self.layers))
+            fp = dict(self._sharded_fp[1])
         if self.normalizer is not None:
             fp["normalizer"] = self.normalizer.identity(l.name for l in self.layers)
         return fp
@@ -176,7 +190,9 @@ class GradientExtractor:
             from tqdm.auto import tqdm
 
             it = tqdm(it, desc="extract", unit="batch")
-        return cat_features(list(it))
+        features = cat_features(list(it))
+        self.capture.finish()  # a sharded model's ranks may hold different numbers of batches
+        return features
 
     def iter_features(
         self, batches: Iterable[dict], skip_examples: int = 0, tokens: bool = False, covariances: bool = False
@@ -245,30 +261,36 @@ class GradientExtractor:
     def _head_features(self, batch: Batch, fp: dict) -> Features:
         """LM-head features without a backward: G = (softmax - onehot) / n_answer per token,
         projected inside the chunked head (no B x T x V logits), A = the last hidden states."""
-        decoder, head, softcap = self._head
+        softcap = self._head[2]
         layer = self.layers[0]
         device, dtype = batch.input_ids.device, self.dtype
         P_in, P_out = self.projections(layer.name, device, dtype)
         mask = batch.attention_mask.bool()
-        hidden = self.capture.hidden_states(batch, decoder)
+        labels = shifted_labels(batch.labels)
+        answers = (labels != IGNORE_INDEX).sum(1, keepdim=True)
+        weights = (1.0 / answers.to(dtype)).expand(labels.shape)
+
+        def hidden_and_gp(hidden, weight, bias):
+            # outside the forward's autocast, as the head's own gradient; (B, T, H + k_out) in dtype
+            with torch.autocast(device.type, enabled=False):
+                GP = lm_head_grad_projected(
+                    hidden.flatten(0, 1).to(weight.dtype),
+                    weight,
+                    labels.flatten(),
+                    weights.flatten(),
+                    P_out,
+                    bias=bias,
+                    softcap=softcap,
+                )
+            return torch.cat([hidden.to(dtype), GP.to(dtype).view(*mask.shape, -1)], dim=-1)
+
+        out = self.capture.head_forward(batch, self._head, hidden_and_gp)
+        k_out = P_out.shape[1]
+        A, GP = out[..., :-k_out], out[..., -k_out:]
         with torch.no_grad():
-            labels = shifted_labels(batch.labels)
-            answers = (labels != IGNORE_INDEX).sum(1, keepdim=True)
-            weights = (1.0 / answers.to(dtype)).expand(labels.shape)
-            GP = lm_head_grad_projected(
-                hidden.flatten(0, 1).to(head.weight.dtype),
-                head.weight,
-                labels.flatten(),
-                weights.flatten(),
-                P_out,
-                bias=head.bias,
-                softcap=softcap,
-            )
-            A = hidden.to(dtype)
             if layer.bias:
                 A = torch.cat([A, A.new_ones(*A.shape[:-1], 1)], dim=-1)
-            k_out = P_out.shape[1]
-            phi = ops.project(A, GP.view(*mask.shape, k_out), P_in, torch.eye(k_out, dtype=dtype, device=device), mask)
+            phi = ops.project(A, GP, P_in, torch.eye(k_out, dtype=dtype, device=device), mask)
         return self._features(phi.reshape(len(phi), -1), batch.ids, None, None, fp)
 
     def _flat_features(self, batch: Batch, fp: dict) -> Features:

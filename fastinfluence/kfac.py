@@ -39,6 +39,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from . import distributed as dist
 from .batching import Batch
 from .capture import CapturePass, Layer, PairScorer, pairwise_scores
 from .config import ProjectionConfig
@@ -142,13 +143,15 @@ def _fit(capture: CapturePass, batches: Iterable[dict], method: str, damping, da
         s = sums[layer.name]
         s[0], s[1] = s[0] + (a.T @ a).double(), s[1] + (g.T @ g).double()
 
-    for step in capture.batches(batches):
-        capture.backward(step.batch, covariances)
+    for step in capture.batches(batches, shared=True):
+        if step.wanted:
+            capture.backward(step.batch, covariances)
         examples += step.batch.input_ids.shape[0]
         tokens += int(step.batch.attention_mask.bool().sum())
     stats, shapes = {}, {}
     for layer in layers:
-        CA, CG = sums[layer.name]
+        d_in = layer.d_in + int(layer.bias)
+        CA, CG = (dist.all_reduce_sum(_zeros(n, s, device)) for n, s in zip((d_in, layer.d_out), sums[layer.name]))
         eA, QA = torch.linalg.eigh(CA / tokens)
         eG, QG = torch.linalg.eigh(CG / examples)
         # contiguous: eigh returns column-major bases
@@ -174,11 +177,16 @@ def _fit(capture: CapturePass, batches: Iterable[dict], method: str, damping, da
             for rows in example_chunks(a.shape[0], *shapes[layer.name]):
                 lam[layer.name] += _gradients(a[rows], g[rows]).square().sum(0).double()
 
-        capture.run(batches, lambda _batch: eigenbasis_squares)
+        capture.run(batches, lambda _batch: eigenbasis_squares, shared=True)
         for name, v in lam.items():
-            stats[f"{name}.Lambda"] = v / examples
+            stats[f"{name}.Lambda"] = dist.all_reduce_sum(v) / examples
     stats = {k: v.cpu() for k, v in stats.items()}
     return KFACFactors(method, shapes, stats, damping, damping_ratio, examples, tokens)
+
+
+def _zeros(n: int, total, device) -> torch.Tensor:
+    """(n, n) float64 ``total``: a rank that captured no batch holds 0.0."""
+    return total if torch.is_tensor(total) else torch.zeros(n, n, dtype=torch.float64, device=device)
 
 
 def fit_kfac(
@@ -193,6 +201,10 @@ def fit_kfac(
 
     ``batches``: HF-style batch dicts (a re-iterable such as a list or DataLoader for ekfac);
     ``config`` selects the layers as for ``exact_scores``. The model is left unchanged.
+
+    Under ``torch.distributed`` every rank passes the same batches; the ranks capture every
+    ``world``-th batch each and sum their statistics, so every rank gets the same factors (on an
+    FSDP2-sharded model as on whole copies: ``sharding``).
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
