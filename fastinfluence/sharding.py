@@ -83,7 +83,8 @@ def head_call(
 
     def forward(hidden):
         out.append(fn(hidden, lm_head.weight, lm_head.bias))
-        return out[-1]
+        # FSDP2 hooks the root's output for its backward: not a view (an in-place op would drop the hook)
+        return out[-1] if out[-1]._base is None else out[-1].clone()
 
     lm_head.forward = forward
     try:

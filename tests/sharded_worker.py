@@ -1,7 +1,8 @@
 """One rank of the FSDP2 tests (``test_sharding.py``): every stage on a model sharded by ``fully_shard``.
 
 Run under ``torchrun``; argv[1] is the output folder. Each rank saves what it computed in
-``rank<r>.pt``; the test compares it with one process on the whole model.
+``rank<r>.pt``; the test compares it with one process on the whole model. ``--store-only``:
+only write the store of the shared batches (the multi-node test).
 """
 
 from __future__ import annotations
@@ -34,9 +35,13 @@ def shard(model: torch.nn.Module, world: int) -> torch.nn.Module:
     return fully_shard(model, mesh=mesh)
 
 
-def main(out: Path) -> None:
+def main(out: Path, store_only: bool) -> None:
     rank, world = dist.rank_world()
     model = shard(cases.model(), world)
+    if store_only:
+        write_store(out / "store", fi.GradientExtractor(model, cases.CONFIGS["blocks"]), cases.shared_batches())
+        dist.barrier()
+        return
     got: dict = {"sharded": sharding.is_sharded(model)}
     own = cases.own_batches(rank)  # each rank its own examples, as many batches as its rank + 2
     for name, config in cases.CONFIGS.items():
@@ -64,6 +69,6 @@ def main(out: Path) -> None:
 if __name__ == "__main__":
     assert dist.init_from_env(), "run under torchrun with 2 or more processes"
     try:
-        main(Path(sys.argv[1]))
+        main(Path(sys.argv[1]), store_only="--store-only" in sys.argv)
     finally:
         torch.distributed.destroy_process_group()

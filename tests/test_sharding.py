@@ -140,3 +140,33 @@ def test_weighted_nll_and_its_gradient_equal_the_whole_models(sharded, whole):
     for got in sharded[0]:
         for name, p in whole.named_parameters():
             assert rel_err(got["grads"][name], p.grad) < TOL, name
+
+
+@pytest.mark.slow
+def test_two_nodes_on_localhost_write_one_store_equal_to_one_process(whole, tmp_path):
+    """``torchrun --nnodes 2 --nproc-per-node 1`` twice, meeting on the loopback, as on a cluster."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]))
+    env["OMP_NUM_THREADS"] = "1"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1", "--rdzv-backend=c10d"]
+    cmd += [f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=fastinfluence-test"]
+    cmd += [str(HERE / "sharded_worker.py"), str(tmp_path), "--store-only"]
+    nodes = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in "ab"]
+    try:
+        outputs = [node.communicate(timeout=300) for node in nodes]
+    finally:
+        for node in nodes:
+            node.kill()
+    assert all(node.returncode == 0 for node in nodes), "\n".join(err[-2000:] for _, err in outputs)
+    with one_thread():
+        one = write_store(
+            tmp_path / "one", fi.GradientExtractor(whole, cases.CONFIGS["blocks"]), cases.shared_batches()
+        )
+    two = FeatureStore.open(tmp_path / "store")
+    two.verify()
+    assert two.metadata() == one.metadata() and two.ids == one.ids
+    assert rel_err(two.to_features().data, one.to_features().data) < TOL
