@@ -30,11 +30,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import distributed as dist
 from .batching import Batch, WindowTracker, iter_batches
 from .config import ProjectionConfig
 from .lm import IGNORE_INDEX, fused_head, model_inputs, shifted_labels
 from .ops.linear_cross_entropy import linear_cross_entropy
 from .ops.lm_head_grad import head_loss_projected
+from .sharding import head_call, is_sharded
 
 try:  # GPT-2 style Conv1D: y = x @ W + b with W: (d_in, d_out)
     from transformers.pytorch_utils import Conv1D
@@ -191,20 +193,21 @@ def per_example_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
 
 def forward_losses(model: nn.Module, batch: Batch, head=None) -> torch.Tensor:
     """(B,) per-example losses with autograd. ``head``: ``fused_head(model)`` to compute them
-    from the last hidden states with ``ops.linear_cross_entropy`` (no B x T x V logits)."""
+    from the last hidden states with ``ops.linear_cross_entropy`` (no B x T x V logits), inside
+    the head's forward on a sharded model (``sharding.head_call``)."""
     if head is None:
         logits = model(**model_inputs(model, batch.input_ids, batch.attention_mask)).logits
         return per_example_loss(logits, batch.labels)
-    decoder, lm_head, softcap = head
-    hidden = decoder(**model_inputs(decoder, batch.input_ids, batch.attention_mask)).last_hidden_state
+    softcap = head[2]
     labels = shifted_labels(batch.labels)
-    tokens = linear_cross_entropy(
-        hidden.flatten(0, 1).to(lm_head.weight.dtype),
-        lm_head.weight,
-        labels.flatten(),
-        bias=lm_head.bias,
-        softcap=softcap,
-    ).view(labels.shape)
+
+    def token_losses(hidden, weight, bias):
+        flat = linear_cross_entropy(
+            hidden.flatten(0, 1).to(weight.dtype), weight, labels.flatten(), bias=bias, softcap=softcap
+        )
+        return flat.view(labels.shape)
+
+    tokens = head_call(model, head, batch.input_ids, batch.attention_mask, token_losses)
     return tokens.sum(1) / (labels != IGNORE_INDEX).sum(1)
 
 
@@ -377,8 +380,8 @@ class Step:
     ``batch``: validated, on the model's device; ``positions``: its examples' data positions
     (stream order for batches without ``positions``); ``closes``: it completes a window of
     batches (``fastinfluence.batching``), so the rows gathered since the last window can be put
-    in data order and handed on; ``wanted``: how many of its examples lie past ``skip_examples``
-    (0: nothing to compute).
+    in data order and handed on; ``wanted``: how many of its examples this rank computes: those
+    past ``skip_examples``, none of a shared batch another rank captures (0: nothing to compute).
     """
 
     batch: Batch
@@ -441,17 +444,33 @@ class CapturePass:
         head_module = self.fused[1] if self.fused is not None else None
         self.head_layer = next((l for l in self.layers if l.module is head_module), None)
         self.head = self.fused if self.head_layer is None else None
+        # A sharded model's forwards are collectives: ranks out of batches idle in step with the others.
+        self.lockstep = dist.Lockstep(self._idle) if dist.is_distributed() and is_sharded(model) else None
 
-    def batches(self, batches: Iterable[dict], skip_examples: int = 0) -> Iterator[Step]:
+    def batches(self, batches: Iterable[dict], skip_examples: int = 0, shared: bool = False) -> Iterator[Step]:
         """Validated batches with their data positions and windows (raises on an empty iterable,
-        on positions that do not number the examples once each)."""
+        on positions that do not number the examples once each).
+
+        ``shared``: every rank of a ``torch.distributed`` run passes the same batches and captures
+        every ``world``-th of them (rank r the batches r, r + world, ...): the others are not
+        ``wanted``; on a sharded model a rank then idles until every rank is done."""
+        rank, world = dist.rank_world() if shared else (0, 1)
         tracker = WindowTracker()
-        for batch in iter_batches(batches, self.device, self.model):
+        for i, batch in enumerate(iter_batches(batches, self.device, self.model)):
             n = batch.input_ids.shape[0]
             positions = batch.positions if batch.positions is not None else tracker.following(n)
             closes = tracker.add(n, positions)
-            yield Step(batch, positions, closes, sum(p >= skip_examples for p in positions))
+            mine = i % world == rank
+            yield Step(batch, positions, closes, sum(p >= skip_examples for p in positions) if mine else 0)
         tracker.finish()
+        if shared:
+            self.finish()
+
+    def finish(self) -> None:
+        """On a sharded model in a distributed run: idle in step with the ranks that still capture
+        (``distributed.Lockstep``), until every rank has called it. Nothing otherwise."""
+        if self.lockstep is not None:
+            self.lockstep.finish()
 
     def backward(self, batch: Batch, on_layer: OnLayer, head_projection: torch.Tensor | None = None) -> torch.Tensor:
         """One forward + backward on ``batch``, the hooks handing each layer's (A, G, mask) to
@@ -461,15 +480,19 @@ class CapturePass:
         ``head_projection``: (V, k_out) P_out of a captured LM head. Given, the head's G reaches
         ``on_layer`` already projected, G P_out: (B, T, k_out), formed beside the loss over the
         vocabulary chunks of the labelled tokens (``ops.lm_head_grad``), never B x T x V; the
-        blocks below get their gradients from the same chunks (no recompute). Without it (or
-        for a head the loss cannot be fused with, ``lm.fused_head``) the head is hooked like any
-        layer and its G has the vocabulary's width."""
+        blocks below get their gradients from the same chunks (no recompute); with the head the
+        only captured layer no backward runs at all. Without it (or for a head the loss cannot be
+        fused with, ``lm.fused_head``) the head is hooked like any layer and its G has the
+        vocabulary's width."""
         projected = head_projection is not None and self.head_layer is not None and self.fused is not None
         hooked = [l for l in self.layers if not (projected and l is self.head_layer)]
+        if self.lockstep is not None:
+            self.lockstep.step("backward" if hooked else "forward")
         mask = batch.attention_mask.bool()
         with frozen_for_capture(self.model, self.layers), LayerHooks(hooked, on_layer) as hooks:
             hooks.arm(mask)
-            with torch.enable_grad():
+            # A captured head alone needs no backward: its features come from the forward.
+            with torch.enable_grad() if hooked else torch.no_grad():
                 with autocast_forward(self.device, self.autocast):
                     if projected:
                         losses, A, G = self._projected_head(batch, head_projection)
@@ -491,34 +514,56 @@ class CapturePass:
 
     def _projected_head(self, batch: Batch, P_out: torch.Tensor):
         """(losses (B,), A = the head's input (B, T, H), G P_out (B, T, k_out)) of the captured head,
-        G for the per-example mean loss (each token's G scaled by 1 / its example's answer tokens)."""
-        decoder, lm_head, softcap = self.fused
-        hidden = decoder(**model_inputs(decoder, batch.input_ids, batch.attention_mask)).last_hidden_state
+        G for the per-example mean loss (each token's G scaled by 1 / its example's answer tokens).
+        Inside the head's forward on a sharded model (``sharding.head_call``)."""
+        softcap = self.fused[2]
         labels = shifted_labels(batch.labels)
         B, T = labels.shape
-        tokens, GP = head_loss_projected(
-            hidden.flatten(0, 1).to(lm_head.weight.dtype),
-            lm_head.weight,
-            labels.flatten(),
-            P_out,
-            bias=lm_head.bias,
-            softcap=softcap,
-        )
-        answers = (labels != IGNORE_INDEX).sum(1)
-        losses = tokens.view(B, T).sum(1) / answers
-        return losses, hidden.detach(), GP.view(B, T, -1) / answers.to(GP.dtype)[:, None, None]
+        side = {}
 
-    def run(self, batches: Iterable[dict], start: Callable[[Batch], OnLayer], desc: str | None = None) -> list[int]:
-        """Capture every batch: ``start(batch)`` gives the batch's ``on_layer``; returns the stream row
-        of each data position (``rows[order]`` puts per-batch rows back into data order).
-        ``desc``: show a progress bar in examples under that name."""
+        def tokens_and_gp(hidden, weight, bias):
+            tokens, side["GP"] = head_loss_projected(
+                hidden.flatten(0, 1).to(weight.dtype), weight, labels.flatten(), P_out, bias=bias, softcap=softcap
+            )
+            side["A"] = hidden.detach()
+            return tokens.view(B, T)
+
+        tokens = head_call(self.model, self.fused, batch.input_ids, batch.attention_mask, tokens_and_gp)
+        answers = (labels != IGNORE_INDEX).sum(1)
+        GP = side["GP"].view(B, T, -1) / answers.to(side["GP"].dtype)[:, None, None]
+        return tokens.sum(1) / answers, side["A"], GP
+
+    def _idle(self, kind: str) -> None:
+        """A step of ``kind`` on a two-token batch, results dropped: pairs a peer's collectives
+        (``backward``: a forward and backward as ``backward`` runs them; ``forward``: a forward alone,
+        what a captured head alone needs)."""
+        ids = torch.zeros(1, 2, dtype=torch.long, device=self.device)
+        labels = torch.tensor([[IGNORE_INDEX, 0]], device=self.device)
+        batch = Batch(ids, torch.ones_like(ids), labels, [None])
+        lockstep, self.lockstep = self.lockstep, None  # an idle step announces nothing
+        try:
+            if kind == "backward":
+                self.backward(batch, lambda *_: None)
+            else:
+                with torch.no_grad(), autocast_forward(self.device, self.autocast):
+                    forward_losses(self.model, batch, self.fused)
+        finally:
+            self.lockstep = lockstep
+
+    def run(
+        self, batches: Iterable[dict], start: Callable[[Batch], OnLayer], desc: str | None = None, shared: bool = False
+    ) -> list[int]:
+        """Capture every batch (``shared``: this rank's share, see ``batches``): ``start(batch)`` gives
+        the batch's ``on_layer``; returns the stream row of each data position (``rows[order]`` puts
+        per-batch rows back into data order). ``desc``: show a progress bar in examples under that name."""
         positions: list[int] = []
         with progress_bar(desc) as bar:
-            for step in self.batches(batches):
-                self.backward(step.batch, start(step.batch))
+            for step in self.batches(batches, shared=shared):
+                if step.wanted:
+                    self.backward(step.batch, start(step.batch))
+                    if bar is not None:
+                        bar(step.wanted)
                 positions.extend(step.positions)
-                if bar is not None:
-                    bar(step.wanted)
         return sorted(range(len(positions)), key=positions.__getitem__)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -70,7 +71,10 @@ def comm_device() -> torch.device:
 
 
 def barrier() -> None:
+    """Wait for every rank. A rank that captures on a sharded model first idles in step with the
+    peers still capturing (``Lockstep``): their forwards need its all-gathers."""
     if is_distributed():
+        finish_current()
         tdist.barrier()
 
 
@@ -109,3 +113,44 @@ def all_gather_object(obj: Any) -> list:
     out = [None] * tdist.get_world_size()
     tdist.all_gather_object(out, obj)
     return out
+
+
+class Lockstep:
+    """Pairs the forward passes of the ranks of a sharded model (``fastinfluence.sharding``).
+
+    Every forward of an FSDP2-sharded model is a collective, so ranks holding different numbers
+    of batches must still run the same number of steps. Before each step a rank all-reduces a
+    one-hot flag of its kind (``step``); a rank out of batches all-reduces zeros (``finish``)
+    and, while a peer flags a step, runs an idle one of that kind; all leave ``finish`` at the
+    all-reduce where no rank flags a step. ``idle(kind)`` runs one step of ``kind`` (one of
+    ``KINDS``: a capture forward + backward, or a forward alone) on a dummy batch, with the same
+    collectives as a real one. The newest ``Lockstep`` of a process is the one ``distributed.barrier`` finishes.
+    """
+
+    KINDS = ("backward", "forward")
+    current: Lockstep | None = None
+
+    def __init__(self, idle: Callable[[str], None]):
+        self.idle = idle
+        Lockstep.current = self
+
+    def step(self, kind: str) -> None:
+        """Before each of this rank's steps: tell the peers that one of ``kind`` is coming."""
+        Lockstep.current = self
+        flags = torch.zeros(len(self.KINDS))
+        flags[self.KINDS.index(kind)] = 1
+        all_reduce_sum(flags)
+
+    def finish(self) -> None:
+        """This rank has no step left: idle for every step a peer still takes, until all are done."""
+        while True:
+            flags = all_reduce_sum(torch.zeros(len(self.KINDS)))
+            if not bool(flags.any()):
+                return
+            self.idle(self.KINDS[int(flags.argmax())])
+
+
+def finish_current() -> None:
+    """The newest ``Lockstep``'s ``finish`` (``distributed.barrier`` runs it); nothing when none exists."""
+    if Lockstep.current is not None:
+        Lockstep.current.finish()

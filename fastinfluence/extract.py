@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import ops
+from . import ops, sharding
 from .batching import Batch
 from .capture import CapturePass, Layer, progress_bar
 from .config import ProjectionConfig
@@ -23,14 +23,17 @@ _FINGERPRINT_SAMPLES = 64
 
 
 def fingerprint(model: nn.Module, layers: list[Layer]) -> dict:
-    """Identity of the captured layers: names, shapes, dtypes and a hash of sampled weights."""
+    """Identity of the captured layers: names, shapes, dtypes and a hash of sampled weights.
+
+    The same for a model sharded by FSDP2 as for the whole model: a sharded weight is gathered,
+    one layer at a time (every rank calls this then)."""
     h = hashlib.sha256()
     for layer in layers:
-        w = layer.weight.detach().flatten()
+        w = sharding.whole(layer.weight.detach()).flatten()
         step = max(1, w.numel() // _FINGERPRINT_SAMPLES)
         h.update(w[::step][:_FINGERPRINT_SAMPLES].to("cpu", torch.float64).numpy().tobytes())
     return {
-        "model": type(model).__name__,
+        "model": sharding.model_class(model).__name__,
         "layers": [
             [l.name, l.d_in, l.d_out, l.bias, str(l.weight.dtype).replace("torch.", "")] + (["tied share"] * l.tied)
             for l in layers
@@ -76,6 +79,7 @@ class GradientExtractor:
             self._proj = {n: normalizer.fold(n, *P) for n, P in self._proj.items()}
         self._proj_dev: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self.layout = self._layout()
+        self._sharded_fp: tuple[list[int], dict] | None = None
         self._flat_offsets, offset = {}, 0
         for l in self.layers:
             self._flat_offsets[l.name] = offset
@@ -83,8 +87,18 @@ class GradientExtractor:
 
     @property
     def fingerprint(self) -> dict:
-        """Identity of the model's captured layers now (weights may change between extractions)."""
-        fp = fingerprint(self.model, self.layers)
+        """Identity of the model's captured layers now (weights may change between extractions).
+
+        On a sharded model every rank reads it at the same point (it gathers the weights), and
+        it is kept while the weights are unchanged (their version counters), so that ranks
+        extracting different numbers of runs of a store need not gather again."""
+        if not sharding.is_sharded(self.model):
+            fp = fingerprint(self.model, self.layers)
+        else:
+            key = [l.weight._version for l in self.layers]
+            if self._sharded_fp is None or self._sharded_fp[0] != key:
+                self._sharded_fp = (key, fingerprint(self.model, self.layers))
+            fp = dict(self._sharded_fp[1])
         if self.normalizer is not None:
             fp["normalizer"] = self.normalizer.identity(l.name for l in self.layers)
         return fp
@@ -162,7 +176,10 @@ class GradientExtractor:
                 store, self, batches, tokens=tokens, covariances=covariances, shard_rows=shard_rows, progress=progress
             )
         with progress_bar("extract" if progress else None) as bar:
-            return cat_features(list(self.iter_features(batches, tokens=tokens, covariances=covariances, progress=bar)))
+            parts = list(self.iter_features(batches, tokens=tokens, covariances=covariances, progress=bar))
+        features = cat_features(parts)
+        self.capture.finish()  # a sharded model's ranks may hold different numbers of batches
+        return features
 
     def iter_features(
         self,

@@ -40,6 +40,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from . import distributed as dist
 from .batching import Batch
 from .capture import CapturePass, Layer, PairScorer, pairwise_scores, progress_bar
 from .config import ProjectionConfig
@@ -159,16 +160,18 @@ def _fit(
         s[0], s[1] = s[0] + (a.T @ a).double(), s[1] + (g.T @ g).double()
 
     with progress_bar("K-FAC factors" if progress else None) as bar:
-        for step in capture.batches(batches):
-            capture.backward(step.batch, covariances)
+        for step in capture.batches(batches, shared=True):
+            if step.wanted:
+                capture.backward(step.batch, covariances)
+                if bar is not None:
+                    bar(step.wanted)
             examples += step.batch.input_ids.shape[0]
             tokens += int(step.batch.attention_mask.bool().sum())
-            if bar is not None:
-                bar(step.wanted)
     _warn_if_underdetermined(layers, examples, tokens)
     stats, shapes = {}, {}
     for layer in layers:
-        CA, CG = sums[layer.name]
+        d_in = layer.d_in + int(layer.bias)
+        CA, CG = (dist.all_reduce_sum(_zeros(n, s, device)) for n, s in zip((d_in, layer.d_out), sums[layer.name]))
         eA, QA = torch.linalg.eigh(CA / tokens)
         eG, QG = torch.linalg.eigh(CG / examples)
         # contiguous: eigh returns column-major bases
@@ -194,11 +197,16 @@ def _fit(
             for rows in example_chunks(a.shape[0], *shapes[layer.name]):
                 lam[layer.name] += _gradients(a[rows], g[rows]).square().sum(0).double()
 
-        capture.run(batches, lambda _batch: eigenbasis_squares, "EK-FAC eigenvalues" if progress else None)
+        capture.run(batches, lambda _batch: eigenbasis_squares, "EK-FAC eigenvalues" if progress else None, shared=True)
         for name, v in lam.items():
-            stats[f"{name}.Lambda"] = v / examples
+            stats[f"{name}.Lambda"] = dist.all_reduce_sum(v) / examples
     stats = {k: v.cpu() for k, v in stats.items()}
     return KFACFactors(method, shapes, stats, damping, damping_ratio, examples, tokens)
+
+
+def _zeros(n: int, total, device) -> torch.Tensor:
+    """(n, n) float64 ``total``: a rank that captured no batch holds 0.0."""
+    return total if torch.is_tensor(total) else torch.zeros(n, n, dtype=torch.float64, device=device)
 
 
 def fit_kfac(
@@ -216,6 +224,10 @@ def fit_kfac(
     ``config`` selects the layers as for ``exact_scores``; ``progress``: a bar per pass, in
     examples. The model is left unchanged. A fit on fewer attended tokens than a layer is wide
     warns: its covariance cannot have full rank, and damping alone decides most directions.
+
+    Under ``torch.distributed`` every rank passes the same batches; the ranks capture every
+    ``world``-th batch each and sum their statistics, so every rank gets the same factors (on an
+    FSDP2-sharded model as on whole copies: ``sharding``).
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")

@@ -45,6 +45,7 @@ import torch.nn.functional as F
 
 from .lm import IGNORE_INDEX, fused_head, model_inputs, shifted_labels
 from .ops.linear_cross_entropy import linear_cross_entropy
+from .sharding import head_call
 
 
 def _upcast(x: torch.Tensor) -> torch.Tensor:
@@ -88,16 +89,19 @@ def token_nll(model, batch: dict, fused: bool | None = None) -> tuple[torch.Tens
         logits = _upcast(model(**model_inputs(model, input_ids, attention_mask)).logits)
         loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none", ignore_index=IGNORE_INDEX)
         return loss.view_as(labels), mask
-    decoder, lm_head, softcap = head
-    hidden = decoder(**model_inputs(decoder, input_ids, attention_mask)).last_hidden_state
-    weight, bias = lm_head.weight, lm_head.bias
-    device_type = hidden.device.type
-    if torch.is_autocast_enabled(device_type):
-        # Under autocast the model's own head would run in the autocast dtype: do the same.
-        dtype = torch.get_autocast_dtype(device_type)
-        weight, bias = weight.to(dtype), bias.to(dtype) if bias is not None else None
-    with torch.autocast(device_type, enabled=False):
-        loss = linear_cross_entropy(hidden.to(weight.dtype), weight, labels, bias=bias, softcap=softcap)
+    softcap = head[2]
+
+    def head_loss(hidden, weight, bias):
+        device_type = hidden.device.type
+        if torch.is_autocast_enabled(device_type):
+            # Under autocast the model's own head would run in the autocast dtype: do the same.
+            dtype = torch.get_autocast_dtype(device_type)
+            weight, bias = weight.to(dtype), bias.to(dtype) if bias is not None else None
+        with torch.autocast(device_type, enabled=False):
+            return linear_cross_entropy(hidden.to(weight.dtype), weight, labels, bias=bias, softcap=softcap)
+
+    # inside the head's forward on a sharded model, where its weight is whole
+    loss = head_call(model, head, input_ids, attention_mask, head_loss)
     return _upcast(loss), mask
 
 

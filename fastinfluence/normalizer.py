@@ -58,6 +58,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from . import distributed as dist
 from .capture import CapturePass, Layer, select_layers
 from .config import ProjectionConfig
 from .ops._common import augmented, example_chunks, masked
@@ -331,22 +332,27 @@ class Normalizer:
             eps, damping_ratio: see the class.
             progress: show a bar, in examples.
 
-        One process: under ``torch.distributed`` every rank that fits on the same data gets the
-        same factors (fit once and ``save`` / ``load`` them to share them).
+        Under ``torch.distributed`` every rank passes the same batches; the ranks capture every
+        ``world``-th batch each and sum their squares, so every rank gets the same factors (on an
+        FSDP2-sharded model too).
         """
         if method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
         capture = CapturePass(model, config)
         dtype = capture.dtype
-        sums = {l.name: [0.0, 0.0] for l in capture.layers}
+        zeros = lambda n: torch.zeros(n, dtype=torch.float64, device=capture.device)  # noqa: E731
+        sums = {l.name: [zeros(l.d_out), zeros(l.d_in + int(l.bias))] for l in capture.layers}
 
         def accumulate(layer: Layer, A, G, mask):
             r, c = row_col_squares(augmented(A.to(dtype), mask, layer.bias), masked(G.to(dtype), mask), method)
             s = sums[layer.name]
             s[0], s[1] = s[0] + r.double(), s[1] + c.double()  # on the device: no sync per layer
 
-        examples = len(capture.run(batches, lambda _batch: accumulate, "normalizer" if progress else None))
-        factors = {n: (r.cpu() / examples, c.cpu() / examples) for n, (r, c) in sums.items()}
+        examples = len(capture.run(batches, lambda _batch: accumulate, "normalizer" if progress else None, shared=True))
+        factors = {
+            n: (dist.all_reduce_sum(r).cpu() / examples, dist.all_reduce_sum(c).cpu() / examples)
+            for n, (r, c) in sums.items()
+        }
         samples = {l.name: weight_sample(l.weight) for l in capture.layers}
         return cls(factors, "fitted", eps, damping_ratio, samples)
 

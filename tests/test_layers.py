@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LAYERS = [
     ("batching",),  # what a batch dict means (validation, ids, data positions, length buckets)
     ("config", "lm", "distributed", "model", "data", "outputs"),  # below the flow
+    ("sharding",),  # FSDP2-sharded models: the LM head inside its forward, whole weights
     ("ops",),  # torch references and the backend registry
     ("triton_kernels",),  # kernels of the ops (installed as fastinfluence.triton_kernels)
     ("capture",),

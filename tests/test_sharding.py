@@ -1,0 +1,182 @@
+"""FSDP2: every stage on a model sharded by ``fully_shard`` over 2 gloo ranks equals one process on
+the whole model (float64: relative error below 1e-10; only the order of float64 sums differs).
+
+One ``torchrun`` launch runs every stage (``sharded_worker.py``); each test checks one of them.
+The ranks hold different numbers of batches, so every stage also checks that a rank out of
+batches idles in step with the others (a hang ends the run with its stacks).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import sharded_cases as cases
+import torch
+from helpers import one_thread, rel_err
+
+import fastinfluence as fi
+from fastinfluence.losses import reduce, sequence_nll
+from fastinfluence.store import FeatureStore, write_store
+
+HERE = Path(__file__).parent
+WORLD = 2
+TOL = 1e-10
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory):
+    """Every rank's results of the sharded run, and its folder."""
+    out = tmp_path_factory.mktemp("sharded")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]))
+    env["OMP_NUM_THREADS"] = "1"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}"]
+    proc = subprocess.run(
+        [*cmd, str(HERE / "sharded_worker.py"), str(out)], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return [_features(torch.load(out / f"rank{r}.pt", weights_only=True)) for r in range(WORLD)], out
+
+
+@pytest.fixture(scope="module")
+def whole():
+    return cases.model()
+
+
+def test_the_ranks_ran_on_a_sharded_model(sharded):
+    assert all(got["sharded"] for got in sharded[0])
+
+
+@pytest.mark.parametrize("name", list(cases.CONFIGS))
+def test_each_rank_extracts_its_own_examples_as_the_whole_model(sharded, whole, name):
+    for rank, got in enumerate(sharded[0]):
+        features = got[f"features/{name}"]
+        extractor = fi.GradientExtractor(whole, cases.CONFIGS[name])
+        with one_thread():
+            ref = extractor.extract(cases.own_batches(rank), tokens=name == "blocks", covariances=name == "blocks")
+        assert features.ids == ref.ids
+        assert rel_err(features.data, ref.data) < TOL
+        assert features.fingerprint == ref.fingerprint  # gathered: a sharded store opens against a whole model
+        if name == "blocks":
+            for layer, (A, G, n) in ref.stats.items():
+                assert rel_err(features.stats[layer][0], A) < TOL and rel_err(features.stats[layer][1], G) < TOL
+                assert features.stats[layer][2] == n
+            assert torch.equal(features.tokens.offsets, ref.tokens.offsets)
+            for layer in ref.tokens.a:
+                assert rel_err(features.tokens.a[layer], ref.tokens.a[layer]) < TOL
+                assert rel_err(features.tokens.g[layer], ref.tokens.g[layer]) < TOL
+
+
+def test_a_store_written_by_the_ranks_equals_one_written_by_one_process(sharded, whole, tmp_path):
+    two = FeatureStore.open(sharded[1] / "store")
+    two.verify()
+    with one_thread():
+        one = write_store(
+            tmp_path / "one",
+            fi.GradientExtractor(whole, cases.CONFIGS["blocks"]),
+            cases.shared_batches(),
+            covariances=True,
+            shard_rows=3,
+        )
+    assert two.metadata() == one.metadata()
+    a, b = one.to_features(), two.to_features()
+    assert b.ids == a.ids and rel_err(b.data, a.data) < TOL
+    for layer, (A, G, n) in one.stats.items():
+        assert rel_err(two.stats[layer][0], A) < TOL and rel_err(two.stats[layer][1], G) < TOL
+        assert two.stats[layer][2] == n
+
+
+def _reference(whole):
+    config, shared, queries = cases.CONFIGS["blocks"], cases.shared_batches(), cases.query_batches()
+    with one_thread():
+        factors = fi.fit_kfac(whole, shared, "ekfac", config)
+        return {
+            "exact": fi.exact_scores(whole, queries, shared, config),
+            "kfac": factors,
+            "kfac/scores": fi.kfac_scores(whole, queries, shared, factors=factors, config=config),
+            "normalizer": fi.Normalizer.fit(whole, shared, config).factors,
+        }
+
+
+@pytest.fixture(scope="module")
+def reference(whole):
+    return _reference(whole)
+
+
+def test_exact_and_kfac_scores_equal_the_whole_models(sharded, reference):
+    for got in sharded[0]:
+        assert rel_err(got["exact"], reference["exact"]) < TOL
+        assert rel_err(got["kfac/scores"], reference["kfac/scores"]) < TOL
+
+
+def test_kfac_factors_are_summed_over_the_ranks(sharded, reference):
+    for got in sharded[0]:
+        stats = reference["kfac"].stats
+        assert set(got["kfac/stats"]) == set(stats)
+        for key in ("Lambda", "e_A", "e_G"):  # eigenvectors are defined up to sign; these are not
+            for k in (k for k in stats if k.endswith(key)):
+                assert rel_err(got["kfac/stats"][k], stats[k]) < TOL, k
+
+
+def test_the_normalizer_fit_is_summed_over_the_ranks(sharded, reference):
+    for got in sharded[0]:
+        for layer, (r, c) in reference["normalizer"].items():
+            assert rel_err(got["normalizer"][layer][0], r) < TOL and rel_err(got["normalizer"][layer][1], c) < TOL
+
+
+def test_weighted_nll_and_its_gradient_equal_the_whole_models(sharded, whole):
+    whole.train()
+    whole.zero_grad()
+    for rank, got in enumerate(sharded[0]):
+        nll = sequence_nll(whole, cases.own_batches(rank)[0])
+        loss = reduce(nll, cases.WEIGHTS[: len(nll.sum)])
+        (loss / WORLD).backward()  # FSDP2 averages the ranks' gradients
+        assert rel_err(got["nll"], nll.sum) < TOL
+        assert rel_err(got["loss"], loss) < TOL
+    whole.eval()
+    for got in sharded[0]:
+        for name, p in whole.named_parameters():
+            assert rel_err(got["grads"][name], p.grad) < TOL, name
+
+
+@pytest.mark.slow
+def test_two_nodes_on_localhost_write_one_store_equal_to_one_process(whole, tmp_path):
+    """``torchrun --nnodes 2 --nproc-per-node 1`` twice, meeting on the loopback, as on a cluster."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]))
+    env["OMP_NUM_THREADS"] = "1"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1", "--rdzv-backend=c10d"]
+    cmd += [f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=fastinfluence-test"]
+    cmd += [str(HERE / "sharded_worker.py"), str(tmp_path), "--store-only"]
+    nodes = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in "ab"]
+    try:
+        outputs = [node.communicate(timeout=300) for node in nodes]
+    finally:
+        for node in nodes:
+            node.kill()
+    assert all(node.returncode == 0 for node in nodes), "\n".join(err[-2000:] for _, err in outputs)
+    with one_thread():
+        one = write_store(
+            tmp_path / "one", fi.GradientExtractor(whole, cases.CONFIGS["blocks"]), cases.shared_batches()
+        )
+    two = FeatureStore.open(tmp_path / "store")
+    two.verify()
+    assert two.metadata() == one.metadata() and two.ids == one.ids
+    assert rel_err(two.to_features().data, one.to_features().data) < TOL
+
+
+def _features(got: dict) -> dict:
+    """The worker's plain dicts of features as objects with the attributes of ``Features``."""
+    for key, value in got.items():
+        if key.startswith("features/"):
+            tokens = value["tokens"]
+            got[key] = SimpleNamespace(**dict(value, tokens=None if tokens is None else SimpleNamespace(**tokens)))
+    return got
