@@ -25,11 +25,13 @@ import re
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import moe
 from .batching import Batch, WindowTracker, iter_batches
 from .config import ProjectionConfig
 from .lm import IGNORE_INDEX, fused_head, model_inputs, shifted_labels
@@ -47,13 +49,18 @@ SUPPORTED_TYPES: tuple[type, ...] = (nn.Linear,) + ((Conv1D,) if Conv1D is not N
 
 @dataclass(frozen=True)
 class Layer:
-    """A captured layer. ``bias``: whether the bias gradient is captured (a constant 1 appended to a)."""
+    """A captured layer. ``bias``: whether the bias gradient is captured (a constant 1 appended to a).
+
+    Token-wise: its consumer gets (B, T) tokens and a mask. The routed layers of MoE experts are
+    ``moe.ExpertLayer`` (``routed`` True): their consumer gets the routed tokens and their examples.
+    """
 
     name: str
     module: nn.Module
     d_in: int
     d_out: int
     bias: bool
+    routed: ClassVar[bool] = False
 
     @property
     def weight(self) -> torch.Tensor:
@@ -84,24 +91,27 @@ def select_layers(
 ) -> list[Layer]:
     """Layers to capture, in module order.
 
-    ``include``: regexes searched in the module name; None selects every supported layer
+    ``include``: regexes searched in the layer name; None selects every supported layer
     whose weight is trainable (every one, when none is trainable), which for a PEFT
     model means its LoRA layers. ``exclude`` regexes remove layers. Layers whose weight
     is shared with another module (a tied LM head) are never captured: the hook would
-    see only part of that parameter's gradient.
+    see only part of that parameter's gradient. MoE routers and experts (``moe``) are
+    layers too, one per (expert, fused parameter): ``model.layers.3.mlp.experts.7.down_proj``.
+    Logs the share of the trainable weight matrices captured; warns (once per model) when
+    the default selection leaves some uncaptured.
     """
-    candidates = [(n, m) for n, m in model.named_modules() if isinstance(m, SUPPORTED_TYPES)]
+    candidates = _candidates(model, include_bias)
     if not candidates:
         raise ValueError(
             f"{type(model).__name__} has no supported layer (torch.nn.Linear, transformers Conv1D, "
-            "PEFT LoRA lora_A/lora_B): nothing to capture"
+            "PEFT LoRA lora_A/lora_B, transformers MoE routers and experts): nothing to capture"
         )
     shared = _shared_parameter_ids(model)
-    tied = [n for n, m in candidates if id(m.weight) in shared]
-    candidates = [(n, m) for n, m in candidates if id(m.weight) not in shared]
+    tied = [l.name for l in candidates if id(l.weight) in shared]
+    candidates = [l for l in candidates if id(l.weight) not in shared]
     if include is not None:
         pats = _compile(include, "include")
-        chosen = [(n, m) for n, m in candidates if any(p.search(n) for p in pats)]
+        chosen = [l for l in candidates if any(p.search(l.name) for p in pats)]
         tied_hits = [n for n in tied if any(p.search(n) for p in pats)]
         if not chosen and tied_hits:
             raise ValueError(
@@ -111,23 +121,41 @@ def select_layers(
             )
     else:
         chosen, why = _default_layers(candidates)
+        moe.warn_uncapturable(model, candidates)
     if exclude:
         pats = _compile(exclude, "exclude")
-        chosen = [(n, m) for n, m in chosen if not any(p.search(n) for p in pats)]
+        chosen = [l for l in chosen if not any(p.search(l.name) for p in pats)]
     if not chosen:
-        names = ", ".join(n for n, _ in candidates[:8]) + (", ..." if len(candidates) > 8 else "")
+        names = ", ".join(l.name for l in candidates[:8]) + (", ..." if len(candidates) > 8 else "")
         raise ValueError(
             f"no layer matches include={include!r} exclude={exclude!r}; supported layers of this model "
             f"include: {names}. Adjust the regexes in ProjectionConfig(include=..., exclude=...)."
         )
-    names = [n for n, _ in chosen]
+    names = [l.name for l in chosen]
+    cover = moe.coverage(model, chosen)
     log.info(
-        "capturing %d layers (%s): %s",
+        "capturing %d layers (%s), %.1f%% of the trainable weight matrices (%d of %d weights): %s",
         len(names),
         "include/exclude regexes" if include is not None else why,
+        100 * cover.fraction,
+        cover.captured,
+        cover.total,
         ", ".join(names[:4]) + (", ..." if len(names) > 4 else ""),
     )
-    return [Layer(n, m, *_dims(m), bias=include_bias and getattr(m, "bias", None) is not None) for n, m in chosen]
+    return chosen
+
+
+def _candidates(model: nn.Module, include_bias: bool) -> list:
+    """Every layer that can be captured, in module order: supported modules, MoE routers and experts."""
+    routers, out = moe.routers(model), []
+    for n, m in model.named_modules():
+        if isinstance(m, SUPPORTED_TYPES):
+            out.append(Layer(n, m, *_dims(m), bias=include_bias and getattr(m, "bias", None) is not None))
+        elif id(m) in routers:
+            out.append(Layer(n, m, *routers[id(m)], bias=include_bias and getattr(m, "bias", None) is not None))
+        elif moe.is_experts(m):
+            out.extend(moe.expert_layers(n, m, include_bias))
+    return out
 
 
 _LORA = re.compile(r"(^|\.)lora_[AB](\.|$)")
@@ -145,13 +173,13 @@ def _compile(patterns, which: str) -> list[re.Pattern]:
     return out
 
 
-def _default_layers(candidates: list[tuple[str, nn.Module]]) -> tuple[list[tuple[str, nn.Module]], str]:
+def _default_layers(candidates: list) -> tuple[list, str]:
     """Default selection: a PEFT model's LoRA layers (trainable or not: ``PeftModel.from_pretrained``
     loads them frozen), else the trainable layers, else every supported layer (with a warning)."""
-    lora = [(n, m) for n, m in candidates if _LORA.search(n)]
+    lora = [l for l in candidates if _LORA.search(l.name)]
     if lora:
         return lora, "default: the LoRA layers of the PEFT model"
-    trainable = [(n, m) for n, m in candidates if m.weight.requires_grad]
+    trainable = [l for l in candidates if (l.parameter if l.routed else l.weight).requires_grad]
     if trainable:
         return trainable, "default: the layers whose weight is trainable"
     log.warning(
@@ -295,7 +323,9 @@ class LayerHooks:
         self._handles: list = []
 
     def __enter__(self) -> LayerHooks:
-        self._handles = [layer.module.register_forward_hook(self._forward_hook(layer)) for layer in self.layers]
+        token_wise = [l for l in self.layers if isinstance(l.module, SUPPORTED_TYPES)]
+        self._handles = [layer.module.register_forward_hook(self._forward_hook(layer)) for layer in token_wise]
+        self._handles += moe.register_hooks([l for l in self.layers if l not in token_wise], self)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -312,17 +342,26 @@ class LayerHooks:
         """Every layer's G of the armed pass has arrived."""
         return len(self.received) == len(self.layers)
 
+    def called(self, layer: Layer) -> None:
+        """Count ``layer``'s forward call in the armed pass (one is allowed)."""
+        self.calls[layer.name] = self.calls.get(layer.name, 0) + 1
+        if self.calls[layer.name] > 1:
+            raise RuntimeError(
+                f"layer {layer.name} ran more than once in one forward pass; layers shared across "
+                "positions of the network are not supported: exclude it (ProjectionConfig.exclude)"
+            )
+
+    def deliver(self, layer: Layer, A: torch.Tensor, G: torch.Tensor, mask: torch.Tensor) -> None:
+        """Hand ``layer``'s factors to ``on_layer`` (``mask``: the (n,) examples of a routed layer)."""
+        self.received.add(layer.name)
+        self.on_layer(layer, A, G, mask)
+
     def _forward_hook(self, layer: Layer):
         def hook(_module, inputs, output):
             mask = self.mask
             if mask is None:
                 return
-            self.calls[layer.name] = self.calls.get(layer.name, 0) + 1
-            if self.calls[layer.name] > 1:
-                raise RuntimeError(
-                    f"layer {layer.name} ran more than once in one forward pass; layers shared across "
-                    "positions of the network are not supported: exclude it (ProjectionConfig.exclude)"
-                )
+            self.called(layer)
             a = inputs[0].detach()
             if a.shape[:-1].numel() != mask.numel():
                 raise RuntimeError(
@@ -335,8 +374,7 @@ class LayerHooks:
             a = a.reshape(*mask.shape, a.shape[-1])
 
             def grad_hook(g):
-                self.received.add(layer.name)
-                self.on_layer(layer, a, g.detach().reshape(*mask.shape, g.shape[-1]), mask)
+                self.deliver(layer, a, g.detach().reshape(*mask.shape, g.shape[-1]), mask)
 
             output.register_hook(grad_hook)
 
@@ -385,7 +423,10 @@ class CapturePass:
     examples of each example's mean answer-token loss, both in the model's dtype (the autocast
     dtype for autocast forwards); ``mask``: (B, T) bool, True at attended tokens (padding rows
     of A and G must be ignored). ``dtype`` is the accumulation dtype of consumers: float64 for
-    a float64 model, float32 otherwise.
+    a float64 model, float32 otherwise. Routed layers (``layer.routed``: one expert of an MoE
+    block, ``moe.ExpertLayer``) get their routed, attended tokens only: ``A``: (n, d_in),
+    ``G``: (n, d_out), and in place of the mask ``example``: (n,) int64, each token's row in
+    the batch (n = 0 for an expert no token reaches).
 
     Args:
         model: a causal LM; left as it was found after every call.

@@ -21,6 +21,7 @@ LAYERS = [
     ("config", "lm", "distributed", "model", "data", "outputs"),  # below the flow
     ("ops",),  # torch references and the backend registry
     ("triton_kernels",),  # kernels of the ops (installed as fastinfluence.triton_kernels)
+    ("moe",),  # MoE routers and experts as captured layers (hooks driven by capture), weight coverage
     ("capture",),
     ("normalizer",),  # optimizer-aware (TrackStar) second-moment scales of A and G, folded into P_in / P_out
     ("projection", "exact", "kfac"),  # project (kfac: full-dimension K-FAC from captured factors)
