@@ -295,3 +295,36 @@ def test_kfac_normaliser_and_callback_refuse_expert_layers_in_one_line(tmp_path)
     ):
         with pytest.raises(ValueError, match=rf"^{re.escape(what)} does not support expert layers yet .*exclude=\["):
             call()
+
+
+def test_expert_covariances_are_sums_over_their_routed_tokens():
+    """K-FAC statistics per expert: sum a~ a~^T over the expert's routed tokens, with their count.
+    Each attended token reaches TOP_K experts, and the router sees every attended token with the
+    same input, so (identity P_in) the experts' input sums add up to TOP_K times the router's."""
+    model = moe_model("mixtral")
+    feats = GradientExtractor(model, ProjectionConfig(rank_in=16, rank_out=8)).extract(
+        batches_of(TRAIN, 3, "left"), covariances=True
+    )
+    tokens = sum(len(ids) for ids, _ in TRAIN)
+    for block in ("model.layers.0.mlp", "model.layers.1.mlp"):
+        CA_router, _, n_router = feats.stats[f"{block}.gate"]
+        parts = [feats.stats[f"{block}.experts.{e}.gate_up_proj"] for e in range(E)]
+        assert n_router == tokens and sum(n for _, _, n in parts) == TOP_K * tokens
+        assert rel_err(sum(CA for CA, _, _ in parts), TOP_K * CA_router) <= 1e-12  # float64 model
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("width", [(8, 12), (5, 3)])
+def test_segment_outer_sorted_unsorted_and_empty_examples(dtype, width):
+    """Sorted rows take one grouped matmul (float32, 16-byte rows), others the index_add path; both
+    equal a per-example loop, examples with no row are zero. float32: one product of <= 7 rows."""
+    from fastinfluence.ops.routed import segment_outer
+
+    g = torch.Generator().manual_seed(0)
+    X, Y = torch.randn(7, width[0], generator=g, dtype=dtype), torch.randn(7, width[1], generator=g, dtype=dtype)
+    for example in (torch.tensor([0, 0, 2, 2, 2, 3, 3]), torch.tensor([3, 0, 2, 0, 2, 3, 2])):
+        ref = torch.stack([X[example == b].T @ Y[example == b] for b in range(5)])
+        out = segment_outer(X, Y, example, 5)
+        assert out.shape == (5, *width) and not out[1].any() and not out[4].any()
+        assert rel_err(out, ref) <= (1e-6 if dtype == torch.float32 else 1e-14)
+    assert not segment_outer(X[:0], Y[:0], example[:0], 5).any()

@@ -13,6 +13,7 @@ With ``bias`` (or a P_in with a bias row) a constant 1 is appended to every a.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from ._common import GRADIENT_BUDGET, acc_dtype
 from .project import project_side
@@ -30,11 +31,29 @@ def _with_ones(A: torch.Tensor, bias: bool) -> torch.Tensor:
     return torch.cat([A, A.new_ones(A.shape[0], 1)], dim=1) if bias else A
 
 
+def _grouped(X: torch.Tensor, Y: torch.Tensor, example: torch.Tensor, B: int) -> torch.Tensor | None:
+    """One grouped matmul over the examples' row segments when the rows come sorted by example and
+    the CPU kernel takes the operands (float32 / bfloat16, rows a multiple of 16 bytes); else None."""
+    grouped_mm = getattr(F, "grouped_mm", None)
+    fits = X.dtype in (torch.float32, torch.bfloat16) and X.device.type == "cpu" and X.shape[0] > 0
+    if grouped_mm is None or not fits or any(d * X.element_size() % 16 for d in (X.shape[1], Y.shape[1])):
+        return None
+    if not bool((example[1:] >= example[:-1]).all()):
+        return None
+    ends = torch.bincount(example, minlength=B).cumsum(0).to(torch.int32)
+    return grouped_mm(X.contiguous().T, Y.contiguous(), offs=ends)
+
+
 def segment_outer(X: torch.Tensor, Y: torch.Tensor, example: torch.Tensor, B: int) -> torch.Tensor:
     """(B, p, q): sum over rows t of example i of X_t^T Y_t, for X (n, p), Y (n, q).
 
-    Outer products are formed a bounded number of rows at a time (``GRADIENT_BUDGET`` elements).
+    Rows sorted by example (as the capture hands them over) are one grouped matmul where the kernel
+    takes them; otherwise outer products are formed a bounded number of rows at a time
+    (``GRADIENT_BUDGET`` elements) and added into their examples.
     """
+    grouped = _grouped(X, Y, example, B)
+    if grouped is not None:
+        return grouped
     p, q = X.shape[1], Y.shape[1]
     out = X.new_zeros(B, p, q)
     step = max(1, GRADIENT_BUDGET // max(p * q, 1))
