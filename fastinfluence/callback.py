@@ -94,6 +94,7 @@ from .config import ProjectionConfig
 from .extract import GradientExtractor
 from .features import Features, cat_features
 from .lm import IGNORE_INDEX
+from .moe import refuse_experts
 from .ops._common import masked
 
 STEP_PREFIX = "step-"
@@ -250,6 +251,7 @@ class InfluenceCallback(TrainerCallback):
         self._remove_hooks()
         self._model, self._optimizer = model, optimizer
         self.extractor = GradientExtractor(model, self.config, normalizer=self.normalizer)
+        refuse_experts(self.extractor.layers, "InfluenceCallback")
         if "adam" in self.features:
             self._adam = _adam_layers(self.extractor.layers, optimizer, self.dense_limit)
         self._hooks = LayerHooks(self.extractor.layers, self._on_layer).__enter__()

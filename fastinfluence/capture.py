@@ -20,17 +20,20 @@ train/eval mode of every module, hooks).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import re
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from . import distributed as dist
+from . import moe
 from .batching import Batch, WindowTracker, iter_batches
 from .config import ProjectionConfig
 from .lm import IGNORE_INDEX, fused_head, model_inputs, shifted_labels
@@ -53,7 +56,11 @@ class Layer:
     """A captured layer. ``bias``: whether the bias gradient is captured (a constant 1 appended to a).
     ``tied``: its weight is shared with another module (an LM head tied to the input embeddings):
     its features hold this module's share of that weight's gradient, sum_t g_t a_t^T over its own
-    use (for a tied head: the classifier-level gradient), not the other module's share."""
+    use (for a tied head: the classifier-level gradient), not the other module's share.
+
+    Token-wise: its consumer gets (B, T) tokens and a mask. The routed layers of MoE experts are
+    ``moe.ExpertLayer`` (``routed`` True): their consumer gets the routed tokens and their examples.
+    """
 
     name: str
     module: nn.Module
@@ -61,6 +68,7 @@ class Layer:
     d_out: int
     bias: bool
     tied: bool = False
+    routed: ClassVar[bool] = False
 
     @property
     def weight(self) -> torch.Tensor:
@@ -91,62 +99,81 @@ def select_layers(
 ) -> list[Layer]:
     """Layers to capture, in module order.
 
-    ``include``: regexes searched in the module name; None selects every supported layer
+    ``include``: regexes searched in the layer name; None selects every supported layer
     whose weight is trainable (every one, when none is trainable), which for a PEFT
     model means its LoRA layers. ``exclude`` regexes remove layers. A layer whose weight
     is shared with another module (a tied LM head) is captured only when ``include`` names
-    it, as its own share of that weight's gradient (``Layer.tied``).
+    it, as its own share of that weight's gradient (``Layer.tied``). MoE routers and experts
+    (``moe``) are layers too, one per (expert, fused parameter):
+    ``model.layers.3.mlp.experts.7.down_proj``. Logs the share of the trainable weight matrices
+    captured; warns (once per model) when the default selection leaves some uncaptured.
     """
-    candidates = [(n, m) for n, m in model.named_modules() if isinstance(m, SUPPORTED_TYPES)]
+    candidates = _candidates(model, include_bias)
     if not candidates:
         raise ValueError(
             f"{type(model).__name__} has no supported layer (torch.nn.Linear, transformers Conv1D, "
-            "PEFT LoRA lora_A/lora_B): nothing to capture"
+            "PEFT LoRA lora_A/lora_B, transformers MoE routers and experts): nothing to capture"
         )
     shared = _shared_parameter_ids(model)
-    tied = [(n, m) for n, m in candidates if id(m.weight) in shared]
-    candidates = [(n, m) for n, m in candidates if id(m.weight) not in shared]
+    everything = candidates
+    tied = [l for l in candidates if id(l.weight) in shared]
+    candidates = [l for l in candidates if id(l.weight) not in shared]
     if include is not None:
         pats = _compile(include, "include")
-        chosen = [(n, m) for n, m in candidates if any(p.search(n) for p in pats)]
-        tied_hits = [(n, m) for n, m in tied if any(p.search(n) for p in pats)]
+        chosen = [l for l in candidates if any(p.search(l.name) for p in pats)]
+        tied_hits = {l.name for l in tied if any(p.search(l.name) for p in pats)}
         if tied_hits:
             log.info(
                 "%s: weight tied to another module (the input embeddings); captured as this module's share of the "
                 "tied weight's gradient (for an LM head: the classifier-level gradient sum_t g_t h_t^T)",
-                ", ".join(n for n, _ in tied_hits),
+                ", ".join(sorted(tied_hits)),
             )
-            order = {n: i for i, (n, _) in enumerate(model.named_modules())}
-            chosen = sorted(chosen + tied_hits, key=lambda nm: order[nm[0]])
+            keep = {l.name for l in chosen} | tied_hits
+            chosen = [dataclasses.replace(l, tied=True) if l.name in tied_hits else l for l in everything]
+            chosen = [l for l in chosen if l.name in keep]
     else:
         chosen, why = _default_layers(candidates)
+        moe.warn_uncapturable(model, candidates)
         if tied:
             log.info(
                 "%s: weight tied to another module, not captured by default; name it in ProjectionConfig(include=...) "
                 "to capture its share of the tied weight's gradient",
-                ", ".join(n for n, _ in tied),
+                ", ".join(l.name for l in tied),
             )
     if exclude:
         pats = _compile(exclude, "exclude")
-        chosen = [(n, m) for n, m in chosen if not any(p.search(n) for p in pats)]
+        chosen = [l for l in chosen if not any(p.search(l.name) for p in pats)]
     if not chosen:
-        names = ", ".join(n for n, _ in candidates[:8]) + (", ..." if len(candidates) > 8 else "")
+        names = ", ".join(l.name for l in candidates[:8]) + (", ..." if len(candidates) > 8 else "")
         raise ValueError(
             f"no layer matches include={include!r} exclude={exclude!r}; supported layers of this model "
             f"include: {names}. Adjust the regexes in ProjectionConfig(include=..., exclude=...)."
         )
-    names = [n for n, _ in chosen]
+    names = [l.name for l in chosen]
+    cover = moe.coverage(model, chosen)
     log.info(
-        "capturing %d layers (%s): %s",
+        "capturing %d layers (%s), %.1f%% of the trainable weight matrices (%d of %d weights): %s",
         len(names),
         "include/exclude regexes" if include is not None else why,
+        100 * cover.fraction,
+        cover.captured,
+        cover.total,
         ", ".join(names[:4]) + (", ..." if len(names) > 4 else ""),
     )
-    tied_ids = {id(m) for _, m in tied}
-    return [
-        Layer(n, m, *_dims(m), bias=include_bias and getattr(m, "bias", None) is not None, tied=id(m) in tied_ids)
-        for n, m in chosen
-    ]
+    return chosen
+
+
+def _candidates(model: nn.Module, include_bias: bool) -> list:
+    """Every layer that can be captured, in module order: supported modules, MoE routers and experts."""
+    routers, out = moe.routers(model), []
+    for n, m in model.named_modules():
+        if isinstance(m, SUPPORTED_TYPES):
+            out.append(Layer(n, m, *_dims(m), bias=include_bias and getattr(m, "bias", None) is not None))
+        elif id(m) in routers:
+            out.append(Layer(n, m, *routers[id(m)], bias=include_bias and getattr(m, "bias", None) is not None))
+        elif moe.is_experts(m):
+            out.extend(moe.expert_layers(n, m, include_bias))
+    return out
 
 
 _LORA = re.compile(r"(^|\.)lora_[AB](\.|$)")
@@ -164,13 +191,13 @@ def _compile(patterns, which: str) -> list[re.Pattern]:
     return out
 
 
-def _default_layers(candidates: list[tuple[str, nn.Module]]) -> tuple[list[tuple[str, nn.Module]], str]:
+def _default_layers(candidates: list) -> tuple[list, str]:
     """Default selection: a PEFT model's LoRA layers (trainable or not: ``PeftModel.from_pretrained``
     loads them frozen), else the trainable layers, else every supported layer (with a warning)."""
-    lora = [(n, m) for n, m in candidates if _LORA.search(n)]
+    lora = [l for l in candidates if _LORA.search(l.name)]
     if lora:
         return lora, "default: the LoRA layers of the PEFT model"
-    trainable = [(n, m) for n, m in candidates if m.weight.requires_grad]
+    trainable = [l for l in candidates if (l.parameter if l.routed else l.weight).requires_grad]
     if trainable:
         return trainable, "default: the layers whose weight is trainable"
     log.warning(
@@ -315,7 +342,9 @@ class LayerHooks:
         self._handles: list = []
 
     def __enter__(self) -> LayerHooks:
-        self._handles = [layer.module.register_forward_hook(self._forward_hook(layer)) for layer in self.layers]
+        token_wise = [l for l in self.layers if isinstance(l.module, SUPPORTED_TYPES)]
+        self._handles = [layer.module.register_forward_hook(self._forward_hook(layer)) for layer in token_wise]
+        self._handles += moe.register_hooks([l for l in self.layers if l not in token_wise], self)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -332,17 +361,26 @@ class LayerHooks:
         """Every layer's G of the armed pass has arrived."""
         return len(self.received) == len(self.layers)
 
+    def called(self, layer: Layer) -> None:
+        """Count ``layer``'s forward call in the armed pass (one is allowed)."""
+        self.calls[layer.name] = self.calls.get(layer.name, 0) + 1
+        if self.calls[layer.name] > 1:
+            raise RuntimeError(
+                f"layer {layer.name} ran more than once in one forward pass; layers shared across "
+                "positions of the network are not supported: exclude it (ProjectionConfig.exclude)"
+            )
+
+    def deliver(self, layer: Layer, A: torch.Tensor, G: torch.Tensor, mask: torch.Tensor) -> None:
+        """Hand ``layer``'s factors to ``on_layer`` (``mask``: the (n,) examples of a routed layer)."""
+        self.received.add(layer.name)
+        self.on_layer(layer, A, G, mask)
+
     def _forward_hook(self, layer: Layer):
         def hook(_module, inputs, output):
             mask = self.mask
             if mask is None:
                 return
-            self.calls[layer.name] = self.calls.get(layer.name, 0) + 1
-            if self.calls[layer.name] > 1:
-                raise RuntimeError(
-                    f"layer {layer.name} ran more than once in one forward pass; layers shared across "
-                    "positions of the network are not supported: exclude it (ProjectionConfig.exclude)"
-                )
+            self.called(layer)
             a = inputs[0].detach()
             if a.shape[:-1].numel() != mask.numel():
                 raise RuntimeError(
@@ -355,8 +393,7 @@ class LayerHooks:
             a = a.reshape(*mask.shape, a.shape[-1])
 
             def grad_hook(g):
-                self.received.add(layer.name)
-                self.on_layer(layer, a, g.detach().reshape(*mask.shape, g.shape[-1]), mask)
+                self.deliver(layer, a, g.detach().reshape(*mask.shape, g.shape[-1]), mask)
 
             output.register_hook(grad_hook)
 
@@ -406,7 +443,10 @@ class CapturePass:
     examples of each example's mean answer-token loss, both in the model's dtype (the autocast
     dtype for autocast forwards); ``mask``: (B, T) bool, True at attended tokens (padding rows
     of A and G must be ignored). ``dtype`` is the accumulation dtype of consumers: float64 for
-    a float64 model, float32 otherwise.
+    a float64 model, float32 otherwise. Routed layers (``layer.routed``: one expert of an MoE
+    block, ``moe.ExpertLayer``) get their routed, attended tokens only: ``A``: (n, d_in),
+    ``G``: (n, d_out), and in place of the mask ``example``: (n,) int64, each token's row in
+    the batch (n = 0 for an expert no token reaches).
 
     Args:
         model: a causal LM; left as it was found after every call.

@@ -19,8 +19,10 @@ from . import ops
 from .batching import Batch
 from .capture import CapturePass, Layer, PairScorer, pairwise_scores
 from .config import ProjectionConfig
+from .moe import refuse_experts
 from .normalizer import Normalizer
 from .ops._common import masked
+from .ops.routed import ghost_dot_routed, ghost_norm_routed, gradients_routed
 
 METHODS = ("auto", "ghost", "dense")
 
@@ -69,6 +71,40 @@ class _QueryLayer:
             self.blocks = []
 
 
+class _RoutedQuery:
+    """What the query pass keeps for one routed layer (an MoE expert): its routed tokens' factors with
+    their query rows, later maybe the query gradients; ghost or dense chosen on the first train batch."""
+
+    def __init__(self):
+        self.blocks: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self.method: str | None = None
+
+    def choose(self, layer: Layer, method: str, Q: int, n_train: int, B: int) -> None:
+        self.A, self.G, self.example = (torch.cat(parts) for parts in zip(*self.blocks))
+        self.blocks, self.Q = [], Q
+        if method == "auto":
+            d_in = layer.d_in + int(layer.bias)
+            ghost_cost = len(self.example) * n_train * (d_in + layer.d_out)
+            dense_cost = (n_train + Q * B) * d_in * layer.d_out
+            method = "ghost" if ghost_cost <= dense_cost else "dense"
+        self.method = method
+        if method == "dense":
+            self.dense = gradients_routed(self.A, self.G, self.example, Q, layer.bias)
+            self.A = self.G = self.example = None
+
+    def score(self, layer: Layer, A, G, example, S: torch.Tensor, sq: torch.Tensor | None) -> None:
+        B = S.shape[1]
+        if self.method == "ghost":
+            S.add_(ghost_dot_routed(self.A, self.G, self.example, self.Q, A, G, example, B, layer.bias))
+            if sq is not None:
+                sq.add_(ghost_norm_routed(A, G, example, B, layer.bias))
+            return
+        W = gradients_routed(A, G, example, B, layer.bias)
+        S.addmm_(self.dense, W.T)
+        if sq is not None:
+            sq.add_(W.square().sum(1))
+
+
 class _ExactScorer(PairScorer):
     """Exact products layer by layer: query factors kept (ghost) or query gradients formed (dense),
     whichever costs less per layer, chosen on the first train batch."""
@@ -81,7 +117,7 @@ class _ExactScorer(PairScorer):
         # The dtype per-example gradients are formed and dotted in (scores stay in ``capture.dtype``):
         # bfloat16 under a bfloat16 autocast; float32 under float16, whose range a per-layer score can exceed.
         self.compute = torch.bfloat16 if autocast == "bfloat16" else capture.dtype
-        self.queries = {l.name: _QueryLayer() for l in capture.layers}
+        self.queries = {l.name: _RoutedQuery() if l.routed else _QueryLayer() for l in capture.layers}
         self.query_sq: list[torch.Tensor] = []
 
     def factors(self, layer: Layer, A, G, mask):
@@ -93,10 +129,17 @@ class _ExactScorer(PairScorer):
         return A.to(self.compute), G.to(self.compute), False
 
     def query(self, batch: Batch):
-        sq = torch.zeros(batch.input_ids.shape[0], dtype=self.capture.dtype, device=self.capture.device)
+        B, start = batch.input_ids.shape[0], sum(len(q) for q in self.query_sq)
+        sq = torch.zeros(B, dtype=self.capture.dtype, device=self.capture.device)
         self.query_sq.append(sq)
 
         def keep(layer: Layer, A, G, mask):
+            if layer.routed:  # mask: the (n,) examples of the routed tokens
+                A, G = A.to(self.capture.dtype), G.to(self.capture.dtype)
+                self.queries[layer.name].blocks.append((A, G, mask + start))
+                if self.cosine:
+                    sq.add_(ghost_norm_routed(A, G, mask, B, layer.bias))
+                return
             A, G, bias = self.factors(layer, A, G, mask)
             self.queries[layer.name].blocks.append((A, G, mask))
             if self.cosine:
@@ -109,8 +152,13 @@ class _ExactScorer(PairScorer):
 
     def train(self, S, sq):
         def score(layer: Layer, A, G, mask):
-            A, G, bias = self.factors(layer, A, G, mask)
             q = self.queries[layer.name]
+            if layer.routed:
+                if q.method is None:
+                    q.choose(layer, self.method, sum(map(len, self.query_sq)), len(mask), S.shape[1])
+                q.score(layer, A.to(S.dtype), G.to(S.dtype), mask, S, sq)
+                return
+            A, G, bias = self.factors(layer, A, G, mask)
             if q.method is None:
                 q.choose(layer, self.method, A.shape[1], bias)
             if q.method == "ghost":
@@ -169,6 +217,7 @@ def exact_scores(
     config = config or ProjectionConfig()
     capture = CapturePass(model, config)
     if normalizer is not None:
+        refuse_experts(capture.layers, "A Normalizer")
         normalizer.check(capture.layers)
     scorer = _ExactScorer(capture, metric == "cosine", method, config.autocast, normalizer)
     return pairwise_scores(capture, query_batches, train_batches, scorer, progress)

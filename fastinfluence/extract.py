@@ -15,8 +15,11 @@ from .capture import CapturePass, Layer, progress_bar
 from .config import ProjectionConfig
 from .exact import per_example_gradients
 from .features import Features, LayerSlice, TokenFactors, cat_features, reorder_rows, slice_rows
+from .moe import refuse_experts
 from .normalizer import Normalizer
 from .ops._common import masked
+from .ops.project import project_side
+from .ops.routed import project_routed
 from .projection import layer_projections
 
 _FINGERPRINT_SAMPLES = 64
@@ -67,11 +70,14 @@ class GradientExtractor:
         self.config = config or ProjectionConfig()
         self.capture = CapturePass(model, self.config)
         self.layers = self.capture.layers
+        if self.config.mode == "flat":
+            refuse_experts(self.layers, "ProjectionConfig(mode='flat')")
         if isinstance(normalizer, (str, Path)):
             normalizer = Normalizer.load(normalizer)
         if normalizer is not None and not isinstance(normalizer, Normalizer):
             raise ValueError(f"normalizer must be a Normalizer or the path of a saved one, got {type(normalizer)}")
         if normalizer is not None:
+            refuse_experts(self.layers, "A Normalizer")
             normalizer.check(self.layers)
         self.normalizer = normalizer
         self._proj = {l.name: layer_projections(l, self.config) for l in self.layers}
@@ -200,6 +206,8 @@ class GradientExtractor:
         """
         if self.config.mode == "flat" and (tokens or covariances):
             raise ValueError("tokens=True and covariances=True need mode='factorized' (flat features have no layers)")
+        if tokens:
+            refuse_experts(self.layers, "extract(tokens=True)")
         fp, window = self.fingerprint, []
         for step in self.capture.batches(batches, skip_examples):
             if step.wanted:
@@ -217,7 +225,7 @@ class GradientExtractor:
         device, dtype = batch.input_ids.device, self.dtype
         rows = torch.empty(B, self.dim, dtype=dtype, device=device)
         store_dtype = self.config.torch_dtype
-        a_tok, g_tok, stats = {}, {}, {}
+        a_tok, g_tok, stats, routed_tokens = {}, {}, {}, {}
 
         valid = batch.attention_mask.bool().flatten().nonzero().squeeze(1) if tokens else None
 
@@ -229,7 +237,12 @@ class GradientExtractor:
             if layer is head and self.capture.fused is not None:  # the capture projected the head's G
                 P_out = None
             sl = self.layout[layer.name]
-            if tokens or covariances:
+            if layer.routed:  # mask: the (n,) examples of the tokens routed to this expert
+                phi = project_routed(A, G, mask, B, P_in, P_out)
+                if covariances:
+                    At, Gt = (project_side(X, P, dtype).double() for X, P in ((A, P_in), (G, P_out)))
+                    stats[layer.name], routed_tokens[layer.name] = (At.T @ At, Gt.T @ Gt), len(mask)
+            elif tokens or covariances:
                 At, Gt = ops.project_tokens(A, G, P_in, P_out, mask)
                 phi = Gt.transpose(1, 2) @ At
                 At, Gt = At.flatten(0, 1), Gt.flatten(0, 1)
@@ -253,7 +266,7 @@ class GradientExtractor:
             )
         if covariances:
             n_tokens = int(batch.attention_mask.bool().sum())
-            stats = {n: (CA.cpu(), CG.cpu(), n_tokens) for n, (CA, CG) in stats.items()}
+            stats = {n: (CA.cpu(), CG.cpu(), routed_tokens.get(n, n_tokens)) for n, (CA, CG) in stats.items()}
         return self._features(rows, batch.ids, token_factors, stats if covariances else None, fp)
 
     def _flat_features(self, batch: Batch, fp: dict) -> Features:

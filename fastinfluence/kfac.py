@@ -44,6 +44,7 @@ from . import distributed as dist
 from .batching import Batch
 from .capture import CapturePass, Layer, PairScorer, pairwise_scores, progress_bar
 from .config import ProjectionConfig
+from .moe import refuse_experts
 from .ops._common import augmented, example_chunks, masked
 
 METHODS = ("kfac", "ekfac")
@@ -234,7 +235,9 @@ def fit_kfac(
     _check_damping(damping, damping_ratio)
     if method == "ekfac" and iter(batches) is batches:
         raise ValueError("ekfac reads the fit batches twice: pass a list or DataLoader, not a one-shot iterator")
-    return _fit(CapturePass(model, config), batches, method, damping, damping_ratio, progress)
+    capture = CapturePass(model, config)
+    refuse_experts(capture.layers, "fit_kfac")
+    return _fit(capture, batches, method, damping, damping_ratio, progress)
 
 
 def _train_product(product: str, Q: int, T: int) -> str:
@@ -291,6 +294,7 @@ def kfac_scores(
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     _check_damping(damping, damping_ratio)
     capture = CapturePass(model, config)
+    refuse_experts(capture.layers, "kfac_scores")
     if factors is None:
         if fit_batches is None and iter(train_batches) is train_batches:
             raise ValueError(

@@ -61,6 +61,7 @@ from torch import nn
 from . import distributed as dist
 from .capture import CapturePass, Layer, select_layers
 from .config import ProjectionConfig
+from .moe import refuse_experts
 from .ops._common import augmented, example_chunks, masked
 
 SOURCES = ("adam", "adafactor", "fitted", "given")
@@ -296,6 +297,7 @@ class Normalizer:
         """
         config = config or ProjectionConfig()
         layers = select_layers(model, config.include, config.exclude, config.include_bias)
+        refuse_experts(layers, "Normalizer.from_optimizer")
         states = _states_by_name(model, optimizer, param_names)
         factors, kinds = {}, set()
         for layer in layers:
@@ -339,6 +341,7 @@ class Normalizer:
         if method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
         capture = CapturePass(model, config)
+        refuse_experts(capture.layers, "Normalizer.fit")
         dtype = capture.dtype
         zeros = lambda n: torch.zeros(n, dtype=torch.float64, device=capture.device)  # noqa: E731
         sums = {l.name: [zeros(l.d_out), zeros(l.d_in + int(l.bias))] for l in capture.layers}

@@ -22,6 +22,7 @@ LAYERS = [
     ("sharding",),  # FSDP2-sharded models: the LM head inside its forward, whole weights
     ("ops",),  # torch references and the backend registry
     ("triton_kernels",),  # kernels of the ops (installed as fastinfluence.triton_kernels)
+    ("moe",),  # MoE routers and experts as captured layers (hooks driven by capture), weight coverage
     ("capture",),
     ("normalizer",),  # optimizer-aware (TrackStar) second-moment scales of A and G, folded into P_in / P_out
     ("projection", "exact", "kfac"),  # project (kfac: full-dimension K-FAC from captured factors)

@@ -1,0 +1,401 @@
+"""Mixture-of-experts blocks of ``transformers`` 5.x as captured layers, and weight coverage.
+
+An MoE block holds a router, a bare 2D ``weight`` (E, H) (gpt-oss adds a ``bias`` (E,)) used
+with ``F.linear`` on every token, and an experts module with fused 3D parameters: per expert e,
+``gate_up_proj[e]`` (2I, H) (or ``up_proj[e]`` for ungated experts) and ``down_proj[e]``
+(H, I); stored transposed, (E, H, 2I) and (E, I, H), when the module's ``is_transposed`` is
+set, with ``*_bias`` (E, d_out) beside them when ``has_bias`` is. Each token goes to its
+top-k experts, whose outputs are scaled by the routing weights p_tk and summed.
+
+Captured layers:
+
+- the router is a token-wise Linear: ``Layer(name, router, H, E, bias)`` with (A, G, mask) as
+  for any Linear; A is the input of its ``F.linear`` call and G the gradient of that call's
+  output (the router logits), which reaches it through the routing weights;
+- each (expert, fused parameter) is an ``ExpertLayer``, named like the module list the fused
+  parameter stands for (``model.layers.3.mlp.experts.7.down_proj``). Its consumer receives the
+  routed tokens only: ``on_layer(layer, A (n, d_in), G (n, d_out), example (n,))``, where
+  ``example`` holds each token's row in the batch. G includes p_tk (it is the gradient of the
+  expert's own output, before the routing weight scales it). Padding tokens are left out.
+
+The experts' forward cannot be hooked per expert in any of the implementations
+``transformers`` offers (an eager Python loop, ``batched_mm``, ``grouped_mm``), so while a
+capture is armed the experts module runs ``routed_forward`` instead: the same math (the
+module's own activation and gate, weights, biases and layout), on tokens sorted by expert
+as ``grouped_mm`` sorts them, with one gradient hook per fused parameter. Kernels whose
+math may differ (``deepgemm``, ``sonicmoe``, hub kernels) are refused with the implementation
+to load instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+log = logging.getLogger(__name__)
+
+# Experts implementations whose math ``routed_forward`` reproduces.
+CAPTURABLE = (None, "eager", "batched_mm", "grouped_mm")
+EXCLUDE_EXPERTS = r"\.experts\.\d+\."
+
+
+def is_experts(module: nn.Module) -> bool:
+    """A ``transformers`` experts module (``use_experts_implementation``) with fused 3D parameters."""
+    down = getattr(module, "down_proj", None)
+    return (
+        hasattr(module, "has_gate")
+        and hasattr(module, "is_transposed")
+        and isinstance(down, nn.Parameter)
+        and down.dim() == 3
+        and isinstance(getattr(module, "gate_up_proj" if module.has_gate else "up_proj", None), nn.Parameter)
+    )
+
+
+def _up_name(experts: nn.Module) -> str:
+    return "gate_up_proj" if experts.has_gate else "up_proj"
+
+
+@dataclass(frozen=True)
+class ExpertLayer:
+    """One expert's slice of a fused parameter, captured as a Linear over the tokens routed to it.
+
+    ``module``: the experts module; ``param``: ``gate_up_proj``, ``up_proj`` or ``down_proj``;
+    ``expert``: e. ``weight`` is (d_out, d_in) whatever the storage; ``bias``: whether the bias
+    gradient (``<param>_bias[e]``) is captured (a constant 1 appended to a).
+    """
+
+    name: str
+    module: nn.Module
+    d_in: int
+    d_out: int
+    bias: bool
+    param: str
+    expert: int
+    routed: ClassVar[bool] = True
+    tied: ClassVar[bool] = False  # an expert's weight is its own
+
+    @property
+    def parameter(self) -> nn.Parameter:
+        """The fused (E, ., .) parameter this layer is one expert of."""
+        return getattr(self.module, self.param)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        w = self.parameter[self.expert]
+        return w.T if self.module.is_transposed else w
+
+
+def expert_layers(name: str, experts: nn.Module, include_bias: bool) -> list[ExpertLayer]:
+    """The (expert, fused parameter) layers of the experts module ``name``, expert by expert."""
+    out = []
+    for e in range(experts.down_proj.shape[0]):
+        for param in (_up_name(experts), "down_proj"):
+            rows, cols = getattr(experts, param).shape[1:]
+            d_in, d_out = (rows, cols) if experts.is_transposed else (cols, rows)
+            bias = include_bias and getattr(experts, param + "_bias", None) is not None
+            out.append(ExpertLayer(f"{name}.{e}.{param}", experts, d_in, d_out, bias, param, e))
+    return out
+
+
+def routers(model: nn.Module) -> dict[int, tuple[int, int]]:
+    """id(router module) -> (d_in, d_out) = (H, E) of every MoE block's router.
+
+    A router is a sibling of an experts module that is not a Linear and holds a 2D ``weight``
+    with one row per expert (``mlp.gate`` in Mixtral, Qwen-MoE, OLMoE, DeepSeek; ``mlp.router``
+    in gpt-oss).
+    """
+    found = {}
+    for parent in model.modules():
+        experts = [m for m in parent.children() if is_experts(m)]
+        for ex in experts:
+            E = ex.down_proj.shape[0]
+            for child in parent.children():
+                w = getattr(child, "weight", None)
+                if child is ex or isinstance(child, nn.Linear) or not isinstance(w, nn.Parameter):
+                    continue
+                if w.dim() == 2 and w.shape[0] == E:
+                    found[id(child)] = (w.shape[1], E)
+    return found
+
+
+def check_implementation(name: str, experts: nn.Module) -> None:
+    impl = getattr(getattr(experts, "config", None), "_experts_implementation", None)
+    if impl not in CAPTURABLE:
+        raise ValueError(
+            f"{name} runs experts_implementation={impl!r}, whose kernels cannot be captured: call model."
+            "set_experts_implementation('grouped_mm') (or load the model with experts_implementation='grouped_mm')"
+        )
+
+
+def refuse_experts(layers, what: str) -> None:
+    """One-line error when ``layers`` hold expert layers, which ``what`` does not support yet."""
+    experts = [l.name for l in layers if l.routed]
+    if experts:
+        raise ValueError(
+            f"{what} does not support expert layers yet ({', '.join(experts[:2])}, ... {len(experts)} in all): "
+            f"exclude them with ProjectionConfig(exclude=[r'{EXCLUDE_EXPERTS}'])"
+        )
+
+
+# ---------------------------------------------------------------------------------------
+# The experts' math, routed tokens sorted by expert
+# ---------------------------------------------------------------------------------------
+
+
+def _grouped_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, counts: list[int], transposed: bool
+) -> torch.Tensor:
+    """(S, d_out): rows of group g (``counts[g]`` consecutive rows of x (S, d_in)) through expert g mod E."""
+    E, pieces, start = weight.shape[0], [], 0
+    for g, n in enumerate(counts):
+        if n == 0:
+            continue
+        e, rows = g % E, x[start : start + n]
+        y = rows @ weight[e] if transposed else F.linear(rows, weight[e])
+        pieces.append(y if bias is None else y + bias[e])
+        start += n
+    return torch.cat(pieces)
+
+
+# deliver(param, A (S, d_in), G (S, d_out)) for the parameters named in ``hooked``.
+Deliver = Callable[[str, torch.Tensor, torch.Tensor], None]
+
+
+def routed_forward(
+    experts: nn.Module,
+    hidden: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    order: torch.Tensor,
+    counts: list[int],
+    hooked: set[str],
+    deliver: Deliver,
+) -> torch.Tensor:
+    """The experts module's output (N, H) for tokens ``hidden`` (N, H) routed by ``top_k_index`` /
+    ``top_k_weights`` (N, K), computed on the (token, slot) pairs in ``order`` (S = N K), grouped
+    by ``counts`` (group g runs expert g mod E). For each fused parameter in ``hooked``, its
+    input (S, d_in) and, in the backward, its output gradient (S, d_out), rows in ``order``, go
+    to ``deliver``."""
+    N, K = top_k_index.shape
+    x = hidden[order // K]
+    up_name, t = _up_name(experts), experts.is_transposed
+    up = _grouped_linear(x, getattr(experts, up_name), getattr(experts, up_name + "_bias", None), counts, t)
+    h = experts._apply_gate(up) if experts.has_gate else experts.act_fn(up)
+    down = _grouped_linear(h, experts.down_proj, getattr(experts, "down_proj_bias", None), counts, t)
+    for name, A, out in ((up_name, x, up), ("down_proj", h, down)):
+        if name in hooked:
+            A = A.detach()
+            out.register_hook(lambda g, name=name, A=A: deliver(name, A, g.detach()))
+    if getattr(experts, "has_post_expert_norm", False):
+        down = experts.post_expert_norm(down)
+    weighted = down * top_k_weights.reshape(-1)[order].unsqueeze(-1).to(down.dtype)
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=order.device)
+    # Summed over the K slots like transformers' batched and grouped paths (same order as theirs).
+    return weighted[inverse].view(N, K, -1).sum(dim=1).to(hidden.dtype)
+
+
+def route(top_k_index: torch.Tensor, mask: torch.Tensor, E: int) -> tuple[torch.Tensor, list[int], torch.Tensor]:
+    """Sort the (token, slot) pairs by expert, attended tokens first.
+
+    Returns ``order`` (S,) pair indices, ``counts`` (2E,): pairs per group, group e < E the
+    attended tokens routed to expert e, group E + e the padding tokens routed to it (after every
+    attended pair, so they are computed but never handed on), and ``example`` (n,): the batch row
+    of each attended pair in ``order`` (n = the attended pairs). The sort is stable, so the pairs of
+    one expert keep token order (each example's tokens stay together).
+    """
+    N, K = top_k_index.shape
+    attended = mask.reshape(-1).repeat_interleave(K)
+    key = top_k_index.reshape(-1) + E * (~attended).long()
+    key, order = torch.sort(key, stable=True)
+    counts = torch.bincount(key, minlength=2 * E).tolist()
+    n = sum(counts[:E])
+    example = order[:n] // K // mask.shape[1]
+    return order, counts, example
+
+
+# ---------------------------------------------------------------------------------------
+# Hooks (driven by capture.LayerHooks)
+# ---------------------------------------------------------------------------------------
+
+
+class _Forward:
+    """``module.forward`` replaced by ``forward`` until ``remove()`` (restores what was there)."""
+
+    def __init__(self, module: nn.Module, forward: Callable):
+        self.module, self.saved = module, module.__dict__.get("forward")
+        module.forward = forward
+
+    def remove(self) -> None:
+        if self.saved is None:
+            del self.module.forward
+        else:
+            self.module.forward = self.saved
+
+
+class _LinearCalls(TorchFunctionMode):
+    """Records (input, output) of every ``F.linear`` whose weight has ``shape``."""
+
+    def __init__(self, shape: torch.Size):
+        super().__init__()
+        self.shape, self.calls = shape, []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func is F.linear:
+            weight = args[1] if len(args) > 1 else kwargs["weight"]
+            if weight.shape == self.shape:
+                self.calls.append((args[0], out))
+        return out
+
+
+def hook_router(layer, hooks) -> _Forward:
+    """Hand the router ``layer``'s (A, G, mask) to ``hooks`` when armed: A = the input of its
+    ``F.linear`` call, G = the gradient of that call's output."""
+    module = layer.module
+    original = module.forward
+
+    def forward(*args, **kwargs):
+        mask = hooks.mask
+        if mask is None:
+            return original(*args, **kwargs)
+        hooks.called(layer)
+        with _LinearCalls(module.weight.shape) as seen:
+            out = original(*args, **kwargs)
+        if len(seen.calls) != 1:
+            raise RuntimeError(
+                f"router {layer.name} made {len(seen.calls)} F.linear calls with its weight, expected one; exclude it"
+            )
+        x, logits = seen.calls[0]
+        if x.shape[:-1].numel() != mask.numel():
+            raise RuntimeError(f"router {layer.name} saw {tuple(x.shape)} inputs for (B, T) = {tuple(mask.shape)}")
+        a = x.detach().reshape(*mask.shape, layer.d_in)
+        logits.register_hook(lambda g: hooks.deliver(layer, a, g.detach().reshape(*mask.shape, layer.d_out), mask))
+        return out
+
+    return _Forward(module, forward)
+
+
+def hook_experts(name: str, layers: list[ExpertLayer], hooks) -> _Forward:
+    """Run the experts module ``name`` through ``routed_forward`` when armed, handing each selected
+    expert layer's routed (A, G, example) to ``hooks`` (every selected layer, with n = 0 rows for
+    an expert no attended token reaches)."""
+    experts = layers[0].module
+    check_implementation(name, experts)
+    E = experts.down_proj.shape[0]
+    by_param: dict[str, dict[int, ExpertLayer]] = {}
+    for l in layers:
+        by_param.setdefault(l.param, {})[l.expert] = l
+    original = experts.forward
+
+    def forward(hidden, top_k_index, top_k_weights, *args, **kwargs):
+        mask = hooks.mask
+        if mask is None:
+            return original(hidden, top_k_index, top_k_weights, *args, **kwargs)
+        for l in layers:
+            hooks.called(l)
+        if hidden.shape[0] != mask.numel():
+            raise RuntimeError(f"{name} saw {hidden.shape[0]} tokens for (B, T) = {tuple(mask.shape)}")
+        order, counts, example = route(top_k_index, mask, E)
+        n, bounds = len(example), [0]
+        for c in counts[:E]:
+            bounds.append(bounds[-1] + c)
+
+        def deliver(param: str, A: torch.Tensor, G: torch.Tensor) -> None:
+            A, G = A[:n], G[:n]
+            for e, layer in by_param[param].items():
+                s, t = bounds[e], bounds[e + 1]
+                hooks.deliver(layer, A[s:t], G[s:t], example[s:t])
+
+        return routed_forward(experts, hidden, top_k_index, top_k_weights, order, counts, set(by_param), deliver)
+
+    return _Forward(experts, forward)
+
+
+def register_hooks(layers: list, hooks) -> list[_Forward]:
+    """Hooks for the routers and expert layers among ``layers``; ``hooks`` (``capture.LayerHooks``)
+    gives ``mask``, ``called(layer)`` and ``deliver(layer, A, G, mask_or_example)``."""
+    handles, groups = [], {}
+    for l in layers:
+        if l.routed:
+            groups.setdefault(id(l.module), []).append(l)
+        else:
+            handles.append(hook_router(l, hooks))
+    for group in groups.values():
+        handles.append(hook_experts(group[0].name.rsplit(".", 2)[0], group, hooks))
+    return handles
+
+
+# ---------------------------------------------------------------------------------------
+# Coverage
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Coverage:
+    """Trainable weight matrices (elements) of a model and how many of them ``layers`` capture.
+
+    Weight matrices: parameters with two or more dimensions, not biases (names ending in
+    ``bias``), not embeddings, not shared by several modules (a tied head); the trainable ones,
+    or every one when none is trainable. ``missing``: names of those not wholly captured.
+    """
+
+    captured: int
+    total: int
+    missing: list[str]
+
+    @property
+    def fraction(self) -> float:
+        return self.captured / self.total if self.total else 1.0
+
+
+def weight_matrices(model: nn.Module) -> dict[int, tuple[str, nn.Parameter]]:
+    owners: dict[int, int] = {}
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            owners[id(p)] = owners.get(id(p), 0) + 1
+    embedded = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    found = {
+        id(p): (n, p)
+        for n, p in model.named_parameters()
+        if p.dim() >= 2 and not n.endswith("bias") and id(p) not in embedded and owners[id(p)] == 1
+    }
+    trainable = {k: v for k, v in found.items() if v[1].requires_grad}
+    return trainable or found
+
+
+def coverage(model: nn.Module, layers: list) -> Coverage:
+    matrices = weight_matrices(model)
+    covered: dict[int, int] = {}
+    for l in layers:
+        p = l.parameter if l.routed else l.module.weight
+        covered[id(p)] = covered.get(id(p), 0) + l.d_in * l.d_out
+    captured = sum(min(covered.get(k, 0), p.numel()) for k, (_, p) in matrices.items())
+    missing = [n for k, (n, p) in matrices.items() if covered.get(k, 0) < p.numel()]
+    return Coverage(captured, sum(p.numel() for _, p in matrices.values()), missing)
+
+
+_WARNED: weakref.WeakSet = weakref.WeakSet()
+
+
+def warn_uncapturable(model: nn.Module, capturable: list) -> None:
+    """Warn once per model when some of its trainable weight matrices no supported layer captures."""
+    missing = coverage(model, capturable).missing
+    if missing and model not in _WARNED:
+        _WARNED.add(model)
+        warnings.warn(
+            f"{len(missing)} trainable weight matrices of {type(model).__name__} are in no layer fastinfluence can "
+            f"capture (an unsupported module or fused parameter), so no feature or score covers them: "
+            f"{', '.join(missing[:6])}{', ...' if len(missing) > 6 else ''}",
+            stacklevel=4,
+        )
