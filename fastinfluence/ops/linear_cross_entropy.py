@@ -26,7 +26,8 @@ Cost, for N_l labelled rows in chunks of r rows, s bytes per weight element:
     trainable head           8 N_l V H     3 ceil(N_l / r) V H s       r V x 4
     before (all N rows)      6-8 N V H     3 ceil(N / r) V H s         r V x 4
 
-plus a few elementwise passes over each block (logsumexp, exp, the one-hot subtraction).
+plus a few elementwise passes over each block (max, one exp, the normalisation, the one-hot
+subtraction), in place: one (rows, V) block at a time.
 Saved for backward: dh (N_l, H) on the frozen path, hidden (N_l, H) + lse (N_l,) otherwise.
 
 The chunked functions below are the ``torch`` backend and the reference the Triton kernels
@@ -78,18 +79,28 @@ def _grad_logits_(logits, lse, labels, valid, scale, dcap):
     lse: (rows,) logsumexp of the logits; labels, valid: (rows,); scale: (rows,) per-token
     upstream gradient in the logits' dtype (rows that are not ``valid`` get 0).
     """
-    dz = logits.sub_(lse.unsqueeze(1)).exp_()  # softmax
-    dz.scatter_add_(1, torch.where(valid, labels, 0).unsqueeze(1), -torch.ones_like(scale).unsqueeze(1))
-    dz.mul_(torch.where(valid, scale, 0.0).unsqueeze(1))
+    return _grad_from_probs_(logits.sub_(lse.unsqueeze(1)).exp_(), labels, valid, scale, dcap)
+
+
+def _grad_from_probs_(probs, labels, valid, scale, dcap):
+    """``_grad_logits_`` from the chunk's softmax, written over ``probs``."""
+    probs.scatter_add_(1, torch.where(valid, labels, 0).unsqueeze(1), -torch.ones_like(scale).unsqueeze(1))
+    probs.mul_(torch.where(valid, scale, 0.0).unsqueeze(1))
     if dcap is not None:
-        dz.mul_(dcap)
-    return dz
+        probs.mul_(dcap)
+    return probs
 
 
-def _chunk_loss(logits, labels, valid):
-    """(loss, lse) of one chunk: lse - target logit, 0 where not ``valid``."""
-    lse = torch.logsumexp(logits, dim=-1)
+def _chunk_loss_(logits, labels, valid):
+    """(loss, lse) of one chunk, lse - target logit (0 where not ``valid``), with ``logits`` (rows, V)
+    overwritten by their softmax: one block in memory and one exp per element (``torch.logsumexp``
+    would hold a second block, and the gradient would exponentiate again)."""
     target = logits.gather(1, torch.where(valid, labels, 0).unsqueeze(1)).squeeze(1)
+    top = logits.amax(1, keepdim=True)
+    probs = logits.sub_(top).exp_()
+    total = probs.sum(1, keepdim=True)
+    probs.div_(total)
+    lse = (top + total.log()).squeeze(1)
     return torch.where(valid, lse - target, 0.0), lse
 
 
@@ -112,7 +123,7 @@ def linear_cross_entropy_forward(hidden, weight, bias, labels, ignore_index, sof
     for s in range(0, n, rows):
         logits, _ = _chunk_logits(hidden[s : s + rows], weight, bias, softcap, dtype)
         y = labels[s : s + rows]
-        loss[s : s + rows], lse[s : s + rows] = _chunk_loss(logits, y, y != ignore_index)
+        loss[s : s + rows], lse[s : s + rows] = _chunk_loss_(logits, y, y != ignore_index)
     return loss, lse
 
 
@@ -138,8 +149,8 @@ def linear_cross_entropy_forward_grad(hidden, weight, bias, labels, ignore_index
         logits, dcap = _chunk_logits(hidden[s : s + rows], weight, bias, softcap, dtype)
         y = labels[s : s + rows]
         valid = y != ignore_index
-        loss[s : s + rows], lse = _chunk_loss(logits, y, valid)
-        dz = _grad_logits_(logits, lse, y, valid, torch.ones_like(lse), dcap)
+        loss[s : s + rows], lse = _chunk_loss_(logits, y, valid)
+        dz = _grad_from_probs_(logits, y, valid, torch.ones_like(lse), dcap)
         grad_hidden[s : s + rows] = dz.to(weight.dtype) @ weight
     return loss, grad_hidden
 

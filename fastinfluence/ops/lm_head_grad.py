@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from ._common import acc_dtype
-from .linear_cross_entropy import _chunk_logits, _chunk_loss, _chunk_rows, _grad_logits_
+from .linear_cross_entropy import _chunk_logits, _chunk_loss_, _chunk_rows, _grad_from_probs_
 
 
 def lm_head_loss_grad_projected(
@@ -55,8 +55,8 @@ def lm_head_loss_grad_projected(
         logits, dcap = _chunk_logits(x[s : s + chunk], weight, bias, softcap, dtype)
         y = y_all[s : s + chunk]
         valid = torch.ones_like(y, dtype=torch.bool)
-        loss_c, lse = _chunk_loss(logits, y, valid)
-        dz = _grad_logits_(logits, lse, y, valid, torch.ones_like(lse), dcap)
+        loss_c, lse = _chunk_loss_(logits, y, valid)
+        dz = _grad_from_probs_(logits, y, valid, torch.ones_like(lse), dcap)
         r = rows[s : s + chunk]
         # Under autocast the matmuls come back in its dtype: written into the accumulators' own.
         loss[r], GP[r] = loss_c.to(dtype), (dz @ P).to(dtype)
