@@ -1,5 +1,5 @@
-"""What a fresh clone on another machine needs: every benchmark script answers ``--help``, and no
-tracked file points into one machine's directories.
+"""What a fresh clone on another machine needs: every benchmark script answers ``--help``, no
+tracked file points into one machine's directories, and ``make demo`` installs only the demo's needs.
 
 ``--help`` of the ~30 scripts in their own interpreters would import torch ~30 times (a minute or
 two of CPU on a shared 2-core machine); instead one driver process imports torch and transformers
@@ -153,6 +153,28 @@ def test_the_path_check_catches_what_it_should():
         assert not machine_paths("bench/x.py", text), text
     assert not machine_paths("bench/results/x.json", '"scores_dir": "/tmp/kfac_1/rep0"')
     assert machine_paths("bench/results/x.json", '"model": "/home/alice/llama"')
+
+
+def make_dry_run(target: str, venv: Path) -> str:
+    """The commands ``make TARGET`` would run with ``VENV=venv`` (``make -n``: nothing is installed)."""
+    out = subprocess.run(
+        ["make", "-n", f"VENV={venv}", target], cwd=ROOT, capture_output=True, text=True, timeout=60, check=True
+    )
+    return out.stdout
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
+def test_make_demo_installs_only_what_the_demo_needs_and_test_adds_the_rest(tmp_path):
+    venv = tmp_path / "venv"
+    demo, test = make_dry_run("demo", venv), make_dry_run("test", venv)
+    assert "pip install -q -e . matplotlib" in demo and "[test" not in demo and "triton" not in demo
+    assert '-e ".[test,peft,triton,faiss]"' in test and "-m pytest" in test
+    venv.mkdir()
+    (venv / ".demo-installed").touch()  # after `make demo`, `make test` adds the extras alone
+    test = make_dry_run("test", venv)
+    assert "[test,peft,triton,faiss]" in test and "torch" not in test
+    (venv / ".installed").touch()
+    assert "pip" not in make_dry_run("demo-quick", venv)  # after both, in either order, nothing to install
 
 
 if __name__ == "__main__":
