@@ -1,5 +1,6 @@
-# Two entry points: `make demo` and `make test`. Both create .venv and install everything
-# on a fresh machine. Without a GPU the CPU build of torch is used (small and fast to install).
+# Two entry points: `make demo` and `make test`. Both create .venv on a fresh machine: the demo installs
+# what it imports, the tests add the test, peft, triton and faiss extras (in either order).
+# Without a GPU the CPU build of torch is used (small and fast to install).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -11,20 +12,25 @@ PYTEST_ARGS ?=
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml setup.py
+# What the demo imports: torch, the package (its C++ kernels built), matplotlib for the plots and
+# accelerate, which transformers' Trainer (the demo's unlearning runs on it) requires.
+$(VENV)/.demo-installed: pyproject.toml setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q -e . matplotlib "accelerate>=1.1.0"
+	touch $@
+
+# Everything else: tests, linters, the optional backends and integrations.
+$(VENV)/.installed: $(VENV)/.demo-installed
 	$(BIN)/python -m pip install -q -e ".[test,peft,triton,faiss]"
 	touch $@
 
-# The demo's plots need matplotlib (optional for the package itself).
-demo: setup
-	$(BIN)/python -m pip install -q matplotlib
+demo: $(VENV)/.demo-installed
 	$(BIN)/python -m fastinfluence demo
 
 # About a minute on 2 cores; checks the report's keys and loose bounds (CI).
-demo-quick: setup
+demo-quick: $(VENV)/.demo-installed
 	$(BIN)/python -m fastinfluence demo --quick --out demo_out_quick
 	$(BIN)/python -m fastinfluence.demo.report demo_out_quick/report.json --quick
 

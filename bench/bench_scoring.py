@@ -7,7 +7,7 @@ checksums verified while reading) and reports wall time, train rows per second a
 peak resident memory. Flat memory across N is the point: the train side is streamed.
 
     python bench/bench_scoring.py                       # 10k, 100k, 500k rows of D=4096
-    python bench/bench_scoring.py --rows 10000 --dim 1024 --out /tmp/x.json
+    python bench/bench_scoring.py --rows 10000 --dim 1024 --out scoring.json
 
 Needs about N * D * 2 bytes of free disk in --tmp (4.1 GB for 500k x 4096); the store is
 deleted afterwards. Results go to bench/results/scoring_<device>.json.

@@ -18,6 +18,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from statistics import median
 
@@ -76,11 +77,12 @@ def main() -> None:
     ap.add_argument("--sets", default="variable")
     ap.add_argument("--settings", default="proj16,proj64,exact")
     ap.add_argument("--budgets", default="2048", help="token budgets per bucketed batch, comma-separated")
-    ap.add_argument("--work", default="/tmp/fastinfluence_bench_bucketing")
+    ap.add_argument("--work", help="directory for the model, data and runs (default: a fresh temporary directory)")
     ap.add_argument("--out", default=str(ROOT / "bench/results/bucketing_cpu.json"))
     args = ap.parse_args()
-    work = Path(args.work)
+    work = Path(args.work or tempfile.mkdtemp(prefix="fastinfluence_bucketing_"))
     work.mkdir(parents=True, exist_ok=True)
+    print(f"model, data and runs in {work}", flush=True)
     if not (work / "model").exists():
         build_model().save_pretrained(work / "model")
     data = datasets()

@@ -1,11 +1,13 @@
 """Full-dimension EK-FAC: fastinfluence.kfac_scores against Kronfluence's EK-FAC, same model, data, layers.
 
     python bench/kfac_vs_kronfluence.py [--train 512] [--query 64] [--reps 1] [--parallel] [--out FILE]
+                                        [--kronfluence-python PYTHON]
 
 The peer benchmark setting (bench/peers/common.py): tiny Llama (hidden 256, 4 layers, vocab 512),
 fixed-length random tokens (512 train + 64 query sequences of 64 tokens), every attention and MLP
 Linear layer. Each tool runs in its own process and virtualenv (ours in .venv, Kronfluence in
-KRONFLUENCE_PYTHON, default /work/wt/i14/.peers/kronfluence/bin/python), one thread each, niced;
+.peers/kronfluence of this checkout, which ``make bench-peers`` creates; --kronfluence-python or
+KRONFLUENCE_PYTHON names another interpreter), one thread each, niced;
 with --reps > 1 the runs are interleaved with the order rotated; --parallel runs the two tools of
 a repetition at the same time (process CPU time is the measure either way). Both score matrices
 are saved in a temporary directory; the record goes to bench/results/kfac_vs_kronfluence_cpu.json.
@@ -41,7 +43,10 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE / "peers"))
 from common import LAYER_SUFFIXES, MODEL, build_model, example_losses, fixed_tokens, load_model, pad  # noqa: E402
 
-KRON_PY = Path(os.environ.get("KRONFLUENCE_PYTHON", "/work/wt/i14/.peers/kronfluence/bin/python"))
+# the virtualenv bench/peers/setup.sh makes (PEERS_DIR as there and in bench/peers/run_all.py)
+KRON_PY = os.environ.get(
+    "KRONFLUENCE_PYTHON", str(Path(os.environ.get("PEERS_DIR", ROOT / ".peers")) / "kronfluence/bin/python")
+)
 OURS_PY = ROOT / ".venv/bin/python"
 BATCH = 32
 INCLUDE = [r"self_attn\.(q|k|v|o)_proj$", r"mlp\.(gate|up|down)_proj$"]
@@ -180,15 +185,24 @@ def compare(S: np.ndarray, R: np.ndarray) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--train", type=int, default=512)
     p.add_argument("--query", type=int, default=64)
     p.add_argument("--reps", type=int, default=1)
     p.add_argument("--parallel", action="store_true")
     p.add_argument("--out", default=str(ROOT / "bench/results/kfac_vs_kronfluence_cpu.json"))
+    p.add_argument(
+        "--kronfluence-python",
+        default=KRON_PY,
+        help="Kronfluence's interpreter (default $KRONFLUENCE_PYTHON, else .peers/kronfluence/bin/python in this "
+        "checkout, which `make bench-peers` creates)",
+    )
     args = p.parse_args()
-    if not KRON_PY.exists():
-        raise SystemExit(f"no Kronfluence virtualenv at {KRON_PY}: set KRONFLUENCE_PYTHON (see bench/peers/setup.sh)")
+    if not Path(args.kronfluence_python).exists():
+        raise SystemExit(
+            f"no Kronfluence interpreter at {args.kronfluence_python}: `make bench-peers` creates it "
+            "(or give --kronfluence-python)"
+        )
     if not (0 < args.train <= 512 and 0 < args.query <= 64):
         raise SystemExit(f"--train must be in 1..512 and --query in 1..64, got {args.train} and {args.query}")
 
@@ -200,7 +214,7 @@ def main() -> None:
     data = {"train": fixed_tokens(512, 64, V, 1)[: args.train], "query": fixed_tokens(64, 64, V, 2)[: args.query]}
     torch.save(data, work / "data.pt")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    pythons = {"ours": OURS_PY, "kronfluence": KRON_PY}
+    pythons = {"ours": OURS_PY, "kronfluence": args.kronfluence_python}
     reps = []
     for r in range(args.reps):
         order = ["ours", "kronfluence"] if r % 2 == 0 else ["kronfluence", "ours"]

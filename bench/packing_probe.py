@@ -11,6 +11,7 @@ mask as given), so the only question is speed. Writes bench/results/packing_prob
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -71,8 +72,12 @@ def timed(fn) -> float:
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument(
+        "--rows", default="256,512,2048", help="packed row lengths R, comma-separated (default 256,512,2048)"
+    )
+    rows_arg = [int(r) for r in ap.parse_args().rows.split(",")]
     torch.set_num_threads(1)
-    rows_arg = [int(r) for r in (sys.argv[1] if len(sys.argv) > 1 else "256,512,2048").split(",")]
     model = build_model()
     train = datasets()["variable"]["train"]
     lengths = [len(e["input_ids"]) for e in train]

@@ -89,9 +89,22 @@ void project(uintptr_t A, int64_t a_sb, int64_t a_st, int64_t d_in, uintptr_t P_
 
 }  // namespace
 
+// Keyword-only arguments, as in host_bindings.cpp: integers and pointers swapped by position
+// would run silently.
 PYBIND11_MODULE(_fi_cuda, m) {
   m.doc() = "fastinfluence CUDA kernels";
-  m.def("jl_project", &jl_project, "out (B, k) f32 = scale * x (B, D) @ R[offset:offset+D]");
-  m.def("project", &project, "partial (splits, B, k_out, k_in) f32 = per-split sums of (G P_out)^T (A P_in)");
-  m.def("topk_merge", &topk_merge, "per-row top-k of prev (Q, kp) and S (Q, n)");
+  m.def("jl_project", &jl_project, "out (B, k) f32 = scale * x (B, D) @ R[offset:offset+D]", py::kw_only(),
+        py::arg("x"), py::arg("dtype"), py::arg("B"), py::arg("D"), py::arg("ldx"), py::arg("out"), py::arg("k"),
+        py::arg("seed"), py::arg("kind"), py::arg("offset"), py::arg("scale"), py::arg("ws"), py::arg("ws_chunks"),
+        py::arg("stream"));
+  m.def("project", &project, "partial (splits, B, k_out, k_in) f32 = per-split sums of (G P_out)^T (A P_in)",
+        py::kw_only(), py::arg("A"), py::arg("a_sb"), py::arg("a_st"), py::arg("d_in"), py::arg("P_in"),
+        py::arg("a_vec"), py::arg("G"), py::arg("g_sb"), py::arg("g_st"), py::arg("d_out"), py::arg("P_out"),
+        py::arg("g_vec"), py::arg("dtype"), py::arg("kp"), py::arg("bias"), py::arg("mask"), py::arg("mask_sb"),
+        py::arg("mask_st"), py::arg("B"), py::arg("T"), py::arg("k_in"), py::arg("k_out"),
+        py::arg("tokens_per_split"), py::arg("splits"), py::arg("partial"), py::arg("stream"));
+  m.def("topk_merge", &topk_merge, "per-row top-k of prev (Q, kp) and S (Q, n)", py::kw_only(), py::arg("S"),
+        py::arg("dtype"), py::arg("Q"), py::arg("n"), py::arg("lds"), py::arg("index_offset"),
+        py::arg("prev_values"), py::arg("prev_indices"), py::arg("kp"), py::arg("k_out"), py::arg("values"),
+        py::arg("indices"), py::arg("stream"));
 }

@@ -48,8 +48,15 @@ void topk_merge(uintptr_t S, int dtype, int64_t Q, int64_t n, int64_t lds, int64
 
 }  // namespace
 
+// Keyword-only arguments: every one is an integer or a pointer, so a call with two of them
+// swapped would still run; by name it cannot.
 PYBIND11_MODULE(_fi_cpu, m) {
   m.doc() = "fastinfluence host kernels (C++/OpenMP twins of the CUDA kernels)";
-  m.def("jl_project", &jl_project, "out (B, k) f32 = scale * x (B, D) @ R[offset:offset+D]");
-  m.def("topk_merge", &topk_merge, "per-row top-k of prev (Q, kp) and S (Q, n)");
+  m.def("jl_project", &jl_project, "out (B, k) f32 = scale * x (B, D) @ R[offset:offset+D]", py::kw_only(),
+        py::arg("x"), py::arg("dtype"), py::arg("B"), py::arg("D"), py::arg("ldx"), py::arg("out"), py::arg("k"),
+        py::arg("seed"), py::arg("kind"), py::arg("offset"), py::arg("scale"), py::arg("num_threads"));
+  m.def("topk_merge", &topk_merge, "per-row top-k of prev (Q, kp) and S (Q, n)", py::kw_only(), py::arg("S"),
+        py::arg("dtype"), py::arg("Q"), py::arg("n"), py::arg("lds"), py::arg("index_offset"),
+        py::arg("prev_values"), py::arg("prev_indices"), py::arg("kp"), py::arg("k_out"), py::arg("values"),
+        py::arg("indices"), py::arg("num_threads"));
 }

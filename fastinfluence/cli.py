@@ -33,12 +33,10 @@ from . import __version__
 from .data import read_jsonl  # noqa: F401  (the CLI's reader; imports no torch)
 from .outputs import OutputError
 
-# command -> (module that registers it, one-line help shown before the module is imported)
+# command -> (module that registers it, one-line help shown before the module is imported; None: the
+# summary of the module's docstring, read without importing it)
 PLUGINS = {
-    "demo": (
-        "fastinfluence.demo",
-        "train a tiny model on generated data and find planted near-duplicates by influence",
-    ),
+    "demo": ("fastinfluence.demo", None),
     "weights": (
         "fastinfluence.unlearn_cli",
         "per-example unlearning weights from influence scores (RapidUn, IMU, low-influence)",
@@ -90,6 +88,19 @@ class Registry:
 
     def __contains__(self, name) -> bool:
         return name in self._names()
+
+
+def summary(doc: str) -> str:
+    """The first paragraph of a docstring on one line, without its final period (a command's help)."""
+    return " ".join(doc.strip().split("\n\n", 1)[0].split()).removesuffix(".")
+
+
+def module_summary(module: str) -> str:
+    """``summary`` of ``module``'s docstring, read from its source: the module itself may import torch."""
+    import ast
+    import importlib.util
+
+    return summary(ast.get_docstring(ast.parse(Path(importlib.util.find_spec(module).origin).read_text())) or "")
 
 
 class CLIError(ValueError):
@@ -859,7 +870,7 @@ def build_parser(command: str | None = "*") -> argparse.ArgumentParser:
         _plug(module, sub)
     for name, (module, help) in PLUGINS.items():
         if name not in sub.choices and module not in modules:
-            sub.add_parser(name, help=help, add_help=False)
+            sub.add_parser(name, help=help or module_summary(module), add_help=False)
     return parser
 
 

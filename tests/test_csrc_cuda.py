@@ -74,20 +74,20 @@ def test_cuda_binding_writes_every_output(cuda):
     out = torch.full((40, 333), float("nan"), device="cuda")
     ws = torch.empty(3 * 40 * 333, device="cuda")
     cuda._extension().jl_project(
-        x.data_ptr(),
-        0,
-        40,
-        2100,
-        2100,
-        out.data_ptr(),
-        333,
-        8,
-        1,
-        0,
-        jl_scale(333),
-        ws.data_ptr(),
-        3,
-        torch.cuda.current_stream().cuda_stream,
+        x=x.data_ptr(),
+        dtype=0,
+        B=40,
+        D=2100,
+        ldx=2100,
+        out=out.data_ptr(),
+        k=333,
+        seed=8,
+        kind=1,
+        offset=0,
+        scale=jl_scale(333),
+        ws=ws.data_ptr(),
+        ws_chunks=3,
+        stream=torch.cuda.current_stream().cuda_stream,
     )
     assert not out.isnan().any()
     assert rel_err(out, jl_project_reference(x.cpu(), 333, 8, "gaussian")) < 1e-5

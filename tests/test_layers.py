@@ -39,8 +39,8 @@ LAYERS = [
     ("evaluate",),
     ("__init__",),  # the public API (fastinfluence/__init__.py)
     ("integrations",),  # trainers for other frameworks (open-unlearning)
-    ("cli", "bench_cli", "demo"),  # cli loads the other command modules as plug-ins, by name only
-    ("unlearn_cli",),  # imports cli's helpers (one direction: cli never imports it)
+    ("cli", "bench_cli"),  # cli loads the other command modules as plug-ins, by name only
+    ("unlearn_cli", "demo"),  # import cli's helpers (one direction: cli never imports them)
     ("__main__",),
 ]
 LEVEL = {unit: i for i, units in enumerate(LAYERS) for unit in units}

@@ -1,5 +1,5 @@
-"""Built-in demo: a few reported poisoned examples -> influence finds the rest -> unlearning removes
-the backdoor, where retraining without the detected examples may not.
+"""Backdoor and stealthy-poison demo on a tiny model trained here: influence finds the poisoned examples
+from a few reported ones, and unlearning removes the backdoor where retraining without them may not.
 
 For each scenario (``backdoor``: a trigger word makes the model answer with a fixed target
 text; ``stealthy``: the trigger makes it put a wrong value inside the normal answer, four
@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from ..cli import summary
 from ..distributed import resolve_device
 from . import detect, unlearn
 from .data import SCENARIOS, encode, make_scenario, train_tokenizer
@@ -163,7 +164,7 @@ def run(
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "demo",
-        help="backdoor detection by influence and unlearning, end to end on a tiny model trained here",
+        help=summary(__doc__),
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

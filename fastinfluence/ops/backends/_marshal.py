@@ -20,8 +20,8 @@ def jl_output(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def select_topk(S: torch.Tensor, k: int, index_offset: int, prev: TopK | None, launch) -> TopK:
-    """Top-k of ``prev`` and the rows of S by a compiled ``topk_merge``; ``launch(*args)``
-    adds the trailing thread count or stream. The temporaries live until it returns."""
+    """Top-k of ``prev`` and the rows of S by a compiled ``topk_merge``; ``launch(**args)``
+    adds the thread count or stream. The temporaries live until it returns."""
     Q, n = S.shape
     if prev is None:
         pv = torch.empty(Q, 0, dtype=S.dtype, device=S.device)
@@ -41,17 +41,17 @@ def select_topk(S: torch.Tensor, k: int, index_offset: int, prev: TopK | None, l
     )
     if out.values.numel():
         launch(
-            S.data_ptr(),
-            DTYPE_CODES[S.dtype],
-            Q,
-            n,
-            S.stride(0),
-            index_offset,
-            pv.data_ptr(),
-            pi.data_ptr(),
-            kp,
-            k_out,
-            out.values.data_ptr(),
-            out.indices.data_ptr(),
+            S=S.data_ptr(),
+            dtype=DTYPE_CODES[S.dtype],
+            Q=Q,
+            n=n,
+            lds=S.stride(0),
+            index_offset=index_offset,
+            prev_values=pv.data_ptr(),
+            prev_indices=pi.data_ptr(),
+            kp=kp,
+            k_out=k_out,
+            values=out.values.data_ptr(),
+            indices=out.indices.data_ptr(),
         )
     return out

@@ -57,18 +57,18 @@ def jl_project(x: torch.Tensor, k: int, seed: int = 0, kind: str = "rademacher",
     x, out = jl_output(x, k)
     B, D = x.shape
     _ext.jl_project(
-        x.data_ptr(),
-        DTYPE_CODES[x.dtype],
-        B,
-        D,
-        x.stride(0),
-        out.data_ptr(),
-        k,
-        seed,
-        KINDS[kind],
-        offset,
-        jl_scale(k),
-        torch.get_num_threads(),
+        x=x.data_ptr(),
+        dtype=DTYPE_CODES[x.dtype],
+        B=B,
+        D=D,
+        ldx=x.stride(0),
+        out=out.data_ptr(),
+        k=k,
+        seed=seed,
+        kind=KINDS[kind],
+        offset=offset,
+        scale=jl_scale(k),
+        num_threads=torch.get_num_threads(),
     )
     return out
 
@@ -103,5 +103,7 @@ def project(A, G, P_in, P_out, mask=None):
 def score_topk(query, train, k, query_scale=None, train_scale=None, index_offset=0, prev=None):
     """``ops.score_topk`` with the top-k selected by the host twin (a bounded heap per row)."""
     S, aggregates = scores_and_aggregates(query, train, query_scale, train_scale)
-    top = select_topk(S, k, index_offset, prev, lambda *args: _ext.topk_merge(*args, torch.get_num_threads()))
+    top = select_topk(
+        S, k, index_offset, prev, lambda **args: _ext.topk_merge(**args, num_threads=torch.get_num_threads())
+    )
     return top, aggregates

@@ -136,20 +136,20 @@ def jl_project(x: torch.Tensor, k: int, seed: int = 0, kind: str = "rademacher",
     ws = torch.empty(window * B * k, dtype=torch.float32, device=x.device)
     with torch.cuda.device(x.device):
         _extension().jl_project(
-            x.data_ptr(),
-            DTYPE_CODES[x.dtype],
-            B,
-            D,
-            x.stride(0),
-            out.data_ptr(),
-            k,
-            seed,
-            KINDS[kind],
-            offset,
-            jl_scale(k),
-            ws.data_ptr(),
-            window,
-            _stream(x.device),
+            x=x.data_ptr(),
+            dtype=DTYPE_CODES[x.dtype],
+            B=B,
+            D=D,
+            ldx=x.stride(0),
+            out=out.data_ptr(),
+            k=k,
+            seed=seed,
+            kind=KINDS[kind],
+            offset=offset,
+            scale=jl_scale(k),
+            ws=ws.data_ptr(),
+            ws_chunks=window,
+            stream=_stream(x.device),
         )
     return out
 
@@ -234,32 +234,34 @@ def project(A, G, P_in, P_out, mask=None):
     splits, per = project_token_splits(T, B, torch.cuda.get_device_properties(A.device).multi_processor_count)
     partial = torch.empty(splits, B, k_out, k_in, device=A.device, dtype=torch.float32)
     with torch.cuda.device(A.device):
+        mask_sb, mask_st = mask.stride() if mask is not None else (0, 0)
         _extension().project(
-            A.data_ptr(),
-            A.stride(0),
-            A.stride(1),
-            d_in,
-            p_in.data_ptr(),
-            vector_rows(A),
-            G.data_ptr(),
-            G.stride(0),
-            G.stride(1),
-            d_out,
-            p_out.data_ptr(),
-            vector_rows(G),
-            DTYPE_CODES[A.dtype],
-            kp,
-            0 if bias is None else bias.data_ptr(),
-            0 if mask is None else mask.data_ptr(),
-            *(mask.stride() if mask is not None else (0, 0)),
-            B,
-            T,
-            k_in,
-            k_out,
-            per,
-            splits,
-            partial.data_ptr(),
-            _stream(A.device),
+            A=A.data_ptr(),
+            a_sb=A.stride(0),
+            a_st=A.stride(1),
+            d_in=d_in,
+            P_in=p_in.data_ptr(),
+            a_vec=vector_rows(A),
+            G=G.data_ptr(),
+            g_sb=G.stride(0),
+            g_st=G.stride(1),
+            d_out=d_out,
+            P_out=p_out.data_ptr(),
+            g_vec=vector_rows(G),
+            dtype=DTYPE_CODES[A.dtype],
+            kp=kp,
+            bias=0 if bias is None else bias.data_ptr(),
+            mask=0 if mask is None else mask.data_ptr(),
+            mask_sb=mask_sb,
+            mask_st=mask_st,
+            B=B,
+            T=T,
+            k_in=k_in,
+            k_out=k_out,
+            tokens_per_split=per,
+            splits=splits,
+            partial=partial.data_ptr(),
+            stream=_stream(A.device),
         )
     return partial[0] if splits == 1 else partial.sum(0)
 
@@ -272,7 +274,9 @@ def score_topk(query, train, k, query_scale=None, train_scale=None, index_offset
     """``ops.score_topk`` with the top-k selected by a warp per query row (k <= 1024)."""
     S, aggregates = scores_and_aggregates(query, train, query_scale, train_scale)
     with torch.cuda.device(S.device):
-        top = select_topk(S, k, index_offset, prev, lambda *args: _extension().topk_merge(*args, _stream(S.device)))
+        top = select_topk(
+            S, k, index_offset, prev, lambda **args: _extension().topk_merge(**args, stream=_stream(S.device))
+        )
     return top, aggregates
 
 
