@@ -275,6 +275,8 @@ class _LossDispatch:
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if "forget" in inputs:
             return self.compute_unlearn_loss(model, inputs, return_outputs)
+        # open-unlearning's datasets add an "index"; models of transformers before 5 take no such argument
+        inputs = {k: v for k, v in inputs.items() if k != "index"}
         # transformers before 4.46 takes no num_items_in_batch
         extra = {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}
         return super().compute_loss(model, inputs, return_outputs=return_outputs, **extra)
