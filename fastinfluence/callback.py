@@ -294,13 +294,12 @@ class InfluenceCallback(TrainerCallback):
         # An interval's rows are written before the checkpoint that ends it (the Trainer saves after
         # this event when ``should_save`` is set): a run killed after that checkpoint has its rows,
         # and one killed before it replays the interval on resume.
-        if self.every is not None and state.global_step % self.every == 0:
-            self.flush()
-        elif self.every is None and control.should_save:
+        # With ``every``, a checkpoint between two of its boundaries ends the interval there too.
+        if control.should_save or (self.every is not None and state.global_step % self.every == 0):
             self.flush()
 
     def on_epoch_end(self, args, state, control, **kwargs):
-        if self.every is None and control.should_save:
+        if control.should_save:
             self.flush()
 
     def on_save(self, args, state, control, **kwargs):

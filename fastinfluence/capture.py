@@ -261,7 +261,8 @@ def backward_start(model: nn.Module, layers: list[Layer]) -> tuple[str, nn.Modul
 
     Returns ``("block", module)``: the lowest decoder block (an item of the model's largest
     ``nn.ModuleList``) holding a captured layer, when all of them lie in such blocks;
-    ``("head", module)``: the LM head, when it is the only captured layer; otherwise
+    ``("head", module)``: the LM head, when it is the only captured layer (beside block layers
+    the head does not move the start: it lies above every block); otherwise
     ``("embeddings", module)``: the input embeddings. Output gradients of the captured
     layers depend only on what lies above them, so cutting the graph at that module's
     input leaves every G unchanged and skips the backward through everything below.
@@ -269,6 +270,8 @@ def backward_start(model: nn.Module, layers: list[Layer]) -> tuple[str, nn.Modul
     out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if layers and out is not None and all(l.module is out for l in layers):
         return "head", out
+    # The head lies above every block: beside block layers it does not move the start.
+    layers = [l for l in layers if out is None or l.module is not out]
     lists = {n: m for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 0}
     if layers and lists:
         name = max(lists, key=lambda n: sum(p.numel() for p in lists[n].parameters()))
@@ -355,11 +358,6 @@ class LayerHooks:
 
     def arm(self, mask: torch.Tensor) -> None:
         self.mask, self.calls, self.received = mask, {}, set()
-
-    @property
-    def complete(self) -> bool:
-        """Every layer's G of the armed pass has arrived."""
-        return len(self.received) == len(self.layers)
 
     def called(self, layer: Layer) -> None:
         """Count ``layer``'s forward call in the armed pass (one is allowed)."""
@@ -655,6 +653,7 @@ def pairwise_scores(
         return scorer.train(columns[-1], train_sq[-1])
 
     train_order = capture.run(train_batches, start, "train" if progress else None)
+    capture.finish()  # a sharded model's ranks may hold different numbers of batches
     scores = torch.cat(columns, dim=1)
     if cosine:
         inv = lambda x: torch.where(x > 0, x.clamp_min(torch.finfo(x.dtype).tiny).rsqrt(), 0.0)  # noqa: E731

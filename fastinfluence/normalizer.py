@@ -63,6 +63,7 @@ from .capture import CapturePass, Layer, select_layers
 from .config import ProjectionConfig
 from .moe import refuse_experts
 from .ops._common import augmented, example_chunks, masked
+from .sharding import whole
 
 SOURCES = ("adam", "adafactor", "fitted", "given")
 METHODS = ("auto", "ghost", "dense")
@@ -172,7 +173,7 @@ class Normalizer:
             made_on = (self.weight_samples or {}).get(l.name)
             if made_on is None:
                 continue
-            now = weight_sample(l.weight)  # the same entries: the shapes were checked above
+            now = weight_sample(whole(l.weight))  # the same entries: the shapes were checked above
             scale = max(float(made_on.norm()), float(now.norm()))
             distance = float((now - made_on).norm()) / scale if scale > 0 else 0.0
             if distance > _OTHER_MODEL:
@@ -309,7 +310,7 @@ class Normalizer:
                 v_b = _bias_moment(layer, bias, states)
                 r, c = r + v_b, torch.cat([c, v_b.sum().reshape(1)])
             factors[layer.name] = (r, c)
-        samples = {layer.name: weight_sample(layer.weight) for layer in layers}
+        samples = {layer.name: weight_sample(whole(layer.weight)) for layer in layers}
         return cls(factors, "adafactor" if kinds == {"adafactor"} else "adam", eps, damping_ratio, samples)
 
     @classmethod
@@ -356,7 +357,7 @@ class Normalizer:
             n: (dist.all_reduce_sum(r).cpu() / examples, dist.all_reduce_sum(c).cpu() / examples)
             for n, (r, c) in sums.items()
         }
-        samples = {l.name: weight_sample(l.weight) for l in capture.layers}
+        samples = {l.name: weight_sample(whole(l.weight)) for l in capture.layers}  # gathered when sharded
         return cls(factors, "fitted", eps, damping_ratio, samples)
 
 

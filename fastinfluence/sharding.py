@@ -86,13 +86,17 @@ def head_call(
         # FSDP2 hooks the root's output for its backward: not a view (an in-place op would drop the hook)
         return out[-1] if out[-1]._base is None else out[-1].clone()
 
+    saved = lm_head.__dict__.get("forward")  # an instance-level forward (a wrapper's) is put back
     lm_head.forward = forward
     try:
         if softcap is not None:
             config.final_logit_softcapping = None
         logits = model(**model_inputs(model, input_ids, attention_mask)).logits
     finally:
-        del lm_head.forward
+        if saved is None:
+            del lm_head.forward
+        else:
+            lm_head.forward = saved
         if softcap is not None:
             config.final_logit_softcapping = softcap
     if len(out) != 1:

@@ -15,7 +15,8 @@ CASES = {
         ([r"layers\.1\."], "block"),
         ([r"layers\.1\.mlp", r"layers\.1\.self_attn\.o_proj"], "block"),
         ([r"layers\.0\.mlp", r"layers\.1\.self_attn"], "block"),
-        ([r"."], "embeddings"),
+        ([r"lm_head", r"layers\.1\.mlp"], "block"),  # the head lies above every block
+        ([r"."], "block"),
     ],
     "gpt2": [([r"h\.1\."], "block"), ([r"h\.0\.attn", r"h\.1\.mlp"], "block")],  # its tiny LM head is tied
 }

@@ -393,3 +393,13 @@ def test_a_resume_past_the_last_store_names_the_missing_steps(tmp_path, caplog):
     _checkpointed_run(tmp_path, model, [InfluenceCallback(tmp_path / "f", config)], resume=True, steps=6)
     assert "training resumes at step 4 but the gradient stores" in caplog.text
     assert "the rows of steps 1..4 are missing; resume from checkpoint-0 (or earlier)" in caplog.text
+
+
+def test_a_checkpoint_between_two_every_boundaries_ends_an_interval(tmp_path):
+    """Rows are written before every checkpoint, also when ``every`` would end the interval later."""
+    config = ProjectionConfig(rank_in=4, rank_out=4, dtype="float64")
+    callback = InfluenceCallback(tmp_path / "features", config, every=3)
+    _checkpointed_run(tmp_path, _exact(tiny_model("gpt2", torch.float64)), [callback], steps=5)
+    stores = [FeatureStore.open(p) for p in interval_stores(tmp_path / "features")]
+    assert [s.meta["last_step"] for s in stores] == [2, 3, 4, 5]  # checkpoints at 2 and 4, every 3, the end
+    assert sorted(i for s in stores for i in s.meta["steps"]) == sorted([1, 1, 2, 2, 3, 3, 4, 4, 5, 5])
