@@ -117,6 +117,16 @@ def test_report_check_accepts_a_good_report_and_names_each_failure():
     assert report.check(bad, quick=True) == ["backdoor: ASR after unlearning 0.30"]
 
 
+def test_a_run_prints_whether_each_bound_held():
+    assert report.bounds(fake_report()).startswith("bounds: every one of the demo's bounds (README) holds")
+    bad = fake_report()
+    bad["scenarios"]["stealthy"]["detection"]["influence_cosine_max"]["auroc"] = 0.65
+    assert report.bounds(bad) == (
+        "bounds: 1 of the demo's bounds (README) missed on this run: stealthy: default detector AUROC 0.650"
+    )
+    assert report.bounds(bad | {"quick": True}).startswith("bounds: every one of the --quick run's loose bounds")
+
+
 def test_story_names_the_influence_settings_that_beat_the_default_in_this_run():
     sc = fake_report()["scenarios"]["stealthy"]
     assert "Higher AUROC than the default" not in report.story("stealthy", sc)

@@ -20,11 +20,16 @@ from ..losses import sequence_nll
 from .data import Scenario, batches, encode
 from .model import Timer
 
-DEFAULT = "exact_first_mlp_in_cosine_max"
+DEFAULT = "ensemble_layers_exact_cosine_max"
 ATTN_MLP = r"self_attn\.|mlp\."
 # The input-reading layers of the first block's MLP (gate, up): where the trigger is read, the
 # same for every behaviour; higher layers and the LM head write the behaviour's own wrong value.
 FIRST_MLP_IN = r"model\.layers\.0\.mlp\.(gate|up)_proj$"
+# The default's layer groups: per block, attention, the MLP input layers, the MLP output layer. Each
+# group's cosine is averaged with equal weight, so no group's gradient scale decides the ranking alone.
+LAYER_GROUPS = [
+    rf"model\.layers\.{b}\.{g}" for b in (0, 1) for g in (r"self_attn\.", r"mlp\.(gate|up)_proj$", r"mlp\.down")
+]
 
 
 @dataclass
@@ -178,6 +183,20 @@ def run(
         ),
     )
     record(
+        "ensemble_layers_exact_cosine_max",
+        lambda: (
+            (
+                sum(
+                    exact_scores(model, query_batches, train_batches, ProjectionConfig(include=[g]), metric="cosine")
+                    for g in LAYER_GROUPS
+                )
+                / len(LAYER_GROUPS)
+            )
+            .max(0)
+            .values
+        ),
+    )
+    record(
         "exact_cosine_max",
         lambda: (
             exact_scores(model, query_batches, train_batches, ProjectionConfig(include=[ATTN_MLP]), metric="cosine")
@@ -210,4 +229,4 @@ def run(
     return results, {"attn_mlp": (tr, q, ext, train_batches), "lm_head": tr_h.data.float()}
 
 
-N_DETECTORS = 12
+N_DETECTORS = 13
