@@ -8,7 +8,7 @@ HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/
 TORCH_SPEC ?= $(if $(HAS_GPU),torch,torch==2.13.0)
 PYTEST_ARGS ?=
 
-.PHONY: setup demo demo-quick test check-cuda check-triton gpu-suite bench bench-peers clean
+.PHONY: setup demo demo-quick test test-open-unlearning-pin check-cuda check-triton gpu-suite bench bench-peers clean
 
 setup: $(VENV)/.installed
 
@@ -36,6 +36,16 @@ demo-quick: $(VENV)/.demo-installed
 
 test: setup
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# open-unlearning pins transformers 4.45.1: the integration tests run under it too, in a light
+# second virtualenv (CI). The main suite runs under the transformers 5.x that `make setup` installs.
+OU_VENV ?= .venv-transformers445
+test-open-unlearning-pin:
+	test -x $(OU_VENV)/bin/python || $(PYTHON) -m venv $(OU_VENV)
+	$(OU_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)" "transformers==4.45.1" "peft==0.13.2" \
+		"accelerate>=1.1.0" safetensors numpy tqdm pytest pybind11 setuptools wheel
+	$(OU_VENV)/bin/python -m pip install -q --no-deps --no-build-isolation -e .
+	$(OU_VENV)/bin/python -m pytest -q tests/test_open_unlearning.py tests/test_evaluate_open_unlearning.py
 
 # Compile every CUDA source for sm_80 and sm_90 (no GPU needed); skipped without nvcc.
 check-cuda: setup

@@ -6,7 +6,7 @@ import open_unlearning_rendition as ou
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import VOCAB, tiny_model
+from helpers import OLD_TRANSFORMERS, REFERENCE_RTOL, VOCAB, tiny_model
 from test_unlearn_data import one_thread
 
 from fastinfluence import evaluate as ev
@@ -59,9 +59,10 @@ def test_truth_ratio_matches_open_unlearnings_formula(tofu):
     wrong = torch.exp(-torch.stack([avg_loss(model, p) for p in pert]).mean(0))  # aggregate_to_1D, then exp
     theirs = wrong / (correct + 1e-10)
     ours = ev.truth_ratio(model, batches(para), [batches(p) for p in pert])
-    assert torch.allclose(ours, theirs, rtol=1e-9, atol=0)
+    theirs = theirs.to(ours.dtype)  # float32 with transformers before 4.46 (helpers.OLD_TRANSFORMERS)
+    assert torch.allclose(ours, theirs, rtol=REFERENCE_RTOL, atol=0)
     summary = torch.minimum(theirs, 1 / (theirs + 1e-10)).mean().item()  # closer_to_1_better
-    assert abs(ev.truth_ratio_summary(ours) - summary) < 1e-12
+    assert abs(ev.truth_ratio_summary(ours) - summary) < (1e-5 if OLD_TRANSFORMERS else 1e-12)
 
 
 def test_forget_quality_uses_truth_ratios_when_answers_are_given(tofu):
@@ -106,7 +107,8 @@ def test_exclude_final_eos_gives_open_unlearnings_min_k():
     assert out["mia_auc_min_k"] == ev.auc(-their_min_k(model, forget, 0.4), -their_min_k(model, holdout, 0.4))
     nll, ids = ev._tokens(model, batches(forget))
     ours = torch.stack([ev.min_k_score(t, 0.4) for t in ev.drop_final_eos(nll, ids, ou.EOS)])
-    assert torch.allclose(ours, -their_min_k(model, forget, 0.4), rtol=1e-9, atol=1e-12)
+    theirs = -their_min_k(model, forget, 0.4).to(ours.dtype)
+    assert torch.allclose(ours, theirs, rtol=REFERENCE_RTOL, atol=1e-12)
     plain = ev.evaluate(model, forget=batches(forget), holdout=batches(holdout), min_k=0.4)
     assert plain["mia_auc_loss"] == out["mia_auc_loss"]  # loss and zlib keep every token
 

@@ -7,7 +7,7 @@ import math
 import open_unlearning_rendition as ou
 import pytest
 import torch
-from helpers import VOCAB, tiny_model
+from helpers import OLD_TRANSFORMERS, VOCAB, tiny_model
 from test_unlearn_data import one_thread
 from transformers import TrainingArguments
 
@@ -20,7 +20,8 @@ def _one_thread():
         yield
 
 
-TOL = 1e-6  # float64 model: only summation order differs
+# float64 model: only summation order differs (float32 references before transformers 4.46: relative)
+TOL = 1e-6
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +74,7 @@ def grads(model, loss):
 
 
 def assert_same(model, ours, theirs):
-    assert abs(ours.item() - theirs.item()) < TOL
+    assert abs(ours.item() - theirs.item()) < TOL * max(1.0, abs(theirs.item()))
     a, b = grads(model, ours), grads(model, theirs)
     assert ((a - b).norm() / b.norm()).item() < TOL
 
@@ -122,6 +123,7 @@ def test_losses_equal_open_unlearnings_own(handler, theirs, method_args, data, t
     assert_same(model, trainer.compute_loss(model, inputs), ou.loss(theirs, model, before, inputs, **method_args))
 
 
+@pytest.mark.skipif(OLD_TRANSFORMERS, reason="transformers before 4.46: GPT-2 in float64 overflows on a masked token")
 def test_npo_ratio_is_one_at_the_first_step_with_masked_eos_in_prompts(data, tmp_path):
     """The cached reference and the policy see the same positions although the cache collates
     other batches (pad = eos masks an eos inside every prompt)."""
@@ -218,6 +220,8 @@ BASES = {"base": ou.UnlearnTrainer, "base_after_pr175": ou.DispatchingUnlearnTra
 
 @pytest.mark.parametrize("base", list(BASES))
 def test_an_hf_eval_dataset_gets_the_models_own_loss(data, tmp_path, base):
+    if base == "base_after_pr175" and OLD_TRANSFORMERS:
+        pytest.skip("open-unlearning's PR #175 base class passes num_items_in_batch: transformers 4.46 and later")
     forget, retain = data
     model = tiny_model("llama", torch.float64, seed=12)
     trainer = make("FIGradDiff", model, forget, retain, tmp_path, base=BASES[base], eval_dataset=retain)

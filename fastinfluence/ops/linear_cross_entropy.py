@@ -47,8 +47,10 @@ from ._common import acc_dtype
 REDUCTIONS = ("none", "sum", "mean")
 
 # Smallest logits block (elements) per chunk: every chunk reads the whole (V, H) weight, so
-# tiny chunks would make the pass bound by re-reading it. 2^24 float32 = 64 MiB.
-MIN_CHUNK_ELEMENTS = 2**24
+# tiny chunks would make the pass bound by re-reading it. 2^23 float32 = 32 MiB: at V = 151,936
+# that is 55 rows, 110 FLOP per weight element read, still bound by the matmul on a CPU core;
+# the block is most of extraction's memory above the model's activations.
+MIN_CHUNK_ELEMENTS = 2**23
 
 
 def _chunk_rows(n: int, h: int, v: int) -> int:
