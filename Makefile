@@ -76,12 +76,16 @@ bench: setup
 	$(BIN)/python bench/storeless.py
 	$(BIN)/python bench/report.py --update README.md
 
-# Peer comparison (tens of minutes): one virtualenv per peer under .peers/, interleaved runs,
-# bench/results/peers_cpu.json, then the README tables and docs/peers_cpu.svg. PEER_REPS=1 for a quick look.
+# Peer comparison (tens of minutes per shape): one virtualenv per peer under .peers/, interleaved runs.
+# PEER_SHAPES=real: the real-shape workloads (Qwen2 widths at vocabulary 151,936 x 512 tokens and
+# 32,000 x 1,024), bench/results/peers_realshape_cpu.json, the README's headline; toy: the 4-layer
+# vocabulary-512 Llama, bench/results/peers_cpu.json and docs/peers_cpu.svg. Then the README tables.
+# PEER_REPS=1 for a quick look.
 PEER_REPS ?= 2
+PEER_SHAPES ?= real toy
 bench-peers: setup
 	PYTHON=$(PYTHON) bash bench/peers/setup.sh
-	$(BIN)/python bench/peers/run_all.py --reps $(PEER_REPS)
+	for shape in $(PEER_SHAPES); do $(BIN)/python bench/peers/run_all.py --shape $$shape --reps $(PEER_REPS) || exit 1; done
 	$(BIN)/python bench/report.py --update README.md
 
 clean:

@@ -28,6 +28,11 @@ PEERS_JSON, PEERS_PLOT = RESULTS / "peers_cpu.json", ROOT / "docs" / "peers_cpu.
 # the same benchmark with every tool in its own low precision (a separate run)
 LOW_START, LOW_END = "<!-- peers-bf16:start -->", "<!-- peers-bf16:end -->"
 LOW_JSON = RESULTS / "peers_bf16_cpu.json"
+# the peer benchmark at real shapes (the README's headline), one row per (workload, setting)
+REAL_START, REAL_END = "<!-- peers-real:start -->", "<!-- peers-real:end -->"
+REAL_JSON = RESULTS / "peers_realshape_cpu.json"
+WORKLOADS = {"qwen2": "vocab 151,936 x 512 tokens", "v32k": "vocab 32,000 x 1,024 tokens"}
+REAL_SETTINGS = {"proj16": "projected 16x16", "exact": "exact scores", "head16": "projected 16x16, LM head captured"}
 SETTINGS = {
     "proj16": "projected 16x16, build + score",
     "proj64": "projected 64x64, build + score",
@@ -243,6 +248,71 @@ def peers_table(d: dict) -> str:
     return "\n".join(lines)
 
 
+def _ratios(cell: dict, tools: list[str], key: tuple[str, str]) -> tuple[str, str]:
+    """Ours against the fastest peer in CPU time (x faster) and the leanest peer in peak RSS (fraction)."""
+    ours = cell.get(("fastinfluence", *key))
+    peers = [cell.get((t, *key), {}) for t in tools if not t.startswith("fastinfluence")]
+    peers = [r for r in peers if "cpu_s" in r]
+    if ours is None or "cpu_s" not in ours or not peers:
+        return "—", "—"
+    fast = min(peers, key=lambda r: r["cpu_s"])
+    lean = min(peers, key=lambda r: r["peak_rss_mb"])
+    return (
+        f"{fast['cpu_s'] / ours['cpu_s']:.2f}x ({fast['tool']})",
+        f"{ours['peak_rss_mb'] / lean['peak_rss_mb']:.2f} ({lean['tool']})",
+    )
+
+
+def realshape_table(d: dict) -> str:
+    """CPU seconds, peak RSS and Spearman per tool for each real-shape workload, with ours against the peers."""
+    tools, cell = _peer_cells(d)
+    head = "| workload | setting | " + " | ".join(f"{t} {d['versions'].get(t, '')}".strip() for t in tools)
+    lines = [
+        head + " | fastest peer / ours, CPU | ours / leanest peer, peak |",
+        "|---|---|" + "---|" * (len(tools) + 2),
+    ]
+    for ds in WORKLOADS:
+        for st in REAL_SETTINGS:
+            if not any((t, ds, st) in cell for t in tools):
+                continue
+            vals = []
+            for t in tools:
+                r = cell.get((t, ds, st))
+                vals.append(
+                    "—"
+                    if r is None
+                    else "failed"
+                    if "cpu_s" not in r
+                    else f"{r['cpu_s']:.1f} s, {r['peak_rss_mb']:,.0f} MiB (ρ {r['spearman']:.2f})"
+                )
+            lines.append(
+                f"| {WORKLOADS[ds]} | {REAL_SETTINGS[st]} | "
+                + " | ".join([*vals, *_ratios(cell, tools, (ds, st))])
+                + " |"
+            )
+    for r in d["rows"]:
+        if "error" in r:
+            lines.append(
+                f"\n{r['tool']}, {WORKLOADS[r['dataset']]}, {REAL_SETTINGS[r['setting']]}: failed: {r['error'][:300]}"
+            )
+    for t, why in d.get("skipped", {}).items():
+        lines.append(f"\n{t}: {why['reason'] if isinstance(why, dict) else why}.")
+    m = d["meta"]
+    runs = sorted({r.get("ok_runs", 0) for r in d["rows"] if r.get("ok_runs")}) or [0]
+    n = str(runs[0]) if len(runs) == 1 else f"{runs[0]}-{runs[-1]}"
+    lines.append(
+        f"\nCPU seconds of the whole build + score and the process's peak RSS (median of {n} interleaved run(s) "
+        f"per cell, {m['threads']} thread each, model and data loaded included), ρ = mean per-query Spearman "
+        f"correlation with exact scores (for the LM-head row, exact scores with the head's share). Model: Qwen2 "
+        f"widths ({m['model']['hidden_size']}-d, MLP {m['model']['intermediate_size']:,}, "
+        f"{m['model']['num_attention_heads']}/{m['model']['num_key_value_heads']} heads), "
+        f"{m['model']['num_hidden_layers']} layers, tied head, random weights; "
+        + "; ".join(m["data"].values())
+        + f"; layers: {m['layers']}."
+    )
+    return "\n".join(lines)
+
+
 def peers_plot(d: dict, path: Path) -> None:
     """Grouped horizontal bars of CPU seconds, one group per (data set, setting), as a plain SVG."""
     tools, cell = _peer_cells(d)
@@ -298,7 +368,7 @@ def update(pages: list[Path], tables: dict[tuple[str, str], str]) -> None:
 def table() -> str:
     lines, others = ["| benchmark | shape | result | device |", "|---|---|---|---|"], []
     for path in sorted(RESULTS.glob("*.json")):
-        if path in (PEERS_JSON, LOW_JSON):
+        if path in (PEERS_JSON, LOW_JSON, REAL_JSON):
             continue
         fmt = FORMATTERS.get(path.name) or (_compile if path.name.startswith("triton_compile_") else None)
         if fmt is None:
@@ -322,13 +392,16 @@ def main() -> None:
     args = ap.parse_args()
     text = table()
     peers = json.loads(PEERS_JSON.read_text()) if PEERS_JSON.exists() else None
+    real = json.loads(REAL_JSON.read_text()) if REAL_JSON.exists() else None
     if args.update is None:
-        print(text if peers is None else f"{text}\n\n{peers_table(peers)}")
+        print("\n\n".join([text] + ([realshape_table(real)] if real else []) + ([peers_table(peers)] if peers else [])))
         return
     tables = {(START, END): text}
     if peers is not None:
         tables[PEERS_START, PEERS_END] = peers_table(peers)
         peers_plot(peers, PEERS_PLOT)
+    if real is not None:
+        tables[REAL_START, REAL_END] = realshape_table(real)
     if LOW_JSON.exists():
         tables[LOW_START, LOW_END] = peers_table(json.loads(LOW_JSON.read_text()))
     update(list(dict.fromkeys(p.resolve() for p in [*PAGES, *args.update])), tables)

@@ -1,15 +1,21 @@
 """What every peer runner shares: the model, the two data sets, timing and the result record.
 
 Imports only torch, numpy and transformers, so it runs inside every peer's virtualenv.
-Each runner is one process: ``python bench/peers/run_<tool>.py WORK SETTING OUT``, where
-WORK holds ``model/`` (weights saved once) and ``data_<set>.pt``, SETTING names what to
-compute (``proj16``, ``proj64``, ``exact``) and OUT receives ``scores.npy`` and ``result.json``.
+Each runner is one process: ``python bench/peers/run_<tool>.py WORK SETTING OUT SET``, where
+WORK holds ``model/`` (weights saved once) and ``data_<SET>.pt``, SETTING names what to
+compute (``proj16``, ``proj64``, ``exact``; ``head16``: proj16 with the LM head captured too)
+and OUT receives ``scores.npy`` and ``result.json``.
+
+Two shapes: the toy (``MODEL``, a 4-layer Llama with vocabulary 512, both data sets in one
+WORK) and the real shapes (``REAL``: a Qwen2-0.5B-shaped model cut to 2 layers at its real
+vocabulary, or at 32,000 with twice the context; one WORK per workload, its own model).
 
 Conventions shared by every tool so the scores mean the same thing:
 - per-example loss: mean token cross-entropy over answer tokens (``labels != -100``,
   HF convention, shifted inside the model);
 - layers: every Linear layer of the attention and MLP blocks (q, k, v, o, gate, up, down),
-  not the embeddings, not the LM head;
+  not the embeddings; the LM head only under ``head*`` settings (a tied head: the head's
+  share of the tied weight's gradient, i.e. the gradient of the head module's own matmul);
 - score: the raw inner product of two examples' (projected) loss gradients, no preconditioner.
 """
 
@@ -27,6 +33,7 @@ import numpy as np
 import torch
 
 LAYER_SUFFIXES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+HEAD = "lm_head"
 MODEL = dict(
     vocab_size=512,
     hidden_size=256,
@@ -47,15 +54,58 @@ def build_model(seed: int = 0):
     return LlamaForCausalLM(LlamaConfig(**MODEL, attn_implementation="eager")).eval()
 
 
+# Real-shape workloads: Qwen2-0.5B's widths (hidden 896, MLP 4,864, 14 query / 2 key-value heads,
+# tied head) cut to 2 decoder layers; fixed-length sequences whose last ``answer`` tokens carry labels.
+QWEN2 = dict(
+    hidden_size=896, intermediate_size=4864, num_hidden_layers=2, num_attention_heads=14, num_key_value_heads=2
+)
+REAL = {
+    "qwen2": dict(vocab=151936, seq=512, answer=256, train=8, query=2),
+    "v32k": dict(vocab=32000, seq=1024, answer=512, train=8, query=2),
+}
+
+
+def build_real_model(workload: str, seed: int = 0):
+    """A real-shape workload's model: Qwen2 widths, its vocabulary, tied head, seeded random weights."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    config = Qwen2Config(vocab_size=REAL[workload]["vocab"], tie_word_embeddings=True, **QWEN2)
+    return Qwen2ForCausalLM(config).eval()
+
+
+def real_data(workload: str, seed: int = 1) -> dict[str, list[dict]]:
+    """Random tokens, ``seq`` long; the prompt (the first ``seq - answer``) carries label -100."""
+    w = REAL[workload]
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, w["vocab"], (w["train"] + w["query"], w["seq"]), generator=g)
+    cut = w["seq"] - w["answer"]
+    rows = [{"input_ids": r.tolist(), "labels": [-100] * cut + r[cut:].tolist()} for r in ids]
+    return {"train": rows[: w["train"]], "query": rows[w["train"] :]}
+
+
 def load_model(work: Path):
-    from transformers import LlamaForCausalLM
+    """The saved model in float32; the toy Llama with eager attention (as it was always run), the real
+    shapes with the model's default attention."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    model = LlamaForCausalLM.from_pretrained(work / "model", attn_implementation="eager", dtype=torch.float32)
-    return model.eval()
+    toy = AutoConfig.from_pretrained(work / "model").model_type == "llama"
+    kw = {"attn_implementation": "eager"} if toy else {}
+    return AutoModelForCausalLM.from_pretrained(work / "model", dtype=torch.float32, **kw).eval()
 
 
-def layer_names(model) -> list[str]:
-    return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.endswith(LAYER_SUFFIXES)]
+def captures_head(setting: str) -> bool:
+    return setting.startswith("head")
+
+
+def rank(setting: str) -> int:
+    """The projection rank of a projected setting (``proj16``, ``head16``)."""
+    return int(setting.removeprefix("proj").removeprefix("head"))
+
+
+def layer_names(model, head: bool = False) -> list[str]:
+    suffixes = LAYER_SUFFIXES + ((HEAD,) if head else ())
+    return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.endswith(suffixes)]
 
 
 def fixed_tokens(n: int, seq: int, vocab: int, seed: int) -> list[dict]:
@@ -122,6 +172,13 @@ def example_losses(model, batch: dict) -> torch.Tensor:
     return tok.sum(1) / n
 
 
+def rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 @contextmanager
 def measured(record: dict):
     """Wall time, process CPU time (all threads) and peak RSS of the block, into ``record``."""
@@ -140,7 +197,12 @@ def main(run) -> None:
     out.mkdir(parents=True, exist_ok=True)
     data = torch.load(work / f"data_{dataset}.pt")
     model = load_model(work)
-    record: dict = {"setting": setting, "dataset": dataset, "threads": torch.get_num_threads()}
+    record: dict = {
+        "setting": setting,
+        "dataset": dataset,
+        "threads": torch.get_num_threads(),
+        "loaded_rss_mb": rss_mb(),  # the process with the model and the data loaded, before any work
+    }
     try:
         with measured(record):
             scores, notes = run(model, data, setting, out / "tmp")

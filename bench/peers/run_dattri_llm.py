@@ -1,14 +1,16 @@
 """dattri-llm: the on-the-fly ``TracInAttributor.attribute`` (single checkpoint = Grad-Dot),
 factorised capture on the attention and MLP Linear layers with ``invasive_linear_io`` (no
 weight-gradient matmul, its attribution-only capture), ``capture_style="auto"`` (its FLOP-aware
-routing), and for the projected settings its LoGRA (two-sided) projection at capture."""
+routing), and for the projected settings its LoGRA (two-sided) projection at capture; ``head16``
+adds the LM head module to the captured layers."""
 
 import tempfile
 
-from common import example_losses, main, pad
+from common import captures_head, example_losses, main, pad, rank
 from dattri_llm import AttributionArguments, AttributionTask, HookManagerConfig, TracInAttributor, hash_sample
 
 LAYERS = [r"self_attn\.(q|k|v|o)_proj$", r"mlp\.(gate|up|down)_proj$"]
+HEAD = [r"^lm_head$"]
 BATCH = 32
 
 
@@ -28,11 +30,12 @@ def run(model, data, setting, tmp):
     train, query = items(data["train"]), items(data["query"])
     proj = None
     if setting != "exact":
-        k = int(setting.removeprefix("proj"))
+        k = rank(setting)
         proj = {
             "__default__": {"style": "logra", "proj_dim": k, "proj_max_batch_size": BATCH, "proj_type": "rademacher"}
         }
-    cfg = HookManagerConfig(invasive_linear_io=LAYERS, capture_style="auto", projection_kwargs=proj)
+    layers = LAYERS + (HEAD if captures_head(setting) else [])
+    cfg = HookManagerConfig(invasive_linear_io=layers, capture_style="auto", projection_kwargs=proj)
     args = AttributionArguments(
         output_dir=tempfile.mkdtemp(), per_device_train_batch_size=BATCH, per_device_eval_batch_size=BATCH, use_cpu=True
     )
@@ -45,6 +48,7 @@ def run(model, data, setting, tmp):
     return M[order].T.double().numpy(), {
         "method": "TracInAttributor.attribute, invasive_linear_io, capture_style=auto"
         + ("" if proj is None else f", logra proj_dim={k} rademacher")
+        + (", LM head captured" if captures_head(setting) else "")
     }
 
 

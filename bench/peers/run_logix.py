@@ -1,24 +1,25 @@
 """LogIX: ``watch`` the attention and MLP Linear layers, ``add_lora`` (its random
 encoder / zero bottleneck / random decoder compression at rank k), log the per-sample
 bottleneck gradients of the train set to its on-disk log, then ``compute_influence_all``
-for the query batches (``mode="dot"``, no preconditioner, to match the exact dot scores)."""
+for the query batches (``mode="dot"``, no preconditioner, to match the exact dot scores);
+``head16`` adds ``lm_head`` to the watched names."""
 
 import os
 import tempfile
 
 import logix
 import torch
-from common import LAYER_SUFFIXES, batches, example_losses, main
+from common import HEAD, LAYER_SUFFIXES, batches, captures_head, example_losses, main, rank
 from logix.config import LoRAConfig
 
 BATCH = 32
 
 
 def run(model, data, setting, tmp):
-    k = int(setting.removeprefix("proj"))
+    k = rank(setting)
     os.chdir(tempfile.mkdtemp())
     lx = logix.LogIX(project="bench")
-    lx.watch(model, name_filter=list(LAYER_SUFFIXES))
+    lx.watch(model, name_filter=list(LAYER_SUFFIXES) + ([HEAD] if captures_head(setting) else []))
     lx.add_lora(lora_config=LoRAConfig(init="random", rank=k))
     lx.setup({"grad": ["log"]})
     lx.save(True)
