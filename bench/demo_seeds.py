@@ -254,11 +254,68 @@ def summarise(results: dict[int, dict], choice: dict) -> dict:
     return {"held_out_seeds": held, "development_seeds": dev, "choice": choice, "scenarios": out}
 
 
+PREVIOUS_DEFAULT = "exact_first_mlp_in_cosine_max"
+MARKERS = ("<!-- demo-seeds:start -->", "<!-- demo-seeds:end -->")
+
+
+def _cell(g: dict | None) -> str:
+    return "-" if g is None else f"{g['mean']:.3f} / {g['min']:.3f} / {g['max']:.3f}"
+
+
+def markdown(summary: dict) -> str:
+    """The summary as the tables of docs/demo.md: per scenario, detectors by held-out mean AUROC,
+    then the unlearning runs (mean / min / max over the held-out seeds)."""
+    seeds = summary["held_out_seeds"]
+    span = f"{seeds[0]}-{seeds[-1]}" if seeds == list(range(seeds[0], seeds[-1] + 1)) else ", ".join(map(str, seeds))
+    out = []
+    for name, sc in summary["scenarios"].items():
+        out += [
+            f"{name}: held-out seeds {span} ({len(seeds)})",
+            "",
+            "| detector | AUROC held-out mean / min / max | precision@k held-out mean | AUROC unreported behaviours, "
+            "held-out mean | AUROC development seeds 0-4 mean / min / max |",
+            "|---|---|---|---|---|",
+        ]
+        rows = sorted(sc["detection"].items(), key=lambda kv: -kv[1]["held_out"]["auroc"]["mean"])
+        for k, v in rows:
+            default = k == summary["choice"]["detector"]
+            tag = " (default)" if default else " (previous default)" if k == PREVIOUS_DEFAULT else ""
+            h, unreported = v["held_out"], v["held_out"].get("auroc_unreported")
+            unrep = f"{unreported['mean']:.3f}" if unreported else "-"
+            out.append(
+                f"| {k}{tag} | {_cell(h['auroc'])} | {h['precision_at_k']['mean']:.3f} | {unrep} | "
+                f"{_cell(v['development']['auroc'])} |"
+            )
+        out += [
+            "",
+            f"| unlearning ({name}, held-out seeds, mean / min / max) | ASR seen | ASR shift | clean acc | "
+            "poisoned in its forget set |",
+            "|---|---|---|---|---|",
+        ]
+        runs = sc["unlearning"]
+        for k in ["before", *[k for k in runs if k != "before"]]:
+            v = runs[k]
+            label = "before (poisoned model)" if k == "before" else k
+            poisoned = f"{v['n_forget_poisoned']['mean']:.1f}" if "n_forget_poisoned" in v else ""
+            cells = " | ".join(_cell(v.get(key)) for key in ("asr_seen", "asr_shift", "clean_acc"))
+            out.append(f"| {label} | {cells} | {poisoned} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def update_docs(path: Path, summary: dict) -> None:
+    """Replace the tables between the demo-seeds markers of ``path``."""
+    text = path.read_text()
+    start, end = text.index(MARKERS[0]) + len(MARKERS[0]), text.index(MARKERS[1])
+    path.write_text(text[:start] + "\n\n" + markdown(summary) + "\n" + text[end:])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, nargs="+", default=[*DEV, *HELD_OUT])
     ap.add_argument("--dir", default="bench/results/demo_seeds")
     ap.add_argument("--out", default="bench/results/demo_seeds.json")
+    ap.add_argument("--docs", default=None, help="also rewrite the tables of this page (docs/demo.md)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     d = Path(args.dir)
@@ -299,6 +356,8 @@ def main() -> None:
         "commit": commit(),
     }
     Path(args.out).write_text(json.dumps(summary, indent=2))
+    if args.docs:
+        update_docs(Path(args.docs), summary)
     for name, sc in summary["scenarios"].items():
         print(f"== {name} (held-out seeds {summary['held_out_seeds']}) ==")
         for k, v in sorted(
