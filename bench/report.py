@@ -214,6 +214,11 @@ def _peer_cells(d: dict) -> tuple[list[str], dict]:
     return tools, {(r["tool"], r["dataset"], r["setting"]): r for r in d["rows"]}
 
 
+def _peer_cell(r: dict | None, fmt: str) -> str:
+    """One tool's cell: "—" when it did not run that setting, "failed" when its run failed."""
+    return "—" if r is None else "failed" if "cpu_s" not in r else fmt.format(**r)
+
+
 def peers_table(d: dict) -> str:
     """CPU seconds (median over repetitions) and mean Spearman with exact scores, one column per tool."""
     tools, cell = _peer_cells(d)
@@ -223,16 +228,7 @@ def peers_table(d: dict) -> str:
         for st in SETTINGS:
             if not any((t, ds, st) in cell for t in tools):
                 continue
-            vals = []
-            for t in tools:
-                r = cell.get((t, ds, st))
-                vals.append(
-                    "—"
-                    if r is None
-                    else "failed"
-                    if "cpu_s" not in r
-                    else f"{r['cpu_s']:.1f} s (ρ {r['spearman']:.2f})"
-                )
+            vals = [_peer_cell(cell.get((t, ds, st)), "{cpu_s:.1f} s (ρ {spearman:.2f})") for t in tools]
             lines.append(f"| {DATASETS[ds]} | {SETTINGS[st]} | " + " | ".join(vals) + " |")
     for t, why in d.get("skipped", {}).items():
         lines.append(f"\n{t}: {why['reason'] if isinstance(why, dict) else why}.")
@@ -275,16 +271,8 @@ def realshape_table(d: dict) -> str:
         for st in REAL_SETTINGS:
             if not any((t, ds, st) in cell for t in tools):
                 continue
-            vals = []
-            for t in tools:
-                r = cell.get((t, ds, st))
-                vals.append(
-                    "—"
-                    if r is None
-                    else "failed"
-                    if "cpu_s" not in r
-                    else f"{r['cpu_s']:.1f} s, {r['peak_rss_mb']:,.0f} MiB (ρ {r['spearman']:.2f})"
-                )
+            fmt = "{cpu_s:.1f} s, {peak_rss_mb:,.0f} MiB (ρ {spearman:.2f})"
+            vals = [_peer_cell(cell.get((t, ds, st)), fmt) for t in tools]
             lines.append(
                 f"| {WORKLOADS[ds]} | {REAL_SETTINGS[st]} | "
                 + " | ".join([*vals, *_ratios(cell, tools, (ds, st))])

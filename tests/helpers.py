@@ -180,3 +180,31 @@ def small_model(arch: str, dtype=torch.float64):
 def small_examples(n: int, seed: int, vocab: int = SMALL_VOCAB):
     """make_examples folded into the small vocabulary (labels keep their -100 prompt prefix)."""
     return [(i % vocab, torch.where(l == IGNORE_INDEX, l, i % vocab)) for i, l in make_examples(n, seed=seed)]
+
+
+def save_word_model(directory, words: list[str], layers: int = 1):
+    """A tiny Llama and a word-level tokenizer over ``words`` (after <pad>, <unk>, <eos>), saved in
+    ``directory`` as ``from_pretrained`` reads them: a model directory for the CLI and the README."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["<pad>", "<unk>", "<eos>", *words])}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(
+        tokenizer_object=tk, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>"
+    ).save_pretrained(directory)
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        pad_token_id=0,
+        eos_token_id=2,
+        bos_token_id=2,
+    )
+    tf.LlamaForCausalLM(cfg).save_pretrained(directory)
+    return directory

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+from helpers import save_word_model
 
 from fastinfluence.cli import build_parser, main
 from fastinfluence.scoring import score
@@ -19,30 +20,7 @@ WORDS = "the a cat dog sat ran on under mat log red blue big small fox hen".spli
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    d = tmp_path_factory.mktemp("model")
-    vocab = {w: i for i, w in enumerate(["<pad>", "<unk>", "<eos>", *WORDS])}
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(
-        tokenizer_object=tk, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>"
-    ).save_pretrained(d)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=len(vocab),
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        pad_token_id=0,
-        eos_token_id=2,
-        bos_token_id=2,
-    )
-    LlamaForCausalLM(cfg).save_pretrained(d)
-    return d
+    return save_word_model(tmp_path_factory.mktemp("model"), WORDS, layers=1)
 
 
 def sentence(rng, n):

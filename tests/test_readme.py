@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
+from helpers import save_word_model
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -58,30 +58,8 @@ def test_every_docs_page_is_linked_from_the_readme():
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """A tiny Llama and a word-level tokenizer that covers the quickstart's words."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    d = tmp_path_factory.mktemp("model")
-    words = ["<pad>", "<unk>", "<eos>", "what", "is", "plus", "one", "?", *map(str, range(40))]
-    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(
-        tokenizer_object=tk, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>"
-    ).save_pretrained(d)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=len(words),
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        pad_token_id=0,
-        eos_token_id=2,
-        bos_token_id=2,
-    )
-    LlamaForCausalLM(cfg).save_pretrained(d)
-    return d
+    words = ["what", "is", "plus", "one", "?", *map(str, range(40))]
+    return save_word_model(tmp_path_factory.mktemp("model"), words, layers=2)
 
 
 def test_the_quickstart_runs_as_written(model_dir, tmp_path):

@@ -142,19 +142,39 @@ def linear_cross_entropy_forward_grad(hidden, weight, bias, labels, ignore_index
         loss (N,) float32 (float64 for float64 inputs), 0 at ignored tokens;
         grad_hidden (N, H) in hidden.dtype, dloss_n/dhidden_n, 0 at ignored tokens.
     """
+    loss, grad_hidden, _ = loss_and_grads(hidden, weight, bias, labels, ignore_index, softcap)
+    return loss, grad_hidden
+
+
+def loss_and_grads(hidden, weight, bias, labels, ignore_index, softcap, P_out=None, need_dh: bool = True):
+    """The frozen head's walk over row chunks, one (rows, V) logits block each: per-token loss, the
+    unit-weight input gradient dh = dloss/dz @ W (``need_dh``) and, given ``P_out`` (V, k_out), the
+    projected output gradient dloss/dz @ P_out (what a captured head's features need).
+
+    Returns:
+        loss (N,) and GP (N, k_out) or None in float32 (float64 for float64 inputs); dh (N, H) in
+        hidden.dtype or None; all 0 at ignored tokens. Under autocast each matmul's result is
+        written into these dtypes.
+    """
     n, h = hidden.shape
     dtype = acc_dtype(hidden, weight)
+    P = P_out.to(dtype) if P_out is not None else None
     loss = torch.empty(n, dtype=dtype, device=hidden.device)
-    grad_hidden = torch.empty_like(hidden)
+    dh = torch.empty_like(hidden) if need_dh else None
+    GP = torch.empty(n, P.shape[1], dtype=dtype, device=hidden.device) if P is not None else None
     rows = _chunk_rows(n, h, weight.shape[0])
     for s in range(0, n, rows):
         logits, dcap = _chunk_logits(hidden[s : s + rows], weight, bias, softcap, dtype)
         y = labels[s : s + rows]
         valid = y != ignore_index
-        loss[s : s + rows], lse = _chunk_loss_(logits, y, valid)
+        loss_c, lse = _chunk_loss_(logits, y, valid)
+        loss[s : s + rows] = loss_c.to(dtype)
         dz = _grad_from_probs_(logits, y, valid, torch.ones_like(lse), dcap)
-        grad_hidden[s : s + rows] = dz.to(weight.dtype) @ weight
-    return loss, grad_hidden
+        if GP is not None:
+            GP[s : s + rows] = (dz @ P).to(dtype)
+        if dh is not None:
+            dh[s : s + rows] = (dz.to(weight.dtype) @ weight).to(dh.dtype)
+    return loss, dh, GP
 
 
 def linear_cross_entropy_backward(

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from ._common import acc_dtype
-from .linear_cross_entropy import _chunk_logits, _chunk_loss_, _chunk_rows, _grad_from_probs_
+from .linear_cross_entropy import loss_and_grads
 
 
 def lm_head_loss_grad_projected(
@@ -41,27 +41,15 @@ def lm_head_loss_grad_projected(
         loss (N,), dh (N, H) = dloss_n / dhidden_n in hidden.dtype, GP (N, k_out) = dloss_n / dz_n
         @ P_out; loss and GP float32 (float64 for float64 inputs); all 0 at ignored rows.
     """
-    dtype = acc_dtype(hidden, weight)
-    P = P_out.to(dtype)
-    n_all = hidden.shape[0]
-    loss = torch.zeros(n_all, dtype=dtype, device=hidden.device)
-    dh = torch.zeros_like(hidden) if need_dh else None
-    GP = torch.zeros(n_all, P.shape[1], dtype=dtype, device=hidden.device)
+    # Only labelled rows reach the head; the others stay 0 (ignored rows cost nothing).
     rows = (labels != ignore_index).nonzero().squeeze(1)
-    x, y_all = hidden[rows], labels[rows]
-    n, h = x.shape
-    chunk = _chunk_rows(n, h, weight.shape[0])
-    for s in range(0, n, chunk):
-        logits, dcap = _chunk_logits(x[s : s + chunk], weight, bias, softcap, dtype)
-        y = y_all[s : s + chunk]
-        valid = torch.ones_like(y, dtype=torch.bool)
-        loss_c, lse = _chunk_loss_(logits, y, valid)
-        dz = _grad_from_probs_(logits, y, valid, torch.ones_like(lse), dcap)
-        r = rows[s : s + chunk]
-        # Under autocast the matmuls come back in its dtype: written into the accumulators' own.
-        loss[r], GP[r] = loss_c.to(dtype), (dz @ P).to(dtype)
-        if dh is not None:
-            dh[r] = (dz.to(weight.dtype) @ weight).to(dh.dtype)
+    loss_l, dh_l, GP_l = loss_and_grads(
+        hidden[rows], weight, bias, labels[rows], ignore_index, softcap, P_out=P_out, need_dh=need_dh
+    )
+    n = hidden.shape[0]
+    loss = loss_l.new_zeros(n).index_copy_(0, rows, loss_l)
+    GP = GP_l.new_zeros(n, GP_l.shape[1]).index_copy_(0, rows, GP_l)
+    dh = torch.zeros_like(hidden).index_copy_(0, rows, dh_l) if dh_l is not None else None
     return loss, dh, GP
 
 
