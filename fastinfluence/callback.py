@@ -467,6 +467,9 @@ class InfluenceCallback(TrainerCallback):
             return None
         self._interval = _Interval(self.features)
         step_lr = list(interval.step_lr.values())
+        # Every rank flushes here: a sharded model's weights are gathered anew (a fused optimizer's step on
+        # DTensors bumps no version counter, so the extractor's cached fingerprint would not notice it).
+        self.extractor._sharded_fp = None
         metadata = self.extractor.metadata()  # fingerprint of the weights now: those of the checkpoint at this step
         written = []
         for kind, features in interval.features.items():
