@@ -3,7 +3,7 @@
 Run under ``torchrun``; argv[1] is the output folder. Each rank saves what it computed in
 ``rank<r>.pt``; the test compares it with one process on the whole model. ``--store-only``:
 only write the store of the shared batches (the multi-node and killed-rank tests; with
-``--kill-at=<batch>`` rank 1 kills itself there). ``--quick``: features, exact scores, the
+``--kill-at=<n>`` rank 1 kills itself as its n-th forward starts). ``--quick``: features, exact scores, the
 weighted NLL and the optimizer's normaliser only (the 4-rank test).
 """
 
@@ -39,20 +39,26 @@ def shard(model: torch.nn.Module, world: int) -> torch.nn.Module:
     return fully_shard(model, mesh=mesh)
 
 
-def killed(batches: list[dict], rank: int, at: int | None):
-    """``batches``; rank 1 kills itself (SIGKILL) when asked for batch ``at``, a rank dying mid-store."""
-    for i, batch in enumerate(batches):
-        if rank == 1 and i == at:
+def kill_at(model: torch.nn.Module, forward: int) -> None:
+    """This rank kills itself (SIGKILL) as its ``forward``-th forward starts: a rank dying mid-store."""
+    count = [0]
+
+    def pre_hook(module, args):
+        count[0] += 1
+        if count[0] == forward:
             os.kill(os.getpid(), signal.SIGKILL)
-        yield batch
+
+    model.register_forward_pre_hook(pre_hook)
 
 
-def main(out: Path, store_only: bool, quick: bool = False, kill_at: int | None = None) -> None:
+def main(out: Path, store_only: bool, quick: bool = False, kill: int | None = None) -> None:
     rank, world = dist.rank_world()
     model = shard(cases.model(), world)
     if store_only:
-        batches = killed(cases.shared_batches(), rank, kill_at)
-        write_store(out / "store", fi.GradientExtractor(model, cases.CONFIGS["blocks"]), batches, shard_rows=2)
+        if kill is not None and rank == 1:
+            kill_at(model, kill)
+        extractor = fi.GradientExtractor(model, cases.CONFIGS["blocks"])
+        write_store(out / "store", extractor, cases.shared_batches(), shard_rows=2)
         dist.barrier()
         return
     got: dict = {"sharded": sharding.is_sharded(model)}
@@ -102,7 +108,7 @@ def _plain(features) -> dict:
 if __name__ == "__main__":
     assert dist.init_from_env(), "run under torchrun with 2 or more processes"
     try:
-        kill_at = next((int(a.split("=")[1]) for a in sys.argv if a.startswith("--kill-at=")), None)
-        main(Path(sys.argv[1]), "--store-only" in sys.argv, "--quick" in sys.argv, kill_at)
+        kill = next((int(a.split("=")[1]) for a in sys.argv if a.startswith("--kill-at=")), None)
+        main(Path(sys.argv[1]), "--store-only" in sys.argv, "--quick" in sys.argv, kill)
     finally:
         torch.distributed.destroy_process_group()

@@ -9,6 +9,7 @@ batches idles in step with the others (a hang ends the run with its stacks).
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -230,6 +231,52 @@ def test_two_nodes_on_localhost_write_one_store_equal_to_one_process(whole, tmp_
     two.verify()
     assert two.metadata() == one.metadata() and two.ids == one.ids
     assert rel_err(two.to_features().data, one.to_features().data) < TOL
+
+
+@pytest.mark.slow
+def test_a_killed_rank_ends_its_peers_run_and_the_rerun_completes_the_store(whole, tmp_path):
+    """Rank 1 dies (SIGKILL) mid-store; rank 0, blocked in a collective with it, exits with an error, not
+    a hang. Run again: the shards written stay, only the missing examples are extracted."""
+    port = _free_port()
+    env = dict(_env(), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2")
+    cmd = [sys.executable, str(HERE / "sharded_worker.py"), str(tmp_path), "--store-only", "--kill-at=4"]
+    ranks = [  # no torchrun agent: nothing but the collectives tells rank 0 that its peer is gone
+        subprocess.Popen(cmd, env=dict(env, RANK=str(r), LOCAL_RANK=str(r)), stderr=subprocess.PIPE, text=True)
+        for r in range(2)
+    ]
+    try:
+        errs = [rank.communicate(timeout=300)[1] for rank in ranks]
+    finally:
+        for rank in ranks:
+            rank.kill()
+    assert ranks[1].returncode == -signal.SIGKILL
+    assert ranks[0].returncode not in (0, -signal.SIGKILL), errs[0][-2000:]
+    assert "Timeout" not in errs[0], errs[0][-2000:]  # the worker's faulthandler: it hung in the collective
+    store = tmp_path / "store"
+    written = {p.name: p.stat().st_mtime_ns for p in (store / "shards").iterdir()}
+    assert 0 < FeatureStore.open(store).num_rows < 14 and len(written) >= 2
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    cmd += [str(HERE / "sharded_worker.py"), str(tmp_path), "--store-only"]
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    two = FeatureStore.open(store)
+    two.verify()
+    after = {p.name: p.stat().st_mtime_ns for p in (store / "shards").iterdir()}
+    assert all(after.get(name) == mtime for name, mtime in written.items())  # kept, not rewritten
+    with one_thread():
+        one = write_store(
+            tmp_path / "one", fi.GradientExtractor(whole, cases.CONFIGS["blocks"]), cases.shared_batches()
+        )
+    assert two.metadata() == one.metadata() and two.ids == one.ids
+    assert rel_err(two.to_features().data, one.to_features().data) < TOL
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _features(got: dict) -> dict:
