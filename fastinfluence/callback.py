@@ -96,6 +96,7 @@ from .features import Features, cat_features
 from .lm import IGNORE_INDEX
 from .moe import refuse_experts
 from .ops._common import masked
+from .sharding import whole
 
 STEP_PREFIX = "step-"
 log = logging.getLogger(__name__)
@@ -420,11 +421,11 @@ class InfluenceCallback(TrainerCallback):
         m, v, steps = [], [], set()
         for p, t in parts:
             st = state.get(p) or {}
-            if "exp_avg" in st:
-                mp, vp = st["exp_avg"].detach(), st["exp_avg_sq"].detach()
+            if "exp_avg" in st:  # a sharded model's are DTensors: gathered (every rank's backward reaches here)
+                mp, vp = whole(st["exp_avg"].detach()), whole(st["exp_avg_sq"].detach())
                 steps.add(int(st["step"]))
             else:  # no update yet: zero moments
-                mp = vp = torch.zeros_like(p, dtype=dtype)
+                mp = vp = torch.zeros(p.shape, dtype=dtype, device=p.device)  # the whole shape of a DTensor
                 steps.add(0)
             mp, vp = (mp.T, vp.T) if t else (mp, vp)
             mp, vp = (mp[:, None], vp[:, None]) if mp.dim() == 1 else (mp, vp)

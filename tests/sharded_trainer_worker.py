@@ -105,7 +105,8 @@ def shard_by_hand(m: torch.nn.Module, world: int) -> torch.nn.Module:
 
 
 def callback_run(out: Path, world: int, by_hand: bool) -> dict:
-    """InfluenceCallback on the Trainer's own steps: one interval store per step under ``out/features``."""
+    """InfluenceCallback on the Trainer's own steps: one interval store per step and kind under ``out/features``
+    (projected gradients, and Adam update directions from the optimizer's sharded moments)."""
     from sharded_cases import CONFIGS
     from test_callback import EXAMPLES, _collate, _Dataset, _float64_loss
     from transformers import Trainer
@@ -115,7 +116,7 @@ def callback_run(out: Path, world: int, by_hand: bool) -> dict:
     m = _float64_loss(model())  # the model's own loss, in float64
     if by_hand:
         m = shard_by_hand(m, world)
-    callback = InfluenceCallback(out / "features", CONFIGS["all"], every=1)
+    callback = InfluenceCallback(out / "features", CONFIGS["all"], every=1, features=("gradient", "adam"))
     trainer = Trainer(
         model=m, args=_args(out, world), train_dataset=_Dataset(EXAMPLES), data_collator=_collate, callbacks=[callback]
     )

@@ -74,11 +74,13 @@ def test_every_trainer_ran_on_a_sharded_model(runs):
     assert not any(r["sharded"] for r in ref.values())
 
 
+@pytest.mark.parametrize("kind", ["gradient", "adam"])
 @pytest.mark.parametrize("case", ["callback/accelerate", "callback/user"])
-def test_the_callbacks_stores_equal_one_processes(runs, case):
+def test_the_callbacks_stores_equal_one_processes(runs, case, kind):
     (got, two), (ref, one) = runs
     assert rel_err(torch.tensor(got[case]["losses"]), torch.tensor(ref["callback/accelerate"]["losses"])) < F32
-    a, b = interval_stores(one / "callback/accelerate" / "features"), interval_stores(two / case / "features")
+    a = interval_stores(one / "callback/accelerate" / "features", kind)
+    b = interval_stores(two / case / "features", kind)
     assert [p.name for p in b] == [p.name for p in a] == [f"step-{s:08d}" for s in range(1, worker.STEPS + 1)]
     for k, (pa, pb) in enumerate(zip(a, b)):
         sa, sb = FeatureStore.open(pa), FeatureStore.open(pb)
