@@ -8,7 +8,7 @@ of the unlearned model. Under ``accelerate launch --use_fsdp --fsdp_version 2
 (``fully_shard`` on each decoder layer, then the root); one process (the test's reference)
 trains the same global batch as 2 micro-batches of gradient accumulation. ``callback/user`` is
 a model the user sharded with ``fully_shard`` before handing it to the Trainer (accelerate
-keeps an ``FSDPModule`` as it is).
+keeps an ``FSDPModule`` as it is, under the ``NO_WRAP`` policy).
 
 accelerate turns its FSDP plugin on for accelerator devices only (``DistributedType.MULTI_CPU``
 ranks get DDP). On these CPU ranks :func:`fsdp_on_cpu` makes that one choice as on GPUs, so
