@@ -67,13 +67,13 @@ def main(out: Path, store_only: bool, quick: bool = False, kill: int | None = No
         extractor = fi.GradientExtractor(model, config)
         got[f"features/{name}"] = _plain(extractor.extract(own, tokens=name == "blocks", covariances=name == "blocks"))
     config, shared, queries = cases.CONFIGS["blocks"], cases.shared_batches(), cases.query_batches()
-    if not quick:  # quick (4 ranks): features, exact scores, the weighted NLL and the optimizer's normaliser
+    if not quick:  # quick (4 ranks): features, exact scores, EK-FAC factors, the weighted NLL, Adam's normaliser
         extractor = fi.GradientExtractor(model, cases.CONFIGS["blocks"])
         write_store(out / "store", extractor, cases.shared_batches(), covariances=True, shard_rows=3)
     got["exact"] = fi.exact_scores(model, queries, shared, config)
+    factors = fi.fit_kfac(model, shared, "ekfac", config)
+    got["kfac/stats"] = factors.stats
     if not quick:
-        factors = fi.fit_kfac(model, shared, "ekfac", config)
-        got["kfac/stats"] = factors.stats
         got["kfac/scores"] = fi.kfac_scores(model, queries, shared, factors=factors, config=config)
         got["normalizer"] = fi.Normalizer.fit(model, shared, config).factors
     model.train()

@@ -190,7 +190,7 @@ def _check_adam(ranks: list[dict]) -> None:
 
 @pytest.mark.slow
 def test_four_ranks_extract_score_and_take_the_weighted_nll_as_the_whole_model(whole, tmp_path):
-    """4 ranks, one launch of the quick set: features, exact scores, weighted NLL, Adam's normaliser."""
+    """4 ranks, one launch of the quick set: features, exact scores, EK-FAC factors, weighted NLL, Adam's normaliser."""
     ranks = _torchrun(tmp_path, 4, "--quick")
     assert all(got["sharded"] for got in ranks)
     for name in cases.CONFIGS:
@@ -199,6 +199,13 @@ def test_four_ranks_extract_score_and_take_the_weighted_nll_as_the_whole_model(w
     with one_thread():
         exact = fi.exact_scores(whole, queries, shared, config)
     assert all(rel_err(got["exact"], exact) < TOL for got in ranks)
+    with one_thread():
+        stats = fi.fit_kfac(whole, shared, "ekfac", config).stats
+    for got in ranks:
+        assert set(got["kfac/stats"]) == set(stats)
+        for key in ("Lambda", "e_A", "e_G"):  # eigenvectors are defined up to sign; these are not
+            for k in (k for k in stats if k.endswith(key)):
+                assert rel_err(got["kfac/stats"][k], stats[k]) < TOL, k
     _check_nll(ranks, whole)
     _check_adam(ranks)
 
