@@ -29,6 +29,18 @@ Candidate detectors (cosine, max over the reports unless named otherwise):
 - ``ensemble_rank``: mean rank over the influence detectors above and the demo's exact and
   trajectory detectors.
 
+Added after the held-out seeds of the first round were run (so measured on seeds 0-4 first, and on
+the held-out seeds only if the rule picks one of them):
+
+- ``token_first_mlp_in_cosine_maxpos``: per-token scores (``fastinfluence.token_scores``, exact
+  per-token factors of the default's layers): each train token's share of the example's cosine with
+  a report, and the example scored by its strongest single token (max over tokens and reports), so
+  that the position where the trigger is read counts alone instead of being diluted by the answer's
+  tokens; no position is chosen by hand (the trigger is not known to the detector);
+- ``ensemble_rank_contrastive_layers``: mean rank of the contrastive and the layer-ensemble detectors
+  (different errors: the contrast removes the shared answer text, the layers average the scales);
+- ``ensemble_rank_three``: mean rank of those two and the previous default.
+
 Skipping (the demo's ``skip_low_influence`` drops the forget examples of lowest mean cosine with the
 *reports*): here also ranked by self-influence (squared norm of the example's own projected
 gradient, what the seed paper of low-influence skipping thresholds: an example's impact on the
@@ -49,7 +61,7 @@ import torch
 import torch.nn.functional as F
 from _common import commit
 
-from fastinfluence import GradientExtractor, ProjectionConfig, exact_scores
+from fastinfluence import GradientExtractor, ProjectionConfig, exact_scores, token_scores
 from fastinfluence.demo import detect, unlearn
 from fastinfluence.demo.data import SCENARIOS, batches, encode, make_scenario, train_tokenizer
 from fastinfluence.demo.model import Recipe, Timer, train_model
@@ -129,8 +141,30 @@ def candidates(model, tok, sc, seed: int, feats: dict, found: dict) -> dict[str,
         found["exact_cosine_max"].scores,
         found["influence_tracin_cosine_max"].scores,
     ]
-    out["ensemble_rank"] = torch.stack([torch.argsort(torch.argsort(m.double())).double() for m in members]).mean(0)
+    out["ensemble_rank"] = _rank_mean(members)
+    out["token_first_mlp_in_cosine_maxpos"] = _token_maxpos(model, query_b, train_b)
+    layers = found["ensemble_layers_exact_cosine_max"].scores
+    out["ensemble_rank_contrastive_layers"] = _rank_mean([out["exact_first_mlp_in_contrastive_max"], layers])
+    out["ensemble_rank_three"] = _rank_mean(
+        [out["exact_first_mlp_in_contrastive_max"], layers, found["exact_first_mlp_in_cosine_max"].scores]
+    )
     return out
+
+
+def _rank_mean(members: list[torch.Tensor]) -> torch.Tensor:
+    """Mean over the detectors of each example's rank (0 = least suspicious)."""
+    return torch.stack([torch.argsort(torch.argsort(m.double())).double() for m in members]).mean(0)
+
+
+def _token_maxpos(model, query_b, train_b) -> torch.Tensor:
+    """(N,) max over reports and train tokens of the token's share of the exact cosine on the first
+    MLP's input layers (rank = the layers' widths: the projection is the identity)."""
+    w = model.config.hidden_size
+    config = ProjectionConfig(rank_in=w, rank_out=model.config.intermediate_size, include=[detect.FIRST_MLP_IN])
+    ext = GradientExtractor(model, config)
+    q, tr = ext.extract(query_b), ext.extract(train_b, tokens=True)
+    per = token_scores(q, tr, rows=range(len(tr)), metric="cosine")
+    return torch.stack([s.double().max() for s in per])
 
 
 def measure(sc, scores: torch.Tensor) -> dict:
@@ -303,11 +337,155 @@ def markdown(summary: dict) -> str:
     return "\n".join(out)
 
 
-def update_docs(path: Path, summary: dict) -> None:
-    """Replace the tables between the demo-seeds markers of ``path``."""
+def plot(results: dict[int, dict], summary: dict, path: Path) -> None:
+    """docs/demo_detection.png: per scenario, one row per detector (ordered by held-out stealthy mean
+    AUROC, the same order in both panels), one dot per held-out seed at its AUROC, each seed on its own
+    height inside the row so that equal values (AUROC 1.000 in backdoor) stay ten dots, not one; the
+    held-out mean as a bar, the development mean as an open square; the default's row shaded and named."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    held, chosen = summary["held_out_seeds"], summary["choice"]["detector"]
+    stealthy = summary["scenarios"]["stealthy"]["detection"]
+    order = sorted(stealthy, key=lambda k: stealthy[k]["held_out"]["auroc"]["mean"])  # best at the top
+    fig, axes = plt.subplots(
+        1, 2, figsize=(13, 0.36 * len(order) + 2.0), sharey=True, gridspec_kw={"width_ratios": [1, 1.7]}
+    )
+    bounds = {"backdoor": [(0.95, "bound 0.95")], "stealthy": [(0.70, "bound 0.70 (lowered)"), (0.90, "issue: 0.90")]}
+    for ax, name in zip(axes, SCENARIOS):
+        det = summary["scenarios"][name]["detection"]
+        for y, k in enumerate(order):
+            base = k.startswith("baseline_")
+            colour = "C1" if base else "k" if k == chosen else "C0"
+            if k == chosen:
+                ax.axhspan(y - 0.5, y + 0.5, color="gold", alpha=0.3, lw=0)
+            values = [results[s]["scenarios"][name]["detection"][k]["auroc"] for s in held]
+            dy = [0.7 * (i / max(len(held) - 1, 1) - 0.5) for i in range(len(held))]
+            ax.scatter(values, [y + d for d in dy], s=12, color=colour, alpha=0.75, lw=0)
+            mean = det[k]["held_out"]["auroc"]["mean"]
+            ax.plot([mean] * 2, [y - 0.42, y + 0.42], color=colour, lw=2.2)
+            ax.text(1.015, y, f"{mean:.3f}", fontsize=6.5, va="center", color=colour, clip_on=False)
+            ax.scatter(
+                [det[k]["development"]["auroc"]["mean"]],
+                [y],
+                s=30,
+                marker="s",
+                facecolors="none",
+                edgecolors="C3",
+                lw=1.1,
+                zorder=4,
+            )
+        for x, label in bounds[name]:
+            ax.axvline(x, color="C2" if "lowered" in label or name == "backdoor" else "grey", ls="--", lw=1)
+            ax.text(x, len(order) - 0.3, label, fontsize=7, ha="center", va="bottom", color="dimgrey")
+        lo = 0.6 if name == "backdoor" else 0.2
+        ax.set(xlim=(lo, 1.01), ylim=(-0.6, len(order) + 0.4), xlabel="AUROC (poisoned = positive)")
+        ax.set_title(f"{name} (number: held-out mean)", fontsize=9.5, loc="left")
+        ax.grid(axis="x", alpha=0.3)
+    axes[0].set_yticks(range(len(order)))
+    axes[0].set_yticklabels(
+        [
+            k + ("  (default)" if k == chosen else "  (previous default)" if k == PREVIOUS_DEFAULT else "")
+            for k in order
+        ],
+        fontsize=7.5,
+    )
+    for t, k in zip(axes[0].get_yticklabels(), order):
+        t.set_color("C1" if k.startswith("baseline_") else "k")
+        t.set_fontweight("bold" if k == chosen else "normal")
+    fig.suptitle(
+        f"Finding the poisoned examples: one dot per held-out seed ({held[0]}-{held[-1]}, each on its own height), "
+        "bar = their mean, red square = mean on the development seeds 0-4\n"
+        "influence detectors blue, the default black (shaded row), trivial baselines orange",
+        fontsize=9.5,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+REPORT_MARKERS = ("<!-- demo-seed-reports:start -->", "<!-- demo-seed-reports:end -->")
+
+
+def seed_reports_markdown(paths: list[Path]) -> str:
+    """Tables of whole demo runs (``fastinfluence demo --seed N``'s report.json, every detector, every
+    loss and retraining); a cell holds one number per run, in the order of ``paths``."""
+    from fastinfluence.demo import report
+
+    runs = [json.loads(p.read_text()) for p in paths]
+    seeds = " / ".join(f"seed {r['seed']}" for r in runs)
+    out = [
+        f"Runs: {', '.join(f'`bench/results/{p.name}`' for p in paths)} (commit "
+        f"{', '.join(sorted({r.get('commit', '?')[:7] for r in runs}))}; cells: {seeds}). "
+        f"Bounds (`python -m fastinfluence.demo.report FILE`): "
+        + "; ".join(f"seed {r['seed']}: " + (", ".join(report.check(r, False)) or "every one holds") for r in runs)
+        + ".",
+        "",
+    ]
+    for name in runs[0]["scenarios"]:
+        scs = [r["scenarios"][name] for r in runs]
+        d = scs[0]["data"]
+        out += [
+            f"**{name}**: {d['n_train']} train examples, {d['n_poisoned']} poisoned, {d['n_reported']} reported; "
+            f"poisoned in the default's forget set: {' / '.join(str(sc['data']['n_forget_poisoned']) for sc in scs)}"
+            f" of {d['n_forget']}",
+            "",
+            "| detector | AUROC | precision@k |",
+            "|---|---|---|",
+        ]
+        det = sorted(scs[0]["detection"], key=lambda k: -statistics.mean(sc["detection"][k]["auroc"] for sc in scs))
+        for k in det:
+            tag = " (default)" if k == scs[0]["default_detector"] else ""
+            cells = [" / ".join(f"{sc['detection'][k][m]:.3f}" for sc in scs) for m in ("auroc", "precision_at_k")]
+            out.append(f"| {k}{tag} | {cells[0]} | {cells[1]} |")
+        out += [
+            "",
+            "| unlearning run | ASR seen | ASR shift | clean acc | clean ppl | MIA AUC | CPU s |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        rows = [("before (poisoned model)", [sc["before"] for sc in scs])]
+        for k in scs[0]["unlearning"]:
+            tag = " (default)" if k == scs[0]["default_unlearning"] else ""
+            rows.append((k + tag, [sc["unlearning"][k] for sc in scs]))
+        rows.append(("retrain without forget set", [sc["retrain"] for sc in scs]))
+        for label, rs in rows:
+            cells = []
+            for m, f in (
+                ("asr_seen", ".2f"),
+                ("asr_shift", ".2f"),
+                ("clean_acc", ".2f"),
+                ("clean_ppl", ".3f"),
+                ("mia_auc", ".2f"),
+                ("cpu_seconds", ".1f"),
+            ):
+                cells.append(" / ".join(format(r[m], f) for r in rs) if all(m in r for r in rs) else "")
+            out.append(f"| {label} | " + " | ".join(cells) + " |")
+        out += [
+            "",
+            "Unlearning takes "
+            + " / ".join(f"{sc['speedup']['unlearn_vs_retrain']:.1f}x" for sc in scs)
+            + " less CPU time than retraining, "
+            + " / ".join(f"{sc['speedup']['end_to_end_vs_retrain']:.1f}x" for sc in scs)
+            + " with detection and weights.",
+            "",
+        ]
+    return "\n".join(out)
+
+
+def _replace_between(path: Path, markers: tuple[str, str], body: str) -> None:
     text = path.read_text()
-    start, end = text.index(MARKERS[0]) + len(MARKERS[0]), text.index(MARKERS[1])
-    path.write_text(text[:start] + "\n\n" + markdown(summary) + "\n" + text[end:])
+    start, end = text.index(markers[0]) + len(markers[0]), text.index(markers[1])
+    path.write_text(text[:start] + "\n\n" + body + "\n" + text[end:])
+
+
+def update_docs(path: Path, summary: dict, seed_reports: list[Path] = ()) -> None:
+    """Replace the tables between the demo-seeds markers of ``path`` (and, with ``seed_reports``,
+    those between the demo-seed-reports markers)."""
+    _replace_between(path, MARKERS, markdown(summary))
+    if seed_reports:
+        _replace_between(path, REPORT_MARKERS, seed_reports_markdown(list(seed_reports)))
 
 
 def main() -> None:
@@ -316,6 +494,13 @@ def main() -> None:
     ap.add_argument("--dir", default="bench/results/demo_seeds")
     ap.add_argument("--out", default="bench/results/demo_seeds.json")
     ap.add_argument("--docs", default=None, help="also rewrite the tables of this page (docs/demo.md)")
+    ap.add_argument(
+        "--seed-reports",
+        nargs="*",
+        default=["bench/results/demo_seed0.json", "bench/results/demo_seed1.json"],
+        help="whole demo runs (report.json of fastinfluence demo --seed N) tabled in --docs",
+    )
+    ap.add_argument("--plot", default=None, help="also draw the held-out AUROC per seed here (docs/demo_detection.png)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     d = Path(args.dir)
@@ -357,7 +542,9 @@ def main() -> None:
     }
     Path(args.out).write_text(json.dumps(summary, indent=2))
     if args.docs:
-        update_docs(Path(args.docs), summary)
+        update_docs(Path(args.docs), summary, [Path(p) for p in args.seed_reports])
+    if args.plot:
+        plot(results, summary, Path(args.plot))
     for name, sc in summary["scenarios"].items():
         print(f"== {name} (held-out seeds {summary['held_out_seeds']}) ==")
         for k, v in sorted(
