@@ -238,6 +238,16 @@ def _count(examples, behaviour: str) -> int:
     return sum(e.poisoned and e.attribute == behaviour for e in examples)
 
 
+def _merge_round2(result: dict, folder: Path) -> None:
+    """Add the second round's candidates (``bench/demo_seeds_round2.py``, same seed, same model) to a
+    development seed's detectors; a detector already there is kept."""
+    for name, sc in result["scenarios"].items():
+        f = folder / f"seed_{result['seed']}_{name}.json"
+        if f.exists():
+            for k, v in json.loads(f.read_text())["detection"].items():
+                sc["detection"].setdefault(k, v)
+
+
 def choose(dev: dict[int, dict]) -> dict:
     """The default detector by :data:`RULE` from the development seeds' results."""
     names = [k for k in dev[DEV[0]]["scenarios"]["stealthy"]["detection"] if not k.startswith("baseline_")]
@@ -264,16 +274,17 @@ def summarise(results: dict[int, dict], choice: dict) -> dict:
     out = {}
     for name in SCENARIOS:
         det = {}
-        for k in results[held[0] if held else dev[0]]["scenarios"][name]["detection"]:
-            det[k] = {
-                group: {
-                    m: _stats([results[s]["scenarios"][name]["detection"][k][m] for s in seeds])
-                    for m in ("auroc", "precision_at_k", "auroc_unreported")
-                    if m in results[seeds[0]]["scenarios"][name]["detection"][k]
-                }
-                for group, seeds in (("held_out", held), ("development", dev))
-                if seeds
-            }
+        keys = dict.fromkeys(k for s in held + dev for k in results[s]["scenarios"][name]["detection"])
+        for k in keys:
+            det[k] = {}
+            for group, seeds in (("held_out", held), ("development", dev)):
+                have = [s for s in seeds if k in results[s]["scenarios"][name]["detection"]]
+                if have:
+                    det[k][group] = {
+                        m: _stats([results[s]["scenarios"][name]["detection"][k][m] for s in have])
+                        for m in ("auroc", "precision_at_k", "auroc_unreported")
+                        if m in results[have[0]]["scenarios"][name]["detection"][k]
+                    }
         un = {}
         if held:
             for m in results[held[0]]["scenarios"][name]["unlearning"]:
@@ -310,10 +321,19 @@ def markdown(summary: dict) -> str:
             "held-out mean | AUROC development seeds 0-4 mean / min / max |",
             "|---|---|---|---|---|",
         ]
-        rows = sorted(sc["detection"].items(), key=lambda kv: -kv[1]["held_out"]["auroc"]["mean"])
+        # detectors run on the held-out seeds by held-out mean, then those only on the development seeds
+        rows = sorted(
+            sc["detection"].items(),
+            key=lambda kv: ("held_out" not in kv[1], -kv[1].get("held_out", kv[1]["development"])["auroc"]["mean"]),
+        )
         for k, v in rows:
             default = k == summary["choice"]["detector"]
             tag = " (default)" if default else " (previous default)" if k == PREVIOUS_DEFAULT else ""
+            if "held_out" not in v:
+                out.append(
+                    f"| {k}{tag} | not run (second round, not chosen) | - | - | {_cell(v['development']['auroc'])} |"
+                )
+                continue
             h, unreported = v["held_out"], v["held_out"].get("auroc_unreported")
             unrep = f"{unreported['mean']:.3f}" if unreported else "-"
             out.append(
@@ -349,7 +369,8 @@ def plot(results: dict[int, dict], summary: dict, path: Path) -> None:
 
     held, chosen = summary["held_out_seeds"], summary["choice"]["detector"]
     stealthy = summary["scenarios"]["stealthy"]["detection"]
-    order = sorted(stealthy, key=lambda k: stealthy[k]["held_out"]["auroc"]["mean"])  # best at the top
+    ran = [k for k in stealthy if "held_out" in stealthy[k]]  # run on the held-out seeds
+    order = sorted(ran, key=lambda k: stealthy[k]["held_out"]["auroc"]["mean"])  # best at the top
     fig, axes = plt.subplots(
         1, 2, figsize=(13, 0.36 * len(order) + 2.0), sharey=True, gridspec_kw={"width_ratios": [1, 1.7]}
     )
@@ -493,6 +514,11 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[*DEV, *HELD_OUT])
     ap.add_argument("--dir", default="bench/results/demo_seeds")
     ap.add_argument("--out", default="bench/results/demo_seeds.json")
+    ap.add_argument(
+        "--round2",
+        default="bench/results/demo_seeds_round2",
+        help="second-round candidates on the development seeds (bench/demo_seeds_round2.py), read before choosing",
+    )
     ap.add_argument("--docs", default=None, help="also rewrite the tables of this page (docs/demo.md)")
     ap.add_argument(
         "--seed-reports",
@@ -514,6 +540,8 @@ def main() -> None:
             print(f"chosen on seeds {DEV}: {choice['detector']}", flush=True)
         if f.exists():
             results[seed] = json.loads(f.read_text())
+            if seed in DEV:
+                _merge_round2(results[seed], Path(args.round2))
             if seed in HELD_OUT and results[seed]["unlearning_detector"] != choice["detector"]:
                 raise SystemExit(
                     f"{f} was run with {results[seed]['unlearning_detector']}; the rule now picks "
@@ -532,6 +560,8 @@ def main() -> None:
         r["seconds"] = time.perf_counter() - start
         f.write_text(json.dumps(r, indent=2))
         results[seed] = r
+        if seed in DEV:
+            _merge_round2(r, Path(args.round2))
         print(f"seed {seed} done in {r['seconds']:.0f}s", flush=True)
     if choice is None:
         choice = choose(results)
