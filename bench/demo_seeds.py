@@ -41,6 +41,13 @@ the held-out seeds only if the rule picks one of them):
   (different errors: the contrast removes the shared answer text, the layers average the scales);
 - ``ensemble_rank_three``: mean rank of those two and the previous default.
 
+Third round (after the second lost on seed 2):
+
+- ``token_first_mlp_in_prompt_cosine_max``: per-token factors of the default's layers summed over the
+  prompt's positions only, for the reports and the train examples alike (the trigger is read in the
+  prompt; the answer's positions carry each behaviour's own wrong value, which the unreported
+  behaviours do not share with the reports), cosine, max over the reports.
+
 Skipping (the demo's ``skip_low_influence`` drops the forget examples of lowest mean cosine with the
 *reports*): here also ranked by self-influence (squared norm of the example's own projected
 gradient, what the seed paper of low-influence skipping thresholds: an example's impact on the
@@ -143,6 +150,7 @@ def candidates(model, tok, sc, seed: int, feats: dict, found: dict) -> dict[str,
     ]
     out["ensemble_rank"] = _rank_mean(members)
     out["token_first_mlp_in_cosine_maxpos"] = _token_maxpos(model, query_b, train_b)
+    out["token_first_mlp_in_prompt_cosine_max"] = _prompt_cosine(model, enc, sc.reported, query_b, train_b)
     layers = found["ensemble_layers_exact_cosine_max"].scores
     out["ensemble_rank_contrastive_layers"] = _rank_mean([out["exact_first_mlp_in_contrastive_max"], layers])
     out["ensemble_rank_three"] = _rank_mean(
@@ -154,6 +162,26 @@ def candidates(model, tok, sc, seed: int, feats: dict, found: dict) -> dict[str,
 def _rank_mean(members: list[torch.Tensor]) -> torch.Tensor:
     """Mean over the detectors of each example's rank (0 = least suspicious)."""
     return torch.stack([torch.argsort(torch.argsort(m.double())).double() for m in members]).mean(0)
+
+
+def _prompt_gradients(model, batch_list, enc_rows) -> torch.Tensor:
+    """(N, D) exact gradients of the first MLP's input layers summed over the prompt's positions only
+    (sum_t g_t a_t^T for t in the prompt), from the per-token factors (identity projection)."""
+    w = model.config.hidden_size
+    config = ProjectionConfig(rank_in=w, rank_out=model.config.intermediate_size, include=[detect.FIRST_MLP_IN])
+    f = GradientExtractor(model, config).extract(batch_list, tokens=True)
+    rows = []
+    for i, e in enumerate(enc_rows):
+        n_prompt = next(t for t, label in enumerate(e["labels"]) if label != -100)
+        a, g = f.token_factors(i)
+        rows.append(torch.cat([(g[n][:n_prompt].double().T @ a[n][:n_prompt].double()).flatten() for n in sorted(a)]))
+    return torch.stack(rows)
+
+
+def _prompt_cosine(model, enc, reported, query_b, train_b) -> torch.Tensor:
+    """(N,) max over the reports of the cosine of prompt-position gradients (:func:`_prompt_gradients`)."""
+    q = _prompt_gradients(model, query_b, [enc[i] for i in reported])
+    return _cos(q, _prompt_gradients(model, train_b, enc)).max(0).values
 
 
 def _token_maxpos(model, query_b, train_b) -> torch.Tensor:
@@ -516,7 +544,8 @@ def main() -> None:
     ap.add_argument("--out", default="bench/results/demo_seeds.json")
     ap.add_argument(
         "--round2",
-        default="bench/results/demo_seeds_round2",
+        nargs="*",
+        default=["bench/results/demo_seeds_round2", "bench/results/demo_seeds_round3"],
         help="second-round candidates on the development seeds (bench/demo_seeds_round2.py), read before choosing",
     )
     ap.add_argument("--docs", default=None, help="also rewrite the tables of this page (docs/demo.md)")
@@ -541,7 +570,8 @@ def main() -> None:
         if f.exists():
             results[seed] = json.loads(f.read_text())
             if seed in DEV:
-                _merge_round2(results[seed], Path(args.round2))
+                for folder in args.round2:
+                    _merge_round2(results[seed], Path(folder))
             if seed in HELD_OUT and results[seed]["unlearning_detector"] != choice["detector"]:
                 raise SystemExit(
                     f"{f} was run with {results[seed]['unlearning_detector']}; the rule now picks "
@@ -561,7 +591,8 @@ def main() -> None:
         f.write_text(json.dumps(r, indent=2))
         results[seed] = r
         if seed in DEV:
-            _merge_round2(r, Path(args.round2))
+            for folder in args.round2:
+                _merge_round2(r, Path(folder))
         print(f"seed {seed} done in {r['seconds']:.0f}s", flush=True)
     if choice is None:
         choice = choose(results)
