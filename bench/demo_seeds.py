@@ -277,11 +277,23 @@ def _merge_round2(result: dict, folder: Path) -> None:
 
 
 def choose(dev: dict[int, dict]) -> dict:
-    """The default detector by :data:`RULE` from the development seeds' results."""
-    names = [k for k in dev[DEV[0]]["scenarios"]["stealthy"]["detection"] if not k.startswith("baseline_")]
+    """The default detector by :data:`RULE` from the development seeds' results. A detector measured on
+    only some of them (a later round stopped early) cannot be chosen; it is listed as ``incomplete``,
+    and refused unless its minimum so far (an upper bound of its minimum) is below the chosen one's
+    (else only running it on every development seed can decide)."""
+
+    def have(k):
+        return all(k in dev[s]["scenarios"][sc]["detection"] for s in DEV for sc in SCENARIOS)
+
+    every = dict.fromkeys(
+        k for s in DEV for k in dev[s]["scenarios"]["stealthy"]["detection"] if not k.startswith("baseline_")
+    )
+    names = [k for k in every if have(k)]
+    incomplete = [k for k in every if not have(k)]
 
     def aurocs(scenario, k):
-        return [dev[s]["scenarios"][scenario]["detection"][k]["auroc"] for s in DEV]
+        d = [dev[s]["scenarios"][scenario]["detection"] for s in DEV]
+        return [x[k]["auroc"] for x in d if k in x]
 
     ok = [k for k in names if min(aurocs("backdoor", k)) >= BACKDOOR_FLOOR]
     floor = [k for k in ok if min(aurocs("stealthy", k)) >= FLOOR]
@@ -289,7 +301,16 @@ def choose(dev: dict[int, dict]) -> dict:
         pick = max(floor, key=lambda k: statistics.mean(aurocs("stealthy", k)))
     else:
         pick = max(ok, key=lambda k: min(aurocs("stealthy", k)))
-    return {"detector": pick, "meets_floor": bool(floor), "eligible": ok, "above_floor": floor}
+    undecided = [k for k in incomplete if min(aurocs("stealthy", k)) >= min(aurocs("stealthy", pick))]
+    if undecided:
+        raise SystemExit(f"run {undecided} on every development seed: the rule cannot decide without them")
+    return {
+        "detector": pick,
+        "meets_floor": bool(floor),
+        "eligible": ok,
+        "above_floor": floor,
+        "incomplete": incomplete,
+    }
 
 
 def _stats(values: list[float]) -> dict:
@@ -335,6 +356,12 @@ def _cell(g: dict | None) -> str:
     return "-" if g is None else f"{g['mean']:.3f} / {g['min']:.3f} / {g['max']:.3f}"
 
 
+def _dev_cell(v: dict, summary: dict) -> str:
+    """Development mean / min / max, with the seeds counted where a later round stopped early."""
+    g = v["development"]["auroc"]
+    return _cell(g) + ("" if g["n"] == len(summary["development_seeds"]) else f" ({g['n']} seeds)")
+
+
 def markdown(summary: dict) -> str:
     """The summary as the tables of docs/demo.md: per scenario, detectors by held-out mean AUROC,
     then the unlearning runs (mean / min / max over the held-out seeds)."""
@@ -366,7 +393,7 @@ def markdown(summary: dict) -> str:
             unrep = f"{unreported['mean']:.3f}" if unreported else "-"
             out.append(
                 f"| {k}{tag} | {_cell(h['auroc'])} | {h['precision_at_k']['mean']:.3f} | {unrep} | "
-                f"{_cell(v['development']['auroc'])} |"
+                f"{_dev_cell(v, summary)} |"
             )
         out += [
             "",

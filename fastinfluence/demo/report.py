@@ -228,9 +228,9 @@ FAMILIES = (
 
 
 def _detection_panels(result: dict, names: list[str], plt, torch) -> None:
-    """Rows: scenarios; columns: :data:`FAMILIES`. Every panel draws the default in black on top for
-    reference; each other curve has its own marker, placed at staggered recalls so that curves on the
-    same line still show every marker, and its AUROC in the legend."""
+    """Rows: scenarios; columns: :data:`FAMILIES`. Every panel draws the default as a wide grey band for
+    reference, under the family's curves; each curve has its own marker, placed at staggered distances
+    along the line so that curves on the same line still show every marker, and its AUROC in the legend."""
     fig, axes = plt.subplots(len(names), len(FAMILIES), figsize=(14, 4.6 * len(names)), squeeze=False)
     markers = "osD^vP*X<>h"
     for row, name in zip(axes, names):
@@ -260,14 +260,15 @@ def _detection_panels(result: dict, names: list[str], plt, torch) -> None:
                     ms=6,
                     label=f"{k} (AUROC {sc['detection'][k]['auroc']:.3f})",
                 )
+            # the default as a wide band under the family's curves: where they coincide, both show
             recall, precision = curves[default]
             ax.plot(
                 recall,
                 precision,
-                lw=2.6,
+                lw=6,
                 color="k",
-                zorder=5,
-                alpha=0.8,
+                alpha=0.25,
+                zorder=1,
                 label=f"default: {default} (AUROC {sc['detection'][default]['auroc']:.3f})",
             )
             ax.set(title=f"{name}: {family}", xlabel="recall", ylabel="precision", ylim=(0, 1.04), xlim=(0, 1.01))
