@@ -385,9 +385,7 @@ def markdown(summary: dict) -> str:
             default = k == summary["choice"]["detector"]
             tag = " (default)" if default else " (previous default)" if k == PREVIOUS_DEFAULT else ""
             if "held_out" not in v:
-                out.append(
-                    f"| {k}{tag} | not run (second round, not chosen) | - | - | {_cell(v['development']['auroc'])} |"
-                )
+                out.append(f"| {k}{tag} | not run (later round, not chosen) | - | - | {_dev_cell(v, summary)} |")
                 continue
             h, unreported = v["held_out"], v["held_out"].get("auroc_unreported")
             unrep = f"{unreported['mean']:.3f}" if unreported else "-"
@@ -496,7 +494,10 @@ def seed_reports_markdown(paths: list[Path]) -> str:
         f"Runs: {', '.join(f'`bench/results/{p.name}`' for p in paths)} (commit "
         f"{', '.join(sorted({r.get('commit', '?')[:7] for r in runs}))}; cells: {seeds}). "
         f"Bounds (`python -m fastinfluence.demo.report FILE`): "
-        + "; ".join(f"seed {r['seed']}: " + (", ".join(report.check(r, False)) or "every one holds") for r in runs)
+        + "; ".join(
+            f"seed {r['seed']}: " + ("missed: " + ", ".join(p) if (p := report.check(r, False)) else "every one holds")
+            for r in runs
+        )
         + ".",
         "",
     ]
