@@ -580,7 +580,7 @@ def main() -> None:
     ap.add_argument(
         "--seed-reports",
         nargs="*",
-        default=["bench/results/demo_seed0.json", "bench/results/demo_seed1.json"],
+        default=["bench/results/demo_seed0.json"],
         help="whole demo runs (report.json of fastinfluence demo --seed N) tabled in --docs",
     )
     ap.add_argument("--plot", default=None, help="also draw the held-out AUROC per seed here (docs/demo_detection.png)")
