@@ -118,13 +118,25 @@ def test_report_check_accepts_a_good_report_and_names_each_failure():
 
 
 def test_a_run_prints_whether_each_bound_held():
-    assert report.bounds(fake_report()).startswith("bounds: every one of the demo's bounds (README) holds")
+    good = report.bounds(fake_report()).splitlines()
+    assert good[0] == "bounds: every one of the demo's bounds (README) holds on this run"
+    # one line per bound of check(), each with its measured value
+    assert len(good) == 1 + 8 + 6 and all(line.startswith("  held   ") for line in good[1:])
+    assert "  held   stealthy: default detector AUROC 0.990 >= 0.7 (lowered from 0.90)" in good
+    assert "  held   backdoor: ASR after unlearning 0.00 <= 0.05" in good
     bad = fake_report()
     bad["scenarios"]["stealthy"]["detection"]["influence_cosine_max"]["auroc"] = 0.65
-    assert report.bounds(bad) == (
-        "bounds: 1 of the demo's bounds (README) missed on this run: stealthy: default detector AUROC 0.650"
+    lines = report.bounds(bad).splitlines()
+    assert lines[0] == "bounds: 1 of 14 (the demo's bounds (README)) missed on this run"
+    assert [line for line in lines if "MISSED" in line] == [
+        "  MISSED stealthy: default detector AUROC 0.650 >= 0.7 (lowered from 0.90)"
+    ]
+    quick = report.bounds(bad | {"quick": True}).splitlines()
+    assert quick[0].startswith("bounds: every one of the --quick run's loose bounds") and len(quick) == 1 + 10
+    del bad["scenarios"]["backdoor"]["retrain"]
+    assert report.bounds(bad).startswith(
+        "bounds: not checked, the report is incomplete: backdoor: retrain.asr_seen missing"
     )
-    assert report.bounds(bad | {"quick": True}).startswith("bounds: every one of the --quick run's loose bounds")
 
 
 def test_story_names_the_influence_settings_that_beat_the_default_in_this_run():
