@@ -14,7 +14,11 @@ precision@k over the other train examples, as ``demo.detect`` computes them):
 - ``influence_cosine_max``: projected (32 x 32) attention + MLP features (experts and routers
   included in the MoE model), cosine, max over the reports.
 
-    python bench/moe_demo.py [--seeds 0 1 2 --out bench/results/moe_demo_cpu.json]
+Resumable: each (scenario, seed, model) run is one JSON under ``--dir``; a rerun skips the runs whose
+file exists, so scenarios can run in separate processes and a last call writes the summary.
+
+    python bench/moe_demo.py [--seeds 0 1 2 --scenarios backdoor stealthy --dir DIR
+                              --out bench/results/moe_demo_cpu.json]
 """
 
 from __future__ import annotations
@@ -23,14 +27,16 @@ import argparse
 import json
 import platform
 import statistics
+import tempfile
+from pathlib import Path
 
 import torch
 from _common import commit
 
 from fastinfluence import GradientExtractor, ProjectionConfig, exact_scores, score
-from fastinfluence.demo import detect, unlearn
+from fastinfluence.demo import detect
 from fastinfluence.demo.data import SCENARIOS, batches, encode, make_scenario, train_tokenizer
-from fastinfluence.demo.model import Recipe, Timer, train_model
+from fastinfluence.demo.model import Recipe, Timer, attack_success, exact_match, train_model
 
 EXPERTS = 4
 # The MoE model's layer groups, as detect.LAYER_GROUPS groups the dense model's.
@@ -59,7 +65,9 @@ def detection(model, tok, sc, seed: int, groups: list[str]) -> dict:
             "auroc": detect.auroc(s, positive),
             "precision_at_k": detect.precision_at_k(s, positive, k),
             "cpu_seconds": t.cpu,
-        } | ({"auroc_by_behaviour": {b: detect.auroc(s[m], positive[m]) for b, m in by_behaviour.items()}} if by_behaviour else {})
+        }
+        if by_behaviour:
+            out[name]["auroc_by_behaviour"] = {b: detect.auroc(s[m], positive[m]) for b, m in by_behaviour.items()}
 
     def ensemble():
         S = [exact_scores(model, query_b, train_b, ProjectionConfig(include=[g]), metric="cosine") for g in groups]
@@ -84,13 +92,12 @@ def run_one(name: str, seed: int, experts: int, epochs: int) -> dict:
     recipe = Recipe(experts=experts, epochs=epochs)
     with Timer() as t:
         model = train_model(enc, tok, recipe, seed, "cpu")
-    m = unlearn.metrics(model, tok, sc)
     groups = MOE_GROUPS if experts else detect.LAYER_GROUPS
     return {
         "parameters": sum(p.numel() for p in model.parameters()),
         "train_cpu_seconds": t.cpu,
-        "asr_seen": m["asr_seen"],
-        "clean_acc": m["clean_acc"],
+        "asr_seen": attack_success(model, tok, sc, sc.attack_seen)["all"],
+        "clean_acc": exact_match(model, tok, sc.clean_eval),
         "detection": detection(model, tok, sc, seed, groups),
     }
 
@@ -100,14 +107,20 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=SCENARIOS)
     ap.add_argument("--epochs", type=int, default=Recipe().epochs, help="the demo's recipe unless smoke-testing")
-    ap.add_argument("--out", default="bench/results/moe_demo_cpu.json")
+    ap.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()) / "fastinfluence_moe_demo")
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "moe_demo_cpu.json")
     args = ap.parse_args()
     torch.set_num_threads(1)
+    args.dir.mkdir(parents=True, exist_ok=True)
     runs = {}
     for name in args.scenarios:
         for seed in args.seeds:
             for variant, experts in (("dense", 0), ("moe", EXPERTS)):
-                r = run_one(name, seed, experts, args.epochs)
+                path = args.dir / f"{name}_{seed}_{variant}_e{args.epochs}.json"
+                if not path.exists():
+                    r = run_one(name, seed, experts, args.epochs)
+                    path.write_text(json.dumps(r, indent=2))
+                r = json.loads(path.read_text())
                 runs.setdefault(name, {}).setdefault(str(seed), {})[variant] = r
                 d = r["detection"]
                 print(

@@ -33,6 +33,7 @@ import platform
 import subprocess
 import sys
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -115,6 +116,7 @@ class PaddedGrid:
                         lin.register_forward_hook(self._hook)
                 self.blocks.append((m, name, mods))
         self.B = None
+        self.cells = self.routed = 0  # grid rows (B x L_e, summed over experts and blocks) and routed tokens
 
     def _hook(self, module, inputs, output):
         A = inputs[0].detach()
@@ -138,6 +140,7 @@ class PaddedGrid:
                 counts = torch.bincount(example, minlength=B)
                 slot = torch.arange(len(token)) - (counts.cumsum(0) - counts)[example]
                 L = max(int(counts.max()) if len(token) else 0, 1)
+                self.cells, self.routed = self.cells + B * L, self.routed + len(token)
                 grid = hidden.new_zeros(B, L, H)
                 grid[example, slot] = hidden[token]
                 weight = top_k_weights.new_zeros(B, L)
@@ -203,8 +206,13 @@ def equality_check() -> dict:
     err, err_experts = rel_err(b, a), rel_err(b[:, cols], a[:, cols])
     if not err < 1e-12:
         raise SystemExit(f"padded-grid baseline differs from ours in float64: relative error {err:.2e}")
-    return {"dtype": "float64", "layers": len(ours.layers), "expert_layers": len(experts), "rel_err": err,
-            "rel_err_expert_blocks": err_experts}
+    return {
+        "dtype": "float64",
+        "layers": len(ours.layers),
+        "expert_layers": len(experts),
+        "rel_err": err,
+        "rel_err_expert_blocks": err_experts,
+    }
 
 
 def setup(args):
@@ -277,7 +285,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--child", help=argparse.SUPPRESS)
-    ap.add_argument("--out", default="bench/results/moe_extract_cpu.json")
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "moe_extract_cpu.json")
     args = ap.parse_args()
     if args.child:
         return child(args)
@@ -289,6 +297,8 @@ def main() -> None:
     fns, ours, base, _ = variants(args, model, batches)
     feats = ours.extract(batches[:1]).data, base.extract(batches[0])
     check32 = rel_err(feats[1], feats[0])
+    grid = {"grid_rows": base.grid.cells, "routed_tokens": base.grid.routed}
+    grid["rows_per_routed_token"] = grid["grid_rows"] / grid["routed_tokens"]
     medians = interleaved_medians(fns, args.reps, warmup=1)
     print("medians:", medians, flush=True)
 
@@ -329,6 +339,7 @@ def main() -> None:
         "feature_dim": ours.dim,
         "equality_float64_small": check,
         "rel_err_float32_bench_shape": check32,
+        "padded_grid_rows": grid,
         "seconds": medians,
         "ratio_ours_over_train": {impl: medians["ours"] / medians[f"train_{impl}"] for impl in IMPLS},
         "ratio_padded_grid_over_train": {impl: medians["padded_grid"] / medians[f"train_{impl}"] for impl in IMPLS},
