@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from .features import Features, LayerSlice
-from .store import FeatureStore, iter_chunks, source_metadata
+from .store import FeatureStore
 
 KINDS = ("flat", "ivf", "ivfpq")
 
@@ -159,9 +159,9 @@ def build_index(
         sample = _rows(train, pick)
         index.train(rows(sample))
         index.nprobe = min(nprobe, nlist)
-    for c in iter_chunks(train, chunk_rows):
+    for c in train.iter_chunks(chunk_rows):
         index.add(rows(c))
-    return FeatureIndex(index, metric, kind, source_metadata(train), dict(train.layout), list(train.ids), refine)
+    return FeatureIndex(index, metric, kind, train.metadata(), dict(train.layout), list(train.ids), refine)
 
 
 def index_topk(index: FeatureIndex, query, train, metric: str, pre, topk: int, layer_normalize: bool):
@@ -183,7 +183,7 @@ def index_topk(index: FeatureIndex, query, train, metric: str, pre, topk: int, l
             f"the index holds {len(index)} rows but the train features have {len(train)}: rebuild it from these "
             f"features"
         )
-    check_same_origin(index.meta, source_metadata(train), "the index", "the train features")
+    check_same_origin(index.meta, train.metadata(), "the index", "the train features")
     q = pre.apply(query.data) if pre is not None else query.data
     k = min(topk, len(index))
     values, rows = index.search(q, min(k * index.refine, len(index)))
