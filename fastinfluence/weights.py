@@ -547,8 +547,8 @@ class UnlearnWeights(NamedTuple):
     forget: (Nf,) float32 weights of every forget example, or None (all 1). retain: (Nr,)
     float32, or None. keep: (K,) int64 ascending indices of the forget examples unlearned,
     or None (all of them); the others are skipped, i.e. dropped from the forget set (see
-    the comment above). n_forget: the forget-set size the weights were made for, None when
-    the file does not say (then it is the length of ``forget`` when given)."""
+    the comment above). n_forget: the forget-set size ``keep`` was made for (the file's
+    ``n``), None when it does not say."""
 
     forget: torch.Tensor | None = None
     retain: torch.Tensor | None = None
@@ -640,7 +640,7 @@ def unlearn_weights(
         n = len(f) if n_forget is None else n_forget
         if len(f) != n:
             raise ValueError(f"{source}: 'keep' indexes {n} forget examples but 'forget' has {len(f)} weights")
-    return UnlearnWeights(f, r, k, n_forget if n_forget is not None else (len(f) if f is not None else None))
+    return UnlearnWeights(f, r, k, n_forget)
 
 
 def load_weights(path) -> UnlearnWeights:

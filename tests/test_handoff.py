@@ -167,7 +167,7 @@ def test_vector_files_are_forget_weights(tmp_path):
     for name in ("w.npy", "w.pt"):
         got = weights.load_weights(tmp_path / name)
         torch.testing.assert_close(got.forget, w.float(), rtol=0, atol=0)
-        assert got.retain is None and got.keep is None and got.n_forget == 7
+        assert got.retain is None and got.keep is None and got.n_forget is None
     sel = weights.load_weights(tmp_path / "w.pt").select(7)
     assert sel.keep == list(range(7)) and torch.equal(sel.forget, w.float())
 
@@ -227,11 +227,13 @@ def test_a_pt_file_of_another_object_and_a_missing_file_are_refused(tmp_path):
 
 def test_selection_is_checked_against_the_splits():
     h = weights.unlearn_weights(forget=[1.0, 2.0, 3.0], retain=[1.0, 1.0], keep=[2, 0])
-    assert h.keep.tolist() == [0, 2] and h.n_forget == 3
+    assert h.keep.tolist() == [0, 2] and h.n_forget is None
     sel = h.select(3, 2)
     assert sel.keep == [0, 2] and sel.forget.tolist() == [1.0, 3.0] and sel.retain.tolist() == [1.0, 1.0]
-    with pytest.raises(ValueError, match="made for 3 forget examples but the forget set has 4"):
+    with pytest.raises(ValueError, match="has 3 forget weights but the forget set has 4"):
         h.select(4)
+    with pytest.raises(ValueError, match="made for 5 forget examples but the forget set has 4"):
+        weights.unlearn_weights(keep=[1], n_forget=5).select(4)
     with pytest.raises(ValueError, match="has 2 retain weights but the retain set has 3"):
         h.select(3, 3)
     with pytest.raises(ValueError, match="keeps forget example 5 but the forget set has 3"):
