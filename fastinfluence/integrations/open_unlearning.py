@@ -164,7 +164,8 @@ class _InfluenceLossTrainer:
         forget, retain = self._split("forget"), self._split("retain")
         n_forget = len(forget) if forget is not None else w.n_forget
         if n_forget is None:  # no split to check against: the weights' own length
-            n_forget = len(w.forget) if w.forget is not None else int(w.keep.max()) + 1
+            kept = w.keep if w.keep is not None and len(w.keep) else None
+            n_forget = len(w.forget) if w.forget is not None else (int(kept.max()) + 1 if kept is not None else 0)
         keep = w.check(n_forget, len(retain) if retain is not None else None, f"weights_path {self.weights_path}")
         self.forget_weights, self.retain_weights = w.forget, w.retain
         if forget is not None and len(keep) < len(forget):
