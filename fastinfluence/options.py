@@ -200,7 +200,9 @@ class UnlearnOptions(_Options):
         if self.beta is not None and not self.beta > 0:
             raise OptionsError(f"{name('beta')} must be > 0, got {self.beta!r}", "beta")
         if self.loss_reweight_tau is not None and not self.loss_reweight_tau > 0:
-            raise OptionsError(f"{name('loss_reweight_tau')} must be > 0, got {self.loss_reweight_tau!r}", "tau")
+            raise OptionsError(
+                f"{name('loss_reweight_tau')} must be > 0, got {self.loss_reweight_tau!r}", "loss_reweight_tau"
+            )
 
     @property
     def uses_retain(self) -> bool:
