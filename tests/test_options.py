@@ -148,7 +148,9 @@ def test_unlearn_trainer_takes_options_or_keywords_alike(tmp_path):
     assert by_keywords.options == by_options.options == UnlearnOptions(**kw)
     batch = by_keywords.data_collator([by_keywords.train_dataset[i] for i in range(3)])
     losses = [t.compute_loss(t.model, batch).item() for t in (by_keywords, by_options)]
-    assert losses[0] == losses[1] and losses[0] != 0  # the same model, batch and options: the same computation, bit for bit
+    assert (
+        losses[0] == losses[1] and losses[0] != 0
+    )  # the same model, batch and options: the same computation, bit for bit
     assert _trainer(tmp_path).options == UnlearnOptions()  # the defaults are the class's
 
 

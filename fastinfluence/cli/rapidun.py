@@ -24,7 +24,7 @@ from .common import log, read_jsonl, summary
 from .options import SCORE_FLAGS, build
 from .score import add_scoring
 
-MATRICES = ("ff", "fr", "rf", "rr")  # (query set, train set) of each: its first letter, its second
+MATRICES = ("ff", "fr", "rf", "rr")  # letters: the train set, then the query set (fr: retain queries x forget train)
 
 
 def split_rows(ids: list, forget_ids: list, source: str) -> tuple[list[int], list[int]]:
@@ -65,7 +65,7 @@ def _run(args) -> int:
             S = result.matrix
             sets = {"f": np.asarray(forget), "r": np.asarray(retain)}
             for n in MATRICES:
-                write_matrix(outs[n], np.asarray(S[np.ix_(sets[n[0]], sets[n[1]])]))
+                write_matrix(outs[n], np.asarray(S[np.ix_(sets[n[1]], sets[n[0]])]))
     finally:
         full.unlink(missing_ok=True)
     log.info(
