@@ -5,7 +5,8 @@ import subprocess
 import sys
 
 import fastinfluence.cli.demo
-from fastinfluence.cli import COMMANDS, build_parser, summary
+from fastinfluence.cli import COMMANDS, build_parser
+from fastinfluence.cli.common import summary
 
 
 def command_help(parser, name: str) -> str:

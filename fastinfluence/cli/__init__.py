@@ -27,7 +27,6 @@ import sys
 from .. import __version__
 from ..errors import spelled_as
 from . import bench, demo, evaluate, exact, extract, kfac, rapidun, score, unlearn, weights
-from .common import encode, load_model, summary  # noqa: F401  (used by the demo and the tests)
 from .options import SPELLING
 
 COMMANDS = (extract, score, exact, kfac, rapidun, weights, unlearn, evaluate, bench, demo)
