@@ -150,7 +150,7 @@ def _aggregates(aggregates, allowed: Sequence[str] = AGGREGATES) -> tuple[str, .
         raise TypeError(f"aggregates must be a list of names from {allowed}, got {aggregates!r}") from None
     unknown = [a for a in aggregates if a not in allowed]
     if unknown:
-        raise ValueError(f"unknown aggregates {unknown}; choose from {allowed}")
+        raise errors.FastInfluenceError(f"unknown aggregates {unknown}; choose from {allowed}", "aggregates")
     return aggregates
 
 
@@ -282,8 +282,9 @@ def score(query: FeatureSource, train: FeatureSource, options: ScoreOptions | No
         aggregates = () if o.index is not None else ("mean", "max", "sumsq")
     aggregates = _aggregates(aggregates)
     if o.index is not None and len(aggregates):
-        raise ValueError(
-            f"aggregates {aggregates} need a streaming pass over every train row: score without index= for them"
+        raise errors.FastInfluenceError(
+            f"aggregates {aggregates} need a streaming pass over every train row: score without index= for them",
+            "aggregates",
         )
     _check_store_complete(train, o.allow_incomplete, "train")
     _check_store_complete(query, o.allow_incomplete, "query")
@@ -293,10 +294,11 @@ def score(query: FeatureSource, train: FeatureSource, options: ScoreOptions | No
         need = len(query) * len(train) * 4 + 4096
         matrix_path = check_file(matrix_path, errors.label("matrix_path"), o.overwrite, need_bytes=need)
     if matrix and len(query) * len(train) * 4 > MATRIX_MAX_BYTES:
-        raise ValueError(
+        raise errors.FastInfluenceError(
             f"the {len(query)} x {len(train)} score matrix needs {len(query) * len(train) * 4 / 2**30:.1f} GiB; "
             f"matrix=True keeps at most {MATRIX_MAX_BYTES / 2**30:.0f} GiB in memory: write it with matrix_path= "
-            f"instead"
+            f"instead",
+            "matrix",
         )
     _check_pair(query, train)
     qf = _query_features(query)
@@ -305,7 +307,9 @@ def score(query: FeatureSource, train: FeatureSource, options: ScoreOptions | No
     pre = _preconditioner(o.precondition, train, o.damping, o.chunk_rows)
     if o.index is not None:
         if matrix or matrix_path is not None or o.per_layer:
-            raise ValueError("matrix, matrix_path and per_layer need a streaming pass: score without index= for them")
+            raise errors.FastInfluenceError(
+                "matrix, matrix_path and per_layer need a streaming pass: score without index= for them", "index"
+            )
         values, rows = index_topk(o.index, qf, train, metric, pre, topk, layer_normalize)
         train_ids = list(train.ids)
         return ScoreResult(

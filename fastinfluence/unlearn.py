@@ -32,6 +32,7 @@ from transformers import Trainer, TrainerCallback
 
 from . import losses
 from .data import pad
+from .errors import FastInfluenceError
 from .lm import IGNORE_INDEX
 from .model import mlp_blocks
 from .options import METHODS as METHODS
@@ -284,16 +285,21 @@ class UnlearnTrainer(Trainer):
         if not isinstance(dataset, UnlearnDataset):
             raise TypeError("UnlearnTrainer needs train_dataset=UnlearnDataset(forget, retain, ...)")
         if o.rapidun_tokens == "differing" and not all("clean" in e for e in dataset.forget):
-            raise ValueError(
+            raise FastInfluenceError(
                 "rapidun_tokens='differing' compares each forget example with its clean answer: "
-                "give every forget example a 'clean' example"
+                "give every forget example a 'clean' example",
+                "rapidun_tokens",
             )
         if o.method == "rapidun":
             check_clean_answers([i for i, e in enumerate(dataset.forget) if "clean" not in e], o.rapidun_without_clean)
         if o.uses_retain and dataset.ratio == 0:
-            raise ValueError(f"method {o.method!r} has a retain term; build the UnlearnDataset with ratio >= 1")
+            raise FastInfluenceError(
+                f"method {o.method!r} has a retain term; build the UnlearnDataset with ratio >= 1", "method"
+            )
         if lora is not None and simu_masks is not None:
-            raise ValueError("use either lora= or simu_masks=, not both (masks select base-model neurons)")
+            raise FastInfluenceError(
+                "use either lora= or simu_masks=, not both (masks select base-model neurons)", "lora"
+            )
         needs_copy = ref_model is None and lora is None and not hasattr(model, "disable_adapter")
         if o.uses_retain and o.retain_loss_type == "KL" and needs_copy:
             ref_model = copy.deepcopy(model)  # before masks or adapters are attached

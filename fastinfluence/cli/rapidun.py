@@ -27,7 +27,7 @@ from .score import add_scoring
 MATRICES = ("ff", "fr", "rf", "rr")  # letters: the train set, then the query set (fr: retain queries x forget train)
 
 
-def split_rows(ids: list, forget_ids: list, source: str) -> tuple[list[int], list[int]]:
+def _split_rows(ids: list, forget_ids: list, source: str) -> tuple[list[int], list[int]]:
     """(forget rows, retain rows) of a store whose example ids are ``ids``."""
     row = {i: r for r, i in enumerate(ids)}
     missing = [i for i in forget_ids if i not in row]
@@ -56,7 +56,7 @@ def _run(args) -> int:
     options = build(ScoreOptions, args, SCORE_FLAGS, topk=1, aggregates=(), progress=not args.quiet)
     outs = {n: check_file(Path(args.out, f"{n}.npy"), "--out", args.overwrite) for n in MATRICES}
     store = FeatureStore.open(args.store)
-    forget, retain = split_rows(list(store.ids), [r["id"] for r in read_jsonl(args.forget)], args.forget)
+    forget, retain = _split_rows(list(store.ids), [r["id"] for r in read_jsonl(args.forget)], args.forget)
     full = temporary(Path(args.out, "scores.npy"))
     full.parent.mkdir(parents=True, exist_ok=True)
     try:

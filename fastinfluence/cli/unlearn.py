@@ -34,10 +34,13 @@ def examples_from_jsonl(tokenizer, path: str, max_length: int, eos: bool = True)
     return out
 
 
-def _weights_of(w, path: str | None, forget: list[dict]) -> tuple[list[dict], list | None, list | None]:
-    """(forget examples kept, forget weights, retain weights) from the ``--weights`` JSON ``w`` (None: no weights)."""
-    if w is None:
+def _load_weights(path: str | None, forget: list[dict]) -> tuple[list[dict], list | None, list | None]:
+    """(forget examples kept, forget weights, retain weights) from the ``--weights`` file (None: no weights).
+
+    The one place the command reads a weights file (``fastinfluence weights`` writes it)."""
+    if path is None:
         return forget, None, None
+    w = json_file(path, "--weights")
     if not isinstance(w, dict) or not {"forget", "retain", "keep"} & set(w):
         raise UsageError(
             f"--weights {path} holds none of 'forget', 'retain', 'keep': write it with `fastinfluence weights`"
@@ -91,7 +94,6 @@ def _unlearn(args) -> int:
                 f"{' ...' if len(missing) > 5 else ''} of {args.forget} have none: add 'clean_response' to every "
                 "line, or pass --rapidun-without-clean for weighted gradient ascent on the responses"
             )
-    w = json_file(args.weights, "--weights") if args.weights else None
     from transformers import TrainingArguments
 
     from ..unlearn import UnlearnDataset, UnlearnTrainer
@@ -99,7 +101,7 @@ def _unlearn(args) -> int:
     model, tok = load_model(args.model, "float32", device_arg(args))
     forget = examples_from_jsonl(tok, args.forget, args.max_length, args.eos)
     retain = examples_from_jsonl(tok, args.retain, args.max_length, args.eos) if args.retain else []
-    forget, fw, rw = _weights_of(w, args.weights, forget)
+    forget, fw, rw = _load_weights(args.weights, forget)
     dataset = UnlearnDataset(
         forget, retain, ratio=args.ratio if retain else 0, forget_weights=fw, retain_weights=rw, seed=args.seed
     )
