@@ -237,7 +237,7 @@ def test_cli_defaults_are_the_options_defaults():
     args = build_parser().parse_args(
         ["score", "--query", "q", "--train", "t", "--out", "o", "--topk", "3", "--metric", "cosine"]
     )
-    assert build(ScoreOptions, args, SCORE_FLAGS) == ScoreOptions(topk=3)
+    assert build(ScoreOptions, args, SCORE_FLAGS) == ScoreOptions(topk=3, metric="cosine")
 
 
 def test_extract_with_a_saved_normalizer_and_autocast_equals_the_api(model_dir, data, tmp_path, capsys):
