@@ -109,6 +109,16 @@ def test_rapidun_matrices_are_the_blocks_of_the_store_against_itself(w, store, m
     assert by_dir == by_files and len(by_dir["forget"]) == 4 and len(by_dir["retain"]) == 7
 
 
+def test_self_influence_command_writes_the_api_vector(w, store):
+    from fastinfluence.scoring import self_influence
+    from fastinfluence.store import FeatureStore
+
+    run("self-influence", "--store", store, "--precondition", "diagonal", "--out", w / "self.npy")
+    got, ref = np.load(w / "self.npy"), self_influence(FeatureStore.open(store), "diagonal").numpy()
+    assert got.shape == (11,) and (got > 0).all()  # a positive definite preconditioner: <H^-1 x, x> > 0
+    np.testing.assert_array_equal(got, ref)  # the same streamed computation
+
+
 @pytest.mark.parametrize(
     "argv, fragment",
     [
