@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import distributed as dist
-from . import moe
+from . import errors, moe
 from .batching import Batch, WindowTracker, iter_batches
 from .config import ProjectionConfig
 from .lm import IGNORE_INDEX, check_causal_lm, fused_head, model_inputs, shifted_labels
@@ -145,9 +145,11 @@ def select_layers(
         chosen = [l for l in chosen if not any(p.search(l.name) for p in pats)]
     if not chosen:
         names = ", ".join(l.name for l in candidates[:8]) + (", ..." if len(candidates) > 8 else "")
-        raise ValueError(
+        raise errors.FastInfluenceError(
             f"no layer matches include={include!r} exclude={exclude!r}; supported layers of this model "
-            f"include: {names}. Adjust the regexes in ProjectionConfig(include=..., exclude=...)."
+            f"include: {names}. Adjust the regexes in {errors.name('ProjectionConfig.include')} / "
+            f"{errors.name('ProjectionConfig.exclude')}.",
+            "include",
         )
     names = [l.name for l in chosen]
     cover = moe.coverage(model, chosen)
@@ -187,7 +189,9 @@ def _compile(patterns, which: str) -> list[re.Pattern]:
         try:
             out.append(re.compile(p))
         except re.error as exc:
-            raise ValueError(f"the {which} regex {p!r} is invalid ({exc}); fix ProjectionConfig.{which}") from None
+            raise errors.FastInfluenceError(
+                f"the {which} regex {p!r} is invalid ({exc}); fix {errors.name('ProjectionConfig.' + which)}", which
+            ) from None
     return out
 
 

@@ -45,6 +45,8 @@ import torch.nn.functional as F
 
 from .lm import IGNORE_INDEX, fused_head, model_inputs, shifted_labels
 from .ops.linear_cross_entropy import linear_cross_entropy
+from .options import RAPIDUN_TOKENS as TOKENS
+from .options import REDUCTIONS, WEIGHT_NORMS
 from .sharding import head_call
 
 
@@ -178,10 +180,6 @@ def sequence_kl(model, batch: dict, ref_model=None, positions: str = "all") -> N
     else:
         mask = shifted_labels(batch["labels"]) != IGNORE_INDEX
     return Nll((kl * mask).sum(1), mask.sum(1))
-
-
-REDUCTIONS = ("token", "example")
-WEIGHT_NORMS = ("mean", "sum")
 
 
 def _check_weights(weights, like: torch.Tensor) -> torch.Tensor:
@@ -363,9 +361,6 @@ def _masked(nll: TokenNll, keep: torch.Tensor) -> Nll:
     """The Nll of only the kept tokens (every example keeps at least one: see differing_masks)."""
     keep = keep.to(nll.loss.device)
     return Nll((nll.loss * keep).sum(1), keep.sum(1))
-
-
-TOKENS = ("all", "differing")
 
 
 def rapidun_forget(

@@ -24,8 +24,7 @@ import torch
 from .batching import prepare_batch
 from .capture import forward_losses, model_device
 from .lm import fused_head, mlp_blocks
-
-AGGREGATES = ("mean", "topk_median")
+from .options import RAPIDUN_AGGREGATES as AGGREGATES
 
 
 def _as_tensor(x) -> torch.Tensor:

@@ -17,6 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Lowest first. A new module must be placed here; a module may import only from lower levels.
 LAYERS = [
+    ("errors",),  # the exceptions every input check raises, and how their messages name parameters
+    ("options",),  # ScoreOptions, UnlearnOptions and the names each option accepts (no torch)
     ("batching",),  # what a batch dict means (validation, ids, data positions, length buckets)
     ("config", "lm", "distributed", "data", "outputs"),  # below the flow
     ("sharding",),  # FSDP2-sharded models: the LM head inside its forward, whole weights
@@ -40,8 +42,8 @@ LAYERS = [
     ("evaluate",),
     ("__init__",),  # the public API (fastinfluence/__init__.py)
     ("integrations",),  # trainers for other frameworks (open-unlearning)
-    ("cli", "bench_cli"),  # cli loads the other command modules as plug-ins, by name only
-    ("unlearn_cli", "demo"),  # import cli's helpers (one direction: cli never imports them)
+    ("demo",),  # the backdoor demo (its command is cli.demo)
+    ("cli",),  # the command line: one module per command
     ("__main__",),
 ]
 LEVEL = {unit: i for i, units in enumerate(LAYERS) for unit in units}

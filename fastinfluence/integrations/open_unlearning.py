@@ -61,7 +61,8 @@ from pathlib import Path
 import torch
 
 from .. import losses
-from ..unlearn import check_loss_options, forget_loss, frozen, retain_loss
+from ..options import UnlearnOptions
+from ..unlearn import forget_loss, frozen, retain_loss
 from ..weights import load_weights
 
 CONFIGS = Path(__file__).parent / "open_unlearning_configs"
@@ -123,17 +124,32 @@ class _InfluenceLossTrainer:
         **kwargs,
     ):
         method, self.uses_retain, default_reduction, default_norm, needs_weights = self.spec
-        reduction, weight_norm = reduction or default_reduction, weight_norm or default_norm
-        check_loss_options(reduction, weight_norm, retain_loss_type)
+        # SimNPO's margin is delta here, as in open-unlearning (simnpo_gamma stays 0)
+        options = UnlearnOptions(
+            method=method,
+            alpha=alpha,
+            gamma=gamma,
+            beta=beta,
+            delta=delta,
+            reduction=reduction or default_reduction,
+            weight_norm=weight_norm or default_norm,
+            retain_loss_type=retain_loss_type,
+            rapidun_without_clean=rapidun_without_clean,
+        )
         if needs_weights and not weights_path:
             raise ValueError(
                 f"{type(self).__name__} needs weights_path= (IMU weights from `fastinfluence weights --method imu`)"
             )
         super().__init__(*args, **kwargs)
+        self.options = options
         self.method, self.gamma, self.alpha, self.beta, self.delta = method, gamma, alpha, beta, delta
-        self.simnpo_gamma = 0.0  # SimNPO's margin is delta here, as in open-unlearning
-        self.reduction, self.weight_norm, self.retain_loss_type = reduction, weight_norm, retain_loss_type
-        self.weights_path, self.rapidun_without_clean = weights_path, rapidun_without_clean
+        self.simnpo_gamma, self.rapidun_without_clean = options.simnpo_gamma, rapidun_without_clean
+        self.reduction, self.weight_norm, self.retain_loss_type = (
+            options.reduction,
+            options.weight_norm,
+            retain_loss_type,
+        )
+        self.weights_path = weights_path
         forget = self._split("forget")
         if method == "rapidun" and forget is not None and len(forget):
             self._check_clean(forget[0])

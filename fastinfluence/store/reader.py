@@ -20,6 +20,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from .. import errors
 from ..config import ProjectionConfig
 from ..features import Chunk, Features
 from .format import (
@@ -333,7 +334,8 @@ class FeatureStore:
         """Per-token factors of one example: ({layer: A~ (T, k_in)}, {layer: G~ (T, k_out)})."""
         if not self.has_tokens:
             raise StoreError(
-                f"store {self.path} has no per-token factors: extract with tokens=True to get per-token scores"
+                f"store {self.path} has no per-token factors: extract with {errors.name('tokens', True)} to get "
+                f"per-token scores"
             )
         i = self._locate(row)
         shard = self._shard(i, "tokens")

@@ -28,6 +28,7 @@ from typing import Any, NamedTuple
 import torch
 
 from .. import distributed as dist
+from .. import errors
 from ..batching import batch_ids, batch_positions, data_order, windows
 from ..features import FeatureProducer, Features, cat_features, slice_rows
 from ..lm import IGNORE_INDEX
@@ -211,8 +212,10 @@ class StoreWriter:
             check_same_origin(old, meta_now, f"store {root}", "this extractor")
             if (old["tokens"], old["covariances"]) != (tokens, covariances):
                 raise MismatchError(
-                    f"store {root} was extracted with tokens={old['tokens']}, covariances={old['covariances']}; "
-                    f"pass the same flags to resume or extend it (got tokens={tokens}, covariances={covariances})"
+                    f"store {root} was extracted with "
+                    f"{errors.switches(tokens=old['tokens'], covariances=old['covariances'])}; "
+                    f"pass the same flags to resume or extend it (got "
+                    f"{errors.switches(tokens=tokens, covariances=covariances)})"
                 )
             meta = old.get("meta", {}) if meta is None else meta
         self.meta_now = meta_now
