@@ -399,3 +399,125 @@ def warn_uncapturable(model: nn.Module, capturable: list) -> None:
             f"{', '.join(missing[:6])}{', ...' if len(missing) > 6 else ''}",
             stacklevel=4,
         )
+
+
+# ---------------------------------------------------------------------------------------
+# Neurons of experts (SIMU)
+# ---------------------------------------------------------------------------------------
+
+
+def experts_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """The fused experts modules of ``model`` by module name."""
+    return {n: m for n, m in model.named_modules() if is_experts(m)}
+
+
+def neuron_units(experts: nn.Module) -> torch.Tensor:
+    """(I, d_up) bool: which outputs of the up-projection feed each neuron (intermediate unit).
+
+    Ungated experts: the identity. Gated experts: read off the module's own gate function
+    (``_apply_gate``) by its Jacobian at a point where every unit matters, so the layout
+    (halves as in Mixtral, interleaved as in gpt-oss) is the one the module computes with.
+    """
+    up = getattr(experts, _up_name(experts))
+    d_up = up.shape[2 if experts.is_transposed else 1]
+    I = experts.down_proj.shape[1 if experts.is_transposed else 2]
+    if not experts.has_gate:
+        return torch.eye(I, dtype=torch.bool)
+    x = torch.linspace(0.3, 0.9, d_up, dtype=torch.float64)[None]
+    with torch.enable_grad():
+        jac = torch.autograd.functional.jacobian(lambda v: experts._apply_gate(v)[0], x)[:, 0]
+    units = jac != 0
+    if units.shape != (I, d_up) or (units.sum(0) != 1).any():
+        raise ValueError(
+            f"the gate of {type(experts).__name__} does not map each of its {d_up} up-projection units to one of its "
+            f"{I} neurons; SIMU masks cannot be laid onto it"
+        )
+    return units
+
+
+def expert_neuron_keep(model: nn.Module, masks: dict[str, torch.Tensor]) -> dict[int, torch.Tensor]:
+    """Gradient keep-masks of the fused parameters for SIMU masks on experts.
+
+    ``masks``: {``<experts module>.<e>``: (I,) bool}; every other key is ignored. Returns
+    {id(parameter): bool tensor broadcastable to it}: for each experts module named, the up
+    projection's units of the selected neurons (and their bias entries) and the down
+    projection's columns of them, of the named experts only. Raises on a wrong size or expert.
+    """
+    modules = experts_modules(model)
+    keep: dict[int, torch.Tensor] = {}
+    for key, mask in masks.items():
+        name, _, e = key.rpartition(".")
+        experts = modules.get(name)
+        if experts is None or not e.isdigit():
+            continue
+        e, mask = int(e), torch.as_tensor(mask, dtype=torch.bool).flatten()
+        E, t = experts.down_proj.shape[0], experts.is_transposed
+        units = neuron_units(experts)
+        if e >= E or mask.numel() != units.shape[0]:
+            raise ValueError(
+                f"simu_masks[{key!r}]: {name} has {E} experts of {units.shape[0]} neurons each, got expert {e} with "
+                f"{mask.numel()} neurons"
+            )
+        up_name = _up_name(experts)
+        up_units = (units & mask[:, None]).any(0)
+        # (parameter, unit mask, dim of the unit axis in one expert's slice)
+        parts = [(getattr(experts, up_name), up_units, 1 if t else 0), (experts.down_proj, mask, 0 if t else 1)]
+        bias = getattr(experts, up_name + "_bias", None)
+        if bias is not None:
+            parts.append((bias, up_units, 0))
+        for p, unit_mask, dim in parts:
+            k = keep.setdefault(id(p), torch.zeros(p.shape, dtype=torch.bool))
+            view = [1] * (p.dim() - 1)
+            view[dim] = -1
+            k[e] |= unit_mask.view(view).expand(p.shape[1:])
+    return keep
+
+
+def expert_neuron_attribution(model: nn.Module):
+    """A context manager that, while a loss is back-propagated through ``model``, sums per
+    expert |a_tj * dL/da_tj| over the tokens routed to it (a: the down projection's input);
+    ``totals`` maps ``<experts module>.<e>`` to an (I,) float64 sum."""
+    return _NeuronAttribution(model)
+
+
+class _NeuronAttribution:
+    def __init__(self, model: nn.Module):
+        self.modules = experts_modules(model)
+        self.totals: dict[str, torch.Tensor] = {}
+        self._handles: list[_Forward] = []
+
+    def __enter__(self) -> _NeuronAttribution:
+        for name, experts in self.modules.items():
+            check_implementation(name, experts)
+            E, I = experts.down_proj.shape[0], experts.down_proj.shape[1 if experts.is_transposed else 2]
+            for e in range(E):
+                self.totals[f"{name}.{e}"] = torch.zeros(I, dtype=torch.float64)
+            self._handles.append(_Forward(experts, self._forward(name, experts)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def _forward(self, name: str, experts: nn.Module):
+        E = experts.down_proj.shape[0]
+
+        def forward(hidden, top_k_index, top_k_weights, *args, **kwargs):
+            every = torch.ones(top_k_index.shape[0], 1, dtype=torch.bool, device=hidden.device)
+            order, counts, _ = route(top_k_index, every, E)
+
+            def deliver(param: str, A: torch.Tensor, G: torch.Tensor) -> None:
+                W = experts.down_proj.detach()
+                start = 0
+                for e, n in enumerate(counts[:E]):
+                    if n:
+                        w = W[e].T if experts.is_transposed else W[e]  # (H, I)
+                        a, g = A[start : start + n], G[start : start + n]
+                        total = self.totals[f"{name}.{e}"]
+                        total += (a * (g @ w.to(g.dtype))).abs().sum(0).to(total.device, torch.float64)
+                    start += n
+
+            return routed_forward(experts, hidden, top_k_index, top_k_weights, order, counts, {"down_proj"}, deliver)
+
+        return forward
