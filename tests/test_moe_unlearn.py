@@ -37,7 +37,8 @@ def reference_nll(model, batch):
     """(B,) answer NLL sums and (B,) counts from the model's own logits (positions counted from each
     example's first token, so that left padding does not move them)."""
     mask = batch["attention_mask"]
-    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    leading = (mask.cumsum(1) == 0).sum(1, keepdim=True)
+    positions = (torch.arange(mask.shape[1]) - leading).clamp(min=0)
     logits = model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=positions, use_cache=False).logits
     target = torch.cat([batch["labels"][:, 1:], torch.full_like(batch["labels"][:, :1], IGNORE_INDEX)], 1)
     tok = F.cross_entropy(logits.double().flatten(0, 1), target.flatten(), reduction="none", ignore_index=IGNORE_INDEX)
@@ -286,32 +287,32 @@ def test_weighted_losses_on_the_fused_path_equal_the_model_logits_float64(arch):
 def test_router_aux_loss_is_left_out_by_default_and_added_on_request(arch, tmp_path):
     model = moe_model(arch)
     model.config.output_router_logits = True  # the model's own config asks for it: still left out by default
-    collate_fn = _trainer(model, tmp_path).data_collator
-    item = collate_fn([_trainer(model, tmp_path).train_dataset[i] for i in (0, 1)])
+    trainer = _trainer(model, tmp_path, method="graddiff")
+    item = trainer.data_collator([trainer.train_dataset[i] for i in (0, 1)])
     f, r = item["forget"], item["retain"]
+    router = model.model.layers[1].mlp.get_submodule("router" if arch == "gpt_oss" else "gate").weight
 
-    def reference(with_aux, coef):
+    def reference(coef):
         fs, fc = reference_nll(model, f)
         rs, rc = reference_nll(model, r)
         loss = -(f["weights"].double() * fs / fc).mean() + (r["weights"].double() * rs / rc).mean()
-        if with_aux:
-            for b in (f, r):
-                out = model(**{k: b[k] for k in ("input_ids", "attention_mask")}, output_router_logits=True)
-                loss = loss + coef * out.aux_loss
+        for b in (f, r) if coef else ():
+            out = model(**{k: b[k] for k in ("input_ids", "attention_mask")}, output_router_logits=True)
+            loss = loss + coef * out.aux_loss
         return loss
 
-    coef = model.config.router_aux_loss_coef
-    for option, with_aux, c in ((False, False, 0.0), (True, True, coef), (0.25, True, 0.25)):
-        trainer = _trainer(model, tmp_path, method="graddiff", router_aux_loss=option)
-        out = trainer.compute_loss(model, item)
-        ref = reference(with_aux, c)
-        assert rel_err(out, ref) <= 1e-12, option
-        g_out = torch.autograd.grad(out, model.model.layers[1].mlp.router.weight if arch == "gpt_oss" else model.model.layers[1].mlp.gate.weight)[0]
-        g_ref = torch.autograd.grad(ref, model.model.layers[1].mlp.router.weight if arch == "gpt_oss" else model.model.layers[1].mlp.gate.weight)[0]
-        assert rel_err(g_out, g_ref) <= 1e-10, option
-        if trainer._router_aux is not None:
+    for option, coef in ((False, 0.0), (True, model.config.router_aux_loss_coef), (0.25, 0.25)):
+        if option is not False:
+            trainer = _trainer(model, tmp_path, method="graddiff", router_aux_loss=option)
+        out, ref = trainer.compute_loss(model, item), reference(coef)
+        # without the auxiliary loss float64 throughout; the model computes it in float32
+        tol = 1e-12 if not coef else 2e-7
+        assert rel_err(out, ref) <= tol, option
+        g_out, g_ref = (torch.autograd.grad(x, router)[0] for x in (out, ref))
+        assert rel_err(g_out, g_ref) <= tol * 100, option
+        if coef:
+            assert rel_err(out, reference(0.0)) > 1e-6  # the option changes the loss
             trainer._router_aux.remove()
-    assert (reference(True, coef) - reference(False, 0.0)).abs() > 1e-6  # the option changes the loss
 
 
 def test_router_aux_loss_is_refused_for_models_without_one(tmp_path):
@@ -319,14 +320,16 @@ def test_router_aux_loss_is_refused_for_models_without_one(tmp_path):
         _trainer(moe_model("deepseek_v3"), tmp_path, router_aux_loss=True)
 
 
-@pytest.mark.parametrize("method", ["graddiff", "npo", "simnpo"])
-def test_unlearning_runs_on_an_moe_model_and_raises_the_forget_loss(method, tmp_path):
+def test_npo_unlearning_runs_on_an_moe_model_and_raises_the_forget_loss(tmp_path):
     model = moe_model("qwen2_moe", torch.float32)
-    model.train()
     forget = collate(FORGET)
     with torch.no_grad():
         before = losses.sequence_nll(model, forget).mean.mean().item()
-    _trainer(model, tmp_path, method=method, steps=4, lr=3e-2, router_aux_loss=True).train()
+    model.train()
+    trainer = _trainer(model, tmp_path, method="npo", steps=3, lr=3e-2, router_aux_loss=True)
+    trainer.train()
+    logged = [h for h in trainer.state.log_history if "router_aux_loss" in h]
+    assert logged and all(math.isfinite(h["router_aux_loss"]) and h["router_aux_loss"] > 0 for h in logged)
     with torch.no_grad():
         after = losses.sequence_nll(model.eval(), forget).mean.mean().item()
     assert math.isfinite(after) and after > before
@@ -345,7 +348,7 @@ def test_evaluate_on_an_moe_model_equals_the_model_logits():
         _, total, count = means(clean)
         f_mean, _, _ = means(forget)
         h_mean, _, _ = means(holdout)
-    assert rel_err(torch.tensor(out["clean_ppl"]), torch.exp(total / count)) <= 1e-12
-    assert rel_err(torch.tensor(out["forget_nll"]), f_mean.mean()) <= 1e-12
+    assert rel_err(torch.tensor(out["clean_ppl"], dtype=torch.float64), torch.exp(total / count)) <= 1e-12
+    assert rel_err(torch.tensor(out["forget_nll"], dtype=torch.float64), f_mean.mean()) <= 1e-12
     pairs = [(float(-a > -b) + 0.5 * float(a == b)) for a in f_mean for b in h_mean]
     assert out["mia_auc_loss"] == pytest.approx(sum(pairs) / len(pairs), abs=1e-12)
