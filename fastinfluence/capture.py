@@ -149,6 +149,7 @@ def select_layers(
             f"no layer matches include={include!r} exclude={exclude!r}; supported layers of this model "
             f"include: {names}. Adjust the regexes in ProjectionConfig(include=..., exclude=...)."
         )
+    moe.refuse_lora_on_experts(model, chosen)
     names = [l.name for l in chosen]
     cover = moe.coverage(model, chosen)
     log.info(

@@ -521,3 +521,30 @@ class _NeuronAttribution:
             return routed_forward(experts, hidden, top_k_index, top_k_weights, order, counts, {"down_proj"}, deliver)
 
         return forward
+
+
+# ---------------------------------------------------------------------------------------
+# LoRA on fused parameters (PEFT ``target_parameters``)
+# ---------------------------------------------------------------------------------------
+
+LORA_ON_EXPERTS = r"\.experts\.(base_layer\.)*lora_[AB]\."
+
+
+def refuse_lora_on_experts(model: nn.Module, layers: list) -> None:
+    """One-line error when ``layers`` hold the adapters of a PEFT LoRA on fused parameters.
+
+    PEFT >= 0.17 puts LoRA on an ``nn.Parameter`` (``LoraConfig(target_parameters=[...])``, e.g.
+    ``mlp.experts.gate_up_proj``) through a ``ParamWrapper`` that adds B A to the parameter inside
+    the experts' forward; its ``lora_A`` / ``lora_B`` are Linear modules that never run, so their
+    gradients cannot be captured by hooks. LoRA on Linear modules (attention, shared experts) stays
+    captured."""
+    wrappers = [n for n, m in model.named_modules() if type(m).__name__ == "ParamWrapper"]
+    if not wrappers:
+        return
+    inside = [l.name for l in layers if not l.routed and any(l.name.startswith(w + ".") for w in wrappers)]
+    if inside:
+        raise ValueError(
+            f"LoRA on fused expert parameters (PEFT target_parameters: {', '.join(inside[:2])}, ... "
+            f"{len(inside)} in all) cannot be captured yet: exclude them with "
+            f"ProjectionConfig(exclude=[r'{LORA_ON_EXPERTS}']) (LoRA on Linear modules stays captured)"
+        )

@@ -352,3 +352,38 @@ def test_evaluate_on_an_moe_model_equals_the_model_logits():
     assert rel_err(torch.tensor(out["forget_nll"], dtype=torch.float64), f_mean.mean()) <= 1e-12
     pairs = [(float(-a > -b) + 0.5 * float(a == b)) for a in f_mean for b in h_mean]
     assert out["mia_auc_loss"] == pytest.approx(sum(pairs) / len(pairs), abs=1e-12)
+
+
+# ---------------------------------------------------------------------------------------
+# LoRA on experts (PEFT target_parameters)
+# ---------------------------------------------------------------------------------------
+
+
+def test_lora_on_experts_unlearns_and_its_capture_is_refused_in_one_line(tmp_path):
+    peft = pytest.importorskip("peft")
+    from fastinfluence import GradientExtractor, ProjectionConfig
+    from fastinfluence.moe import LORA_ON_EXPERTS
+
+    targets = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+    lora = dict(r=2, target_modules=["q_proj"], target_parameters=targets, init_lora_weights=False)
+    model = peft.get_peft_model(moe_model("mixtral"), peft.LoraConfig(**lora))
+    batch = collate(FORGET)
+    s, c = reference_nll(model, batch)  # the adapters are random (init_lora_weights=False): they count
+    assert rel_err(losses.sequence_nll(model, batch).sum, s) <= 1e-12
+    with pytest.raises(ValueError, match=r"^LoRA on fused expert parameters \(PEFT target_parameters: .*exclude="):
+        GradientExtractor(model)
+    ext = GradientExtractor(model, ProjectionConfig(rank_in=2, rank_out=2, exclude=[LORA_ON_EXPERTS]))
+    assert ext.layers and all("q_proj.lora_" in l.name for l in ext.layers)
+    assert ext.extract(batches_of(FORGET, 2)).data.shape == (len(FORGET), ext.dim)
+
+    base = moe_model("mixtral")
+    params = dict(base.named_parameters())
+    before = {k: v.detach().clone() for k, v in params.items()}
+    trainer = _trainer(base, tmp_path, method="graddiff", lora=peft.LoraConfig(**lora), steps=2, lr=1e-2)
+    adapters = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "experts" in n and p.requires_grad}
+    assert adapters and all("lora_" in n for n in adapters)
+    trainer.train()
+    after = dict(trainer.model.named_parameters())
+    assert all(not torch.equal(after[n], p) for n, p in adapters.items())  # the experts' adapters moved
+    for k, v in params.items():  # the base weights, fused experts included, did not
+        assert torch.equal(v, before[k]), k
