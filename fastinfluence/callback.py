@@ -259,7 +259,8 @@ class InfluenceCallback(TrainerCallback):
         ):
             raise ValueError(
                 "InfluenceCallback reads per-example gradients from the model's own loss, to which "
-                "output_router_logits=True adds the router auxiliary loss: set model.config.output_router_logits = False"
+                "output_router_logits=True adds the router auxiliary loss: set "
+                "model.config.output_router_logits = False"
             )
         if "adam" in self.features:
             self._adam = _adam_layers(self.extractor.layers, optimizer, self.dense_limit)

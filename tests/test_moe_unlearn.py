@@ -64,7 +64,8 @@ def per_token_experts(experts, seen):
                 h = experts._apply_gate(up[None])[0] if experts.has_gate else experts.act_fn(up)
                 h.retain_grad()
                 seen.append((e, h))
-                acc = acc + top_k_weights[n, k] * linear(experts.down_proj, getattr(experts, "down_proj_bias", None), h, e)
+                down = linear(experts.down_proj, getattr(experts, "down_proj_bias", None), h, e)
+                acc = acc + top_k_weights[n, k] * down
             rows.append(acc)
         return torch.stack(rows)
 
@@ -271,15 +272,19 @@ def test_weighted_losses_on_the_fused_path_equal_the_model_logits_float64(arch):
         "ga": (losses.ga(nll, w), -(w * ref_mean).mean()),
         "ga_token": (losses.ga(nll, w, reduction="token"), -(w * ref_s).sum() / ref_c.sum()),
         "npo": (losses.npo(nll, ref_sum, w, beta=0.1), (w * 20 * F.softplus(0.1 * (ref_sum - ref_s))).mean()),
-        "simnpo": (losses.simnpo(nll, w, beta=2.5, delta=0.5), (w * -0.8 * F.logsigmoid(2.5 * (ref_mean - 0.5))).mean()),
+        "simnpo": (
+            losses.simnpo(nll, w, beta=2.5, delta=0.5),
+            (w * -0.8 * F.logsigmoid(2.5 * (ref_mean - 0.5))).mean(),
+        ),
     }
     experts = next(iter(experts_modules(model).values()))
     tol = 1e-6 if arch == "deepseek_v3" else 1e-12
     for key, (out, ref) in cases.items():
         assert rel_err(out, ref) <= tol, key
-        g_out, g_ref = torch.autograd.grad(out, experts.down_proj, retain_graph=True)[0], torch.autograd.grad(
-            ref, experts.down_proj, retain_graph=True
-        )[0]
+        g_out, g_ref = (
+            torch.autograd.grad(out, experts.down_proj, retain_graph=True)[0],
+            torch.autograd.grad(ref, experts.down_proj, retain_graph=True)[0],
+        )
         assert rel_err(g_out, g_ref) <= tol * 100, key
 
 
@@ -380,7 +385,9 @@ def test_lora_on_experts_unlearns_and_its_capture_is_refused_in_one_line(tmp_pat
     params = dict(base.named_parameters())
     before = {k: v.detach().clone() for k, v in params.items()}
     trainer = _trainer(base, tmp_path, method="graddiff", lora=peft.LoraConfig(**lora), steps=2, lr=1e-2)
-    adapters = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "experts" in n and p.requires_grad}
+    adapters = {
+        n: p.detach().clone() for n, p in trainer.model.named_parameters() if "experts" in n and p.requires_grad
+    }
     assert adapters and all("lora_" in n for n in adapters)
     trainer.train()
     after = dict(trainer.model.named_parameters())
