@@ -8,6 +8,7 @@ import re
 from types import SimpleNamespace
 
 import pytest
+from helpers import one_thread
 from test_callback import _check_against_extraction, _float64_loss, _train
 from test_moe import moe_model
 
@@ -15,17 +16,25 @@ from fastinfluence import FeatureStore, InfluenceCallback, ProjectionConfig
 from fastinfluence.callback import interval_stores
 
 
-def test_callback_features_of_experts_equal_extraction_at_the_same_weights(tmp_path):
-    # gpt-oss: transposed fused experts with biases, a router with a bias
-    model = _float64_loss(moe_model("gpt_oss"))
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: one thread (the default spreads each small op over every core)."""
+    with one_thread():
+        yield
+
+
+@pytest.mark.parametrize("arch", ["gpt_oss", "mixtral"])
+def test_callback_features_of_experts_equal_extraction_at_the_same_weights(arch, tmp_path):
+    # gpt-oss: transposed fused experts with biases, a router with a bias; Mixtral: the common layout
+    model = _float64_loss(moe_model(arch))
     config = ProjectionConfig(rank_in=4, rank_out=4, dtype="float64")
-    callback, snaps = _train(model, tmp_path, config, accumulation=2, steps=1)
+    callback, snaps = _train(model, tmp_path, config, accumulation=2, steps=2)
     names = [l.name for l in callback.extractor.layers]
     assert sum(bool(re.search(r"\.experts\.\d+\.(gate_up|down)_proj$", n)) for n in names) == 2 * 4 * 2
-    assert sum(len(FeatureStore.open(p)) for p in interval_stores(tmp_path / "features")) == 2 * 2
-    # float64 weights, but the model's RMSNorm computes in float32: the training batch (two examples,
-    # padded) and the one-example extraction round differently there, so they agree to ~1e-7, as
-    # test_callback's Llama comparison; a wrong routed token or scale is off by O(1).
+    assert sum(len(FeatureStore.open(p)) for p in interval_stores(tmp_path / "features")) == 2 * 2 * 2
+    # float64 weights, but the models' RMSNorm computes in float32 (and Mixtral's routing softmax): the
+    # training batch (two examples, padded) and the one-example extraction round differently there, so
+    # they agree to ~1e-7, as test_callback's Llama comparison; a wrong routed token or scale is off by O(1).
     _check_against_extraction(model, tmp_path, config, snaps, 1e-6)
 
 

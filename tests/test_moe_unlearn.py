@@ -14,7 +14,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import batches_of, collate, make_examples, rel_err
+from helpers import batches_of, collate, make_examples, one_thread, rel_err
 from test_moe import moe_model
 from transformers import TrainingArguments
 
@@ -23,6 +23,14 @@ from fastinfluence.evaluate import evaluate
 from fastinfluence.lm import IGNORE_INDEX
 from fastinfluence.moe import experts_modules, neuron_units
 from fastinfluence.unlearn import UnlearnDataset, UnlearnTrainer, apply_neuron_masks
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: one thread (the default spreads each small op over every core)."""
+    with one_thread():
+        yield
+
 
 FORGET, RETAIN = make_examples(4, seed=21), make_examples(6, seed=22)
 SHORT_F, SHORT_R = make_examples(3, seed=23, max_len=8), make_examples(3, seed=24, max_len=8)
@@ -141,7 +149,7 @@ def keep_reference(arch, experts, masks, name):
 # ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("arch", ["mixtral", "gpt_oss", "deepseek_v3"])
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "gpt_oss", "deepseek_v3"])
 def test_simu_expert_masks_equal_a_per_token_brute_force_float64(arch):
     model = moe_model(arch)
     forget, retain = batches_of(SHORT_F, 2), batches_of(SHORT_R, 3, "left")
@@ -152,8 +160,8 @@ def test_simu_expert_masks_equal_a_per_token_brute_force_float64(arch):
     for key in ref_f:
         for got, ref in ((got_f[key], ref_f[key]), (got_r[key], ref_r[key])):
             assert torch.equal(got, ref) if not ref.any() else rel_err(got, ref) <= tol, key
-    dense = set(got_f) - set(ref_f)  # DeepSeek-V3's dense first layer and shared experts
-    assert all(".experts." not in k for k in dense) and (len(dense) > 0) == (arch == "deepseek_v3")
+    dense = set(got_f) - set(ref_f)  # Qwen2-MoE's shared expert, DeepSeek-V3's dense first layer and shared experts
+    assert all(".experts." not in k for k in dense) and (len(dense) > 0) == (arch in ("qwen2_moe", "deepseek_v3"))
     dual = arch == "gpt_oss"
     masks = weights.simu_mask(model, forget, retain, forget_fraction=0.5, retain_fraction=0.25, dual=dual)
     assert set(masks) == set(got_f)
