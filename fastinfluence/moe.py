@@ -294,8 +294,12 @@ def hook_experts(name: str, layers: list[ExpertLayer], hooks) -> _Forward:
     check_implementation(name, experts)
     E = experts.down_proj.shape[0]
     by_param: dict[str, dict[int, ExpertLayer]] = {}
+    lora: dict[str, list[ExpertLoraLayer]] = {}
     for l in layers:
-        by_param.setdefault(l.param, {})[l.expert] = l
+        if isinstance(l, ExpertLoraLayer):
+            lora.setdefault(l.param, []).append(l)
+        else:
+            by_param.setdefault(l.param, {})[l.expert] = l
     original = experts.forward
 
     def forward(hidden, top_k_index, top_k_weights, *args, **kwargs):
@@ -313,11 +317,18 @@ def hook_experts(name: str, layers: list[ExpertLayer], hooks) -> _Forward:
 
         def deliver(param: str, A: torch.Tensor, G: torch.Tensor) -> None:
             A, G = A[:n], G[:n]
-            for e, layer in by_param[param].items():
+            for e, layer in by_param.get(param, {}).items():
                 s, t = bounds[e], bounds[e + 1]
                 hooks.deliver(layer, A[s:t], G[s:t], example[s:t])
+            if param in lora:
+                expert = torch.repeat_interleave(
+                    torch.arange(E, device=A.device), torch.tensor(counts[:E], device=A.device)
+                )
+                for layer in lora[param]:
+                    hooks.deliver(layer, *layer.factors(A, G, expert), example)
 
-        return routed_forward(experts, hidden, top_k_index, top_k_weights, order, counts, set(by_param), deliver)
+        hooked = set(by_param) | set(lora)
+        return routed_forward(experts, hidden, top_k_index, top_k_weights, order, counts, hooked, deliver)
 
     return _Forward(experts, forward)
 
@@ -332,7 +343,8 @@ def register_hooks(layers: list, hooks) -> list[_Forward]:
         else:
             handles.append(hook_router(l, hooks))
     for group in groups.values():
-        handles.append(hook_experts(group[0].name.rsplit(".", 2)[0], group, hooks))
+        name = group[0].name.rsplit(".", 2)[0] if isinstance(group[0], ExpertLayer) else group[0].name
+        handles.append(hook_experts(name, group, hooks))
     return handles
 
 
@@ -530,21 +542,103 @@ class _NeuronAttribution:
 LORA_ON_EXPERTS = r"\.experts\.(base_layer\.)*lora_[AB]\."
 
 
-def refuse_lora_on_experts(model: nn.Module, layers: list) -> None:
-    """One-line error when ``layers`` hold the adapters of a PEFT LoRA on fused parameters.
+@dataclass(frozen=True)
+class ExpertLoraLayer:
+    """The ``lora_A`` or ``lora_B`` weight of a PEFT LoRA on a fused experts parameter
+    (``LoraConfig(target_parameters=[...])``), captured from the routed tokens of every expert.
 
-    PEFT >= 0.17 puts LoRA on an ``nn.Parameter`` (``LoraConfig(target_parameters=[...])``, e.g.
-    ``mlp.experts.gate_up_proj``) through a ``ParamWrapper`` that adds B A to the parameter inside
-    the experts' forward; its ``lora_A`` / ``lora_B`` are Linear modules that never run, so their
-    gradients cannot be captured by hooks. LoRA on Linear modules (attention, shared experts) stays
-    captured."""
+    PEFT's ``ParamWrapper`` adds s B_e A_e (the Linear orientation (d_out, d_in), whatever the
+    storage) to expert e's slice inside the experts' forward, with A_e = ``lora_A.weight``
+    viewed (E, r, d_in) and B_e = ``lora_B.weight`` viewed (d_out, r, E)[:, :, e]. Its Linear
+    modules never run, so the hooks of the experts module deliver their factors: for a token t
+    routed to e with input a_t and output gradient g_t, ``lora_A`` gets (a_t, s B_e^T g_t in
+    block e of E r) and ``lora_B`` gets (s A_e a_t in entries j E + e of r E, g_t).
+    """
+
+    name: str
+    module: nn.Module  # the experts module (as for ExpertLayer: one hook per experts module)
+    d_in: int
+    d_out: int
+    bias: bool
+    param: str  # the fused parameter the adapter is on
+    kind: str  # "A" or "B"
+    wrapper: nn.Module  # the ParamWrapper
+    adapter: str
+    routed: ClassVar[bool] = True
+    tied: ClassVar[bool] = False
+
+    @property
+    def weight(self) -> nn.Parameter:
+        return getattr(self.wrapper, f"lora_{self.kind}")[self.adapter].weight
+
+    @property
+    def parameter(self) -> nn.Parameter:
+        return self.weight
+
+    def factors(self, A: torch.Tensor, G: torch.Tensor, expert: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A', G') of this adapter weight from the fused parameter's routed (A (n, d_in), G (n, d_out)),
+        ``expert`` (n,) each token's expert."""
+        E, s = self.wrapper.num_experts, self.wrapper.scaling[self.adapter]
+        lora_A = self.wrapper.lora_A[self.adapter].weight.detach()
+        lora_B = self.wrapper.lora_B[self.adapter].weight.detach()
+        r = lora_A.shape[0] // E
+        a_mat = lora_A.reshape(E, r, -1).to(A.dtype)  # (E, r, d_in)
+        b_mat = lora_B.reshape(lora_B.shape[0], r, E).permute(2, 0, 1).to(G.dtype)  # (E, d_out, r)
+        n = len(expert)
+        if self.kind == "A":  # lora_A (E r, d_in): rows e r .. e r + r
+            low = s * torch.einsum("nd,ndr->nr", G, b_mat[expert]) if n else G.new_zeros(0, r)
+            Gp = G.new_zeros(n, E, r)
+            Gp[torch.arange(n, device=G.device), expert] = low
+            return A, Gp.reshape(n, E * r)
+        low = s * torch.einsum("nrd,nd->nr", a_mat[expert], A) if n else A.new_zeros(0, r)  # lora_B: columns j E + e
+        Ap = A.new_zeros(n, r, E)
+        Ap[torch.arange(n, device=A.device), :, expert] = low
+        return Ap.reshape(n, r * E), G
+
+
+def _param_wrappers(model: nn.Module) -> dict[int, tuple[str, nn.Module, nn.Module]]:
+    """id(lora Linear module) -> (name prefix, ParamWrapper, experts module) for PEFT LoRA on fused experts."""
+    out = {}
+    for n, m in model.named_modules():
+        if type(m).__name__ != "ParamWrapper":
+            continue
+        experts = m
+        while type(experts).__name__ == "ParamWrapper":
+            experts = experts.base_layer
+        if not is_experts(experts):
+            continue
+        for kind in ("A", "B"):
+            for adapter, linear in getattr(m, f"lora_{kind}").items():
+                out[id(linear)] = (f"{n}.lora_{kind}.{adapter}", m, experts)
+    return out
+
+
+def lora_expert_layers(model: nn.Module) -> dict[int, ExpertLoraLayer]:
+    """id(lora Linear module) -> its ExpertLoraLayer, for every PEFT LoRA on a fused experts parameter."""
+    out = {}
+    for key, (name, wrapper, experts) in _param_wrappers(model).items():
+        kind, adapter = name.rsplit(".", 2)[-2][-1], name.rsplit(".", 1)[-1]
+        if wrapper.parameter_name not in (_up_name(experts), "down_proj") or wrapper.num_experts != len(
+            experts.down_proj
+        ):
+            continue
+        w = getattr(wrapper, f"lora_{kind}")[adapter].weight
+        out[key] = ExpertLoraLayer(
+            name, experts, w.shape[1], w.shape[0], False, wrapper.parameter_name, kind, wrapper, adapter
+        )
+    return out
+
+
+def refuse_lora_on_experts(model: nn.Module, layers: list) -> None:
+    """One-line error when ``layers`` hold a LoRA module of a PEFT ``ParamWrapper`` that is not one
+    of the supported fused experts parameters (its Linear modules never run, so no hook sees them)."""
     wrappers = [n for n, m in model.named_modules() if type(m).__name__ == "ParamWrapper"]
     if not wrappers:
         return
     inside = [l.name for l in layers if not l.routed and any(l.name.startswith(w + ".") for w in wrappers)]
     if inside:
         raise ValueError(
-            f"LoRA on fused expert parameters (PEFT target_parameters: {', '.join(inside[:2])}, ... "
-            f"{len(inside)} in all) cannot be captured yet: exclude them with "
-            f"ProjectionConfig(exclude=[r'{LORA_ON_EXPERTS}']) (LoRA on Linear modules stays captured)"
+            f"LoRA on parameters (PEFT target_parameters: {', '.join(inside[:2])}, ... {len(inside)} in all) "
+            f"is captured on the fused experts' gate_up_proj / up_proj / down_proj only: exclude these with "
+            f"ProjectionConfig(exclude=[...])"
         )

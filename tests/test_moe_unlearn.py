@@ -372,22 +372,40 @@ def test_evaluate_on_an_moe_model_equals_the_model_logits():
 # ---------------------------------------------------------------------------------------
 
 
-def test_lora_on_experts_unlearns_and_its_capture_is_refused_in_one_line(tmp_path):
-    peft = pytest.importorskip("peft")
-    from fastinfluence import GradientExtractor, ProjectionConfig
-    from fastinfluence.moe import LORA_ON_EXPERTS
-
+def _lora_moe(arch, peft, **lora):
     targets = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
-    lora = dict(r=2, target_modules=["q_proj"], target_parameters=targets, init_lora_weights=False)
-    model = peft.get_peft_model(moe_model("mixtral"), peft.LoraConfig(**lora))
+    cfg = dict(r=2, target_modules=["q_proj"], target_parameters=targets, init_lora_weights=False) | lora
+    return peft.get_peft_model(moe_model(arch), peft.LoraConfig(**cfg)), cfg
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "gpt_oss"])
+def test_lora_on_experts_is_captured_exactly_float64(arch):
+    peft = pytest.importorskip("peft")
+    from fastinfluence import GradientExtractor, ProjectionConfig, exact_scores
+
+    model, _ = _lora_moe(arch, peft)
+    ext = GradientExtractor(model, ProjectionConfig(rank_in=2, rank_out=2))
+    expert_lora = [l.name for l in ext.layers if ".experts." in l.name]
+    assert len(expert_lora) == 2 * 2 * 2  # 2 blocks x (gate_up, down) x (lora_A, lora_B)
+    params = [p for n, p in model.named_parameters() if p.requires_grad]
+    assert {id(l.weight) for l in ext.layers} == {id(p) for p in params}  # every adapter, no other weight
+    rows = []
+    for ids, labels in FORGET:  # per-example gradients of every adapter, one example at a time
+        s, c = reference_nll(model, collate([(ids, labels)]))
+        rows.append(torch.cat([g.flatten() for g in torch.autograd.grad((s / c).sum(), params)]))
+    grads = torch.stack(rows)
+    scores = exact_scores(model, batches_of(FORGET, 2), batches_of(FORGET, 3, "left"))
+    assert rel_err(scores, grads @ grads.T) <= 1e-10
+    feats = ext.extract(batches_of(FORGET, 2)).data
+    assert feats.shape == (len(FORGET), ext.dim) and feats.abs().sum() > 0
+
+
+def test_lora_on_experts_unlearns_the_adapters_only(tmp_path):
+    peft = pytest.importorskip("peft")
+    model, lora = _lora_moe("mixtral", peft)
     batch = collate(FORGET)
     s, c = reference_nll(model, batch)  # the adapters are random (init_lora_weights=False): they count
     assert rel_err(losses.sequence_nll(model, batch).sum, s) <= 1e-12
-    with pytest.raises(ValueError, match=r"^LoRA on fused expert parameters \(PEFT target_parameters: .*exclude="):
-        GradientExtractor(model)
-    ext = GradientExtractor(model, ProjectionConfig(rank_in=2, rank_out=2, exclude=[LORA_ON_EXPERTS]))
-    assert ext.layers and all("q_proj.lora_" in l.name for l in ext.layers)
-    assert ext.extract(batches_of(FORGET, 2)).data.shape == (len(FORGET), ext.dim)
 
     base = moe_model("mixtral")
     params = dict(base.named_parameters())
