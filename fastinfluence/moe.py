@@ -45,7 +45,8 @@ log = logging.getLogger(__name__)
 
 # Experts implementations whose math ``routed_forward`` reproduces.
 CAPTURABLE = (None, "eager", "batched_mm", "grouped_mm")
-EXCLUDE_EXPERTS = r"\.experts\.\d+\."
+# Expert layers and PEFT LoRA on the fused experts parameters (``experts.lora_A.default``, ...).
+EXCLUDE_EXPERTS = r"\.experts\.(\d+|(base_layer\.)*lora_[AB])\."
 
 
 def is_experts(module: nn.Module) -> bool:
@@ -538,8 +539,6 @@ class _NeuronAttribution:
 # ---------------------------------------------------------------------------------------
 # LoRA on fused parameters (PEFT ``target_parameters``)
 # ---------------------------------------------------------------------------------------
-
-LORA_ON_EXPERTS = r"\.experts\.(base_layer\.)*lora_[AB]\."
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from transformers import TrainingArguments
 from fastinfluence import losses, weights
 from fastinfluence.evaluate import evaluate
 from fastinfluence.lm import IGNORE_INDEX
-from fastinfluence.moe import experts_modules, neuron_units
+from fastinfluence.moe import EXCLUDE_EXPERTS, experts_modules, neuron_units
 from fastinfluence.unlearn import UnlearnDataset, UnlearnTrainer, apply_neuron_masks
 
 
@@ -398,6 +398,11 @@ def test_lora_on_experts_is_captured_exactly_float64(arch):
     assert rel_err(scores, grads @ grads.T) <= 1e-10
     feats = ext.extract(batches_of(FORGET, 2)).data
     assert feats.shape == (len(FORGET), ext.dim) and feats.abs().sum() > 0
+    # what does not support expert layers refuses the experts' adapters too, naming an exclusion that works
+    with pytest.raises(ValueError, match=r"mode='flat'\) does not support expert layers .*experts\.base_layer\.lora_A"):
+        GradientExtractor(model, ProjectionConfig(mode="flat"))
+    flat = GradientExtractor(model, ProjectionConfig(mode="flat", dim=16, exclude=[EXCLUDE_EXPERTS]))
+    assert [l.name for l in flat.layers] == [l.name for l in ext.layers if ".experts." not in l.name]
 
 
 def test_lora_on_experts_unlearns_the_adapters_only(tmp_path):
