@@ -38,6 +38,18 @@ def test_callback_features_of_experts_equal_extraction_at_the_same_weights(arch,
     _check_against_extraction(model, tmp_path, config, snaps, 1e-6)
 
 
+def test_callback_features_of_lora_on_experts_equal_extraction(tmp_path):
+    peft = pytest.importorskip("peft")
+    experts = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+    lora = peft.LoraConfig(r=2, target_modules=["q_proj"], target_parameters=experts, init_lora_weights=False)
+    model = _float64_loss(peft.get_peft_model(moe_model("gpt_oss"), lora))
+    config = ProjectionConfig(rank_in=4, rank_out=4, dtype="float64")
+    callback, snaps = _train(model, tmp_path, config, accumulation=1, steps=2)
+    names = [l.name for l in callback.extractor.layers]
+    assert all("lora_" in n for n in names) and sum(".experts." in n for n in names) == 2 * 2 * 2
+    _check_against_extraction(model, tmp_path, config, snaps, 1e-6)  # float32 RMSNorm, as above
+
+
 def test_callback_refuses_the_router_auxiliary_loss_and_adam_rows_on_experts(tmp_path):
     model = moe_model("mixtral")
     args, state = SimpleNamespace(gradient_checkpointing=False), SimpleNamespace(max_steps=1, global_step=0)
