@@ -77,6 +77,7 @@ from .extract import GradientExtractor
 from .features import Features, cat_features
 from .lm import IGNORE_INDEX
 from .moe import refuse_experts
+from .ops.routed import project_routed
 
 STEP_PREFIX = "step-"
 log = logging.getLogger(__name__)
@@ -231,7 +232,16 @@ class InfluenceCallback(TrainerCallback):
         self._remove_hooks()
         self._model, self._optimizer = model, optimizer
         self.extractor = GradientExtractor(model, self.config, normalizer=self.normalizer)
-        refuse_experts(self.extractor.layers, "InfluenceCallback")
+        if "adam" in self.features:
+            refuse_experts(self.extractor.layers, "InfluenceCallback(features=('adam',))")
+        if getattr(getattr(model, "config", None), "output_router_logits", False) and any(
+            l.routed for l in self.extractor.layers
+        ):
+            raise ValueError(
+                "InfluenceCallback reads per-example gradients from the model's own loss, to which "
+                "output_router_logits=True adds the router auxiliary loss: set "
+                "model.config.output_router_logits = False"
+            )
         if "adam" in self.features:
             self._adam = adam_layers(self.extractor.layers, optimizer, self.dense_limit)
         self._hooks = LayerHooks(self.extractor.layers, self._on_layer).__enter__()
@@ -383,7 +393,11 @@ class InfluenceCallback(TrainerCallback):
         rows = pending.rows.get("gradient")
         if rows is not None:
             P_in, P_out = ext.projections(layer.name, rows.device, rows.dtype)
-            rows[:, sl.start : sl.stop] = ops.project(A, G, P_in, P_out, mask).reshape(len(rows), -1)
+            if layer.routed:  # an MoE expert: mask holds the (n,) examples of its routed tokens
+                phi = project_routed(A, G, mask, len(rows), P_in, P_out)
+            else:
+                phi = ops.project(A, G, P_in, P_out, mask)
+            rows[:, sl.start : sl.stop] = phi.reshape(len(rows), -1)
         rows = pending.rows.get("adam")
         if rows is not None:
             P_in, P_out = ext.projections(layer.name, rows.device, rows.dtype)

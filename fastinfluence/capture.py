@@ -151,6 +151,7 @@ def select_layers(
             f"{errors.name('ProjectionConfig.exclude')}.",
             "include",
         )
+    moe.refuse_lora_on_experts(model, chosen)
     names = [l.name for l in chosen]
     cover = moe.coverage(model, chosen)
     log.info(
@@ -167,9 +168,11 @@ def select_layers(
 
 def _candidates(model: nn.Module, include_bias: bool) -> list:
     """Every layer that can be captured, in module order: supported modules, MoE routers and experts."""
-    routers, out = moe.routers(model), []
+    routers, lora_experts, out = moe.routers(model), moe.lora_expert_layers(model), []
     for n, m in model.named_modules():
-        if isinstance(m, SUPPORTED_TYPES):
+        if id(m) in lora_experts:  # PEFT LoRA on a fused experts parameter: captured from the experts' hooks
+            out.append(lora_experts[id(m)])
+        elif isinstance(m, SUPPORTED_TYPES):
             out.append(Layer(n, m, *_dims(m), bias=include_bias and getattr(m, "bias", None) is not None))
         elif id(m) in routers:
             out.append(Layer(n, m, *routers[id(m)], bias=include_bias and getattr(m, "bias", None) is not None))

@@ -119,18 +119,24 @@ def check_causal_lm(model: nn.Module, what: str = "model") -> None:
 _MLP_KINDS = ((("gate_proj", "up_proj"), "down_proj"), (("c_fc",), "c_proj"), (("fc1",), "fc2"))
 
 
-def mlp_blocks(model: torch.nn.Module) -> dict[str, tuple[list[torch.nn.Module], torch.nn.Module]]:
+def mlp_blocks(
+    model: torch.nn.Module, required: bool = True
+) -> dict[str, tuple[list[torch.nn.Module], torch.nn.Module]]:
     """MLP blocks by module name: ([up-projections], down-projection). The down-projection's
-    input units are the neurons."""
+    input units are the neurons. The fused experts of MoE models hold parameters, not modules,
+    under those names and are not MLP blocks here (``moe.experts_modules``). ``required``:
+    raise when there is none."""
     blocks = {}
     for name, module in model.named_modules():
         for ups, down in _MLP_KINDS:
-            if hasattr(module, down) and any(hasattr(module, u) for u in ups):
+            if isinstance(getattr(module, down, None), torch.nn.Module) and any(
+                isinstance(getattr(module, u, None), torch.nn.Module) for u in ups
+            ):
                 blocks[name] = ([getattr(module, u) for u in ups if hasattr(module, u)], getattr(module, down))
-    if not blocks:
+    if not blocks and required:
         raise ValueError(
             f"simu_mask: found no MLP block in {type(model).__name__} (looked for modules with "
-            "gate_proj/up_proj + down_proj, c_fc + c_proj, or fc1 + fc2)"
+            "gate_proj/up_proj + down_proj, c_fc + c_proj, or fc1 + fc2, and for fused MoE experts)"
         )
     return blocks
 

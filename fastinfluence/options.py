@@ -173,6 +173,9 @@ class UnlearnOptions(_Options):
         rapidun_tokens: ``all`` or ``differing``: which answer tokens RapidUn's forget loss counts.
         rapidun_without_clean: accept RapidUn forget examples without a clean answer (their
             forget term is then weighted gradient ascent on the poisoned answers).
+        router_aux_loss: MoE models: leave the router auxiliary (load-balancing) loss out
+            (False, the default), add the model's ``router_aux_loss_coef`` times it (True), or
+            that many times it (a number > 0).
     """
 
     method: str = "graddiff"
@@ -187,6 +190,7 @@ class UnlearnOptions(_Options):
     loss_reweight_tau: float | None = None
     rapidun_tokens: str = "all"
     rapidun_without_clean: bool = False
+    router_aux_loss: bool | float = False
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -197,6 +201,11 @@ class UnlearnOptions(_Options):
         _one_of("weight_norm", self.weight_norm, WEIGHT_NORMS)
         _one_of("retain_loss_type", self.retain_loss_type, RETAIN_LOSS_TYPES)
         _one_of("rapidun_tokens", self.rapidun_tokens, RAPIDUN_TOKENS)
+        aux = self.router_aux_loss
+        if not isinstance(aux, bool) and not (isinstance(aux, (int, float)) and aux > 0):
+            raise OptionsError(
+                f"{name('router_aux_loss')} must be True, False or a coefficient > 0, got {aux!r}", "router_aux_loss"
+            )
         if self.beta is not None and not self.beta > 0:
             raise OptionsError(f"{name('beta')} must be > 0, got {self.beta!r}", "beta")
         if self.loss_reweight_tau is not None and not self.loss_reweight_tau > 0:

@@ -30,7 +30,7 @@ from collections.abc import Sequence
 import torch
 from transformers import Trainer, TrainerCallback
 
-from . import losses
+from . import losses, moe
 from .data import pad
 from .errors import FastInfluenceError
 from .lm import IGNORE_INDEX, mlp_blocks
@@ -160,16 +160,24 @@ def apply_neuron_masks(model: torch.nn.Module, masks: dict[str, torch.Tensor]) -
     For block b and neuron j with ``masks[b][j]`` True, the neuron's row of each
     up-projection (and its bias entry) and its column of the down-projection are trainable;
     the gradient of every other entry is zeroed by a hook, and parameters outside the masked
-    blocks get ``requires_grad=False``. Returns the hook handles.
+    blocks get ``requires_grad=False``. An expert of an MoE block (``<experts module>.<e>``)
+    is a block whose neurons are its intermediate units: their units of the fused up
+    projection (gate and up), bias entries included, and columns of the fused down projection,
+    in expert e's slice only. Returns the hook handles.
     """
-    blocks = mlp_blocks(model)
-    unknown = sorted(set(masks) - set(blocks))
+    experts = {f"{n}.{e}" for n, m in moe.experts_modules(model).items() for e in range(m.down_proj.shape[0])}
+    blocks = mlp_blocks(model, required=not experts)
+    unknown = sorted(set(masks) - set(blocks) - experts)
     if unknown:
         raise ValueError(
-            f"simu_masks name blocks {unknown} that are not MLP blocks of this model ({sorted(blocks)[:3]}...)"
+            f"simu_masks name blocks {unknown} that are not MLP blocks or experts of this model "
+            f"({sorted(blocks | dict.fromkeys(experts))[:3]}...)"
         )
-    trainable: dict[int, torch.Tensor] = {}
+    # Experts (``<experts module>.<e>``): their slices of the fused parameters (moe.expert_neuron_keep).
+    trainable: dict[int, torch.Tensor] = moe.expert_neuron_keep(model, masks)
     for name, mask in masks.items():
+        if name in experts:
+            continue
         ups, down = blocks[name]
         mask = torch.as_tensor(mask, dtype=torch.bool)
         for module, is_up in [(u, True) for u in ups] + [(down, False)]:
@@ -260,12 +268,16 @@ class UnlearnTrainer(Trainer):
         lora: a ``peft.LoraConfig``: train adapters only (``save_model`` writes the adapter).
         simu_masks: ``weights.simu_mask`` output: only those MLP neurons are trained.
         ref_model: the reference model of the KL retain loss.
+        Options of MoE models: ``router_aux_loss`` (an ``UnlearnOptions`` field): the losses
+            leave the router auxiliary (load-balancing) loss out (False, the default); True adds
+            ``router_aux_loss_coef`` times it for each forward of the step with gradient
+            (forget, retain, clean); a number is the coefficient (``losses.RouterAux``).
         Everything else is passed to ``Trainer`` (``train_dataset`` an ``UnlearnDataset``,
         ``data_collator`` defaults to ``UnlearnCollator``). ``remove_unused_columns`` is
         turned off, because the batches are nested.
 
     Logged: ``forget_loss`` and ``retain_loss`` (the method's terms), ``forget_nll`` (mean
-    forget CE) and ``tokens`` processed.
+    forget CE), ``tokens`` processed and, with ``router_aux_loss``, ``router_aux_loss``.
     """
 
     def __init__(
@@ -307,6 +319,7 @@ class UnlearnTrainer(Trainer):
 
             model = get_peft_model(model, lora)
         self._mask_handles = apply_neuron_masks(model, simu_masks) if simu_masks is not None else []
+        self._router_aux = losses.RouterAux(model, o.router_aux_loss) if o.router_aux_loss is not False else None
         kwargs.setdefault("data_collator", UnlearnCollator(getattr(model.config, "pad_token_id", None) or 0))
         super().__init__(model=model, args=args, **kwargs)
         self.add_callback(_EpochCallback(dataset))
@@ -350,6 +363,8 @@ class UnlearnTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         forget, retain = inputs["forget"], inputs.get("retain")
+        if self._router_aux is not None:
+            self._router_aux.arm()
         differing = self.method == "rapidun" and self.rapidun_tokens == "differing"
         f = (losses.answer_token_nll if differing else losses.sequence_nll)(model, forget)
         w = forget.get("weights")
@@ -367,6 +382,10 @@ class UnlearnTrainer(Trainer):
             retain_term = retain_loss(self, model, retain, retain.get("weights"))
             loss = loss + self.alpha * retain_term
             logs["retain_loss"] = retain_term.item()
+        if self._router_aux is not None:  # coef * the load-balancing loss of each forward with gradient
+            aux = self._router_aux.take().to(loss.device)
+            loss = loss + aux
+            logs["router_aux_loss"] = aux.item()
         self.tokens_processed += int(forget["attention_mask"].sum()) + (
             int(retain["attention_mask"].sum()) if retain else 0
         )

@@ -21,6 +21,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from . import moe
 from .batching import prepare_batch
 from .capture import forward_losses, model_device
 from .lm import fused_head, mlp_blocks
@@ -442,9 +443,13 @@ def neuron_attribution(model, batches: Iterable[dict], loss_fn) -> dict[str, tor
     """Mean over examples of sum_t |a_tj * dL/da_tj| for every MLP neuron j, by block name.
 
     a is the input of the block's down-projection. ``loss_fn(model, batch)`` returns the
-    (B,) per-example losses; padding is excluded because its gradient is zero.
+    (B,) per-example losses; padding is excluded because its gradient is zero. The fused
+    experts of an MoE block (``moe.experts_modules``) count as one block per expert, named
+    ``<experts module>.<e>`` (``model.layers.3.mlp.experts.7``): its neurons are the expert's
+    intermediate units and its sum runs over the tokens routed to it (a_t, dL/da_t of the
+    expert's own down projection, the routing weight included in the gradient).
     """
-    blocks = mlp_blocks(model)
+    blocks = mlp_blocks(model, required=not moe.experts_modules(model))
     acts: dict[str, torch.Tensor] = {}
     hooks = []
     for name, (_, down) in blocks.items():
@@ -457,20 +462,22 @@ def neuron_attribution(model, batches: Iterable[dict], loss_fn) -> dict[str, tor
     totals = {name: 0.0 for name in blocks}
     count = 0
     try:
-        for batch in batches:
-            losses = loss_fn(model, batch)
-            model.zero_grad(set_to_none=True)
-            losses.sum().backward()
-            for name, a in acts.items():
-                totals[name] = totals[name] + (a.detach() * a.grad).abs().flatten(0, -2).sum(0).double()
-            count += losses.shape[0]
-            acts.clear()
+        with moe.expert_neuron_attribution(model) as experts:
+            for batch in batches:
+                losses = loss_fn(model, batch)
+                model.zero_grad(set_to_none=True)
+                losses.sum().backward()
+                for name, a in acts.items():
+                    totals[name] = totals[name] + (a.detach() * a.grad).abs().flatten(0, -2).sum(0).double()
+                count += losses.shape[0]
+                acts.clear()
     finally:
         for h in hooks:
             h.remove()
         model.zero_grad(set_to_none=True)
     if count == 0:
         raise ValueError("simu_mask: a batch iterable is empty; give at least one forget and one retain batch")
+    totals.update(experts.totals)
     return {name: t / count for name, t in totals.items()}
 
 
@@ -491,6 +498,11 @@ def simu_mask(
     ``retain_fraction`` by retain attribution. Critical forget neurons are forget-important
     and not retain-important; ``dual=True`` adds the neurons important to both.
 
+    MoE models: each expert of a fused experts module is a block of its own,
+    ``<experts module>.<e>`` with its intermediate units as neurons (see
+    :func:`neuron_attribution`), ranked within the expert; a neuron whose forget attribution is
+    zero (an expert no forget token reaches) is never selected.
+
     Returns:
         {block name: (d_ff,) bool}, True = neuron is updated. Apply with
         :func:`fastinfluence.unlearn.apply_neuron_masks` (``UnlearnTrainer(simu_masks=...)``).
@@ -500,9 +512,12 @@ def simu_mask(
     loss_fn = loss_fn or _AnswerNll()
     forget = neuron_attribution(model, forget_batches, loss_fn)
     retain = neuron_attribution(model, retain_batches, loss_fn)
+    experts = {f"{name}.{e}" for name, m in moe.experts_modules(model).items() for e in range(m.down_proj.shape[0])}
     masks = {}
     for name, f in forget.items():
         top_f, top_r = _top(f, forget_fraction), _top(retain[name], retain_fraction)
+        if name in experts:  # an expert the forget set never reaches has no forget-important neuron
+            top_f &= f > 0
         masks[name] = top_f if dual else top_f & ~top_r
     return masks
 

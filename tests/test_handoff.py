@@ -11,9 +11,9 @@ from helpers import VOCAB, save_word_model, tiny_model
 
 from fastinfluence import weights
 from fastinfluence.cli import main
+from fastinfluence.cli.unlearn import examples_from_jsonl
 from fastinfluence.demo import unlearn as demo_unlearn
 from fastinfluence.integrations import open_unlearning as oul
-from fastinfluence.cli.unlearn import examples_from_jsonl
 
 WORDS = [f"w{i}" for i in range(40)]
 NF, NR = 6, 5

@@ -291,7 +291,10 @@ def test_kfac_normaliser_and_callback_refuse_expert_layers_in_one_line(tmp_path)
     for call, what in (
         (lambda: fit_kfac(model, batches), "fit_kfac"),
         (lambda: Normalizer.fit(model, batches), "Normalizer.fit"),
-        (lambda: InfluenceCallback(tmp_path).on_train_begin(args, state, None, model=model), "InfluenceCallback"),
+        (
+            lambda: InfluenceCallback(tmp_path, features=("adam",)).on_train_begin(args, state, None, model=model),
+            "InfluenceCallback(features=('adam',))",
+        ),
     ):
         with pytest.raises(ValueError, match=rf"^{re.escape(what)} does not support expert layers yet .*exclude=\["):
             call()
