@@ -156,3 +156,56 @@ def test_mistakes_are_one_line(w, store, capsys, argv, fragment):
     assert main([a.format(w=w) for a in argv]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and fragment in err[0] and "Traceback" not in err[0], err
+
+
+def test_tokens_command_writes_the_api_per_token_scores(w, store, capsys):
+    from fastinfluence.scoring import score, token_scores
+    from fastinfluence.store import FeatureStore
+
+    common = ["--model", w / "model", "--rank-in", 4, "--rank-out", 4, "--batch-size", 4, "--tokens"]
+    run("extract", *common, "--data", w / "all.jsonl", "--out", w / "tok_train")
+    run("extract", *common, "--data", w / "query.jsonl", "--out", w / "tok_query")
+    out = w / "tokens.json"
+    run(
+        "tokens",
+        "--query",
+        w / "tok_query",
+        "--train",
+        w / "tok_train",
+        "--rows",
+        2,
+        7,
+        "--metric",
+        "cosine",
+        "--out",
+        out,
+    )
+    got = json.loads(out.read_text())
+    q, t = FeatureStore.open(w / "tok_query"), FeatureStore.open(w / "tok_train")
+    ref = token_scores(q, t, [2, 7], "cosine")
+    assert got["query_ids"] == list(q.ids) and [r["train_row"] for r in got["rows"]] == [2, 7]
+    full = score(q, t, metric="cosine", topk=1, matrix=True).matrix
+    for row, r, s in zip(got["rows"], (2, 7), ref):
+        np.testing.assert_array_equal(np.asarray(row["scores"], dtype=np.float32), s.numpy())
+        # each query's token scores sum to its score for the example
+        np.testing.assert_allclose(np.asarray(row["scores"]).sum(1), full[:, r], rtol=1e-4, atol=1e-6)
+    # a store without token factors is refused in one line
+    assert (
+        main(
+            [
+                "--quiet",
+                "tokens",
+                "--query",
+                str(w / "tok_query"),
+                "--train",
+                str(store),
+                "--rows",
+                "0",
+                "--out",
+                str(w / "t2.json"),
+            ]
+        )
+        == 2
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds no per-token factors" in err[0], err

@@ -73,3 +73,29 @@ def test_queries_from_the_wrong_checkpoint_name_the_step(run):
         queries[step] = GradientExtractor(model, config).extract([collate(QUERIES)])
     with pytest.raises(ValueError, match=r"queries given for step 3 do not match .* extract them from checkpoint-3"):
         tracin(queries, out)
+
+
+def test_trajectory_command_writes_the_api_top_k(run, tmp_path):
+    """``fastinfluence trajectory --query STEP=DIR ...``: the API's TracIn-CP top-k, as JSON."""
+    import json
+
+    from fastinfluence.cli import main
+
+    out, model, config, _, checkpoints = run
+    flags, queries = [], {}
+    for step in range(1, STEPS + 1):
+        model.load_state_dict(checkpoints[step])
+        store = tmp_path / f"q{step}"
+        GradientExtractor(model, config).extract([collate(QUERIES)], store=store)
+        queries[step] = GradientExtractor(model, config).extract([collate(QUERIES)])
+        flags += ["--query", f"{step}={store}"]
+    target = tmp_path / "top.json"
+    assert main(["--quiet", "trajectory", "--train", str(out), *flags, "--topk", "3", "--out", str(target)]) == 0
+    ref = tracin(queries, out, topk=3)
+    got = json.loads(target.read_text())["queries"]
+    assert [q["id"] for q in got] == ref.query_ids
+    for q, row in zip(got, ref.topk_values.tolist()):
+        assert [t["train_id"] for t in q["top"]] == ref.topk_ids[ref.query_ids.index(q["id"])]
+        assert [t["score"] for t in q["top"]] == pytest.approx(row, rel=1e-6)
+    # a step without its query store is one line, before any scoring
+    assert main(["--quiet", "trajectory", "--train", str(out), *flags[:-2], "--out", str(tmp_path / "x.json")]) == 2

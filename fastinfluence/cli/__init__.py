@@ -26,10 +26,38 @@ import sys
 
 from .. import __version__
 from ..errors import spelled_as
-from . import bench, demo, evaluate, exact, extract, kfac, rapidun, score, self_influence, unlearn, weights
+from . import (
+    bench,
+    demo,
+    evaluate,
+    exact,
+    extract,
+    kfac,
+    rapidun,
+    score,
+    self_influence,
+    tokens,
+    trajectory,
+    unlearn,
+    weights,
+)
 from .options import SPELLING
 
-COMMANDS = (extract, score, self_influence, exact, kfac, rapidun, weights, unlearn, evaluate, bench, demo)
+COMMANDS = (
+    extract,
+    score,
+    self_influence,
+    tokens,
+    exact,
+    kfac,
+    trajectory,
+    rapidun,
+    weights,
+    unlearn,
+    evaluate,
+    bench,
+    demo,
+)
 log = logging.getLogger("fastinfluence")
 
 
