@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Container, Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -14,7 +14,7 @@ from .batching import Batch
 from .capture import CapturePass, Layer, progress_bar
 from .config import ProjectionConfig
 from .exact import per_example_gradients
-from .features import Features, LayerSlice, TokenFactors, cat_features, reorder_rows, slice_rows
+from .features import Features, LayerSlice, TokenFactors, cat_features, in_data_order
 from .moe import refuse_experts
 from .normalizer import Normalizer
 from .ops._common import masked
@@ -204,19 +204,41 @@ class GradientExtractor:
         Features start at 0; ``stats`` hold per-window sums. ``progress``: called with the number
         of wanted examples of each batch once computed (a bar moves per batch, not per window).
         """
+        window = []
+        for positions, features, closes in self.iter_batch_features(
+            batches, skip_examples, tokens=tokens, covariances=covariances, progress=progress
+        ):
+            if features is not None:
+                window.append((positions, features))
+            if closes and window:
+                yield in_data_order(window, skip_examples)
+                window = []
+
+    def iter_batch_features(
+        self,
+        batches: Iterable[dict],
+        skip_examples: int = 0,
+        done: Container[int] = (),
+        tokens: bool = False,
+        covariances: bool = False,
+        progress: Callable[[int], None] | None = None,
+    ) -> Iterator[tuple[list[int], Features | None, bool]]:
+        """Per batch of ``batches``, in stream order: (its data positions, its ``Features`` with the
+        rows in batch order, whether it closes a window). The Features are None for a batch not
+        computed: every example of it lies within the first ``skip_examples`` or in ``done`` (data
+        positions another run already committed, see ``store.StoreWriter``). ``progress``: called
+        with the number of examples of each computed batch that are neither skipped nor done."""
         if self.config.mode == "flat" and (tokens or covariances):
             raise ValueError("tokens=True and covariances=True need mode='factorized' (flat features have no layers)")
         if tokens:
             refuse_experts(self.layers, "extract(tokens=True)")
-        fp, window = self.fingerprint, []
+        fp = self.fingerprint
         for step in self.capture.batches(batches, skip_examples):
-            if step.wanted:
-                window.append((step.positions, self._batch_features(step.batch, tokens, covariances, fp)))
-                if progress is not None:
-                    progress(step.wanted)
-            if step.closes and window:
-                yield _in_data_order(window, skip_examples)
-                window = []
+            wanted = sum(p >= skip_examples and p not in done for p in step.positions) if step.wanted else 0
+            features = self._batch_features(step.batch, tokens, covariances, fp) if wanted else None
+            if wanted and progress is not None:
+                progress(wanted)
+            yield step.positions, features, step.closes
 
     def _batch_features(self, batch: Batch, tokens: bool, covariances: bool, fp: dict) -> Features:
         if self.config.mode == "flat":
@@ -302,11 +324,3 @@ class GradientExtractor:
             tokens=tokens,
             stats=stats,
         )
-
-
-def _in_data_order(window: list[tuple[list[int], Features]], skip_examples: int) -> Features:
-    """One window's per-batch Features as one, rows sorted by data position, the skipped ones left out."""
-    positions = [p for pos, _ in window for p in pos]
-    feats = reorder_rows(cat_features([f for _, f in window]), sorted(range(len(positions)), key=positions.__getitem__))
-    skipped = sum(p < skip_examples for p in positions)
-    return slice_rows(feats, skipped, len(feats))

@@ -196,6 +196,15 @@ def reorder_rows(f: Features, order: list[int]) -> Features:
     )
 
 
+def in_data_order(pieces: list[tuple[list[int], Features]], skip_examples: int = 0) -> Features:
+    """One window's per-batch (data positions, Features) as one Features, rows sorted by data
+    position, those before ``skip_examples`` left out (stats: the batches' sums, in the order given)."""
+    positions = [p for pos, _ in pieces for p in pos]
+    feats = reorder_rows(cat_features([f for _, f in pieces]), sorted(range(len(positions)), key=positions.__getitem__))
+    skipped = sum(p < skip_examples for p in positions)
+    return slice_rows(feats, skipped, len(feats))
+
+
 @runtime_checkable
 class FeatureSource(Protocol):
     """What scoring, preconditioning and weights read: ``Features`` in memory and ``FeatureStore`` on disk.
