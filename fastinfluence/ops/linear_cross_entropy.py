@@ -129,7 +129,7 @@ def linear_cross_entropy_forward(hidden, weight, bias, labels, ignore_index, sof
     return loss, lse
 
 
-def linear_cross_entropy_forward_grad(hidden, weight, bias, labels, ignore_index, softcap):
+def linear_cross_entropy_forward_grad(hidden, weight, bias, labels, ignore_index, softcap, P_out=None, need_dh=True):
     """Per-token loss and its gradient in ``hidden`` at unit upstream weight, for a frozen head.
 
     One logits block per chunk gives both (2 head matmuls in all); the backward of
@@ -137,13 +137,16 @@ def linear_cross_entropy_forward_grad(hidden, weight, bias, labels, ignore_index
 
     Args:
         hidden, weight, bias, labels, ignore_index, softcap: as in ``linear_cross_entropy_forward``.
+        P_out: (V, k_out) or None: also the projected output gradient (a captured head's G P_out).
+        need_dh: form grad_hidden (else None: a captured head alone needs none).
 
     Returns:
         loss (N,) float32 (float64 for float64 inputs), 0 at ignored tokens;
-        grad_hidden (N, H) in hidden.dtype, dloss_n/dhidden_n, 0 at ignored tokens.
+        grad_hidden (N, H) in hidden.dtype, dloss_n/dhidden_n, 0 at ignored tokens (or None);
+        given ``P_out``, a third: GP (N, k_out) float32 (float64) = dloss_n/dz_n @ P_out, 0 at ignored tokens.
     """
-    loss, grad_hidden, _ = loss_and_grads(hidden, weight, bias, labels, ignore_index, softcap)
-    return loss, grad_hidden
+    loss, grad_hidden, GP = loss_and_grads(hidden, weight, bias, labels, ignore_index, softcap, P_out, need_dh)
+    return (loss, grad_hidden) if P_out is None else (loss, grad_hidden, GP)
 
 
 def loss_and_grads(hidden, weight, bias, labels, ignore_index, softcap, P_out=None, need_dh: bool = True):
