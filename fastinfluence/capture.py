@@ -243,6 +243,7 @@ def forward_losses(model: nn.Module, batch: Batch, head=None) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------
 
 OnLayer = Callable[[Layer, torch.Tensor, torch.Tensor, torch.Tensor], None]
+KeepInput = Callable[[Layer, torch.Tensor, torch.Tensor], object]
 
 
 def _block_index(name: str, blocks: dict[str, nn.ModuleList]) -> tuple[str, int] | None:
@@ -336,9 +337,10 @@ class LayerHooks:
     ``Capture`` for extraction and by the training callback on the training step itself.
     """
 
-    def __init__(self, layers: list[Layer], on_layer: OnLayer):
+    def __init__(self, layers: list[Layer], on_layer: OnLayer, keep_input: KeepInput | None = None):
         self.layers = layers
         self.on_layer = on_layer
+        self.keep_input = keep_input
         self.mask: torch.Tensor | None = None
         self.calls: dict[str, int] = {}
         self.received: set[str] = set()
@@ -389,6 +391,8 @@ class LayerHooks:
                 raise RuntimeError(f"layer {layer.name}'s output does not depend on the input embeddings; exclude it")
             # Some models (OPT) run their MLP on flattened (B * T, d) tokens.
             a = a.reshape(*mask.shape, a.shape[-1])
+            if self.keep_input is not None:  # held in the consumer's form until the backward, not the full A
+                a = self.keep_input(layer, a, mask)
 
             def grad_hook(g):
                 self.deliver(layer, a, g.detach().reshape(*mask.shape, g.shape[-1]), mask)
@@ -511,7 +515,12 @@ class CapturePass:
             self.lockstep.finish()
 
     def backward(
-        self, batch: Batch, on_layer: OnLayer, head_projection: torch.Tensor | None = None, head_grad: bool = False
+        self,
+        batch: Batch,
+        on_layer: OnLayer,
+        head_projection: torch.Tensor | None = None,
+        head_grad: bool = False,
+        keep_input: KeepInput | None = None,
     ) -> torch.Tensor:
         """One forward + backward on ``batch``, the hooks handing each layer's (A, G, mask) to
         ``on_layer`` as its G arrives; returns the (B,) per-example losses. The model is frozen
@@ -525,7 +534,9 @@ class CapturePass:
         fused with, ``lm.fused_head``) the head is hooked like any layer and its G has the
         vocabulary's width. ``head_grad``: as with a projection, but the head's G reaches
         ``on_layer`` as an ``ops.lm_head_grad.HeadGrad``, G described (labels, loss weights, the
-        head), for exact products over vocabulary chunks."""
+        head), for exact products over vocabulary chunks. ``keep_input(layer, A, mask)``: what a
+        token-wise hooked layer holds from its forward until its G arrives, handed to ``on_layer``
+        as its A (e.g. A already projected: the full input is then freed as the forward goes)."""
         projected = (
             (head_projection is not None or head_grad) and self.head_layer is not None and self.fused is not None
         )
@@ -533,7 +544,7 @@ class CapturePass:
         if self.lockstep is not None:
             self.lockstep.step("backward" if hooked else "forward")
         mask = batch.attention_mask.bool()
-        with frozen_for_capture(self.model, self.layers), LayerHooks(hooked, on_layer) as hooks:
+        with frozen_for_capture(self.model, self.layers), LayerHooks(hooked, on_layer, keep_input) as hooks:
             hooks.arm(mask)
             # A captured head alone needs no backward: its features come from the forward.
             with torch.enable_grad() if hooked else torch.no_grad():

@@ -45,6 +45,13 @@ def fingerprint(model: nn.Module, layers: list[Layer]) -> dict:
     }
 
 
+class _Projected:
+    """A layer's input already projected in the forward (``_batch_features``): At = A P_in (B, T, k_in)."""
+
+    def __init__(self, t: torch.Tensor):
+        self.t = t
+
+
 class GradientExtractor:
     """Projected per-example gradient features of a causal LM.
 
@@ -254,8 +261,19 @@ class GradientExtractor:
         head = self.capture.head_layer
         head_P_out = self.projections(head.name, device, dtype)[1] if head is not None else None
 
+        def keep_input(layer: Layer, A, mask):
+            """A P_in (B, T, k_in) in place of A from the forward on (the full input is freed as the forward
+            goes), when k_in is below d_in; the product ``ops.project`` would form in the backward."""
+            P_in = self.projections(layer.name, device, dtype)[0]
+            if P_in is None or P_in.shape[1] >= A.shape[-1]:
+                return A
+            with torch.autocast(device.type, enabled=False):
+                return _Projected(project_side(A, P_in, dtype))
+
         def on_layer(layer: Layer, A, G, mask):
             P_in, P_out = self.projections(layer.name, device, dtype)
+            if isinstance(A, _Projected):
+                A, P_in = A.t, None
             if layer is head and self.capture.fused is not None:  # the capture projected the head's G
                 P_out = None
             sl = self.layout[layer.name]
@@ -278,7 +296,7 @@ class GradientExtractor:
                 phi = ops.project(A, G, P_in, P_out, mask)
             rows[:, sl.start : sl.stop] = phi.reshape(B, -1)
 
-        self.capture.backward(batch, on_layer, head_projection=head_P_out)
+        self.capture.backward(batch, on_layer, head_projection=head_P_out, keep_input=keep_input)
         token_factors = None
         if tokens:
             counts = batch.attention_mask.bool().sum(1).cpu()
