@@ -51,12 +51,16 @@ REDUCTIONS = ("none", "sum", "mean")
 # that is 55 rows, 110 FLOP per weight element read, still bound by the matmul on a CPU core;
 # the block is most of extraction's memory above the model's activations.
 MIN_CHUNK_ELEMENTS = 2**23
+# What keeps a chunk matmul-bound is its rows (2 FLOP per weight element read per row): 64 rows
+# are 128 FLOP per element. A smaller vocabulary needs no more rows than that, so its block is
+# smaller (vocabulary 32,000: 64 rows, 8 MiB instead of 262 rows, 32 MiB).
+MIN_CHUNK_ROWS = 64
 
 
 def _chunk_rows(n: int, h: int, v: int) -> int:
     """Tokens per chunk: a logits block about the size of the hidden states (as Liger's FLCE),
-    and at least MIN_CHUNK_ELEMENTS."""
-    return max(1, min(n, max(math.ceil(n * h / v), MIN_CHUNK_ELEMENTS // v)))
+    and at least MIN_CHUNK_ROWS rows or MIN_CHUNK_ELEMENTS elements, whichever is fewer rows."""
+    return max(1, min(n, max(math.ceil(n * h / v), min(MIN_CHUNK_ROWS, MIN_CHUNK_ELEMENTS // v))))
 
 
 def _chunk_logits(hidden, weight, bias, softcap, dtype):
