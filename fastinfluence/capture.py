@@ -36,7 +36,7 @@ from . import distributed as dist
 from . import moe
 from .batching import Batch, WindowTracker, iter_batches
 from .config import ProjectionConfig
-from .lm import IGNORE_INDEX, fused_head, model_inputs, shifted_labels
+from .lm import IGNORE_INDEX, check_causal_lm, fused_head, model_inputs, shifted_labels
 from .ops.linear_cross_entropy import linear_cross_entropy
 from .ops.lm_head_grad import HeadGrad, head_loss_projected
 from .sharding import head_call, is_sharded
@@ -458,6 +458,7 @@ class CapturePass:
     """
 
     def __init__(self, model: nn.Module, config: ProjectionConfig | None = None, layers: list[Layer] | None = None):
+        check_causal_lm(model)
         self.model = model
         self.config = config or ProjectionConfig()
         self.layers = (

@@ -187,22 +187,16 @@ def _adapter_base(adapter: Path) -> Path:
 def _check_causal_lm(base: Path, flag: str) -> None:
     """Refuse a directory whose config names only transformers classes that are not causal LMs (a BERT
     saved as BertForMaskedLM): AutoModelForCausalLM would load it as another head, or fail later."""
-    import transformers
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    from .lm import causal_lm_problem
 
+    where = " (config.json 'architectures')"
     try:
         config = json.loads((base / "config.json").read_text())
     except (OSError, ValueError) as exc:
         raise CLIError(f"{flag}: {base / 'config.json'} cannot be read as JSON ({exc})") from None
-    names = config.get("architectures") or []
-    causal = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
-    if names and not causal & set(names) and all(hasattr(transformers, n) for n in names):
-        loads = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.get("model_type"))
-        raise CLIError(
-            f"{flag} {base} holds a {names[0]} (config.json 'architectures'), not a causal LM"
-            + (f" (AutoModelForCausalLM would load it as {loads}, a head it was not trained with)" if loads else "")
-            + ": give a decoder-only language model directory (a ...ForCausalLM / ...LMHeadModel)"
-        )
+    problem = causal_lm_problem(config.get("architectures") or [], config.get("model_type"), True, where)
+    if problem:
+        raise CLIError(f"{flag} {base} holds {problem}")
 
 
 def _unloadable(base: Path, flag: str, exc: Exception) -> str:
@@ -228,7 +222,7 @@ def load_model(path: str, model_dtype: str = "float32", device: str = "cpu", fla
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .model import dtype_kwargs
+    from .lm import dtype_kwargs
 
     root = _model_dir(path, flag)
     dtype = getattr(torch, model_dtype)

@@ -31,8 +31,7 @@ from transformers import Trainer, TrainerCallback
 
 from . import losses
 from .data import pad
-from .lm import IGNORE_INDEX
-from .model import mlp_blocks
+from .lm import IGNORE_INDEX, mlp_blocks
 from .weights import loss_reweight
 
 METHODS = ("ga", "graddiff", "npo", "simnpo", "rapidun")

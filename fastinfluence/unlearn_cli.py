@@ -60,7 +60,7 @@ def _load_tensor(path: str, flag: str):
 def _weights(args) -> int:
     from . import weights
     from .cli import CLIError
-    from .outputs import check_file, write_text
+    from .outputs import check_file
 
     out_path = check_file(args.out, "--out", args.overwrite)
 
@@ -76,6 +76,7 @@ def _weights(args) -> int:
             w_max=args.w_max,
             aggregate=args.aggregate,
             topk=args.topk,
+            rows="queries",  # the (Q, N) matrices `fastinfluence score --matrix` writes
         )
         out = {"method": "rapidun", "forget": w.forget.tolist(), "retain": w.retain.tolist()}
     elif args.method == "imu":
@@ -88,7 +89,7 @@ def _weights(args) -> int:
         if args.scores is None:
             raise CLIError("--method low_influence needs --scores (a (Q, N) or (N,) .npy/.pt)")
         r = weights.low_influence(
-            _load_tensor(args.scores, "--scores"), quantile=args.quantile, threshold=args.threshold
+            _load_tensor(args.scores, "--scores"), quantile=args.quantile, threshold=args.threshold, rows="queries"
         )
         out = {
             "method": "low_influence",
@@ -97,7 +98,8 @@ def _weights(args) -> int:
             "threshold": r.threshold,
             "compute_saved": r.compute_saved,
         }
-    write_text(out_path, json.dumps(out))
+    handoff = weights.unlearn_weights(*(out.pop(k, None) for k in ("forget", "retain", "keep", "n")))
+    weights.save_weights(out_path, handoff, **out)
     log.info("wrote %s weights to %s", args.method, args.out)
     return 0
 
@@ -126,6 +128,16 @@ def _json_file(path: str, flag: str):
         return json.loads(p.read_text())
     except (ValueError, UnicodeDecodeError) as exc:
         raise CLIError(f"{flag} {path} is not valid JSON ({exc})") from None
+
+
+def _load_weights(path: str):
+    from .cli import CLIError
+    from .weights import load_weights
+
+    try:
+        return load_weights(path)
+    except (OSError, ValueError) as exc:
+        raise CLIError(f"--weights: {exc}") from None
 
 
 def _device_arg(args) -> str:
@@ -167,7 +179,7 @@ def _unlearn(args) -> int:
                 f"{' ...' if len(missing) > 5 else ''} of {args.forget} have none: add 'clean_response' to every "
                 "line, or pass --rapidun-without-clean for weighted gradient ascent on the responses"
             )
-    w = _json_file(args.weights, "--weights") if args.weights else None
+    w = _load_weights(args.weights) if args.weights else None
     from transformers import TrainingArguments
 
     from .unlearn import UnlearnDataset, UnlearnTrainer
@@ -176,26 +188,14 @@ def _unlearn(args) -> int:
     forget = examples_from_jsonl(tok, args.forget, args.max_length, args.eos)
     retain = examples_from_jsonl(tok, args.retain, args.max_length, args.eos) if args.retain else []
     fw = rw = None
-    if w is not None:
-        if not isinstance(w, dict) or not {"forget", "retain", "keep"} & set(w):
-            raise CLIError(
-                f"--weights {args.weights} holds none of 'forget', 'retain', 'keep': write it with `fastinfluence "
-                f"weights`"
-            )
-        fw, rw = w.get("forget"), w.get("retain")
-        if "keep" in w:  # low-influence skipping: only the kept forget examples are unlearned
-            keep, n = w["keep"], w.get("n", len(forget))
-            if n != len(forget) or any(not 0 <= i < len(forget) for i in keep):
-                raise CLIError(
-                    f"--weights {args.weights} was made for {n} forget examples, --forget has {len(forget)}; they "
-                    f"must match"
-                )
-            if not keep:
-                raise CLIError(f"--weights {args.weights} skips every forget example: lower the quantile or threshold")
-            if fw is not None and len(fw) == len(forget):
-                fw = [fw[i] for i in keep]
-            forget = [forget[i] for i in keep]
-            log.info("low-influence skipping: %d of %d forget examples kept", len(forget), n)
+    if w is not None:  # skipped (low-influence) forget examples are dropped: see fastinfluence.weights
+        try:
+            keep, fw, rw = w.select(len(forget), len(retain) if retain else None, f"--weights {args.weights}")
+        except ValueError as exc:
+            raise CLIError(str(exc)) from None
+        if len(keep) < len(forget):
+            log.info("low-influence skipping: %d of %d forget examples kept", len(keep), len(forget))
+        forget = [forget[i] for i in keep]
     dataset = UnlearnDataset(
         forget, retain, ratio=args.ratio if retain else 0, forget_weights=fw, retain_weights=rw, seed=args.seed
     )

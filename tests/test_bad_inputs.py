@@ -835,3 +835,35 @@ def test_rapidun_without_clean_answers_runs_when_asked_by_name(w):
         "--rapidun-without-clean --steps 1 --batch-size 1 --cpu --out {w}/rapidun_out"
     )
     assert main(_argv(w, args)) == 0
+
+
+def test_a_masked_lm_is_refused_by_the_python_api_before_any_forward():
+    from peft import LoraConfig, get_peft_model
+    from transformers import BertConfig, BertModel
+
+    from fastinfluence.kfac import fit_kfac
+
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(3, len(WORDS) + 3, (2, 5), generator=g)
+    batches = [{"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}]
+    bert = _bert()
+    calls = []
+    bert.register_forward_pre_hook(lambda *a: calls.append(1))
+    what = (
+        "model is a BertForMaskedLM, not a causal LM \\(for its architecture: AutoModelForCausalLM, BertLMHeadModel\\)"
+    )
+    for call in (
+        lambda m: fi.GradientExtractor(m).extract(batches),
+        lambda m: fi.exact_scores(m, batches, batches),
+        lambda m: fit_kfac(m, batches),
+    ):
+        with pytest.raises(ValueError, match=what + ": fastinfluence needs a decoder-only language model"):
+            call(bert)
+    lora = get_peft_model(_bert(), LoraConfig(r=2, target_modules=["query"]))
+    with pytest.raises(ValueError, match="is a BertForMaskedLM, not a causal LM"):  # judged by its base model
+        fi.GradientExtractor(lora)
+    bare = BertModel(BertConfig(vocab_size=9, hidden_size=8, num_hidden_layers=1, num_attention_heads=2))
+    with pytest.raises(ValueError, match="is a BertModel, not a causal LM"):
+        fi.exact_scores(bare, batches, batches)
+    assert not calls
+    fi.GradientExtractor(_llama())  # a causal LM passes

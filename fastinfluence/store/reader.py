@@ -21,7 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from ..config import ProjectionConfig
-from ..features import Chunk, Features, FeatureSource
+from ..features import Chunk, Features
 from .format import (
     _ST_DTYPES,
     MANIFEST,
@@ -404,15 +404,6 @@ class FeatureStore:
             else torch.empty(0, self.dim, dtype=self.dtype)
         )
         return Features(data, self.norms.clone(), list(self.ids), self.layout, self.config, self.fingerprint)
-
-
-def iter_chunks(source: FeatureSource, rows: int, start: int = 0, stop: int | None = None) -> Iterator[Chunk]:
-    """Chunks of rows [start, stop) of a feature source (global row offsets)."""
-    return source.iter_chunks(rows, start, stop)
-
-
-def source_metadata(source: FeatureSource) -> dict:
-    return source.metadata()
 
 
 def _check_entry(path: Path, i: int, entry: Any) -> None:
