@@ -261,6 +261,9 @@ class FeatureProducer(Protocol):
     data order, one ``Features`` per batch (per window of length-bucketed batches, see
     ``fastinfluence.batching``; token offsets of each start at 0; ``stats`` are its sums);
     ``progress``, when given, is called with the number of examples of each batch it computes.
+    A producer that also has ``iter_batch_features`` (``GradientExtractor``: per batch, its data
+    positions and Features, ``done`` positions not computed) has its stores committed batch by
+    batch (``store.StoreWriter.write_batches``).
     """
 
     def metadata(self) -> dict: ...
