@@ -38,7 +38,7 @@ from .batching import Batch, WindowTracker, iter_batches
 from .config import ProjectionConfig
 from .lm import IGNORE_INDEX, check_causal_lm, fused_head, model_inputs, shifted_labels
 from .ops.linear_cross_entropy import linear_cross_entropy
-from .ops.lm_head_grad import head_loss_projected
+from .ops.lm_head_grad import HeadGrad, head_loss_projected
 from .sharding import head_call, is_sharded
 
 try:  # GPT-2 style Conv1D: y = x @ W + b with W: (d_in, d_out)
@@ -250,6 +250,7 @@ def forward_losses(model: nn.Module, batch: Batch, head=None) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------
 
 OnLayer = Callable[[Layer, torch.Tensor, torch.Tensor, torch.Tensor], None]
+KeepInput = Callable[[Layer, torch.Tensor, torch.Tensor], object]
 
 
 def _block_index(name: str, blocks: dict[str, nn.ModuleList]) -> tuple[str, int] | None:
@@ -343,9 +344,10 @@ class LayerHooks:
     ``Capture`` for extraction and by the training callback on the training step itself.
     """
 
-    def __init__(self, layers: list[Layer], on_layer: OnLayer):
+    def __init__(self, layers: list[Layer], on_layer: OnLayer, keep_input: KeepInput | None = None):
         self.layers = layers
         self.on_layer = on_layer
+        self.keep_input = keep_input
         self.mask: torch.Tensor | None = None
         self.calls: dict[str, int] = {}
         self.received: set[str] = set()
@@ -396,6 +398,8 @@ class LayerHooks:
                 raise RuntimeError(f"layer {layer.name}'s output does not depend on the input embeddings; exclude it")
             # Some models (OPT) run their MLP on flattened (B * T, d) tokens.
             a = a.reshape(*mask.shape, a.shape[-1])
+            if self.keep_input is not None:  # held in the consumer's form until the backward, not the full A
+                a = self.keep_input(layer, a, mask)
 
             def grad_hook(g):
                 self.deliver(layer, a, g.detach().reshape(*mask.shape, g.shape[-1]), mask)
@@ -518,7 +522,14 @@ class CapturePass:
         if self.lockstep is not None:
             self.lockstep.finish()
 
-    def backward(self, batch: Batch, on_layer: OnLayer, head_projection: torch.Tensor | None = None) -> torch.Tensor:
+    def backward(
+        self,
+        batch: Batch,
+        on_layer: OnLayer,
+        head_projection: torch.Tensor | None = None,
+        head_grad: bool = False,
+        keep_input: KeepInput | None = None,
+    ) -> torch.Tensor:
         """One forward + backward on ``batch``, the hooks handing each layer's (A, G, mask) to
         ``on_layer`` as its G arrives; returns the (B,) per-example losses. The model is frozen
         (eval mode, no parameter gradient, graph started at ``backward_start``) for the call only.
@@ -529,13 +540,19 @@ class CapturePass:
         blocks below get their gradients from the same chunks (no recompute); with the head the
         only captured layer no backward runs at all. Without it (or for a head the loss cannot be
         fused with, ``lm.fused_head``) the head is hooked like any layer and its G has the
-        vocabulary's width."""
-        projected = head_projection is not None and self.head_layer is not None and self.fused is not None
+        vocabulary's width. ``head_grad``: as with a projection, but the head's G reaches
+        ``on_layer`` as an ``ops.lm_head_grad.HeadGrad``, G described (labels, loss weights, the
+        head), for exact products over vocabulary chunks. ``keep_input(layer, A, mask)``: what a
+        token-wise hooked layer holds from its forward until its G arrives, handed to ``on_layer``
+        as its A (e.g. A already projected: the full input is then freed as the forward goes)."""
+        projected = (
+            (head_projection is not None or head_grad) and self.head_layer is not None and self.fused is not None
+        )
         hooked = [l for l in self.layers if not (projected and l is self.head_layer)]
         if self.lockstep is not None:
             self.lockstep.step("backward" if hooked else "forward")
         mask = batch.attention_mask.bool()
-        with frozen_for_capture(self.model, self.layers), LayerHooks(hooked, on_layer) as hooks:
+        with frozen_for_capture(self.model, self.layers), LayerHooks(hooked, on_layer, keep_input) as hooks:
             hooks.arm(mask)
             # A captured head alone needs no backward: its features come from the forward.
             with torch.enable_grad() if hooked else torch.no_grad():
@@ -558,24 +575,29 @@ class CapturePass:
             )
         return losses
 
-    def _projected_head(self, batch: Batch, P_out: torch.Tensor):
+    def _projected_head(self, batch: Batch, P_out: torch.Tensor | None):
         """(losses (B,), A = the head's input (B, T, H), G P_out (B, T, k_out)) of the captured head,
-        G for the per-example mean loss (each token's G scaled by 1 / its example's answer tokens).
-        Inside the head's forward on a sharded model (``sharding.head_call``)."""
+        G for the per-example mean loss (each token's G scaled by 1 / its example's answer tokens);
+        without ``P_out``, G as a ``HeadGrad``. Inside the head's forward on a sharded model
+        (``sharding.head_call``)."""
         softcap = self.fused[2]
         labels = shifted_labels(batch.labels)
         B, T = labels.shape
         side = {}
 
         def tokens_and_gp(hidden, weight, bias):
+            P = P_out if P_out is not None else weight.new_zeros(weight.shape[0], 0)  # the loss and dh only
             tokens, side["GP"] = head_loss_projected(
-                hidden.flatten(0, 1).to(weight.dtype), weight, labels.flatten(), P_out, bias=bias, softcap=softcap
+                hidden.flatten(0, 1).to(weight.dtype), weight, labels.flatten(), P, bias=bias, softcap=softcap
             )
-            side["A"] = hidden.detach()
+            side["A"], side["head"] = hidden.detach(), (weight.detach(), None if bias is None else bias.detach())
             return tokens.view(B, T)
 
         tokens = head_call(self.model, self.fused, batch.input_ids, batch.attention_mask, tokens_and_gp)
         answers = (labels != IGNORE_INDEX).sum(1)
+        if P_out is None:
+            G = HeadGrad(labels, 1.0 / answers.to(torch.float64), *side["head"], softcap, IGNORE_INDEX)
+            return tokens.sum(1) / answers, side["A"], G
         GP = side["GP"].view(B, T, -1) / answers.to(side["GP"].dtype)[:, None, None]
         return tokens.sum(1) / answers, side["A"], GP
 
@@ -597,16 +619,22 @@ class CapturePass:
             self.lockstep = lockstep
 
     def run(
-        self, batches: Iterable[dict], start: Callable[[Batch], OnLayer], desc: str | None = None, shared: bool = False
+        self,
+        batches: Iterable[dict],
+        start: Callable[[Batch], OnLayer],
+        desc: str | None = None,
+        shared: bool = False,
+        head_grad: bool = False,
     ) -> list[int]:
         """Capture every batch (``shared``: this rank's share, see ``batches``): ``start(batch)`` gives
         the batch's ``on_layer``; returns the stream row of each data position (``rows[order]`` puts
-        per-batch rows back into data order). ``desc``: show a progress bar in examples under that name."""
+        per-batch rows back into data order). ``desc``: show a progress bar in examples under that name.
+        ``head_grad``: as in ``backward``."""
         positions: list[int] = []
         with progress_bar(desc) as bar:
             for step in self.batches(batches, shared=shared):
                 if step.wanted:
-                    self.backward(step.batch, start(step.batch))
+                    self.backward(step.batch, start(step.batch), head_grad=head_grad)
                     if bar is not None:
                         bar(step.wanted)
                 positions.extend(step.positions)
@@ -617,6 +645,9 @@ class PairScorer:
     """What ``pairwise_scores`` asks of a scoring method (exact, K-FAC): keep the queries, then
     score each train batch against them, layer by layer as the capture hands them over.
     ``cosine``: squared gradient norms are wanted (the dot product skips them)."""
+
+    # The captured LM head's G as an ``ops.lm_head_grad.HeadGrad`` (never B x T x V) when True.
+    head_grad = False
 
     def __init__(self, cosine: bool):
         self.cosine = cosine
@@ -649,7 +680,8 @@ def pairwise_scores(
     Query columns first (one pass, ``scorer.query``), then train columns (a second pass,
     ``scorer.train``) into one (Q, B) block per train batch; ``progress``: a bar per pass."""
     cosine = scorer.cosine
-    query_order = capture.run(query_batches, scorer.query, "queries" if progress else None)
+    head_grad = scorer.head_grad
+    query_order = capture.run(query_batches, scorer.query, "queries" if progress else None, head_grad=head_grad)
     query_sq = scorer.queries_done()
     Q, dtype, device = len(query_order), capture.dtype, capture.device
     columns, train_sq = [], []
@@ -660,7 +692,7 @@ def pairwise_scores(
         train_sq.append(torch.zeros(B, dtype=dtype, device=device) if cosine else None)
         return scorer.train(columns[-1], train_sq[-1])
 
-    train_order = capture.run(train_batches, start, "train" if progress else None)
+    train_order = capture.run(train_batches, start, "train" if progress else None, head_grad=head_grad)
     capture.finish()  # a sharded model's ranks may hold different numbers of batches
     scores = torch.cat(columns, dim=1)
     if cosine:

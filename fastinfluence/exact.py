@@ -22,6 +22,7 @@ from .config import ProjectionConfig
 from .moe import refuse_experts
 from .normalizer import Normalizer
 from .ops._common import masked
+from .ops.lm_head_grad import HeadGrad, head_ghost_dot, head_ghost_norm
 from .ops.routed import ghost_dot_routed, ghost_norm_routed, gradients_routed
 from .options import EXACT_METHODS as METHODS
 
@@ -118,6 +119,12 @@ class _ExactScorer(PairScorer):
         self.compute = torch.bfloat16 if autocast == "bfloat16" else capture.dtype
         self.queries = {l.name: _RoutedQuery() if l.routed else _QueryLayer() for l in capture.layers}
         self.query_sq: list[torch.Tensor] = []
+        # A captured LM head's products come from its labelled tokens over vocabulary chunks
+        # (ops.lm_head_grad.head_ghost_dot), never its (B, T, V) output gradient; its query
+        # tokens: (HeadTokens, the head, first query row, query rows) per query batch. Not with a
+        # normaliser (it scales G per vocabulary entry) or the dense method (grad W is V x H).
+        self.head_grad = normalizer is None and method != "dense"
+        self.head_queries: list = []
 
     def factors(self, layer: Layer, A, G, mask):
         """Masked (A, G) in the compute dtype and the bias flag for the ops (normalised: A~ holds the bias)."""
@@ -133,6 +140,12 @@ class _ExactScorer(PairScorer):
         self.query_sq.append(sq)
 
         def keep(layer: Layer, A, G, mask):
+            if isinstance(G, HeadGrad):
+                tok = G.tokens(A, mask, self.capture.dtype)
+                self.head_queries.append((tok, G, start, B))
+                if self.cosine:
+                    sq.add_(head_ghost_norm(tok, B, G, layer.bias))
+                return
             if layer.routed:  # mask: the (n,) examples of the routed tokens
                 A, G = A.to(self.capture.dtype), G.to(self.capture.dtype)
                 self.queries[layer.name].blocks.append((A, G, mask + start))
@@ -151,6 +164,13 @@ class _ExactScorer(PairScorer):
 
     def train(self, S, sq):
         def score(layer: Layer, A, G, mask):
+            if isinstance(G, HeadGrad):
+                tok, B = G.tokens(A, mask, S.dtype), S.shape[1]
+                for q_tok, q_head, first, n in self.head_queries:
+                    S[first : first + n] += head_ghost_dot(q_tok, n, tok, B, q_head, layer.bias)
+                if sq is not None:
+                    sq.add_(head_ghost_norm(tok, B, G, layer.bias))
+                return
             q = self.queries[layer.name]
             if layer.routed:
                 if q.method is None:

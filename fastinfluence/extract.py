@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Container, Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -14,7 +14,7 @@ from .batching import Batch
 from .capture import CapturePass, Layer, progress_bar
 from .config import ProjectionConfig
 from .exact import per_example_gradients
-from .features import Features, LayerSlice, TokenFactors, cat_features, reorder_rows, slice_rows
+from .features import Features, LayerSlice, TokenFactors, cat_features, in_data_order
 from .moe import refuse_experts
 from .normalizer import Normalizer
 from .ops._common import masked
@@ -43,6 +43,13 @@ def fingerprint(model: nn.Module, layers: list[Layer]) -> dict:
         ],
         "weights_sha256": h.hexdigest(),
     }
+
+
+class _Projected:
+    """A layer's input already projected in the forward (``_batch_features``): At = A P_in (B, T, k_in)."""
+
+    def __init__(self, t: torch.Tensor):
+        self.t = t
 
 
 class GradientExtractor:
@@ -204,19 +211,41 @@ class GradientExtractor:
         Features start at 0; ``stats`` hold per-window sums. ``progress``: called with the number
         of wanted examples of each batch once computed (a bar moves per batch, not per window).
         """
+        window = []
+        for positions, features, closes in self.iter_batch_features(
+            batches, skip_examples, tokens=tokens, covariances=covariances, progress=progress
+        ):
+            if features is not None:
+                window.append((positions, features))
+            if closes and window:
+                yield in_data_order(window, skip_examples)
+                window = []
+
+    def iter_batch_features(
+        self,
+        batches: Iterable[dict],
+        skip_examples: int = 0,
+        done: Container[int] = (),
+        tokens: bool = False,
+        covariances: bool = False,
+        progress: Callable[[int], None] | None = None,
+    ) -> Iterator[tuple[list[int], Features | None, bool]]:
+        """Per batch of ``batches``, in stream order: (its data positions, its ``Features`` with the
+        rows in batch order, whether it closes a window). The Features are None for a batch not
+        computed: every example of it lies within the first ``skip_examples`` or in ``done`` (data
+        positions another run already committed, see ``store.StoreWriter``). ``progress``: called
+        with the number of examples of each computed batch that are neither skipped nor done."""
         if self.config.mode == "flat" and (tokens or covariances):
             raise ValueError("tokens=True and covariances=True need mode='factorized' (flat features have no layers)")
         if tokens:
             refuse_experts(self.layers, "extract(tokens=True)")
-        fp, window = self.fingerprint, []
+        fp = self.fingerprint
         for step in self.capture.batches(batches, skip_examples):
-            if step.wanted:
-                window.append((step.positions, self._batch_features(step.batch, tokens, covariances, fp)))
-                if progress is not None:
-                    progress(step.wanted)
-            if step.closes and window:
-                yield _in_data_order(window, skip_examples)
-                window = []
+            wanted = sum(p >= skip_examples and p not in done for p in step.positions) if step.wanted else 0
+            features = self._batch_features(step.batch, tokens, covariances, fp) if wanted else None
+            if wanted and progress is not None:
+                progress(wanted)
+            yield step.positions, features, step.closes
 
     def _batch_features(self, batch: Batch, tokens: bool, covariances: bool, fp: dict) -> Features:
         if self.config.mode == "flat":
@@ -232,8 +261,19 @@ class GradientExtractor:
         head = self.capture.head_layer
         head_P_out = self.projections(head.name, device, dtype)[1] if head is not None else None
 
+        def keep_input(layer: Layer, A, mask):
+            """A P_in (B, T, k_in) in place of A from the forward on (the full input is freed as the forward
+            goes), when k_in is below d_in; the product ``ops.project`` would form in the backward."""
+            P_in = self.projections(layer.name, device, dtype)[0]
+            if P_in is None or P_in.shape[1] >= A.shape[-1]:
+                return A
+            with torch.autocast(device.type, enabled=False):
+                return _Projected(project_side(A, P_in, dtype))
+
         def on_layer(layer: Layer, A, G, mask):
             P_in, P_out = self.projections(layer.name, device, dtype)
+            if isinstance(A, _Projected):
+                A, P_in = A.t, None
             if layer is head and self.capture.fused is not None:  # the capture projected the head's G
                 P_out = None
             sl = self.layout[layer.name]
@@ -256,7 +296,7 @@ class GradientExtractor:
                 phi = ops.project(A, G, P_in, P_out, mask)
             rows[:, sl.start : sl.stop] = phi.reshape(B, -1)
 
-        self.capture.backward(batch, on_layer, head_projection=head_P_out)
+        self.capture.backward(batch, on_layer, head_projection=head_P_out, keep_input=keep_input)
         token_factors = None
         if tokens:
             counts = batch.attention_mask.bool().sum(1).cpu()
@@ -302,11 +342,3 @@ class GradientExtractor:
             tokens=tokens,
             stats=stats,
         )
-
-
-def _in_data_order(window: list[tuple[list[int], Features]], skip_examples: int) -> Features:
-    """One window's per-batch Features as one, rows sorted by data position, the skipped ones left out."""
-    positions = [p for pos, _ in window for p in pos]
-    feats = reorder_rows(cat_features([f for _, f in window]), sorted(range(len(positions)), key=positions.__getitem__))
-    skipped = sum(p < skip_examples for p in positions)
-    return slice_rows(feats, skipped, len(feats))

@@ -200,6 +200,15 @@ def reorder_rows(f: Features, order: list[int]) -> Features:
     )
 
 
+def in_data_order(pieces: list[tuple[list[int], Features]], skip_examples: int = 0) -> Features:
+    """One window's per-batch (data positions, Features) as one Features, rows sorted by data
+    position, those before ``skip_examples`` left out (stats: the batches' sums, in the order given)."""
+    positions = [p for pos, _ in pieces for p in pos]
+    feats = reorder_rows(cat_features([f for _, f in pieces]), sorted(range(len(positions)), key=positions.__getitem__))
+    skipped = sum(p < skip_examples for p in positions)
+    return slice_rows(feats, skipped, len(feats))
+
+
 @runtime_checkable
 class FeatureSource(Protocol):
     """What scoring, preconditioning and weights read: ``Features`` in memory and ``FeatureStore`` on disk.
@@ -256,6 +265,9 @@ class FeatureProducer(Protocol):
     data order, one ``Features`` per batch (per window of length-bucketed batches, see
     ``fastinfluence.batching``; token offsets of each start at 0; ``stats`` are its sums);
     ``progress``, when given, is called with the number of examples of each batch it computes.
+    A producer that also has ``iter_batch_features`` (``GradientExtractor``: per batch, its data
+    positions and Features, ``done`` positions not computed) has its stores committed batch by
+    batch (``store.StoreWriter.write_batches``).
     """
 
     def metadata(self) -> dict: ...

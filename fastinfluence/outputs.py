@@ -43,7 +43,7 @@ MODEL_FILES = (
 STORE_MANIFEST = "manifest.json"
 STORE_LOCK = ".lock"
 STORE_SHARDS = "shards"
-SHARD_FILE = re.compile(r"(shard|tokens)-\d+\.safetensors")
+SHARD_FILE = re.compile(r"(shard|tokens|part)-\d+\.safetensors")
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 

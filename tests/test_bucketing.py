@@ -272,6 +272,38 @@ def test_bucketed_batches_resume_and_append_a_store(model, examples, tmp_path, m
     assert torch.allclose(store.to_features().data, ref.data.float(), atol=1e-6 * ref.data.abs().max())
 
 
+class _Stops(GradientExtractor):
+    """Raises after computing ``n`` batches (a kill inside the loop); ``computed``: each computed batch's positions."""
+
+    def __init__(self, *args, n=None, **kw):
+        super().__init__(*args, **kw)
+        self.n, self.computed = n, []
+
+    def iter_batch_features(self, batches, **kw):
+        for positions, f, closes in super().iter_batch_features(batches, **kw):
+            if f is not None:
+                if len(self.computed) == self.n:
+                    raise KeyboardInterrupt
+                self.computed.append(positions)
+            yield positions, f, closes
+
+
+def test_a_stop_inside_a_window_keeps_its_computed_batches(model, examples, tmp_path):
+    """Stopped after 3 batches of the 4 of a window of 12: resuming computes the other batches only,
+    and the store is byte for byte the uninterrupted one (rows, tokens, covariances)."""
+    batches = bucketed(examples, batch_size=3, window=12)  # windows of 12 and 10: 4 + 4 batches
+    cfg = ProjectionConfig(rank_in=6, rank_out=5, seed=1)
+    with pytest.raises(KeyboardInterrupt):
+        write_store(tmp_path / "s", _Stops(model, cfg, n=3), batches, tokens=True, covariances=True, shard_rows=12)
+    assert FeatureStore.open(tmp_path / "s").num_rows == 0  # no window complete: only part files
+    again = _Stops(model, cfg)
+    store = write_store(tmp_path / "s", again, batches, tokens=True, covariances=True, shard_rows=12)
+    assert [sorted(p) for p in again.computed] == [sorted(b["positions"]) for b in batches[3:]]
+    ref = write_store(tmp_path / "u", extractor(model), batches, tokens=True, covariances=True, shard_rows=12)
+    assert [s["sha256"] for s in store.shards] == [s["sha256"] for s in ref.shards] and len(ref.shards) == 2
+    assert store.ids == IDS and not list((tmp_path / "s").rglob("part-*"))
+
+
 def test_a_plain_store_is_resumed_by_bucketed_batches_inside_a_window(model, examples, tmp_path):
     """Stores are in data order whatever the batching: a store of plain batches ending at example 10
     is completed by bucketed batches whose window 6..11 it half covers."""

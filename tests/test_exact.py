@@ -94,3 +94,55 @@ def test_bf16_autocast_exact_scores_close_to_float32(arch, metric):
     for wrong in (torch.float64, torch.bfloat16):  # autocast lowers float32 matmuls only
         with pytest.raises(ValueError, match="float32 model"):
             exact_scores(tiny_model(arch, wrong), queries, train, ProjectionConfig(autocast="bfloat16"))
+
+
+# ----------------------------------------------------------------------------- the LM head captured
+
+
+def _head_model(tied: bool, bias: bool):
+    from test_lm_head_features import _untied_copy
+
+    model = tiny_model("qwen2", torch.float64)
+    if tied:
+        model.config.tie_word_embeddings = True
+        model.tie_weights()
+        assert model.lm_head.weight is model.get_input_embeddings().weight
+    if bias:
+        model.lm_head.bias = torch.nn.Parameter(torch.randn(model.lm_head.out_features, dtype=torch.float64) * 0.1)
+    return model, (_untied_copy(model) if tied else model)
+
+
+@pytest.mark.parametrize(
+    "tied, bias, include, metric",
+    [
+        (False, False, [r"lm_head"], "dot"),
+        (True, False, [r"lm_head"], "cosine"),
+        (False, True, [r"lm_head", r"layers\.1\.mlp\.up"], "cosine"),
+        (True, False, [r"lm_head", r"layers\.0\.self_attn\.q"], "dot"),
+    ],
+    ids=["untied", "tied-cosine", "biased+block-cosine", "tied+block"],
+)
+def test_exact_scores_with_the_head_captured_never_form_its_logits(tied, bias, include, metric, monkeypatch):
+    """The head's products come from its labelled tokens over vocabulary chunks: equal in float64 to
+    per-example gradients formed the slow way and to the hooked (B, T, V) path (method='dense'), with
+    padding on both sides and prompt tokens in every example; the head module itself never runs."""
+    from fastinfluence.ops import lm_head_grad
+
+    monkeypatch.setattr(lm_head_grad, "GHOST_CHUNK_ELEMENTS", 200)  # several vocabulary chunks
+    model, untied = _head_model(tied, bias)
+    queries, train = make_examples(3, seed=6, min_len=4), make_examples(5, seed=7, min_len=4)
+    config = ProjectionConfig(include=include)
+    Gq, layers = slow_gradients(untied, queries, include=include)
+    Gt, _ = slow_gradients(untied, train, include=include)
+    assert "lm_head" in [l.name for l in layers]
+    ref = Gq @ Gt.T
+    if metric == "cosine":
+        ref = ref / Gq.norm(dim=1)[:, None] / Gt.norm(dim=1)[None, :]
+    calls = []
+    handle = model.get_output_embeddings().register_forward_hook(lambda *a: calls.append(1))
+    out = exact_scores(model, batches_of(queries, 2, "left"), batches_of(train, 3, "right"), config, metric=metric)
+    handle.remove()
+    assert calls == []  # no B x T x V logits
+    assert rel_err(out, ref) <= 1e-10
+    hooked = exact_scores(model, batches_of(queries, 2), batches_of(train, 2, "left"), config, metric, method="dense")
+    assert rel_err(out, hooked) <= 1e-10

@@ -289,3 +289,32 @@ def test_loss_from_hidden_states_when_the_head_is_not_captured(monkeypatch):
     assert calls == []
     monkeypatch.setattr(capture, "fused_head", lambda _model: None)  # the model's own logits
     assert rel_err(fused.data, GradientExtractor(model, cfg).extract(batches).data) <= 1e-10
+
+
+def test_inputs_are_held_projected_from_the_forward(monkeypatch):
+    """Each hooked layer keeps A P_in (k_in wide) from its forward, never its full input: the features
+    (rows, per-token factors, covariance sums) equal those of the full-A path in float64."""
+    from fastinfluence import capture, extract
+
+    model = tiny_model("llama", dtype=torch.float64)
+    config = ProjectionConfig(rank_in=4, rank_out=3, seed=2, dtype="float64")
+    batches = batches_of(make_examples(5, seed=4), 2, "left")
+    held = []
+    keep = extract._Projected.__init__
+
+    def spy(self, t):
+        held.append(t.shape[-1])
+        keep(self, t)
+
+    monkeypatch.setattr(extract._Projected, "__init__", spy)
+    fast = GradientExtractor(model, config).extract(batches, tokens=True, covariances=True)
+    ex = GradientExtractor(model, config)
+    hooked = [l for l in ex.layers if l is not ex.capture.head_layer]  # the fused head gets its A from the loss
+    assert held and set(held) == {4} and len(held) == 3 * len(hooked)  # every hooked layer of every batch
+    backward = capture.CapturePass.backward
+    monkeypatch.setattr(capture.CapturePass, "backward", lambda self, *a, keep_input=None, **k: backward(self, *a, **k))
+    full = GradientExtractor(model, config).extract(batches, tokens=True, covariances=True)
+    assert rel_err(fast.data, full.data) < 1e-12
+    for n in full.stats:
+        assert rel_err(fast.stats[n][0], full.stats[n][0]) < 1e-12
+        assert rel_err(fast.tokens.a[n], full.tokens.a[n]) < 1e-12

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_store_support import LAYERS, TokenTableExtractor, make_batches
+from test_store_support import LAYERS, BatchTokenTableExtractor, TokenTableExtractor, make_batches, shuffled_windows
 
 from fastinfluence import score
 from fastinfluence.store import CorruptShardError, FeatureStore, MismatchError, StoreError, write_store
@@ -261,6 +261,99 @@ def test_sigkill_at_random_points_then_resume_equals_uninterrupted_run(tmp_path)
         assert c == ref.stats[n][2]
     uninterrupted = write_store(tmp_path / "u", ext, batches, tokens=True, covariances=True, shard_rows=5)
     assert [s["sha256"] for s in uninterrupted.shards] == [s["sha256"] for s in store.shards]
+
+
+_BATCH_WORKER = """
+import sys
+from fastinfluence.store import write_store
+from test_store_support import BatchTokenTableExtractor, make_batches, shuffled_windows
+ext = BatchTokenTableExtractor(delay=0.02, log=sys.argv[2])
+batches = shuffled_windows(make_batches(40, with_ids=True), window=8)
+print("start", flush=True)
+write_store(sys.argv[1], ext, batches, tokens=True, covariances=True, shard_rows=30)
+"""
+
+
+def test_sigkill_inside_windows_loses_only_the_batch_in_flight(tmp_path):
+    """Batches reordered within windows of 8 (24 examples) and shards of >= 30 rows: a kill loses at
+    most the batch being computed, since every computed batch is committed at once; the resumed store
+    is byte for byte the uninterrupted one, and no part file is left."""
+    path, log = tmp_path / "s", tmp_path / "computed.txt"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]))
+    rng = random.Random(7)
+    kills = 0
+    for kill_after in [rng.uniform(0.1, 0.35) for _ in range(3)] + [None]:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _BATCH_WORKER, str(path), str(log)], stdout=subprocess.PIPE, env=env, text=True
+        )
+        assert proc.stdout.readline().strip() == "start"
+        if kill_after is not None:
+            time.sleep(kill_after)
+            proc.send_signal(signal.SIGKILL)
+        kills += proc.wait() == -signal.SIGKILL
+    assert proc.returncode == 0
+    assert kills >= 2, "the kills must land during extraction"
+    computed = log.read_text().splitlines()
+    assert len(computed) <= 40 + kills  # each kill recomputes at most its batch in flight
+    assert {p for line in computed for p in json.loads(line)} == set(range(120))
+    batches = shuffled_windows(make_batches(40, with_ids=True), window=8)
+    ext = BatchTokenTableExtractor()
+    uninterrupted = write_store(tmp_path / "u", ext, batches, tokens=True, covariances=True, shard_rows=30)
+    store = FeatureStore.open(path)
+    store.verify()
+    assert [s["sha256"] for s in uninterrupted.shards] == [s["sha256"] for s in store.shards]
+    assert store.ids == [f"ex{i}" for i in range(120)]
+    assert_same_features(store, TokenTableExtractor().extract(make_batches(40, with_ids=True)))
+    assert not list(path.rglob("part-*")) and not list(path.rglob("*.tmp-*"))
+
+
+class _StopsAfter(BatchTokenTableExtractor):
+    """Raises after computing ``n`` batches, as a kill inside the loop would."""
+
+    def __init__(self, n, **kw):
+        super().__init__(**kw)
+        self.n = n
+
+    def iter_batch_features(self, batches, **kw):
+        computed = 0
+        for positions, f, closes in super().iter_batch_features(batches, **kw):
+            if f is not None:
+                if computed == self.n:
+                    raise KeyboardInterrupt
+                computed += 1
+            yield positions, f, closes
+
+
+@pytest.mark.parametrize("window", [4, 1])
+def test_a_stop_after_k_batches_resumes_with_exactly_the_uncommitted_batches(tmp_path, window):
+    """Stopped after 6 of 10 batches, before any shard (shard_rows above the store's size): the resumed
+    run computes the other 4 only; with windows of 4 bucketed batches and with plain batches."""
+    plain = make_batches(10, with_ids=True)
+    batches = shuffled_windows(plain, window=window, seed=2) if window > 1 else plain
+    with pytest.raises(KeyboardInterrupt):
+        write_store(tmp_path / "s", _StopsAfter(6), batches, tokens=True, covariances=True, shard_rows=100)
+    assert len(list((tmp_path / "s" / "shards").glob("part-*.safetensors"))) == 6
+    assert FeatureStore.open(tmp_path / "s").num_rows == 0
+    log = tmp_path / "log.txt"
+    store = write_store(
+        tmp_path / "s", BatchTokenTableExtractor(log=log), batches, tokens=True, covariances=True, shard_rows=100
+    )
+    assert len(log.read_text().splitlines()) == 4
+    ref = write_store(
+        tmp_path / "u", BatchTokenTableExtractor(), batches, tokens=True, covariances=True, shard_rows=100
+    )
+    assert [s["sha256"] for s in ref.shards] == [s["sha256"] for s in store.shards]
+    assert_same_features(store, TokenTableExtractor().extract(plain))
+    assert not list((tmp_path / "s" / "shards").glob("part-*"))
+
+
+def test_a_committed_batch_of_other_examples_is_refused(tmp_path):
+    batches = shuffled_windows(make_batches(8, with_ids=True), window=4)
+    with pytest.raises(KeyboardInterrupt):
+        write_store(tmp_path / "s", _StopsAfter(3), batches, shard_rows=100)
+    other = shuffled_windows(make_batches(8, seed=5, with_ids=True), window=4)
+    with pytest.raises(MismatchError, match=r"computed batch part-\d+\.safetensors .* differ from these batches"):
+        write_store(tmp_path / "s", BatchTokenTableExtractor(), other, shard_rows=100)
 
 
 def rebatch(batches, size):

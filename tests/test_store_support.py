@@ -96,6 +96,55 @@ class TokenTableExtractor:
         return cat_features(list(self.iter_features(batches, tokens=tokens, covariances=covariances)))
 
 
+class BatchTokenTableExtractor(TokenTableExtractor):
+    """``TokenTableExtractor`` with the per-batch interface ``write_store`` commits batch by batch
+    (``iter_batch_features``, as ``GradientExtractor``); ``log``: a file each computed batch's data
+    positions are appended to (what a test counts recomputation with)."""
+
+    def __init__(self, *args, log=None, **kw):
+        super().__init__(*args, **kw)
+        self.log = log
+
+    def iter_batch_features(self, batches, skip_examples=0, done=(), tokens=False, covariances=False, progress=None):
+        from fastinfluence.batching import WindowTracker, batch_positions
+
+        tracker = WindowTracker()
+        for batch in batches:
+            n = len(batch["input_ids"])
+            positions = batch_positions(batch, n) or tracker.following(n)
+            closes = tracker.add(n, positions)
+            wanted = sum(p >= skip_examples and p not in done for p in positions)
+            f = None
+            if wanted:
+                time.sleep(self.delay)
+                f = self._batch(batch, list(batch["ids"]), tokens, covariances)
+                if self.log is not None:
+                    with open(self.log, "a") as out:
+                        out.write(f"{positions}\n")
+                if progress is not None:
+                    progress(wanted)
+            yield positions, f, closes
+
+
+def shuffled_windows(batches, window, seed=0):
+    """``batches`` (stream order, ``ids`` given) with their examples dealt into new batches of the same
+    size in a shuffled order within each window of ``window`` batches, carrying ``positions``, as
+    length bucketing reorders them."""
+    gen, out = torch.Generator().manual_seed(seed), []
+    size = len(batches[0]["input_ids"])
+    for w in range(0, len(batches), window):
+        group = batches[w : w + window]
+        cat = {k: torch.cat([b[k] for b in group]) for k in ("input_ids", "attention_mask", "labels")}
+        ids = [i for b in group for i in b["ids"]]
+        perm = torch.randperm(len(ids), generator=gen).tolist()
+        start = w * size
+        for s in range(0, len(perm), size):
+            idx = perm[s : s + size]
+            b = {k: v[idx] for k, v in cat.items()}
+            out.append(dict(b, ids=[ids[i] for i in idx], positions=[start + i for i in idx]))
+    return out
+
+
 def make_batches(num_batches, batch_size=3, seq=6, vocab=40, seed=0, with_ids=False):
     """Padded token batches (right padding, ragged lengths >= 1)."""
     gen = torch.Generator().manual_seed(seed)

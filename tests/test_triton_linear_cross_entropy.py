@@ -163,3 +163,48 @@ def test_forward_grad_large_vocabulary_on_gpu(poisoned):
     ref_loss, (ref_hidden, _, _) = _materialised(hidden, weight, None, labels, ones, 30.0)
     assert rel_err(loss, ref_loss) <= TOL[torch.bfloat16]
     assert rel_err(grad_hidden, ref_hidden) <= TOL[torch.bfloat16]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "bias,softcap,splits,need_dh", [(False, None, 1, True), (True, 3.0, 4, True), (True, None, 3, False)]
+)
+def test_forward_grad_with_p_out_matches_the_torch_op(device, dtype, bias, softcap, splits, need_dh, poisoned):
+    """G P_out accumulated beside dh in the one pass over the vocabulary (a captured head), against the
+    torch op in float64 on the same (rounded) inputs; k_out = 20 is not a multiple of the tiles."""
+    from fastinfluence.ops.linear_cross_entropy import linear_cross_entropy_forward_grad as torch_op
+
+    hidden, weight, b, labels, _ = _inputs(device, dtype, N=37, H=24, V=101, bias=bias, seed=9)
+    P_out = randn(101, 20, device=device, generator=torch.Generator().manual_seed(10))
+    loss, dh, GP = linear_cross_entropy_forward_grad(
+        hidden, weight, b, labels, IGNORE, softcap, P_out=P_out, need_dh=need_dh, splits=splits
+    )
+    f64 = [t.double() if t is not None else None for t in (hidden, weight, b)]
+    ref_loss, ref_dh, ref_GP = torch_op(f64[0], f64[1], f64[2], labels, IGNORE, softcap, P_out=P_out.double())
+    assert GP.dtype == torch.float32 and GP.shape == (37, 20)
+    assert rel_err(loss, ref_loss) <= TOL[dtype] and rel_err(GP, ref_GP) <= TOL[dtype]
+    assert (dh is None) != need_dh
+    if need_dh:
+        assert rel_err(dh, ref_dh) <= TOL[dtype]
+    ignored = labels == IGNORE
+    assert bool(ignored.any()) and bool((GP[ignored] == 0).all())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_captured_head_runs_its_projected_gradient_on_triton(device, poisoned):
+    """lm_head_grad dispatches the head's walk to the Triton forward_grad with P_out (and without dh
+    when the head is captured alone): the same loss and G P_out as the torch path."""
+    from fastinfluence import ops
+    from fastinfluence.ops.lm_head_grad import lm_head_loss_grad_projected
+
+    hidden, weight, b, labels, _ = _inputs(device, torch.float32, N=21, H=16, V=70, bias=True, seed=11)
+    P_out = randn(70, 12, device=device, generator=torch.Generator().manual_seed(12))
+    with ops.use_backend("torch"):
+        ref = lm_head_loss_grad_projected(hidden, weight, labels, P_out, bias=b, softcap=2.0)
+    for need_dh in (True, False):
+        with ops.use_backend("triton"), ops.trace() as ran:
+            loss, dh, GP = lm_head_loss_grad_projected(hidden, weight, labels, P_out, b, 2.0, need_dh=need_dh)
+        assert [(d.op, d.backend) for d in ran] == [("linear_cross_entropy_forward_grad", "triton")]
+        assert rel_err(loss, ref[0]) <= TOL[torch.float32] and rel_err(GP, ref[2]) <= TOL[torch.float32]
+        assert (dh is None) != need_dh and (dh is None or rel_err(dh, ref[1]) <= TOL[torch.float32])

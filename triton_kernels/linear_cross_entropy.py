@@ -21,7 +21,10 @@ gradient of the materialised path.
   (as flash attention rescales its output). acc (BM, H) lives in a float32 scratch row
   block that stays in L2. Two head matmuls per token, one pass over V. Slices of V run in
   parallel when there are few tokens; a small combine merges their (m, l, acc) and forms
-  dh = acc / l - dlogits/dz_y W_y and loss = m + log l - logit_y.
+  dh = acc / l - dlogits/dz_y W_y and loss = m + log l - logit_y. Given P_out (a captured
+  head's output projection), a second accumulator accP += exp(z - m) dlogits/dz P_v (float32,
+  about float32 accuracy) gives G P_out = accP / l - dlogits/dz_y P_y in the same pass; without
+  dh (a captured head alone) the H-wide accumulator is skipped.
 
 float64 runs on the torch path of the op module.
 """
@@ -153,25 +156,33 @@ def _forward_grad_kernel(
     Sum,
     Target,
     Acc,
+    P,
+    AccP,
     N,
     H,
     V,
+    K,
     v_per_split,
     s_hn,
     s_wv,
+    s_pv,
     cap,
     SOFTCAP: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     F32: tl.constexpr,
+    NEED_DH: tl.constexpr,
+    HAS_P: tl.constexpr,
     BM: tl.constexpr,
     BV: tl.constexpr,
     BK: tl.constexpr,
     BH: tl.constexpr,
 ):
-    """Partial (max, sum, target logit, acc) of BM tokens over one slice of the vocabulary.
+    """Partial (max, sum, target logit, acc, accP) of BM tokens over one slice of the vocabulary.
 
-    Max, Sum, Target: (splits, N) float32; Acc: (splits, N, H) float32, finite on entry (it
-    is multiplied by 0 before its first use, so a rerun by the autotuner starts afresh).
+    Max, Sum, Target: (splits, N) float32; Acc: (splits, N, H) float32 (``NEED_DH``), AccP:
+    (splits, N, K) float32, sum_v exp(z - m) dlogits/dz P[v] for a float32 P (V, K) (``HAS_P``,
+    the captured head's projected G, in float32 at about float32 accuracy), both finite on entry
+    (multiplied by 0 before their first use, so a rerun by the autotuner starts afresh).
     """
     split = tl.program_id(1).to(tl.int64)
     rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
@@ -203,15 +214,26 @@ def _forward_grad_kernel(
         p = tl.exp(z - m_new[:, None])
         s = s * alpha + tl.sum(p, axis=1)
         m = m_new
-        p = (p * dcap).to(W.dtype.element_ty)
-        for h0 in range(0, H, BH):
-            c = h0 + tl.arange(0, BH)
-            c_ok = c < H
-            acc_ptr = Acc + rows[:, None] * H + c[None, :]
-            acc_ok = row_ok[:, None] & c_ok[None, :]
-            acc = tl.load(acc_ptr, mask=acc_ok, other=0.0) * alpha[:, None]
-            w = tl.load(W + v[:, None] * s_wv + c[None, :], mask=v_ok[:, None] & c_ok[None, :], other=0.0)
-            tl.store(acc_ptr, _mm(p, w, acc, F32), mask=acc_ok)
+        p = p * dcap
+        if HAS_P:
+            for k0 in range(0, K, BH):
+                c = k0 + tl.arange(0, BH)
+                c_ok = c < K
+                accp_ptr = AccP + split * N * K + rows[:, None] * K + c[None, :]
+                accp_ok = row_ok[:, None] & c_ok[None, :]
+                accp = tl.load(accp_ptr, mask=accp_ok, other=0.0) * alpha[:, None]
+                pw = tl.load(P + v[:, None] * s_pv + c[None, :], mask=v_ok[:, None] & c_ok[None, :], other=0.0)
+                tl.store(accp_ptr, _mm(p, pw, accp, True), mask=accp_ok)
+        if NEED_DH:
+            p = p.to(W.dtype.element_ty)
+            for h0 in range(0, H, BH):
+                c = h0 + tl.arange(0, BH)
+                c_ok = c < H
+                acc_ptr = Acc + rows[:, None] * H + c[None, :]
+                acc_ok = row_ok[:, None] & c_ok[None, :]
+                acc = tl.load(acc_ptr, mask=acc_ok, other=0.0) * alpha[:, None]
+                w = tl.load(W + v[:, None] * s_wv + c[None, :], mask=v_ok[:, None] & c_ok[None, :], other=0.0)
+                tl.store(acc_ptr, _mm(p, w, acc, F32), mask=acc_ok)
     out = split * N + rows
     tl.store(Max + out, m, mask=row_ok)
     tl.store(Sum + out, s, mask=row_ok)
@@ -336,27 +358,35 @@ def _v_splits(n: int, h: int, v: int, bm: int, bv: int, device: torch.device) ->
     return triton.cdiv(v, per), per
 
 
-def linear_cross_entropy_forward_grad(hidden, weight, bias, labels, ignore_index, softcap, splits=None):
-    """loss (N,) float32 (0 at ignored tokens) and grad_hidden (N, H) in hidden.dtype, dloss_n/dhidden_n.
+def linear_cross_entropy_forward_grad(
+    hidden, weight, bias, labels, ignore_index, softcap, P_out=None, need_dh=True, splits=None
+):
+    """loss (N,) float32 (0 at ignored tokens) and grad_hidden (N, H) in hidden.dtype, dloss_n/dhidden_n
+    (None without ``need_dh``); given ``P_out`` (V, k_out), also GP (N, k_out) float32 = dloss_n/dz_n @
+    P_out, accumulated in the same pass over the vocabulary (a captured head's projected G).
 
     hidden: (N, H), weight: (V, H), bias: (V,) or None, one dtype; labels: (N,) int64.
     ``splits`` overrides the number of vocabulary slices run in parallel (tests).
     """
     n, H = hidden.shape
     V = weight.shape[0]
+    K = P_out.shape[1] if P_out is not None else 0
     loss = torch.empty(n, device=hidden.device, dtype=torch.float32)
-    grad_hidden = torch.empty_like(hidden)
+    grad_hidden = torch.empty_like(hidden) if need_dh else None
+    GP = torch.zeros(n, K, device=hidden.device, dtype=torch.float32) if P_out is not None else None
     if n == 0:
-        return loss, grad_hidden
+        return (loss, grad_hidden) if P_out is None else (loss, grad_hidden, GP)
     hidden, weight = hidden.contiguous(), weight.contiguous()
     bm, bv = (16, 32) if INTERPRET.value else (64, 64)
     if splits is None:
-        splits, per = _v_splits(n, H, V, bm, bv, hidden.device)
+        splits, per = _v_splits(n, H if need_dh else K, V, bm, bv, hidden.device)
     else:
         per = triton.cdiv(triton.cdiv(V, splits), bv) * bv
         splits = triton.cdiv(V, per)
     stats = torch.empty(3, splits, n, device=hidden.device, dtype=torch.float32)
-    acc = torch.zeros(splits, n, H, device=hidden.device, dtype=torch.float32)
+    acc = torch.zeros(splits, n, H, device=hidden.device, dtype=torch.float32) if need_dh else stats
+    P = P_out.to(hidden.device, torch.float32).contiguous() if P_out is not None else stats
+    acc_p = torch.zeros(splits, n, K, device=hidden.device, dtype=torch.float32) if P_out is not None else stats
     _forward_grad_kernel[(triton.cdiv(n, bm), splits)](
         hidden,
         weight,
@@ -366,16 +396,22 @@ def linear_cross_entropy_forward_grad(hidden, weight, bias, labels, ignore_index
         stats[1],
         stats[2],
         acc,
+        P,
+        acc_p,
         n,
         H,
         V,
+        K,
         per,
         hidden.stride(0),
         weight.stride(0),
+        P.stride(0) if P_out is not None else 0,
         float(softcap or 1.0),
         SOFTCAP=softcap is not None,
         HAS_BIAS=bias is not None,
         F32=hidden.dtype == torch.float32,
+        NEED_DH=need_dh,
+        HAS_P=P_out is not None,
         BM=bm,
         BV=bv,
     )
@@ -386,8 +422,17 @@ def linear_cross_entropy_forward_grad(hidden, weight, bias, labels, ignore_index
     target = t_split.sum(0)  # only the slice holding the label adds a non-zero logit
     valid = labels != ignore_index
     loss.copy_(torch.where(valid, m + torch.log(total) - target, 0.0))
-    acc = torch.einsum("sn,snh->nh", scale / total, acc) if splits > 1 else acc[0].div_(total.unsqueeze(1))
     dcap_y = 1.0 - (target / softcap) ** 2 if softcap is not None else torch.ones_like(target)
-    acc -= dcap_y.unsqueeze(1) * weight[torch.where(valid, labels, 0)].float()
-    grad_hidden.copy_(acc.mul_(valid.unsqueeze(1)))
-    return loss, grad_hidden
+    y = torch.where(valid, labels, 0)
+
+    def combine(partial, rows_y):
+        out = torch.einsum("sn,snh->nh", scale / total, partial) if splits > 1 else partial[0].div_(total.unsqueeze(1))
+        out -= dcap_y.unsqueeze(1) * rows_y
+        return out.mul_(valid.unsqueeze(1))
+
+    if need_dh:
+        grad_hidden.copy_(combine(acc, weight[y].float()))
+    if P_out is None:
+        return loss, grad_hidden
+    GP.copy_(combine(acc_p, P[y]))
+    return loss, grad_hidden, GP

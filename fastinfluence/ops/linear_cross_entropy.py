@@ -51,12 +51,16 @@ REDUCTIONS = ("none", "sum", "mean")
 # that is 55 rows, 110 FLOP per weight element read, still bound by the matmul on a CPU core;
 # the block is most of extraction's memory above the model's activations.
 MIN_CHUNK_ELEMENTS = 2**23
+# What keeps a chunk matmul-bound is its rows (2 FLOP per weight element read per row): 64 rows
+# are 128 FLOP per element. A smaller vocabulary needs no more rows than that, so its block is
+# smaller (vocabulary 32,000: 64 rows, 8 MiB instead of 262 rows, 32 MiB).
+MIN_CHUNK_ROWS = 64
 
 
 def _chunk_rows(n: int, h: int, v: int) -> int:
     """Tokens per chunk: a logits block about the size of the hidden states (as Liger's FLCE),
-    and at least MIN_CHUNK_ELEMENTS."""
-    return max(1, min(n, max(math.ceil(n * h / v), MIN_CHUNK_ELEMENTS // v)))
+    and at least MIN_CHUNK_ROWS rows or MIN_CHUNK_ELEMENTS elements, whichever is fewer rows."""
+    return max(1, min(n, max(math.ceil(n * h / v), min(MIN_CHUNK_ROWS, MIN_CHUNK_ELEMENTS // v))))
 
 
 def _chunk_logits(hidden, weight, bias, softcap, dtype):
@@ -129,7 +133,7 @@ def linear_cross_entropy_forward(hidden, weight, bias, labels, ignore_index, sof
     return loss, lse
 
 
-def linear_cross_entropy_forward_grad(hidden, weight, bias, labels, ignore_index, softcap):
+def linear_cross_entropy_forward_grad(hidden, weight, bias, labels, ignore_index, softcap, P_out=None, need_dh=True):
     """Per-token loss and its gradient in ``hidden`` at unit upstream weight, for a frozen head.
 
     One logits block per chunk gives both (2 head matmuls in all); the backward of
@@ -137,13 +141,16 @@ def linear_cross_entropy_forward_grad(hidden, weight, bias, labels, ignore_index
 
     Args:
         hidden, weight, bias, labels, ignore_index, softcap: as in ``linear_cross_entropy_forward``.
+        P_out: (V, k_out) or None: also the projected output gradient (a captured head's G P_out).
+        need_dh: form grad_hidden (else None: a captured head alone needs none).
 
     Returns:
         loss (N,) float32 (float64 for float64 inputs), 0 at ignored tokens;
-        grad_hidden (N, H) in hidden.dtype, dloss_n/dhidden_n, 0 at ignored tokens.
+        grad_hidden (N, H) in hidden.dtype, dloss_n/dhidden_n, 0 at ignored tokens (or None);
+        given ``P_out``, a third: GP (N, k_out) float32 (float64) = dloss_n/dz_n @ P_out, 0 at ignored tokens.
     """
-    loss, grad_hidden, _ = loss_and_grads(hidden, weight, bias, labels, ignore_index, softcap)
-    return loss, grad_hidden
+    loss, grad_hidden, GP = loss_and_grads(hidden, weight, bias, labels, ignore_index, softcap, P_out, need_dh)
+    return (loss, grad_hidden) if P_out is None else (loss, grad_hidden, GP)
 
 
 def loss_and_grads(hidden, weight, bias, labels, ignore_index, softcap, P_out=None, need_dh: bool = True):

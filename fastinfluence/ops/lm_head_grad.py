@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import torch
 
+from ._backend import dispatch
 from ._common import acc_dtype
-from .linear_cross_entropy import loss_and_grads
 
 
 def lm_head_loss_grad_projected(
@@ -43,12 +43,21 @@ def lm_head_loss_grad_projected(
     """
     # Only labelled rows reach the head; the others stay 0 (ignored rows cost nothing).
     rows = (labels != ignore_index).nonzero().squeeze(1)
-    loss_l, dh_l, GP_l = loss_and_grads(
-        hidden[rows], weight, bias, labels[rows], ignore_index, softcap, P_out=P_out, need_dh=need_dh
+    loss_l, dh_l, GP_l = dispatch(
+        "linear_cross_entropy_forward_grad",
+        hidden.device,
+        hidden=hidden[rows],
+        weight=weight,
+        bias=bias,
+        labels=labels[rows],
+        ignore_index=ignore_index,
+        softcap=softcap,
+        P_out=P_out,
+        need_dh=need_dh,
     )
     n = hidden.shape[0]
     loss = loss_l.new_zeros(n).index_copy_(0, rows, loss_l)
-    GP = GP_l.new_zeros(n, GP_l.shape[1]).index_copy_(0, rows, GP_l)
+    GP = GP_l.new_zeros(n, GP_l.shape[1]).index_copy_(0, rows, GP_l)  # float32 on Triton, float64 for float64
     dh = torch.zeros_like(hidden).index_copy_(0, rows, dh_l) if dh_l is not None else None
     return loss, dh, GP
 
@@ -84,3 +93,125 @@ def head_loss_projected(hidden, weight, labels, P_out, bias=None, softcap=None, 
     with torch.no_grad():
         loss, _, GP = lm_head_loss_grad_projected(hidden, weight, labels, P_out, bias, softcap, ignore_index, False)
     return loss, GP
+
+
+# ---------------------------------------------------------------------------------------
+# Exact products of the captured head's gradients, without its (B, T, V) output gradient
+# ---------------------------------------------------------------------------------------
+
+# Logits elements per vocabulary chunk of the head's ghost products (2^22 float64 = 32 MiB).
+GHOST_CHUNK_ELEMENTS = 2**22
+
+
+class HeadGrad:
+    """The captured LM head's output gradient G (B, T, V) of a batch, described, never formed:
+
+        G[b, t] = scale_b * (softmax(logits_bt) - onehot(y_bt)) * dlogits/dz     (0 where y_bt is ignored)
+
+    ``labels``: (B, T) shifted labels (``ignore_index`` where no loss); ``scale``: (B,) each
+    example's loss weight (1 / its answer tokens for the per-example mean loss); the head's
+    ``weight`` (V, H), ``bias`` and ``softcap`` as in ``linear_cross_entropy``. What the capture
+    pass hands to ``on_layer`` for the head when asked for the head's factors
+    (``CapturePass.backward(head_grad=True)``); ``head_ghost_dot`` / ``head_ghost_norm`` take
+    the exact products from it chunk by chunk over the vocabulary."""
+
+    def __init__(self, labels, scale, weight, bias=None, softcap=None, ignore_index: int = -100):
+        self.labels, self.scale, self.weight, self.bias = labels, scale, weight, bias
+        self.softcap, self.ignore_index = softcap, ignore_index
+
+    def tokens(self, A: torch.Tensor, mask: torch.Tensor | None, dtype: torch.dtype) -> HeadTokens:
+        """The labelled tokens (where ``mask`` is set, when given) of ``A`` (B, T, H), the head's input."""
+        keep = self.labels != self.ignore_index
+        if mask is not None:
+            keep = keep & mask.bool()
+        b, t = keep.nonzero(as_tuple=True)
+        h = A[b, t].to(dtype)
+        y = self.labels[b, t]
+        lse = _lse(h, self.weight, self.bias, self.softcap, dtype)
+        return HeadTokens(h, b, y, lse, self.scale.to(dtype)[b])
+
+
+class HeadTokens:
+    """A batch's labelled tokens for the head's ghost products: inputs h (n, H), example of each (n,),
+    label (n,), logsumexp of the logits (n,) and loss weight (n,), in the products' dtype."""
+
+    def __init__(self, h, example, y, lse, scale):
+        self.h, self.example, self.y, self.lse, self.scale = h, example, y, lse, scale
+
+    def __len__(self) -> int:
+        return self.h.shape[0]
+
+
+def _vocab_chunk(n: int, v: int) -> int:
+    return max(1, min(v, GHOST_CHUNK_ELEMENTS // max(1, n)))
+
+
+def _chunk_z(h, weight, bias, softcap, lo, hi, dtype):
+    """Logits of vocabulary columns lo:hi in ``dtype`` and dlogits/dz (None without softcap)."""
+    z = h @ weight[lo:hi].to(dtype).T
+    if bias is not None:
+        z += bias[lo:hi].to(dtype)
+    if softcap is None:
+        return z, None
+    t = torch.tanh(z / softcap)
+    return softcap * t, 1.0 - t * t
+
+
+def _lse(h, weight, bias, softcap, dtype):
+    """logsumexp of each row's logits, over vocabulary chunks (never (n, V))."""
+    n, V = h.shape[0], weight.shape[0]
+    top = torch.full((n,), -torch.inf, dtype=dtype, device=h.device)
+    total = torch.zeros(n, dtype=dtype, device=h.device)
+    step = _vocab_chunk(n, V)
+    for lo in range(0, V, step):
+        z, _ = _chunk_z(h, weight, bias, softcap, lo, min(V, lo + step), dtype)
+        new = torch.maximum(top, z.amax(1))
+        total = total * (top - new).exp() + (z - new[:, None]).exp().sum(1)
+        top = new
+    return top + total.log()
+
+
+def _chunk_grad(tok: HeadTokens, weight, bias, softcap, lo, hi, dtype):
+    """G of ``tok``'s rows on vocabulary columns lo:hi: scale (softmax - onehot) dlogits/dz."""
+    z, dcap = _chunk_z(tok.h, weight, bias, softcap, lo, hi, dtype)
+    g = z.sub_(tok.lse[:, None]).exp_()
+    inside = (tok.y >= lo) & (tok.y < hi)
+    rows = inside.nonzero().squeeze(1)
+    g[rows, tok.y[rows] - lo] -= 1.0
+    g.mul_(tok.scale[:, None])
+    if dcap is not None:
+        g.mul_(dcap)
+    return g
+
+
+def head_token_products(q: HeadTokens, t: HeadTokens, head: HeadGrad, bias: bool) -> torch.Tensor:
+    """(n_q, n_t): (a_q . a_t + bias) (g_q . g_t) for every pair of labelled tokens, g . g summed over
+    vocabulary chunks (one (n_q + n_t, chunk) block of G at a time)."""
+    dtype = q.h.dtype
+    V = head.weight.shape[0]
+    GG = torch.zeros(len(q), len(t), dtype=dtype, device=q.h.device)
+    step = _vocab_chunk(len(q) + len(t), V)
+    for lo in range(0, V, step):
+        hi = min(V, lo + step)
+        gq = _chunk_grad(q, head.weight, head.bias, head.softcap, lo, hi, dtype)
+        gt = gq if t is q else _chunk_grad(t, head.weight, head.bias, head.softcap, lo, hi, dtype)
+        GG.addmm_(gq, gt.T)
+    AA = q.h @ t.h.T
+    if bias:
+        AA += 1.0
+    return AA.mul_(GG)
+
+
+def head_ghost_dot(q: HeadTokens, Q: int, t: HeadTokens, B: int, head: HeadGrad, bias: bool) -> torch.Tensor:
+    """(Q, B) exact inner products <grad W_q, grad W_i> of the head between the Q examples of ``q``
+    and the B of ``t`` (``bias``: with the bias gradient), from their labelled tokens only."""
+    M = head_token_products(q, t, head, bias)
+    rows = M.new_zeros(Q, len(t)).index_add_(0, q.example, M)
+    return rows.new_zeros(Q, B).index_add_(1, t.example, rows)
+
+
+def head_ghost_norm(t: HeadTokens, B: int, head: HeadGrad, bias: bool) -> torch.Tensor:
+    """(B,) squared norms ||grad W_i||^2 of the head's per-example gradients."""
+    M = head_token_products(t, t, head, bias)
+    same = t.example[:, None] == t.example[None, :]
+    return M.new_zeros(B).index_add_(0, t.example, (M * same).sum(1))

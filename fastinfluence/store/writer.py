@@ -9,7 +9,9 @@ feature batches the caller produces for them (``write``)::
         writer.write(run, producer.iter_features(run.batches, run.skip, tokens=True, progress=writer.advance))
     store = writer.close()
 
-:func:`write_store` is that loop for any :class:`~fastinfluence.features.FeatureProducer`.
+:func:`write_store` is that loop for any :class:`~fastinfluence.features.FeatureProducer`; for one
+with ``iter_batch_features`` (``GradientExtractor``) it commits batch by batch instead
+(``committed`` / ``write_batches``: part files, so a kill inside a window loses one batch).
 Resuming scans the shard files, so a run killed at any point continues where it stopped.
 """
 
@@ -21,6 +23,7 @@ import itertools
 import json
 import logging
 import os
+import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -29,8 +32,8 @@ import torch
 
 from .. import distributed as dist
 from .. import errors
-from ..batching import batch_ids, batch_positions, data_order, windows
-from ..features import FeatureProducer, Features, cat_features, slice_rows
+from ..batching import WindowTracker, batch_ids, batch_positions, data_order, windows
+from ..features import FeatureProducer, Features, TokenFactors, cat_features, in_data_order, slice_rows
 from ..lm import IGNORE_INDEX
 from ..outputs import SHARD_FILE, STORE_SHARDS, is_store_temporary
 from .format import (
@@ -40,7 +43,9 @@ from .format import (
     _check_format,
     _jsonable,
     _manifest,
+    _read_header,
     _save,
+    _sha256,
     atomic_write,
     check_same_origin,
     contiguous_shards,
@@ -99,6 +104,10 @@ def _content(digests: list[bytes], first: int, rows: int) -> str:
     return hashlib.sha256(b"".join(digests[first : first + rows])).hexdigest()
 
 
+def _content_at(digests: list[bytes], positions: list[int]) -> str:
+    return hashlib.sha256(b"".join(digests[p] for p in positions)).hexdigest()
+
+
 def _write_shard(root: Path, first: int, f: Features, layers: list[str], content: str) -> dict:
     """Write one shard (token file first: the feature shard is the commit record). Returns its entry."""
     entry: dict[str, Any] = {
@@ -121,6 +130,71 @@ def _write_shard(root: Path, first: int, f: Features, layers: list[str], content
         )
     entry.update(_save(root / f"shard-{first:012d}.safetensors", tensors, entry))
     return entry
+
+
+PART_FILE = re.compile(r"part-\d+\.safetensors")
+
+
+def _write_part(root: Path, positions: list[int], f: Features, layers: list[str], content: str) -> Path:
+    """Commit one computed batch whose rows are not in a shard yet: its rows in batch order, their data
+    ``positions``, token factors and covariance sums, in one file named by its first data position. A
+    resumed writer reads it back instead of recomputing the batch (``_read_part``); once a shard holds
+    its rows it is deleted."""
+    tensors = {"features": f.data, "norms": f.norms.float()}
+    if f.tokens is not None:
+        tensors["tokens.offsets"] = f.tokens.offsets.to(torch.int64)
+        tensors.update({f"tokens.a.{n}": f.tokens.a[n] for n in layers})
+        tensors.update({f"tokens.g.{n}": f.tokens.g[n] for n in layers})
+    for n, (A, G, c) in (f.stats or {}).items():
+        tensors.update({f"stats.{n}.a": A, f"stats.{n}.g": G, f"stats.{n}.count": torch.tensor([int(c)])})
+    path = root / f"part-{min(positions):012d}.safetensors"
+    _save(path, tensors, {"positions": positions, "ids": _jsonable(f.ids), "content": content})
+    return path
+
+
+def _part_entry(path: Path) -> dict | None:
+    """The header entry of a part file (None when it cannot be read: it is only uncommitted work)."""
+    try:
+        return json.loads(_read_header(path)[0]["__metadata__"]["entry"])
+    except (OSError, StoreError, KeyError, TypeError, ValueError):
+        return None
+
+
+def _read_part(path: Path, entry: dict, layers: list[str], like: Mapping) -> Features | None:
+    """The Features a part file holds (None when it is unreadable or its checksums fail)."""
+    from safetensors.torch import load_file
+
+    try:
+        t = load_file(str(path))
+    except Exception:  # noqa: BLE001 - a damaged part is recomputed, never trusted
+        return None
+    if set(t) != set(entry.get("sha256", {})) or any(_sha256(v) != entry["sha256"][k] for k, v in t.items()):
+        return None
+    tokens = None
+    if "tokens.offsets" in t:
+        tokens = TokenFactors(
+            t["tokens.offsets"], {n: t[f"tokens.a.{n}"] for n in layers}, {n: t[f"tokens.g.{n}"] for n in layers}
+        )
+    stats = {
+        n: (t[f"stats.{n}.a"], t[f"stats.{n}.g"], int(t[f"stats.{n}.count"][0])) for n in layers if f"stats.{n}.a" in t
+    }
+    return Features(
+        t["features"], t["norms"], list(entry["ids"]), like["layout"], None, like["fingerprint"], tokens, stats or None
+    )
+
+
+def _drop_covered_parts(root: Path, shards: list[dict]) -> None:
+    """Delete the part files whose rows committed shards hold (left by a kill between a shard and its
+    parts' removal, or by a run that wrote its shards by windows)."""
+    if not root.is_dir():
+        return
+    covered = [(e["first"], e["first"] + e["rows"]) for e in shards]
+    for p in root.iterdir():
+        if not PART_FILE.fullmatch(p.name):
+            continue
+        entry = _part_entry(p)
+        if entry is None or all(any(a <= q < b for a, b in covered) for q in entry.get("positions", [])):
+            p.unlink(missing_ok=True)
 
 
 def _pieces(sizes: list[int], done: list[dict]) -> list[tuple[int, int, int]]:
@@ -176,7 +250,9 @@ class StoreWriter:
     (with ``positions``, see ``fastinfluence.batching``) in data order. Examples already in
     the store (the same positions) are left out of the plan, so writing again after a
     crash resumes, and writing the old batches followed by new ones appends. Shards hold
-    whole batches (whole windows of bucketed batches), about ``shard_rows`` rows each.
+    whole batches (whole windows of bucketed batches), about ``shard_rows`` rows each; with
+    ``write_batches`` each computed batch whose rows no shard holds yet is committed at once
+    as a part file, read back on resume (a kill loses at most the batch in flight).
     Under ``torch.distributed`` the ranks split the remaining examples (whole batches or
     windows), each writes its own shards and rank 0 writes the manifest; every rank must
     plan the same batches.
@@ -223,8 +299,10 @@ class StoreWriter:
         self.dim = max((sl[1] for sl in meta_now["layout"].values()), default=0)
         self.meta = meta or {}
         self._digests: list[bytes] = []
+        self._flat_ids: list = []
         self._expected: int | None = None
         self._bar = None
+        self._parts: dict | None = None
 
     def plan(self, batches: Iterable[Mapping]) -> list[Run]:
         """The runs of examples of ``batches`` that this rank still has to write, in stream order.
@@ -263,6 +341,7 @@ class StoreWriter:
         flat_ids = [flat_ids[i] for i in order]
         digests = _row_digests(stream)
         digests = self._digests = [digests[i] for i in order]
+        self._flat_ids = flat_ids
         old_digests = None
         self._expected = len(flat_ids)
         for e in done:
@@ -284,6 +363,7 @@ class StoreWriter:
                     "to resume, or the old batches followed by new ones to append"
                 )
         if rank == 0:  # a manifest from the start, so that a killed first run can be checked on resume
+            _drop_covered_parts(shard_dir, done)
             atomic_write(root / MANIFEST, json.dumps(self._manifest(contiguous_shards(done), len(flat_ids))).encode())
         pieces = _pieces(sizes, done)
         if rank == 0 and done:
@@ -347,15 +427,114 @@ class StoreWriter:
                 f"the extractor yielded {pos - first} rows for examples {first}..{stop}; expected {stop - first}"
             )
 
+    def committed(self, run: Run) -> set[int]:
+        """Data positions of ``run`` (counted as in ``run.batches``) whose batches a killed writer
+        committed as part files: pass them to the producer as ``done`` (``write_batches`` reads
+        their rows back)."""
+        self._parts = self._matching_parts(run)
+        base = run.first - run.skip
+        return {p - base for positions in self._parts for p in positions}
+
+    def _matching_parts(self, run: Run) -> dict[tuple[int, ...], tuple[Path, dict]]:
+        """The part files holding exactly a batch of ``run`` (by its data positions), checked against
+        the batches' ids and tokens like shards; others are left for the writer that matches them."""
+        base, tracker, wanted = run.first - run.skip, WindowTracker(), set()
+        for b in run.batches:
+            n = len(b["input_ids"])
+            positions = batch_positions(b, n) or tracker.following(n)
+            tracker.add(n, positions)
+            wanted.add(tuple(sorted(p + base for p in positions)))
+        found = {}
+        for p in sorted(self.shard_dir.glob("part-*.safetensors")):
+            entry = _part_entry(p) if PART_FILE.fullmatch(p.name) else None
+            key = tuple(sorted(entry.get("positions", []))) if entry is not None else ()
+            if key not in wanted:
+                continue
+            positions = entry["positions"]
+            if key[-1] >= len(self._flat_ids) or (
+                _jsonable([self._flat_ids[q] for q in positions]) != entry["ids"]
+                or _content_at(self._digests, positions) != entry["content"]
+            ):
+                raise MismatchError(
+                    f"store {self.root} holds the computed batch {p.name} of examples {positions[:5]} whose ids or "
+                    "tokens differ from these batches at the same positions: pass the same batches to resume"
+                )
+            found[key] = (p, entry)
+        return found
+
+    def write_batches(self, run: Run, batches: Iterable[tuple[list[int], Features | None, bool]]) -> None:
+        """Write the features of ``run`` from its batches one by one, as
+        ``GradientExtractor.iter_batch_features(run.batches, run.skip, done=writer.committed(run))``
+        yields them (positions, Features or None, closes a window): every computed batch whose rows
+        no shard takes yet is committed at once as a part file, so a kill inside a window of
+        length-bucketed batches (or before ``shard_rows`` rows) loses at most the batch in flight;
+        the batches ``committed`` named are read back from their part files. Shards hold whole
+        windows in data order, as ``write`` writes them; their part files are deleted after them."""
+        first, stop, base = run.first, run.stop, run.first - run.skip
+        parts = self._parts
+        if parts is None:
+            parts = self._matching_parts(run)
+        self._parts = None
+        window: list[tuple[list[int], Features]] = []
+        ready: list[Features] = []
+        held: list[Path] = []  # part files of rows not in a shard yet
+        pos = shard_first = first
+        for positions, f, closes in batches:
+            positions = [p + base for p in positions]
+            key = tuple(sorted(positions))
+            fresh = f is not None
+            if f is None and key in parts:
+                path, entry = parts.pop(key)
+                f = _read_part(path, entry, self.layers, self.meta_now)
+                if f is None:
+                    raise StoreError(
+                        f"store {self.root}: the computed batch {path.name} became unreadable while resuming; run "
+                        "the extraction again (it is then recomputed)"
+                    )
+                held.append(path)
+                self._bar.update(sum(first <= q < stop for q in positions))
+            if f is not None:
+                window.append((positions, f))
+            shard_now = False
+            if closes and window:
+                w = in_data_order(window, first)
+                window = []
+                if pos + len(w) > stop:
+                    w = slice_rows(w, 0, stop - pos)
+                if len(w):
+                    ready.append(w)
+                    pos += len(w)
+                if ready and (pos - shard_first >= self.shard_rows or pos >= stop):
+                    _write_shard(
+                        self.shard_dir,
+                        shard_first,
+                        cat_features(ready),
+                        self.layers,
+                        _content(self._digests, shard_first, pos - shard_first),
+                    )
+                    for path in held:
+                        path.unlink(missing_ok=True)
+                    ready, held, shard_first, shard_now = [], [], pos, True
+            if fresh and not shard_now and any(first <= q < stop for q in positions):
+                held.append(
+                    _write_part(self.shard_dir, positions, f, self.layers, _content_at(self._digests, positions))
+                )
+            if pos >= stop:
+                break
+        if pos != stop:
+            raise StoreError(
+                f"the extractor yielded {pos - first} rows for examples {first}..{stop}; expected {stop - first}"
+            )
+
     def close(self) -> FeatureStore:
         """Write the manifest of every shard written so far (rank 0) and open the store."""
         if self._bar is not None:
             self._bar.close()
         dist.barrier()
         if self.rank == 0:
-            atomic_write(
-                self.root / MANIFEST, json.dumps(self._manifest(scan_shards(self.shard_dir), self._expected)).encode()
-            )
+            shards = scan_shards(self.shard_dir)
+            atomic_write(self.root / MANIFEST, json.dumps(self._manifest(shards, self._expected)).encode())
+            _drop_covered_parts(self.shard_dir, shards)
         dist.barrier()
         return FeatureStore.open(self.root)
 
@@ -442,7 +621,21 @@ def _write_store(
         meta=meta,
         progress=progress,
     )
+    per_batch = callable(getattr(extractor, "iter_batch_features", None))
     for run in writer.plan(batches):
+        if per_batch:  # committed batch by batch (part files), the bar moving per batch
+            writer.write_batches(
+                run,
+                extractor.iter_batch_features(
+                    run.batches,
+                    skip_examples=run.skip,
+                    done=writer.committed(run),
+                    tokens=tokens,
+                    covariances=covariances,
+                    progress=writer.advance,
+                ),
+            )
+            continue
         # A producer that reports per batch moves the bar inside a window; others per yielded rows.
         counted = "progress" in inspect.signature(extractor.iter_features).parameters
         extra = {"progress": writer.advance} if counted else {}
