@@ -23,6 +23,12 @@ Each train example then scores <P_q, dW_i> = sum_t g_it^T P_q a~_it from its cap
 per example) and drops them; ``ghost`` never forms them (cost Q T d_in' d_out); ``auto`` takes
 the cheaper per layer. The EK-FAC fit forms rotated per-example gradients the same way, a few
 examples of one layer at a time.
+
+An MoE expert (``moe.ExpertLayer``) is handed over as its routed tokens; laid out per example
+(``ops.routed.token_grid``) they are factors like any layer's, with T its routed tokens: C_A is
+divided by their count, C_G by the fit examples, and dW_i sums example i's routed tokens only.
+Factors may be stored in a lower precision (``fit_kfac(factor_dtype=)``) and are then applied in
+float32.
 """
 
 from __future__ import annotations
