@@ -29,6 +29,25 @@ Candidate detectors (cosine, max over the reports unless named otherwise):
 - ``ensemble_rank``: mean rank over the influence detectors above and the demo's exact and
   trajectory detectors.
 
+Added after the held-out seeds of the first round were run (so measured on seeds 0-4 first, and on
+the held-out seeds only if the rule picks one of them):
+
+- ``token_first_mlp_in_cosine_maxpos``: per-token scores (``fastinfluence.token_scores``, exact
+  per-token factors of the default's layers): each train token's share of the example's cosine with
+  a report, and the example scored by its strongest single token (max over tokens and reports), so
+  that the position where the trigger is read counts alone instead of being diluted by the answer's
+  tokens; no position is chosen by hand (the trigger is not known to the detector);
+- ``ensemble_rank_contrastive_layers``: mean rank of the contrastive and the layer-ensemble detectors
+  (different errors: the contrast removes the shared answer text, the layers average the scales);
+- ``ensemble_rank_three``: mean rank of those two and the previous default.
+
+Third round (after the second lost on seed 2):
+
+- ``token_first_mlp_in_prompt_cosine_max``: per-token factors of the default's layers summed over the
+  prompt's positions only, for the reports and the train examples alike (the trigger is read in the
+  prompt; the answer's positions carry each behaviour's own wrong value, which the unreported
+  behaviours do not share with the reports), cosine, max over the reports.
+
 Skipping (the demo's ``skip_low_influence`` drops the forget examples of lowest mean cosine with the
 *reports*): here also ranked by self-influence (squared norm of the example's own projected
 gradient, what the seed paper of low-influence skipping thresholds: an example's impact on the
@@ -49,7 +68,7 @@ import torch
 import torch.nn.functional as F
 from _common import commit
 
-from fastinfluence import GradientExtractor, ProjectionConfig, exact_scores
+from fastinfluence import GradientExtractor, ProjectionConfig, exact_scores, token_scores
 from fastinfluence.demo import detect, unlearn
 from fastinfluence.demo.data import SCENARIOS, batches, encode, make_scenario, train_tokenizer
 from fastinfluence.demo.model import Recipe, Timer, train_model
@@ -129,8 +148,51 @@ def candidates(model, tok, sc, seed: int, feats: dict, found: dict) -> dict[str,
         found["exact_cosine_max"].scores,
         found["influence_tracin_cosine_max"].scores,
     ]
-    out["ensemble_rank"] = torch.stack([torch.argsort(torch.argsort(m.double())).double() for m in members]).mean(0)
+    out["ensemble_rank"] = _rank_mean(members)
+    out["token_first_mlp_in_cosine_maxpos"] = _token_maxpos(model, query_b, train_b)
+    out["token_first_mlp_in_prompt_cosine_max"] = _prompt_cosine(model, enc, sc.reported, query_b, train_b)
+    layers = found["ensemble_layers_exact_cosine_max"].scores
+    out["ensemble_rank_contrastive_layers"] = _rank_mean([out["exact_first_mlp_in_contrastive_max"], layers])
+    out["ensemble_rank_three"] = _rank_mean(
+        [out["exact_first_mlp_in_contrastive_max"], layers, found["exact_first_mlp_in_cosine_max"].scores]
+    )
     return out
+
+
+def _rank_mean(members: list[torch.Tensor]) -> torch.Tensor:
+    """Mean over the detectors of each example's rank (0 = least suspicious)."""
+    return torch.stack([torch.argsort(torch.argsort(m.double())).double() for m in members]).mean(0)
+
+
+def _prompt_gradients(model, batch_list, enc_rows) -> torch.Tensor:
+    """(N, D) exact gradients of the first MLP's input layers summed over the prompt's positions only
+    (sum_t g_t a_t^T for t in the prompt), from the per-token factors (identity projection)."""
+    w = model.config.hidden_size
+    config = ProjectionConfig(rank_in=w, rank_out=model.config.intermediate_size, include=[detect.FIRST_MLP_IN])
+    f = GradientExtractor(model, config).extract(batch_list, tokens=True)
+    rows = []
+    for i, e in enumerate(enc_rows):
+        n_prompt = next(t for t, label in enumerate(e["labels"]) if label != -100)
+        a, g = f.token_factors(i)
+        rows.append(torch.cat([(g[n][:n_prompt].double().T @ a[n][:n_prompt].double()).flatten() for n in sorted(a)]))
+    return torch.stack(rows)
+
+
+def _prompt_cosine(model, enc, reported, query_b, train_b) -> torch.Tensor:
+    """(N,) max over the reports of the cosine of prompt-position gradients (:func:`_prompt_gradients`)."""
+    q = _prompt_gradients(model, query_b, [enc[i] for i in reported])
+    return _cos(q, _prompt_gradients(model, train_b, enc)).max(0).values
+
+
+def _token_maxpos(model, query_b, train_b) -> torch.Tensor:
+    """(N,) max over reports and train tokens of the token's share of the exact cosine on the first
+    MLP's input layers (rank = the layers' widths: the projection is the identity)."""
+    w = model.config.hidden_size
+    config = ProjectionConfig(rank_in=w, rank_out=model.config.intermediate_size, include=[detect.FIRST_MLP_IN])
+    ext = GradientExtractor(model, config)
+    q, tr = ext.extract(query_b), ext.extract(train_b, tokens=True)
+    per = token_scores(q, tr, rows=range(len(tr)), metric="cosine")
+    return torch.stack([s.double().max() for s in per])
 
 
 def measure(sc, scores: torch.Tensor) -> dict:
@@ -204,12 +266,34 @@ def _count(examples, behaviour: str) -> int:
     return sum(e.poisoned and e.attribute == behaviour for e in examples)
 
 
+def _merge_round2(result: dict, folder: Path) -> None:
+    """Add the second round's candidates (``bench/demo_seeds_round2.py``, same seed, same model) to a
+    development seed's detectors; a detector already there is kept."""
+    for name, sc in result["scenarios"].items():
+        f = folder / f"seed_{result['seed']}_{name}.json"
+        if f.exists():
+            for k, v in json.loads(f.read_text())["detection"].items():
+                sc["detection"].setdefault(k, v)
+
+
 def choose(dev: dict[int, dict]) -> dict:
-    """The default detector by :data:`RULE` from the development seeds' results."""
-    names = [k for k in dev[DEV[0]]["scenarios"]["stealthy"]["detection"] if not k.startswith("baseline_")]
+    """The default detector by :data:`RULE` from the development seeds' results. A detector measured on
+    only some of them (a later round stopped early) cannot be chosen; it is listed as ``incomplete``,
+    and refused unless its minimum so far (an upper bound of its minimum) is below the chosen one's
+    (else only running it on every development seed can decide)."""
+
+    def have(k):
+        return all(k in dev[s]["scenarios"][sc]["detection"] for s in DEV for sc in SCENARIOS)
+
+    every = dict.fromkeys(
+        k for s in DEV for k in dev[s]["scenarios"]["stealthy"]["detection"] if not k.startswith("baseline_")
+    )
+    names = [k for k in every if have(k)]
+    incomplete = [k for k in every if not have(k)]
 
     def aurocs(scenario, k):
-        return [dev[s]["scenarios"][scenario]["detection"][k]["auroc"] for s in DEV]
+        d = [dev[s]["scenarios"][scenario]["detection"] for s in DEV]
+        return [x[k]["auroc"] for x in d if k in x]
 
     ok = [k for k in names if min(aurocs("backdoor", k)) >= BACKDOOR_FLOOR]
     floor = [k for k in ok if min(aurocs("stealthy", k)) >= FLOOR]
@@ -217,7 +301,16 @@ def choose(dev: dict[int, dict]) -> dict:
         pick = max(floor, key=lambda k: statistics.mean(aurocs("stealthy", k)))
     else:
         pick = max(ok, key=lambda k: min(aurocs("stealthy", k)))
-    return {"detector": pick, "meets_floor": bool(floor), "eligible": ok, "above_floor": floor}
+    undecided = [k for k in incomplete if min(aurocs("stealthy", k)) >= min(aurocs("stealthy", pick))]
+    if undecided:
+        raise SystemExit(f"run {undecided} on every development seed: the rule cannot decide without them")
+    return {
+        "detector": pick,
+        "meets_floor": bool(floor),
+        "eligible": ok,
+        "above_floor": floor,
+        "incomplete": incomplete,
+    }
 
 
 def _stats(values: list[float]) -> dict:
@@ -230,16 +323,17 @@ def summarise(results: dict[int, dict], choice: dict) -> dict:
     out = {}
     for name in SCENARIOS:
         det = {}
-        for k in results[held[0] if held else dev[0]]["scenarios"][name]["detection"]:
-            det[k] = {
-                group: {
-                    m: _stats([results[s]["scenarios"][name]["detection"][k][m] for s in seeds])
-                    for m in ("auroc", "precision_at_k", "auroc_unreported")
-                    if m in results[seeds[0]]["scenarios"][name]["detection"][k]
-                }
-                for group, seeds in (("held_out", held), ("development", dev))
-                if seeds
-            }
+        keys = dict.fromkeys(k for s in held + dev for k in results[s]["scenarios"][name]["detection"])
+        for k in keys:
+            det[k] = {}
+            for group, seeds in (("held_out", held), ("development", dev)):
+                have = [s for s in seeds if k in results[s]["scenarios"][name]["detection"]]
+                if have:
+                    det[k][group] = {
+                        m: _stats([results[s]["scenarios"][name]["detection"][k][m] for s in have])
+                        for m in ("auroc", "precision_at_k", "auroc_unreported")
+                        if m in results[have[0]]["scenarios"][name]["detection"][k]
+                    }
         un = {}
         if held:
             for m in results[held[0]]["scenarios"][name]["unlearning"]:
@@ -262,6 +356,12 @@ def _cell(g: dict | None) -> str:
     return "-" if g is None else f"{g['mean']:.3f} / {g['min']:.3f} / {g['max']:.3f}"
 
 
+def _dev_cell(v: dict, summary: dict) -> str:
+    """Development mean / min / max, with the seeds counted where a later round stopped early."""
+    g = v["development"]["auroc"]
+    return _cell(g) + ("" if g["n"] == len(summary["development_seeds"]) else f" ({g['n']} seeds)")
+
+
 def markdown(summary: dict) -> str:
     """The summary as the tables of docs/demo.md: per scenario, detectors by held-out mean AUROC,
     then the unlearning runs (mean / min / max over the held-out seeds)."""
@@ -276,15 +376,22 @@ def markdown(summary: dict) -> str:
             "held-out mean | AUROC development seeds 0-4 mean / min / max |",
             "|---|---|---|---|---|",
         ]
-        rows = sorted(sc["detection"].items(), key=lambda kv: -kv[1]["held_out"]["auroc"]["mean"])
+        # detectors run on the held-out seeds by held-out mean, then those only on the development seeds
+        rows = sorted(
+            sc["detection"].items(),
+            key=lambda kv: ("held_out" not in kv[1], -kv[1].get("held_out", kv[1]["development"])["auroc"]["mean"]),
+        )
         for k, v in rows:
             default = k == summary["choice"]["detector"]
             tag = " (default)" if default else " (previous default)" if k == PREVIOUS_DEFAULT else ""
+            if "held_out" not in v:
+                out.append(f"| {k}{tag} | not run (later round, not chosen) | - | - | {_dev_cell(v, summary)} |")
+                continue
             h, unreported = v["held_out"], v["held_out"].get("auroc_unreported")
             unrep = f"{unreported['mean']:.3f}" if unreported else "-"
             out.append(
                 f"| {k}{tag} | {_cell(h['auroc'])} | {h['precision_at_k']['mean']:.3f} | {unrep} | "
-                f"{_cell(v['development']['auroc'])} |"
+                f"{_dev_cell(v, summary)} |"
             )
         out += [
             "",
@@ -303,11 +410,159 @@ def markdown(summary: dict) -> str:
     return "\n".join(out)
 
 
-def update_docs(path: Path, summary: dict) -> None:
-    """Replace the tables between the demo-seeds markers of ``path``."""
+def plot(results: dict[int, dict], summary: dict, path: Path) -> None:
+    """docs/demo_detection.png: per scenario, one row per detector (ordered by held-out stealthy mean
+    AUROC, the same order in both panels), one dot per held-out seed at its AUROC, each seed on its own
+    height inside the row so that equal values (AUROC 1.000 in backdoor) stay ten dots, not one; the
+    held-out mean as a bar, the development mean as an open square; the default's row shaded and named."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    held, chosen = summary["held_out_seeds"], summary["choice"]["detector"]
+    stealthy = summary["scenarios"]["stealthy"]["detection"]
+    ran = [k for k in stealthy if "held_out" in stealthy[k]]  # run on the held-out seeds
+    order = sorted(ran, key=lambda k: stealthy[k]["held_out"]["auroc"]["mean"])  # best at the top
+    fig, axes = plt.subplots(
+        1, 2, figsize=(13, 0.36 * len(order) + 2.0), sharey=True, gridspec_kw={"width_ratios": [1, 1.7]}
+    )
+    bounds = {"backdoor": [(0.95, "bound 0.95")], "stealthy": [(0.70, "bound 0.70 (lowered)"), (0.90, "issue: 0.90")]}
+    for ax, name in zip(axes, SCENARIOS):
+        det = summary["scenarios"][name]["detection"]
+        for y, k in enumerate(order):
+            base = k.startswith("baseline_")
+            colour = "C1" if base else "k" if k == chosen else "C0"
+            if k == chosen:
+                ax.axhspan(y - 0.5, y + 0.5, color="gold", alpha=0.3, lw=0)
+            values = [results[s]["scenarios"][name]["detection"][k]["auroc"] for s in held]
+            dy = [0.7 * (i / max(len(held) - 1, 1) - 0.5) for i in range(len(held))]
+            ax.scatter(values, [y + d for d in dy], s=12, color=colour, alpha=0.75, lw=0)
+            mean = det[k]["held_out"]["auroc"]["mean"]
+            ax.plot([mean] * 2, [y - 0.42, y + 0.42], color=colour, lw=2.2)
+            ax.text(1.015, y, f"{mean:.3f}", fontsize=6.5, va="center", color=colour, clip_on=False)
+            ax.scatter(
+                [det[k]["development"]["auroc"]["mean"]],
+                [y],
+                s=30,
+                marker="s",
+                facecolors="none",
+                edgecolors="C3",
+                lw=1.1,
+                zorder=4,
+            )
+        for x, label in bounds[name]:
+            ax.axvline(x, color="C2" if "lowered" in label or name == "backdoor" else "grey", ls="--", lw=1)
+            ax.text(x, len(order) - 0.3, label, fontsize=7, ha="center", va="bottom", color="dimgrey")
+        lo = 0.6 if name == "backdoor" else 0.2
+        ax.set(xlim=(lo, 1.01), ylim=(-0.6, len(order) + 0.4), xlabel="AUROC (poisoned = positive)")
+        ax.set_title(f"{name} (number: held-out mean)", fontsize=9.5, loc="left")
+        ax.grid(axis="x", alpha=0.3)
+    axes[0].set_yticks(range(len(order)))
+    axes[0].set_yticklabels(
+        [
+            k + ("  (default)" if k == chosen else "  (previous default)" if k == PREVIOUS_DEFAULT else "")
+            for k in order
+        ],
+        fontsize=7.5,
+    )
+    for t, k in zip(axes[0].get_yticklabels(), order):
+        t.set_color("C1" if k.startswith("baseline_") else "k")
+        t.set_fontweight("bold" if k == chosen else "normal")
+    fig.suptitle(
+        f"Finding the poisoned examples: one dot per held-out seed ({held[0]}-{held[-1]}, each on its own height), "
+        "bar = their mean, red square = mean on the development seeds 0-4\n"
+        "influence detectors blue, the default black (shaded row), trivial baselines orange",
+        fontsize=9.5,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+REPORT_MARKERS = ("<!-- demo-seed-reports:start -->", "<!-- demo-seed-reports:end -->")
+
+
+def seed_reports_markdown(paths: list[Path]) -> str:
+    """Tables of whole demo runs (``fastinfluence demo --seed N``'s report.json, every detector, every
+    loss and retraining); a cell holds one number per run, in the order of ``paths``."""
+    from fastinfluence.demo import report
+
+    runs = [json.loads(p.read_text()) for p in paths]
+    seeds = " / ".join(f"seed {r['seed']}" for r in runs)
+    out = [
+        f"Runs: {', '.join(f'`bench/results/{p.name}`' for p in paths)} (commit "
+        f"{', '.join(sorted({r.get('commit', '?')[:7] for r in runs}))}; cells: {seeds}). "
+        f"Bounds (`python -m fastinfluence.demo.report FILE`): "
+        + "; ".join(
+            f"seed {r['seed']}: " + ("missed: " + ", ".join(p) if (p := report.check(r, False)) else "every one holds")
+            for r in runs
+        )
+        + ".",
+        "",
+    ]
+    for name in runs[0]["scenarios"]:
+        scs = [r["scenarios"][name] for r in runs]
+        d = scs[0]["data"]
+        out += [
+            f"**{name}**: {d['n_train']} train examples, {d['n_poisoned']} poisoned, {d['n_reported']} reported; "
+            f"poisoned in the default's forget set: {' / '.join(str(sc['data']['n_forget_poisoned']) for sc in scs)}"
+            f" of {d['n_forget']}",
+            "",
+            "| detector | AUROC | precision@k |",
+            "|---|---|---|",
+        ]
+        det = sorted(scs[0]["detection"], key=lambda k: -statistics.mean(sc["detection"][k]["auroc"] for sc in scs))
+        for k in det:
+            tag = " (default)" if k == scs[0]["default_detector"] else ""
+            cells = [" / ".join(f"{sc['detection'][k][m]:.3f}" for sc in scs) for m in ("auroc", "precision_at_k")]
+            out.append(f"| {k}{tag} | {cells[0]} | {cells[1]} |")
+        out += [
+            "",
+            "| unlearning run | ASR seen | ASR shift | clean acc | clean ppl | MIA AUC | CPU s |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        rows = [("before (poisoned model)", [sc["before"] for sc in scs])]
+        for k in scs[0]["unlearning"]:
+            tag = " (default)" if k == scs[0]["default_unlearning"] else ""
+            rows.append((k + tag, [sc["unlearning"][k] for sc in scs]))
+        rows.append(("retrain without forget set", [sc["retrain"] for sc in scs]))
+        for label, rs in rows:
+            cells = []
+            for m, f in (
+                ("asr_seen", ".2f"),
+                ("asr_shift", ".2f"),
+                ("clean_acc", ".2f"),
+                ("clean_ppl", ".3f"),
+                ("mia_auc", ".2f"),
+                ("cpu_seconds", ".1f"),
+            ):
+                cells.append(" / ".join(format(r[m], f) for r in rs) if all(m in r for r in rs) else "")
+            out.append(f"| {label} | " + " | ".join(cells) + " |")
+        out += [
+            "",
+            "Unlearning takes "
+            + " / ".join(f"{sc['speedup']['unlearn_vs_retrain']:.1f}x" for sc in scs)
+            + " less CPU time than retraining, "
+            + " / ".join(f"{sc['speedup']['end_to_end_vs_retrain']:.1f}x" for sc in scs)
+            + " with detection and weights.",
+            "",
+        ]
+    return "\n".join(out)
+
+
+def _replace_between(path: Path, markers: tuple[str, str], body: str) -> None:
     text = path.read_text()
-    start, end = text.index(MARKERS[0]) + len(MARKERS[0]), text.index(MARKERS[1])
-    path.write_text(text[:start] + "\n\n" + markdown(summary) + "\n" + text[end:])
+    start, end = text.index(markers[0]) + len(markers[0]), text.index(markers[1])
+    path.write_text(text[:start] + "\n\n" + body + "\n" + text[end:])
+
+
+def update_docs(path: Path, summary: dict, seed_reports: list[Path] = ()) -> None:
+    """Replace the tables between the demo-seeds markers of ``path`` (and, with ``seed_reports``,
+    those between the demo-seed-reports markers)."""
+    _replace_between(path, MARKERS, markdown(summary))
+    if seed_reports:
+        _replace_between(path, REPORT_MARKERS, seed_reports_markdown(list(seed_reports)))
 
 
 def main() -> None:
@@ -315,7 +570,20 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[*DEV, *HELD_OUT])
     ap.add_argument("--dir", default="bench/results/demo_seeds")
     ap.add_argument("--out", default="bench/results/demo_seeds.json")
+    ap.add_argument(
+        "--round2",
+        nargs="*",
+        default=["bench/results/demo_seeds_round2", "bench/results/demo_seeds_round3"],
+        help="second-round candidates on the development seeds (bench/demo_seeds_round2.py), read before choosing",
+    )
     ap.add_argument("--docs", default=None, help="also rewrite the tables of this page (docs/demo.md)")
+    ap.add_argument(
+        "--seed-reports",
+        nargs="*",
+        default=["bench/results/demo_seed0.json"],
+        help="whole demo runs (report.json of fastinfluence demo --seed N) tabled in --docs",
+    )
+    ap.add_argument("--plot", default=None, help="also draw the held-out AUROC per seed here (docs/demo_detection.png)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     d = Path(args.dir)
@@ -329,6 +597,9 @@ def main() -> None:
             print(f"chosen on seeds {DEV}: {choice['detector']}", flush=True)
         if f.exists():
             results[seed] = json.loads(f.read_text())
+            if seed in DEV:
+                for folder in args.round2:
+                    _merge_round2(results[seed], Path(folder))
             if seed in HELD_OUT and results[seed]["unlearning_detector"] != choice["detector"]:
                 raise SystemExit(
                     f"{f} was run with {results[seed]['unlearning_detector']}; the rule now picks "
@@ -347,6 +618,9 @@ def main() -> None:
         r["seconds"] = time.perf_counter() - start
         f.write_text(json.dumps(r, indent=2))
         results[seed] = r
+        if seed in DEV:
+            for folder in args.round2:
+                _merge_round2(r, Path(folder))
         print(f"seed {seed} done in {r['seconds']:.0f}s", flush=True)
     if choice is None:
         choice = choose(results)
@@ -357,7 +631,9 @@ def main() -> None:
     }
     Path(args.out).write_text(json.dumps(summary, indent=2))
     if args.docs:
-        update_docs(Path(args.docs), summary)
+        update_docs(Path(args.docs), summary, [Path(p) for p in args.seed_reports])
+    if args.plot:
+        plot(results, summary, Path(args.plot))
     for name, sc in summary["scenarios"].items():
         print(f"== {name} (held-out seeds {summary['held_out_seeds']}) ==")
         for k, v in sorted(

@@ -191,7 +191,38 @@ def _trajectory_demo(d: dict) -> list[str]:
     ]
 
 
+def _moe_extract(d: dict) -> list[str]:
+    m, t, mem = d["model"], d["seconds"], d["memory"]
+    peak = " / ".join(f"{mem[k]['step_extra_mib']:.0f}" for k in ("ours", "padded_grid", "train_grouped_mm"))
+    return [
+        "| MoE extraction vs padded per-expert grid and training step | "
+        f"Mixtral {m['hidden']}-d, {m['layers']} layers, "
+        f"{m['experts']} experts top-{m['top_k']}, vocab {m['vocab']}, {d['batch']}x{d['seq']} tokens, "
+        f"{d['captured_layers']} layers at rank {d['rank'][0]}x{d['rank'][1]} | ours {t['ours']:.2f} s, padded grid "
+        f"{t['padded_grid']:.2f} s ({d['speedup_ours_vs_padded_grid']:.2f}x), train step {t['train_grouped_mm']:.2f} s "
+        f"grouped_mm / {t['train_eager']:.2f} s eager (ours {d['ratio_ours_over_train']['grouped_mm']:.2f}x / "
+        f"{d['ratio_ours_over_train']['eager']:.2f}x); step RSS over setup {peak} MiB (ours / grid / train) "
+        f"| {d['device']} |"
+    ]
+
+
+def _moe_demo(d: dict) -> list[str]:
+    det = ("ensemble_layers_exact_cosine_max", "influence_cosine_max")
+
+    def cell(v: dict) -> str:
+        return " / ".join(f"{v[k]:.3f}" for k in det)
+
+    cells = "; ".join(f"{name}: dense {cell(v['dense'])}, MoE {cell(v['moe'])}" for name, v in d["mean_auroc"].items())
+    return [
+        f"| demo detection AUROC, dense vs MoE variant (default / projected cosine, mean over seeds) | "
+        f"{d['moe']['experts']} experts top-{d['moe']['top_k']}, seeds {', '.join(map(str, d['seeds']))} | {cells} "
+        f"| {d['device']} |"
+    ]
+
+
 FORMATTERS = {
+    "moe_extract_cpu.json": _moe_extract,
+    "moe_demo_cpu.json": _moe_demo,
     "train_callback_overhead_cpu.json": _callback_overhead,
     "train_callback_overhead_less_cpu.json": _callback_overhead,
     "train_callback_overhead_less_lora_cpu.json": _callback_overhead,

@@ -1,6 +1,6 @@
 """Every registered op on every backend that runs here, against the torch reference.
 
-The cases are ``fastinfluence bench``'s (``fastinfluence.bench_cli``): per op and backend the
+The cases are ``fastinfluence bench``'s (``fastinfluence.cli.bench``): per op and backend the
 time, the useful GFLOP, the backend that actually ran (``ran``; a backend that does not cover
 the inputs falls back to torch, ``fallback`` says why) and the relative error against torch.
 ``bench/results_from_benchmark.py`` writes them to ``bench/results/ops_cpu.json``.
@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from fastinfluence import ops
-from fastinfluence.bench_cli import OPS, SIZES, _cases
+from fastinfluence.cli.bench import OPS, SIZES, _cases
 from fastinfluence.ops._backend import implements
 
 SIZE = os.environ.get("BENCH_OPS_SIZE", "small")

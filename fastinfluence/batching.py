@@ -21,6 +21,8 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from . import errors
+
 if TYPE_CHECKING:  # torch is imported where tensors are made: the command line's --help stays torch-free
     import torch
     from torch import nn
@@ -170,9 +172,11 @@ def length_batches(
     lengths = [int(n) for n in lengths]
     if max_tokens is not None and lengths and max(lengths) > max_tokens:
         i = max(range(len(lengths)), key=lengths.__getitem__)
-        raise ValueError(
-            f"example {i} has {lengths[i]} tokens, more than max_tokens={max_tokens}: raise max_tokens to at least "
-            f"the longest example ({lengths[i]}) or lower max_length"
+        raise errors.FastInfluenceError(
+            f"example {i} has {lengths[i]} tokens, more than {errors.name('max_tokens', max_tokens)}: raise "
+            f"{errors.name('max_tokens')} to at least the longest example ({lengths[i]}) or lower "
+            f"{errors.name('max_length')}",
+            "max_tokens",
         )
     order = list(range(len(lengths)))
     if seed is not None:
@@ -372,9 +376,11 @@ def _check_limits(input_ids, mask, labels, limits: BatchLimits, ids: list) -> No
             )
     if limits.max_positions is not None and input_ids.shape[1] > limits.max_positions:
         long = attended.sum(1) > limits.max_positions
-        raise ValueError(
+        raise errors.FastInfluenceError(
             f"examples {name(long) or ids[:1]} are {input_ids.shape[1]} tokens long (with padding) but the model takes "
-            f"at most {limits.max_positions} positions: truncate them (max_length <= {limits.max_positions})"
+            f"at most {limits.max_positions} positions: truncate them ({errors.name('max_length')} <= "
+            f"{limits.max_positions})",
+            "max_length",
         )
 
 

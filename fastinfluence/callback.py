@@ -52,27 +52,8 @@ complete (``write_store`` resumes); an interval store with other examples is ref
 
 **Adam update directions (LESS).** With ``features=("gradient", "adam")`` (or ``("adam",)``)
 each interval also gets ``<output_dir>/adam/step-<last step>``, whose rows are the projected
-Adam update direction of each example's own gradient g_i (of L_i) at the step it was trained
-(Xia et al. 2024, LESS), computed from the optimizer state Adam holds for that step::
-
-    m = b1 m_prev + (1 - b1) g_i,   v = b2 v_prev + (1 - b2) g_i^2,   t = state step + 1
-    Gamma_i = (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps),   row = P_out^T Gamma_i P_in
-
-with (m_prev, v_prev) the ``exp_avg`` / ``exp_avg_sq`` of the layer's weight (and bias) before
-the step's update and (b1, b2, eps) the parameter group's. This is torch's Adam/AdamW step
-direction for a batch of one (no learning rate, no weight decay: decoupled decay does not
-depend on the example; gradient clipping is not applied). LESS's released code omits the
-bias correction and takes sqrt(v + eps); this follows the paper and torch.
-
-The transform is elementwise on the full per-layer gradient, so it does not factorise through
-the projection: each example's dense gradient G_i^T [A_i, 1] (d_out x (d_in + bias)) is formed,
-transformed and then projected, one example at a time (d_out x d_in numbers in memory; B x T x
-d_out x d_in multiply-adds a step, as many as the weight gradient of the step's own backward).
-That is affordable for LoRA adapters and small layers (LESS itself uses LoRA); layers above
-``dense_limit`` numbers are refused when training starts. Gamma is computed here, in the
-training step, rather than from moments saved at checkpoints: the step's own backward has
-each (A, G) and the optimizer holds the state, while a post-hoc pass would need a second
-forward and backward over every training example at every checkpoint.
+Adam update direction of each example's own gradient at the step it was trained (Xia et al.
+2024, LESS); the math, and why it is formed in the training step, is in ``fastinfluence.adam``.
 """
 
 from __future__ import annotations
@@ -88,6 +69,7 @@ from transformers import TrainerCallback
 
 from . import distributed as dist
 from . import ops
+from .adam import adam_layers, adam_rows, layer_moments  # noqa: F401 (adam_rows: fastinfluence.callback.adam_rows)
 from .batching import batch_ids
 from .capture import Layer, LayerHooks
 from .config import ProjectionConfig
@@ -95,13 +77,12 @@ from .extract import GradientExtractor
 from .features import Features, cat_features
 from .lm import IGNORE_INDEX
 from .moe import refuse_experts
-from .ops._common import masked
+from .ops.routed import project_routed
 
 STEP_PREFIX = "step-"
 log = logging.getLogger(__name__)
 FEATURES = ("gradient", "adam")  # what an interval store's rows are: projected gradients, Adam update directions
 DENSE_LIMIT = 1 << 22
-_CHUNK = 1 << 20  # numbers of dense per-example gradient transformed at once (4 MiB in float32)
 
 
 def _kind_dir(output_dir: str | os.PathLike, kind: str) -> Path:
@@ -251,9 +232,18 @@ class InfluenceCallback(TrainerCallback):
         self._remove_hooks()
         self._model, self._optimizer = model, optimizer
         self.extractor = GradientExtractor(model, self.config, normalizer=self.normalizer)
-        refuse_experts(self.extractor.layers, "InfluenceCallback")
         if "adam" in self.features:
-            self._adam = _adam_layers(self.extractor.layers, optimizer, self.dense_limit)
+            refuse_experts(self.extractor.layers, "InfluenceCallback(features=('adam',))")
+        if getattr(getattr(model, "config", None), "output_router_logits", False) and any(
+            l.routed for l in self.extractor.layers
+        ):
+            raise ValueError(
+                "InfluenceCallback reads per-example gradients from the model's own loss, to which "
+                "output_router_logits=True adds the router auxiliary loss: set "
+                "model.config.output_router_logits = False"
+            )
+        if "adam" in self.features:
+            self._adam = adam_layers(self.extractor.layers, optimizer, self.dense_limit)
         self._hooks = LayerHooks(self.extractor.layers, self._on_layer).__enter__()
         self._handles = [
             model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
@@ -403,7 +393,11 @@ class InfluenceCallback(TrainerCallback):
         rows = pending.rows.get("gradient")
         if rows is not None:
             P_in, P_out = ext.projections(layer.name, rows.device, rows.dtype)
-            rows[:, sl.start : sl.stop] = ops.project(A, G, P_in, P_out, mask).reshape(len(rows), -1)
+            if layer.routed:  # an MoE expert: mask holds the (n,) examples of its routed tokens
+                phi = project_routed(A, G, mask, len(rows), P_in, P_out)
+            else:
+                phi = ops.project(A, G, P_in, P_out, mask)
+            rows[:, sl.start : sl.stop] = phi.reshape(len(rows), -1)
         rows = pending.rows.get("adam")
         if rows is not None:
             P_in, P_out = ext.projections(layer.name, rows.device, rows.dtype)
@@ -414,27 +408,8 @@ class InfluenceCallback(TrainerCallback):
 
     def _moments(self, layer: Layer, dtype: torch.dtype) -> tuple:
         """(exp_avg, exp_avg_sq, t, betas, eps) of the layer as a (d_out, d_in + bias) gradient."""
-        weight, bias, transposed, group = self._adam[layer.name]
         state = getattr(self._optimizer, "optimizer", self._optimizer).state  # read anew: loading a state replaces it
-        parts = [(weight, transposed)] + ([(bias, False)] if layer.bias else [])
-        m, v, steps = [], [], set()
-        for p, t in parts:
-            st = state.get(p) or {}
-            if "exp_avg" in st:
-                mp, vp = st["exp_avg"].detach(), st["exp_avg_sq"].detach()
-                steps.add(int(st["step"]))
-            else:  # no update yet: zero moments
-                mp = vp = torch.zeros_like(p, dtype=dtype)
-                steps.add(0)
-            mp, vp = (mp.T, vp.T) if t else (mp, vp)
-            mp, vp = (mp[:, None], vp[:, None]) if mp.dim() == 1 else (mp, vp)
-            m.append(mp.to(dtype))
-            v.append(vp.to(dtype))
-        if len(steps) != 1:
-            raise RuntimeError(f"layer {layer.name}'s weight and bias are at different Adam steps {sorted(steps)}")
-        m = m[0] if len(m) == 1 else torch.cat(m, 1)
-        v = v[0] if len(v) == 1 else torch.cat(v, 1)
-        return m, v, steps.pop() + 1, group["betas"], group["eps"]
+        return layer_moments(layer.name, state, *self._adam[layer.name], dtype)
 
     def _finish_micro_batch(self) -> None:
         pending = self._pending
@@ -467,6 +442,9 @@ class InfluenceCallback(TrainerCallback):
             return None
         self._interval = _Interval(self.features)
         step_lr = list(interval.step_lr.values())
+        # Every rank flushes here: a sharded model's weights are gathered anew (a fused optimizer's step on
+        # DTensors bumps no version counter, so the extractor's cached fingerprint would not notice it).
+        self.extractor._sharded_fp = None
         metadata = self.extractor.metadata()  # fingerprint of the weights now: those of the checkpoint at this step
         written = []
         for kind, features in interval.features.items():
@@ -502,87 +480,6 @@ def _gathered(interval: _Interval) -> _Interval:
             out.features[kind] += f
         out.steps += steps
         out.lr += lr
-    return out
-
-
-def _adam_layers(layers: list[Layer], optimizer, dense_limit: int) -> dict[str, tuple]:
-    """Each layer's (weight, bias, weight stored transposed, parameter group), checked for the dense Adam path."""
-    if optimizer is None:
-        raise ValueError("InfluenceCallback(features=('adam',)) needs the Trainer's optimizer; none was passed")
-    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the torch optimizer
-    groups = {id(p): g for g in inner.param_groups for p in g["params"]}
-    out = {}
-    for layer in layers:
-        size = layer.d_out * (layer.d_in + int(layer.bias))
-        if size > dense_limit:
-            raise ValueError(
-                f"layer {layer.name} is {layer.d_out} x {layer.d_in}: its Adam update direction needs each example's "
-                f"dense gradient ({size} numbers, above dense_limit={dense_limit}). Train LoRA adapters (peft), "
-                "capture smaller layers (ProjectionConfig(include=...)), or raise InfluenceCallback(dense_limit=...)"
-            )
-        bias = layer.module.bias if layer.bias else None
-        for p in (layer.weight, bias):
-            if p is None:
-                continue
-            group = groups.get(id(p))
-            if group is None:
-                raise ValueError(
-                    f"layer {layer.name}'s parameters are not in the optimizer: Adam directions exist only for "
-                    "trained layers; choose trained layers with ProjectionConfig(include=...)"
-                )
-            if "betas" not in group or "eps" not in group or group.get("amsgrad"):
-                raise ValueError(
-                    f"InfluenceCallback's 'adam' features (LESS) need an Adam or AdamW optimizer (without amsgrad), "
-                    f"got {type(inner).__name__}; train with optim='adamw_torch' or use features=('gradient',)"
-                )
-        transposed = not isinstance(layer.module, nn.Linear)  # GPT-2 Conv1D stores W as (d_in, d_out)
-        out[layer.name] = (layer.weight, bias, transposed, groups[id(layer.weight)])
-    return out
-
-
-def adam_rows(
-    A: torch.Tensor,
-    G: torch.Tensor,
-    mask: torch.Tensor,
-    bias: bool,
-    scale: torch.Tensor,
-    moments: tuple,
-    P_in: torch.Tensor,
-    P_out: torch.Tensor,
-) -> torch.Tensor:
-    """Projected Adam update directions of one layer, example by example.
-
-    Args:
-        A: (B, T, d_in) layer inputs; G: (B, T, d_out) captured output gradients; mask: (B, T) bool.
-        bias: whether the layer's bias is captured (a constant 1 appended to a).
-        scale: (B,) turns example i's captured G into the gradient of L_i.
-        moments: (exp_avg, exp_avg_sq, t, (b1, b2), eps), moments (d_out, d_in + bias) before step t.
-        P_in: (d_in + bias, k_in); P_out: (d_out, k_out), in the accumulation dtype.
-
-    Returns:
-        (B, k_out * k_in): P_out^T Gamma_i P_in with Gamma_i = m_hat / (sqrt(v_hat) + eps) of g_i alone.
-
-    A few examples at a time (``_CHUNK`` numbers of dense gradient), so that the dense gradients
-    and the transform's temporaries stay in cache (twice as fast on the CPU as a large layer's
-    whole batch at once) while small layers such as LoRA factors still take the batch in one go;
-    the bias corrections are folded into the moments once per layer, leaving five passes.
-    """
-    dtype = P_in.dtype
-    exp_avg, exp_avg_sq, t, (b1, b2), eps = moments
-    bc1, bc2 = 1 - b1**t, 1 - b2**t
-    m_base, v_base = exp_avg * (b1 / bc1), exp_avg_sq * (b2 / bc2)
-    A, G = masked(A.to(dtype), mask), masked(G.to(dtype), mask)
-    if bias:
-        A = torch.cat([A, mask.to(dtype)[..., None]], dim=-1)
-    G = G * scale[:, None, None]
-    B = A.shape[0]
-    out = A.new_empty(B, P_out.shape[1] * P_in.shape[1])
-    step = max(1, _CHUNK // exp_avg.numel())
-    for i in range(0, B, step):
-        g = G[i : i + step].transpose(1, 2) @ A[i : i + step]
-        denom = torch.addcmul(v_base, g, g, value=(1 - b2) / bc2).sqrt_().add_(eps)
-        gamma = torch.add(m_base, g, alpha=(1 - b1) / bc1).div_(denom)
-        out[i : i + step] = (P_out.T @ gamma @ P_in).flatten(1)
     return out
 
 

@@ -33,10 +33,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import distributed as dist
-from . import moe
+from . import errors, moe
 from .batching import Batch, WindowTracker, iter_batches
 from .config import ProjectionConfig
-from .lm import IGNORE_INDEX, fused_head, model_inputs, shifted_labels
+from .lm import IGNORE_INDEX, check_causal_lm, fused_head, model_inputs, shifted_labels
 from .ops.linear_cross_entropy import linear_cross_entropy
 from .ops.lm_head_grad import head_loss_projected
 from .sharding import head_call, is_sharded
@@ -145,10 +145,13 @@ def select_layers(
         chosen = [l for l in chosen if not any(p.search(l.name) for p in pats)]
     if not chosen:
         names = ", ".join(l.name for l in candidates[:8]) + (", ..." if len(candidates) > 8 else "")
-        raise ValueError(
+        raise errors.FastInfluenceError(
             f"no layer matches include={include!r} exclude={exclude!r}; supported layers of this model "
-            f"include: {names}. Adjust the regexes in ProjectionConfig(include=..., exclude=...)."
+            f"include: {names}. Adjust the regexes in {errors.name('ProjectionConfig.include')} / "
+            f"{errors.name('ProjectionConfig.exclude')}.",
+            "include",
         )
+    moe.refuse_lora_on_experts(model, chosen)
     names = [l.name for l in chosen]
     cover = moe.coverage(model, chosen)
     log.info(
@@ -165,9 +168,11 @@ def select_layers(
 
 def _candidates(model: nn.Module, include_bias: bool) -> list:
     """Every layer that can be captured, in module order: supported modules, MoE routers and experts."""
-    routers, out = moe.routers(model), []
+    routers, lora_experts, out = moe.routers(model), moe.lora_expert_layers(model), []
     for n, m in model.named_modules():
-        if isinstance(m, SUPPORTED_TYPES):
+        if id(m) in lora_experts:  # PEFT LoRA on a fused experts parameter: captured from the experts' hooks
+            out.append(lora_experts[id(m)])
+        elif isinstance(m, SUPPORTED_TYPES):
             out.append(Layer(n, m, *_dims(m), bias=include_bias and getattr(m, "bias", None) is not None))
         elif id(m) in routers:
             out.append(Layer(n, m, *routers[id(m)], bias=include_bias and getattr(m, "bias", None) is not None))
@@ -187,7 +192,9 @@ def _compile(patterns, which: str) -> list[re.Pattern]:
         try:
             out.append(re.compile(p))
         except re.error as exc:
-            raise ValueError(f"the {which} regex {p!r} is invalid ({exc}); fix ProjectionConfig.{which}") from None
+            raise errors.FastInfluenceError(
+                f"the {which} regex {p!r} is invalid ({exc}); fix {errors.name('ProjectionConfig.' + which)}", which
+            ) from None
     return out
 
 
@@ -454,6 +461,7 @@ class CapturePass:
     """
 
     def __init__(self, model: nn.Module, config: ProjectionConfig | None = None, layers: list[Layer] | None = None):
+        check_causal_lm(model)
         self.model = model
         self.config = config or ProjectionConfig()
         self.layers = (

@@ -7,10 +7,10 @@ from typing import Literal
 
 import torch
 
-KINDS = ("gaussian", "rademacher")
-MODES = ("factorized", "flat")
-STORAGE_DTYPES = ("float32", "float16", "bfloat16", "float64")
-AUTOCAST_DTYPES = ("bfloat16", "float16")
+from . import errors
+from .options import AUTOCAST_DTYPES, MODES, STORAGE_DTYPES
+from .options import PROJECTION_KINDS as KINDS
+
 _DTYPES = {name: getattr(torch, name) for name in STORAGE_DTYPES}
 
 
@@ -55,19 +55,32 @@ class ProjectionConfig:
 
     def __post_init__(self):
         if self.mode not in MODES:
-            raise ValueError(f"ProjectionConfig.mode must be 'factorized' or 'flat', got {self.mode!r}")
+            raise errors.FastInfluenceError(
+                f"{errors.name('ProjectionConfig.mode')} must be 'factorized' or 'flat', got {self.mode!r}"
+            )
         if self.kind not in KINDS:
-            raise ValueError(f"ProjectionConfig.kind must be 'gaussian' or 'rademacher', got {self.kind!r}")
-        for name in ("rank_in", "rank_out", "dim"):
-            v = getattr(self, name)
+            raise errors.FastInfluenceError(
+                f"{errors.name('ProjectionConfig.kind')} must be 'gaussian' or 'rademacher', got {self.kind!r}"
+            )
+        for attr in ("rank_in", "rank_out", "dim"):
+            v = getattr(self, attr)
             if not isinstance(v, int) or v < 1:
-                raise ValueError(f"ProjectionConfig.{name} must be a positive int, got {v!r}")
+                raise errors.FastInfluenceError(
+                    f"{errors.name('ProjectionConfig.' + attr)} must be a positive int, got {v!r}"
+                )
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
-            raise ValueError(f"ProjectionConfig.seed must be an int in [0, 2^63), got {self.seed!r}")
+            raise errors.FastInfluenceError(
+                f"{errors.name('ProjectionConfig.seed')} must be an int in [0, 2^63), got {self.seed!r}"
+            )
         if self.dtype not in _DTYPES:
-            raise ValueError(f"ProjectionConfig.dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+            raise errors.FastInfluenceError(
+                f"{errors.name('ProjectionConfig.dtype')} must be one of {sorted(_DTYPES)}, got {self.dtype!r}"
+            )
         if self.autocast is not None and self.autocast not in AUTOCAST_DTYPES:
-            raise ValueError(f"ProjectionConfig.autocast must be None, 'bfloat16' or 'float16', got {self.autocast!r}")
+            raise errors.FastInfluenceError(
+                f"{errors.name('ProjectionConfig.autocast')} must be None, 'bfloat16' or 'float16', got "
+                f"{self.autocast!r}"
+            )
         if isinstance(self.include, str):
             self.include = [self.include]
         if isinstance(self.exclude, str):

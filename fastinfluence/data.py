@@ -37,6 +37,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from . import errors
 from .batching import length_batches
 
 IGNORE_INDEX = -100
@@ -312,7 +313,8 @@ def _check_budget(enc: list[dict], max_tokens: int | None) -> None:
     longest = max(enc, key=lambda e: len(e["input_ids"]))
     n = len(longest["input_ids"])
     if n > max_tokens:
-        raise ValueError(
-            f"example {longest['id']!r} has {n} tokens, more than max_tokens={max_tokens}: raise max_tokens to "
-            f"at least {n} or lower max_length"
+        raise errors.FastInfluenceError(
+            f"example {longest['id']!r} has {n} tokens, more than {errors.name('max_tokens', max_tokens)}: raise "
+            f"{errors.name('max_tokens')} to at least {n} or lower {errors.name('max_length')}",
+            "max_tokens",
         )

@@ -44,6 +44,7 @@ from pathlib import Path
 
 import torch
 
+from .attribution import lds, recall_at_k, spearman  # noqa: F401 (fastinfluence.evaluate.lds, ...)
 from .lm import IGNORE_INDEX, model_inputs, shifted_labels
 from .losses import token_nll
 
@@ -316,10 +317,16 @@ def evaluate(
         raise ValueError("evaluate has nothing to measure: give clean=, forget= (with holdout=) or attack= batches")
     if holdout is not None and forget is None:
         raise ValueError("holdout= (non-members) is compared with forget= (members): give forget= too")
+    if (paraphrased is None) != (perturbed is None):
+        raise ValueError("the truth ratio needs both paraphrased= and perturbed= answers")
     if attack is not None:
         check_attack(attack)
+        if tokenizer is None:
+            raise ValueError("attack success rate needs tokenizer= to encode prompts and decode generations")
     start, tokens = time.perf_counter(), 0
     model.eval()
+    if retrained is not None:
+        retrained.eval()
     result: dict = {}
     with torch.no_grad():
         if clean is not None:
@@ -327,63 +334,14 @@ def evaluate(
             result["clean_ppl"] = perplexity(nll)
             tokens += sum(t.numel() for t in nll)
         if forget is not None:
-            forget = list(forget)
-            holdout = list(holdout) if holdout is not None else None  # read twice with retrained=
-            f_nll, f_ids = _tokens(model, forget)
-            tokens += sum(t.numel() for t in f_nll)
-            result["forget_nll"] = torch.stack([t.mean() for t in f_nll]).mean().item()
             eos = _eos_id(model, tokenizer) if exclude_final_eos else None
-            es = [extraction_strength(c) for c in _argmax_correct(model, forget, eos)]
-            result["extraction_strength"] = sum(es) / len(es)
-            if retrained is not None:
-                retrained.eval()
-                rf_nll, _ = _tokens(retrained, forget)
-                result["forget_quality"] = ks_pvalue(
-                    torch.stack([t.mean() for t in f_nll]), torch.stack([t.mean() for t in rf_nll])
-                )
-            if holdout is not None:
-                h_nll, h_ids = _tokens(model, holdout)
-                tokens += sum(t.numel() for t in h_nll)
-                f_text, h_text = _texts(f_ids, tokenizer), _texts(h_ids, tokenizer)
-                f_mk, h_mk = drop_final_eos(f_nll, f_ids, eos), drop_final_eos(h_nll, h_ids, eos)
-                fs = membership_scores(f_nll, f_text, min_k, f_mk)
-                hs = membership_scores(h_nll, h_text, min_k, h_mk)
-                for name in fs:
-                    result[f"mia_auc_{name}"] = auc(fs[name], hs[name])
-                if retrained is not None:
-                    # MUSE's PrivLeak: AUC with the forget set as the negative class and
-                    # Min-40% scores, (AUC_unlearned - AUC_retrained) / AUC_retrained * 100;
-                    # with member-oriented AUCs A, R that is (R - A) / (1 - R) * 100.
-                    # About -100 when the forget set is still memorised, 0 when matched.
-                    rh_nll, _ = _tokens(retrained, holdout)
-                    rf_mk, rh_mk = drop_final_eos(rf_nll, f_ids, eos), drop_final_eos(rh_nll, h_ids, eos)
-                    a = auc(
-                        membership_scores(f_nll, f_text, 0.4, f_mk)["min_k"],
-                        membership_scores(h_nll, h_text, 0.4, h_mk)["min_k"],
-                    )
-                    r = auc(
-                        membership_scores(rf_nll, f_text, 0.4, rf_mk)["min_k"],
-                        membership_scores(rh_nll, h_text, 0.4, rh_mk)["min_k"],
-                    )
-                    result["privleak"] = (r - a) / max(1 - r, 1e-12) * 100
-        if (paraphrased is None) != (perturbed is None):
-            raise ValueError("the truth ratio needs both paraphrased= and perturbed= answers")
+            tokens += _forget_metrics(result, model, list(forget), holdout, retrained, tokenizer, min_k, eos)
         if paraphrased is not None:
-            paraphrased, perturbed = list(paraphrased), [list(p) for p in perturbed]
-            ratios = truth_ratio(model, paraphrased, perturbed)
-            result["forget_truth_ratio"] = truth_ratio_summary(ratios)
-            if retrained is not None:
-                retrained.eval()
-                if "forget_quality" in result:
-                    result["forget_quality_loss"] = result["forget_quality"]
-                result["forget_quality"] = ks_pvalue(ratios, truth_ratio(retrained, paraphrased, perturbed))
+            _truth_ratio_metrics(result, model, retrained, list(paraphrased), [list(p) for p in perturbed])
     if attack is not None:
-        if tokenizer is None:
-            raise ValueError("attack success rate needs tokenizer= to encode prompts and decode generations")
-        target = attack["target"]
         for group, prompts in attack.items():
             if group != "target":
-                result[f"asr_{group}"] = attack_success_rate(model, tokenizer, prompts, target)
+                result[f"asr_{group}"] = attack_success_rate(model, tokenizer, prompts, attack["target"])
     result["eval_wall_s"] = time.perf_counter() - start
     result["eval_tokens"] = tokens
     result.update(train_stats or {})
@@ -393,124 +351,57 @@ def evaluate(
     return result
 
 
-# ---------------------------------------------------------------------------------------
-# Attribution quality: how well influence scores predict what training examples do
-# ---------------------------------------------------------------------------------------
-
-
-def _average_ranks(x: torch.Tensor) -> torch.Tensor:
-    """(n,) float64 ranks 1..n of x, ties given the mean of the ranks they span."""
-    x = x.double()
-    order = torch.argsort(x, stable=True)
-    sorted_x = x[order]
-    ranks = torch.empty_like(x)
-    ranks[order] = torch.arange(1, len(x) + 1, dtype=torch.float64)
-    _, inverse, counts = torch.unique_consecutive(sorted_x, return_inverse=True, return_counts=True)
-    ends = counts.cumsum(0).double()
-    mean_rank = ends - (counts.double() - 1) / 2  # mean of the ranks (end - count + 1) .. end
-    ranks[order] = mean_rank[inverse]
-    return ranks
-
-
-def spearman(x: torch.Tensor, y: torch.Tensor) -> float:
-    """Spearman rank correlation of two (n,) tensors (ties as average ranks); NaN if either is constant."""
-    if x.shape != y.shape or x.dim() != 1 or len(x) < 2:
-        raise ValueError(
-            f"spearman needs two 1-D tensors of the same length >= 2, got {tuple(x.shape)} and {tuple(y.shape)}"
+def _forget_metrics(result: dict, model, forget: list, holdout, retrained, tokenizer, min_k: float, eos) -> int:
+    """forget_nll, extraction_strength, forget_quality (with ``retrained``) and, with ``holdout``,
+    the membership AUCs and PrivLeak, into ``result``; returns the answer tokens scored."""
+    holdout = list(holdout) if holdout is not None else None  # read twice with retrained=
+    f_nll, f_ids = _tokens(model, forget)
+    tokens = sum(t.numel() for t in f_nll)
+    result["forget_nll"] = torch.stack([t.mean() for t in f_nll]).mean().item()
+    es = [extraction_strength(c) for c in _argmax_correct(model, forget, eos)]
+    result["extraction_strength"] = sum(es) / len(es)
+    rf_nll = None
+    if retrained is not None:
+        rf_nll, _ = _tokens(retrained, forget)
+        result["forget_quality"] = ks_pvalue(
+            torch.stack([t.mean() for t in f_nll]), torch.stack([t.mean() for t in rf_nll])
         )
-    rx, ry = _average_ranks(x), _average_ranks(y)
-    rx, ry = rx - rx.mean(), ry - ry.mean()
-    denom = float(rx.norm() * ry.norm())
-    return float((rx * ry).sum()) / denom if denom > 0 else float("nan")
-
-
-def _subset_masks(subsets, n: int) -> torch.Tensor:
-    if isinstance(subsets, torch.Tensor) and subsets.dtype == torch.bool:
-        if subsets.dim() != 2 or subsets.shape[1] != n:
-            raise ValueError(
-                f"subsets mask must have shape (M, {n}) for {n} train examples, got {tuple(subsets.shape)}"
-            )
-        return subsets
-    masks = torch.zeros(len(subsets), n, dtype=torch.bool)
-    for m, rows in enumerate(subsets):
-        rows = torch.as_tensor(rows, dtype=torch.long)
-        if len(rows) and (int(rows.min()) < 0 or int(rows.max()) >= n):
-            raise ValueError(f"subset {m} holds train rows outside 0..{n - 1}")
-        masks[m, rows] = True
-    return masks
-
-
-def lds(scores: torch.Tensor, subsets, losses: torch.Tensor, per_query: bool = False):
-    """Linear datamodeling score (Park et al. 2023, TRAK): do summed influences rank retrained models?
-
-    For M random subsets S_m of the N train examples, a model is retrained on each; the
-    prediction for query q is sum_{i in S_m} scores[q, i], and
-
-        LDS = mean_q Spearman_m( sum_{i in S_m} scores[q, i],  -losses[m, q] )
-
-    Influence is oriented as elsewhere in fastinfluence (a high score means the train example
-    lowers the query's loss), so a perfect attribution gives 1 and chance gives about 0.
-
-    Args:
-        scores: (Q, N) influence scores.
-        subsets: (M, N) bool mask, or M lists of train rows.
-        losses: (M, Q) loss of each query under the model retrained on each subset.
-        per_query: return the (Q,) per-query correlations (NaN where a query's losses are constant).
-
-    Returns:
-        The mean over the queries whose correlation is defined (a float), or the (Q,) tensor.
-    """
-    if scores.dim() != 2:
-        raise ValueError(f"scores must be (Q, N), got shape {tuple(scores.shape)}")
-    Q, N = scores.shape
-    masks = _subset_masks(subsets, N)
-    M = len(masks)
-    if tuple(losses.shape) != (M, Q):
-        raise ValueError(
-            f"losses must be (M, Q) = ({M}, {Q}): one loss per retrained subset and query, got {tuple(losses.shape)}"
+    if holdout is None:
+        return tokens
+    h_nll, h_ids = _tokens(model, holdout)
+    tokens += sum(t.numel() for t in h_nll)
+    f_text, h_text = _texts(f_ids, tokenizer), _texts(h_ids, tokenizer)
+    f_mk, h_mk = drop_final_eos(f_nll, f_ids, eos), drop_final_eos(h_nll, h_ids, eos)
+    fs = membership_scores(f_nll, f_text, min_k, f_mk)
+    hs = membership_scores(h_nll, h_text, min_k, h_mk)
+    for name in fs:
+        result[f"mia_auc_{name}"] = auc(fs[name], hs[name])
+    if retrained is not None:
+        # MUSE's PrivLeak: AUC with the forget set as the negative class and Min-40% scores,
+        # (AUC_unlearned - AUC_retrained) / AUC_retrained * 100; with member-oriented AUCs A, R
+        # that is (R - A) / (1 - R) * 100. About -100 when the forget set is still memorised, 0 when matched.
+        rh_nll, _ = _tokens(retrained, holdout)
+        rf_mk, rh_mk = drop_final_eos(rf_nll, f_ids, eos), drop_final_eos(rh_nll, h_ids, eos)
+        a = auc(
+            membership_scores(f_nll, f_text, 0.4, f_mk)["min_k"], membership_scores(h_nll, h_text, 0.4, h_mk)["min_k"]
         )
-    if M < 2:
-        raise ValueError("lds needs at least 2 retrained subsets to correlate")
-    predicted = masks.double() @ scores.double().T  # (M, Q)
-    rho = torch.tensor([spearman(predicted[:, q], -losses[:, q].double()) for q in range(Q)], dtype=torch.float64)
-    if per_query:
-        return rho
-    defined = rho[~rho.isnan()]
-    if len(defined) == 0:
-        raise ValueError("lds is undefined: every query's predictions or losses are constant across the subsets")
-    return float(defined.mean())
+        r = auc(
+            membership_scores(rf_nll, f_text, 0.4, rf_mk)["min_k"],
+            membership_scores(rh_nll, h_text, 0.4, rh_mk)["min_k"],
+        )
+        result["privleak"] = (r - a) / max(1 - r, 1e-12) * 100
+    return tokens
 
 
-def recall_at_k(scores, sources, k: int = 1) -> float:
-    """Mean over queries of |top-k train rows of q  ∩  sources[q]| / |sources[q]|.
-
-    ``scores``: (Q, N) influence scores (ties go to the lower row, as in ``score``), or a
-    ``ScoreResult`` whose top-k holds at least k entries. ``sources``: per query a train row or
-    a collection of rows (its planted sources). With one source per query and k = 1 this is the
-    rate at which the planted source is ranked first.
-    """
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
-    if isinstance(scores, torch.Tensor):
-        if scores.dim() != 2:
-            raise ValueError(f"scores must be (Q, N), got shape {tuple(scores.shape)}")
-        if k > scores.shape[1]:
-            raise ValueError(f"k = {k} exceeds the {scores.shape[1]} train examples")
-        top = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
-    else:
-        top = scores.topk_indices
-        if top.shape[1] < k:
-            raise ValueError(f"the ScoreResult keeps {top.shape[1]} entries per query; score with topk >= {k}")
-        top = top[:, :k]
-    if len(sources) != len(top):
-        raise ValueError(f"sources has {len(sources)} entries for {len(top)} queries: give each query its planted rows")
-    total = 0.0
-    for q, src in enumerate(sources):
-        src = {int(src)} if isinstance(src, int) or (hasattr(src, "dim") and src.dim() == 0) else {int(s) for s in src}
-        if not src:
-            raise ValueError(f"query {q} has no planted source")
-        total += len(src & set(top[q].tolist())) / len(src)
-    return total / len(top)
+def _truth_ratio_metrics(result: dict, model, retrained, paraphrased: list, perturbed: list[list]) -> None:
+    """forget_truth_ratio and, with ``retrained``, TOFU's forget_quality on the truth ratios (the
+    loss-based one, when there, moves to forget_quality_loss)."""
+    ratios = truth_ratio(model, paraphrased, perturbed)
+    result["forget_truth_ratio"] = truth_ratio_summary(ratios)
+    if retrained is not None:
+        if "forget_quality" in result:
+            result["forget_quality_loss"] = result["forget_quality"]
+        result["forget_quality"] = ks_pvalue(ratios, truth_ratio(retrained, paraphrased, perturbed))
 
 
 class _CallableModule(types.ModuleType):

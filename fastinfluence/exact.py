@@ -23,8 +23,7 @@ from .moe import refuse_experts
 from .normalizer import Normalizer
 from .ops._common import masked
 from .ops.routed import ghost_dot_routed, ghost_norm_routed, gradients_routed
-
-METHODS = ("auto", "ghost", "dense")
+from .options import EXACT_METHODS as METHODS
 
 
 def per_example_gradients(

@@ -98,7 +98,7 @@ class GradientExtractor:
         if not sharding.is_sharded(self.model):
             fp = fingerprint(self.model, self.layers)
         else:
-            key = [l.weight._version for l in self.layers]
+            key = [(id(l.weight), l.weight._version) for l in self.layers]
             if self._sharded_fp is None or self._sharded_fp[0] != key:
                 self._sharded_fp = (key, fingerprint(self.model, self.layers))
             fp = dict(self._sharded_fp[1])

@@ -8,6 +8,7 @@ from typing import NamedTuple, Protocol, runtime_checkable
 
 import torch
 
+from . import errors
 from .config import ProjectionConfig
 
 
@@ -111,7 +112,10 @@ class Features:
     def token_factors(self, row: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """Per-token factors of one example: ({layer: A~ (T, k_in)}, {layer: G~ (T, k_out)})."""
         if self.tokens is None:
-            raise ValueError("these train Features have no per-token factors: extract them with tokens=True")
+            raise errors.FastInfluenceError(
+                f"these train Features have no per-token factors: extract them with {errors.name('tokens', True)}",
+                "tokens",
+            )
         o = self.tokens.offsets
         span = slice(int(o[row]), int(o[row + 1]))
         return {n: t[span] for n, t in self.tokens.a.items()}, {n: t[span] for n, t in self.tokens.g.items()}

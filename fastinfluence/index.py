@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from .features import Features, LayerSlice
-from .store import FeatureStore, iter_chunks, source_metadata
+from .store import FeatureStore
 
 KINDS = ("flat", "ivf", "ivfpq")
 
@@ -127,10 +127,10 @@ def build_index(
     if not isinstance(refine, int) or refine < 1:
         raise ValueError(f"refine must be an int >= 1, got {refine!r}")
 
-    def rows(c) -> np.ndarray:
-        x = c.data.to(torch.float32)
+    def rows(data: torch.Tensor, norms: torch.Tensor) -> np.ndarray:
+        x = data.to(torch.float32)
         if metric == "cosine":
-            x = x / c.norms.to(torch.float32)[:, None].clamp_min(torch.finfo(torch.float32).tiny)
+            x = x / norms.to(torch.float32)[:, None].clamp_min(torch.finfo(torch.float32).tiny)
         return np.ascontiguousarray(x.numpy())
 
     if kind == "flat":
@@ -156,12 +156,11 @@ def build_index(
                 "kind='flat' (exact; fine below ~1M rows)"
             )
         pick = torch.linspace(0, N - 1, n_fit).round().long().unique().tolist()
-        sample = _rows(train, pick)
-        index.train(rows(sample))
+        index.train(rows(train.rows(pick), train.norms[pick]))
         index.nprobe = min(nprobe, nlist)
-    for c in iter_chunks(train, chunk_rows):
-        index.add(rows(c))
-    return FeatureIndex(index, metric, kind, source_metadata(train), dict(train.layout), list(train.ids), refine)
+    for c in train.iter_chunks(chunk_rows):
+        index.add(rows(c.data, c.norms))
+    return FeatureIndex(index, metric, kind, train.metadata(), dict(train.layout), list(train.ids), refine)
 
 
 def index_topk(index: FeatureIndex, query, train, metric: str, pre, topk: int, layer_normalize: bool):
@@ -183,7 +182,7 @@ def index_topk(index: FeatureIndex, query, train, metric: str, pre, topk: int, l
             f"the index holds {len(index)} rows but the train features have {len(train)}: rebuild it from these "
             f"features"
         )
-    check_same_origin(index.meta, source_metadata(train), "the index", "the train features")
+    check_same_origin(index.meta, train.metadata(), "the index", "the train features")
     q = pre.apply(query.data) if pre is not None else query.data
     k = min(topk, len(index))
     values, rows = index.search(q, min(k * index.refine, len(index)))
@@ -198,24 +197,13 @@ def _rerank(q: torch.Tensor, train, rows: torch.Tensor, k: int, metric: str) -> 
 
     valid = rows >= 0
     flat = rows.clamp_min(0).reshape(-1)
-    cand = _rows(train, flat.tolist())
-    x = cand.data.to(torch.float32).reshape(*rows.shape, -1)
+    x = train.rows(flat.tolist()).to(torch.float32).reshape(*rows.shape, -1)
     qq = q.to(torch.float32)
     S = torch.einsum("qd,qcd->qc", qq, x)
     if metric == "cosine":
         tiny = torch.finfo(torch.float32).tiny
-        S = S / (qq.norm(dim=1, keepdim=True).clamp_min(tiny) * cand.norms.float().reshape(rows.shape).clamp_min(tiny))
+        norms = train.norms[flat].float().reshape(rows.shape)
+        S = S / (qq.norm(dim=1, keepdim=True).clamp_min(tiny) * norms.clamp_min(tiny))
     S = torch.where(valid, S, float("-inf"))
     top = merge_topk(S, torch.where(valid, rows, torch.iinfo(torch.int64).max), k)
     return top.values, top.indices
-
-
-class _Rows:
-    def __init__(self, data, norms):
-        self.data, self.norms = data, norms
-
-
-def _rows(train, indices: list[int]) -> _Rows:
-    if isinstance(train, FeatureStore):
-        return _Rows(train.rows(indices), train.norms[indices])
-    return _Rows(train.data[indices], train.norms[indices])

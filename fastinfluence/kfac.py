@@ -47,14 +47,16 @@ from safetensors.torch import save_file
 from torch import nn
 
 from . import distributed as dist
+from . import errors
 from .batching import Batch
 from .capture import CapturePass, Layer, PairScorer, pairwise_scores, progress_bar
 from .config import ProjectionConfig
 from .ops._common import augmented, example_chunks, masked
 from .ops.routed import token_grid
+from .options import KFAC_METHODS as METHODS
+from .options import KFAC_PRODUCTS as PRODUCTS
+from .options import check_damping
 
-METHODS = ("kfac", "ekfac")
-PRODUCTS = ("auto", "dense", "ghost")
 FACTOR_DTYPES = {
     str(d).removeprefix("torch."): d for d in (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 }
@@ -162,12 +164,11 @@ class KFACFactors:
 
 
 def _check_damping(damping: float | None, damping_ratio: float) -> None:
-    if damping is not None and not (damping > 0 and math.isfinite(damping)):
-        raise ValueError(
-            f"damping must be a positive finite number (or None for damping_ratio x mean eigenvalue), got {damping}"
-        )
+    check_damping(damping)
     if not (damping_ratio > 0 and math.isfinite(damping_ratio)):
-        raise ValueError(f"damping_ratio must be positive and finite, got {damping_ratio}")
+        raise errors.FastInfluenceError(
+            f"{errors.name('damping_ratio')} must be positive and finite, got {damping_ratio}", "damping_ratio"
+        )
 
 
 def _warn_if_underdetermined(layers: list[Layer], examples: int, tokens: int, counts: dict[str, int]) -> None:

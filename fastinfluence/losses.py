@@ -37,6 +37,7 @@ SimNPO's margin is ``gamma`` in the paper's units or ``delta`` in open-unlearnin
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable
 from typing import NamedTuple
 
@@ -45,6 +46,8 @@ import torch.nn.functional as F
 
 from .lm import IGNORE_INDEX, fused_head, model_inputs, shifted_labels
 from .ops.linear_cross_entropy import linear_cross_entropy
+from .options import RAPIDUN_TOKENS as TOKENS
+from .options import REDUCTIONS, WEIGHT_NORMS
 from .sharding import head_call
 
 
@@ -178,10 +181,6 @@ def sequence_kl(model, batch: dict, ref_model=None, positions: str = "all") -> N
     else:
         mask = shifted_labels(batch["labels"]) != IGNORE_INDEX
     return Nll((kl * mask).sum(1), mask.sum(1))
-
-
-REDUCTIONS = ("token", "example")
-WEIGHT_NORMS = ("mean", "sum")
 
 
 def _check_weights(weights, like: torch.Tensor) -> torch.Tensor:
@@ -365,9 +364,6 @@ def _masked(nll: TokenNll, keep: torch.Tensor) -> Nll:
     return Nll((nll.loss * keep).sum(1), keep.sum(1))
 
 
-TOKENS = ("all", "differing")
-
-
 def rapidun_forget(
     poisoned: Nll | TokenNll,
     clean: Nll | TokenNll | None = None,
@@ -406,3 +402,75 @@ def rapidun_forget(
     if clean is not None:
         loss = loss + clean_coef * reduce(clean, weights, reduction)
     return loss
+
+
+# -- The router auxiliary loss of MoE models ------------------------------------------------
+
+
+class RouterAux:
+    """The router auxiliary (load-balancing) loss of a ``transformers`` MoE model, for the forwards
+    of an unlearning step.
+
+    The losses above read the answer NLL only (the fused path never calls the causal LM's own
+    forward), so the auxiliary loss that ``output_router_logits=True`` adds to ``outputs.loss``
+    is left out. When asked for, this adds it back the way the model computes it: the decoder's
+    router logits are recorded as the model records them (its ``_can_record_outputs``), and
+    each forward with gradient between :meth:`arm` and :meth:`take` contributes
+    ``coef * load_balancing_loss_func(router logits, num_experts, num_experts_per_tok,
+    attention_mask)`` (the model module's own function). Forwards without gradient (references)
+    are not counted.
+
+    ``coef``: True for the model's ``router_aux_loss_coef``, or a number.
+    """
+
+    def __init__(self, model, coef: bool | float = True):
+        lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+        get_decoder = getattr(lm, "get_decoder", None)
+        decoder = get_decoder() if callable(get_decoder) else None
+        recorder = (getattr(decoder, "_can_record_outputs", None) or {}).get("router_logits")
+        fn = getattr(sys.modules.get(type(lm).__module__), "load_balancing_loss_func", None)
+        if recorder is None or fn is None or not hasattr(lm, "router_aux_loss_coef"):
+            raise ValueError(
+                f"router_aux_loss: {type(lm).__name__} has no router auxiliary loss (transformers computes none for "
+                "it); leave router_aux_loss off"
+            )
+        self.coef = float(lm.router_aux_loss_coef if coef is True else coef)
+        self.fn, self.lm = fn, lm
+        target, self.index = getattr(recorder, "target_class", recorder), getattr(recorder, "index", 0)
+        self.armed, self.terms, self._logits = False, [], []
+        self._mask: torch.Tensor | None = None
+        self.handles = [m.register_forward_hook(self._record) for m in decoder.modules() if isinstance(m, target)]
+        self.handles += [
+            decoder.register_forward_pre_hook(self._begin, with_kwargs=True),
+            decoder.register_forward_hook(self._end),
+        ]
+
+    def _begin(self, module, args, kwargs):
+        self._logits, self._mask = [], kwargs.get("attention_mask")
+
+    def _record(self, module, args, output):
+        if self.armed and torch.is_grad_enabled():
+            self._logits.append(output[self.index] if isinstance(output, (tuple, list)) else output)
+
+    def _end(self, module, args, output):
+        if self.armed and self._logits:
+            self.terms.append(
+                self.fn(tuple(self._logits), self.lm.num_experts, self.lm.num_experts_per_tok, self._mask)
+            )
+        self._logits = []
+
+    def arm(self) -> None:
+        """Start counting the forwards of a step."""
+        self.armed, self.terms = True, []
+
+    def take(self) -> torch.Tensor:
+        """coef * the sum of the auxiliary losses of the forwards since :meth:`arm` (0 when none); disarms."""
+        terms, self.armed, self.terms = self.terms, False, []
+        if not terms:
+            return torch.zeros(())
+        return self.coef * torch.stack([t.to(terms[0].device) for t in terms]).sum()
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []

@@ -45,7 +45,8 @@ log = logging.getLogger(__name__)
 
 # Experts implementations whose math ``routed_forward`` reproduces.
 CAPTURABLE = (None, "eager", "batched_mm", "grouped_mm")
-EXCLUDE_EXPERTS = r"\.experts\.\d+\."
+# Expert layers and PEFT LoRA on the fused experts parameters (``experts.lora_A.default``, ...).
+EXCLUDE_EXPERTS = r"\.experts\.(\d+|(base_layer\.)*lora_[AB])\."
 
 
 def is_experts(module: nn.Module) -> bool:
@@ -294,8 +295,12 @@ def hook_experts(name: str, layers: list[ExpertLayer], hooks) -> _Forward:
     check_implementation(name, experts)
     E = experts.down_proj.shape[0]
     by_param: dict[str, dict[int, ExpertLayer]] = {}
+    lora: dict[str, list[ExpertLoraLayer]] = {}
     for l in layers:
-        by_param.setdefault(l.param, {})[l.expert] = l
+        if isinstance(l, ExpertLoraLayer):
+            lora.setdefault(l.param, []).append(l)
+        else:
+            by_param.setdefault(l.param, {})[l.expert] = l
     original = experts.forward
 
     def forward(hidden, top_k_index, top_k_weights, *args, **kwargs):
@@ -313,11 +318,18 @@ def hook_experts(name: str, layers: list[ExpertLayer], hooks) -> _Forward:
 
         def deliver(param: str, A: torch.Tensor, G: torch.Tensor) -> None:
             A, G = A[:n], G[:n]
-            for e, layer in by_param[param].items():
+            for e, layer in by_param.get(param, {}).items():
                 s, t = bounds[e], bounds[e + 1]
                 hooks.deliver(layer, A[s:t], G[s:t], example[s:t])
+            if param in lora:
+                expert = torch.repeat_interleave(
+                    torch.arange(E, device=A.device), torch.tensor(counts[:E], device=A.device)
+                )
+                for layer in lora[param]:
+                    hooks.deliver(layer, *layer.factors(A, G, expert), example)
 
-        return routed_forward(experts, hidden, top_k_index, top_k_weights, order, counts, set(by_param), deliver)
+        hooked = set(by_param) | set(lora)
+        return routed_forward(experts, hidden, top_k_index, top_k_weights, order, counts, hooked, deliver)
 
     return _Forward(experts, forward)
 
@@ -332,7 +344,8 @@ def register_hooks(layers: list, hooks) -> list[_Forward]:
         else:
             handles.append(hook_router(l, hooks))
     for group in groups.values():
-        handles.append(hook_experts(group[0].name.rsplit(".", 2)[0], group, hooks))
+        name = group[0].name.rsplit(".", 2)[0] if isinstance(group[0], ExpertLayer) else group[0].name
+        handles.append(hook_experts(name, group, hooks))
     return handles
 
 
@@ -398,4 +411,233 @@ def warn_uncapturable(model: nn.Module, capturable: list) -> None:
             f"capture (an unsupported module or fused parameter), so no feature or score covers them: "
             f"{', '.join(missing[:6])}{', ...' if len(missing) > 6 else ''}",
             stacklevel=4,
+        )
+
+
+# ---------------------------------------------------------------------------------------
+# Neurons of experts (SIMU)
+# ---------------------------------------------------------------------------------------
+
+
+def experts_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """The fused experts modules of ``model`` by module name."""
+    return {n: m for n, m in model.named_modules() if is_experts(m)}
+
+
+def neuron_units(experts: nn.Module) -> torch.Tensor:
+    """(I, d_up) bool: which outputs of the up-projection feed each neuron (intermediate unit).
+
+    Ungated experts: the identity. Gated experts: read off the module's own gate function
+    (``_apply_gate``) by its Jacobian at a point where every unit matters, so the layout
+    (halves as in Mixtral, interleaved as in gpt-oss) is the one the module computes with.
+    """
+    up = getattr(experts, _up_name(experts))
+    d_up = up.shape[2 if experts.is_transposed else 1]
+    I = experts.down_proj.shape[1 if experts.is_transposed else 2]
+    if not experts.has_gate:
+        return torch.eye(I, dtype=torch.bool)
+    x = torch.linspace(0.3, 0.9, d_up, dtype=torch.float64)[None]
+    with torch.enable_grad():
+        jac = torch.autograd.functional.jacobian(lambda v: experts._apply_gate(v)[0], x)[:, 0]
+    units = jac != 0
+    if units.shape != (I, d_up) or (units.sum(0) != 1).any():
+        raise ValueError(
+            f"the gate of {type(experts).__name__} does not map each of its {d_up} up-projection units to one of its "
+            f"{I} neurons; SIMU masks cannot be laid onto it"
+        )
+    return units
+
+
+def expert_neuron_keep(model: nn.Module, masks: dict[str, torch.Tensor]) -> dict[int, torch.Tensor]:
+    """Gradient keep-masks of the fused parameters for SIMU masks on experts.
+
+    ``masks``: {``<experts module>.<e>``: (I,) bool}; every other key is ignored. Returns
+    {id(parameter): bool tensor broadcastable to it}: for each experts module named, the up
+    projection's units of the selected neurons (and their bias entries) and the down
+    projection's columns of them, of the named experts only. Raises on a wrong size or expert.
+    """
+    modules = experts_modules(model)
+    keep: dict[int, torch.Tensor] = {}
+    for key, mask in masks.items():
+        name, _, e = key.rpartition(".")
+        experts = modules.get(name)
+        if experts is None or not e.isdigit():
+            continue
+        e, mask = int(e), torch.as_tensor(mask, dtype=torch.bool).flatten()
+        E, t = experts.down_proj.shape[0], experts.is_transposed
+        units = neuron_units(experts)
+        if e >= E or mask.numel() != units.shape[0]:
+            raise ValueError(
+                f"simu_masks[{key!r}]: {name} has {E} experts of {units.shape[0]} neurons each, got expert {e} with "
+                f"{mask.numel()} neurons"
+            )
+        up_name = _up_name(experts)
+        up_units = (units & mask[:, None]).any(0)
+        # (parameter, unit mask, dim of the unit axis in one expert's slice)
+        parts = [(getattr(experts, up_name), up_units, 1 if t else 0), (experts.down_proj, mask, 0 if t else 1)]
+        bias = getattr(experts, up_name + "_bias", None)
+        if bias is not None:
+            parts.append((bias, up_units, 0))
+        for p, unit_mask, dim in parts:
+            k = keep.setdefault(id(p), torch.zeros(p.shape, dtype=torch.bool))
+            view = [1] * (p.dim() - 1)
+            view[dim] = -1
+            k[e] |= unit_mask.view(view).expand(p.shape[1:])
+    return keep
+
+
+def expert_neuron_attribution(model: nn.Module):
+    """A context manager that, while a loss is back-propagated through ``model``, sums per
+    expert |a_tj * dL/da_tj| over the tokens routed to it (a: the down projection's input);
+    ``totals`` maps ``<experts module>.<e>`` to an (I,) float64 sum."""
+    return _NeuronAttribution(model)
+
+
+class _NeuronAttribution:
+    def __init__(self, model: nn.Module):
+        self.modules = experts_modules(model)
+        self.totals: dict[str, torch.Tensor] = {}
+        self._handles: list[_Forward] = []
+
+    def __enter__(self) -> _NeuronAttribution:
+        for name, experts in self.modules.items():
+            check_implementation(name, experts)
+            E, I = experts.down_proj.shape[0], experts.down_proj.shape[1 if experts.is_transposed else 2]
+            for e in range(E):
+                self.totals[f"{name}.{e}"] = torch.zeros(I, dtype=torch.float64)
+            self._handles.append(_Forward(experts, self._forward(name, experts)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def _forward(self, name: str, experts: nn.Module):
+        E = experts.down_proj.shape[0]
+
+        def forward(hidden, top_k_index, top_k_weights, *args, **kwargs):
+            every = torch.ones(top_k_index.shape[0], 1, dtype=torch.bool, device=hidden.device)
+            order, counts, _ = route(top_k_index, every, E)
+
+            def deliver(param: str, A: torch.Tensor, G: torch.Tensor) -> None:
+                W = experts.down_proj.detach()
+                start = 0
+                for e, n in enumerate(counts[:E]):
+                    if n:
+                        w = W[e].T if experts.is_transposed else W[e]  # (H, I)
+                        a, g = A[start : start + n], G[start : start + n]
+                        total = self.totals[f"{name}.{e}"]
+                        total += (a * (g @ w.to(g.dtype))).abs().sum(0).to(total.device, torch.float64)
+                    start += n
+
+            return routed_forward(experts, hidden, top_k_index, top_k_weights, order, counts, {"down_proj"}, deliver)
+
+        return forward
+
+
+# ---------------------------------------------------------------------------------------
+# LoRA on fused parameters (PEFT ``target_parameters``)
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ExpertLoraLayer:
+    """The ``lora_A`` or ``lora_B`` weight of a PEFT LoRA on a fused experts parameter
+    (``LoraConfig(target_parameters=[...])``), captured from the routed tokens of every expert.
+
+    PEFT's ``ParamWrapper`` adds s B_e A_e (the Linear orientation (d_out, d_in), whatever the
+    storage) to expert e's slice inside the experts' forward, with A_e = ``lora_A.weight``
+    viewed (E, r, d_in) and B_e = ``lora_B.weight`` viewed (d_out, r, E)[:, :, e]. Its Linear
+    modules never run, so the hooks of the experts module deliver their factors: for a token t
+    routed to e with input a_t and output gradient g_t, ``lora_A`` gets (a_t, s B_e^T g_t in
+    block e of E r) and ``lora_B`` gets (s A_e a_t in entries j E + e of r E, g_t).
+    """
+
+    name: str
+    module: nn.Module  # the experts module (as for ExpertLayer: one hook per experts module)
+    d_in: int
+    d_out: int
+    bias: bool
+    param: str  # the fused parameter the adapter is on
+    kind: str  # "A" or "B"
+    wrapper: nn.Module  # the ParamWrapper
+    adapter: str
+    routed: ClassVar[bool] = True
+    tied: ClassVar[bool] = False
+
+    @property
+    def weight(self) -> nn.Parameter:
+        return getattr(self.wrapper, f"lora_{self.kind}")[self.adapter].weight
+
+    @property
+    def parameter(self) -> nn.Parameter:
+        return self.weight
+
+    def factors(self, A: torch.Tensor, G: torch.Tensor, expert: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A', G') of this adapter weight from the fused parameter's routed (A (n, d_in), G (n, d_out)),
+        ``expert`` (n,) each token's expert."""
+        E, s = self.wrapper.num_experts, self.wrapper.scaling[self.adapter]
+        lora_A = self.wrapper.lora_A[self.adapter].weight.detach()
+        lora_B = self.wrapper.lora_B[self.adapter].weight.detach()
+        r = lora_A.shape[0] // E
+        a_mat = lora_A.reshape(E, r, -1).to(A.dtype)  # (E, r, d_in)
+        b_mat = lora_B.reshape(lora_B.shape[0], r, E).permute(2, 0, 1).to(G.dtype)  # (E, d_out, r)
+        n = len(expert)
+        if self.kind == "A":  # lora_A (E r, d_in): rows e r .. e r + r
+            low = s * torch.einsum("nd,ndr->nr", G, b_mat[expert]) if n else G.new_zeros(0, r)
+            Gp = G.new_zeros(n, E, r)
+            Gp[torch.arange(n, device=G.device), expert] = low
+            return A, Gp.reshape(n, E * r)
+        low = s * torch.einsum("nrd,nd->nr", a_mat[expert], A) if n else A.new_zeros(0, r)  # lora_B: columns j E + e
+        Ap = A.new_zeros(n, r, E)
+        Ap[torch.arange(n, device=A.device), :, expert] = low
+        return Ap.reshape(n, r * E), G
+
+
+def _param_wrappers(model: nn.Module) -> dict[int, tuple[str, nn.Module, nn.Module]]:
+    """id(lora Linear module) -> (name prefix, ParamWrapper, experts module) for PEFT LoRA on fused experts."""
+    out = {}
+    for n, m in model.named_modules():
+        if type(m).__name__ != "ParamWrapper":
+            continue
+        experts = m
+        while type(experts).__name__ == "ParamWrapper":
+            experts = experts.base_layer
+        if not is_experts(experts):
+            continue
+        for kind in ("A", "B"):
+            for adapter, linear in getattr(m, f"lora_{kind}").items():
+                out[id(linear)] = (f"{n}.lora_{kind}.{adapter}", m, experts)
+    return out
+
+
+def lora_expert_layers(model: nn.Module) -> dict[int, ExpertLoraLayer]:
+    """id(lora Linear module) -> its ExpertLoraLayer, for every PEFT LoRA on a fused experts parameter."""
+    out = {}
+    for key, (name, wrapper, experts) in _param_wrappers(model).items():
+        kind, adapter = name.rsplit(".", 2)[-2][-1], name.rsplit(".", 1)[-1]
+        if wrapper.parameter_name not in (_up_name(experts), "down_proj") or wrapper.num_experts != len(
+            experts.down_proj
+        ):
+            continue
+        w = getattr(wrapper, f"lora_{kind}")[adapter].weight
+        out[key] = ExpertLoraLayer(
+            name, experts, w.shape[1], w.shape[0], False, wrapper.parameter_name, kind, wrapper, adapter
+        )
+    return out
+
+
+def refuse_lora_on_experts(model: nn.Module, layers: list) -> None:
+    """One-line error when ``layers`` hold a LoRA module of a PEFT ``ParamWrapper`` that is not one
+    of the supported fused experts parameters (its Linear modules never run, so no hook sees them)."""
+    wrappers = [n for n, m in model.named_modules() if type(m).__name__ == "ParamWrapper"]
+    if not wrappers:
+        return
+    inside = [l.name for l in layers if not l.routed and any(l.name.startswith(w + ".") for w in wrappers)]
+    if inside:
+        raise ValueError(
+            f"LoRA on parameters (PEFT target_parameters: {', '.join(inside[:2])}, ... {len(inside)} in all) "
+            f"is captured on the fused experts' gate_up_proj / up_proj / down_proj only: exclude these with "
+            f"ProjectionConfig(exclude=[...])"
         )

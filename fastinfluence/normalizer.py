@@ -482,11 +482,12 @@ def _bias_correction(state: dict, hyper: dict) -> float:
     betas, step = hyper.get("betas"), state.get("step")
     if betas is None or step is None:
         return 1.0
-    step = float(step)
+    step = float(whole(step) if isinstance(step, torch.Tensor) else step)
     return 1.0 - float(betas[1]) ** step if step > 0 else 1.0
 
 
 def _checked(name: str, t: torch.Tensor, shape: tuple, what: str) -> torch.Tensor:
+    t = whole(t.detach())  # a sharded model's state is a DTensor of this rank's rows: gathered (every rank calls)
     if tuple(t.shape) != tuple(shape):
         raise ValueError(
             f"the optimizer's {what} for {name} has shape {tuple(t.shape)} but the parameter has {tuple(shape)}: "

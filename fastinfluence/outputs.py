@@ -23,6 +23,8 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+from .errors import FastInfluenceError
+
 # Files that make a directory a Hugging Face model, PEFT adapter or tokenizer directory.
 MODEL_FILES = (
     "config.json",
@@ -45,7 +47,7 @@ SHARD_FILE = re.compile(r"(shard|tokens)-\d+\.safetensors")
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
-class OutputError(ValueError):
+class OutputError(FastInfluenceError):
     """An output path would destroy data or cannot be written."""
 
 

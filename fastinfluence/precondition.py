@@ -35,10 +35,11 @@ from pathlib import Path
 
 import torch
 
+from . import errors
 from .features import FeatureSource, LayerSlice
+from .options import PRECONDITIONERS as KINDS
 from .store import FeatureStore, save_tensors, write_cache
 
-KINDS = ("identity", "diagonal", "kfac", "ekfac", "full")
 FULL_MAX_DIM = 4096
 log = logging.getLogger(__name__)
 
@@ -117,7 +118,10 @@ class Preconditioner:
 def _stats_of(train: FeatureSource) -> dict[str, tuple[torch.Tensor, torch.Tensor, int]]:
     stats = train.stats
     if stats is None:
-        raise ValueError("kfac/ekfac need covariance sums: extract the train features with covariances=True")
+        raise errors.FastInfluenceError(
+            f"kfac/ekfac need covariance sums: extract the train features with {errors.name('covariances', True)}",
+            "precondition",
+        )
     return stats
 
 

@@ -27,17 +27,18 @@ import torch
 from tqdm.auto import tqdm
 
 from . import distributed as dist
+from . import errors
 from .features import Features, FeatureSource, LayerSlice
 from .index import index_topk
 from .ops import TopK, merge_topk, score_topk
 from .ops.score_topk import scores_and_aggregates
+from .options import METRICS, ScoreOptions, check_damping
+from .options import SCORE_AGGREGATES as AGGREGATES
 from .outputs import NO_SPACE, check_file, disk_full, temporary
 from .precondition import KINDS, Preconditioner, load_or_fit
 from .store import FeatureStore, StoreError, check_same_origin, normalize_metadata
 
-AGGREGATES = ("mean", "max", "sum", "sumsq")
 MATRIX_MAX_BYTES = 8 << 30
-METRICS = ("dot", "cosine")
 
 
 @dataclass
@@ -149,7 +150,7 @@ def _aggregates(aggregates, allowed: Sequence[str] = AGGREGATES) -> tuple[str, .
         raise TypeError(f"aggregates must be a list of names from {allowed}, got {aggregates!r}") from None
     unknown = [a for a in aggregates if a not in allowed]
     if unknown:
-        raise ValueError(f"unknown aggregates {unknown}; choose from {allowed}")
+        raise errors.FastInfluenceError(f"unknown aggregates {unknown}; choose from {allowed}", "aggregates")
     return aggregates
 
 
@@ -159,16 +160,8 @@ def _query_features(query) -> Features:
     raise TypeError(f"query must be Features or a FeatureStore, got {type(query).__name__}")
 
 
-def _check_damping(damping) -> None:
-    if damping is not None and not (isinstance(damping, (int, float)) and damping > 0 and damping < float("inf")):
-        raise ValueError(
-            f"damping must be a positive finite number, got {damping!r}: zero or negative damping flips or blows "
-            "up the preconditioned scores; leave it unset for 0.1 x the mean eigenvalue"
-        )
-
-
 def _preconditioner(precondition, train, damping, chunk_rows) -> Preconditioner | None:
-    _check_damping(damping)
+    check_damping(damping)
     if precondition is None or precondition == "identity":
         return None
     if isinstance(precondition, Preconditioner):
@@ -219,7 +212,7 @@ def _open_matrix(path: Path, Q: int, N: int) -> tuple[np.memmap, Path]:
         except OSError as exc:
             tmp.unlink(missing_ok=True)
             if exc.errno in NO_SPACE:
-                error = str(disk_full(path, f"the {Q} x {N} float32 score matrix (matrix_path=)", exc))
+                error = str(disk_full(path, f"the {Q} x {N} float32 score matrix ({errors.label('matrix_path')})", exc))
             else:
                 error = f"cannot write the score matrix {path} ({Q} x {N} float32): {exc.strerror or exc}"
     error = dist.broadcast_object(error)
@@ -259,7 +252,7 @@ def _check_store_complete(source, allow_incomplete: bool, side: str) -> None:
         raise StoreError(
             f"the {side} store {source.path} is incomplete ({source.num_rows} of {source.expected_rows} examples): "
             "its extraction was interrupted or is still running; re-run the same extraction to resume it, or "
-            "pass allow_incomplete=True to score the rows it has"
+            f"pass {errors.name('allow_incomplete', True)} to score the rows it has"
         )
     if len(source) == 0:
         raise StoreError(f"the {side} features hold no rows; extract some examples first")
@@ -268,90 +261,56 @@ def _check_store_complete(source, allow_incomplete: bool, side: str) -> None:
 # ----------------------------------------------------------------------------- API
 
 
-def score(
-    query: FeatureSource,
-    train: FeatureSource,
-    metric: str = "dot",
-    precondition: str | Preconditioner | None = None,
-    topk: int | None = 10,
-    layer_normalize: bool = False,
-    aggregates: Sequence[str] | None = None,
-    per_layer: bool = False,
-    matrix_path: str | Path | None = None,
-    chunk_rows: int = 8192,
-    damping: float | None = None,
-    progress: bool = False,
-    device: str | torch.device | None = None,
-    matrix: bool = False,
-    allow_incomplete: bool = False,
-    index=None,
-    overwrite: bool = False,
-) -> ScoreResult:
+def score(query: FeatureSource, train: FeatureSource, options: ScoreOptions | None = None, **kwargs) -> ScoreResult:
     """Score every query against every train row, streaming the train rows.
+
+        fi.score(query, train, metric="cosine", topk=5)
+        fi.score(query, train, ScoreOptions(metric="cosine", topk=5))   # the same
 
     Args:
         query: Q examples (Features or a small FeatureStore, loaded whole; a store directory's
             path is opened as ``FeatureStore.open(path)``).
         train: N examples (Features or FeatureStore, streamed ``chunk_rows`` at a time; or a
             store directory's path, opened).
-        metric: ``dot`` or ``cosine`` (see module docstring).
-        precondition: None/``identity``, ``diagonal``, ``kfac``, ``ekfac``, ``full``, or a
-            fitted Preconditioner; kinds are fitted on ``train`` (cached beside a store).
-        topk: entries kept per query; None ranks every train row (Q x N values and indices:
-            for small N; use ``matrix_path`` for the raw matrix of a large store).
-        aggregates: which of ``mean``, ``max``, ``sum``, ``sumsq`` over the queries to return per train row
-            (a list, or one name; default ``("mean", "max", "sumsq")``; none with ``index=``).
-        per_layer: also return each layer's share of the top-k scores.
-        matrix_path: write the full (Q, N) float32 matrix there (``.npy``, memory-mapped), under a
-            temporary name renamed when whole. Refused inside a feature store, over a model's
-            files, over a directory, and over an existing file unless ``overwrite=True``.
-        damping: absolute damping for the preconditioner (default 0.1 x mean eigenvalue), > 0.
-        device: where the chunks are scored (default: this rank's GPU when CUDA is available,
-            else the CPU); results are returned on the CPU.
-        matrix: also return the full (Q, N) float32 matrix in memory (``ScoreResult.matrix``,
-            a numpy array); refused when it would exceed ``MATRIX_MAX_BYTES`` (use ``matrix_path``).
-        allow_incomplete: score the rows an interrupted store extraction left (refused by default).
-        index: a ``FeatureIndex`` of ``train`` (``fastinfluence.index.build_index``): the top-k
-            comes from it instead of a streaming pass (no aggregates; see ``index.py``).
-        overwrite: replace an existing file at ``matrix_path``.
+        options: a ``ScoreOptions`` (its docstring describes every field: metric, precondition,
+            topk, matrix_path, ...), or its fields as keyword arguments; not both.
     """
+    o = ScoreOptions.resolve(options, kwargs, "score")
     query, train = _source(query, "query"), _source(train, "train")
-    if metric not in METRICS:
-        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    aggregates = o.aggregates
     if aggregates is None:
-        aggregates = () if index is not None else ("mean", "max", "sumsq")
+        aggregates = () if o.index is not None else ("mean", "max", "sumsq")
     aggregates = _aggregates(aggregates)
-    if index is not None and len(aggregates):
-        raise ValueError(
-            f"aggregates {aggregates} need a streaming pass over every train row: score without index= for them"
+    if o.index is not None and len(aggregates):
+        raise errors.FastInfluenceError(
+            f"aggregates {aggregates} need a streaming pass over every train row: score without index= for them",
+            "aggregates",
         )
-    _check_store_complete(train, allow_incomplete, "train")
-    _check_store_complete(query, allow_incomplete, "query")
-    if topk is None:
-        topk = len(train)
-    if isinstance(topk, bool) or not isinstance(topk, int) or topk < 1 or chunk_rows < 1:
-        raise ValueError(f"topk and chunk_rows must be integers >= 1, got topk={topk!r}, chunk_rows={chunk_rows!r}")
-    _check_damping(damping)
-    if matrix and matrix_path is not None:
-        raise ValueError("give matrix=True (in memory) or matrix_path= (on disk), not both")
+    _check_store_complete(train, o.allow_incomplete, "train")
+    _check_store_complete(query, o.allow_incomplete, "query")
+    topk = len(train) if o.topk is None else o.topk
+    metric, matrix, matrix_path, layer_normalize = o.metric, o.matrix, o.matrix_path, o.layer_normalize
     if matrix_path is not None:
         need = len(query) * len(train) * 4 + 4096
-        matrix_path = check_file(matrix_path, "matrix_path=", overwrite, need_bytes=need)
+        matrix_path = check_file(matrix_path, errors.label("matrix_path"), o.overwrite, need_bytes=need)
     if matrix and len(query) * len(train) * 4 > MATRIX_MAX_BYTES:
-        raise ValueError(
+        raise errors.FastInfluenceError(
             f"the {len(query)} x {len(train)} score matrix needs {len(query) * len(train) * 4 / 2**30:.1f} GiB; "
             f"matrix=True keeps at most {MATRIX_MAX_BYTES / 2**30:.0f} GiB in memory: write it with matrix_path= "
-            f"instead"
+            f"instead",
+            "matrix",
         )
     _check_pair(query, train)
     qf = _query_features(query)
     layout = dict(train.layout)
     dtype = torch.float64 if torch.float64 in (qf.data.dtype, train.dtype) else torch.float32
-    pre = _preconditioner(precondition, train, damping, chunk_rows)
-    if index is not None:
-        if matrix or matrix_path is not None or per_layer:
-            raise ValueError("matrix, matrix_path and per_layer need a streaming pass: score without index= for them")
-        values, rows = index_topk(index, qf, train, metric, pre, topk, layer_normalize)
+    pre = _preconditioner(o.precondition, train, o.damping, o.chunk_rows)
+    if o.index is not None:
+        if matrix or matrix_path is not None or o.per_layer:
+            raise errors.FastInfluenceError(
+                "matrix, matrix_path and per_layer need a streaming pass: score without index= for them", "index"
+            )
+        values, rows = index_topk(o.index, qf, train, metric, pre, topk, layer_normalize)
         train_ids = list(train.ids)
         return ScoreResult(
             topk_values=values,
@@ -365,7 +324,7 @@ def score(
         )
     scoring = _Scoring(layout, metric, layer_normalize, dtype)
     q, q_scale = scoring.query(qf.data, pre)
-    device = torch.device(device) if device is not None else dist.default_device()
+    device = torch.device(o.device) if o.device is not None else dist.default_device()
     q, q_scale = q.to(device), (q_scale.to(device) if q_scale is not None else None)
     N, Q = len(train), len(qf)
     start, stop = _rank_rows(train)
@@ -375,7 +334,7 @@ def score(
     else:
         matrix, tmp = _open_matrix(matrix_path, Q, N) if matrix_path is not None else (None, None)
     try:
-        top, agg = _stream(scoring, q, q_scale, train, topk, chunk_rows, (start, stop), matrix, progress)
+        top, agg = _stream(scoring, q, q_scale, train, topk, o.chunk_rows, (start, stop), matrix, o.progress)
     except BaseException:
         if tmp is not None and dist.rank_world()[0] == 0:
             tmp.unlink(missing_ok=True)
@@ -398,7 +357,7 @@ def score(
         precondition=pre.kind if pre is not None else "identity",
         matrix=matrix,
     )
-    if per_layer:
+    if o.per_layer:
         result.layer_scores = _layer_scores(
             scoring, q.cpu(), q_scale.cpu() if q_scale is not None else None, train, top.indices
         )
@@ -504,7 +463,8 @@ def token_scores(
     layout = dict(train.layout)
     if "flat" in layout:
         raise ValueError(
-            "per-token scores need factorized features (ProjectionConfig.mode='factorized'), not flat ones"
+            f"per-token scores need factorized features ({errors.name('ProjectionConfig.mode', 'factorized')}), not "
+            f"flat ones"
         )
     scoring = _Scoring(layout, metric, layer_normalize, torch.float64)
     q, q_scale = scoring.query(qf.data, _preconditioner(precondition, train, damping, 8192))

@@ -22,6 +22,7 @@ are never held (the KL needs them).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import time
 from collections.abc import Sequence
@@ -29,14 +30,13 @@ from collections.abc import Sequence
 import torch
 from transformers import Trainer, TrainerCallback
 
-from . import losses
+from . import losses, moe
 from .data import pad
-from .lm import IGNORE_INDEX
-from .model import mlp_blocks
+from .errors import FastInfluenceError
+from .lm import IGNORE_INDEX, mlp_blocks
+from .options import METHODS as METHODS
+from .options import UnlearnOptions
 from .weights import loss_reweight
-
-METHODS = ("ga", "graddiff", "npo", "simnpo", "rapidun")
-_USES_RETAIN = ("graddiff", "npo", "simnpo", "rapidun")
 
 
 def _check_weights(name: str, w, n: int) -> torch.Tensor:
@@ -160,16 +160,24 @@ def apply_neuron_masks(model: torch.nn.Module, masks: dict[str, torch.Tensor]) -
     For block b and neuron j with ``masks[b][j]`` True, the neuron's row of each
     up-projection (and its bias entry) and its column of the down-projection are trainable;
     the gradient of every other entry is zeroed by a hook, and parameters outside the masked
-    blocks get ``requires_grad=False``. Returns the hook handles.
+    blocks get ``requires_grad=False``. An expert of an MoE block (``<experts module>.<e>``)
+    is a block whose neurons are its intermediate units: their units of the fused up
+    projection (gate and up), bias entries included, and columns of the fused down projection,
+    in expert e's slice only. Returns the hook handles.
     """
-    blocks = mlp_blocks(model)
-    unknown = sorted(set(masks) - set(blocks))
+    experts = {f"{n}.{e}" for n, m in moe.experts_modules(model).items() for e in range(m.down_proj.shape[0])}
+    blocks = mlp_blocks(model, required=not experts)
+    unknown = sorted(set(masks) - set(blocks) - experts)
     if unknown:
         raise ValueError(
-            f"simu_masks name blocks {unknown} that are not MLP blocks of this model ({sorted(blocks)[:3]}...)"
+            f"simu_masks name blocks {unknown} that are not MLP blocks or experts of this model "
+            f"({sorted(blocks | dict.fromkeys(experts))[:3]}...)"
         )
-    trainable: dict[int, torch.Tensor] = {}
+    # Experts (``<experts module>.<e>``): their slices of the fused parameters (moe.expert_neuron_keep).
+    trainable: dict[int, torch.Tensor] = moe.expert_neuron_keep(model, masks)
     for name, mask in masks.items():
+        if name in experts:
+            continue
         ups, down = blocks[name]
         mask = torch.as_tensor(mask, dtype=torch.bool)
         for module, is_up in [(u, True) for u in ups] + [(down, False)]:
@@ -195,21 +203,6 @@ def apply_neuron_masks(model: torch.nn.Module, masks: dict[str, torch.Tensor]) -
         p.requires_grad_(True)
         handles.append(p.register_hook(lambda g, keep=keep: g * keep.to(device=g.device, dtype=g.dtype)))
     return handles
-
-
-RETAIN_LOSS_TYPES = ("NLL", "KL")
-
-
-def check_loss_options(reduction: str, weight_norm: str, retain_loss_type: str) -> None:
-    """Raise early, at construction, on a misspelt loss option."""
-    options = (
-        ("reduction", reduction, losses.REDUCTIONS),
-        ("weight_norm", weight_norm, losses.WEIGHT_NORMS),
-        ("retain_loss_type", retain_loss_type, RETAIN_LOSS_TYPES),
-    )
-    for name, value, choices in options:
-        if value not in choices:
-            raise ValueError(f"{name}={value!r} is not one of {', '.join(choices)}")
 
 
 def check_clean_answers(missing: list[int], without_clean: bool) -> None:
@@ -264,83 +257,69 @@ class UnlearnTrainer(Trainer):
     """A ``transformers.Trainer`` whose loss is an unlearning method (see module docstring).
 
     Args:
-        method: one of ``ga``, ``graddiff``, ``npo``, ``simnpo``, ``rapidun``.
-        alpha: retain-term coefficient; gamma: forget-term coefficient (every method).
-        beta: NPO / SimNPO temperature (defaults 0.1 / 2.5); simnpo_gamma: SimNPO margin in the
-            paper's units, or delta: the same margin in open-unlearning's (gamma = beta * delta).
-        reduction: ``"example"`` (mean of per-example means) or ``"token"`` (token mean over the
-            batch, open-unlearning's and HF's); weight_norm: ``"mean"`` (divide by the batch) or
-            ``"sum"`` (by the weights' sum, IMU's weighted average); see ``fastinfluence.losses``.
-        retain_loss_type: ``"NLL"`` or ``"KL"`` (KL(reference || model) over every position of the
-            retain batch, open-unlearning's); the reference is ``ref_model``, else the base model
-            with the adapter disabled under ``lora=``, else a frozen copy of ``model``.
-        loss_reweight_tau: multiply the forget weights by ``weights.loss_reweight`` of the
-            batch's current forget losses (LoReUn-style), or None.
+        options: an ``UnlearnOptions``, the method and its loss (method, alpha, gamma, beta,
+            simnpo_gamma, delta, reduction, weight_norm, retain_loss_type, loss_reweight_tau,
+            rapidun_tokens, rapidun_without_clean: its docstring describes them), or its fields
+            as keyword arguments; not both. The reference of the KL retain loss is
+            ``ref_model``, else the base model with the adapter disabled under ``lora=``, else a
+            frozen copy of ``model``. ``rapidun_tokens="differing"`` needs forget examples with
+            ``clean`` answers; RapidUn refuses forget examples without one unless
+            ``rapidun_without_clean``.
         lora: a ``peft.LoraConfig``: train adapters only (``save_model`` writes the adapter).
         simu_masks: ``weights.simu_mask`` output: only those MLP neurons are trained.
-        rapidun_tokens: ``all`` or ``differing``: which answer tokens RapidUn's forget loss
-            counts (``losses.rapidun_forget(tokens=...)``); ``differing`` needs forget
-            examples with ``clean`` answers.
-        rapidun_without_clean: RapidUn trains towards each forget example's ``clean`` answer and
-            refuses forget examples without one; True accepts them, and a batch without clean
-            answers is then weighted gradient ascent on the poisoned answers.
+        ref_model: the reference model of the KL retain loss.
+        Options of MoE models: ``router_aux_loss`` (an ``UnlearnOptions`` field): the losses
+            leave the router auxiliary (load-balancing) loss out (False, the default); True adds
+            ``router_aux_loss_coef`` times it for each forward of the step with gradient
+            (forget, retain, clean); a number is the coefficient (``losses.RouterAux``).
         Everything else is passed to ``Trainer`` (``train_dataset`` an ``UnlearnDataset``,
         ``data_collator`` defaults to ``UnlearnCollator``). ``remove_unused_columns`` is
         turned off, because the batches are nested.
 
     Logged: ``forget_loss`` and ``retain_loss`` (the method's terms), ``forget_nll`` (mean
-    forget CE) and ``tokens`` processed.
+    forget CE), ``tokens`` processed and, with ``router_aux_loss``, ``router_aux_loss``.
     """
 
     def __init__(
         self,
         model=None,
         args=None,
-        method: str = "graddiff",
-        alpha: float = 1.0,
-        gamma: float = 1.0,
-        beta: float | None = None,
-        simnpo_gamma: float = 0.0,
-        loss_reweight_tau: float | None = None,
+        options: UnlearnOptions | None = None,
         lora=None,
         simu_masks: dict | None = None,
-        reduction: str = "example",
-        weight_norm: str = "mean",
-        retain_loss_type: str = "NLL",
         ref_model=None,
-        delta: float = 0.0,
-        rapidun_tokens: str = "all",
-        rapidun_without_clean: bool = False,
         **kwargs,
     ):
-        if method not in METHODS:
-            raise ValueError(f"unknown unlearning method {method!r}; choose one of {', '.join(METHODS)}")
-        check_loss_options(reduction, weight_norm, retain_loss_type)
+        fields = {f.name for f in dataclasses.fields(UnlearnOptions)}
+        o = UnlearnOptions.resolve(options, {k: kwargs.pop(k) for k in list(kwargs) if k in fields}, "UnlearnTrainer")
         dataset = kwargs.get("train_dataset")
         if not isinstance(dataset, UnlearnDataset):
             raise TypeError("UnlearnTrainer needs train_dataset=UnlearnDataset(forget, retain, ...)")
-        if rapidun_tokens not in losses.TOKENS:
-            raise ValueError(f"rapidun_tokens must be one of {losses.TOKENS}, got {rapidun_tokens!r}")
-        if rapidun_tokens == "differing" and not all("clean" in e for e in dataset.forget):
-            raise ValueError(
+        if o.rapidun_tokens == "differing" and not all("clean" in e for e in dataset.forget):
+            raise FastInfluenceError(
                 "rapidun_tokens='differing' compares each forget example with its clean answer: "
-                "give every forget example a 'clean' example"
+                "give every forget example a 'clean' example",
+                "rapidun_tokens",
             )
-        if method == "rapidun":
-            check_clean_answers([i for i, e in enumerate(dataset.forget) if "clean" not in e], rapidun_without_clean)
-        self.rapidun_tokens = rapidun_tokens
-        if method in _USES_RETAIN and dataset.ratio == 0:
-            raise ValueError(f"method {method!r} has a retain term; build the UnlearnDataset with ratio >= 1")
+        if o.method == "rapidun":
+            check_clean_answers([i for i, e in enumerate(dataset.forget) if "clean" not in e], o.rapidun_without_clean)
+        if o.uses_retain and dataset.ratio == 0:
+            raise FastInfluenceError(
+                f"method {o.method!r} has a retain term; build the UnlearnDataset with ratio >= 1", "method"
+            )
         if lora is not None and simu_masks is not None:
-            raise ValueError("use either lora= or simu_masks=, not both (masks select base-model neurons)")
+            raise FastInfluenceError(
+                "use either lora= or simu_masks=, not both (masks select base-model neurons)", "lora"
+            )
         needs_copy = ref_model is None and lora is None and not hasattr(model, "disable_adapter")
-        if method in _USES_RETAIN and retain_loss_type == "KL" and needs_copy:
+        if o.uses_retain and o.retain_loss_type == "KL" and needs_copy:
             ref_model = copy.deepcopy(model)  # before masks or adapters are attached
         if lora is not None:
             from peft import get_peft_model
 
             model = get_peft_model(model, lora)
         self._mask_handles = apply_neuron_masks(model, simu_masks) if simu_masks is not None else []
+        self._router_aux = losses.RouterAux(model, o.router_aux_loss) if o.router_aux_loss is not False else None
         kwargs.setdefault("data_collator", UnlearnCollator(getattr(model.config, "pad_token_id", None) or 0))
         super().__init__(model=model, args=args, **kwargs)
         self.add_callback(_EpochCallback(dataset))
@@ -348,16 +327,23 @@ class UnlearnTrainer(Trainer):
         # Our loss is a mean per micro-batch: let the Trainer divide it by the accumulation steps.
         self.model_accepts_loss_kwargs = False
         self.loss_is_scaled_for_ga = False
-        self.method, self.alpha, self.gamma, self.simnpo_gamma, self.delta = method, alpha, gamma, simnpo_gamma, delta
-        self.reduction, self.weight_norm, self.retain_loss_type = reduction, weight_norm, retain_loss_type
+        self.options = o
+        self.method, self.alpha, self.gamma, self.simnpo_gamma, self.delta = (
+            o.method,
+            o.alpha,
+            o.gamma,
+            o.simnpo_gamma,
+            o.delta,
+        )
+        self.reduction, self.weight_norm, self.retain_loss_type = o.reduction, o.weight_norm, o.retain_loss_type
         self.ref_model = frozen(ref_model, self.args.device) if ref_model is not None else None
-        self.beta = beta if beta is not None else (0.1 if method == "npo" else 2.5)
-        self.loss_reweight_tau = loss_reweight_tau
+        self.beta = o.temperature
+        self.loss_reweight_tau, self.rapidun_tokens = o.loss_reweight_tau, o.rapidun_tokens
         self.tokens_processed = 0
         self._log_sums: dict[str, float] = {}
         self._log_count = 0
         self._started = time.perf_counter()
-        self.ref_nll = self._reference_nll(dataset) if method == "npo" else None
+        self.ref_nll = self._reference_nll(dataset) if o.method == "npo" else None
 
     def _reference_nll(self, dataset: UnlearnDataset) -> torch.Tensor:
         """NLL_sum of every forget example under the model before unlearning (NPO's pi_ref)."""
@@ -377,6 +363,8 @@ class UnlearnTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         forget, retain = inputs["forget"], inputs.get("retain")
+        if self._router_aux is not None:
+            self._router_aux.arm()
         differing = self.method == "rapidun" and self.rapidun_tokens == "differing"
         f = (losses.answer_token_nll if differing else losses.sequence_nll)(model, forget)
         w = forget.get("weights")
@@ -390,10 +378,14 @@ class UnlearnTrainer(Trainer):
         forget_term = forget_loss(self, f, w, ref_sum=ref, clean=clean)
         loss = self.gamma * forget_term
         logs = {"forget_loss": forget_term.item(), "forget_nll": f.mean.mean().item()}
-        if self.method in _USES_RETAIN:
+        if self.options.uses_retain:
             retain_term = retain_loss(self, model, retain, retain.get("weights"))
             loss = loss + self.alpha * retain_term
             logs["retain_loss"] = retain_term.item()
+        if self._router_aux is not None:  # coef * the load-balancing loss of each forward with gradient
+            aux = self._router_aux.take().to(loss.device)
+            loss = loss + aux
+            logs["router_aux_loss"] = aux.item()
         self.tokens_processed += int(forget["attention_mask"].sum()) + (
             int(retain["attention_mask"].sum()) if retain else 0
         )

@@ -35,3 +35,8 @@ def shared_batches() -> list[dict]:
 
 def query_batches() -> list[dict]:
     return batches_of(make_examples(3, seed=7), 2)
+
+
+def adam(model: torch.nn.Module) -> torch.optim.Optimizer:
+    """The optimizer whose second moments ``Normalizer.from_optimizer`` reads (a step on the weighted NLL)."""
+    return torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.8, 0.9))

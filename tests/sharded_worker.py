@@ -2,12 +2,16 @@
 
 Run under ``torchrun``; argv[1] is the output folder. Each rank saves what it computed in
 ``rank<r>.pt``; the test compares it with one process on the whole model. ``--store-only``:
-only write the store of the shared batches (the multi-node test).
+only write the store of the shared batches (the multi-node and killed-rank tests; with
+``--kill-at=<n>`` rank 1 kills itself as its n-th forward starts). ``--quick``: features, exact scores, the
+weighted NLL and the optimizer's normaliser only (the 4-rank test).
 """
 
 from __future__ import annotations
 
 import faulthandler
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -35,11 +39,26 @@ def shard(model: torch.nn.Module, world: int) -> torch.nn.Module:
     return fully_shard(model, mesh=mesh)
 
 
-def main(out: Path, store_only: bool) -> None:
+def kill_at(model: torch.nn.Module, forward: int) -> None:
+    """This rank kills itself (SIGKILL) as its ``forward``-th forward starts: a rank dying mid-store."""
+    count = [0]
+
+    def pre_hook(module, args):
+        count[0] += 1
+        if count[0] == forward:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    model.register_forward_pre_hook(pre_hook)
+
+
+def main(out: Path, store_only: bool, quick: bool = False, kill: int | None = None) -> None:
     rank, world = dist.rank_world()
     model = shard(cases.model(), world)
     if store_only:
-        write_store(out / "store", fi.GradientExtractor(model, cases.CONFIGS["blocks"]), cases.shared_batches())
+        if kill is not None and rank == 1:
+            kill_at(model, kill)
+        extractor = fi.GradientExtractor(model, cases.CONFIGS["blocks"])
+        write_store(out / "store", extractor, cases.shared_batches(), shard_rows=2)
         dist.barrier()
         return
     got: dict = {"sharded": sharding.is_sharded(model)}
@@ -47,14 +66,16 @@ def main(out: Path, store_only: bool) -> None:
     for name, config in cases.CONFIGS.items():
         extractor = fi.GradientExtractor(model, config)
         got[f"features/{name}"] = _plain(extractor.extract(own, tokens=name == "blocks", covariances=name == "blocks"))
-    extractor = fi.GradientExtractor(model, cases.CONFIGS["blocks"])
-    write_store(out / "store", extractor, cases.shared_batches(), covariances=True, shard_rows=3)
     config, shared, queries = cases.CONFIGS["blocks"], cases.shared_batches(), cases.query_batches()
+    if not quick:  # quick (4 ranks): features, exact scores, EK-FAC factors, the weighted NLL, Adam's normaliser
+        extractor = fi.GradientExtractor(model, cases.CONFIGS["blocks"])
+        write_store(out / "store", extractor, cases.shared_batches(), covariances=True, shard_rows=3)
     got["exact"] = fi.exact_scores(model, queries, shared, config)
     factors = fi.fit_kfac(model, shared, "ekfac", config)
     got["kfac/stats"] = factors.stats
-    got["kfac/scores"] = fi.kfac_scores(model, queries, shared, factors=factors, config=config)
-    got["normalizer"] = fi.Normalizer.fit(model, shared, config).factors
+    if not quick:
+        got["kfac/scores"] = fi.kfac_scores(model, queries, shared, factors=factors, config=config)
+        got["normalizer"] = fi.Normalizer.fit(model, shared, config).factors
     model.train()
     nll = sequence_nll(model, own[0])
     loss = reduce(nll, cases.WEIGHTS[: len(nll.sum)])
@@ -62,6 +83,12 @@ def main(out: Path, store_only: bool) -> None:
     got["nll"] = nll.sum.detach()
     got["loss"] = loss.detach()
     got["grads"] = {n: sharding.whole(p.grad) for n, p in model.named_parameters()}
+    # Adam's second moments are DTensors (this rank's rows): the normaliser gathers them, from the
+    # live optimizer and from its state dict
+    optimizer = cases.adam(model)
+    optimizer.step()
+    got["adam"] = fi.Normalizer.from_optimizer(model, optimizer, cases.CONFIGS["all"]).factors
+    got["adam/state_dict"] = fi.Normalizer.from_optimizer(model, optimizer.state_dict(), cases.CONFIGS["all"]).factors
     torch.save(got, out / f"rank{rank}.pt")
     dist.barrier()
 
@@ -81,6 +108,7 @@ def _plain(features) -> dict:
 if __name__ == "__main__":
     assert dist.init_from_env(), "run under torchrun with 2 or more processes"
     try:
-        main(Path(sys.argv[1]), store_only="--store-only" in sys.argv)
+        kill = next((int(a.split("=")[1]) for a in sys.argv if a.startswith("--kill-at=")), None)
+        main(Path(sys.argv[1]), "--store-only" in sys.argv, "--quick" in sys.argv, kill)
     finally:
         torch.distributed.destroy_process_group()

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fastinfluence import bench_cli, ops
+from fastinfluence import ops
+from fastinfluence.cli import bench as bench_cli
 from fastinfluence.ops.jl_project import jl_project_reference
 
 

@@ -6,7 +6,8 @@ Triton kernels take seconds, not minutes."""
 
 import pytest
 
-from fastinfluence import bench_cli, ops
+from fastinfluence import ops
+from fastinfluence.cli import bench as bench_cli
 from fastinfluence.ops._backend import implements
 
 TINY = dict(B=2, T=16, d_in=32, d_out=48, k=16, Q=4, N=96, D=64, topk=5, jlB=2, jlD=1024, jlk=32, lN=32, lH=32, lV=256)

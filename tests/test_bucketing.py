@@ -345,7 +345,7 @@ def test_shards_of_older_stores_are_checked_against_their_padded_rows(model, exa
     batches = plain(examples)
     write_store(tmp_path / "s", ext, batches[:2], shard_rows=4)
     padded = writer._row_digests(batches, padded=True)
-    scan = writer._scan_shards
+    scan = writer.scan_shards
 
     def as_written_before(root):
         out = []
@@ -354,7 +354,7 @@ def test_shards_of_older_stores_are_checked_against_their_padded_rows(model, exa
             out.append(dict(e, content=writer._content(padded, e["first"], e["rows"])))
         return out
 
-    monkeypatch.setattr(writer, "_scan_shards", as_written_before)
+    monkeypatch.setattr(writer, "scan_shards", as_written_before)
     assert write_store(tmp_path / "s", ext, batches, shard_rows=4).ids == IDS
     with pytest.raises(MismatchError, match="differ from these batches"):  # same examples, other padding
         write_store(tmp_path / "s", ext, bucketed(examples, batch_size=4, window=None), shard_rows=4)

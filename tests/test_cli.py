@@ -204,28 +204,45 @@ def test_public_names_are_listed_and_quiet_works_after_the_command(stores, tmp_p
 
 
 @pytest.mark.parametrize(
-    "module, attr",
+    "module, attr, name",
     [
-        ("fastinfluence.config", "STORAGE_DTYPES"),
-        ("fastinfluence.config", "KINDS"),
-        ("fastinfluence.config", "MODES"),
-        ("fastinfluence.scoring", "METRICS"),
-        ("fastinfluence.precondition", "KINDS"),
-        ("fastinfluence.weights", "AGGREGATES"),
-        ("fastinfluence.unlearn", "METHODS"),
+        ("fastinfluence.config", "STORAGE_DTYPES", "STORAGE_DTYPES"),
+        ("fastinfluence.config", "KINDS", "PROJECTION_KINDS"),
+        ("fastinfluence.config", "MODES", "MODES"),
+        ("fastinfluence.scoring", "METRICS", "METRICS"),
+        ("fastinfluence.precondition", "KINDS", "PRECONDITIONERS"),
+        ("fastinfluence.weights", "AGGREGATES", "RAPIDUN_AGGREGATES"),
+        ("fastinfluence.unlearn", "METHODS", "METHODS"),
+        ("fastinfluence.losses", "REDUCTIONS", "REDUCTIONS"),
+        ("fastinfluence.kfac", "METHODS", "KFAC_METHODS"),
+        ("fastinfluence.exact", "METHODS", "EXACT_METHODS"),
     ],
 )
-def test_cli_choices_are_the_registries(module, attr):
+def test_the_library_names_and_the_cli_choices_are_one_tuple(module, attr, name):
     import importlib
 
-    from fastinfluence.cli import Registry
+    from fastinfluence import options
 
-    assert tuple(Registry(module, attr)) == tuple(getattr(importlib.import_module(module), attr))
+    assert getattr(importlib.import_module(module), attr) is getattr(options, name)
+
+
+def test_cli_defaults_are_the_options_defaults():
+    from fastinfluence.cli.options import SCORE_FLAGS, UNLEARN_FLAGS, build
+    from fastinfluence.options import ScoreOptions, UnlearnOptions
+
+    args = build_parser().parse_args(["score", "--query", "q", "--train", "t", "--out", "o"])
+    assert build(ScoreOptions, args, SCORE_FLAGS) == ScoreOptions()
+    args = build_parser().parse_args(["unlearn", "--model", "m", "--forget", "f", "--out", "o"])
+    assert build(UnlearnOptions, args, UNLEARN_FLAGS) == UnlearnOptions()
+    args = build_parser().parse_args(
+        ["score", "--query", "q", "--train", "t", "--out", "o", "--topk", "3", "--metric", "cosine"]
+    )
+    assert build(ScoreOptions, args, SCORE_FLAGS) == ScoreOptions(topk=3, metric="cosine")
 
 
 def test_extract_with_a_saved_normalizer_and_autocast_equals_the_api(model_dir, data, tmp_path, capsys):
     from fastinfluence import GradientExtractor, Normalizer, ProjectionConfig
-    from fastinfluence.cli import encode, load_model
+    from fastinfluence.cli.common import encode, load_model
     from fastinfluence.data import read_jsonl
 
     model, tok = load_model(str(model_dir))
@@ -260,7 +277,7 @@ def test_extract_with_a_saved_normalizer_and_autocast_equals_the_api(model_dir, 
 def test_models_load_with_the_dtype_keyword_of_the_installed_transformers(model_dir, monkeypatch, version, keyword):
     import transformers
 
-    from fastinfluence.cli import load_model
+    from fastinfluence.cli.common import load_model
 
     calls, load = [], transformers.AutoModelForCausalLM.from_pretrained
 

@@ -118,13 +118,25 @@ def test_report_check_accepts_a_good_report_and_names_each_failure():
 
 
 def test_a_run_prints_whether_each_bound_held():
-    assert report.bounds(fake_report()).startswith("bounds: every one of the demo's bounds (README) holds")
+    good = report.bounds(fake_report()).splitlines()
+    assert good[0] == "bounds: every one of the demo's bounds (README) holds on this run"
+    # one line per bound of check(), each with its measured value
+    assert len(good) == 1 + 8 + 6 and all(line.startswith("  held   ") for line in good[1:])
+    assert "  held   stealthy: default detector AUROC 0.990 >= 0.7 (lowered from 0.90)" in good
+    assert "  held   backdoor: ASR after unlearning 0.00 <= 0.05" in good
     bad = fake_report()
     bad["scenarios"]["stealthy"]["detection"]["influence_cosine_max"]["auroc"] = 0.65
-    assert report.bounds(bad) == (
-        "bounds: 1 of the demo's bounds (README) missed on this run: stealthy: default detector AUROC 0.650"
+    lines = report.bounds(bad).splitlines()
+    assert lines[0] == "bounds: 1 of 14 (the demo's bounds (README)) missed on this run"
+    assert [line for line in lines if "MISSED" in line] == [
+        "  MISSED stealthy: default detector AUROC 0.650 >= 0.7 (lowered from 0.90)"
+    ]
+    quick = report.bounds(bad | {"quick": True}).splitlines()
+    assert quick[0].startswith("bounds: every one of the --quick run's loose bounds") and len(quick) == 1 + 10
+    del bad["scenarios"]["backdoor"]["retrain"]
+    assert report.bounds(bad).startswith(
+        "bounds: not checked, the report is incomplete: backdoor: retrain.asr_seen missing"
     )
-    assert report.bounds(bad | {"quick": True}).startswith("bounds: every one of the --quick run's loose bounds")
 
 
 def test_story_names_the_influence_settings_that_beat_the_default_in_this_run():
@@ -224,3 +236,23 @@ def test_behaviour_masks_leave_out_a_behaviour_whose_poison_is_all_reported():
         assert int((~positive[m]).sum()) == int((~positive).sum())
         assert 0 <= detect.auroc(scores[m], positive[m]) <= 1
     assert detect.behaviour_masks(data.make_scenario("backdoor", 9, n_entities=40), candidate) == {}
+
+
+def test_moe_recipe_trains_an_moe_variant_whose_experts_are_captured():
+    from fastinfluence import GradientExtractor, ProjectionConfig
+    from fastinfluence.demo import model as demo_model
+
+    scenario = data.make_scenario("backdoor", seed=1, n_entities=30)
+    tok = data.train_tokenizer(scenario)
+    enc = [data.encode(tok, e.prompt, e.response) for e in scenario.train[:16]]
+    dense = demo_model.build_model(len(tok), demo_model.Recipe(hidden=16), 0, tok.pad_token_id, tok.eos_token_id)
+    assert type(dense).__name__ == "LlamaForCausalLM" and dense.config.intermediate_size == 32
+    recipe = demo_model.Recipe(hidden=16, layers=1, epochs=1, batch_size=8, experts=4)
+    untrained = demo_model.build_model(len(tok), recipe, 0, tok.pad_token_id, tok.eos_token_id)
+    model = demo_model.train_model(enc, tok, recipe, 0, "cpu")
+    experts = model.model.layers[0].mlp.experts
+    assert experts.down_proj.shape == (4, 16, 16) and model.config.num_experts_per_tok == 2
+    assert not torch.equal(experts.down_proj, untrained.model.layers[0].mlp.experts.down_proj)
+    layers = GradientExtractor(model, ProjectionConfig(rank_in=4, rank_out=4, include=[detect.ATTN_MLP])).layers
+    names = {l.name for l in layers}
+    assert sum(l.routed for l in layers) == 8 and "model.layers.0.mlp.gate" in names

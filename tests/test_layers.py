@@ -17,14 +17,17 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Lowest first. A new module must be placed here; a module may import only from lower levels.
 LAYERS = [
+    ("errors",),  # the exceptions every input check raises, and how their messages name parameters
+    ("options",),  # ScoreOptions, UnlearnOptions and the names each option accepts (no torch)
     ("batching",),  # what a batch dict means (validation, ids, data positions, length buckets)
-    ("config", "lm", "distributed", "model", "data", "outputs"),  # below the flow
+    ("config", "lm", "distributed", "data", "outputs"),  # below the flow
     ("sharding",),  # FSDP2-sharded models: the LM head inside its forward, whole weights
     ("ops",),  # torch references and the backend registry
     ("triton_kernels",),  # kernels of the ops (installed as fastinfluence.triton_kernels)
     ("moe",),  # MoE routers and experts as captured layers (hooks driven by capture), weight coverage
     ("capture",),
-    ("normalizer",),  # optimizer-aware (TrackStar) second-moment scales of A and G, folded into P_in / P_out
+    ("normalizer", "adam"),  # adam: LESS's Adam update directions of one layer (the callback's "adam" rows);
+    # normalizer: optimizer-aware (TrackStar) second-moment scales of A and G, folded into P_in / P_out
     ("projection", "exact", "kfac"),  # project (kfac: full-dimension K-FAC from captured factors)
     ("features",),
     ("store",),
@@ -33,14 +36,14 @@ LAYERS = [
     ("precondition",),
     ("scoring",),  # score
     ("storeless", "trajectory"),  # scoring without a store; TracIn-CP over the callback's interval stores
-    ("weights",),
+    ("weights", "attribution"),  # attribution: LDS, recall@k, Spearman (metrics of scores, no model)
     ("losses",),  # the unlearning losses (also what evaluate measures)
     ("unlearn",),
     ("evaluate",),
     ("__init__",),  # the public API (fastinfluence/__init__.py)
     ("integrations",),  # trainers for other frameworks (open-unlearning)
-    ("cli", "bench_cli"),  # cli loads the other command modules as plug-ins, by name only
-    ("unlearn_cli", "demo"),  # import cli's helpers (one direction: cli never imports them)
+    ("demo",),  # the backdoor demo (its command is cli.demo)
+    ("cli",),  # the command line: one module per command
     ("__main__",),
 ]
 LEVEL = {unit: i for i, units in enumerate(LAYERS) for unit in units}

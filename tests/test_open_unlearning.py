@@ -241,9 +241,21 @@ def test_every_trainer_computes_its_unlearning_loss_through_either_base(base, na
         assert cls.compute_loss is ou.DispatchingUnlearnTrainer.compute_loss
 
 
-def test_low_influence_keep_list_zeroes_the_skipped_examples(tmp_path):
-    fw, rw = oul.load_weights(write_weights(tmp_path, keep=[0, 2], n=4, forget=[1.0, 2.0, 3.0, 4.0]))
-    assert fw.tolist() == [1.0, 0.0, 3.0, 0.0] and rw is None
+def test_low_influence_keep_list_drops_the_skipped_examples_from_the_forget_split(data, tmp_path):
+    forget, retain = data
+    path = write_weights(tmp_path, keep=[5, 0, 2], n=6, forget=[1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
+    trainer = make("FIGradDiff", tiny_model("llama", seed=14), forget, retain, tmp_path, weights_path=path)
+    assert len(trainer.train_dataset) == 3 and len(forget) == 6  # the user's dataset is left whole
+    seen = []
+    loss = trainer.compute_unlearn_loss
+
+    def recording(model, inputs, *args, **kwargs):
+        seen.extend(inputs["forget"]["index"].tolist())
+        return loss(model, inputs, *args, **kwargs)
+
+    trainer.compute_unlearn_loss = recording
+    trainer.train()  # max_steps=2, batch 4: every kept example once per step, no skipped one
+    assert sorted(seen) == [0, 0, 2, 2, 5, 5]
     with pytest.raises(ValueError, match="'keep' indexes 4 forget examples but 'forget' has 2"):
         oul.load_weights(write_weights(tmp_path, keep=[0], n=4, forget=[1.0, 2.0]))
 
@@ -281,7 +293,7 @@ def test_bad_method_args_are_rejected_when_the_trainer_is_built(args, match, dat
 
 def test_weights_of_another_split_and_batches_without_index_are_rejected(data, tmp_path):
     forget, retain = data
-    with pytest.raises(ValueError, match="has 3 forget weights but the forget split has 6"):
+    with pytest.raises(ValueError, match="has 3 forget weights but the forget set has 6"):
         make(
             "FIGradDiff",
             tiny_model("llama", seed=13),

@@ -9,6 +9,7 @@ batches idles in step with the others (a hang ends the run with its stacks).
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -28,18 +29,31 @@ WORLD = 2
 TOL = 1e-10
 
 
+def _env() -> dict:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]))
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def _torchrun(out: Path, world: int, *args: str, timeout: int = 300) -> list[dict]:
+    """Every rank's results of ``sharded_worker.py`` on ``world`` ranks."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}"]
+    proc = subprocess.run(
+        [*cmd, str(HERE / "sharded_worker.py"), str(out), *args],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return [_features(torch.load(out / f"rank{r}.pt", weights_only=True)) for r in range(world)]
+
+
 @pytest.fixture(scope="module")
 def sharded(tmp_path_factory):
     """Every rank's results of the sharded run, and its folder."""
     out = tmp_path_factory.mktemp("sharded")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]))
-    env["OMP_NUM_THREADS"] = "1"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}"]
-    proc = subprocess.run(
-        [*cmd, str(HERE / "sharded_worker.py"), str(out)], env=env, capture_output=True, text=True, timeout=300
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return [_features(torch.load(out / f"rank{r}.pt", weights_only=True)) for r in range(WORLD)], out
+    return _torchrun(out, WORLD), out
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +67,11 @@ def test_the_ranks_ran_on_a_sharded_model(sharded):
 
 @pytest.mark.parametrize("name", list(cases.CONFIGS))
 def test_each_rank_extracts_its_own_examples_as_the_whole_model(sharded, whole, name):
-    for rank, got in enumerate(sharded[0]):
+    _check_features(sharded[0], whole, name)
+
+
+def _check_features(ranks: list[dict], whole, name: str) -> None:
+    for rank, got in enumerate(ranks):
         features = got[f"features/{name}"]
         extractor = fi.GradientExtractor(whole, cases.CONFIGS[name])
         with one_thread():
@@ -129,18 +147,67 @@ def test_the_normalizer_fit_is_summed_over_the_ranks(sharded, reference):
 
 
 def test_weighted_nll_and_its_gradient_equal_the_whole_models(sharded, whole):
+    _check_nll(sharded[0], whole)
+
+
+def _check_nll(ranks: list[dict], whole) -> None:
     whole.train()
     whole.zero_grad()
-    for rank, got in enumerate(sharded[0]):
+    for rank, got in enumerate(ranks):
         nll = sequence_nll(whole, cases.own_batches(rank)[0])
         loss = reduce(nll, cases.WEIGHTS[: len(nll.sum)])
-        (loss / WORLD).backward()  # FSDP2 averages the ranks' gradients
+        (loss / len(ranks)).backward()  # FSDP2 averages the ranks' gradients
         assert rel_err(got["nll"], nll.sum) < TOL
         assert rel_err(got["loss"], loss) < TOL
     whole.eval()
-    for got in sharded[0]:
+    for got in ranks:
         for name, p in whole.named_parameters():
             assert rel_err(got["grads"][name], p.grad) < TOL, name
+
+
+def test_the_normalizer_from_a_sharded_models_optimizer_equals_the_whole_models(sharded):
+    """Adam's exp_avg_sq of a sharded model are DTensors: gathered per parameter."""
+    _check_adam(sharded[0])
+
+
+def _check_adam(ranks: list[dict]) -> None:
+    whole = cases.model()
+    whole.train()
+    for rank in range(len(ranks)):  # the gradient the ranks stepped on: the mean of theirs
+        nll = sequence_nll(whole, cases.own_batches(rank)[0])
+        (reduce(nll, cases.WEIGHTS[: len(nll.sum)]) / len(ranks)).backward()
+    optimizer = cases.adam(whole)
+    optimizer.step()
+    whole.eval()
+    ref = fi.Normalizer.from_optimizer(whole, optimizer, cases.CONFIGS["all"]).factors
+    assert set(ref) == {l.name for l in fi.GradientExtractor(whole, cases.CONFIGS["all"]).layers}
+    for got in ranks:
+        for key in ("adam", "adam/state_dict"):
+            assert set(got[key]) == set(ref)
+            for layer, (r, c) in ref.items():
+                assert rel_err(got[key][layer][0], r) < TOL and rel_err(got[key][layer][1], c) < TOL, (key, layer)
+
+
+@pytest.mark.slow
+def test_four_ranks_extract_score_and_take_the_weighted_nll_as_the_whole_model(whole, tmp_path):
+    """4 ranks, one launch of the quick set: features, exact scores, EK-FAC factors, weighted NLL, Adam's normaliser."""
+    ranks = _torchrun(tmp_path, 4, "--quick")
+    assert all(got["sharded"] for got in ranks)
+    for name in cases.CONFIGS:
+        _check_features(ranks, whole, name)
+    config, shared, queries = cases.CONFIGS["blocks"], cases.shared_batches(), cases.query_batches()
+    with one_thread():
+        exact = fi.exact_scores(whole, queries, shared, config)
+    assert all(rel_err(got["exact"], exact) < TOL for got in ranks)
+    with one_thread():
+        stats = fi.fit_kfac(whole, shared, "ekfac", config).stats
+    for got in ranks:
+        assert set(got["kfac/stats"]) == set(stats)
+        for key in ("Lambda", "e_A", "e_G"):  # eigenvectors are defined up to sign; these are not
+            for k in (k for k in stats if k.endswith(key)):
+                assert rel_err(got["kfac/stats"][k], stats[k]) < TOL, k
+    _check_nll(ranks, whole)
+    _check_adam(ranks)
 
 
 @pytest.mark.slow
@@ -171,6 +238,52 @@ def test_two_nodes_on_localhost_write_one_store_equal_to_one_process(whole, tmp_
     two.verify()
     assert two.metadata() == one.metadata() and two.ids == one.ids
     assert rel_err(two.to_features().data, one.to_features().data) < TOL
+
+
+@pytest.mark.slow
+def test_a_killed_rank_ends_its_peers_run_and_the_rerun_completes_the_store(whole, tmp_path):
+    """Rank 1 dies (SIGKILL) mid-store; rank 0, blocked in a collective with it, exits with an error, not
+    a hang. Run again: the shards written stay, only the missing examples are extracted."""
+    port = _free_port()
+    env = dict(_env(), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2")
+    cmd = [sys.executable, str(HERE / "sharded_worker.py"), str(tmp_path), "--store-only", "--kill-at=4"]
+    ranks = [  # no torchrun agent: nothing but the collectives tells rank 0 that its peer is gone
+        subprocess.Popen(cmd, env=dict(env, RANK=str(r), LOCAL_RANK=str(r)), stderr=subprocess.PIPE, text=True)
+        for r in range(2)
+    ]
+    try:
+        errs = [rank.communicate(timeout=300)[1] for rank in ranks]
+    finally:
+        for rank in ranks:
+            rank.kill()
+    assert ranks[1].returncode == -signal.SIGKILL
+    assert ranks[0].returncode not in (0, -signal.SIGKILL), errs[0][-2000:]
+    assert "Timeout" not in errs[0], errs[0][-2000:]  # the worker's faulthandler: it hung in the collective
+    store = tmp_path / "store"
+    written = {p.name: p.stat().st_mtime_ns for p in (store / "shards").iterdir()}
+    assert 0 < FeatureStore.open(store).num_rows < 14 and len(written) >= 2
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    cmd += [str(HERE / "sharded_worker.py"), str(tmp_path), "--store-only"]
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    two = FeatureStore.open(store)
+    two.verify()
+    after = {p.name: p.stat().st_mtime_ns for p in (store / "shards").iterdir()}
+    assert all(after.get(name) == mtime for name, mtime in written.items())  # kept, not rewritten
+    with one_thread():
+        one = write_store(
+            tmp_path / "one", fi.GradientExtractor(whole, cases.CONFIGS["blocks"]), cases.shared_batches()
+        )
+    assert two.metadata() == one.metadata() and two.ids == one.ids
+    assert rel_err(two.to_features().data, one.to_features().data) < TOL
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _features(got: dict) -> dict:

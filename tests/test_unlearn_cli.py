@@ -254,4 +254,4 @@ def test_low_influence_keep_flags_drop_forget_examples(workdir, caplog, capsys):
         )
         == 2
     )
-    assert "made for 5 forget examples, --forget has 32" in capsys.readouterr().err
+    assert "was made for 5 forget examples but the forget set has 32" in capsys.readouterr().err

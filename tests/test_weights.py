@@ -342,3 +342,67 @@ def test_every_weights_function_reads_numpy_arrays_and_memmaps(tmp_path):
         assert weights.low_influence(arrays[0][0], threshold=0.5).skip.tolist() == (mats[0][0].abs() <= 0.5).tolist()
         assert close(weights.imu(arrays[0], arrays[1]).weights, weights.imu(mats[0], mats[1]).weights, 1e-5)
         assert close(weights.loss_reweight(arrays[0][0]), weights.loss_reweight(mats[0][0]), 1e-5)
+
+
+# -- orientation of plain score matrices ----------------------------------------------------
+
+
+def _four(shapes, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(q, n, generator=g, dtype=torch.float64) for q, n in shapes]
+
+
+def _results(ff, fr, rf, rr):
+    """ScoreResult-like objects carrying their sides' ids (forget queries fq, retain queries rq, ...)."""
+    sides = {"ff": ("fq", "ft"), "fr": ("rq", "ft"), "rf": ("fq", "rt"), "rr": ("rq", "rt")}
+    mats = dict(zip(sides, (ff, fr, rf, rr)))
+    return [
+        SimpleNamespace(
+            matrix=m.numpy(),
+            query_ids=[f"{sides[n][0]}{i}" for i in range(m.shape[0])],
+            train_ids=[f"{sides[n][1]}{i}" for i in range(m.shape[1])],
+        )
+        for n, m in mats.items()
+    ]
+
+
+@pytest.mark.parametrize(
+    "shapes", [[(4, 4)] * 4, [(3, 5)] * 4, [(3, 3), (2, 3), (3, 5), (2, 5)]], ids=["square", "equal", "ff-square"]
+)
+def test_rapidun_refuses_plain_matrices_whose_shapes_fit_another_orientation(shapes):
+    ff, fr, rf, rr = _four(shapes)
+    with pytest.raises(ValueError, match="fit more than one orientation.*pass rows='queries'"):
+        weights.rapidun(ff, fr, rf, rr)
+    named = weights.rapidun(ff, fr, rf, rr, rows="queries")
+    by_ids = weights.rapidun(*_results(ff, fr, rf, rr))  # ScoreResults carry their orientation
+    transposed = weights.rapidun(ff.T, fr.T, rf.T, rr.T, rows="train")
+    for a, b, c in zip(named, by_ids, transposed):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        torch.testing.assert_close(a, c, rtol=0, atol=0)
+    assert not torch.allclose(named.forget, torch.ones_like(named.forget))  # the weights are not trivial
+
+
+def test_rapidun_shapes_that_fit_one_orientation_need_no_label_and_a_transposed_set_is_named():
+    ff, fr, rf, rr = _four([(3, 6), (2, 6), (3, 5), (2, 5)], seed=1)
+    plain = weights.rapidun(ff, fr, rf, rr)
+    torch.testing.assert_close(plain.forget, weights.rapidun(ff, fr, rf, rr, rows="queries").forget, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="if the plain matrices are \\(train, queries\\), pass rows='train'"):
+        weights.rapidun(ff.T, fr.T, rf.T, rr.T)
+    with pytest.raises(ValueError, match="rows must be one of \\('queries', 'train'\\)"):
+        weights.rapidun(ff, fr, rf, rr, rows="query")
+
+
+def test_low_influence_refuses_a_matrix_whose_shape_cannot_tell_its_orientation():
+    (m,) = _four([(4, 4)], seed=2)
+    with pytest.raises(ValueError, match="is square \\(4, 4\\).*pass rows='queries'"):
+        weights.low_influence(m, quantile=0.5)
+    assert weights.low_influence(m, quantile=0.5, rows="queries").keep.tolist() == (
+        weights.low_influence(m.mean(0), quantile=0.5).keep.tolist()
+    )
+    assert weights.low_influence(m.T, quantile=0.5, rows="train").keep.tolist() == (
+        weights.low_influence(m.mean(0), quantile=0.5).keep.tolist()
+    )
+    (wide,) = _four([(6, 3)], seed=3)  # 6 queries x 3 train: tokens of 6 examples fit it transposed only
+    with pytest.raises(ValueError, match="tokens has 6 entries, the rows of the \\(6, 3\\) score matrix"):
+        weights.low_influence(wide, quantile=0.5, tokens=torch.ones(6))
+    assert len(weights.low_influence(wide, quantile=0.5, tokens=torch.ones(3)).skip) == 3

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import GradientExtractor, ProjectionConfig, exact_scores, score
+from ..evaluate import auc
 from ..lm import model_inputs
 from ..losses import sequence_nll
 from .data import Scenario, batches, encode
@@ -45,11 +46,10 @@ class Detection:
 
 def auroc(scores: torch.Tensor, positive: torch.Tensor) -> float:
     """P(score of a positive > score of a negative), ties counting one half."""
-    pos, neg = scores[positive].double(), scores[~positive].double()
+    pos, neg = scores[positive], scores[~positive]
     if not len(pos) or not len(neg):
         raise ValueError(f"AUROC needs positives and negatives, got {len(pos)} and {len(neg)}")
-    diff = pos[:, None] - neg[None, :]
-    return ((diff > 0).double().mean() + 0.5 * (diff == 0).double().mean()).item()
+    return auc(pos, neg)
 
 
 def behaviour_masks(scenario: Scenario, candidate: torch.Tensor) -> dict[str, torch.Tensor]:

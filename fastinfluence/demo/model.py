@@ -23,16 +23,16 @@ class Recipe:
     epochs: int = 24
     lr: float = 3e-3
     batch_size: int = 16
+    experts: int = 0  # > 0: an MoE variant (Mixtral blocks, this many experts, top-2, expert width = hidden)
 
 
 def build_model(vocab_size: int, recipe: Recipe, seed: int, pad_token_id: int, eos_token_id: int):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(
+    common = dict(
         vocab_size=vocab_size,
         hidden_size=recipe.hidden,
-        intermediate_size=2 * recipe.hidden,
         num_hidden_layers=recipe.layers,
         num_attention_heads=4,
         num_key_value_heads=2,
@@ -42,7 +42,12 @@ def build_model(vocab_size: int, recipe: Recipe, seed: int, pad_token_id: int, e
         eos_token_id=eos_token_id,
         tie_word_embeddings=False,
     )
-    return LlamaForCausalLM(config)
+    if recipe.experts:  # two active experts of width hidden: the dense MLP's 2 x hidden per token
+        config = MixtralConfig(
+            intermediate_size=recipe.hidden, num_local_experts=recipe.experts, num_experts_per_tok=2, **common
+        )
+        return MixtralForCausalLM(config)
+    return LlamaForCausalLM(LlamaConfig(intermediate_size=2 * recipe.hidden, **common))
 
 
 def train_model(examples: list[dict], tokenizer, recipe: Recipe, seed: int, device, progress=None, checkpoints=None):

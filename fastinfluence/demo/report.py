@@ -160,28 +160,8 @@ def _plots(result: dict, out: Path) -> list[str]:
 
     files = []
     names = list(result["scenarios"])
-    fig, axes = plt.subplots(1, len(names), figsize=(5.2 * len(names), 5.6), squeeze=False)
-    for ax, name in zip(axes[0], names):
-        sc = result["scenarios"][name]
-        keep = torch.ones(len(sc["_poisoned"]), dtype=torch.bool)
-        keep[sc["_reported"]] = False
-        pos = torch.tensor(sc["_poisoned"])[keep]
-        for k, s in sc["_scores"].items():
-            order = torch.argsort(torch.tensor(s)[keep], descending=True, stable=True)
-            hits = pos[order].double().cumsum(0)
-            precision, recall = hits / torch.arange(1, len(hits) + 1), hits / pos.sum()
-            default = k == sc["default_detector"]
-            style = (
-                dict(lw=3, color="k", zorder=5)
-                if default
-                else dict(lw=1.3, ls="--" if k.startswith("baseline") else "-")
-            )
-            ax.plot(recall, precision, label=k.replace("influence_", "").replace("baseline_", "baseline: "), **style)
-        ax.set(title=f"{name}: finding the poisoned examples", xlabel="recall", ylabel="precision", ylim=(0, 1.02))
-        # below the axes: inside, it hides the low-precision end of the curves
-        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False)
-    fig.tight_layout()
-    fig.savefig(out / "detection_pr.png", dpi=110, bbox_inches="tight")
+    _detection_panels(result, names, plt, torch)
+    plt.gcf().savefig(out / "detection_pr.png", dpi=110, bbox_inches="tight")
     files.append("detection_pr.png")
 
     fig, axes = plt.subplots(1, len(names), figsize=(5.2 * len(names), 5.4), squeeze=False)
@@ -238,6 +218,67 @@ def _plots(result: dict, out: Path) -> list[str]:
     return files
 
 
+# Small multiples of the precision-recall plot: one panel per detector family, so that curves which
+# coincide (every influence setting at AUROC 1.000 in backdoor) are not one line under another.
+FAMILIES = (
+    ("projected influence", lambda k: k.startswith("influence_")),
+    ("exact gradients and ensembles", lambda k: k.startswith(("exact_", "ensemble_"))),
+    ("trivial baselines", lambda k: k.startswith("baseline_")),
+)
+
+
+def _detection_panels(result: dict, names: list[str], plt, torch) -> None:
+    """Rows: scenarios; columns: :data:`FAMILIES`. Every panel draws the default as a wide grey band for
+    reference, under the family's curves; each curve has its own marker, placed at staggered distances
+    along the line so that curves on the same line still show every marker, and its AUROC in the legend."""
+    fig, axes = plt.subplots(len(names), len(FAMILIES), figsize=(14, 4.6 * len(names)), squeeze=False)
+    markers = "osD^vP*X<>h"
+    for row, name in zip(axes, names):
+        sc = result["scenarios"][name]
+        keep = torch.ones(len(sc["_poisoned"]), dtype=torch.bool)
+        keep[sc["_reported"]] = False
+        pos = torch.tensor(sc["_poisoned"])[keep]
+        curves = {}
+        for k, s in sc["_scores"].items():
+            order = torch.argsort(torch.tensor(s)[keep], descending=True, stable=True)
+            hits = pos[order].double().cumsum(0)
+            curves[k] = (hits / pos.sum(), hits / torch.arange(1, len(hits) + 1))
+        default = sc["default_detector"]
+        for ax, (family, member) in zip(row, FAMILIES):
+            ks = [k for k in curves if member(k) and k != default]
+            for i, k in enumerate(ks):
+                recall, precision = curves[k]
+                ax.plot(
+                    recall,
+                    precision,
+                    lw=1.2,
+                    color=f"C{i}",
+                    ls="--" if family == "trivial baselines" else "-",
+                    marker=markers[i % len(markers)],
+                    # floats: equal distances along the drawn line, each curve starting further on
+                    markevery=(0.12 * i / max(len(ks), 1), 0.12),
+                    ms=6,
+                    label=f"{k} (AUROC {sc['detection'][k]['auroc']:.3f})",
+                )
+            # the default as a wide band under the family's curves: where they coincide, both show
+            recall, precision = curves[default]
+            ax.plot(
+                recall,
+                precision,
+                lw=6,
+                color="k",
+                alpha=0.25,
+                zorder=1,
+                label=f"default: {default} (AUROC {sc['detection'][default]['auroc']:.3f})",
+            )
+            ax.set(title=f"{name}: {family}", xlabel="recall", ylabel="precision", ylim=(0, 1.04), xlim=(0, 1.01))
+            ax.title.set_fontsize(9)
+            ax.grid(alpha=0.3)
+            # below the axes: inside, it hides the low-precision end of the curves
+            ax.legend(fontsize=6.5, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=1, frameon=False)
+    fig.tight_layout()
+
+
 def write(result: dict, out: Path, log=print) -> None:
     out.mkdir(parents=True, exist_ok=True)
     public = _public(result)
@@ -263,12 +304,21 @@ def write(result: dict, out: Path, log=print) -> None:
 
 
 def bounds(report: dict) -> str:
-    """Whether this run shows every bound of :func:`check` (the README's, or --quick's loose ones)."""
-    problems = check(report, report.get("quick", False))
-    kind = "the --quick run's loose bounds" if report.get("quick") else "the demo's bounds (README)"
-    if not problems:
-        return f"bounds: every one of {kind} holds on this run"
-    return f"bounds: {len(problems)} of {kind} missed on this run: " + "; ".join(problems)
+    """Whether this run shows each bound of :func:`check` (the README's, or --quick's loose ones): a
+    headline, then one line per bound, ``held`` or ``MISSED``, with the measured value."""
+    quick = report.get("quick", False)
+    kind = "the --quick run's loose bounds" if quick else "the demo's bounds (README)"
+    problems = _structure(report)
+    if problems:
+        return "bounds: not checked, the report is incomplete: " + "; ".join(problems)
+    results = _bound_results(report, quick)
+    missed = sum(not ok for ok, _, _ in results)
+    head = (
+        f"bounds: every one of {kind} holds on this run"
+        if not missed
+        else f"bounds: {missed} of {len(results)} ({kind}) missed on this run"
+    )
+    return "\n".join([head] + [f"  {'held  ' if ok else 'MISSED'} {shown}" for ok, _, shown in results])
 
 
 # The keys report.json promises (tools and CI read them), per scenario.
@@ -288,6 +338,12 @@ def check(report: dict, quick: bool) -> list[str]:
     The default run must show the bounds the demo aims for (see the README); ``quick`` (fewer
     examples and epochs, for CI) only loose ones that a broken pipeline misses.
     """
+    problems = _structure(report)
+    return problems or [what for ok, what, _ in _bound_results(report, quick) if not ok]
+
+
+def _structure(report: dict) -> list[str]:
+    """The keys report.json promises that ``report`` lacks."""
     problems = []
     if "seed" not in report or set(report.get("scenarios", {})) - {"backdoor", "stealthy"}:
         return ["report needs 'seed' and 'scenarios' with backdoor and/or stealthy"]
@@ -304,51 +360,84 @@ def check(report: dict, quick: bool) -> list[str]:
                 problems.append(f"{name}: {k} names no reported run")
         if not any(k.startswith("baseline_") for k in sc.get("detection", {})):
             problems.append(f"{name}: no baseline_* detector")
-    if problems:
-        return problems
+    return problems
 
-    def need(ok: bool, what: str):
-        if not ok:
-            problems.append(what)
+
+def _bound_results(report: dict, quick: bool) -> list[tuple[bool, str, str]]:
+    """Every bound of the run, in order: (held, the problem's line when missed, the measured value
+    and its bound), for a report with every key (:func:`_structure` empty)."""
+    out = []
+
+    def need(ok: bool, problem: str, shown: str):
+        out.append((bool(ok), problem, shown))
 
     for name, sc in report["scenarios"].items():
         det = sc["detection"][sc["default_detector"]]
         u, b = sc["unlearning"][sc["default_unlearning"]], sc["before"]
-        need(b["asr_seen"] >= (0.6 if quick else 0.9), f"{name}: ASR before {b['asr_seen']:.2f} (backdoor not learned)")
+        lo = 0.6 if quick else 0.9
+        need(
+            b["asr_seen"] >= lo,
+            f"{name}: ASR before {b['asr_seen']:.2f} (backdoor not learned)",
+            f"{name}: ASR before unlearning {b['asr_seen']:.2f} >= {lo} (the backdoor is learned)",
+        )
         # quick stealthy: the small model's detection misses whole behaviours; ask for a clear drop only
         limit = (0.2 if name == "backdoor" else b["asr_seen"] - 0.3) if quick else 0.05
-        need(u["asr_seen"] <= limit, f"{name}: ASR after unlearning {u['asr_seen']:.2f}")
         need(
-            sc["speedup"]["unlearn_vs_retrain"] >= (2 if quick else 10),
-            f"{name}: unlearning only {sc['speedup']['unlearn_vs_retrain']:.1f}x cheaper than retraining",
+            u["asr_seen"] <= limit,
+            f"{name}: ASR after unlearning {u['asr_seen']:.2f}",
+            f"{name}: ASR after unlearning {u['asr_seen']:.2f} <= {limit:.2f}",
+        )
+        fast, x = 2 if quick else 10, sc["speedup"]["unlearn_vs_retrain"]
+        need(
+            x >= fast,
+            f"{name}: unlearning only {x:.1f}x cheaper than retraining",
+            f"{name}: unlearning {x:.1f}x cheaper than retraining >= {fast}x",
         )
         baselines = max(d["auroc"] for k, d in sc["detection"].items() if k.startswith("baseline_"))
+        auroc = det["auroc"]
         if name == "backdoor":
-            need(det["auroc"] >= (0.9 if quick else 0.95), f"{name}: default detector AUROC {det['auroc']:.3f}")
-            need(quick or det["precision_at_k"] >= 0.85, f"{name}: precision@k {det['precision_at_k']:.3f}")
+            lo = 0.9 if quick else 0.95
             need(
-                u["clean_acc"] >= (0.5 if quick else 0.9),
-                f"{name}: clean accuracy after unlearning {u['clean_acc']:.2f}",
+                auroc >= lo,
+                f"{name}: default detector AUROC {auroc:.3f}",
+                f"{name}: default detector AUROC {auroc:.3f} >= {lo}",
             )
-            need(
-                quick or u["clean_ppl"] / b["clean_ppl"] <= 1.10,
-                f"{name}: clean perplexity {b['clean_ppl']:.3f} -> {u['clean_ppl']:.3f}",
-            )
-            need(
-                quick or sc["speedup"]["end_to_end_vs_retrain"] >= 3,
-                f"{name}: end to end only {sc['speedup']['end_to_end_vs_retrain']:.1f}x cheaper than retraining",
-            )
+            if not quick:
+                p = det["precision_at_k"]
+                need(p >= 0.85, f"{name}: precision@k {p:.3f}", f"{name}: precision@k {p:.3f} >= 0.85")
         else:
             # 0.70: the default's minimum on the development seeds 0-4 (DETECTOR_CHOICE); 0.90 held on none
-            need(det["auroc"] >= (0.6 if quick else 0.7), f"{name}: default detector AUROC {det['auroc']:.3f}")
+            lo = 0.6 if quick else 0.7
             need(
-                quick or det["auroc"] > baselines, f"{name}: a baseline reaches AUROC {baselines:.3f} >= the default's"
+                auroc >= lo,
+                f"{name}: default detector AUROC {auroc:.3f}",
+                f"{name}: default detector AUROC {auroc:.3f} >= {lo}" + ("" if quick else " (lowered from 0.90)"),
+            )
+            if not quick:
+                need(
+                    auroc > baselines,
+                    f"{name}: a baseline reaches AUROC {baselines:.3f} >= the default's",
+                    f"{name}: default detector AUROC {auroc:.3f} > best baseline {baselines:.3f}",
+                )
+        lo = (0.5 if quick else 0.9) if name == "backdoor" else (0.5 if quick else 0.85)
+        need(
+            u["clean_acc"] >= lo,
+            f"{name}: clean accuracy after unlearning {u['clean_acc']:.2f}",
+            f"{name}: clean accuracy after unlearning {u['clean_acc']:.2f} >= {lo}",
+        )
+        if name == "backdoor" and not quick:
+            r, e2e = u["clean_ppl"] / b["clean_ppl"], sc["speedup"]["end_to_end_vs_retrain"]
+            need(
+                r <= 1.10,
+                f"{name}: clean perplexity {b['clean_ppl']:.3f} -> {u['clean_ppl']:.3f}",
+                f"{name}: clean perplexity {b['clean_ppl']:.3f} -> {u['clean_ppl']:.3f}, ratio {r:.3f} <= 1.10",
             )
             need(
-                u["clean_acc"] >= (0.5 if quick else 0.85),
-                f"{name}: clean accuracy after unlearning {u['clean_acc']:.2f}",
+                e2e >= 3,
+                f"{name}: end to end only {e2e:.1f}x cheaper than retraining",
+                f"{name}: end to end {e2e:.1f}x cheaper than retraining >= 3x",
             )
-    return problems
+    return out
 
 
 def main(argv=None) -> int:

@@ -14,7 +14,7 @@ from .. import score
 from ..evaluate import auc
 from ..losses import sequence_nll
 from ..unlearn import UnlearnDataset, UnlearnTrainer
-from ..weights import imu, low_influence, rapidun
+from ..weights import UnlearnWeights, imu, low_influence, rapidun
 from .data import Scenario, batches, encode
 from .model import Recipe, Timer, attack_success, exact_match, perplexity, train_model
 
@@ -76,7 +76,7 @@ def setup(scenario: Scenario, tokenizer, scores: torch.Tensor, feats: dict, seed
             # Full (Q, N) cosine matrices, memory-mapped, as a user with a large store would get them.
             Sf = score(q, tr, metric="cosine", topk=1, matrix_path=f"{d}/f.npy").matrix
             Sr = score(rq, tr, metric="cosine", topk=1, matrix_path=f"{d}/r.npy").matrix
-            w = rapidun(Sf[:, forget], Sr[:, forget], Sf[:, retain], Sr[:, retain])
+            w = rapidun(Sf[:, forget], Sr[:, forget], Sf[:, retain], Sr[:, retain], rows="queries")
             influence = torch.as_tensor(Sf[:, forget]).double().mean(0)
         imu_w = imu(feats["lm_head"][forget]).weights
     fe = [
@@ -127,6 +127,18 @@ LR = {"backdoor": 2e-4, "stealthy": 5e-4}
 EPOCHS, BATCH = 4, 16
 
 
+def dataset(
+    forget: list[dict], retain: list[dict], weights: UnlearnWeights, seed: int, ratio: int = 3
+) -> tuple[UnlearnDataset, list[int]]:
+    """The unlearning data of a hand-off as the CLI's ``unlearn`` builds it, and the kept forget
+    indices: the skipped forget examples are dropped, the kept ones carry their weights."""
+    keep, w_f, w_r = weights.select(len(forget), len(retain))
+    data = UnlearnDataset(
+        [forget[i] for i in keep], retain, ratio=ratio, forget_weights=w_f, retain_weights=w_r, seed=seed
+    )
+    return data, keep
+
+
 def run(
     name: str,
     model,
@@ -147,26 +159,19 @@ def run(
 
     lr = LR[scenario.name] if lr is None else lr
     method, weights, tokens, subset = METHODS[name]
-    keep = list(range(len(s.forget)))
+    keep: list[int] | torch.Tensor | None = None
     if subset is not None:
         method, weights, tokens, _ = METHODS[default]
         low = low_influence(s.influence, quantile=SKIP_QUANTILE)
-        keep = (
-            low.keep.tolist() if subset == "low_influence" else sorted(random.Random(seed).sample(keep, len(low.keep)))
-        )
+        every = list(range(len(s.forget)))
+        keep = low.keep if subset == "low_influence" else sorted(random.Random(seed).sample(every, len(low.keep)))
     w_f = w_r = None
     if weights == "rapidun":
-        w_f, w_r = s.rapidun_weights[0][keep], s.rapidun_weights[1]
+        w_f, w_r = s.rapidun_weights
     elif weights == "imu":
-        w_f = s.imu_weights[keep]
-    data = UnlearnDataset(
-        [s.forget_examples[i] for i in keep],
-        s.retain_examples,
-        ratio=3,
-        forget_weights=w_f,
-        retain_weights=w_r,
-        seed=seed,
-    )
+        w_f = s.imu_weights
+    handoff = UnlearnWeights(w_f, w_r, None if keep is None else torch.as_tensor(keep), len(s.forget))
+    data, keep = dataset(s.forget_examples, s.retain_examples, handoff, seed)
     unlearned = copy.deepcopy(model).train()
     with tempfile.TemporaryDirectory() as out, warnings.catch_warnings():
         warnings.simplefilter("ignore")

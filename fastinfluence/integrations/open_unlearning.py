@@ -27,10 +27,12 @@ KL(reference || model) over every position of the retain batch, open-unlearning'
 ``batchmean``; the reference is a frozen copy of the model (the base model, adapter disabled,
 for a PEFT model). NLLs come from ``ops.linear_cross_entropy`` without B x T x V logits.
 
-Weights (``weights_path``): the JSON written by ``fastinfluence weights`` (``forget``,
-``retain`` and/or low-influence ``keep`` lists), or a ``.pt`` / ``.npy`` vector of forget
-weights, in the order of the forget (retain) split; each batch's weights are looked up by its
-``index``. RapidUn's clean answers come from a forget dataset that yields
+Weights (``weights_path``): the file ``fastinfluence weights`` writes, read by
+``fastinfluence.weights.load_weights`` as the CLI reads it (``forget``, ``retain`` and/or
+low-influence ``keep`` lists, or a ``.pt`` / ``.npy`` vector of forget weights), in the order
+of the forget (retain) split; each batch's weights are looked up by its ``index``. Forget
+examples left out of ``keep`` are dropped from the forget split, as in the CLI.
+RapidUn's clean answers come from a forget dataset that yields
 ``{"original": ..., "alternate": ...}`` (open-unlearning's ``QAwithAlternateDataset``);
 ``FIRapidUn`` refuses a forget set without them unless ``rapidun_without_clean: true``
 (weighted gradient ascent on the forget answers).
@@ -53,14 +55,15 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import shutil
 from pathlib import Path
 
 import torch
 
 from .. import losses
-from ..unlearn import _check_weights, check_loss_options, forget_loss, frozen, retain_loss
+from ..options import UnlearnOptions
+from ..unlearn import forget_loss, frozen, retain_loss
+from ..weights import load_weights
 
 CONFIGS = Path(__file__).parent / "open_unlearning_configs"
 _MARK = "# fastinfluence trainers"
@@ -87,41 +90,18 @@ SPECS = {
 }
 
 
-def load_weights(path: str | Path) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """(forget, retain) per-example weights from ``path``, indexed like the splits; either may be None.
+class _Kept(torch.utils.data.Dataset):
+    """The kept examples of a split (low-influence skipping drops the others); each item keeps its
+    own ``index``, so weights are still looked up by the example's place in the whole split."""
 
-    JSON from ``fastinfluence weights``: ``forget`` and ``retain`` lists; a low-influence
-    ``keep`` list (with ``n``) gives weight 0 to the skipped forget examples. ``.pt`` / ``.npy``:
-    one (N,) vector of forget weights.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"weights_path {path} does not exist; write it with `fastinfluence weights ... --out {path}`"
-        )
-    if path.suffix in (".pt", ".npy"):
-        if path.suffix == ".pt":
-            w = torch.load(path, map_location="cpu", weights_only=True)
-        else:
-            import numpy as np
+    def __init__(self, split, keep: list[int]):
+        self.split, self.keep = split, keep
 
-            w = torch.from_numpy(np.load(path))
-        return _check_weights(f"forget weights in {path}", w, torch.as_tensor(w).numel()), None
-    data = json.loads(path.read_text())
-    if not isinstance(data, dict) or not {"forget", "retain", "keep"} & set(data):
-        raise ValueError(f"{path} holds none of 'forget', 'retain', 'keep'; write it with `fastinfluence weights`")
-    forget = data.get("forget")
-    forget = _check_weights(f"'forget' in {path}", forget, len(forget)) if forget is not None else None
-    if "keep" in data:
-        n = int(data.get("n", len(forget) if forget is not None else max(data["keep"]) + 1))
-        keep = torch.zeros(n)
-        keep[torch.as_tensor(data["keep"], dtype=torch.long)] = 1.0
-        if forget is not None and len(forget) != n:
-            raise ValueError(f"{path}: 'keep' indexes {n} forget examples but 'forget' has {len(forget)} weights")
-        forget = keep if forget is None else forget * keep
-    retain = data.get("retain")
-    retain = _check_weights(f"'retain' in {path}", retain, len(retain)) if retain is not None else None
-    return forget, retain
+    def __len__(self) -> int:
+        return len(self.keep)
+
+    def __getitem__(self, i):
+        return self.split[self.keep[i]]
 
 
 class _InfluenceLossTrainer:
@@ -144,22 +124,38 @@ class _InfluenceLossTrainer:
         **kwargs,
     ):
         method, self.uses_retain, default_reduction, default_norm, needs_weights = self.spec
-        reduction, weight_norm = reduction or default_reduction, weight_norm or default_norm
-        check_loss_options(reduction, weight_norm, retain_loss_type)
+        # SimNPO's margin is delta here, as in open-unlearning (simnpo_gamma stays 0)
+        options = UnlearnOptions(
+            method=method,
+            alpha=alpha,
+            gamma=gamma,
+            beta=beta,
+            delta=delta,
+            reduction=reduction or default_reduction,
+            weight_norm=weight_norm or default_norm,
+            retain_loss_type=retain_loss_type,
+            rapidun_without_clean=rapidun_without_clean,
+        )
         if needs_weights and not weights_path:
             raise ValueError(
                 f"{type(self).__name__} needs weights_path= (IMU weights from `fastinfluence weights --method imu`)"
             )
         super().__init__(*args, **kwargs)
+        self.options = options
         self.method, self.gamma, self.alpha, self.beta, self.delta = method, gamma, alpha, beta, delta
-        self.simnpo_gamma = 0.0  # SimNPO's margin is delta here, as in open-unlearning
-        self.reduction, self.weight_norm, self.retain_loss_type = reduction, weight_norm, retain_loss_type
-        self.weights_path, self.rapidun_without_clean = weights_path, rapidun_without_clean
+        self.simnpo_gamma, self.rapidun_without_clean = options.simnpo_gamma, rapidun_without_clean
+        self.reduction, self.weight_norm, self.retain_loss_type = (
+            options.reduction,
+            options.weight_norm,
+            retain_loss_type,
+        )
+        self.weights_path = weights_path
         forget = self._split("forget")
         if method == "rapidun" and forget is not None and len(forget):
             self._check_clean(forget[0])
-        self.forget_weights, self.retain_weights = load_weights(weights_path) if weights_path else (None, None)
-        self._check_weight_lengths()
+        self.forget_weights = self.retain_weights = None
+        if weights_path:
+            self._use_weights(load_weights(weights_path))
         # The loss is a mean per micro-batch: let the Trainer divide it by the accumulation steps.
         self.model_accepts_loss_kwargs = False
         self.ref_model = self._reference_model() if self.uses_retain and retain_loss_type == "KL" else None
@@ -178,14 +174,20 @@ class _InfluenceLossTrainer:
     def _split(self, name: str):
         return getattr(self.train_dataset, name, None)
 
-    def _check_weight_lengths(self) -> None:
-        for name, w in (("forget", self.forget_weights), ("retain", self.retain_weights)):
-            split = self._split(name)
-            if w is not None and split is not None and len(w) != len(split):
-                raise ValueError(
-                    f"{self.weights_path} has {len(w)} {name} weights but the {name} split has "
-                    f"{len(split)} examples; compute the weights on the same split, in the same order"
-                )
+    def _use_weights(self, w) -> None:
+        """Weights by the example's index in its split; skipped (low-influence) forget examples are
+        dropped from the forget split, as the CLI and ``UnlearnDataset`` do (see fastinfluence.weights)."""
+        forget, retain = self._split("forget"), self._split("retain")
+        n_forget = len(forget) if forget is not None else w.n_forget
+        if n_forget is None:  # no split to check against: the weights' own length
+            kept = w.keep if w.keep is not None and len(w.keep) else None
+            n_forget = len(w.forget) if w.forget is not None else (int(kept.max()) + 1 if kept is not None else 0)
+        keep = w.check(n_forget, len(retain) if retain is not None else None, f"weights_path {self.weights_path}")
+        self.forget_weights, self.retain_weights = w.forget, w.retain
+        if forget is not None and len(keep) < len(forget):
+            kept = copy.copy(self.train_dataset)
+            kept.forget = _Kept(forget, keep)
+            self.train_dataset = kept
 
     def _reference_model(self):
         """Frozen copy of the model for the KL retain loss (None: a PEFT model's adapter is disabled instead)."""

@@ -21,7 +21,7 @@ from .format import (
     read_manifest,
     save_tensors,
 )
-from .reader import FeatureStore, iter_chunks, source_metadata
+from .reader import FeatureStore
 from .writer import Run, StoreWriter, write_cache, write_features, write_store
 
 __all__ = [
@@ -37,13 +37,11 @@ __all__ = [
     "atomic_write",
     "check_same_origin",
     "features_metadata",
-    "iter_chunks",
     "layout_from_json",
     "layout_to_json",
     "normalize_metadata",
     "read_manifest",
     "save_tensors",
-    "source_metadata",
     "write_cache",
     "write_features",
     "write_store",

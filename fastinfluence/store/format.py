@@ -26,7 +26,9 @@ from typing import Any
 import torch
 from safetensors.torch import save as safetensors_save
 
+from .. import errors
 from ..config import ProjectionConfig
+from ..errors import FastInfluenceError
 from ..features import Features, LayerSlice
 from ..outputs import NO_SPACE, SHARD_FILE, STORE_SHARDS, disk_full, store_temporary
 
@@ -43,7 +45,10 @@ _ST_DTYPES = {
 }
 
 
-class StoreError(RuntimeError):
+_EXTRACT_STORE = "GradientExtractor.extract(batches, store=...)"  # how a store is made (errors.name)
+
+
+class StoreError(FastInfluenceError, RuntimeError):
     """A feature store is missing, incomplete or unusable."""
 
 
@@ -51,7 +56,7 @@ class CorruptShardError(StoreError):
     """A shard's bytes do not match its manifest entry (truncated or corrupted)."""
 
 
-class MismatchError(ValueError):
+class MismatchError(FastInfluenceError):
     """Two sets of features (or a store and an extractor) were made differently."""
 
 
@@ -126,7 +131,8 @@ def check_same_origin(first: Mapping, second: Mapping, first_name: str, second_n
                 what = "gradient normalizer (GradientExtractor(normalizer=...))"
             raise MismatchError(
                 f"{first_name} and {second_name} were made with a different {what}: {diff}; "
-                "extract both with the same model, layers and ProjectionConfig"
+                f"extract both with the same {errors.name('model')}, {errors.name('layers')} and "
+                f"{errors.name('ProjectionConfig')}"
             )
 
 
@@ -270,15 +276,13 @@ def read_manifest(path: Path) -> dict:
         raise StoreError(f"{path} is a file, not a feature store directory; give the directory that holds {MANIFEST}")
     if not path.exists():
         raise StoreError(
-            f"no feature store at {path}: no such directory (extract one with GradientExtractor.extract(batches, "
-            f"store=...))"
+            f"no feature store at {path}: no such directory (extract one with {errors.name(_EXTRACT_STORE)})"
         )
     try:
         return json.loads((path / MANIFEST).read_text())
     except FileNotFoundError:
         raise StoreError(
-            f"no feature store at {path}: {MANIFEST} is missing (extract one with GradientExtractor.extract(batches, "
-            f"store=...))"
+            f"no feature store at {path}: {MANIFEST} is missing (extract one with {errors.name(_EXTRACT_STORE)})"
         ) from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise StoreError(

@@ -20,8 +20,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from .. import errors
 from ..config import ProjectionConfig
-from ..features import Chunk, Features, FeatureSource
+from ..features import Chunk, Features
 from .format import (
     _ST_DTYPES,
     MANIFEST,
@@ -333,7 +334,8 @@ class FeatureStore:
         """Per-token factors of one example: ({layer: A~ (T, k_in)}, {layer: G~ (T, k_out)})."""
         if not self.has_tokens:
             raise StoreError(
-                f"store {self.path} has no per-token factors: extract with tokens=True to get per-token scores"
+                f"store {self.path} has no per-token factors: extract with {errors.name('tokens', True)} to get "
+                f"per-token scores"
             )
         i = self._locate(row)
         shard = self._shard(i, "tokens")
@@ -404,15 +406,6 @@ class FeatureStore:
             else torch.empty(0, self.dim, dtype=self.dtype)
         )
         return Features(data, self.norms.clone(), list(self.ids), self.layout, self.config, self.fingerprint)
-
-
-def iter_chunks(source: FeatureSource, rows: int, start: int = 0, stop: int | None = None) -> Iterator[Chunk]:
-    """Chunks of rows [start, stop) of a feature source (global row offsets)."""
-    return source.iter_chunks(rows, start, stop)
-
-
-def source_metadata(source: FeatureSource) -> dict:
-    return source.metadata()
 
 
 def _check_entry(path: Path, i: int, entry: Any) -> None:

@@ -28,6 +28,7 @@ from typing import Any, NamedTuple
 import torch
 
 from .. import distributed as dist
+from .. import errors
 from ..batching import batch_ids, batch_positions, data_order, windows
 from ..features import FeatureProducer, Features, cat_features, slice_rows
 from ..lm import IGNORE_INDEX
@@ -52,7 +53,6 @@ from .format import (
 from .reader import FeatureStore
 
 log = logging.getLogger("fastinfluence.store")
-_scan_shards = scan_shards  # the writer's scans go through this name (a test patches it)
 
 
 def _row_digests(stream: list[Mapping], padded: bool = False) -> list[bytes]:
@@ -212,8 +212,10 @@ class StoreWriter:
             check_same_origin(old, meta_now, f"store {root}", "this extractor")
             if (old["tokens"], old["covariances"]) != (tokens, covariances):
                 raise MismatchError(
-                    f"store {root} was extracted with tokens={old['tokens']}, covariances={old['covariances']}; "
-                    f"pass the same flags to resume or extend it (got tokens={tokens}, covariances={covariances})"
+                    f"store {root} was extracted with "
+                    f"{errors.switches(tokens=old['tokens'], covariances=old['covariances'])}; "
+                    f"pass the same flags to resume or extend it (got "
+                    f"{errors.switches(tokens=tokens, covariances=covariances)})"
                 )
             meta = old.get("meta", {}) if meta is None else meta
         self.meta_now = meta_now
@@ -256,7 +258,7 @@ class StoreWriter:
             for p in leftovers(root):  # left by a killed run; removed before any rank writes
                 p.unlink(missing_ok=True)
         dist.barrier()
-        done = _scan_shards(shard_dir)
+        done = scan_shards(shard_dir)
         flat_ids = [i for s in stream for i in s["ids"]]
         flat_ids = [flat_ids[i] for i in order]
         digests = _row_digests(stream)
@@ -352,7 +354,7 @@ class StoreWriter:
         dist.barrier()
         if self.rank == 0:
             atomic_write(
-                self.root / MANIFEST, json.dumps(self._manifest(_scan_shards(self.shard_dir), self._expected)).encode()
+                self.root / MANIFEST, json.dumps(self._manifest(scan_shards(self.shard_dir), self._expected)).encode()
             )
         dist.barrier()
         return FeatureStore.open(self.root)

@@ -1,4 +1,4 @@
-"""``fastinfluence bench``: time every op on each backend that runs here, against torch.
+"""Time every op on each backend available here against the torch reference.
 
 For each op and backend: the median wall time over repeats after a warm-up, the
 relative error of its output against the torch reference on the same random inputs,
@@ -20,6 +20,8 @@ import statistics
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
+
+from .common import summary
 
 if TYPE_CHECKING:
     import torch
@@ -79,7 +81,7 @@ def _cases(s: dict, device: torch.device) -> dict[str, tuple[Callable[[], tuple]
     """op -> (make inputs, call(op_fn, inputs) -> tensor, useful flops)."""
     import torch
 
-    from . import ops
+    from .. import ops
 
     g = torch.Generator(device="cpu").manual_seed(0)
 
@@ -176,7 +178,7 @@ def _lce_graph(hidden, weight, labels) -> tuple:
 
     The head is trainable, so the backward recomputes the logits (a frozen head's input
     gradient is formed in the forward: the forward_grad case)."""
-    from . import ops
+    from .. import ops
 
     hidden, weight = hidden.requires_grad_(), weight.requires_grad_()
     with ops.use_backend("torch"):  # the forward is not what this case measures
@@ -208,8 +210,8 @@ def run(
     """One row per op and per backend that implements what the op dispatches (torch always)."""
     import torch
 
-    from . import ops
-    from .ops._backend import implements
+    from .. import ops
+    from ..ops._backend import implements
 
     unknown = sorted(set(ops_filter or ()) - set(OPS))
     if unknown:
@@ -263,7 +265,7 @@ def case_ops(size: str = "small", device: str = "cpu") -> dict[str, set[str]]:
     """Bench case -> the registered ops it dispatches (on torch)."""
     import torch
 
-    from . import ops
+    from .. import ops
 
     out = {}
     for name, (make, call, _) in _cases(SIZES[size], torch.device(device)).items():
@@ -277,7 +279,7 @@ def case_ops(size: str = "small", device: str = "cpu") -> dict[str, set[str]]:
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "bench",
-        help="time every op on each backend available here against the torch reference",
+        help=summary(__doc__),
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
