@@ -19,7 +19,7 @@ from .moe import refuse_experts
 from .normalizer import Normalizer
 from .ops._common import masked
 from .ops.project import project_side
-from .ops.routed import project_routed
+from .ops.routed import project_routed, token_grid
 from .projection import layer_projections
 
 _FINGERPRINT_SAMPLES = 64
@@ -77,14 +77,11 @@ class GradientExtractor:
         self.config = config or ProjectionConfig()
         self.capture = CapturePass(model, self.config)
         self.layers = self.capture.layers
-        if self.config.mode == "flat":
-            refuse_experts(self.layers, "ProjectionConfig(mode='flat')")
         if isinstance(normalizer, (str, Path)):
             normalizer = Normalizer.load(normalizer)
         if normalizer is not None and not isinstance(normalizer, Normalizer):
             raise ValueError(f"normalizer must be a Normalizer or the path of a saved one, got {type(normalizer)}")
         if normalizer is not None:
-            refuse_experts(self.layers, "A Normalizer")
             normalizer.check(self.layers)
         self.normalizer = normalizer
         self._proj = {l.name: layer_projections(l, self.config) for l in self.layers}
@@ -316,10 +313,13 @@ class GradientExtractor:
         vector (``offset``), so summing per-layer sketches equals sketching the whole
         vector, and only one layer's (B, d_out * d_in) gradients exist at a time.
         """
-        rows = torch.zeros(batch.input_ids.shape[0], self.config.dim, dtype=self.dtype, device=batch.input_ids.device)
+        B = batch.input_ids.shape[0]
+        rows = torch.zeros(B, self.config.dim, dtype=self.dtype, device=batch.input_ids.device)
         cfg = self.config
 
         def on_layer(layer: Layer, A, G, mask):
+            if layer.routed:  # an expert's routed tokens, laid out per example
+                A, G, mask = token_grid(A, G, mask, B)
             A, G, bias = masked(A.to(self.dtype), mask), masked(G.to(self.dtype), mask), layer.bias
             if self.normalizer is not None:  # A gains the bias column
                 (A, G), bias = self.normalizer.scaled(layer, A, G, mask), False

@@ -32,7 +32,9 @@ Where (r, c) come from:
 - ``Normalizer.fit``: on data, in one extraction-like pass: r_o = mean_i sum_j g_ioj^2 and
   c_j = mean_i sum_o g_ioj^2 from the captured (A, G) without forming g where that is cheaper:
   per example, r = diag(G^T (A~ A~^T) G) and c = diag(A~^T (G G^T) A~) (T x T grams, the ghost
-  trick, about 2 T^2 (d_in' + d_out)), else from dense g (T d_in' d_out).
+  trick, about 2 T^2 (d_in' + d_out)), else from dense g (T d_in' d_out). An MoE expert's g_i
+  is the sum over example i's tokens routed to it (``ops.routed.token_grid`` lays them out per
+  example), zero for an example that routes none there.
 
 TrackStar's unit normalisation of the final feature is ``score(..., metric="cosine")``: it
 divides by the norms of the (normalised, projected) features stored at extraction.
@@ -61,8 +63,8 @@ from torch import nn
 from . import distributed as dist
 from .capture import CapturePass, Layer, select_layers
 from .config import ProjectionConfig
-from .moe import refuse_experts
 from .ops._common import augmented, example_chunks, masked
+from .ops.routed import token_grid
 from .sharding import whole
 
 SOURCES = ("adam", "adafactor", "fitted", "given")
@@ -298,10 +300,13 @@ class Normalizer:
         """
         config = config or ProjectionConfig()
         layers = select_layers(model, config.include, config.exclude, config.include_bias)
-        refuse_experts(layers, "Normalizer.from_optimizer")
         states = _states_by_name(model, optimizer, param_names)
         factors, kinds = {}, set()
         for layer in layers:
+            if layer.routed:
+                kinds.add("adam")
+                factors[layer.name] = _expert_factors(model, layer, states)
+                continue
             weight = _param_name(model, layer.module.weight)
             bias = _param_name(model, layer.module.bias) if layer.bias else None
             kind, r, c = _weight_factors(layer, weight, states)
@@ -342,17 +347,21 @@ class Normalizer:
         if method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
         capture = CapturePass(model, config)
-        refuse_experts(capture.layers, "Normalizer.fit")
         dtype = capture.dtype
         zeros = lambda n: torch.zeros(n, dtype=torch.float64, device=capture.device)  # noqa: E731
         sums = {l.name: [zeros(l.d_out), zeros(l.d_in + int(l.bias))] for l in capture.layers}
 
-        def accumulate(layer: Layer, A, G, mask):
+        def accumulate(layer: Layer, A, G, mask, B: int):
+            if layer.routed:  # an expert's routed tokens, laid out per example (no token: zeros)
+                A, G, mask = token_grid(A, G, mask, B)
             r, c = row_col_squares(augmented(A.to(dtype), mask, layer.bias), masked(G.to(dtype), mask), method)
             s = sums[layer.name]
             s[0], s[1] = s[0] + r.double(), s[1] + c.double()  # on the device: no sync per layer
 
-        examples = len(capture.run(batches, lambda _batch: accumulate, "normalizer" if progress else None, shared=True))
+        def start(batch):
+            return lambda layer, A, G, mask: accumulate(layer, A, G, mask, batch.input_ids.shape[0])
+
+        examples = len(capture.run(batches, start, "normalizer" if progress else None, shared=True))
         factors = {
             n: (dist.all_reduce_sum(r).cpu() / examples, dist.all_reduce_sum(c).cpu() / examples)
             for n, (r, c) in sums.items()
@@ -507,6 +516,35 @@ def _weight_factors(layer: Layer, name: str, states: dict) -> tuple[str, torch.T
         f"the optimizer state of {name} has {sorted(state)}: no second moment (Adam's exp_avg_sq, Adafactor's "
         "row/column factors); use an Adam-family or Adafactor optimizer, or fit on data (Normalizer.fit)"
     )
+
+
+def _expert_factors(model: nn.Module, layer, states: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(r, c) of one expert (``moe.ExpertLayer``) from Adam's exp_avg_sq of the fused (E, ., .)
+    parameter: its slice e, in (d_out, d_in) orientation, and slice e of the fused bias's."""
+    name = _param_name(model, layer.parameter)
+    state, hyper = _state(name, states)
+    if "exp_avg_sq" not in state:
+        raise ValueError(
+            f"the optimizer state of {name} has {sorted(state)}: an expert's normaliser takes Adam's exp_avg_sq "
+            "of the fused parameter (not Adafactor's factors of a 3-D one); fit it on data (Normalizer.fit)"
+        )
+    v = _checked(name, state["exp_avg_sq"], tuple(layer.parameter.shape), "exp_avg_sq")[layer.expert]
+    v = v / _bias_correction(state, hyper)
+    v = v.T if layer.module.is_transposed else v
+    r, c = v.sum(1), v.sum(0)
+    if layer.bias:
+        bias = getattr(layer.module, layer.param + "_bias")
+        bname = _param_name(model, bias)
+        if bname not in states or not states[bname][0] or "exp_avg_sq" not in states[bname][0]:
+            raise ValueError(
+                f"the optimizer holds no exp_avg_sq for the bias {bname}: leave the bias out with "
+                "ProjectionConfig(include_bias=False), or fit on data (Normalizer.fit)"
+            )
+        bstate, bhyper = states[bname]
+        v_b = _checked(bname, bstate["exp_avg_sq"], tuple(bias.shape), "exp_avg_sq")[layer.expert]
+        v_b = v_b / _bias_correction(bstate, bhyper)
+        r, c = r + v_b, torch.cat([c, v_b.sum().reshape(1)])
+    return r, c
 
 
 def _bias_moment(layer: Layer, name: str, states: dict) -> torch.Tensor:

@@ -381,7 +381,7 @@ def _lora_moe(arch, peft, **lora):
 @pytest.mark.parametrize("arch", ["mixtral", "gpt_oss"])
 def test_lora_on_experts_is_captured_exactly_float64(arch):
     peft = pytest.importorskip("peft")
-    from fastinfluence import GradientExtractor, ProjectionConfig, exact_scores
+    from fastinfluence import GradientExtractor, ProjectionConfig, exact_scores, ops
 
     model, _ = _lora_moe(arch, peft)
     ext = GradientExtractor(model, ProjectionConfig(rank_in=2, rank_out=2))
@@ -398,9 +398,10 @@ def test_lora_on_experts_is_captured_exactly_float64(arch):
     assert rel_err(scores, grads @ grads.T) <= 1e-10
     feats = ext.extract(batches_of(FORGET, 2)).data
     assert feats.shape == (len(FORGET), ext.dim) and feats.abs().sum() > 0
-    # what does not support expert layers refuses the experts' adapters too, naming an exclusion that works
-    with pytest.raises(ValueError, match=r"mode='flat'\) does not support expert layers .*experts\.base_layer\.lora_A"):
-        GradientExtractor(model, ProjectionConfig(mode="flat"))
+    # flat mode sketches the experts' adapters' per-example gradients too
+    cfg = ProjectionConfig(mode="flat", dim=16, dtype="float64")
+    sketch = GradientExtractor(model, cfg).extract(batches_of(FORGET, 2)).data
+    assert rel_err(sketch, ops.jl_project(grads, 16, seed=cfg.seed, kind=cfg.kind)) <= 1e-10
     flat = GradientExtractor(model, ProjectionConfig(mode="flat", dim=16, exclude=[EXCLUDE_EXPERTS]))
     assert [l.name for l in flat.layers] == [l.name for l in ext.layers if ".experts." not in l.name]
 

@@ -142,3 +142,29 @@ def ghost_norm_routed(
         K = torch.where(same, _kernel(A[s : s + step], G[s : s + step], A, G, bias), 0.0)
         out.index_add_(0, example[s : s + step], K.sum(1))
     return out
+
+
+def token_grid(
+    A: torch.Tensor, G: torch.Tensor, example: torch.Tensor, B: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A routed layer's rows laid out per example, as a token-wise layer's factors are.
+
+    Returns (A (B, T, d_in), G (B, T, d_out), mask (B, T)), T the most rows one example has:
+    example i's rows in their order, then zero rows masked out (an example with no row is all
+    padding). Every per-example quantity of the token-wise layers (covariance sums, per-example
+    gradients sum_t g_t a_t^T, their products) then holds for the routed layer unchanged.
+    """
+    _check(A, G, example)
+    counts = torch.bincount(example, minlength=B)
+    T = int(counts.max()) if len(example) else 0
+    order = torch.argsort(example, stable=True)
+    ex = example[order]
+    pos = torch.arange(len(ex), device=ex.device) - (counts.cumsum(0) - counts)[ex]
+    grids = []
+    for X in (A, G):
+        grid = X.new_zeros(B, T, X.shape[1])
+        grid[ex, pos] = X[order]
+        grids.append(grid)
+    mask = torch.zeros(B, T, dtype=torch.bool, device=A.device)
+    mask[ex, pos] = True
+    return grids[0], grids[1], mask
