@@ -162,10 +162,10 @@ def _lce_cases(dtype: str) -> list[Case]:
             f"lce forward_grad {dtype}",
             _forward_grad_kernel,
             {"Hid": p, "W": p, "Bias": p, "Labels": "*i64", "Max": "*fp32", "Sum": "*fp32", "Target": "*fp32"}
-            | {"Acc": "*fp32"},
-            dict(SOFTCAP=True, HAS_BIAS=True, F32=dtype == "fp32", BM=64, BV=64),
+            | {"Acc": "*fp32", "P": "*fp32", "AccP": "*fp32"},
+            dict(SOFTCAP=True, HAS_BIAS=True, F32=dtype == "fp32", NEED_DH=True, HAS_P=True, BM=64, BV=64),
             floats=("cap",),
-            aligned=("H", "v_per_split", "s_hn", "s_wv"),
+            aligned=("H", "K", "v_per_split", "s_hn", "s_wv", "s_pv"),
         ),
     ]
 
