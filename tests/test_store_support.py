@@ -8,6 +8,7 @@ that ``write_store`` uses: ``metadata()`` and ``iter_features(batches, skip_exam
 
 from __future__ import annotations
 
+import json
 import time
 
 import torch
@@ -120,7 +121,7 @@ class BatchTokenTableExtractor(TokenTableExtractor):
                 f = self._batch(batch, list(batch["ids"]), tokens, covariances)
                 if self.log is not None:
                     with open(self.log, "a") as out:
-                        out.write(f"{positions}\n")
+                        out.write(json.dumps([str(i) for i in batch["ids"]]) + "\n")  # positions are run-relative
                 if progress is not None:
                     progress(wanted)
             yield positions, f, closes
