@@ -99,8 +99,8 @@ class TokenTableExtractor:
 
 class BatchTokenTableExtractor(TokenTableExtractor):
     """``TokenTableExtractor`` with the per-batch interface ``write_store`` commits batch by batch
-    (``iter_batch_features``, as ``GradientExtractor``); ``log``: a file each computed batch's data
-    positions are appended to (what a test counts recomputation with)."""
+    (``iter_batch_features``, as ``GradientExtractor``); ``log``: a file each computed batch's example
+    ids are appended to, as JSON (what a test counts recomputation with)."""
 
     def __init__(self, *args, log=None, **kw):
         super().__init__(*args, **kw)
