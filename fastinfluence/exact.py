@@ -19,7 +19,6 @@ from . import ops
 from .batching import Batch
 from .capture import CapturePass, Layer, PairScorer, pairwise_scores
 from .config import ProjectionConfig
-from .moe import refuse_experts
 from .normalizer import Normalizer
 from .ops._common import masked
 from .ops.lm_head_grad import HeadGrad, head_ghost_dot, head_ghost_norm
@@ -79,7 +78,7 @@ class _RoutedQuery:
         self.blocks: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self.method: str | None = None
 
-    def choose(self, layer: Layer, method: str, Q: int, n_train: int, B: int) -> None:
+    def choose(self, layer: Layer, method: str, Q: int, n_train: int, B: int, bias: bool) -> None:
         self.A, self.G, self.example = (torch.cat(parts) for parts in zip(*self.blocks))
         self.blocks, self.Q = [], Q
         if method == "auto":
@@ -89,17 +88,17 @@ class _RoutedQuery:
             method = "ghost" if ghost_cost <= dense_cost else "dense"
         self.method = method
         if method == "dense":
-            self.dense = gradients_routed(self.A, self.G, self.example, Q, layer.bias)
+            self.dense = gradients_routed(self.A, self.G, self.example, Q, bias)
             self.A = self.G = self.example = None
 
-    def score(self, layer: Layer, A, G, example, S: torch.Tensor, sq: torch.Tensor | None) -> None:
+    def score(self, A, G, example, bias: bool, S: torch.Tensor, sq: torch.Tensor | None) -> None:
         B = S.shape[1]
         if self.method == "ghost":
-            S.add_(ghost_dot_routed(self.A, self.G, self.example, self.Q, A, G, example, B, layer.bias))
+            S.add_(ghost_dot_routed(self.A, self.G, self.example, self.Q, A, G, example, B, bias))
             if sq is not None:
-                sq.add_(ghost_norm_routed(A, G, example, B, layer.bias))
+                sq.add_(ghost_norm_routed(A, G, example, B, bias))
             return
-        W = gradients_routed(A, G, example, B, layer.bias)
+        W = gradients_routed(A, G, example, B, bias)
         S.addmm_(self.dense, W.T)
         if sq is not None:
             sq.add_(W.square().sum(1))
@@ -134,6 +133,17 @@ class _ExactScorer(PairScorer):
         A, G = self.normalizer.scaled(layer, A, G, mask)
         return A.to(self.compute), G.to(self.compute), False
 
+    def routed_factors(self, layer: Layer, A, G, dtype: torch.dtype):
+        """An expert's routed (n, d) factors in ``dtype`` and the bias flag (normalised: A~ holds the
+        bias column, scaled as the normaliser scales that expert's gradient)."""
+        A, G = A.to(dtype), G.to(dtype)
+        if self.normalizer is None:
+            return A, G, layer.bias
+        s_in, s_out = self.normalizer.scales(layer.name)
+        if layer.bias:
+            A = torch.cat([A, A.new_ones(A.shape[0], 1)], 1)
+        return A * s_in.to(A.device, dtype), G * s_out.to(G.device, dtype), False
+
     def query(self, batch: Batch):
         B, start = batch.input_ids.shape[0], sum(len(q) for q in self.query_sq)
         sq = torch.zeros(B, dtype=self.capture.dtype, device=self.capture.device)
@@ -147,10 +157,10 @@ class _ExactScorer(PairScorer):
                     sq.add_(head_ghost_norm(tok, B, G, layer.bias))
                 return
             if layer.routed:  # mask: the (n,) examples of the routed tokens
-                A, G = A.to(self.capture.dtype), G.to(self.capture.dtype)
+                A, G, bias = self.routed_factors(layer, A, G, self.capture.dtype)
                 self.queries[layer.name].blocks.append((A, G, mask + start))
                 if self.cosine:
-                    sq.add_(ghost_norm_routed(A, G, mask, B, layer.bias))
+                    sq.add_(ghost_norm_routed(A, G, mask, B, bias))
                 return
             A, G, bias = self.factors(layer, A, G, mask)
             self.queries[layer.name].blocks.append((A, G, mask))
@@ -173,9 +183,10 @@ class _ExactScorer(PairScorer):
                 return
             q = self.queries[layer.name]
             if layer.routed:
+                A, G, bias = self.routed_factors(layer, A, G, S.dtype)
                 if q.method is None:
-                    q.choose(layer, self.method, sum(map(len, self.query_sq)), len(mask), S.shape[1])
-                q.score(layer, A.to(S.dtype), G.to(S.dtype), mask, S, sq)
+                    q.choose(layer, self.method, sum(map(len, self.query_sq)), len(mask), S.shape[1], bias)
+                q.score(A, G, mask, bias, S, sq)
                 return
             A, G, bias = self.factors(layer, A, G, mask)
             if q.method is None:
@@ -236,7 +247,6 @@ def exact_scores(
     config = config or ProjectionConfig()
     capture = CapturePass(model, config)
     if normalizer is not None:
-        refuse_experts(capture.layers, "A Normalizer")
         normalizer.check(capture.layers)
     scorer = _ExactScorer(capture, metric == "cosine", method, config.autocast, normalizer)
     return pairwise_scores(capture, query_batches, train_batches, scorer, progress)

@@ -274,3 +274,25 @@ def test_expert_normaliser_from_adam_state_equals_manual(arch):
         for norm in (live, saved):
             # zeros for gpt-oss's expert that no token reaches
             assert close(norm.factors[l.name][0], v.sum(1), 1e-12) and close(norm.factors[l.name][1], v.sum(0), 1e-12)
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "gpt_oss"])
+def test_exact_scores_of_normalised_expert_gradients_equal_reference(arch):
+    """exact_scores(normalizer=): each expert's routed factors scaled as the normaliser scales its
+    gradient (gpt-oss: the bias column too), ghost and dense, dot and cosine, against the dense
+    products of the normalised per-example gradients."""
+    from fastinfluence import exact_scores
+
+    model, layers, _, Gq, Gt = case(arch)
+    norm = Normalizer.fit(model, batches_of(TRAIN, 4, "left"), ProjectionConfig(include=INCLUDE))
+    q = torch.cat([g.flatten(1) for g in _normalised(_per_layer(Gq, layers), norm).values()], 1)
+    t = torch.cat([g.flatten(1) for g in _normalised(_per_layer(Gt, layers), norm).values()], 1)
+    dot = q @ t.T
+    cosine = dot / q.norm(dim=1)[:, None] / t.norm(dim=1)[None, :]
+    cfg = ProjectionConfig(include=INCLUDE)
+    for method in ("ghost", "dense"):
+        for metric, ref in (("dot", dot), ("cosine", cosine)):
+            got = exact_scores(
+                model, batches_of(QUERIES, 2), batches_of(TRAIN, 4, "left"), cfg, metric, method, normalizer=norm
+            )
+            assert rel_err(got, ref) <= TOL64, (method, metric)
