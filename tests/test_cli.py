@@ -238,6 +238,8 @@ def test_cli_defaults_are_the_options_defaults():
         ["score", "--query", "q", "--train", "t", "--out", "o", "--topk", "3", "--metric", "cosine"]
     )
     assert build(ScoreOptions, args, SCORE_FLAGS) == ScoreOptions(topk=3, metric="cosine")
+    args = build_parser().parse_args(["unlearn", "--model", "m", "--forget", "f", "--out", "o", "--router-aux-loss"])
+    assert build(UnlearnOptions, args, UNLEARN_FLAGS) == UnlearnOptions(router_aux_loss=True)
 
 
 def test_extract_with_a_saved_normalizer_and_autocast_equals_the_api(model_dir, data, tmp_path, capsys):

@@ -35,6 +35,7 @@ UNLEARN_FLAGS = {
     "loss_reweight_tau": "--loss-reweight-tau",
     "rapidun_tokens": "--rapidun-tokens",
     "rapidun_without_clean": "--rapidun-without-clean",
+    "router_aux_loss": "--router-aux-loss",
 }
 PROJECTION_FLAGS = {
     "rank_in": "--rank-in",

@@ -194,6 +194,11 @@ def register(subparsers) -> None:
         "rapidun_without_clean",
         "rapidun: accept forget lines without clean_response (their forget term is weighted gradient ascent)",
     )
+    option(
+        "router_aux_loss",
+        "MoE models: add the router auxiliary (load-balancing) loss times the model's router_aux_loss_coef "
+        "(left out by default)",
+    )
     p.add_argument(
         "--lora-r",
         type=int,
