@@ -89,15 +89,14 @@ def _cases(s: dict, device: torch.device) -> dict[str, tuple[Callable[[], tuple]
         return torch.randn(*shape, generator=g).to(device)
 
     B, T, di, do, k = s["B"], s["T"], s["d_in"], s["d_out"], s["k"]
+
+    def factors():
+        """(A, G, P_in, P_out, mask) of the projection ops."""
+        return rnd(B, T, di), rnd(B, T, do), rnd(di, k), rnd(do, k), torch.ones(B, T, dtype=torch.bool, device=device)
+
     return {
         "project": (
-            lambda: (
-                rnd(B, T, di),
-                rnd(B, T, do),
-                rnd(di, k),
-                rnd(do, k),
-                torch.ones(B, T, dtype=torch.bool, device=device),
-            ),
+            factors,
             lambda x: ops.project(*x),
             2 * B * T * (di * k + do * k + k * k),
         ),
@@ -113,13 +112,7 @@ def _cases(s: dict, device: torch.device) -> dict[str, tuple[Callable[[], tuple]
             2 * B * T * (di * k + do * k + k * k),
         ),
         "project_tokens": (
-            lambda: (
-                rnd(B, T, di),
-                rnd(B, T, do),
-                rnd(di, k),
-                rnd(do, k),
-                torch.ones(B, T, dtype=torch.bool, device=device),
-            ),
+            factors,
             lambda x: torch.cat([t.flatten() for t in ops.project_tokens(*x)]),
             2 * B * T * (di * k + do * k),
         ),

@@ -54,6 +54,14 @@ def _texts(path: str | None, digest: str | None, flag: str, explicit: bool) -> d
     return {r["id"]: r for r in read_jsonl(path)}
 
 
+def _store_texts(store, given: str | None, flag: str) -> dict:
+    """id -> record of ``given`` (the user's texts file), else of the file recorded at extraction,
+    refused if it changed since."""
+    if given:
+        return _texts(given, None, flag, True)
+    return _texts(store.meta.get("data"), store.meta.get("data_sha256"), flag, False)
+
+
 def _check_texts(table: dict, ids, flag: str, path) -> None:
     missing = [i for i in ids if i not in table]
     if table and missing:
@@ -99,30 +107,12 @@ def _score(args) -> int:
         else None
     )
     texts = not args.no_texts
-    train_texts = (
-        _texts(
-            args.train_data or train.meta.get("data"),
-            None if args.train_data else train.meta.get("data_sha256"),
-            "--train-data",
-            bool(args.train_data),
-        )
-        if texts
-        else {}
-    )
+    train_texts = _store_texts(train, args.train_data, "--train-data") if texts else {}
     if jsonl_query:
         query_texts = {r["id"]: r for r in query_records} if texts else {}
         query = _query_features(args, train, query_records)
     else:
-        query_texts = (
-            _texts(
-                args.query_data or query.meta.get("data"),
-                None if args.query_data else query.meta.get("data_sha256"),
-                "--query-data",
-                bool(args.query_data),
-            )
-            if texts
-            else {}
-        )
+        query_texts = _store_texts(query, args.query_data, "--query-data") if texts else {}
     _check_texts(train_texts, train.ids, "--train-data", args.train_data or train.meta.get("data"))
     _check_texts(query_texts, query.ids, "--query-data", args.query_data or args.query)
     result = _run_score(options, query, train, matrix)
