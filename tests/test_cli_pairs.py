@@ -209,3 +209,8 @@ def test_tokens_command_writes_the_api_per_token_scores(w, store, capsys):
     )
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "holds no per-token factors" in err[0], err
+    # rows outside the store: one line, before any scoring
+    argv = ["--quiet", "tokens", "--query", str(w / "tok_query"), "--train", str(w / "tok_train"), "--rows", "99"]
+    assert main([*argv, "--out", str(w / "t3.json")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "outside the train store's rows 0..10" in err[0], err

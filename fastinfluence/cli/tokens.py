@@ -28,6 +28,9 @@ def _run(args) -> int:
         raise UsageError(
             f"--train {args.train} holds no per-token factors: re-run extract with --tokens into a new --out"
         )
+    bad = [r for r in args.rows if not 0 <= r < len(train)]
+    if bad:
+        raise UsageError(f"--rows {' '.join(map(str, bad[:5]))}: outside the train store's rows 0..{len(train) - 1}")
     query = FeatureStore.open(args.query)
     scores = token_scores(query, train, args.rows, args.metric, args.precondition, args.layer_normalize, args.damping)
     body = {
