@@ -427,7 +427,7 @@ def plot(results: dict[int, dict], summary: dict, path: Path) -> None:
     fig, axes = plt.subplots(
         1, 2, figsize=(13, 0.36 * len(order) + 2.0), sharey=True, gridspec_kw={"width_ratios": [1, 1.7]}
     )
-    bounds = {"backdoor": [(0.95, "bound 0.95")], "stealthy": [(0.70, "bound 0.70 (lowered)"), (0.90, "issue: 0.90")]}
+    bounds = {"backdoor": [(0.95, "bound 0.95")], "stealthy": [(0.70, "bound 0.70 (lowered)"), (0.90, "target 0.90")]}
     for ax, name in zip(axes, SCENARIOS):
         det = summary["scenarios"][name]["detection"]
         for y, k in enumerate(order):
