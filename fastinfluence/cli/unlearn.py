@@ -49,7 +49,7 @@ def _load_weights(
     try:
         keep, fw, rw = load_weights(path).select(len(forget), n_retain, f"--weights {path}")
     except (OSError, ValueError) as exc:
-        raise UsageError(str(exc) if str(exc).startswith("--weights") else f"--weights: {exc}") from None
+        raise UsageError(f"--weights: {exc}" if isinstance(exc, OSError) else str(exc)) from None
     if len(keep) < len(forget):
         log.info("low-influence skipping: %d of %d forget examples kept", len(keep), len(forget))
     return [forget[i] for i in keep], fw, rw
