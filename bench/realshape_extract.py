@@ -12,7 +12,9 @@ Cases, each in its own process (CPU seconds on one thread, peak RSS above the lo
 - ``extract``: ``GradientExtractor`` with 16 x 16 features of every attention and MLP Linear;
 - ``extract_head``: the same plus the LM head (tied: its share of the tied weight's gradient).
 
-    python bench/realshape_extract.py [--workload qwen2|v32k] [--reps 3] [--out FILE]
+``--layers 1 --untied``: one decoder layer and an untied head (its own weight, captured whole).
+
+    python bench/realshape_extract.py [--workload qwen2|v32k] [--layers N] [--untied] [--reps 3] [--out FILE]
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ BLOCKS = [r"layers\.\d+\.(self_attn|mlp)\."]
 CASES = ("model", "extract", "extract_head")
 
 
-def _model(vocab: int):
+def _model(vocab: int, layers: int = 2, untied: bool = False):
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -43,10 +45,10 @@ def _model(vocab: int):
         vocab_size=vocab,
         hidden_size=896,
         intermediate_size=4864,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         num_attention_heads=14,
         num_key_value_heads=2,
-        tie_word_embeddings=True,
+        tie_word_embeddings=not untied,
     )
     return Qwen2ForCausalLM(config).eval()
 
@@ -83,7 +85,7 @@ def _settle() -> float:
     return _status_mib("VmRSS")
 
 
-def run_case(case: str, workload: str, examples: int, batch: int) -> dict:
+def run_case(case: str, workload: str, examples: int, batch: int, layers: int = 2, untied: bool = False) -> dict:
     """One case in this process: CPU seconds of the work and peak RSS above the loaded model."""
     import torch
 
@@ -91,7 +93,7 @@ def run_case(case: str, workload: str, examples: int, batch: int) -> dict:
 
     torch.set_num_threads(1)
     w = WORKLOADS[workload]
-    model = _model(w["vocab"])
+    model = _model(w["vocab"], layers, untied)
     batches = _batches(w["vocab"], w["seq"], w["answer"], examples, batch)
     loaded = _settle()
     if case == "model":
@@ -126,18 +128,21 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--reps", type=int, default=3, help="interleaved rounds, one process per case and round")
     ap.add_argument("--cases", default=",".join(CASES))
+    ap.add_argument("--layers", type=int, default=2, help="decoder layers (2: the peer workload's model)")
+    ap.add_argument("--untied", action="store_true", help="an untied LM head (its own weight) instead of the tied one")
     ap.add_argument("--out", default=None, help="default bench/results/realshape_extract_<workload>_cpu.json")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # a child process: run this case only
     args = ap.parse_args()
     if args.one:
-        print(json.dumps(run_case(args.one, args.workload, args.examples, args.batch)))
+        print(json.dumps(run_case(args.one, args.workload, args.examples, args.batch, args.layers, args.untied)))
         return
     cases = args.cases.split(",")
     runs: dict[str, list[dict]] = {c: [] for c in cases}
     for r in range(args.reps):
         for case in cases:
             cmd = [sys.executable, __file__, "--one", case, "--workload", args.workload]
-            cmd += ["--examples", str(args.examples), "--batch", str(args.batch)]
+            cmd += ["--examples", str(args.examples), "--batch", str(args.batch), "--layers", str(args.layers)]
+            cmd += ["--untied"] if args.untied else []
             out = subprocess.run(cmd, capture_output=True, text=True, check=True)
             runs[case].append(json.loads(out.stdout.strip().splitlines()[-1]))
             print(f"round {r + 1} {case}: {runs[case][-1]}", file=sys.stderr)
@@ -160,9 +165,14 @@ def main() -> None:
     from _common import commit
 
     w = WORKLOADS[args.workload]
+    head = "untied" if args.untied else "tied"
     result = {
         "bench": "realshape_extract",
-        "workload": dict(w, name=args.workload, model="Qwen2-shaped, 2 layers, hidden 896, MLP 4864, tied head"),
+        "workload": dict(
+            w,
+            name=args.workload,
+            model=f"Qwen2-shaped, {args.layers} layers, hidden 896, MLP 4864, {head} head",
+        ),
         "examples": args.examples,
         "batch": args.batch,
         "device": f"cpu ({platform.processor() or platform.machine()}, 1 thread)",
@@ -173,7 +183,8 @@ def main() -> None:
         "ratios": ratios,
         "runs": runs,
     }
-    out = Path(args.out or f"bench/results/realshape_extract_{args.workload}_cpu.json")
+    shape = "" if (args.layers, args.untied) == (2, False) else f"_{args.layers}layer{'_untied' if args.untied else ''}"
+    out = Path(args.out or f"bench/results/realshape_extract_{args.workload}{shape}_cpu.json")
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({"medians": med, "ratios": ratios}, indent=2))
 
