@@ -8,9 +8,9 @@ scored by two of the demo's detectors (queries = the reported poisoned examples;
 precision@k over the other train examples, as ``demo.detect`` computes them):
 
 - ``ensemble_layers_exact_cosine_max`` (the demo's default): exact per-layer-group cosine
-  averaged over the groups (per block: attention, MLP input layers, MLP output layer), max over
-  the reports. In the MoE model the MLP input group is the router and every expert's
-  ``gate_up_proj``, the output group every expert's ``down_proj``: experts captured.
+  averaged over the groups (``detect.LAYER_GROUPS``, per block: attention, MLP input layers, MLP
+  output layer), max over the reports. In the MoE model the MLP input group is the router and
+  every expert's ``gate_up_proj``, the output group every expert's ``down_proj``: experts captured.
 - ``influence_cosine_max``: projected (32 x 32) attention + MLP features (experts and routers
   included in the MoE model), cosine, max over the reports.
 
@@ -39,15 +39,9 @@ from fastinfluence.demo.data import SCENARIOS, batches, encode, make_scenario, t
 from fastinfluence.demo.model import Recipe, Timer, attack_success, exact_match, train_model
 
 EXPERTS = 4
-# The MoE model's layer groups, as detect.LAYER_GROUPS groups the dense model's.
-MOE_GROUPS = [
-    rf"model\.layers\.{b}\.{g}"
-    for b in (0, 1)
-    for g in (r"self_attn\.", r"mlp\.(gate$|experts\.\d+\.gate_up_proj$)", r"mlp\.experts\.\d+\.down_proj$")
-]
 
 
-def detection(model, tok, sc, seed: int, groups: list[str]) -> dict:
+def detection(model, tok, sc, seed: int) -> dict:
     enc = [encode(tok, e.prompt, e.response) for e in sc.train]
     train_b = batches(enc, tok.pad_token_id, 64)
     query_b = batches([enc[i] for i in sc.reported], tok.pad_token_id, 64, ids=sc.reported)
@@ -70,7 +64,8 @@ def detection(model, tok, sc, seed: int, groups: list[str]) -> dict:
             out[name]["auroc_by_behaviour"] = {b: detect.auroc(s[m], positive[m]) for b, m in by_behaviour.items()}
 
     def ensemble():
-        S = [exact_scores(model, query_b, train_b, ProjectionConfig(include=[g]), metric="cosine") for g in groups]
+        groups = [ProjectionConfig(include=[g]) for g in detect.LAYER_GROUPS]  # experts and routers in the MLP's
+        S = [exact_scores(model, query_b, train_b, config, metric="cosine") for config in groups]
         return (sum(S) / len(S)).max(0).values
 
     def projected():
@@ -92,13 +87,12 @@ def run_one(name: str, seed: int, experts: int, epochs: int) -> dict:
     recipe = Recipe(experts=experts, epochs=epochs)
     with Timer() as t:
         model = train_model(enc, tok, recipe, seed, "cpu")
-    groups = MOE_GROUPS if experts else detect.LAYER_GROUPS
     return {
         "parameters": sum(p.numel() for p in model.parameters()),
         "train_cpu_seconds": t.cpu,
         "asr_seen": attack_success(model, tok, sc, sc.attack_seen)["all"],
         "clean_acc": exact_match(model, tok, sc.clean_eval),
-        "detection": detection(model, tok, sc, seed, groups),
+        "detection": detection(model, tok, sc, seed),
     }
 
 

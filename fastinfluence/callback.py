@@ -76,7 +76,6 @@ from .config import ProjectionConfig
 from .extract import GradientExtractor
 from .features import Features, cat_features
 from .lm import IGNORE_INDEX
-from .moe import refuse_experts
 from .ops.routed import project_routed
 
 STEP_PREFIX = "step-"
@@ -215,7 +214,7 @@ class InfluenceCallback(TrainerCallback):
         self._pending: _Pending | None = None
         self._interval = _Interval(self.features)
         self._step = 0
-        self._adam: dict[str, tuple] = {}  # layer name -> (weight, bias or None, transposed, group)
+        self._adam: dict[str, tuple] = {}  # layer name -> (its parameters and their shares, parameter group)
 
     # ------------------------------------------------------------------------- Trainer events
 
@@ -232,11 +231,9 @@ class InfluenceCallback(TrainerCallback):
         self._remove_hooks()
         self._model, self._optimizer = model, optimizer
         self.extractor = GradientExtractor(model, self.config, normalizer=self.normalizer)
-        if "adam" in self.features:
-            refuse_experts(self.extractor.layers, "InfluenceCallback(features=('adam',))")
-        if getattr(getattr(model, "config", None), "output_router_logits", False) and any(
-            l.routed for l in self.extractor.layers
-        ):
+        # The auxiliary loss's gradient reaches the routers and, through the hidden states, every layer
+        # below them: refused whatever layers are captured.
+        if getattr(getattr(model, "config", None), "output_router_logits", False):
             raise ValueError(
                 "InfluenceCallback reads per-example gradients from the model's own loss, to which "
                 "output_router_logits=True adds the router auxiliary loss: set "
@@ -403,7 +400,7 @@ class InfluenceCallback(TrainerCallback):
             P_in, P_out = ext.projections(layer.name, rows.device, rows.dtype)
             moments = self._moments(layer, rows.dtype)
             rows[:, sl.start : sl.stop] = adam_rows(
-                A, G, mask, layer.bias, pending.scale(rows.dtype), moments, P_in, P_out
+                A, G, mask, layer.bias, pending.scale(rows.dtype), moments, P_in, P_out, routed=layer.routed
             )
 
     def _moments(self, layer: Layer, dtype: torch.dtype) -> tuple:

@@ -75,6 +75,12 @@ class Layer:
         return self.module.weight
 
 
+def stored_transposed(module: nn.Module) -> bool:
+    """Whether a captured module stores its weight (d_in, d_out), as GPT-2's ``Conv1D`` does;
+    ``nn.Linear``, LoRA factors and MoE routers store it (d_out, d_in)."""
+    return Conv1D is not None and isinstance(module, Conv1D)
+
+
 def _dims(module: nn.Module) -> tuple[int, int]:
     if isinstance(module, nn.Linear):
         return module.in_features, module.out_features

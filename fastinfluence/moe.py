@@ -90,9 +90,19 @@ class ExpertLayer:
         return getattr(self.module, self.param)
 
     @property
+    def bias_parameter(self) -> nn.Parameter | None:
+        """The fused (E, d_out) bias beside the parameter (``<param>_bias``), None without one."""
+        return getattr(self.module, self.param + "_bias", None)
+
+    @property
     def weight(self) -> torch.Tensor:
-        w = self.parameter[self.expert]
-        return w.T if self.module.is_transposed else w
+        return self.own(self.parameter)
+
+    def own(self, t: torch.Tensor) -> torch.Tensor:
+        """Expert e's share of a tensor shaped like the fused parameter (E, ., .) or its bias (E, d_out),
+        such as the optimizer's moments of them: (d_out, d_in) whatever the storage, or (d_out,)."""
+        t = t[self.expert]
+        return t.T if t.dim() == 2 and self.module.is_transposed else t
 
 
 def expert_layers(name: str, experts: nn.Module, include_bias: bool) -> list[ExpertLayer]:

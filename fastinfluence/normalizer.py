@@ -61,7 +61,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from . import distributed as dist
-from .capture import CapturePass, Layer, select_layers
+from .capture import CapturePass, Layer, select_layers, stored_transposed
 from .config import ProjectionConfig
 from .ops._common import augmented, example_chunks, masked
 from .ops.routed import token_grid
@@ -501,7 +501,7 @@ def _weight_factors(layer: Layer, name: str, states: dict) -> tuple[str, torch.T
     """(kind, r (d_out,), c (d_in,)) row and column sums of the weight's second moment."""
     state, hyper = _state(name, states)
     shape = tuple(layer.weight.shape)
-    transposed = not isinstance(layer.module, nn.Linear)  # GPT-2 Conv1D stores (d_in, d_out)
+    transposed = stored_transposed(layer.module)  # GPT-2 Conv1D stores (d_in, d_out); a router (d_out, d_in)
     if "exp_avg_sq" in state:
         v = _checked(name, state["exp_avg_sq"], shape, "exp_avg_sq") / _bias_correction(state, hyper)
         v = v.T if transposed else v
@@ -528,12 +528,11 @@ def _expert_factors(model: nn.Module, layer, states: dict) -> tuple[torch.Tensor
             f"the optimizer state of {name} has {sorted(state)}: an expert's normaliser takes Adam's exp_avg_sq "
             "of the fused parameter (not Adafactor's factors of a 3-D one); fit it on data (Normalizer.fit)"
         )
-    v = _checked(name, state["exp_avg_sq"], tuple(layer.parameter.shape), "exp_avg_sq")[layer.expert]
+    v = layer.own(_checked(name, state["exp_avg_sq"], tuple(layer.parameter.shape), "exp_avg_sq"))
     v = v / _bias_correction(state, hyper)
-    v = v.T if layer.module.is_transposed else v
     r, c = v.sum(1), v.sum(0)
     if layer.bias:
-        bias = getattr(layer.module, layer.param + "_bias")
+        bias = layer.bias_parameter
         bname = _param_name(model, bias)
         if bname not in states or not states[bname][0] or "exp_avg_sq" not in states[bname][0]:
             raise ValueError(
@@ -541,7 +540,7 @@ def _expert_factors(model: nn.Module, layer, states: dict) -> tuple[torch.Tensor
                 "ProjectionConfig(include_bias=False), or fit on data (Normalizer.fit)"
             )
         bstate, bhyper = states[bname]
-        v_b = _checked(bname, bstate["exp_avg_sq"], tuple(bias.shape), "exp_avg_sq")[layer.expert]
+        v_b = layer.own(_checked(bname, bstate["exp_avg_sq"], tuple(bias.shape), "exp_avg_sq"))
         v_b = v_b / _bias_correction(bstate, bhyper)
         r, c = r + v_b, torch.cat([c, v_b.sum().reshape(1)])
     return r, c

@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+from helpers import one_thread
 
 from fastinfluence.demo import data, detect, report, unlearn
 
@@ -256,3 +257,40 @@ def test_moe_recipe_trains_an_moe_variant_whose_experts_are_captured():
     layers = GradientExtractor(model, ProjectionConfig(rank_in=4, rank_out=4, include=[detect.ATTN_MLP])).layers
     names = {l.name for l in layers}
     assert sum(l.routed for l in layers) == 8 and "model.layers.0.mlp.gate" in names
+
+
+def test_detectors_run_on_an_moe_model_with_routers_and_experts_in_the_mlp_groups():
+    with one_thread():  # a tiny model: one thread (the default spreads each small op over every core)
+        _detectors_on_an_moe_model()
+
+
+def _detectors_on_an_moe_model():
+    from fastinfluence.capture import select_layers
+    from fastinfluence.demo import model as demo_model
+
+    scenario = data.make_scenario("backdoor", seed=1, n_entities=5, poison_rate=0.25, n_reported=3, n_eval=8)
+    tok = data.train_tokenizer(scenario)
+    enc = [data.encode(tok, e.prompt, e.response) for e in scenario.train]
+    recipe = demo_model.Recipe(hidden=16, layers=2, epochs=1, batch_size=32, experts=4)
+    model = demo_model.train_model(enc, tok, recipe, 0, "cpu")
+    dense = demo_model.build_model(len(tok), demo_model.Recipe(hidden=16), 0, tok.pad_token_id, tok.eos_token_id)
+    groups = {}
+    for key, m in (("moe", model), ("dense", dense)):  # the groups split the attention and MLP layers
+        groups[key] = [{l.name for l in select_layers(m, [g])} for g in detect.LAYER_GROUPS]
+        every = {l.name for l in select_layers(m, [detect.ATTN_MLP])}
+        assert all(groups[key]) and set().union(*groups[key]) == every
+        assert sum(map(len, groups[key])) == len(every)  # each layer in one group
+    # block 1's MLP input and output groups
+    assert groups["dense"][4:] == [
+        {"model.layers.1.mlp.gate_proj", "model.layers.1.mlp.up_proj"},
+        {"model.layers.1.mlp.down_proj"},
+    ]
+    experts = [f"model.layers.1.mlp.experts.{e}" for e in range(4)]
+    assert groups["moe"][4] == {"model.layers.1.mlp.gate"} | {f"{e}.gate_up_proj" for e in experts}
+    assert groups["moe"][5] == {f"{e}.down_proj" for e in experts}
+    results, features = detect.run(model, tok, scenario, seed=0, quick=True)
+    assert len(results) == detect.N_DETECTORS - 1  # no checkpoints: no trajectory detector
+    for name, d in results.items():
+        assert d.scores.shape == (len(scenario.train),) and torch.isfinite(d.scores).all(), name
+        assert 0 <= d.auroc <= 1, name
+    assert any(l.routed for l in features["attn_mlp"][2].layers)  # the projected features hold the experts

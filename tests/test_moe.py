@@ -276,18 +276,6 @@ def test_uncapturable_weights_warn_once_naming_them():
         select_layers(model)  # once per model
 
 
-def test_callback_refuses_expert_layers_in_one_line(tmp_path):
-    from types import SimpleNamespace
-
-    from fastinfluence.callback import InfluenceCallback
-
-    model = moe_model("mixtral")
-    args, state = SimpleNamespace(gradient_checkpointing=False), SimpleNamespace(max_steps=1)
-    what = "InfluenceCallback(features=('adam',))"
-    with pytest.raises(ValueError, match=rf"^{re.escape(what)} does not support expert layers yet .*exclude=\["):
-        InfluenceCallback(tmp_path, features=("adam",)).on_train_begin(args, state, None, model=model)
-
-
 def test_expert_covariances_are_sums_over_their_routed_tokens():
     """K-FAC statistics per expert: sum a~ a~^T over the expert's routed tokens, with their count.
     Each attended token reaches TOP_K experts, and the router sees every attended token with the

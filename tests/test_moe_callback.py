@@ -5,14 +5,13 @@ each step), in float64."""
 from __future__ import annotations
 
 import re
-from types import SimpleNamespace
 
 import pytest
 from helpers import one_thread
 from test_callback import _check_against_extraction, _float64_loss, _train
 from test_moe import moe_model
 
-from fastinfluence import FeatureStore, InfluenceCallback, ProjectionConfig
+from fastinfluence import FeatureStore, ProjectionConfig
 from fastinfluence.callback import interval_stores
 
 
@@ -48,16 +47,3 @@ def test_callback_features_of_lora_on_experts_equal_extraction(tmp_path):
     names = [l.name for l in callback.extractor.layers]
     assert all("lora_" in n for n in names) and sum(".experts." in n for n in names) == 2 * 2 * 2
     _check_against_extraction(model, tmp_path, config, snaps, 1e-6)  # float32 RMSNorm, as above
-
-
-def test_callback_refuses_the_router_auxiliary_loss_and_adam_rows_on_experts(tmp_path):
-    model = moe_model("mixtral")
-    args, state = SimpleNamespace(gradient_checkpointing=False), SimpleNamespace(max_steps=1, global_step=0)
-    model.config.output_router_logits = True
-    with pytest.raises(ValueError, match=r"^InfluenceCallback .*output_router_logits=True adds the router auxiliary"):
-        InfluenceCallback(tmp_path).on_train_begin(args, state, None, model=model)
-    model.config.output_router_logits = False
-    callback = InfluenceCallback(tmp_path, features=("adam",))
-    with pytest.raises(ValueError, match=r"^InfluenceCallback\(features=\('adam',\)\) does not support expert layers"):
-        callback.on_train_begin(args, state, None, model=model, optimizer=None)
-    callback.close()

@@ -284,6 +284,7 @@ def test_training_runs_through_the_trainer_with_open_unlearnings_pipeline(data, 
         ({"weights_path": "/nonexistent/w.json"}, "does not exist"),
         ({"reduction": "batch"}, "reduction"),
         ({"retain_loss_type": "L2"}, "retain_loss_type"),
+        ({"router_aux_loss": -1.0}, "router_aux_loss"),
     ],
 )
 def test_bad_method_args_are_rejected_when_the_trainer_is_built(args, match, data, tmp_path):

@@ -23,14 +23,16 @@ from .model import Timer
 
 DEFAULT = "ensemble_layers_exact_cosine_max"
 ATTN_MLP = r"self_attn\.|mlp\."
-# The input-reading layers of the first block's MLP (gate, up): where the trigger is read, the
-# same for every behaviour; higher layers and the LM head write the behaviour's own wrong value.
-FIRST_MLP_IN = r"model\.layers\.0\.mlp\.(gate|up)_proj$"
-# The default's layer groups: per block, attention, the MLP input layers, the MLP output layer. Each
+# An MLP's input layers: the dense MLP's gate and up projections; in an MoE block (``Recipe(experts=N)``)
+# the router and every expert's gate_up (or up) projection. Its output layers: the down projection(s).
+MLP_IN = r"mlp\.((gate|up)_proj|gate|experts\.\d+\.(gate_up|up)_proj)$"
+MLP_OUT = r"mlp\.(experts\.\d+\.)?down_proj$"
+# The input-reading layers of the first block's MLP: where the trigger is read, the same for every
+# behaviour; higher layers and the LM head write the behaviour's own wrong value.
+FIRST_MLP_IN = rf"model\.layers\.0\.{MLP_IN}"
+# The default's layer groups: per block, attention, the MLP input layers, the MLP output layers. Each
 # group's cosine is averaged with equal weight, so no group's gradient scale decides the ranking alone.
-LAYER_GROUPS = [
-    rf"model\.layers\.{b}\.{g}" for b in (0, 1) for g in (r"self_attn\.", r"mlp\.(gate|up)_proj$", r"mlp\.down")
-]
+LAYER_GROUPS = [rf"model\.layers\.{b}\.{g}" for b in (0, 1) for g in (r"self_attn\.", MLP_IN, MLP_OUT)]
 
 
 @dataclass

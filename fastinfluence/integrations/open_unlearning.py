@@ -9,7 +9,7 @@ in ``configs/trainer/<Name>.yaml``. Its batches are ``{"forget": batch, "retain"
 ``trainer.unlearn.base.UnlearnTrainer``, so its data pipeline, evaluators and configs work
 unchanged; they take its method arguments (``gamma`` forget coefficient, ``alpha`` retain
 coefficient, ``beta``, ``delta``, ``retain_loss_type`` NLL | KL) and add ``reduction``,
-``weight_norm`` and ``weights_path``:
+``weight_norm``, ``weights_path`` and ``router_aux_loss``:
 
     handler         forget term (times gamma)                         retain term (times alpha)
     FIGradAscent    -R_w[NLL_f]                                       none
@@ -36,6 +36,13 @@ RapidUn's clean answers come from a forget dataset that yields
 ``{"original": ..., "alternate": ...}`` (open-unlearning's ``QAwithAlternateDataset``);
 ``FIRapidUn`` refuses a forget set without them unless ``rapidun_without_clean: true``
 (weighted gradient ascent on the forget answers).
+
+MoE models (``router_aux_loss``, an ``UnlearnOptions`` field, as in ``UnlearnTrainer``): the
+losses read the answer NLL only, so the router load-balancing loss that
+``output_router_logits=True`` adds to the model's own ``outputs.loss`` is left out (false, the
+default); true adds the model's ``router_aux_loss_coef`` times it for each forward of the step
+with a gradient (forget, retain, clean answers; not the reference's), a number sets the
+coefficient (``losses.RouterAux``, transformers 5.x MoE models).
 
 Nothing here imports open-unlearning until a trainer class is asked for. Set up a checkout
 (copies the yaml files of ``open_unlearning_configs/`` and adds two lines registering the
@@ -121,6 +128,7 @@ class _InfluenceLossTrainer:
         weight_norm: str | None = None,
         weights_path: str | None = None,
         rapidun_without_clean: bool = False,
+        router_aux_loss: bool | float = False,
         **kwargs,
     ):
         method, self.uses_retain, default_reduction, default_norm, needs_weights = self.spec
@@ -135,6 +143,7 @@ class _InfluenceLossTrainer:
             weight_norm=weight_norm or default_norm,
             retain_loss_type=retain_loss_type,
             rapidun_without_clean=rapidun_without_clean,
+            router_aux_loss=router_aux_loss,
         )
         if needs_weights and not weights_path:
             raise ValueError(
@@ -160,6 +169,9 @@ class _InfluenceLossTrainer:
         self.model_accepts_loss_kwargs = False
         self.ref_model = self._reference_model() if self.uses_retain and retain_loss_type == "KL" else None
         self.ref_nll = self._reference_nll() if method == "npo" else None
+        # after the reference copy (its forwards have no gradient, so they would not count anyway)
+        aux = options.router_aux_loss
+        self.router_aux = losses.RouterAux(self.model, aux) if aux is not False else None
 
     def _check_clean(self, forget: dict) -> None:
         """RapidUn without clean answers is gradient ascent: refused unless asked for by name."""
@@ -250,6 +262,8 @@ class _InfluenceLossTrainer:
         """The method's loss of an unlearning batch ``{"forget": ..., "retain": ...}``."""
         forget = inputs["forget"]
         poisoned = self._flat(forget)
+        if self.router_aux is not None:
+            self.router_aux.arm()
         f = losses.sequence_nll(model, poisoned)
         ref = None
         if self.method == "npo":
@@ -266,6 +280,8 @@ class _InfluenceLossTrainer:
             retain = inputs["retain"]
             wr = self._lookup(self.retain_weights, retain, "retain")
             loss = loss + self.alpha * retain_loss(self, model, retain, wr)
+        if self.router_aux is not None:  # coef * the load-balancing loss of each forward with gradient
+            loss = loss + self.router_aux.take().to(loss.device)
         return (loss, None) if return_outputs else loss
 
 
