@@ -300,8 +300,9 @@ class FeatureSource(Protocol):
     ``norms`` ((N,) float32), ``stats`` (per layer (sum a~a~^T, sum g~g~^T, tokens) float64,
     or None without covariances), ``metadata()``, ``iter_chunks(rows, start, stop)``,
     ``rows(indices)`` ((n, D) at random), ``row_bounds()`` (where a split between processes
-    may fall), ``token_factors(row)``, ``token_positions(row)`` (where a routed layer's token rows
-    sit) and ``to_features()`` (the whole source in memory).
+    may fall), ``token_factors(row)`` and ``to_features()`` (the whole source in memory). Both
+    sources also have ``token_positions(row)``, where a routed layer's token rows sit (a source
+    without it has no routed layers).
     """
 
     layout: dict[str, LayerSlice]
@@ -335,8 +336,6 @@ class FeatureSource(Protocol):
     def row_bounds(self) -> list[int]: ...
 
     def token_factors(self, row: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]: ...
-
-    def token_positions(self, row: int) -> tuple[int, dict[str, torch.Tensor]]: ...
 
     def to_features(self) -> Features: ...
 

@@ -486,7 +486,7 @@ def token_scores(
     out = []
     for j, row in enumerate(rows):
         a, g = _token_factors(train, row)
-        T, positions = train.token_positions(row)
+        T, positions = _token_positions(train, row, a)
         s = torch.zeros(len(q), T, dtype=torch.float64)
         for l, (name, sl) in enumerate(layout.items()):
             Phi = q[:, sl.start : sl.stop].reshape(-1, *sl.shape)
@@ -503,3 +503,10 @@ def token_scores(
 
 def _token_factors(train: FeatureSource, row: int):
     return train.token_factors(row)
+
+
+def _token_positions(train: FeatureSource, row: int, a: dict[str, torch.Tensor]) -> tuple[int, dict]:
+    """(T, routed layers' token positions) of ``row``; a source without ``token_positions`` has no routed layers."""
+    if hasattr(train, "token_positions"):
+        return train.token_positions(row)
+    return next(iter(a.values())).shape[0], {}
