@@ -239,3 +239,32 @@ def test_expert_token_scores_sum_to_scores_and_follow_data_order_and_resume(tmp_
                 assert _close(a2[n], a[n], 1e-12) and _close(g2[n], g[n], 1e-12)
             for n, p in positions.items():
                 assert torch.equal(positions2[n], p)
+
+
+def test_lora_adapters_on_experts_have_a_row_per_routed_token_and_slot():
+    """PEFT LoRA on the fused experts: an adapter layer covers every expert, so each token has one
+    row per slot (TOP_K); the rows' products add up to the features, the token scores to the scores."""
+    peft = pytest.importorskip("peft")
+    targets = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+    cfg = peft.LoraConfig(r=2, target_modules=["q_proj"], target_parameters=targets, init_lora_weights=False)
+    model = peft.get_peft_model(moe_model("mixtral"), cfg)
+    with one_thread():
+        ext = GradientExtractor(model, ProjectionConfig(rank_in=3, rank_out=3, dtype="float64"))
+        train = ext.extract([collate(TRAIN[:3], "left"), collate(TRAIN[3:], "right")], tokens=True)
+        query = ext.extract([collate(QUERIES)])
+    adapters = [l.name for l in ext.layers if l.routed]
+    assert len(adapters) == 8
+    full = score(query, train, topk=len(TRAIN), aggregates=())
+    S = torch.zeros(len(QUERIES), len(TRAIN), dtype=full.topk_values.dtype).scatter_(
+        1, full.topk_indices, full.topk_values
+    )
+    per_token = token_scores(query, train, range(len(TRAIN)))
+    assert rel_err(torch.stack([s.sum(1) for s in per_token], 1), S) <= 1e-6
+    for i in range(len(TRAIN)):
+        a, g = train.token_factors(i)
+        T, positions = train.token_positions(i)
+        assert positions.keys() == set(adapters)
+        for n in adapters:
+            assert torch.equal(torch.bincount(positions[n], minlength=T), torch.full((T,), 2))
+            sl = ext.layout[n]
+            assert _close((g[n].T @ a[n]).flatten(), train.data[i, sl.start : sl.stop], 1e-12)
