@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import collate, one_thread, rel_err
-from test_moe import QUERIES, TRAIN, TOL64, _features_reference, moe_model, reference_gradients
+from test_moe import QUERIES, TOL64, TRAIN, _features_reference, moe_model, reference_gradients
 from torch.overrides import TorchFunctionMode
 
 from fastinfluence import GradientExtractor, ProjectionConfig
