@@ -207,7 +207,7 @@ class Features:
 
     def token_factors(self, row: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """Per-token factors of one example: ({layer: A~ (T, k_in)}, {layer: G~ (T, k_out)}); a routed
-        layer's hold its rows only (n, k), at the tokens ``token_positions(row)`` gives."""
+        layer (an MoE expert) has its own rows (n, k_in), (n, k_out), at the tokens ``token_positions(row)`` gives."""
         tokens = self._tokens()
         return (
             {n: t[tokens.span(n, row)] for n, t in tokens.a.items()},

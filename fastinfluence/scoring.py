@@ -487,12 +487,12 @@ def token_scores(
     for j, row in enumerate(rows):
         a, g = _token_factors(train, row)
         T, positions = _token_positions(train, row, a)
-        s = torch.zeros(len(q), T, dtype=torch.float64)
+        s = q.new_zeros(len(q), T)
         for l, (name, sl) in enumerate(layout.items()):
             Phi = q[:, sl.start : sl.stop].reshape(-1, *sl.shape)
             share = layer_w[j, l] * torch.einsum("to,qoi,ti->qt", g[name].double(), Phi, a[name].double())
             if name in positions:  # a routed layer's rows: the tokens routed to it (a token's rows add up)
-                s.index_add_(1, positions[name], share)
+                s.index_add_(1, positions[name].to(s.device), share)
             else:
                 s = s + share
         if q_scale is not None:

@@ -332,7 +332,7 @@ class FeatureStore:
 
     def token_factors(self, row: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """Per-token factors of one example: ({layer: A~ (T, k_in)}, {layer: G~ (T, k_out)}); a routed
-        layer's hold its rows only (n, k), at the tokens ``token_positions(row)`` gives."""
+        layer (an MoE expert) has its own rows (n, k_in), (n, k_out), at the tokens ``token_positions(row)`` gives."""
         shard, spans = self._token_spans(row)
         return (
             {n: shard.tensor(f"a.{n}", spans[n]) for n in self.layout},
