@@ -52,12 +52,13 @@ class TokenFactors:
     def take(self, order: list[int]) -> TokenFactors:
         """The token factors of examples ``order`` (row indices, in that order)."""
 
+        which = torch.as_tensor(order, dtype=torch.long)
+
         def pick(o: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            counts = (o[1:] - o[:-1])[torch.as_tensor(order, dtype=torch.long)]
-            index = torch.cat(
-                [torch.zeros(0, dtype=torch.long)] + [torch.arange(int(o[i]), int(o[i + 1])) for i in order]
-            )
-            return torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)]), index
+            """(new offsets, the rows to gather): example k's rows o[order[k]] .. o[order[k] + 1]."""
+            starts, counts = o[:-1][which], (o[1:] - o[:-1])[which]
+            new = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
+            return new, torch.arange(int(new[-1])) + torch.repeat_interleave(starts - new[:-1], counts)
 
         offsets, index = pick(self.offsets)
         picked = {n: pick(o) for n, o in self.entries.items()}
