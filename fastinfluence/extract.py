@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from collections.abc import Callable, Container, Iterable, Iterator
 from pathlib import Path
@@ -15,7 +16,7 @@ from .capture import CapturePass, Layer, progress_bar
 from .config import ProjectionConfig
 from .exact import per_example_gradients
 from .features import Features, LayerSlice, TokenFactors, cat_features, in_data_order
-from .moe import refuse_experts
+from .moe import routed_tokens
 from .normalizer import Normalizer
 from .ops._common import masked
 from .ops.project import project_side
@@ -234,8 +235,6 @@ class GradientExtractor:
         with the number of examples of each computed batch that are neither skipped nor done."""
         if self.config.mode == "flat" and (tokens or covariances):
             raise ValueError("tokens=True and covariances=True need mode='factorized' (flat features have no layers)")
-        if tokens:
-            refuse_experts(self.layers, "extract(tokens=True)")
         fp = self.fingerprint
         for step in self.capture.batches(batches, skip_examples):
             wanted = sum(p >= skip_examples and p not in done for p in step.positions) if step.wanted else 0
@@ -251,9 +250,14 @@ class GradientExtractor:
         device, dtype = batch.input_ids.device, self.dtype
         rows = torch.empty(B, self.dim, dtype=dtype, device=device)
         store_dtype = self.config.torch_dtype
-        a_tok, g_tok, stats, routed_tokens = {}, {}, {}, {}
+        a_tok, g_tok, stats, routed_counts = {}, {}, {}, {}
+        entries, positions = {}, {}  # routed layers' own token rows (``TokenFactors``)
 
-        valid = batch.attention_mask.bool().flatten().nonzero().squeeze(1) if tokens else None
+        attended = batch.attention_mask.bool()
+        valid = attended.flatten().nonzero().squeeze(1) if tokens else None
+        if tokens:  # a token's row among the batch's valid tokens, and each example's first row
+            token_row = attended.flatten().long().cumsum(0) - 1
+            first_row = attended.sum(1).cumsum(0) - attended.sum(1)
 
         head = self.capture.head_layer
         head_P_out = self.projections(head.name, device, dtype)[1] if head is not None else None
@@ -276,9 +280,18 @@ class GradientExtractor:
             sl = self.layout[layer.name]
             if layer.routed:  # mask: the (n,) examples of the tokens routed to this expert
                 phi = project_routed(A, G, mask, B, P_in, P_out)
+                if covariances or tokens:
+                    At, Gt = (project_side(X, P, dtype) for X, P in ((A, P_in), (G, P_out)))
                 if covariances:
-                    At, Gt = (project_side(X, P, dtype).double() for X, P in ((A, P_in), (G, P_out)))
-                    stats[layer.name], routed_tokens[layer.name] = (At.T @ At, Gt.T @ Gt), len(mask)
+                    a2, g2 = At.double(), Gt.double()
+                    stats[layer.name], routed_counts[layer.name] = (a2.T @ a2, g2.T @ g2), len(mask)
+                if tokens:  # its rows in token order, each with its token's position in its example
+                    row = token_row[routed[layer.name].to(device)]
+                    order = torch.argsort(row, stable=True)
+                    a_tok[layer.name], g_tok[layer.name] = At[order].to(store_dtype), Gt[order].to(store_dtype)
+                    positions[layer.name] = row[order] - first_row[mask[order]]
+                    counts = torch.bincount(mask, minlength=B)
+                    entries[layer.name] = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
             elif tokens or covariances:
                 At, Gt = ops.project_tokens(A, G, P_in, P_out, mask)
                 phi = Gt.transpose(1, 2) @ At
@@ -293,17 +306,17 @@ class GradientExtractor:
                 phi = ops.project(A, G, P_in, P_out, mask)
             rows[:, sl.start : sl.stop] = phi.reshape(B, -1)
 
-        self.capture.backward(batch, on_layer, head_projection=head_P_out, keep_input=keep_input)
+        with routed_tokens() if tokens else contextlib.nullcontext({}) as routed:
+            self.capture.backward(batch, on_layer, head_projection=head_P_out, keep_input=keep_input)
         token_factors = None
         if tokens:
-            counts = batch.attention_mask.bool().sum(1).cpu()
+            counts = attended.sum(1).cpu()
             offsets = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
-            token_factors = TokenFactors(
-                offsets, {n: t.cpu() for n, t in a_tok.items()}, {n: t.cpu() for n, t in g_tok.items()}
-            )
+            cpu = lambda d: {n: t.cpu() for n, t in d.items()}  # noqa: E731
+            token_factors = TokenFactors(offsets, cpu(a_tok), cpu(g_tok), cpu(entries), cpu(positions))
         if covariances:
-            n_tokens = int(batch.attention_mask.bool().sum())
-            stats = {n: (CA.cpu(), CG.cpu(), routed_tokens.get(n, n_tokens)) for n, (CA, CG) in stats.items()}
+            n_tokens = int(attended.sum())
+            stats = {n: (CA.cpu(), CG.cpu(), routed_counts.get(n, n_tokens)) for n, (CA, CG) in stats.items()}
         return self._features(rows, batch.ids, token_factors, stats if covariances else None, fp)
 
     def _flat_features(self, batch: Batch, fp: dict) -> Features:

@@ -27,11 +27,108 @@ class TokenFactors:
     Token rows of example i are ``offsets[i]:offsets[i+1]`` (valid tokens only, in order).
     a[layer]: (total_tokens, k_in) = A~, g[layer]: (total_tokens, k_out) = G~, so that
     phi_i[layer] = g[layer][rows].T @ a[layer][rows].
+
+    A routed layer (one MoE expert, ``layer.routed``) sees only the tokens routed to it, so its
+    rows are its own: ``entries[layer]`` (N + 1,) offsets of example i's rows of a[layer] and
+    g[layer], and ``positions[layer]`` each row's token (0 .. T_i - 1) among example i's valid
+    tokens (a token routed to the layer several times, as through LoRA on the experts, has several
+    rows). phi_i[layer] is then the same sum over example i's rows.
     """
 
     offsets: torch.Tensor
     a: dict[str, torch.Tensor]
     g: dict[str, torch.Tensor]
+    entries: dict[str, torch.Tensor] = field(default_factory=dict)
+    positions: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def row_offsets(self, name: str) -> torch.Tensor:
+        """(N + 1,) offsets of each example's rows of layer ``name``."""
+        return self.entries.get(name, self.offsets)
+
+    def span(self, name: str, row: int) -> slice:
+        o = self.row_offsets(name)
+        return slice(int(o[row]), int(o[row + 1]))
+
+    def take(self, order: list[int]) -> TokenFactors:
+        """The token factors of examples ``order`` (row indices, in that order)."""
+
+        which = torch.as_tensor(order, dtype=torch.long)
+
+        def pick(o: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            """(new offsets, the rows to gather): example k's rows o[order[k]] .. o[order[k] + 1]."""
+            starts, counts = o[:-1][which], (o[1:] - o[:-1])[which]
+            new = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
+            return new, torch.arange(int(new[-1])) + torch.repeat_interleave(starts - new[:-1], counts)
+
+        offsets, index = pick(self.offsets)
+        picked = {n: pick(o) for n, o in self.entries.items()}
+        rows = {n: picked[n][1] if n in picked else index for n in self.a}
+        return TokenFactors(
+            offsets,
+            {n: t[rows[n]] for n, t in self.a.items()},
+            {n: t[rows[n]] for n, t in self.g.items()},
+            {n: o for n, (o, _) in picked.items()},
+            {n: t[picked[n][1]] for n, t in self.positions.items()},
+        )
+
+    def slice(self, a: int, b: int) -> TokenFactors:
+        """The token factors of examples ``a:b``."""
+
+        def cut(name: str, t: torch.Tensor) -> torch.Tensor:
+            o = self.row_offsets(name)
+            return t[int(o[a]) : int(o[b])]
+
+        return TokenFactors(
+            self.offsets[a : b + 1] - self.offsets[a],
+            {n: cut(n, t) for n, t in self.a.items()},
+            {n: cut(n, t) for n, t in self.g.items()},
+            {n: o[a : b + 1] - o[a] for n, o in self.entries.items()},
+            {n: cut(n, t) for n, t in self.positions.items()},
+        )
+
+    def tensors(self, prefix: str = "") -> dict[str, torch.Tensor]:
+        """The tensors a store file holds: ``offsets``, ``a.<layer>``, ``g.<layer>``, and for a routed
+        layer ``o.<layer>`` (its row offsets) and ``p.<layer>`` (its rows' token positions)."""
+        out = {f"{prefix}offsets": self.offsets.to(torch.int64)}
+        out.update({f"{prefix}a.{n}": t for n, t in self.a.items()})
+        out.update({f"{prefix}g.{n}": t for n, t in self.g.items()})
+        out.update({f"{prefix}o.{n}": t.to(torch.int64) for n, t in self.entries.items()})
+        out.update({f"{prefix}p.{n}": t.to(torch.int64) for n, t in self.positions.items()})
+        return out
+
+    @classmethod
+    def from_tensors(cls, t: Mapping[str, torch.Tensor], layers: Iterable[str], prefix: str = "") -> TokenFactors:
+        """What ``tensors`` wrote (a store written before routed layers had token factors has no
+        ``o.`` / ``p.`` tensors: every layer shares the token rows)."""
+        layers = list(layers)
+        routed = [n for n in layers if f"{prefix}p.{n}" in t]
+        return cls(
+            t[f"{prefix}offsets"],
+            {n: t[f"{prefix}a.{n}"] for n in layers},
+            {n: t[f"{prefix}g.{n}"] for n in layers},
+            {n: t[f"{prefix}o.{n}"] for n in routed},
+            {n: t[f"{prefix}p.{n}"] for n in routed},
+        )
+
+
+def cat_tokens(parts: list[TokenFactors]) -> TokenFactors:
+    """Token factors of consecutive groups of examples as one."""
+
+    def offsets(os: list[torch.Tensor]) -> torch.Tensor:
+        out, total = [torch.zeros(1, dtype=torch.long)], 0
+        for o in os:
+            out.append(o[1:] + total)
+            total += int(o[-1])
+        return torch.cat(out)
+
+    first = parts[0]
+    return TokenFactors(
+        offsets([p.offsets for p in parts]),
+        {n: torch.cat([p.a[n] for p in parts]) for n in first.a},
+        {n: torch.cat([p.g[n] for p in parts]) for n in first.g},
+        {n: offsets([p.entries[n] for p in parts]) for n in first.entries},
+        {n: torch.cat([p.positions[n] for p in parts]) for n in first.positions},
+    )
 
 
 class Chunk(NamedTuple):
@@ -110,15 +207,28 @@ class Features:
         return self.data[list(indices)]
 
     def token_factors(self, row: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """Per-token factors of one example: ({layer: A~ (T, k_in)}, {layer: G~ (T, k_out)})."""
+        """Per-token factors of one example: ({layer: A~ (T, k_in)}, {layer: G~ (T, k_out)}); a routed
+        layer (an MoE expert) has its own rows (n, k_in), (n, k_out), at the tokens ``token_positions(row)`` gives."""
+        tokens = self._tokens()
+        return (
+            {n: t[tokens.span(n, row)] for n, t in tokens.a.items()},
+            {n: t[tokens.span(n, row)] for n, t in tokens.g.items()},
+        )
+
+    def token_positions(self, row: int) -> tuple[int, dict[str, torch.Tensor]]:
+        """(T, {routed layer: (n,) int64 token position in 0 .. T - 1 of each of its ``token_factors`` rows})
+        of one example, T its number of tokens (no routed layer: an empty dict)."""
+        tokens = self._tokens()
+        o = tokens.offsets
+        return int(o[row + 1] - o[row]), {n: p[tokens.span(n, row)] for n, p in tokens.positions.items()}
+
+    def _tokens(self) -> TokenFactors:
         if self.tokens is None:
             raise errors.FastInfluenceError(
                 f"these train Features have no per-token factors: extract them with {errors.name('tokens', True)}",
                 "tokens",
             )
-        o = self.tokens.offsets
-        span = slice(int(o[row]), int(o[row + 1]))
-        return {n: t[span] for n, t in self.tokens.a.items()}, {n: t[span] for n, t in self.tokens.g.items()}
+        return self.tokens
 
     def to_features(self) -> Features:
         """These features (a source loaded whole)."""
@@ -130,17 +240,7 @@ def cat_features(parts: list[Features]) -> Features:
     if not parts:
         raise ValueError("cat_features needs at least one Features")
     first = parts[0]
-    tokens = None
-    if first.tokens is not None:
-        offsets, total = [torch.zeros(1, dtype=torch.long)], 0
-        for p in parts:
-            offsets.append(p.tokens.offsets[1:] + total)
-            total += int(p.tokens.offsets[-1])
-        tokens = TokenFactors(
-            torch.cat(offsets),
-            {n: torch.cat([p.tokens.a[n] for p in parts]) for n in first.tokens.a},
-            {n: torch.cat([p.tokens.g[n] for p in parts]) for n in first.tokens.g},
-        )
+    tokens = cat_tokens([p.tokens for p in parts]) if first.tokens is not None else None
     stats = None
     if first.stats is not None:
         stats = {
@@ -167,15 +267,7 @@ def slice_rows(f: Features, a: int, b: int) -> Features:
         raise ValueError(
             "covariance sums cover a whole batch and cannot be split by rows: resume or split at a batch boundary"
         )
-    tokens = None
-    if f.tokens is not None:
-        o = f.tokens.offsets
-        lo, hi = int(o[a]), int(o[b])
-        tokens = TokenFactors(
-            o[a : b + 1] - lo,
-            {n: t[lo:hi] for n, t in f.tokens.a.items()},
-            {n: t[lo:hi] for n, t in f.tokens.g.items()},
-        )
+    tokens = f.tokens.slice(a, b) if f.tokens is not None else None
     return Features(f.data[a:b], f.norms[a:b], f.ids[a:b], f.layout, f.config, f.fingerprint, tokens, None)
 
 
@@ -185,16 +277,7 @@ def reorder_rows(f: Features, order: list[int]) -> Features:
     if order == list(range(len(f))):
         return f
     index = torch.as_tensor(order, dtype=torch.long)
-    tokens = None
-    if f.tokens is not None:
-        o = f.tokens.offsets
-        counts = (o[1:] - o[:-1])[index]
-        token_index = torch.cat([torch.arange(int(o[i]), int(o[i + 1])) for i in order])
-        tokens = TokenFactors(
-            torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)]),
-            {n: t[token_index] for n, t in f.tokens.a.items()},
-            {n: t[token_index] for n, t in f.tokens.g.items()},
-        )
+    tokens = f.tokens.take(order) if f.tokens is not None else None
     return Features(
         f.data[index], f.norms[index], [f.ids[i] for i in order], f.layout, f.config, f.fingerprint, tokens, f.stats
     )
@@ -218,7 +301,9 @@ class FeatureSource(Protocol):
     ``norms`` ((N,) float32), ``stats`` (per layer (sum a~a~^T, sum g~g~^T, tokens) float64,
     or None without covariances), ``metadata()``, ``iter_chunks(rows, start, stop)``,
     ``rows(indices)`` ((n, D) at random), ``row_bounds()`` (where a split between processes
-    may fall), ``token_factors(row)`` and ``to_features()`` (the whole source in memory).
+    may fall), ``token_factors(row)`` and ``to_features()`` (the whole source in memory). Both
+    sources also have ``token_positions(row)``, where a routed layer's token rows sit (a source
+    without it has no routed layers).
     """
 
     layout: dict[str, LayerSlice]

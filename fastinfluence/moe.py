@@ -29,10 +29,12 @@ to load instead.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 import warnings
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -144,16 +146,6 @@ def check_implementation(name: str, experts: nn.Module) -> None:
         raise ValueError(
             f"{name} runs experts_implementation={impl!r}, whose kernels cannot be captured: call model."
             "set_experts_implementation('grouped_mm') (or load the model with experts_implementation='grouped_mm')"
-        )
-
-
-def refuse_experts(layers, what: str) -> None:
-    """One-line error when ``layers`` hold expert layers, which ``what`` does not support yet."""
-    experts = [l.name for l in layers if l.routed]
-    if experts:
-        raise ValueError(
-            f"{what} does not support expert layers yet ({', '.join(experts[:2])}, ... {len(experts)} in all): "
-            f"exclude them with ProjectionConfig(exclude=[r'{EXCLUDE_EXPERTS}'])"
         )
 
 
@@ -297,6 +289,23 @@ def hook_router(layer, hooks) -> _Forward:
     return _Forward(module, forward)
 
 
+_TOKENS: contextvars.ContextVar[dict | None] = contextvars.ContextVar("fastinfluence_routed_tokens", default=None)
+
+
+@contextlib.contextmanager
+def routed_tokens() -> Iterator[dict[str, torch.Tensor]]:
+    """Within the block, each armed forward of an experts module records, per selected expert
+    layer, the token of each row it will hand on: ``{layer name: (n,) int64 index into the
+    flattened (B, T) tokens}``, rows in the order ``on_layer`` receives them (the forward runs
+    before the backward that delivers them; a layer's entry is replaced by each forward)."""
+    found: dict[str, torch.Tensor] = {}
+    token = _TOKENS.set(found)
+    try:
+        yield found
+    finally:
+        _TOKENS.reset(token)
+
+
 def hook_experts(name: str, layers: list[ExpertLayer], hooks) -> _Forward:
     """Run the experts module ``name`` through ``routed_forward`` when armed, handing each selected
     expert layer's routed (A, G, example) to ``hooks`` (every selected layer, with n = 0 rows for
@@ -325,6 +334,11 @@ def hook_experts(name: str, layers: list[ExpertLayer], hooks) -> _Forward:
         n, bounds = len(example), [0]
         for c in counts[:E]:
             bounds.append(bounds[-1] + c)
+        record = _TOKENS.get()
+        if record is not None:  # each row's token: its (token, slot) pair's token
+            token = order[:n] // top_k_index.shape[1]
+            record.update({l.name: token[bounds[e] : bounds[e + 1]] for p in by_param.values() for e, l in p.items()})
+            record.update({l.name: token for ls in lora.values() for l in ls})
 
         def deliver(param: str, A: torch.Tensor, G: torch.Tensor) -> None:
             A, G = A[:n], G[:n]

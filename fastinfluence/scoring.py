@@ -453,7 +453,8 @@ def token_scores(
     """Per-token scores of chosen train examples: one (Q, T_i) float32 tensor per row.
 
     s_it = sum_l c_l g~_it^T (H^-1 Phi_q)_l a~_it from the stored token factors, with the
-    same scaling c_l as ``score``, so that s_i.sum(1) equals ``score``'s value for (q, i).
+    same scaling c_l as ``score``, so that s_i.sum(1) equals ``score``'s value for (q, i). An
+    MoE expert's layer adds its share at the tokens routed to it only (``token_positions``).
     """
     query, train = _source(query, "query"), _source(train, "train")
     if metric not in METRICS:
@@ -485,10 +486,15 @@ def token_scores(
     out = []
     for j, row in enumerate(rows):
         a, g = _token_factors(train, row)
-        s = 0
+        T, positions = _token_positions(train, row, a)
+        s = q.new_zeros(len(q), T)
         for l, (name, sl) in enumerate(layout.items()):
             Phi = q[:, sl.start : sl.stop].reshape(-1, *sl.shape)
-            s = s + layer_w[j, l] * torch.einsum("to,qoi,ti->qt", g[name].double(), Phi, a[name].double())
+            share = layer_w[j, l] * torch.einsum("to,qoi,ti->qt", g[name].double(), Phi, a[name].double())
+            if name in positions:  # a routed layer's rows: the tokens routed to it (a token's rows add up)
+                s.index_add_(1, positions[name].to(s.device), share)
+            else:
+                s = s + share
         if q_scale is not None:
             s = s * q_scale[:, None] * t_scale[j]
         out.append(s.float())
@@ -497,3 +503,10 @@ def token_scores(
 
 def _token_factors(train: FeatureSource, row: int):
     return train.token_factors(row)
+
+
+def _token_positions(train: FeatureSource, row: int, a: dict[str, torch.Tensor]) -> tuple[int, dict]:
+    """(T, routed layers' token positions) of ``row``; a source without ``token_positions`` has no routed layers."""
+    if hasattr(train, "token_positions"):
+        return train.token_positions(row)
+    return next(iter(a.values())).shape[0], {}

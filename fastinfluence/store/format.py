@@ -4,7 +4,9 @@ Layout of a store directory::
 
     manifest.json                      format version, config, fingerprint, layout, dtype, shards
     shards/shard-<first>.safetensors   features (n, D), norms (n,) float32, covariance sums
-    shards/tokens-<first>.safetensors  per-token factors of the same rows (optional)
+    shards/tokens-<first>.safetensors  per-token factors of the same rows (optional): offsets,
+                                       a.<layer>, g.<layer>; an MoE expert's layer adds
+                                       o.<layer> (its rows' offsets), p.<layer> (their tokens)
     <group>/<name>.safetensors         caches derived from the rows, e.g. ``precondition/kfac``
 
 ``<first>`` is the position of the shard's first example in the extraction stream, so

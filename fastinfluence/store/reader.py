@@ -331,7 +331,23 @@ class FeatureStore:
         return out
 
     def token_factors(self, row: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """Per-token factors of one example: ({layer: A~ (T, k_in)}, {layer: G~ (T, k_out)})."""
+        """Per-token factors of one example: ({layer: A~ (T, k_in)}, {layer: G~ (T, k_out)}); a routed
+        layer (an MoE expert) has its own rows (n, k_in), (n, k_out), at the tokens ``token_positions(row)`` gives."""
+        shard, spans = self._token_spans(row)
+        return (
+            {n: shard.tensor(f"a.{n}", spans[n]) for n in self.layout},
+            {n: shard.tensor(f"g.{n}", spans[n]) for n in self.layout},
+        )
+
+    def token_positions(self, row: int) -> tuple[int, dict[str, torch.Tensor]]:
+        """(T, {routed layer: (n,) int64 token position in 0 .. T - 1 of each of its ``token_factors`` rows})
+        of one example, T its number of tokens (no routed layer: an empty dict)."""
+        shard, spans = self._token_spans(row)
+        routed = {n: shard.tensor(f"p.{n}", spans[n]) for n in self.layout if f"p.{n}" in shard.header}
+        return spans[None].stop - spans[None].start, routed
+
+    def _token_spans(self, row: int) -> tuple[_ShardFile, dict[str | None, slice]]:
+        """The token file of ``row``'s shard and the span of ``row``'s rows of each layer (None: its tokens)."""
         if not self.has_tokens:
             raise StoreError(
                 f"store {self.path} has no per-token factors: extract with {errors.name('tokens', True)} to get "
@@ -339,13 +355,13 @@ class FeatureStore:
             )
         i = self._locate(row)
         shard = self._shard(i, "tokens")
-        offsets = shard.tensor("offsets")
         a = row - self.shards[i]["first"]
-        span = slice(int(offsets[a]), int(offsets[a + 1]))
-        return (
-            {n: shard.tensor(f"a.{n}", span) for n in self.layout},
-            {n: shard.tensor(f"g.{n}", span) for n in self.layout},
-        )
+        offsets = shard.tensor("offsets")[a : a + 2]
+        spans: dict[str | None, slice] = {None: slice(int(offsets[0]), int(offsets[1]))}
+        for n in self.layout:
+            o = shard.tensor(f"o.{n}", slice(a, a + 2)) if f"o.{n}" in shard.header else offsets
+            spans[n] = slice(int(o[0]), int(o[1]))
+        return shard, spans
 
     @property
     def stats(self) -> dict[str, tuple[torch.Tensor, torch.Tensor, int]] | None:

@@ -108,6 +108,18 @@ def _content_at(digests: list[bytes], positions: list[int]) -> str:
     return hashlib.sha256(b"".join(digests[p] for p in positions)).hexdigest()
 
 
+def _token_tensors(tokens: TokenFactors, layers: list[str], prefix: str = "") -> dict[str, torch.Tensor]:
+    """The tensors of ``tokens`` (``TokenFactors.tensors``) of the layers ``layers``."""
+    kept = TokenFactors(
+        tokens.offsets,
+        {n: tokens.a[n] for n in layers},
+        {n: tokens.g[n] for n in layers},
+        {n: o for n, o in tokens.entries.items() if n in layers},
+        {n: p for n, p in tokens.positions.items() if n in layers},
+    )
+    return kept.tensors(prefix)
+
+
 def _write_shard(root: Path, first: int, f: Features, layers: list[str], content: str) -> dict:
     """Write one shard (token file first: the feature shard is the commit record). Returns its entry."""
     entry: dict[str, Any] = {
@@ -119,9 +131,7 @@ def _write_shard(root: Path, first: int, f: Features, layers: list[str], content
         "tokens": None,
     }
     if f.tokens is not None:
-        t = {"offsets": f.tokens.offsets.to(torch.int64)}
-        t.update({f"a.{n}": f.tokens.a[n] for n in layers})
-        t.update({f"g.{n}": f.tokens.g[n] for n in layers})
+        t = _token_tensors(f.tokens, layers)
         entry["tokens"] = _save(root / f"tokens-{first:012d}.safetensors", t)
     tensors = {"features": f.data, "norms": f.norms.float()}
     for n, (A, G, c) in (f.stats or {}).items():
@@ -142,9 +152,7 @@ def _write_part(root: Path, positions: list[int], f: Features, layers: list[str]
     its rows it is deleted."""
     tensors = {"features": f.data, "norms": f.norms.float()}
     if f.tokens is not None:
-        tensors["tokens.offsets"] = f.tokens.offsets.to(torch.int64)
-        tensors.update({f"tokens.a.{n}": f.tokens.a[n] for n in layers})
-        tensors.update({f"tokens.g.{n}": f.tokens.g[n] for n in layers})
+        tensors.update(_token_tensors(f.tokens, layers, "tokens."))
     for n, (A, G, c) in (f.stats or {}).items():
         tensors.update({f"stats.{n}.a": A, f"stats.{n}.g": G, f"stats.{n}.count": torch.tensor([int(c)])})
     path = root / f"part-{min(positions):012d}.safetensors"
@@ -172,9 +180,7 @@ def _read_part(path: Path, entry: dict, layers: list[str], like: Mapping) -> Fea
         return None
     tokens = None
     if "tokens.offsets" in t:
-        tokens = TokenFactors(
-            t["tokens.offsets"], {n: t[f"tokens.a.{n}"] for n in layers}, {n: t[f"tokens.g.{n}"] for n in layers}
-        )
+        tokens = TokenFactors.from_tensors(t, layers, "tokens.")
     stats = {
         n: (t[f"stats.{n}.a"], t[f"stats.{n}.g"], int(t[f"stats.{n}.count"][0])) for n in layers if f"stats.{n}.a" in t
     }
