@@ -165,7 +165,7 @@ def _lce_cases(dtype: str) -> list[Case]:
             | {"Acc": "*fp32", "P": "*fp32", "AccP": "*fp32"},
             dict(SOFTCAP=True, HAS_BIAS=True, F32=dtype == "fp32", NEED_DH=True, HAS_P=True, BM=64, BV=64),
             floats=("cap",),
-            aligned=("H", "K", "v_per_split", "s_hn", "s_wv", "s_pv"),
+            aligned=("H", "K", "NP", "HP", "KP", "v_per_split", "s_hn", "s_wv", "s_pv"),
         ),
     ]
 
