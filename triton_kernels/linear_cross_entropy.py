@@ -19,12 +19,13 @@ gradient of the materialised path.
   (+ b, capped) on the tensor cores, an online max m and sum l of exp(z - m), and
   acc += exp(z - m) dlogits/dz W_v, rescaled by exp(m_old - m_new) whenever the max grows
   (as flash attention rescales its output). acc (BM, H) lives in a float32 scratch row
-  block that stays in L2. Two head matmuls per token, one pass over V. Slices of V run in
-  parallel when there are few tokens; a small combine merges their (m, l, acc) and forms
-  dh = acc / l - dlogits/dz_y W_y and loss = m + log l - logit_y. Given P_out (a captured
-  head's output projection), a second accumulator accP += exp(z - m) dlogits/dz P_v (float32,
-  about float32 accuracy) gives G P_out = accP / l - dlogits/dz_y P_y in the same pass; without
-  dh (a captured head alone) the H-wide accumulator is skipped.
+  block (padded to whole tiles, read and written without masks) that stays in L2. Two head
+  matmuls per token, one pass over V. Slices of V run in parallel when there are few tokens;
+  a small combine merges their (m, l, acc) and forms dh = acc / l - dlogits/dz_y W_y and
+  loss = m + log l - logit_y. Given P_out (a captured head's output projection), a second
+  accumulator accP += exp(z - m) dlogits/dz P_v (float32, about float32 accuracy) gives
+  G P_out = accP / l - dlogits/dz_y P_y in the same pass; without dh (a captured head alone)
+  the H-wide accumulator is skipped.
 
 float64 runs on the torch path of the op module.
 """
