@@ -208,3 +208,30 @@ def test_a_captured_head_runs_its_projected_gradient_on_triton(device, poisoned)
         assert [(d.op, d.backend) for d in ran] == [("linear_cross_entropy_forward_grad", "triton")]
         assert rel_err(loss, ref[0]) <= TOL[torch.float32] and rel_err(GP, ref[2]) <= TOL[torch.float32]
         assert (dh is None) != need_dh and (dh is None or rel_err(dh, ref[1]) <= TOL[torch.float32])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tiles", [None, {"BK": 16, "BH": 32}])
+def test_forward_grad_with_dh_and_p_out_on_odd_shapes(device, dtype, tiles, monkeypatch, poisoned):
+    """dh and G P_out together on shapes that are multiples of no tile (N = 33, H = 23, V = 97, k_out = 19),
+    against the torch op in float64 on the same (rounded) inputs. The scratch is padded to whole tiles and
+    read back cut to (N, H) and (N, k_out); with BH = 32 the 16-bit projection walks k_out in BH / 2-wide
+    tiles (the sm_90 register budget), float32 in BH-wide ones."""
+    import triton
+
+    from fastinfluence.ops.linear_cross_entropy import linear_cross_entropy_forward_grad as torch_op
+    from fastinfluence.triton_kernels import linear_cross_entropy as lce
+
+    if tiles is not None:
+        monkeypatch.setattr(lce._forward_grad_kernel, "configs", [triton.Config(tiles)])
+    hidden, weight, b, labels, _ = _inputs(device, dtype, N=33, H=23, V=97, bias=True, seed=13)
+    P_out = randn(97, 19, device=device, generator=torch.Generator().manual_seed(14))
+    loss, dh, GP = linear_cross_entropy_forward_grad(hidden, weight, b, labels, IGNORE, 3.0, P_out=P_out, splits=3)
+    f64 = [t.double() for t in (hidden, weight, b)]
+    ref_loss, ref_dh, ref_GP = torch_op(*f64, labels, IGNORE, 3.0, P_out=P_out.double())
+    assert dh.shape == (33, 23) and dh.dtype == dtype and GP.shape == (33, 19) and GP.dtype == torch.float32
+    assert rel_err(loss, ref_loss) <= TOL[dtype] and rel_err(dh, ref_dh) <= TOL[dtype]
+    assert rel_err(GP, ref_GP) <= TOL[dtype]
+    ignored = labels == IGNORE
+    assert bool(ignored.any()) and bool((GP[ignored] == 0).all()) and bool((dh[ignored] == 0).all())

@@ -2,8 +2,9 @@
 
 The interpreter that runs the CPU tests does not apply the GPU compiler's rules (tl.dot
 shapes, layouts, register and shared-memory limits). This builds each kernel, in each
-autotune config and each dtype (``--quick``: bfloat16 and the first config), to a cubin for sm_90 with
-Triton's own ptxas, and prints registers, spilled bytes and shared memory per variant.
+autotune config and each dtype (``--quick``: bfloat16, the first config and one constexpr variant of each
+kernel), to a cubin for sm_90 with Triton's own ptxas, and prints registers, spilled bytes and shared
+memory per variant. These are compile-time numbers only: no GPU runs the code.
 
 A variant over sm_90's shared memory (232,448 bytes per block) is flagged ``OVER``; it is
 a failure unless the kernel's own pruning drops that config for that dtype at run time
@@ -67,6 +68,7 @@ class Case:
     options: dict[str, int] = field(default_factory=lambda: {"num_warps": 4})
     # (config, element size) -> (kept at run time on sm_90, shared-memory bound); None: no pruning by size
     fit: object = None
+    full_only: bool = False  # skipped by --quick (another constexpr variant of a kernel checked already)
 
 
 def _project_cases(dtype: str) -> list[Case]:
@@ -135,6 +137,20 @@ def _project_cases(dtype: str) -> list[Case]:
     ]
 
 
+def _forward_grad_case(dtype: str, suffix: str, need_dh: bool, has_p: bool) -> Case:
+    p = f"*{dtype}"
+    return Case(
+        f"lce forward_grad{suffix} {dtype}",
+        _forward_grad_kernel,
+        {"Hid": p, "W": p, "Bias": p, "Labels": "*i64", "Max": "*fp32", "Sum": "*fp32", "Target": "*fp32"}
+        | {"Acc": "*fp32", "P": "*fp32", "AccP": "*fp32"},
+        dict(SOFTCAP=True, HAS_BIAS=True, F32=dtype == "fp32", NEED_DH=need_dh, HAS_P=has_p, BM=64, BV=64),
+        floats=("cap",),
+        aligned=("H", "K", "NP", "HP", "KP", "v_per_split", "s_hn", "s_wv", "s_pv"),
+        full_only=not (need_dh and has_p),
+    )
+
+
 def _lce_cases(dtype: str) -> list[Case]:
     p = f"*{dtype}"
     common = dict(Z=p, Bias=p, Labels="*i64")
@@ -158,15 +174,10 @@ def _lce_cases(dtype: str) -> list[Case]:
             options={"num_warps": 8},
             aligned=("V", "s_zn"),
         ),
-        Case(
-            f"lce forward_grad {dtype}",
-            _forward_grad_kernel,
-            {"Hid": p, "W": p, "Bias": p, "Labels": "*i64", "Max": "*fp32", "Sum": "*fp32", "Target": "*fp32"}
-            | {"Acc": "*fp32", "P": "*fp32", "AccP": "*fp32"},
-            dict(SOFTCAP=True, HAS_BIAS=True, F32=dtype == "fp32", NEED_DH=True, HAS_P=True, BM=64, BV=64),
-            floats=("cap",),
-            aligned=("H", "K", "v_per_split", "s_hn", "s_wv", "s_pv"),
-        ),
+        # dh and G P_out (a captured head with its input gradient), dh alone, G P_out alone
+        _forward_grad_case(dtype, "", True, True),
+        _forward_grad_case(dtype, " dh", True, False),
+        _forward_grad_case(dtype, " P_out", False, True),
     ]
 
 
@@ -259,6 +270,7 @@ def main() -> int:
     )
     parser.add_argument("--kernel", default="", help="only the cases whose name starts with this (e.g. score_topk)")
     parser.add_argument("--json", help="also write every variant's shared memory, registers and spills there")
+    parser.add_argument("--note", default="", help="a line stored in the JSON file (what was measured, and how)")
     args = parser.parse_args()
     print(f"triton {triton.__version__}, target sm_{TARGET.arch}, shared memory limit {SM90_SHARED_BYTES}B")
     failed = spilled = over = 0
@@ -267,7 +279,7 @@ def main() -> int:
         failed += 1
         print(f"FAIL {name}: no compile case; add one to {__name__}")
     for case in cases(("bf16",) if args.quick else ("bf16", "fp16", "fp32")):
-        if not case.name.startswith(args.kernel):
+        if not case.name.startswith(args.kernel) or (args.quick and case.full_only):
             continue
         for label, constexprs, options, config in _variants(case, args.quick):
             try:
@@ -307,6 +319,7 @@ def main() -> int:
         summary = {
             "triton": triton.__version__,
             "target": f"sm_{TARGET.arch}",
+            **({"note": args.note} if args.note else {}),
             "shared_limit_bytes": SM90_SHARED_BYTES,
             "failed": failed,
             "spilling": spilled,

@@ -19,12 +19,13 @@ gradient of the materialised path.
   (+ b, capped) on the tensor cores, an online max m and sum l of exp(z - m), and
   acc += exp(z - m) dlogits/dz W_v, rescaled by exp(m_old - m_new) whenever the max grows
   (as flash attention rescales its output). acc (BM, H) lives in a float32 scratch row
-  block that stays in L2. Two head matmuls per token, one pass over V. Slices of V run in
-  parallel when there are few tokens; a small combine merges their (m, l, acc) and forms
-  dh = acc / l - dlogits/dz_y W_y and loss = m + log l - logit_y. Given P_out (a captured
-  head's output projection), a second accumulator accP += exp(z - m) dlogits/dz P_v (float32,
-  about float32 accuracy) gives G P_out = accP / l - dlogits/dz_y P_y in the same pass; without
-  dh (a captured head alone) the H-wide accumulator is skipped.
+  block (padded to whole tiles, read and written without masks) that stays in L2. Two head
+  matmuls per token, one pass over V. Slices of V run in parallel when there are few tokens;
+  a small combine merges their (m, l, acc) and forms dh = acc / l - dlogits/dz_y W_y and
+  loss = m + log l - logit_y. Given P_out (a captured head's output projection), a second
+  accumulator accP += exp(z - m) dlogits/dz P_v (float32, about float32 accuracy) gives
+  G P_out = accP / l - dlogits/dz_y P_y in the same pass; without dh (a captured head alone)
+  the H-wide accumulator is skipped.
 
 float64 runs on the torch path of the op module.
 """
@@ -136,6 +137,17 @@ def _mm(a, b, acc, F32: tl.constexpr):
     return dot(a, b, acc)
 
 
+@triton.jit
+def _project_block(p, alpha, AccP, P, rows, v, v_ok, K, KP, s_pv, BC: tl.constexpr):
+    """AccP[rows] = alpha AccP[rows] + p P[v] over K in BC-wide column tiles (3xTF32, float32 p and P)."""
+    for k0 in range(0, K, BC):
+        c = k0 + tl.arange(0, BC)
+        accp_ptr = AccP + rows[:, None] * KP + c[None, :]
+        accp = tl.load(accp_ptr) * alpha[:, None]
+        pw = tl.load(P + v[:, None] * s_pv + c[None, :], mask=v_ok[:, None] & (c < K)[None, :], other=0.0)
+        tl.store(accp_ptr, _mm(p, pw, accp, True))
+
+
 @autotune(
     gpu_configs=[
         triton.Config({"BK": 64, "BH": 64}, num_warps=4, num_stages=3),
@@ -162,6 +174,9 @@ def _forward_grad_kernel(
     H,
     V,
     K,
+    NP,
+    HP,
+    KP,
     v_per_split,
     s_hn,
     s_wv,
@@ -179,16 +194,27 @@ def _forward_grad_kernel(
 ):
     """Partial (max, sum, target logit, acc, accP) of BM tokens over one slice of the vocabulary.
 
-    Max, Sum, Target: (splits, N) float32; Acc: (splits, N, H) float32 (``NEED_DH``), AccP:
-    (splits, N, K) float32, sum_v exp(z - m) dlogits/dz P[v] for a float32 P (V, K) (``HAS_P``,
+    Max, Sum, Target: (splits, N) float32; Acc: (splits, NP, HP) float32 (``NEED_DH``), AccP:
+    (splits, NP, KP) float32, sum_v exp(z - m) dlogits/dz P[v] for a float32 P (V, K) (``HAS_P``,
     the captured head's projected G, in float32 at about float32 accuracy), both finite on entry
     (multiplied by 0 before their first use, so a rerun by the autotuner starts afresh).
+
+    Registers (sm_90, from ``compile_check``): the scratch is padded (NP a multiple of BM, HP and
+    KP of every BH), so its tiles load and store without masks; masked, the software pipeliner
+    carried two (BM, BH) offset tiles and two mask tiles through each inner loop. dh is
+    accumulated before G P_out, so the 16-bit copy of p is dead while the float32 p and its TF32
+    halves feed the projection, and with 16-bit inputs the projection walks K in BH / 2-wide
+    tiles (half the accumulator and P tiles held at once; the same FLOPs and bytes, still one
+    pass over V). Together they remove the spill of the NEED_DH and HAS_P variant (272 B per
+    thread in bfloat16 at 4 warps). Halving the tile does not help float32 (its spills come from
+    the 3xTF32 logits loop) and is not applied there.
     """
     split = tl.program_id(1).to(tl.int64)
     rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
     row_ok = rows < N
     label = tl.load(Labels + rows, mask=row_ok, other=-1)
-    Acc += split * N * H
+    Acc += split * NP * HP
+    AccP += split * NP * KP
     v_lo = split * v_per_split
     v_hi = tl.minimum(v_lo + v_per_split, V)
     m = tl.full((BM,), float("-inf"), tl.float32)
@@ -215,25 +241,18 @@ def _forward_grad_kernel(
         s = s * alpha + tl.sum(p, axis=1)
         m = m_new
         p = p * dcap
-        if HAS_P:
-            for k0 in range(0, K, BH):
-                c = k0 + tl.arange(0, BH)
-                c_ok = c < K
-                accp_ptr = AccP + split * N * K + rows[:, None] * K + c[None, :]
-                accp_ok = row_ok[:, None] & c_ok[None, :]
-                accp = tl.load(accp_ptr, mask=accp_ok, other=0.0) * alpha[:, None]
-                pw = tl.load(P + v[:, None] * s_pv + c[None, :], mask=v_ok[:, None] & c_ok[None, :], other=0.0)
-                tl.store(accp_ptr, _mm(p, pw, accp, True), mask=accp_ok)
         if NEED_DH:
-            p = p.to(W.dtype.element_ty)
             for h0 in range(0, H, BH):
                 c = h0 + tl.arange(0, BH)
-                c_ok = c < H
-                acc_ptr = Acc + rows[:, None] * H + c[None, :]
-                acc_ok = row_ok[:, None] & c_ok[None, :]
-                acc = tl.load(acc_ptr, mask=acc_ok, other=0.0) * alpha[:, None]
-                w = tl.load(W + v[:, None] * s_wv + c[None, :], mask=v_ok[:, None] & c_ok[None, :], other=0.0)
-                tl.store(acc_ptr, _mm(p, w, acc, F32), mask=acc_ok)
+                acc_ptr = Acc + rows[:, None] * HP + c[None, :]
+                acc = tl.load(acc_ptr) * alpha[:, None]
+                w = tl.load(W + v[:, None] * s_wv + c[None, :], mask=v_ok[:, None] & (c < H)[None, :], other=0.0)
+                tl.store(acc_ptr, _mm(p.to(W.dtype.element_ty), w, acc, F32))
+        if HAS_P:
+            if F32 or BH < 32:
+                _project_block(p, alpha, AccP, P, rows, v, v_ok, K, KP, s_pv, BH)
+            else:
+                _project_block(p, alpha, AccP, P, rows, v, v_ok, K, KP, s_pv, BH // 2)
     out = split * N + rows
     tl.store(Max + out, m, mask=row_ok)
     tl.store(Sum + out, s, mask=row_ok)
@@ -344,8 +363,13 @@ def linear_cross_entropy_backward(
     return grad_hidden, grad_weight, grad_bias.to(bias.dtype) if grad_bias is not None else None
 
 
-# Float32 scratch for the partial accumulators of the V slices: (splits, N, H).
+# Float32 scratch for the partial accumulators of the V slices: (splits, N, H), padded.
 _SCRATCH_BYTES = 256 * 2**20
+
+
+def _scratch_cols() -> int:
+    """Column multiple of the scratch: every BH the autotuner may pick divides it."""
+    return max(c.kwargs["BH"] for c in _forward_grad_kernel.configs)
 
 
 def _v_splits(n: int, h: int, v: int, bm: int, bv: int, device: torch.device) -> tuple[int, int]:
@@ -378,15 +402,17 @@ def linear_cross_entropy_forward_grad(
         return (loss, grad_hidden) if P_out is None else (loss, grad_hidden, GP)
     hidden, weight = hidden.contiguous(), weight.contiguous()
     bm, bv = (16, 32) if INTERPRET.value else (64, 64)
+    # Scratch padded to whole tiles (rows to BM, columns to every config's BH): unmasked tiles.
+    NP, HP, KP = (triton.cdiv(x, b) * b for x, b in ((n, bm), (H, _scratch_cols()), (K, _scratch_cols())))
     if splits is None:
-        splits, per = _v_splits(n, H if need_dh else K, V, bm, bv, hidden.device)
+        splits, per = _v_splits(NP, HP if need_dh else KP, V, bm, bv, hidden.device)
     else:
         per = triton.cdiv(triton.cdiv(V, splits), bv) * bv
         splits = triton.cdiv(V, per)
     stats = torch.empty(3, splits, n, device=hidden.device, dtype=torch.float32)
-    acc = torch.zeros(splits, n, H, device=hidden.device, dtype=torch.float32) if need_dh else stats
+    acc = torch.zeros(splits, NP, HP, device=hidden.device, dtype=torch.float32) if need_dh else stats
     P = P_out.to(hidden.device, torch.float32).contiguous() if P_out is not None else stats
-    acc_p = torch.zeros(splits, n, K, device=hidden.device, dtype=torch.float32) if P_out is not None else stats
+    acc_p = torch.zeros(splits, NP, KP, device=hidden.device, dtype=torch.float32) if P_out is not None else stats
     _forward_grad_kernel[(triton.cdiv(n, bm), splits)](
         hidden,
         weight,
@@ -402,6 +428,9 @@ def linear_cross_entropy_forward_grad(
         H,
         V,
         K,
+        NP,
+        HP,
+        KP,
         per,
         hidden.stride(0),
         weight.stride(0),
@@ -431,8 +460,8 @@ def linear_cross_entropy_forward_grad(
         return out.mul_(valid.unsqueeze(1))
 
     if need_dh:
-        grad_hidden.copy_(combine(acc, weight[y].float()))
+        grad_hidden.copy_(combine(acc[:, :n, :H], weight[y].float()))
     if P_out is None:
         return loss, grad_hidden
-    GP.copy_(combine(acc_p, P[y]))
+    GP.copy_(combine(acc_p[:, :n, :K], P[y]))
     return loss, grad_hidden, GP
