@@ -11,6 +11,12 @@ import torch
 # triton is imported anywhere.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    # The tests' models are tiny: a second thread buys no time and, on a shared 2-core machine,
+    # spins on busy cores (2.4-3.7 times the suite's CPU time, measured on a loaded machine). One
+    # thread here and in the Python processes the tests start, unless OMP_NUM_THREADS says
+    # otherwise; tests about thread counts set their own.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 def pytest_collection_modifyitems(config, items):

@@ -3,8 +3,7 @@
 Run under ``torchrun``; argv[1] is the output folder. Each rank saves what it computed in
 ``rank<r>.pt``; the test compares it with one process on the whole model. ``--store-only``:
 only write the store of the shared batches (the multi-node and killed-rank tests; with
-``--kill-at=<n>`` rank 1 kills itself as its n-th forward starts). ``--quick``: features, exact scores, the
-weighted NLL and the optimizer's normaliser only (the 4-rank test).
+``--kill-at=<n>`` rank 1 kills itself as its n-th forward starts).
 """
 
 from __future__ import annotations
@@ -51,7 +50,7 @@ def kill_at(model: torch.nn.Module, forward: int) -> None:
     model.register_forward_pre_hook(pre_hook)
 
 
-def main(out: Path, store_only: bool, quick: bool = False, kill: int | None = None) -> None:
+def main(out: Path, store_only: bool, kill: int | None = None) -> None:
     rank, world = dist.rank_world()
     model = shard(cases.model(), world)
     if store_only:
@@ -67,15 +66,13 @@ def main(out: Path, store_only: bool, quick: bool = False, kill: int | None = No
         extractor = fi.GradientExtractor(model, config)
         got[f"features/{name}"] = _plain(extractor.extract(own, tokens=name == "blocks", covariances=name == "blocks"))
     config, shared, queries = cases.CONFIGS["blocks"], cases.shared_batches(), cases.query_batches()
-    if not quick:  # quick (4 ranks): features, exact scores, EK-FAC factors, the weighted NLL, Adam's normaliser
-        extractor = fi.GradientExtractor(model, cases.CONFIGS["blocks"])
-        write_store(out / "store", extractor, cases.shared_batches(), covariances=True, shard_rows=3)
+    extractor = fi.GradientExtractor(model, cases.CONFIGS["blocks"])
+    write_store(out / "store", extractor, cases.shared_batches(), covariances=True, shard_rows=3)
     got["exact"] = fi.exact_scores(model, queries, shared, config)
     factors = fi.fit_kfac(model, shared, "ekfac", config)
     got["kfac/stats"] = factors.stats
-    if not quick:
-        got["kfac/scores"] = fi.kfac_scores(model, queries, shared, factors=factors, config=config)
-        got["normalizer"] = fi.Normalizer.fit(model, shared, config).factors
+    got["kfac/scores"] = fi.kfac_scores(model, queries, shared, factors=factors, config=config)
+    got["normalizer"] = fi.Normalizer.fit(model, shared, config).factors
     model.train()
     nll = sequence_nll(model, own[0])
     loss = reduce(nll, cases.WEIGHTS[: len(nll.sum)])
@@ -109,6 +106,6 @@ if __name__ == "__main__":
     assert dist.init_from_env(), "run under torchrun with 2 or more processes"
     try:
         kill = next((int(a.split("=")[1]) for a in sys.argv if a.startswith("--kill-at=")), None)
-        main(Path(sys.argv[1]), "--store-only" in sys.argv, "--quick" in sys.argv, kill)
+        main(Path(sys.argv[1]), "--store-only" in sys.argv, kill)
     finally:
         torch.distributed.destroy_process_group()

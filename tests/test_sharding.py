@@ -1,9 +1,10 @@
-"""FSDP2: every stage on a model sharded by ``fully_shard`` over 2 gloo ranks equals one process on
+"""FSDP2: every stage on a model sharded by ``fully_shard`` over 4 gloo ranks equals one process on
 the whole model (float64: relative error below 1e-10; only the order of float64 sums differs).
 
 One ``torchrun`` launch runs every stage (``sharded_worker.py``); each test checks one of them.
 The ranks hold different numbers of batches, so every stage also checks that a rank out of
-batches idles in step with the others (a hang ends the run with its stacks).
+batches idles in step with the others (a hang ends the run with its stacks). The store tests
+(two nodes, a killed rank) run 2 ranks.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from fastinfluence.losses import reduce, sequence_nll
 from fastinfluence.store import FeatureStore, write_store
 
 HERE = Path(__file__).parent
-WORLD = 2
+WORLD = 4
 TOL = 1e-10
 
 
@@ -189,61 +190,11 @@ def _check_adam(ranks: list[dict]) -> None:
 
 
 @pytest.mark.slow
-def test_four_ranks_extract_score_and_take_the_weighted_nll_as_the_whole_model(whole, tmp_path):
-    """4 ranks, one launch of the quick set: features, exact scores, EK-FAC factors, weighted NLL, Adam's normaliser."""
-    ranks = _torchrun(tmp_path, 4, "--quick")
-    assert all(got["sharded"] for got in ranks)
-    for name in cases.CONFIGS:
-        _check_features(ranks, whole, name)
-    config, shared, queries = cases.CONFIGS["blocks"], cases.shared_batches(), cases.query_batches()
-    with one_thread():
-        exact = fi.exact_scores(whole, queries, shared, config)
-    assert all(rel_err(got["exact"], exact) < TOL for got in ranks)
-    with one_thread():
-        stats = fi.fit_kfac(whole, shared, "ekfac", config).stats
-    for got in ranks:
-        assert set(got["kfac/stats"]) == set(stats)
-        for key in ("Lambda", "e_A", "e_G"):  # eigenvectors are defined up to sign; these are not
-            for k in (k for k in stats if k.endswith(key)):
-                assert rel_err(got["kfac/stats"][k], stats[k]) < TOL, k
-    _check_nll(ranks, whole)
-    _check_adam(ranks)
-
-
-@pytest.mark.slow
-def test_two_nodes_on_localhost_write_one_store_equal_to_one_process(whole, tmp_path):
-    """``torchrun --nnodes 2 --nproc-per-node 1`` twice, meeting on the loopback, as on a cluster."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]))
-    env["OMP_NUM_THREADS"] = "1"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1", "--rdzv-backend=c10d"]
-    cmd += [f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=fastinfluence-test"]
-    cmd += [str(HERE / "sharded_worker.py"), str(tmp_path), "--store-only"]
-    nodes = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in "ab"]
-    try:
-        outputs = [node.communicate(timeout=300) for node in nodes]
-    finally:
-        for node in nodes:
-            node.kill()
-    assert all(node.returncode == 0 for node in nodes), "\n".join(err[-2000:] for _, err in outputs)
-    with one_thread():
-        one = write_store(
-            tmp_path / "one", fi.GradientExtractor(whole, cases.CONFIGS["blocks"]), cases.shared_batches()
-        )
-    two = FeatureStore.open(tmp_path / "store")
-    two.verify()
-    assert two.metadata() == one.metadata() and two.ids == one.ids
-    assert rel_err(two.to_features().data, one.to_features().data) < TOL
-
-
-@pytest.mark.slow
-def test_a_killed_rank_ends_its_peers_run_and_the_rerun_completes_the_store(whole, tmp_path):
+def test_a_killed_rank_ends_its_peers_run_and_two_nodes_complete_the_store(whole, tmp_path):
     """Rank 1 dies (SIGKILL) mid-store; rank 0, blocked in a collective with it, exits with an error, not
-    a hang. Run again: the shards written stay, only the missing examples are extracted."""
+    a hang. Run again, as two nodes on the loopback (``torchrun --nnodes 2 --nproc-per-node 1`` twice,
+    as on a cluster): the shards written stay, only the missing examples are extracted, and the store
+    equals one written by one process."""
     port = _free_port()
     env = dict(_env(), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2")
     cmd = [sys.executable, str(HERE / "sharded_worker.py"), str(tmp_path), "--store-only", "--kill-at=4"]
@@ -262,10 +213,7 @@ def test_a_killed_rank_ends_its_peers_run_and_the_rerun_completes_the_store(whol
     store = tmp_path / "store"
     written = {p.name: p.stat().st_mtime_ns for p in (store / "shards").iterdir()}
     assert 0 < FeatureStore.open(store).num_rows < 14 and len(written) >= 2
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    cmd += [str(HERE / "sharded_worker.py"), str(tmp_path), "--store-only"]
-    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    _two_nodes(tmp_path, "--store-only")
     two = FeatureStore.open(store)
     two.verify()
     after = {p.name: p.stat().st_mtime_ns for p in (store / "shards").iterdir()}
@@ -276,6 +224,20 @@ def test_a_killed_rank_ends_its_peers_run_and_the_rerun_completes_the_store(whol
         )
     assert two.metadata() == one.metadata() and two.ids == one.ids
     assert rel_err(two.to_features().data, one.to_features().data) < TOL
+
+
+def _two_nodes(out: Path, *args: str) -> None:
+    """``sharded_worker.py`` under two ``torchrun --nnodes=2 --nproc-per-node=1`` agents meeting on the loopback."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1", "--rdzv-backend=c10d"]
+    cmd += [f"--rdzv-endpoint=127.0.0.1:{_free_port()}", "--rdzv-id=fastinfluence-test"]
+    cmd += [str(HERE / "sharded_worker.py"), str(out), *args]
+    nodes = [subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in "ab"]
+    try:
+        outputs = [node.communicate(timeout=300) for node in nodes]
+    finally:
+        for node in nodes:
+            node.kill()
+    assert all(node.returncode == 0 for node in nodes), "\n".join(err[-2000:] for _, err in outputs)
 
 
 def _free_port() -> int:

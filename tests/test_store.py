@@ -223,29 +223,74 @@ def test_interrupted_store_takes_the_gapless_prefix_and_is_complete_when_every_r
         FeatureStore.open(root)
 
 
+# The killed writers are real processes, forked one per run by a driver that imported torch and the
+# store once (an interpreter and its imports per run would be most of these tests' time). A run
+# prints "start <pid>" as its write begins; the driver reports each run's exit code ("exit <code>",
+# -9 after SIGKILL) once it has ended.
+_DRIVER = """
+import os, sys, traceback
+import fastinfluence.store, test_store_support  # noqa: F401
+worker = sys.argv[1]
+for line in sys.stdin:
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            sys.argv = ["-c", *line.split()]
+            exec(compile(worker, "<worker>", "exec"), {"__name__": "__main__"})
+            code = 0
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    print("exit", os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), flush=True)
+"""
+
+
+def _kill_runs(worker: str, args: list, delays: list) -> list[int]:
+    """Runs ``worker`` (argv: ``args``) once per delay, each killed (SIGKILL) that many seconds after it
+    starts its write, or left to finish for None; their exit codes."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]))
+    driver = subprocess.Popen(
+        [sys.executable, "-c", _DRIVER, worker], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True
+    )
+    codes = []
+    try:
+        for delay in delays:
+            driver.stdin.write(" ".join(map(str, args)) + "\n")
+            driver.stdin.flush()
+            started = driver.stdout.readline().split()
+            assert started[:1] == ["start"], started
+            if delay is not None:
+                time.sleep(delay)
+                os.kill(int(started[1]), signal.SIGKILL)
+            ended = driver.stdout.readline().split()
+            assert ended[:1] == ["exit"], ended
+            codes.append(int(ended[1]))
+    finally:
+        driver.stdin.close()
+        driver.wait(timeout=60)
+    return codes
+
+
 _WORKER = """
-import sys
+import os, sys
 from fastinfluence.store import write_store
 from test_store_support import TokenTableExtractor, make_batches
 ext, batches = TokenTableExtractor(delay=0.02), make_batches(40, with_ids=True)
-print("start", flush=True)
+print("start", os.getpid(), flush=True)
 write_store(sys.argv[1], ext, batches, tokens=True, covariances=True, shard_rows=5)
 """
 
 
 def test_sigkill_at_random_points_then_resume_equals_uninterrupted_run(tmp_path):
     path = tmp_path / "s"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]))
     rng = random.Random(5)
-    kills = 0
-    for kill_after in [rng.uniform(0.05, 0.3) for _ in range(4)] + [None]:
-        proc = subprocess.Popen([sys.executable, "-c", _WORKER, str(path)], stdout=subprocess.PIPE, env=env, text=True)
-        assert proc.stdout.readline().strip() == "start"
-        if kill_after is not None:
-            time.sleep(kill_after)
-            proc.send_signal(signal.SIGKILL)
-        kills += proc.wait() == -signal.SIGKILL
-    assert proc.returncode == 0
+    codes = _kill_runs(_WORKER, [path], [rng.uniform(0.05, 0.3) for _ in range(4)] + [None])
+    kills = codes.count(-signal.SIGKILL)
+    assert codes[-1] == 0
     assert kills >= 3, "the kills must land during extraction"
     ext = TokenTableExtractor()
     batches = make_batches(40, with_ids=True)
@@ -264,12 +309,12 @@ def test_sigkill_at_random_points_then_resume_equals_uninterrupted_run(tmp_path)
 
 
 _BATCH_WORKER = """
-import sys
+import os, sys
 from fastinfluence.store import write_store
 from test_store_support import BatchTokenTableExtractor, make_batches, shuffled_windows
 ext = BatchTokenTableExtractor(delay=0.02, log=sys.argv[2])
 batches = shuffled_windows(make_batches(40, with_ids=True), window=8)
-print("start", flush=True)
+print("start", os.getpid(), flush=True)
 write_store(sys.argv[1], ext, batches, tokens=True, covariances=True, shard_rows=30)
 """
 
@@ -279,19 +324,10 @@ def test_sigkill_inside_windows_loses_only_the_batch_in_flight(tmp_path):
     most the batch being computed, since every computed batch is committed at once; the resumed store
     is byte for byte the uninterrupted one, and no part file is left."""
     path, log = tmp_path / "s", tmp_path / "computed.txt"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]))
     rng = random.Random(7)
-    kills = 0
-    for kill_after in [rng.uniform(0.1, 0.35) for _ in range(3)] + [None]:
-        proc = subprocess.Popen(
-            [sys.executable, "-c", _BATCH_WORKER, str(path), str(log)], stdout=subprocess.PIPE, env=env, text=True
-        )
-        assert proc.stdout.readline().strip() == "start"
-        if kill_after is not None:
-            time.sleep(kill_after)
-            proc.send_signal(signal.SIGKILL)
-        kills += proc.wait() == -signal.SIGKILL
-    assert proc.returncode == 0
+    codes = _kill_runs(_BATCH_WORKER, [path, log], [rng.uniform(0.1, 0.35) for _ in range(3)] + [None])
+    kills = codes.count(-signal.SIGKILL)
+    assert codes[-1] == 0
     assert kills >= 2, "the kills must land during extraction"
     computed = log.read_text().splitlines()
     assert len(computed) <= 40 + kills  # each kill recomputes at most its batch in flight
