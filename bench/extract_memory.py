@@ -10,13 +10,25 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import subprocess
 import sys
 import time
 
 import torch
 from _common import commit
+
+
+def _status_kib(field: str) -> int:
+    """VmRSS / VmHWM of this process (ru_maxrss would carry the parent's peak across exec)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def _reset_peak() -> int:
+    """Reset VmHWM to the resident size now (Linux >= 4.0) and return that size."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _status_kib("VmRSS")
 
 
 def child(args) -> None:
@@ -40,11 +52,11 @@ def child(args) -> None:
     if args.path == "logits":
         capture.fused_head = lambda _model: None
     ex = GradientExtractor(model, ProjectionConfig(rank_in=16, rank_out=16))
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    base = _reset_peak()
     t0 = time.perf_counter()
     ex.extract([batch])
     seconds = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = _status_kib("VmHWM")
     print(json.dumps({"path": args.path, "peak_extra_MiB": (peak - base) / 1024, "seconds": seconds}))
 
 

@@ -5,7 +5,7 @@ The workload of ``bench/peers`` (``--shape real``, data set ``v32k``): a Qwen2-s
 sequences of 1,024 tokens, loss on the last 512, length-bucketed batches of at most
 ``--max-tokens`` padded tokens; 16 x 16 features of q, k, v, o, gate, up, down of both blocks,
 then ``score`` (what ``bench/peers/run_fastinfluence.py proj16`` runs). Cases, each in its own
-process, peak RSS (``ru_maxrss``, model and data loaded included) and the RSS once loaded:
+process, peak RSS (VmHWM, model and data loaded included) and the RSS once loaded:
 
 - ``floor``: the model's own fused loss (labelled rows only) and input-gradient backward on
   the same batches, no hooks, nothing kept: what any tool pays at this batch size;
@@ -35,8 +35,6 @@ CASES = ("floor", "extract_full_a", "extract")
 
 
 def _case(work: str, case: str, max_tokens: int) -> None:
-    import resource
-
     import torch
 
     sys.path.insert(0, str(PEERS))
@@ -62,7 +60,7 @@ def _case(work: str, case: str, max_tokens: int) -> None:
             backward = capture.CapturePass.backward
             capture.CapturePass.backward = lambda self, *a, keep_input=None, **k: backward(self, *a, **k)
         runner.run(model, data, "proj16", Path(tempfile.mkdtemp()) / "scores")
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = common.rss_mb("VmHWM")
     print(json.dumps({"peak_rss_mb": peak, "loaded_rss_mb": loaded}))
 
 
@@ -115,7 +113,7 @@ def main() -> None:
         "meta": {
             "workload": "bench/peers v32k: vocabulary 32,000, 8 train + 2 query sequences of 1,024 tokens, loss on "
             "the last 512; Qwen2 widths, 2 layers, tied head; proj16 (16 x 16 per layer) of q,k,v,o,gate,up,down",
-            "measure": "peak RSS (ru_maxrss) of a process per case, model and data loaded included; median of reps",
+            "measure": "peak RSS (VmHWM) of a process per case, model and data loaded included; median of reps",
             "reps": args.reps,
             "threads": 1,
             "cpu": platform.processor() or platform.machine(),

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import sys
 import time
 from contextlib import contextmanager
@@ -172,9 +171,15 @@ def example_losses(model, batch: dict) -> torch.Tensor:
     return tok.sum(1) / n
 
 
-def rss_mb() -> float:
+def rss_mb(field: str = "VmRSS") -> float:
+    """A memory line of /proc/self/status in MiB: VmRSS (resident now) or VmHWM (this process's peak).
+
+    VmHWM, not ``getrusage``'s ru_maxrss: Linux carries the parent's peak RSS across fork and exec
+    into ru_maxrss (exec records the old address space's high-water mark), so a runner launched
+    by a parent that had built the real-shape model read at least that parent's peak (1,495 MiB)
+    whatever it used itself."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
     return float("nan")
 
@@ -186,7 +191,7 @@ def measured(record: dict):
     yield
     record["wall_s"] = time.perf_counter() - t0
     record["cpu_s"] = time.process_time() - c0
-    record["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    record["peak_rss_mb"] = rss_mb("VmHWM")
 
 
 def main(run) -> None:
