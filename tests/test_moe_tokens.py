@@ -31,7 +31,8 @@ from fastinfluence.store import write_store
 
 
 class _PerTokenLinear(TorchFunctionMode):
-    """Adds D_t x_t to the output of the ``F.linear`` call whose weight has ``shape`` (one per module)."""
+    """Adds D_t x_t to the output of the ``F.linear`` call whose weight has ``shape`` (one per module);
+    D_t's last column multiplies a 1 where the layer's bias is captured."""
 
     def __init__(self, shape: torch.Size, delta: torch.Tensor):
         super().__init__()
@@ -41,6 +42,8 @@ class _PerTokenLinear(TorchFunctionMode):
         out = func(*args, **(kwargs or {}))
         if func is F.linear and args[1].shape == self.shape:
             x = args[0].reshape(-1, self.shape[1]).double()
+            if self.delta.shape[-1] > self.shape[1]:  # [D_W | D_b]
+                x = torch.cat([x, x.new_ones(len(x), 1)], 1)
             out = out + torch.einsum("toi,ti->to", self.delta, x).reshape(out.shape).to(out.dtype)
         return out
 
@@ -56,21 +59,27 @@ def _linear_forward(module, delta):
 
 
 def _experts_forward(experts, deltas):
-    """The experts' output, (token, slot) by (token, slot): W_e + D[t, e] for each fused parameter."""
+    """The experts' output, (token, slot) by (token, slot): W_e + D[t, e] for each fused parameter
+    (and b_e + its D's last column where the experts have biases, as gpt-oss's)."""
     up_name = "gate_up_proj" if experts.has_gate else "up_proj"
 
     def weight(name):  # (E, d_out, d_in)
         w = getattr(experts, name)
         return w.transpose(1, 2) if experts.is_transposed else w
 
+    def through(name, x, index, t):  # (T, K, d_out): x (T, d_in) or (T, K, d_in) through each slot's expert
+        W = weight(name)
+        d_in, D = W.shape[2], deltas[name][t, index]
+        out = torch.einsum("tkoi,tki->tko", W[index] + D[..., :d_in], x.expand(*index.shape, d_in))
+        b = getattr(experts, name + "_bias", None)
+        return out if b is None else out + b[index] + D[..., d_in]
+
     def forward(hidden, top_k_index, top_k_weights):
         T, K = top_k_index.shape
         t = torch.arange(T)[:, None].expand(T, K)
-        W_up = weight(up_name)[top_k_index] + deltas[up_name][t, top_k_index]
-        up = torch.einsum("tkoi,ti->tko", W_up, hidden)
+        up = through(up_name, hidden[:, None], top_k_index, t)
         h = (experts._apply_gate if experts.has_gate else experts.act_fn)(up.reshape(T * K, -1)).reshape(T, K, -1)
-        W_down = weight("down_proj")[top_k_index] + deltas["down_proj"][t, top_k_index]
-        down = torch.einsum("tkoi,tki->tko", W_down, h)
+        down = through("down_proj", h, top_k_index, t)
         return (down * top_k_weights[..., None].to(down.dtype)).sum(1).to(hidden.dtype)
 
     return forward
@@ -83,17 +92,17 @@ def per_token_gradients(model, example, layers) -> dict[str, torch.Tensor]:
     T = len(ids)
     deltas, patched, experts_deltas = {}, [], {}
     for layer in layers:
-        assert not layer.bias  # the models here have no biases on captured layers
+        d_in = layer.d_in + int(layer.bias)  # [D_W | D_b] where the bias is captured
         m = re.fullmatch(r"(.*\.experts)\.(\d+)\.(\w+)", layer.name)
         if m:
             experts = model.get_submodule(m[1])
             d = experts_deltas.setdefault(m[1], (experts, {}))[1]
             if m[3] not in d:
                 E = getattr(experts, m[3]).shape[0]
-                d[m[3]] = torch.zeros(T, E, layer.d_out, layer.d_in, dtype=torch.float64, requires_grad=True)
+                d[m[3]] = torch.zeros(T, E, layer.d_out, d_in, dtype=torch.float64, requires_grad=True)
         else:
             module = model.get_submodule(layer.name)
-            deltas[layer.name] = torch.zeros(T, layer.d_out, layer.d_in, dtype=torch.float64, requires_grad=True)
+            deltas[layer.name] = torch.zeros(T, layer.d_out, d_in, dtype=torch.float64, requires_grad=True)
             patched.append((module, _linear_forward(module, deltas[layer.name])))
     patched += [(experts, _experts_forward(experts, d)) for experts, d in experts_deltas.values()]
     try:
@@ -122,10 +131,11 @@ def _close(out: torch.Tensor, ref: torch.Tensor, tol: float) -> bool:
     return float((out - ref).norm()) <= tol * float(ref.norm())
 
 
-@pytest.mark.parametrize("arch", ["mixtral", "deepseek_v3"])
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe", "olmoe", "gpt_oss", "deepseek_v3"])
 def test_per_token_scores_with_experts_equal_per_token_autograd_float64(arch, tmp_path):
-    """Mixtral; DeepSeek-V3 with a dense first layer, shared experts and an expert no token reaches.
-    Top-2 of 4 experts; train batches padded on the left and on the right."""
+    """Mixtral, Qwen3-MoE, OLMoE; gpt-oss with biases on its experts, router and attention;
+    DeepSeek-V3 with a dense first layer and shared experts; in gpt-oss and DeepSeek-V3 an expert
+    no token reaches. Top-2 of 4 experts; train batches padded on the left and on the right."""
     tol = TOL64.get(arch, 1e-10)
     model = moe_model(arch)
     with one_thread():
@@ -181,7 +191,7 @@ def test_per_token_scores_with_experts_equal_per_token_autograd_float64(arch, tm
             if n.endswith("gate_up_proj") and ".layers.1." in n:
                 counts.index_add_(0, positions[n], torch.ones_like(positions[n]))
         assert (counts == 2).all()
-    if arch == "deepseek_v3":  # the last expert: no token reaches it, no row anywhere
+    if arch in ("gpt_oss", "deepseek_v3"):  # the last expert: no token reaches it, no row anywhere
         assert not any(n.startswith(experts[-1].rsplit(".", 1)[0] + ".") for n in reached)
         assert len(reached) < len(experts)
 
