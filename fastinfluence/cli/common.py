@@ -256,6 +256,10 @@ def add_model_args(p, what: str = "") -> None:
         help="tokens kept per example, prompt + response; longer prompts lose their start, the answer is kept "
         "(default 512)",
     )
+    add_eos_arg(p)
+
+
+def add_eos_arg(p) -> None:
     p.add_argument(
         "--no-eos",
         dest="eos",

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 from ..errors import UsageError
-from .common import add_device, device_arg, encode, json_file, load_model, positive, summary
+from .common import add_device, add_eos_arg, device_arg, encode, json_file, load_model, positive, summary
 
 
 def _evaluate(args) -> int:
@@ -74,11 +74,6 @@ def register(subparsers) -> None:
     p.add_argument("--attack", help="JSON {'target': str, '<group>': [prompts], ...} for attack success rates")
     p.add_argument("--batch-size", type=int, default=8, help="examples per forward (default 8)")
     p.add_argument("--max-length", type=int, default=512, help="tokens kept per example (default 512)")
-    p.add_argument(
-        "--no-eos",
-        dest="eos",
-        action="store_false",
-        help="do not end each response with the end-of-sequence token (see fastinfluence.data)",
-    )
+    add_eos_arg(p)
     add_device(p)
     p.set_defaults(func=_evaluate)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..errors import UsageError
 from ..options import METHODS, RAPIDUN_TOKENS, REDUCTIONS, RETAIN_LOSS_TYPES, WEIGHT_NORMS, UnlearnOptions
-from .common import add_device, device_arg, load_model, log, positive, summary
+from .common import add_device, add_eos_arg, device_arg, load_model, log, positive, summary
 from .options import UNLEARN_FLAGS, add, build
 
 
@@ -212,12 +212,7 @@ def register(subparsers) -> None:
     p.add_argument("--batch-size", type=int, default=4, help="forget examples per device batch (default 4)")
     p.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps (default 1)")
     p.add_argument("--max-length", type=int, default=512, help="tokens kept per example (default 512)")
-    p.add_argument(
-        "--no-eos",
-        dest="eos",
-        action="store_false",
-        help="do not end each response with the end-of-sequence token (see fastinfluence.data)",
-    )
+    add_eos_arg(p)
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
     add_device(p)
     p.add_argument("--logging-steps", type=int, default=10, help="log every N steps (default 10)")
